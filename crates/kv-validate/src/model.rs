@@ -1,0 +1,478 @@
+//! A Llama-family decoder whose KV cache is explicit: it goes into `forward`
+//! and comes back out, so the validator can replace it with what
+//! `kv-compress` reconstructed and score the next tokens on that.
+//!
+//! The math follows Hugging Face's `modeling_llama.py` (the reference the
+//! original Python validator ran): RMSNorm, rotary embeddings in the
+//! "rotate half" layout with theta from the config, grouped-query attention
+//! and a SwiGLU MLP. Weights are named as in a Hugging Face checkpoint; the
+//! GGUF loader renames and un-permutes its tensors into the same layout, so a
+//! cache has the same meaning whichever file the weights came from.
+//!
+//! Everything runs in f32: the validator measures small perplexity deltas,
+//! and the machine it runs on is a CPU.
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+
+/// The shape of a Llama model: what `config.json` (or GGUF metadata) says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    pub rms_norm_eps: f64,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    /// The LM head reuses the token embedding matrix (SmolLM2 does).
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+}
+
+/// A config that cannot describe a working Llama.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{field} is 0")]
+    Zero { field: &'static str },
+    #[error(
+        "num_attention_heads ({num_attention_heads}) is not a multiple of \
+         num_key_value_heads ({num_key_value_heads})"
+    )]
+    HeadsNotGrouped {
+        num_attention_heads: usize,
+        num_key_value_heads: usize,
+    },
+    #[error("head_dim ({0}) is odd; rotary embeddings rotate pairs of channels")]
+    OddHeadDim(usize),
+}
+
+impl LlamaConfig {
+    /// Checks what the forward pass relies on, so a bad config fails at load
+    /// time with a message instead of as a shape error deep in a matmul.
+    pub fn validate(&self) -> std::result::Result<(), ConfigError> {
+        for (field, value) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { field });
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(ConfigError::HeadsNotGrouped {
+                num_attention_heads: self.num_attention_heads,
+                num_key_value_heads: self.num_key_value_heads,
+            });
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(ConfigError::OddHeadDim(self.head_dim));
+        }
+        Ok(())
+    }
+
+    /// Query heads that share one key/value head (GQA group size).
+    pub fn kv_group_size(&self) -> usize {
+        self.num_attention_heads / self.num_key_value_heads
+    }
+}
+
+/// One layer's cache: key and value, each `[1, num_kv_heads, seq, head_dim]`
+/// f32; keys post-RoPE (Hugging Face `DynamicCache` layout, CONTRACT §1).
+#[derive(Debug, Clone)]
+pub struct LayerKv {
+    pub key: Tensor,
+    pub value: Tensor,
+}
+
+/// The whole model's cache, one entry per decoder layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerKv>,
+}
+
+impl KvCache {
+    /// Number of cached positions (0 for an empty cache).
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .map_or(0, |layer| layer.key.dims().get(2).copied().unwrap_or(0))
+    }
+}
+
+/// Precomputed rotary-embedding angles for every position the model supports.
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    /// `[max_position_embeddings, head_dim / 2]`
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    /// Angles as PyTorch computes them (f32 inverse frequencies times f32
+    /// positions), so our keys match a Hugging Face cache to f32 rounding even
+    /// at positions in the thousands where the angle is large.
+    fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                (1.0 / config
+                    .rope_theta
+                    .powf(2.0 * i as f64 / config.head_dim as f64)) as f32
+            })
+            .collect();
+        let positions = config.max_position_embeddings;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for position in 0..positions {
+            for &freq in &inv_freq {
+                let angle = (position as f32 * freq) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (positions, half), device)?,
+            sin: Tensor::from_vec(sin, (positions, half), device)?,
+        })
+    }
+
+    /// Rotates `x: [1, heads, T, head_dim]` for positions `start..start + T`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let seq_len = x.dim(2)?;
+        let cos = self.cos.narrow(0, start, seq_len)?;
+        let sin = self.sin.narrow(0, start, seq_len)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// A Llama decoder with weights in f32 and no state of its own.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+    device: Device,
+}
+
+impl Mlp {
+    /// SwiGLU: `down(silu(gate(x)) * up(x))`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+
+    fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
+        let (hidden, intermediate) = (config.hidden_size, config.intermediate_size);
+        Ok(Self {
+            gate_proj: candle_nn::linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
+            up_proj: candle_nn::linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
+            down_proj: candle_nn::linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Attention {
+    /// Attends the new positions (`x: [1, T, hidden]`, starting at
+    /// `past.seq_len`) to the past and causally among themselves; returns the
+    /// output and this layer's cache `past ++ new`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        past: Option<&LayerKv>,
+        rotary: &RotaryEmbedding,
+        mask: Option<&Tensor>,
+        config: &LlamaConfig,
+    ) -> Result<(Tensor, LayerKv)> {
+        let (batch, seq_len, _) = x.dims3()?;
+        let (heads, kv_heads, head_dim) = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        );
+        let start = past.map_or(0, |kv| kv.key.dims()[2]);
+        let split_heads = |t: Tensor, n: usize| {
+            t.reshape((batch, seq_len, n, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split_heads(self.q_proj.forward(x)?, heads)?;
+        let k = split_heads(self.k_proj.forward(x)?, kv_heads)?;
+        let v = split_heads(self.v_proj.forward(x)?, kv_heads)?;
+        let q = rotary.apply(&q, start)?;
+        let k = rotary.apply(&k, start)?;
+
+        let (key, value) = match past {
+            Some(past) => (
+                Tensor::cat(&[&past.key, &k], 2)?,
+                Tensor::cat(&[&past.value, &v], 2)?,
+            ),
+            None => (k, v),
+        };
+        let total = key.dim(2)?;
+
+        // GQA without copying K/V: query heads h = g·group + j all read KV
+        // head g, so fold the group into the query-row axis of that KV head.
+        let group = config.kv_group_size();
+        let q = (q * (1.0 / (head_dim as f64).sqrt()))?.reshape((
+            batch,
+            kv_heads,
+            group * seq_len,
+            head_dim,
+        ))?;
+        let scores = q.matmul(&key.t()?)?;
+        let scores = match mask {
+            Some(mask) => scores
+                .reshape((batch, kv_heads, group, seq_len, total))?
+                .broadcast_add(mask)?
+                .reshape((batch, kv_heads, group * seq_len, total))?,
+            None => scores,
+        };
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let y = weights
+            .matmul(&value)?
+            .reshape((batch, heads, seq_len, head_dim))?
+            .transpose(1, 2)?
+            .reshape((batch, seq_len, heads * head_dim))?;
+        Ok((self.o_proj.forward(&y)?, LayerKv { key, value }))
+    }
+
+    fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
+        let hidden = config.hidden_size;
+        let q_size = config.num_attention_heads * config.head_dim;
+        let kv_size = config.num_key_value_heads * config.head_dim;
+        Ok(Self {
+            q_proj: candle_nn::linear_no_bias(hidden, q_size, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear_no_bias(hidden, kv_size, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear_no_bias(hidden, kv_size, vb.pp("v_proj"))?,
+            o_proj: candle_nn::linear_no_bias(q_size, hidden, vb.pp("o_proj"))?,
+        })
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        past: Option<&LayerKv>,
+        rotary: &RotaryEmbedding,
+        mask: Option<&Tensor>,
+        config: &LlamaConfig,
+    ) -> Result<(Tensor, LayerKv)> {
+        let (attn, kv) = self.self_attn.forward(
+            &self.input_layernorm.forward(x)?,
+            past,
+            rotary,
+            mask,
+            config,
+        )?;
+        let x = (x + attn)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok(((x + mlp)?, kv))
+    }
+
+    fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
+        let (hidden, eps) = (config.hidden_size, config.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: candle_nn::rms_norm(hidden, eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::load(vb.pp("self_attn"), config)?,
+            post_attention_layernorm: candle_nn::rms_norm(
+                hidden,
+                eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::load(vb.pp("mlp"), config)?,
+        })
+    }
+}
+
+/// Additive mask `[T, past + T]`: 0 where new position i may see key j
+/// (all of the past, and new keys up to i), -inf elsewhere.
+fn causal_mask(seq_len: usize, past_len: usize, device: &Device) -> Result<Tensor> {
+    let total = past_len + seq_len;
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= past_len + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (seq_len, total), device)
+}
+
+impl Llama {
+    /// Builds the model from Hugging Face-named tensors
+    /// (`model.layers.{i}.self_attn.q_proj.weight`, ...), checking every shape.
+    pub fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
+        let device = vb.device().clone();
+        let vb = vb.set_dtype(DType::F32);
+        let model = vb.pp("model");
+        let embed_tokens = candle_nn::embedding(
+            config.vocab_size,
+            config.hidden_size,
+            model.pp("embed_tokens"),
+        )?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::new(embed_tokens.embeddings().clone(), None)
+        } else {
+            candle_nn::linear_no_bias(config.hidden_size, config.vocab_size, vb.pp("lm_head"))?
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(model.pp(format!("layers.{i}")), config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm: candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, model.pp("norm"))?,
+            lm_head,
+            rotary: RotaryEmbedding::new(config, &device)?,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// tokens: `[1, T]` u32. Positions start at `past.seq_len()`. New tokens
+    /// attend causally among themselves and to all of `past`.
+    /// Returns logits `[1, T, vocab]` f32 and the cache `past ++ new` (all layers).
+    pub fn forward(&self, tokens: &Tensor, past: Option<&KvCache>) -> Result<(Tensor, KvCache)> {
+        let (hidden, cache) = self.forward_hidden(tokens, past)?;
+        Ok((self.lm_head.forward(&hidden)?, cache))
+    }
+
+    /// Like [`Llama::forward`] but computes logits for the last position only
+    /// (`[1, vocab]`): a context prefill needs just its cache, and the LM head
+    /// over every position would be ~10% of the work for nothing.
+    pub fn forward_last(
+        &self,
+        tokens: &Tensor,
+        past: Option<&KvCache>,
+    ) -> Result<(Tensor, KvCache)> {
+        let (hidden, cache) = self.forward_hidden(tokens, past)?;
+        let last = hidden.i((.., hidden.dim(1)? - 1, ..))?;
+        Ok((self.lm_head.forward(&last)?, cache))
+    }
+
+    /// The decoder stack up to the final norm: `[1, T, hidden]` and the cache.
+    fn forward_hidden(&self, tokens: &Tensor, past: Option<&KvCache>) -> Result<(Tensor, KvCache)> {
+        let (batch, seq_len) = tokens.dims2()?;
+        if batch != 1 || seq_len == 0 {
+            candle_core::bail!("tokens must be [1, T] with T > 0, got {:?}", tokens.dims());
+        }
+        let past = past.map(|cache| self.check_past(cache)).transpose()?;
+        let past_len = past.as_ref().map_or(0, KvCache::seq_len);
+        if past_len + seq_len > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "{} cached + {} new positions exceed max_position_embeddings ({})",
+                past_len,
+                seq_len,
+                self.config.max_position_embeddings
+            );
+        }
+        let mask = if seq_len > 1 {
+            Some(causal_mask(seq_len, past_len, &self.device)?)
+        } else {
+            None
+        };
+        let mut x = self
+            .embed_tokens
+            .forward(&tokens.to_device(&self.device)?)?;
+        let mut cache = KvCache {
+            layers: Vec::with_capacity(self.layers.len()),
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_past = past.as_ref().map(|p| &p.layers[i]);
+            let (out, kv) =
+                layer.forward(&x, layer_past, &self.rotary, mask.as_ref(), &self.config)?;
+            x = out;
+            cache.layers.push(kv);
+        }
+        Ok((self.norm.forward(&x)?, cache))
+    }
+
+    /// Checks a caller's cache against the model and brings it to f32 on the
+    /// model's device (a reconstructed cache may arrive as f16 or on the CPU).
+    fn check_past(&self, past: &KvCache) -> Result<KvCache> {
+        let config = &self.config;
+        if past.layers.len() != config.num_hidden_layers {
+            candle_core::bail!(
+                "past cache has {} layers, the model {}",
+                past.layers.len(),
+                config.num_hidden_layers
+            );
+        }
+        let past_len = past.seq_len();
+        let expected = [1, config.num_key_value_heads, past_len, config.head_dim];
+        let to_model = |t: &Tensor| t.to_device(&self.device)?.to_dtype(DType::F32);
+        let layers = past
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, kv)| {
+                for (kind, t) in [("key", &kv.key), ("value", &kv.value)] {
+                    if t.dims() != expected {
+                        candle_core::bail!(
+                            "past cache layer {i} {kind} has shape {:?}, expected {:?}",
+                            t.dims(),
+                            expected
+                        );
+                    }
+                }
+                Ok(LayerKv {
+                    key: to_model(&kv.key)?,
+                    value: to_model(&kv.value)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+}
