@@ -3,3 +3,4 @@
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
 pub mod model;
+pub mod data;
