@@ -5,7 +5,22 @@
 //! `crate::packed`. `decode(encode(x))` is, by definition, the reconstruction
 //! every metric is computed on, so compressor and decompressor agree bit for bit.
 
+mod bitpack;
+mod groups;
+mod kept_tokens;
+mod quantizer;
+mod rotation;
+mod sparsity;
+
+use std::borrow::Cow;
+
+use half::f16;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
+
+use groups::Plan;
+use quantizer::{CodeRange, GroupParams};
+pub use quantizer::{ScaleDtype, ZERO_GROUP_SCALE};
 
 /// Quantization grid of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,5 +77,376 @@ impl CodecParams {
             recent_tokens: 0,
             sparsity: 0.0,
         }
+    }
+}
+
+/// What is wrong with a tensor, its parameters or its payload. The caller
+/// adds the tensor's name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodecError {
+    #[error("unsupported bit width {0} (expected 2, 3, 4 or 8)")]
+    UnsupportedBits(u8),
+    #[error("group size must be at least 1")]
+    ZeroGroupSize,
+    #[error("sparsity {0} is outside [0, 1)")]
+    InvalidSparsity(f64),
+    #[error("{feature} needs a 4-D [batch, heads, seq, head_dim] tensor, got {rank}-D")]
+    NeedsFourDims { feature: &'static str, rank: usize },
+    #[error("rotation needs head_dim to be a power of two, got {0}")]
+    HeadDimNotPowerOfTwo(usize),
+    #[error("shape has too many elements")]
+    ShapeOverflow,
+    #[error("{actual} values given for a shape of {expected} elements")]
+    ValueCount { expected: usize, actual: usize },
+    #[error("value {value} at flat index {index} is not finite")]
+    NonFinite { index: usize, value: f32 },
+    #[error("kept-token value {value} does not fit in FP16")]
+    KeptTokenOverflow { value: f32 },
+    #[error("values too large to rotate: the Hadamard rotation overflows f32")]
+    RotationOverflow,
+    #[error("payload is {actual} bytes, expected {expected}")]
+    PayloadSize { expected: usize, actual: usize },
+    #[error("corrupt payload: {0}")]
+    CorruptPayload(&'static str),
+}
+
+/// Codec facts that decoding needs beyond the params and the shape, chosen
+/// by `encode` per tensor. Stored in the file manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Storage type of every scale and offset of the tensor.
+    pub scale_dtype: ScaleDtype,
+}
+
+/// One tensor's packed payload and the layout needed to decode it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub payload: Vec<u8>,
+    pub layout: Layout,
+}
+
+impl CodecParams {
+    /// Checks that these params can encode a tensor of `shape`.
+    pub fn validate(&self, shape: &[usize]) -> Result<(), CodecError> {
+        if !matches!(self.bits, 2 | 3 | 4 | 8) {
+            return Err(CodecError::UnsupportedBits(self.bits));
+        }
+        if self.group_size == 0 {
+            return Err(CodecError::ZeroGroupSize);
+        }
+        if !(0.0..1.0).contains(&self.sparsity) {
+            return Err(CodecError::InvalidSparsity(self.sparsity));
+        }
+        groups::element_count(shape)?;
+        let needs_heads = [
+            (self.axis == Axis::Token, "per-token grouping"),
+            (self.axis == Axis::Channel, "per-channel grouping"),
+            (self.rotation_seed.is_some(), "rotation"),
+            (self.sink_tokens > 0 || self.recent_tokens > 0, "keeping tokens in FP16"),
+        ];
+        if let Some((_, feature)) = needs_heads.iter().find(|(needed, _)| *needed) {
+            if shape.len() != 4 {
+                return Err(CodecError::NeedsFourDims { feature, rank: shape.len() });
+            }
+        }
+        if self.rotation_seed.is_some() {
+            let head_dim = shape[3];
+            if head_dim != 0 && !head_dim.is_power_of_two() {
+                return Err(CodecError::HeadDimNotPowerOfTwo(head_dim));
+            }
+        }
+        Ok(())
+    }
+
+    fn code_range(&self) -> CodeRange {
+        CodeRange { grid: self.grid, bits: self.bits }
+    }
+}
+
+/// Byte length of each payload section, in payload order.
+#[derive(Clone, Copy, Debug)]
+struct Sections {
+    scales: usize,
+    offsets: usize,
+    kept_tokens: usize,
+    bitmap: usize,
+    codes: usize,
+    /// Number of stored codes (quantized values not dropped).
+    code_count: usize,
+}
+
+impl Sections {
+    fn new(plan: &Plan, params: &CodecParams, dtype: ScaleDtype) -> Result<Self, CodecError> {
+        let overflow = || CodecError::ShapeOverflow;
+        let quantized = plan.quantized_count();
+        let scales = plan.geometry.group_count().checked_mul(dtype.size_bytes()).ok_or_else(overflow)?;
+        let offsets = match params.grid {
+            Grid::Symmetric => 0,
+            Grid::Asymmetric => scales,
+        };
+        let bitmap = if params.sparsity > 0.0 { quantized.div_ceil(8) } else { 0 };
+        let code_count = quantized - sparsity::dropped_count(params.sparsity, quantized);
+        Ok(Sections {
+            scales,
+            offsets,
+            kept_tokens: plan.kept_token_count().checked_mul(2).ok_or_else(overflow)?,
+            bitmap,
+            codes: bitpack::packed_len(code_count, params.bits).ok_or_else(overflow)?,
+            code_count,
+        })
+    }
+
+    fn total(&self) -> Option<usize> {
+        [self.offsets, self.kept_tokens, self.bitmap, self.codes]
+            .iter()
+            .try_fold(self.scales, |total, &len| total.checked_add(len))
+    }
+}
+
+/// Exact payload length of a tensor of `shape` encoded with `params` and `layout`.
+pub fn payload_len(shape: &[usize], params: &CodecParams, layout: &Layout) -> Result<usize, CodecError> {
+    params.validate(shape)?;
+    let plan = Plan::new(shape, params)?;
+    Sections::new(&plan, params, layout.scale_dtype)?.total().ok_or(CodecError::ShapeOverflow)
+}
+
+/// Encodes the row-major `values` of a tensor of `shape`.
+pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<Encoded, CodecError> {
+    params.validate(shape)?;
+    let plan = Plan::new(shape, params)?;
+    if values.len() != plan.total_count() {
+        return Err(CodecError::ValueCount { expected: plan.total_count(), actual: values.len() });
+    }
+    if let Some(index) = values.par_iter().position_first(|x| !x.is_finite()) {
+        return Err(CodecError::NonFinite { index, value: values[index] });
+    }
+
+    let (kept_values, mut quantized) = if plan.keeps_no_tokens() {
+        (Vec::new(), Cow::Borrowed(values))
+    } else {
+        let (kept, quantized) = plan.split(values);
+        (kept, Cow::Owned(quantized))
+    };
+    if let Some(seed) = params.rotation_seed {
+        let quantized = quantized.to_mut();
+        rotation::rotate(quantized, &rotation::signs(seed, plan.head_dim));
+        if quantized.par_iter().any(|x| !x.is_finite()) {
+            return Err(CodecError::RotationOverflow);
+        }
+    }
+    let kept_mask = (params.sparsity > 0.0).then(|| sparsity::kept_mask(&quantized, params.sparsity));
+    let grouped = if plan.axis == Axis::Channel { Cow::Owned(plan.to_group_order(&quantized)) } else { quantized };
+    let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
+
+    let range = params.code_range();
+    let group_params = quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
+    let codes = quantizer::quantize(&grouped, grouped_mask.as_deref(), &plan.geometry, range, &group_params);
+
+    let sections = Sections::new(&plan, params, group_params.dtype)?;
+    let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
+    write_scales(&group_params.scales, group_params.dtype, &mut payload);
+    write_scales(&group_params.offsets, group_params.dtype, &mut payload);
+    kept_tokens::write(&kept_values, &mut payload)?;
+    if let Some(mask) = &kept_mask {
+        append_packed(&mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(), 1, &mut payload);
+    }
+    append_packed(&codes, params.bits, &mut payload);
+    debug_assert_eq!(Some(payload.len()), sections.total());
+    Ok(Encoded { payload, layout: Layout { scale_dtype: group_params.dtype } })
+}
+
+/// Decodes a payload written by [`encode`] back to row-major f32 values.
+/// Any payload, shape or layout gives a value or an error, never a panic,
+/// and nothing is allocated before the payload length matches the shape.
+pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &Layout) -> Result<Vec<f32>, CodecError> {
+    params.validate(shape)?;
+    let plan = Plan::new(shape, params)?;
+    let sections = Sections::new(&plan, params, layout.scale_dtype)?;
+    let expected = sections.total().ok_or(CodecError::ShapeOverflow)?;
+    if payload.len() != expected {
+        return Err(CodecError::PayloadSize { expected, actual: payload.len() });
+    }
+    let (scale_bytes, rest) = payload.split_at(sections.scales);
+    let (offset_bytes, rest) = rest.split_at(sections.offsets);
+    let (kept_bytes, rest) = rest.split_at(sections.kept_tokens);
+    let (bitmap_bytes, code_bytes) = rest.split_at(sections.bitmap);
+
+    let group_params = GroupParams {
+        dtype: layout.scale_dtype,
+        scales: read_scales(scale_bytes, layout.scale_dtype)?,
+        offsets: read_offsets(offset_bytes, layout.scale_dtype)?,
+    };
+    let kept_values = kept_tokens::read(kept_bytes)?;
+    let kept_mask = (params.sparsity > 0.0)
+        .then(|| read_bitmap(bitmap_bytes, plan.quantized_count(), sections.code_count))
+        .transpose()?;
+    let mut codes = vec![0u8; sections.code_count];
+    bitpack::unpack(code_bytes, params.bits, &mut codes);
+
+    let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
+    let mut grouped = vec![0f32; plan.quantized_count()];
+    quantizer::dequantize(&codes, grouped_mask.as_deref(), &plan.geometry, params.code_range(), &group_params, &mut grouped);
+    let mut quantized = plan.from_group_order(grouped);
+    if let Some(seed) = params.rotation_seed {
+        rotation::unrotate(&mut quantized, &rotation::signs(seed, plan.head_dim));
+    }
+    if plan.keeps_no_tokens() {
+        return Ok(quantized);
+    }
+    let mut values = vec![0f32; plan.total_count()];
+    plan.join(&kept_values, &quantized, &mut values);
+    Ok(values)
+}
+
+fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<u8>) {
+    match dtype {
+        ScaleDtype::F16 => values.iter().for_each(|&v| payload.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
+        ScaleDtype::F32 => values.iter().for_each(|&v| payload.extend_from_slice(&v.to_le_bytes())),
+    }
+}
+
+fn read_floats(bytes: &[u8], dtype: ScaleDtype) -> impl Iterator<Item = f32> + '_ {
+    bytes.chunks_exact(dtype.size_bytes()).map(move |chunk| match dtype {
+        ScaleDtype::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
+        ScaleDtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+    })
+}
+
+/// Scales must be positive normal numbers of their dtype, as `encode` writes them.
+fn read_scales(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> {
+    read_floats(bytes, dtype)
+        .map(|scale| {
+            let normal = match dtype {
+                ScaleDtype::F16 => f16::from_f32(scale).is_normal(),
+                ScaleDtype::F32 => scale.is_normal(),
+            };
+            if normal && scale > 0.0 {
+                Ok(scale)
+            } else {
+                Err(CodecError::CorruptPayload("scale is not a positive normal number"))
+            }
+        })
+        .collect()
+}
+
+fn read_offsets(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> {
+    read_floats(bytes, dtype)
+        .map(|offset| offset.is_finite().then_some(offset).ok_or(CodecError::CorruptPayload("offset is not finite")))
+        .collect()
+}
+
+/// The kept mask, checked to keep exactly `kept` values with zero padding bits.
+fn read_bitmap(bytes: &[u8], count: usize, kept: usize) -> Result<Vec<bool>, CodecError> {
+    let mut bits = vec![0u8; count];
+    bitpack::unpack(bytes, 1, &mut bits);
+    if bits.iter().filter(|&&bit| bit == 1).count() != kept {
+        return Err(CodecError::CorruptPayload("sparsity bitmap keeps the wrong number of values"));
+    }
+    let padding_bits = (8 - count % 8) % 8;
+    if padding_bits > 0 && bytes[bytes.len() - 1] >> (8 - padding_bits) != 0 {
+        return Err(CodecError::CorruptPayload("sparsity bitmap has non-zero padding bits"));
+    }
+    Ok(bits.into_iter().map(|bit| bit == 1).collect())
+}
+
+fn append_packed(codes: &[u8], bits: u8, payload: &mut Vec<u8>) {
+    let start = payload.len();
+    let len = bitpack::packed_len(codes.len(), bits).expect("length fits: checked by Sections::new");
+    payload.resize(start + len, 0);
+    bitpack::pack(codes, bits, &mut payload[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adr002_hand_computed_groups_zero_group_and_ragged_tail() {
+        // g = 4: [1.75, -3.5, 0.25, 0] | [0, 0, 0, 0] | [-0.75]
+        let values = [1.75, -3.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, -0.75];
+        let encoded = encode(&values, &[9], &CodecParams::adr002(4)).unwrap();
+        assert_eq!(encoded.layout, Layout { scale_dtype: ScaleDtype::F16 });
+        // Scales: 3.5/7 = 0.5 (f16 0x3800); zero group 2^-14 (0x0400);
+        // 0.75/7 = 0.10714.. -> f16 0x2EDB = 0.0625 * (1 + 731/1024) = 0.107116699.
+        // Codes (q + 8): round(3.5) = 4 -> 12, -7 -> 1, round(0.5) = 1 -> 9, 0 -> 8;
+        // four zeros -> 8; -0.75/0.107116699 = -7.0017 -> -7 -> 1.
+        let expected = [
+            0x00, 0x38, 0x00, 0x04, 0xDB, 0x2E, // scales
+            0x1C, 0x89, 0x88, 0x88, 0x01, // codes, first value in the low nibble
+        ];
+        assert_eq!(encoded.payload, expected);
+        let decoded = decode(&encoded.payload, &[9], &CodecParams::adr002(4), &encoded.layout).unwrap();
+        let last_scale = 0.0625f32 * (1.0 + 731.0 / 1024.0);
+        assert_eq!(decoded, [2.0, -3.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, -7.0 * last_scale]);
+    }
+
+    #[test]
+    fn adr002_payload_is_17_bytes_per_64_values() {
+        let values: Vec<f32> = (0..64 * 100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let encoded = encode(&values, &[1, 4, 25, 64], &CodecParams::adr002(64)).unwrap();
+        assert_eq!(encoded.payload.len(), 100 * 34);
+        assert_eq!(payload_len(&[1, 4, 25, 64], &CodecParams::adr002(64), &encoded.layout), Ok(3400));
+    }
+
+    #[test]
+    fn scales_beyond_f16_switch_the_tensor_to_f32_scales() {
+        // 1e6 / 7 = 142857 > 65504 (f16 max); 1e-7 / 7 is below f16's normal range.
+        for big_or_tiny in [1.0e6f32, 1.0e-7] {
+            let values = [1.0, 2.0, big_or_tiny, -big_or_tiny];
+            let encoded = encode(&values, &[4], &CodecParams::adr002(2)).unwrap();
+            assert_eq!(encoded.layout.scale_dtype, ScaleDtype::F32);
+            assert_eq!(encoded.payload.len(), 2 * 4 + 2);
+            let scale = f32::from_le_bytes(encoded.payload[4..8].try_into().unwrap());
+            assert_eq!(scale, big_or_tiny / 7.0);
+            let decoded = decode(&encoded.payload, &[4], &CodecParams::adr002(2), &encoded.layout).unwrap();
+            assert_eq!(&decoded[2..], [7.0 * scale, -7.0 * scale]);
+        }
+    }
+
+    #[test]
+    fn decode_rejects_wrong_lengths_and_layouts_without_panicking() {
+        let values: Vec<f32> = (0..10).map(|i| i as f32 - 4.5).collect();
+        let params = CodecParams::adr002(4);
+        let encoded = encode(&values, &[10], &params).unwrap();
+        let payload = &encoded.payload;
+        let short = decode(&payload[..payload.len() - 1], &[10], &params, &encoded.layout);
+        assert_eq!(short, Err(CodecError::PayloadSize { expected: 11, actual: 10 }));
+        let mut long = payload.clone();
+        long.push(0);
+        assert!(matches!(decode(&long, &[10], &params, &encoded.layout), Err(CodecError::PayloadSize { .. })));
+        let f32_layout = Layout { scale_dtype: ScaleDtype::F32 };
+        assert!(matches!(decode(payload, &[10], &params, &f32_layout), Err(CodecError::PayloadSize { .. })));
+        let overflowing = [usize::MAX, 2, 1, 1];
+        assert_eq!(decode(payload, &overflowing, &params, &encoded.layout), Err(CodecError::ShapeOverflow));
+        let mut zero_scale = payload.clone();
+        zero_scale[0..2].copy_from_slice(&[0, 0]);
+        assert!(matches!(decode(&zero_scale, &[10], &params, &encoded.layout), Err(CodecError::CorruptPayload(_))));
+    }
+
+    #[test]
+    fn encode_rejects_bad_params_and_values() {
+        let values = [1.0f32; 8];
+        let bad_bits = CodecParams { bits: 5, ..CodecParams::adr002(4) };
+        assert_eq!(encode(&values, &[8], &bad_bits), Err(CodecError::UnsupportedBits(5)));
+        assert_eq!(encode(&values, &[8], &CodecParams::adr002(0)), Err(CodecError::ZeroGroupSize));
+        let token = CodecParams { axis: Axis::Token, ..CodecParams::adr002(4) };
+        assert_eq!(
+            encode(&values, &[2, 4], &token),
+            Err(CodecError::NeedsFourDims { feature: "per-token grouping", rank: 2 })
+        );
+        let rotated = CodecParams { rotation_seed: Some(1), ..CodecParams::adr002(4) };
+        assert_eq!(encode(&[0.0; 6], &[1, 1, 2, 3], &rotated), Err(CodecError::HeadDimNotPowerOfTwo(3)));
+        let sparse = CodecParams { sparsity: 1.0, ..CodecParams::adr002(4) };
+        assert_eq!(encode(&values, &[8], &sparse), Err(CodecError::InvalidSparsity(1.0)));
+        assert_eq!(
+            encode(&values, &[9], &CodecParams::adr002(4)),
+            Err(CodecError::ValueCount { expected: 9, actual: 8 })
+        );
+        let mut with_nan = values;
+        with_nan[3] = f32::NAN;
+        assert!(matches!(
+            encode(&with_nan, &[8], &CodecParams::adr002(4)),
+            Err(CodecError::NonFinite { index: 3, .. })
+        ));
     }
 }

@@ -1,0 +1,166 @@
+//! Randomized Hadamard rotation of head vectors: `y = H (s ∘ x) / sqrt(D)`.
+//!
+//! An outlier channel of `x` is spread evenly over all `D` outputs, so one
+//! large channel no longer sets the scale of its whole group. `H` is the
+//! Sylvester Hadamard matrix (symmetric, `H H = D I`), so the inverse is
+//! `x = s ∘ (H y) / sqrt(D)`. The signs `s` come from the seed alone and are
+//! the same for every head vector of a tensor.
+
+use rayon::prelude::*;
+
+/// Head vectors per parallel work item.
+const VECTORS_PER_TASK: usize = 256;
+
+/// The splitmix64 generator (Steele, Lea, Flood 2014), as in Java's SplittableRandom.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+/// Sign of each of `dim` channels: bit `j % 64` of the `j / 64`-th splitmix64
+/// output (state starting at `seed`); a set bit means -1.
+pub fn signs(seed: u64, dim: usize) -> Vec<f32> {
+    let mut generator = SplitMix64(seed);
+    let mut word = 0;
+    (0..dim)
+        .map(|channel| {
+            if channel % 64 == 0 {
+                word = generator.next();
+            }
+            if (word >> (channel % 64)) & 1 == 1 {
+                -1.0
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+/// `1 / sqrt(dim)` computed in f64 and rounded once to f32.
+fn normalizer(dim: usize) -> f32 {
+    (1.0 / (dim as f64).sqrt()) as f32
+}
+
+/// In-place unnormalized fast Walsh–Hadamard transform (Sylvester order):
+/// stages h = 1, 2, 4, ..., each replacing `(a, b)` = `(v[j], v[j+h])` by
+/// `(a + b, a - b)` for every `j` whose bit `h` is clear.
+fn walsh_hadamard(vector: &mut [f32]) {
+    let dim = vector.len();
+    let mut half = 1;
+    while half < dim {
+        for block in vector.chunks_exact_mut(2 * half) {
+            let (low, high) = block.split_at_mut(half);
+            for (a, b) in low.iter_mut().zip(high.iter_mut()) {
+                let (sum, difference) = (*a + *b, *a - *b);
+                *a = sum;
+                *b = difference;
+            }
+        }
+        half *= 2;
+    }
+}
+
+/// Rotates every `signs.len()`-long vector of `values` in place.
+pub fn rotate(values: &mut [f32], signs: &[f32]) {
+    let scale = normalizer(signs.len());
+    for_each_vector(values, signs.len(), |vector| {
+        for (x, sign) in vector.iter_mut().zip(signs) {
+            *x *= sign;
+        }
+        walsh_hadamard(vector);
+        for x in vector.iter_mut() {
+            *x *= scale;
+        }
+    });
+}
+
+/// Undoes [`rotate`] (up to float rounding).
+pub fn unrotate(values: &mut [f32], signs: &[f32]) {
+    let scale = normalizer(signs.len());
+    for_each_vector(values, signs.len(), |vector| {
+        walsh_hadamard(vector);
+        for (x, sign) in vector.iter_mut().zip(signs) {
+            *x = *x * scale * sign;
+        }
+    });
+}
+
+fn for_each_vector(values: &mut [f32], dim: usize, transform: impl Fn(&mut [f32]) + Sync) {
+    if dim == 0 {
+        return;
+    }
+    values
+        .par_chunks_mut(dim * VECTORS_PER_TASK)
+        .for_each(|task| task.chunks_exact_mut(dim).for_each(&transform));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix64_matches_the_reference_sequence() {
+        // First outputs for seed 0 from the reference C implementation.
+        let mut generator = SplitMix64(0);
+        assert_eq!(generator.next(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(generator.next(), 0x6E78_9E6A_A1B9_65F4);
+    }
+
+    #[test]
+    fn signs_follow_the_bits_of_the_generator() {
+        let word = SplitMix64(0).next(); // 0x...CDAF: bits 0..4 = 1111, bit 4 = 0
+        let signs = signs(0, 70);
+        for (channel, &sign) in signs.iter().enumerate().take(64) {
+            assert_eq!(sign == -1.0, (word >> channel) & 1 == 1);
+        }
+        assert_eq!(&signs[..5], [-1.0, -1.0, -1.0, -1.0, 1.0]);
+    }
+
+    #[test]
+    fn hadamard_of_size_four_matches_the_matrix() {
+        // H4 rows: [1 1 1 1], [1 -1 1 -1], [1 1 -1 -1], [1 -1 -1 1].
+        let mut vector = [1.0, 2.0, 3.0, 4.0];
+        walsh_hadamard(&mut vector);
+        assert_eq!(vector, [10.0, -2.0, -4.0, 0.0]);
+    }
+
+    #[test]
+    fn rotation_is_invertible_to_float_precision() {
+        let signs = signs(42, 64);
+        let original: Vec<f32> = (0..64 * 5).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let mut values = original.clone();
+        rotate(&mut values, &signs);
+        assert_ne!(values, original);
+        unrotate(&mut values, &signs);
+        for (x, y) in original.iter().zip(&values) {
+            assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn rotation_spreads_a_single_outlier_channel_evenly() {
+        let mut vector = vec![0.0f32; 64];
+        vector[17] = 8.0;
+        rotate(&mut vector, &signs(7, 64));
+        // Every output is ±8/sqrt(64) = ±1.
+        for y in &vector {
+            assert!((y.abs() - 1.0).abs() < 1e-6, "{y}");
+        }
+    }
+
+    #[test]
+    fn rotation_preserves_the_norm() {
+        let mut vector: Vec<f32> = (0..128).map(|i| (i as f32).sin()).collect();
+        let before: f32 = vector.iter().map(|x| x * x).sum();
+        rotate(&mut vector, &signs(1, 128));
+        let after: f32 = vector.iter().map(|x| x * x).sum();
+        assert!((before - after).abs() < 1e-4 * before);
+    }
+}
