@@ -1,0 +1,127 @@
+//! A plain KV cache: a safetensors file whose every tensor is F32, F16 or
+//! BF16 and finite (CONTRACT §1), read as `f32`, and its writer.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::dtype::CacheDtype;
+use crate::error::{Error, Result, TensorProblem};
+use crate::tensor_file::{write_tensor_file, OutputTensor, TensorEntry, TensorFile};
+
+/// An open KV cache whose tensors all have a cache dtype.
+#[derive(Debug)]
+pub struct KvCache {
+    file: TensorFile,
+    dtypes: Vec<CacheDtype>,
+}
+
+impl KvCache {
+    /// Opens and validates the file; fails on the first tensor (by name) with
+    /// a dtype other than F32, F16 or BF16.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = TensorFile::open(path)?;
+        let dtypes = file
+            .tensors()
+            .iter()
+            .map(|t| {
+                CacheDtype::from_safetensors(t.dtype)
+                    .ok_or_else(|| Error::tensor(path, &t.name, TensorProblem::UnsupportedDtype(t.dtype.to_string())))
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { file, dtypes })
+    }
+
+    pub fn file(&self) -> &TensorFile {
+        &self.file
+    }
+
+    /// Tensors sorted by name, each with its dtype.
+    pub fn tensors(&self) -> impl Iterator<Item = (&TensorEntry, CacheDtype)> {
+        self.file.tensors().iter().zip(self.dtypes.iter().copied())
+    }
+
+    /// The tensor's values as `f32`; fails on the first NaN or infinity.
+    pub fn values(&self, entry: &TensorEntry, dtype: CacheDtype) -> Result<Cow<'_, [f32]>> {
+        let values = dtype.to_f32(self.file.data(entry));
+        if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::tensor(
+                self.file.path(),
+                &entry.name,
+                TensorProblem::NonFinite {
+                    index,
+                    value: values[index],
+                },
+            ));
+        }
+        Ok(values)
+    }
+}
+
+/// One tensor of a cache to write, values as `f32`, stored as `dtype`.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheTensor<'a> {
+    pub name: &'a str,
+    pub dtype: CacheDtype,
+    pub shape: &'a [usize],
+    pub values: &'a [f32],
+}
+
+/// Writes a plain KV cache atomically (tensors sorted by name).
+pub fn write_cache(path: &Path, tensors: &[CacheTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.dtype.from_f32(t.values)).collect();
+    let outputs: Vec<OutputTensor<'_>> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, data)| OutputTensor {
+            name: t.name,
+            dtype: t.dtype.to_safetensors(),
+            shape: t.shape,
+            data,
+        })
+        .collect();
+    write_tensor_file(path, &outputs, metadata)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_cache_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let values = [1.0f32, -2.5, 0.125, 3.0, 4.0, 5.5];
+        let tensors = [
+            CacheTensor { name: "b", dtype: CacheDtype::BF16, shape: &[2, 3], values: &values },
+            CacheTensor { name: "a", dtype: CacheDtype::F32, shape: &[6], values: &values },
+        ];
+        let metadata = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        write_cache(&path, &tensors, &metadata).unwrap();
+        let cache = KvCache::open(&path).unwrap();
+        assert_eq!(cache.file().metadata(), &metadata);
+        let read: Vec<_> = cache
+            .tensors()
+            .map(|(t, d)| (t.name.clone(), d, t.shape.clone(), cache.values(t, d).unwrap().into_owned()))
+            .collect();
+        assert_eq!(read[0], ("a".into(), CacheDtype::F32, vec![6], values.to_vec()));
+        assert_eq!(read[1], ("b".into(), CacheDtype::BF16, vec![2, 3], values.to_vec()));
+    }
+
+    #[test]
+    fn nan_is_rejected_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        let values = [1.0f32, f32::NAN];
+        write_cache(
+            &path,
+            &[CacheTensor { name: "layer_0_key", dtype: CacheDtype::F16, shape: &[2], values: &values }],
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let cache = KvCache::open(&path).unwrap();
+        let (entry, dtype) = cache.tensors().next().unwrap();
+        let error = cache.values(entry, dtype).unwrap_err().to_string();
+        assert!(error.contains("layer_0_key") && error.contains("index 1"), "{error}");
+    }
+}

@@ -1,0 +1,152 @@
+//! The three element types a KV cache may hold, and their conversion to and
+//! from the `f32` every codec works on (through `half`'s vectorised slice
+//! conversions, never a per-value loop).
+
+use std::borrow::Cow;
+
+use half::slice::HalfFloatSliceExt;
+use half::{bf16, f16};
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+/// Element type of a KV-cache tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl CacheDtype {
+    pub const ALL: [CacheDtype; 3] = [CacheDtype::F32, CacheDtype::F16, CacheDtype::BF16];
+
+    /// The cache dtype of a safetensors dtype, `None` for anything a KV cache may not hold.
+    pub fn from_safetensors(dtype: Dtype) -> Option<Self> {
+        match dtype {
+            Dtype::F32 => Some(CacheDtype::F32),
+            Dtype::F16 => Some(CacheDtype::F16),
+            Dtype::BF16 => Some(CacheDtype::BF16),
+            _ => None,
+        }
+    }
+
+    pub fn to_safetensors(self) -> Dtype {
+        match self {
+            CacheDtype::F32 => Dtype::F32,
+            CacheDtype::F16 => Dtype::F16,
+            CacheDtype::BF16 => Dtype::BF16,
+        }
+    }
+
+    /// PyTorch's spelling, used by the sidecar and the original's `original_dtype` key.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            CacheDtype::F32 => "float32",
+            CacheDtype::F16 => "float16",
+            CacheDtype::BF16 => "bfloat16",
+        }
+    }
+
+    pub fn from_torch_name(name: &str) -> Option<Self> {
+        CacheDtype::ALL.into_iter().find(|d| d.torch_name() == name)
+    }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            CacheDtype::F32 => 4,
+            CacheDtype::F16 | CacheDtype::BF16 => 2,
+        }
+    }
+
+    /// Little-endian bytes to `f32`. Borrows when F32 data happens to be
+    /// aligned (an unpadded Go header leaves it unaligned, so this copies then).
+    /// `bytes.len()` must be a multiple of `size_bytes()`.
+    pub fn to_f32(self, bytes: &[u8]) -> Cow<'_, [f32]> {
+        match self {
+            CacheDtype::F32 => match bytemuck::try_cast_slice::<u8, f32>(bytes) {
+                Ok(values) => Cow::Borrowed(values),
+                Err(_) => {
+                    let mut values = vec![0f32; bytes.len() / 4];
+                    bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(bytes);
+                    Cow::Owned(values)
+                }
+            },
+            CacheDtype::F16 => Cow::Owned(halves_to_f32::<f16>(bytes)),
+            CacheDtype::BF16 => Cow::Owned(halves_to_f32::<bf16>(bytes)),
+        }
+    }
+
+    /// `f32` values to little-endian bytes of this dtype (round to nearest even).
+    pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            CacheDtype::F32 => bytemuck::cast_slice(values).to_vec(),
+            CacheDtype::F16 => f32_to_halves::<f16>(values),
+            CacheDtype::BF16 => f32_to_halves::<bf16>(values),
+        }
+    }
+}
+
+fn halves_to_f32<H>(bytes: &[u8]) -> Vec<f32>
+where
+    H: bytemuck::Pod,
+    [H]: HalfFloatSliceExt,
+{
+    let mut out = vec![0f32; bytes.len() / 2];
+    match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(halves) => halves.convert_to_f32_slice(&mut out),
+        Err(_) => {
+            let mut halves: Vec<H> = vec![H::zeroed(); bytes.len() / 2];
+            bytemuck::cast_slice_mut::<H, u8>(&mut halves).copy_from_slice(bytes);
+            halves.convert_to_f32_slice(&mut out);
+        }
+    }
+    out
+}
+
+fn f32_to_halves<H>(values: &[f32]) -> Vec<u8>
+where
+    H: bytemuck::Pod,
+    [H]: HalfFloatSliceExt,
+{
+    let mut halves: Vec<H> = vec![H::zeroed(); values.len()];
+    halves.convert_from_f32_slice(values);
+    bytemuck::cast_slice(&halves).to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_bytes_convert_to_exact_values() {
+        // 1.0 = 0x3C00, -2.0 = 0xC000, 0.5 = 0x3800 (IEEE 754 binary16).
+        let bytes = [0x00, 0x3C, 0x00, 0xC0, 0x00, 0x38];
+        assert_eq!(&*CacheDtype::F16.to_f32(&bytes), &[1.0, -2.0, 0.5]);
+        assert_eq!(CacheDtype::F16.from_f32(&[1.0, -2.0, 0.5]), bytes);
+    }
+
+    #[test]
+    fn bf16_bytes_convert_to_exact_values() {
+        // bf16 is the top half of the f32: 1.0 = 0x3F80, -3.0 = 0xC040.
+        let bytes = [0x80, 0x3F, 0x40, 0xC0];
+        assert_eq!(&*CacheDtype::BF16.to_f32(&bytes), &[1.0, -3.0]);
+        assert_eq!(CacheDtype::BF16.from_f32(&[1.0, -3.0]), bytes);
+    }
+
+    #[test]
+    fn unaligned_f32_bytes_are_copied_not_misread() {
+        let mut buffer = vec![0u8; 9];
+        buffer[1..5].copy_from_slice(&1.5f32.to_le_bytes());
+        buffer[5..9].copy_from_slice(&(-7.25f32).to_le_bytes());
+        assert_eq!(&*CacheDtype::F32.to_f32(&buffer[1..]), &[1.5, -7.25]);
+    }
+
+    #[test]
+    fn torch_names_round_trip() {
+        for dtype in CacheDtype::ALL {
+            assert_eq!(CacheDtype::from_torch_name(dtype.torch_name()), Some(dtype));
+        }
+        assert_eq!(CacheDtype::from_torch_name("float64"), None);
+    }
+}

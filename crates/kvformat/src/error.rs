@@ -1,0 +1,89 @@
+//! The one error type of `kvformat`. Every variant names the file (and the
+//! tensor, where there is one) so a CLI can print it as a single line.
+
+use std::path::PathBuf;
+
+use crate::codec::CodecError;
+
+/// What went wrong with one tensor of a file.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorProblem {
+    #[error("unsupported dtype {0} (expected F32, F16 or BF16)")]
+    UnsupportedDtype(String),
+    #[error("non-finite value {value} at flat index {index}")]
+    NonFinite { index: usize, value: f32 },
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    #[error("checksum mismatch (stored crc32 {expected:08x}, data has {actual:08x}): the file is corrupted")]
+    ChecksumMismatch { expected: u32, actual: u32 },
+    #[error("stored as {dtype} {shape:?}, but the manifest says U8 [{stored_len}]")]
+    StoredShapeMismatch {
+        dtype: String,
+        shape: Vec<usize>,
+        stored_len: usize,
+    },
+    #[error("LZ4 payload does not decompress to {raw_len} bytes: {reason}")]
+    Lz4 { raw_len: usize, reason: String },
+    #[error("data offsets overlap, leave a gap or run out of range")]
+    BadOffsets,
+    #[error("shape x dtype does not match the tensor's byte length")]
+    SizeMismatch,
+    #[error("manifest entry is implausible: {0}")]
+    BadManifestEntry(String),
+    #[error("missing from the file but listed in the manifest")]
+    MissingTensor,
+    #[error("present in the file but not in the manifest")]
+    UnlistedTensor,
+}
+
+/// Every failure of reading, checking or writing a KV-cache or packed file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: cannot {action}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        action: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{}: empty file (not a safetensors file)", path.display())]
+    EmptyFile { path: PathBuf },
+    /// The safetensors structure (header length, JSON, offsets, sizes) is invalid.
+    #[error("{}: invalid safetensors file: {problem}", path.display())]
+    Structure { path: PathBuf, problem: String },
+    #[error("{}: {tensor}: {problem}", path.display())]
+    Tensor {
+        path: PathBuf,
+        tensor: String,
+        problem: TensorProblem,
+    },
+    #[error("{}: not a kv-compress packed file (no kvformat.manifest)", path.display())]
+    NotPacked { path: PathBuf },
+    #[error("{}: packed file manifest: {problem}", path.display())]
+    Manifest { path: PathBuf, problem: String },
+    #[error("{}: sidecar metadata: {problem}", path.display())]
+    Sidecar { path: PathBuf, problem: String },
+    #[error("{}: output directory does not exist", dir.display())]
+    OutputDirMissing { dir: PathBuf },
+    #[error("{}: -output is the same file as -input", path.display())]
+    OutputIsInput { path: PathBuf },
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, action: &'static str, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            action,
+            source,
+        }
+    }
+
+    pub fn tensor(path: impl Into<PathBuf>, tensor: &str, problem: impl Into<TensorProblem>) -> Self {
+        Error::Tensor {
+            path: path.into(),
+            tensor: tensor.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

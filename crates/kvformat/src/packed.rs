@@ -1,0 +1,298 @@
+//! The packed (compressed) file: a valid safetensors file holding, under each
+//! input tensor's name, one U8 tensor with that tensor's stored payload, and in
+//! `__metadata__` a checksummed JSON manifest that says how to decode each one.
+//! `docs/format.md` ("Container") is the specification; this is its code.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::Dtype;
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{self, CodecError, CodecParams, Layout};
+use crate::dtype::CacheDtype;
+use crate::error::{Error, Result, TensorProblem};
+use crate::metrics::{measure, TensorMetrics};
+use crate::tensor_file::{write_tensor_file, OutputTensor, TensorFile};
+
+/// `__metadata__` key of the container version this code writes and reads.
+pub const FORMAT_VERSION_KEY: &str = "kvformat.format_version";
+pub const FORMAT_VERSION: &str = "1";
+/// `__metadata__` key of the manifest JSON string.
+pub const MANIFEST_KEY: &str = "kvformat.manifest";
+/// `__metadata__` key of the manifest's CRC-32 (8 lowercase hex digits).
+pub const MANIFEST_CRC_KEY: &str = "kvformat.manifest_crc32";
+
+/// Upper bound on a payload's raw length per value, so a hostile manifest
+/// cannot make LZ4 allocate without limit: no codec stores more than an f32
+/// per value, plus its per-group overhead.
+const MAX_RAW_BYTES_PER_VALUE: usize = 8;
+const MAX_RAW_OVERHEAD_BYTES: usize = 1 << 16;
+
+/// Everything decoding one tensor needs beyond its stored bytes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ManifestTensor {
+    pub dtype: CacheDtype,
+    pub shape: Vec<usize>,
+    pub codec: CodecParams,
+    pub layout: Layout,
+    /// Whether the stored bytes are an LZ4 block (lz4_flex, no size prefix).
+    pub lz4: bool,
+    /// Length of the codec payload (after LZ4 decompression).
+    pub raw_len: usize,
+    /// Length of the stored U8 tensor.
+    pub stored_len: usize,
+    /// CRC-32 (IEEE) of the stored bytes.
+    pub crc32: u32,
+    /// Quality the compressor measured on this very reconstruction, so
+    /// `-decompress` can report it.
+    pub metrics: TensorMetrics,
+}
+
+/// The `kvformat.manifest` JSON: per-tensor entries and the input's own
+/// `__metadata__`, which decompression restores exactly.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Manifest {
+    pub tensors: BTreeMap<String, ManifestTensor>,
+    pub input_metadata: BTreeMap<String, String>,
+}
+
+/// One tensor compressed: its manifest entry and stored bytes.
+#[derive(Clone, Debug)]
+pub struct PackedTensor {
+    pub name: String,
+    pub entry: ManifestTensor,
+    pub stored: Vec<u8>,
+}
+
+/// Encodes `values`, decodes the result (the reconstruction every metric and
+/// `-decompress` use), measures it, and LZ4-compresses the payload where that
+/// makes it smaller. Returns the packed tensor and the reconstruction.
+pub fn pack_tensor(
+    name: &str,
+    dtype: CacheDtype,
+    shape: &[usize],
+    values: &[f32],
+    params: &CodecParams,
+) -> std::result::Result<(PackedTensor, Vec<f32>), CodecError> {
+    params.validate(shape)?;
+    let encoded = codec::encode(values, shape, params)?;
+    let reconstruction = codec::decode(&encoded.payload, shape, params, &encoded.layout)?;
+    let metrics = measure(values, &reconstruction);
+    let raw_len = encoded.payload.len();
+    let compressed = lz4_flex::block::compress(&encoded.payload);
+    let (lz4, stored) = if compressed.len() < raw_len {
+        (true, compressed)
+    } else {
+        (false, encoded.payload)
+    };
+    let entry = ManifestTensor {
+        dtype,
+        shape: shape.to_vec(),
+        codec: params.clone(),
+        layout: encoded.layout,
+        lz4,
+        raw_len,
+        stored_len: stored.len(),
+        crc32: crc32fast::hash(&stored),
+        metrics,
+    };
+    Ok((
+        PackedTensor {
+            name: name.to_string(),
+            entry,
+            stored,
+        },
+        reconstruction,
+    ))
+}
+
+/// The original's method name for `params`: `int4` for ADR-002.
+fn compression_name(params: &CodecParams) -> String {
+    format!("int{}", params.bits)
+}
+
+/// The full `__metadata__` of a packed file: the input's keys, the original's
+/// `compression` / `group_size` / `original_dtype` (from the first tensor),
+/// then ours. Decompression rebuilds it from the manifest and requires equality.
+fn container_metadata(manifest: &Manifest, manifest_json: &str) -> BTreeMap<String, String> {
+    let mut metadata = manifest.input_metadata.clone();
+    if let Some(first) = manifest.tensors.values().next() {
+        metadata.insert("compression".into(), compression_name(&first.codec));
+        metadata.insert("group_size".into(), first.codec.group_size.to_string());
+        metadata.insert("original_dtype".into(), first.dtype.torch_name().into());
+    }
+    metadata.insert(FORMAT_VERSION_KEY.into(), FORMAT_VERSION.into());
+    metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
+    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())));
+    metadata
+}
+
+/// Writes the packed file atomically.
+pub fn write_packed(path: &Path, tensors: &[PackedTensor], input_metadata: &BTreeMap<String, String>) -> Result<()> {
+    let manifest = Manifest {
+        tensors: tensors.iter().map(|t| (t.name.clone(), t.entry.clone())).collect(),
+        input_metadata: input_metadata.clone(),
+    };
+    let manifest_json = serde_json::to_string(&manifest).expect("manifest serializes");
+    let metadata = container_metadata(&manifest, &manifest_json);
+    let shapes: Vec<[usize; 1]> = tensors.iter().map(|t| [t.stored.len()]).collect();
+    let outputs: Vec<OutputTensor<'_>> = tensors
+        .iter()
+        .zip(&shapes)
+        .map(|(t, shape)| OutputTensor {
+            name: &t.name,
+            dtype: Dtype::U8,
+            shape,
+            data: &t.stored,
+        })
+        .collect();
+    write_tensor_file(path, &outputs, &metadata)
+}
+
+/// An open packed file whose manifest is present, intact and consistent
+/// with the tensors in the file. Tensor data is checked when unpacked.
+#[derive(Debug)]
+pub struct PackedFile {
+    file: TensorFile,
+    manifest: Manifest,
+}
+
+impl PackedFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = TensorFile::open(path)?;
+        let manifest_error = |problem: String| Error::Manifest {
+            path: path.into(),
+            problem,
+        };
+        let metadata = file.metadata();
+        let Some(manifest_json) = metadata.get(MANIFEST_KEY) else {
+            return Err(Error::NotPacked { path: path.into() });
+        };
+        match metadata.get(FORMAT_VERSION_KEY) {
+            Some(version) if version == FORMAT_VERSION => {}
+            other => return Err(manifest_error(format!("unsupported {FORMAT_VERSION_KEY} {other:?} (this reads \"{FORMAT_VERSION}\")"))),
+        }
+        let actual_crc = format!("{:08x}", crc32fast::hash(manifest_json.as_bytes()));
+        if metadata.get(MANIFEST_CRC_KEY) != Some(&actual_crc) {
+            return Err(manifest_error(format!(
+                "checksum mismatch (stored {:?}, manifest has {actual_crc}): the file is corrupted",
+                metadata.get(MANIFEST_CRC_KEY)
+            )));
+        }
+        let manifest: Manifest = serde_json::from_str(manifest_json).map_err(|e| manifest_error(format!("not valid JSON: {e}")))?;
+        if &container_metadata(&manifest, manifest_json) != metadata {
+            return Err(manifest_error(
+                "__metadata__ does not match the manifest (a carried key was altered): the file is corrupted".into(),
+            ));
+        }
+        for entry in file.tensors() {
+            if !manifest.tensors.contains_key(&entry.name) {
+                return Err(Error::tensor(path, &entry.name, TensorProblem::UnlistedTensor));
+            }
+        }
+        for (name, tensor) in &manifest.tensors {
+            let Some(entry) = file.tensors().iter().find(|t| &t.name == name) else {
+                return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
+            };
+            if entry.dtype != Dtype::U8 || entry.shape != [tensor.stored_len] {
+                return Err(Error::tensor(
+                    path,
+                    name,
+                    TensorProblem::StoredShapeMismatch {
+                        dtype: entry.dtype.to_string(),
+                        shape: entry.shape.clone(),
+                        stored_len: tensor.stored_len,
+                    },
+                ));
+            }
+            check_plausible(tensor).map_err(|problem| Error::tensor(path, name, TensorProblem::BadManifestEntry(problem)))?;
+        }
+        Ok(PackedFile { file, manifest })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// Bytes of stored payloads: what decompression reads.
+    pub fn stored_len(&self) -> usize {
+        self.file.data_len()
+    }
+
+    /// Verifies the tensor's checksum, undoes LZ4 and decodes it to `f32`:
+    /// bit-identical to the compressor's reconstruction.
+    pub fn unpack(&self, name: &str) -> Result<Vec<f32>> {
+        let path = self.file.path();
+        let (Some(tensor), Some(entry)) = (
+            self.manifest.tensors.get(name),
+            self.file.tensors().iter().find(|t| t.name == name),
+        ) else {
+            return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
+        };
+        let stored = self.file.data(entry);
+        let actual = crc32fast::hash(stored);
+        if actual != tensor.crc32 {
+            return Err(Error::tensor(
+                path,
+                name,
+                TensorProblem::ChecksumMismatch {
+                    expected: tensor.crc32,
+                    actual,
+                },
+            ));
+        }
+        let lz4_error = |reason: String| {
+            Error::tensor(
+                path,
+                name,
+                TensorProblem::Lz4 {
+                    raw_len: tensor.raw_len,
+                    reason,
+                },
+            )
+        };
+        let decompressed;
+        let payload = if tensor.lz4 {
+            decompressed = lz4_flex::block::decompress(stored, tensor.raw_len).map_err(|e| lz4_error(e.to_string()))?;
+            if decompressed.len() != tensor.raw_len {
+                return Err(lz4_error(format!("got {} bytes", decompressed.len())));
+            }
+            &decompressed[..]
+        } else {
+            stored
+        };
+        tensor
+            .codec
+            .validate(&tensor.shape)
+            .and_then(|()| codec::decode(payload, &tensor.shape, &tensor.codec, &tensor.layout))
+            .map_err(|e| Error::tensor(path, name, e))
+    }
+}
+
+/// Rejects manifest entries whose sizes cannot be right before any allocation.
+fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
+    let values = tensor
+        .shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|n| n.checked_mul(4).is_some())
+        .ok_or_else(|| format!("shape {:?} overflows", tensor.shape))?;
+    let max_raw = values
+        .saturating_mul(MAX_RAW_BYTES_PER_VALUE)
+        .saturating_add(MAX_RAW_OVERHEAD_BYTES);
+    if tensor.raw_len > max_raw {
+        return Err(format!("raw_len {} exceeds {max_raw} for {values} values", tensor.raw_len));
+    }
+    if !tensor.lz4 && tensor.raw_len != tensor.stored_len {
+        return Err(format!(
+            "uncompressed payload with raw_len {} != stored_len {}",
+            tensor.raw_len, tensor.stored_len
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! The `.metadata.json` sidecar the Python `load_kv_cache()` expects beside
+//! every cache (CONTRACT §1): `kv_cache.safetensors` -> `kv_cache.metadata.json`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dtype::CacheDtype;
+use crate::error::{Error, Result};
+use crate::tensor_file::TensorFile;
+
+/// Largest sidecar we read: it is six small fields, anything bigger is hostile.
+const MAX_SIDECAR_BYTES: u64 = 1 << 20;
+
+/// Shape and origin of a KV cache, as the original Python scripts write it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sidecar {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub seq_len: usize,
+    pub head_dim: usize,
+    /// Torch spelling: `float32`, `float16` or `bfloat16`.
+    pub dtype: String,
+    pub model_name: String,
+}
+
+/// The sidecar path of a cache: its suffix replaced by `.metadata.json`.
+pub fn sidecar_path(cache: &Path) -> PathBuf {
+    cache.with_extension("metadata.json")
+}
+
+impl Sidecar {
+    pub fn read(path: &Path) -> Result<Self> {
+        let error = |problem: String| Error::Sidecar {
+            path: path.into(),
+            problem,
+        };
+        let len = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?.len();
+        if len > MAX_SIDECAR_BYTES {
+            return Err(error(format!("{len} bytes is too large for a sidecar")));
+        }
+        let text = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+        let sidecar: Sidecar = serde_json::from_slice(&text).map_err(|e| error(e.to_string()))?;
+        if CacheDtype::from_torch_name(&sidecar.dtype).is_none() {
+            return Err(error(format!(
+                "dtype {:?} is not float32, float16 or bfloat16",
+                sidecar.dtype
+            )));
+        }
+        Ok(sidecar)
+    }
+
+    /// Reads the sidecar beside `cache`, `None` when there is none.
+    pub fn read_beside(cache: &Path) -> Result<Option<Self>> {
+        let path = sidecar_path(cache);
+        if path.exists() {
+            Sidecar::read(&path).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Writes it (2-space indented JSON) atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let mut json = serde_json::to_vec_pretty(self).expect("sidecar serializes");
+        json.push(b'\n');
+        crate::atomic::write_atomically(path, |w| std::io::Write::write_all(w, &json))
+    }
+
+    /// Derives the sidecar of a cache from its tensors: `layer_{i}_key` /
+    /// `layer_{i}_value` of shape `[batch, heads, seq, head_dim]`. `None` when
+    /// the file does not follow that layout.
+    pub fn infer(tensors: &[(String, CacheDtype, Vec<usize>)], model_name: &str) -> Option<Self> {
+        let (_, dtype, shape) = tensors.iter().find(|(name, _, _)| name == "layer_0_key")?;
+        let [_, heads, seq, head_dim] = shape[..] else {
+            return None;
+        };
+        let num_layers = (0..).take_while(|i| tensors.iter().any(|(n, _, _)| *n == format!("layer_{i}_key"))).count();
+        let sidecar = Sidecar {
+            num_layers,
+            num_kv_heads: heads,
+            seq_len: seq,
+            head_dim,
+            dtype: dtype.torch_name().to_string(),
+            model_name: model_name.to_string(),
+        };
+        sidecar.check(tensors).is_ok().then_some(sidecar)
+    }
+
+    /// Every disagreement between this sidecar and the tensors, as text.
+    fn check(&self, tensors: &[(String, CacheDtype, Vec<usize>)]) -> std::result::Result<(), String> {
+        for layer in 0..self.num_layers {
+            for kind in ["key", "value"] {
+                let name = format!("layer_{layer}_{kind}");
+                let Some((_, dtype, shape)) = tensors.iter().find(|(n, _, _)| *n == name) else {
+                    return Err(format!("{name} is missing (num_layers = {})", self.num_layers));
+                };
+                let fits = matches!(shape[..], [_, h, s, d] if h == self.num_kv_heads && s == self.seq_len && d == self.head_dim);
+                if !fits {
+                    return Err(format!(
+                        "{name} has shape {shape:?}, sidecar says [batch, {}, {}, {}]",
+                        self.num_kv_heads, self.seq_len, self.head_dim
+                    ));
+                }
+                if dtype.torch_name() != self.dtype {
+                    return Err(format!("{name} is {}, sidecar says {}", dtype.torch_name(), self.dtype));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fails when the sidecar disagrees with the cache file it describes
+/// (missing layers, other shape or dtype), naming the first disagreement.
+pub fn validate_against_sidecar(cache: &TensorFile, sidecar: &Sidecar, sidecar_path: &Path) -> Result<()> {
+    let tensors: Vec<(String, CacheDtype, Vec<usize>)> = cache
+        .tensors()
+        .iter()
+        .filter_map(|t| Some((t.name.clone(), CacheDtype::from_safetensors(t.dtype)?, t.shape.clone())))
+        .collect();
+    sidecar.check(&tensors).map_err(|problem| Error::Sidecar {
+        path: sidecar_path.into(),
+        problem: format!("disagrees with {}: {problem}", cache.path().display()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_path_replaces_the_suffix() {
+        assert_eq!(
+            sidecar_path(Path::new("/a/kv_cache.safetensors")),
+            PathBuf::from("/a/kv_cache.metadata.json")
+        );
+    }
+
+    #[test]
+    fn infer_and_check_agree_on_a_two_layer_cache() {
+        let shape = vec![1, 4, 16, 64];
+        let tensors: Vec<_> = ["layer_0_key", "layer_0_value", "layer_1_key", "layer_1_value"]
+            .iter()
+            .map(|n| (n.to_string(), CacheDtype::F16, shape.clone()))
+            .collect();
+        let sidecar = Sidecar::infer(&tensors, "m").unwrap();
+        assert_eq!(
+            sidecar,
+            Sidecar {
+                num_layers: 2,
+                num_kv_heads: 4,
+                seq_len: 16,
+                head_dim: 64,
+                dtype: "float16".into(),
+                model_name: "m".into()
+            }
+        );
+        let wrong = Sidecar { seq_len: 17, ..sidecar };
+        assert!(wrong.check(&tensors).unwrap_err().contains("layer_0_key"));
+    }
+}

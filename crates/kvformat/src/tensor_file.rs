@@ -1,0 +1,208 @@
+//! A safetensors file, memory-mapped and validated by the `safetensors` crate
+//! before any tensor byte is touched. Both KV caches and packed files are read
+//! through it; it accepts Python's space-padded headers and Go's unpadded ones.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::error::{Error, Result, TensorProblem};
+
+/// Size of the little-endian u64 that opens every safetensors file.
+const HEADER_LENGTH_BYTES: usize = 8;
+
+/// One tensor's header entry; `data` is its byte range in the mapped file.
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    data: std::ops::Range<usize>,
+}
+
+/// An open, structurally valid safetensors file.
+#[derive(Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    map: Mmap,
+    /// Sorted by name, as the original writer sorts them.
+    tensors: Vec<TensorEntry>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
+        if len == 0 {
+            return Err(Error::EmptyFile { path: path.into() });
+        }
+        // SAFETY: the map is read-only and private to this process; like every
+        // mmap reader (including the safetensors crate's own examples) we rely
+        // on nobody truncating the input while we read it.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "memory-map", e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map)
+            .map_err(|e| structure_error(path, header_bytes(&map), e))?;
+        let data_start = HEADER_LENGTH_BYTES + header_len;
+        let mut tensors: Vec<TensorEntry> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| TensorEntry {
+                name,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                data: data_start + info.data_offsets.0..data_start + info.data_offsets.1,
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let metadata = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
+        Ok(TensorFile {
+            path: path.into(),
+            map,
+            tensors,
+            metadata,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.tensors
+    }
+
+    /// The header's `__metadata__` (empty when absent).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
+    pub fn data(&self, entry: &TensorEntry) -> &[u8] {
+        &self.map[entry.data.clone()]
+    }
+
+    /// Bytes of tensor data in the file (everything after the header).
+    pub fn data_len(&self) -> usize {
+        self.tensors.iter().map(|t| t.data.len()).sum()
+    }
+}
+
+/// One tensor to write: its name, safetensors dtype, shape and little-endian bytes.
+#[derive(Clone, Copy, Debug)]
+pub struct OutputTensor<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+/// Writes a safetensors file atomically (see [`crate::atomic`]): tensors in
+/// name order, `__metadata__` only when non-empty, header padded with spaces to
+/// 8 bytes as Python's writer does. The header is checked by the
+/// `safetensors` crate's own validation before anything is written.
+pub fn write_tensor_file(path: &Path, tensors: &[OutputTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let mut sorted: Vec<&OutputTensor<'_>> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    let mut offset = 0usize;
+    let mut infos = Vec::with_capacity(sorted.len());
+    for tensor in &sorted {
+        let info = safetensors::tensor::TensorInfo {
+            dtype: tensor.dtype,
+            shape: tensor.shape.to_vec(),
+            data_offsets: (offset, offset + tensor.data.len()),
+        };
+        offset += tensor.data.len();
+        infos.push((tensor.name.to_string(), info));
+    }
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serializes"));
+    }
+    for (name, info) in &infos {
+        header.insert(name.clone(), serde_json::to_value(info).expect("tensor info serializes"));
+    }
+    safetensors::tensor::Metadata::new(None, infos).map_err(|e| Error::Structure {
+        path: path.into(),
+        problem: format!("refusing to write an invalid header: {e}"),
+    })?;
+    let mut header_json = serde_json::to_vec(&header).expect("JSON map serializes");
+    header_json.resize(header_json.len().next_multiple_of(HEADER_LENGTH_BYTES), b' ');
+    crate::atomic::write_atomically(path, |writer| {
+        writer.write_all(&(header_json.len() as u64).to_le_bytes())?;
+        writer.write_all(&header_json)?;
+        for tensor in &sorted {
+            writer.write_all(tensor.data)?;
+        }
+        Ok(())
+    })
+}
+
+/// Turns the crate's error into one that names the file (and tensor, where known).
+fn structure_error(path: &Path, header_json: Option<&[u8]>, error: SafeTensorError) -> Error {
+    let problem = match error {
+        SafeTensorError::HeaderTooSmall => "file shorter than the 8-byte header length".to_string(),
+        SafeTensorError::HeaderTooLarge => "header length is larger than the 100 MB limit".to_string(),
+        SafeTensorError::InvalidHeaderLength => "header length runs past the end of the file (truncated?)".to_string(),
+        SafeTensorError::InvalidHeader(e) => format!("header is not UTF-8: {e}"),
+        SafeTensorError::InvalidHeaderDeserialization(e) => format!("header is not valid safetensors JSON: {e}"),
+        SafeTensorError::MetadataIncompleteBuffer => {
+            "tensor data does not end exactly at the end of the file (truncated or trailing bytes)".to_string()
+        }
+        SafeTensorError::InvalidOffset(tensor) => {
+            return Error::Tensor {
+                path: path.into(),
+                tensor,
+                problem: TensorProblem::BadOffsets,
+            }
+        }
+        SafeTensorError::TensorInvalidInfo => match tensor_with_wrong_size(header_json) {
+            Some(tensor) => {
+                return Error::Tensor {
+                    path: path.into(),
+                    tensor,
+                    problem: TensorProblem::SizeMismatch,
+                }
+            }
+            None => "a tensor's shape x dtype does not match its byte length".to_string(),
+        },
+        SafeTensorError::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
+        SafeTensorError::MisalignedSlice => "a tensor's size is not a whole number of bytes".to_string(),
+        other => other.to_string(),
+    };
+    Error::Structure {
+        path: path.into(),
+        problem,
+    }
+}
+
+/// The header JSON bytes, if the length prefix points inside the file.
+fn header_bytes(map: &[u8]) -> Option<&[u8]> {
+    let len = u64::from_le_bytes(map.get(..HEADER_LENGTH_BYTES)?.try_into().ok()?);
+    let end = HEADER_LENGTH_BYTES.checked_add(usize::try_from(len).ok()?)?;
+    map.get(HEADER_LENGTH_BYTES..end)
+}
+
+/// The crate reports a shape x dtype / byte-length mismatch without a name;
+/// find the first offending tensor so the error can name it.
+fn tensor_with_wrong_size(header_json: Option<&[u8]>) -> Option<String> {
+    let header: BTreeMap<String, safetensors::tensor::TensorInfo> =
+        serde_json::from_slice::<BTreeMap<String, serde_json::Value>>(header_json?)
+            .ok()?
+            .into_iter()
+            .filter(|(name, _)| name != "__metadata__")
+            .map(|(name, value)| Some((name, serde_json::from_value(value).ok()?)))
+            .collect::<Option<_>>()?;
+    header.into_iter().find_map(|(name, info)| {
+        let elements = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let expected = elements.and_then(|n| n.checked_mul(info.dtype.bitsize())).map(|bits| bits / 8);
+        let actual = info.data_offsets.1.checked_sub(info.data_offsets.0);
+        (expected != actual).then_some(name)
+    })
+}
