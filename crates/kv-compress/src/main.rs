@@ -1,1 +1,40 @@
-fn main() {}
+//! `kv-compress`: parse Go-style flags, run, print one JSON object on stdout
+//! or one `Error: ...` line on stderr. Exit 0 on success (a failed quality
+//! check included), 1 on a run error, 2 on a command-line error, as Go does.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use kv_compress::flags::{self, Command, USAGE};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let options = match flags::parse(&args) {
+        Ok(Command::Run(options)) => options,
+        Ok(Command::Help) => {
+            eprint!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match kv_compress::run(&options) {
+        Ok(report) => {
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(report.to_json().as_bytes()).and_then(|()| stdout.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("Error: cannot write the report to stdout: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(error) => {
+            eprintln!("Error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! What one `kv-compress` invocation does, as a library call: compress (to the
+//! packed file, to a reconstructed cache, or only measure) or decompress, and
+//! return the report that `main` prints as JSON.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use kvformat::cache::KvCache;
+use kvformat::codec::{Axis, CodecParams, Grid};
+use kvformat::metrics::{Report, TensorMetrics};
+use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
+use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
+use kvformat::{CacheDtype, OutputTensor, TensorProblem};
+use rayon::prelude::*;
+
+use crate::flags::{Method, Options};
+
+/// A failed run; `main` prints it as `Error: {self}` and exits 1.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("-input is required")]
+    MissingInput,
+    #[error("-output is required (use -metrics-only for dry run)")]
+    MissingOutput,
+    #[error("{0}")]
+    File(#[from] kvformat::Error),
+}
+
+/// The codec settings of one tensor: `*_key` tensors take the key axis,
+/// every other tensor the value axis; unset flags take the method's choice.
+pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
+    let (grid, key_axis, value_axis) = match options.method {
+        Method::Adr002 => (Grid::Symmetric, Axis::Flat, Axis::Flat),
+        Method::Kivi => (Grid::Asymmetric, Axis::Channel, Axis::Token),
+    };
+    let axis = if tensor_name.ends_with("_key") {
+        options.key_axis.unwrap_or(key_axis)
+    } else {
+        options.value_axis.unwrap_or(value_axis)
+    };
+    CodecParams {
+        bits: options.bits,
+        grid: options.grid.unwrap_or(grid),
+        axis,
+        group_size: options.group_size,
+        rotation_seed: options.rotate.then_some(options.rotate_seed),
+        sink_tokens: options.sink_tokens,
+        recent_tokens: options.recent_tokens,
+        sparsity: options.sparsity,
+    }
+}
+
+/// Runs the command the options describe and reports on it.
+pub fn run(options: &Options) -> Result<Report, Error> {
+    let started = Instant::now();
+    let input = options.input.as_deref().ok_or(Error::MissingInput)?;
+    let output = match (&options.output, options.metrics_only) {
+        (_, true) => None,
+        (Some(output), false) => Some(output.as_path()),
+        (None, false) => return Err(Error::MissingOutput),
+    };
+    if let Some(output) = output {
+        kvformat::atomic::ensure_output_dir(output)?;
+        kvformat::atomic::ensure_distinct(input, output)?;
+    }
+    let mut report = if options.decompress {
+        decompress(input, output, options.verbose)?
+    } else {
+        compress(input, output, options)?
+    };
+    report.processing_time_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(report)
+}
+
+/// What compression keeps of each tensor, by output kind.
+enum Kept {
+    Packed(PackedTensor),
+    Reconstructed(Vec<u8>),
+    Nothing,
+}
+
+struct TensorOutcome {
+    name: String,
+    dtype: CacheDtype,
+    shape: Vec<usize>,
+    original_bytes: u64,
+    stored_bytes: u64,
+    values: u64,
+    metrics: TensorMetrics,
+    kept: Kept,
+}
+
+fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Report, Error> {
+    let cache = KvCache::open(input)?;
+    let sidecar = Sidecar::read_beside(input)?;
+    if let Some(sidecar) = &sidecar {
+        validate_against_sidecar(cache.file(), sidecar, &sidecar_path(input))?;
+    }
+    let entries: Vec<_> = cache.tensors().collect();
+    let total = entries.len();
+    let outcomes = entries
+        .par_iter()
+        .enumerate()
+        .map(|(index, &(entry, dtype))| -> Result<TensorOutcome, Error> {
+            let values = cache.values(entry, dtype)?;
+            let params = params_for(options, &entry.name);
+            let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &params)
+                .map_err(|e| kvformat::Error::tensor(input, &entry.name, TensorProblem::Codec(e)))?;
+            let metrics = packed.entry.metrics;
+            if options.verbose {
+                log_tensor(index, total, &entry.name, &metrics, values.len(), packed.stored.len());
+            }
+            let stored_bytes = packed.stored.len() as u64;
+            let kept = match (output, options.reconstruct) {
+                (None, _) => Kept::Nothing,
+                (Some(_), true) => Kept::Reconstructed(dtype.from_f32(&reconstruction)),
+                (Some(_), false) => Kept::Packed(packed),
+            };
+            Ok(TensorOutcome {
+                name: entry.name.clone(),
+                dtype,
+                shape: entry.shape.clone(),
+                original_bytes: cache.file().data(entry).len() as u64,
+                stored_bytes,
+                values: values.len() as u64,
+                metrics,
+                kept,
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let report = report_of(&outcomes, options.verbose);
+    if let Some(output) = output {
+        let metadata = cache.file().metadata();
+        if options.reconstruct {
+            write_reconstructed(output, &outcomes, metadata)?;
+        } else {
+            let packed: Vec<PackedTensor> = outcomes
+                .into_iter()
+                .filter_map(|o| match o.kept {
+                    Kept::Packed(p) => Some(p),
+                    _ => None,
+                })
+                .collect();
+            write_packed(output, &packed, metadata)?;
+        }
+        if let Some(sidecar) = sidecar {
+            sidecar.write(&sidecar_path(output))?;
+        }
+    }
+    Ok(report)
+}
+
+fn write_reconstructed(output: &Path, outcomes: &[TensorOutcome], metadata: &BTreeMap<String, String>) -> Result<(), Error> {
+    let tensors: Vec<OutputTensor<'_>> = outcomes
+        .iter()
+        .filter_map(|o| match &o.kept {
+            Kept::Reconstructed(bytes) => Some(OutputTensor {
+                name: &o.name,
+                dtype: o.dtype.to_safetensors(),
+                shape: &o.shape,
+                data: bytes,
+            }),
+            _ => None,
+        })
+        .collect();
+    Ok(kvformat::write_tensor_file(output, &tensors, metadata)?)
+}
+
+fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Report, Error> {
+    let packed = PackedFile::open(input)?;
+    let manifest = packed.manifest();
+    let names: Vec<&String> = manifest.tensors.keys().collect();
+    let total = names.len();
+    let outcomes = names
+        .par_iter()
+        .enumerate()
+        .map(|(index, &name)| -> Result<TensorOutcome, Error> {
+            let tensor = &manifest.tensors[name];
+            let values = packed.unpack(name)?;
+            let bytes = tensor.dtype.from_f32(&values);
+            if verbose {
+                log_tensor(index, total, name, &tensor.metrics, values.len(), tensor.stored_len);
+            }
+            Ok(TensorOutcome {
+                name: name.clone(),
+                dtype: tensor.dtype,
+                shape: tensor.shape.clone(),
+                original_bytes: bytes.len() as u64,
+                stored_bytes: tensor.stored_len as u64,
+                values: values.len() as u64,
+                metrics: tensor.metrics,
+                kept: if output.is_some() { Kept::Reconstructed(bytes) } else { Kept::Nothing },
+            })
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let report = report_of(&outcomes, verbose);
+    if let Some(output) = output {
+        write_reconstructed(output, &outcomes, &manifest.input_metadata)?;
+        let restored: Vec<(String, CacheDtype, Vec<usize>)> =
+            outcomes.iter().map(|o| (o.name.clone(), o.dtype, o.shape.clone())).collect();
+        let model_name = manifest.input_metadata.get("model_name").map_or("", String::as_str);
+        let sidecar = match Sidecar::read_beside(input)? {
+            Some(sidecar) => Some(sidecar),
+            None => Sidecar::infer(&restored, model_name),
+        };
+        if let Some(sidecar) = sidecar {
+            sidecar.write(&sidecar_path(output))?;
+        }
+    }
+    Ok(report)
+}
+
+fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
+    let per_tensor: Vec<(String, TensorMetrics)> = outcomes.iter().map(|o| (o.name.clone(), o.metrics)).collect();
+    Report::new(
+        outcomes.iter().map(|o| o.original_bytes).sum(),
+        outcomes.iter().map(|o| o.stored_bytes).sum(),
+        outcomes.iter().map(|o| o.values).sum(),
+        &per_tensor,
+        with_tensor_metrics,
+    )
+}
+
+fn log_tensor(index: usize, total: usize, name: &str, m: &TensorMetrics, values: usize, stored: usize) {
+    eprintln!(
+        "kv-compress: [{}/{total}] {name}: {values} values -> {stored} bytes, rmse {:.6}, snr {:.2} dB, cosine {:.6}, max error {:.6}",
+        index + 1,
+        m.rmse,
+        m.snr_db,
+        m.cosine,
+        m.max_error
+    );
+}
+
