@@ -5,3 +5,4 @@
 pub mod model;
 pub mod data;
 pub mod perplexity;
+pub mod bridge;
