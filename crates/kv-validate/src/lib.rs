@@ -3,6 +3,8 @@
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
 pub mod model;
+pub mod loader;
+pub mod tiny;
 pub mod data;
 pub mod perplexity;
 pub mod bridge;
