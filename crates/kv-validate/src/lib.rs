@@ -8,3 +8,4 @@ pub mod tiny;
 pub mod data;
 pub mod perplexity;
 pub mod bridge;
+pub mod kvio;
