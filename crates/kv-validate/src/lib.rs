@@ -9,3 +9,6 @@ pub mod data;
 pub mod perplexity;
 pub mod bridge;
 pub mod kvio;
+pub mod evaluate;
+pub mod report;
+pub mod quick_test;

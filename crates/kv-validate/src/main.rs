@@ -1,1 +1,243 @@
-fn main() {}
+//! `kv-validate`: the command line over the library. It parses flags, wires
+//! model, text, windows and compressor together, prints the report and maps
+//! the outcome to the exit code (0 passed, 1 failed, 2 error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use candle_core::Device;
+use clap::{Parser, ValueEnum};
+use kvformat::CacheDtype;
+
+use kv_validate::bridge::{CompressSettings, KvCompress};
+use kv_validate::data::{load_text, TextSource};
+use kv_validate::evaluate::{evaluate, EvalOptions};
+use kv_validate::loader::{load_model, ModelSource, DEFAULT_HUB_REPO};
+use kv_validate::perplexity::{plan_windows, Protocol};
+use kv_validate::quick_test::run_quick_test;
+use kv_validate::report::{write_json_atomically, RunDescription, ValidationReport};
+
+const EXAMPLES: &str = "\
+Examples:
+  # The original's validation: TinyLlama on WikiText-2 from the hub
+  kv-validate
+
+  # Offline: a GGUF model and a local text, 4 windows only
+  kv-validate --gguf .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+      --text-file testdata/fixture.txt --max-windows 4
+
+  # Issue 5's protocol: 384 context tokens compressed, 128 scored, per window
+  kv-validate --gguf model.gguf --text-file wiki.txt --context 384 --targets 128
+
+  # Pass extra flags to kv-compress, write the figures as JSON
+  kv-validate --group-size 32 --compress-arg=-bits --compress-arg=8 --json report.json
+
+  # No model at all: a synthetic cache through the whole file contract
+  kv-validate --quick-test
+
+Exit status: 0 passed (delta < threshold), 1 failed, 2 error.
+kv-compress is found through KV_COMPRESS_PATH, beside this binary, bin/, then PATH.
+The hub honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE.";
+
+/// Measure the perplexity a compressed KV cache costs, end to end.
+///
+/// For each window of the text, the model prefills the context once, the
+/// cache goes through kv-compress (compress, then -decompress) as files, and
+/// the window's remaining tokens are scored both on the original cache
+/// (baseline) and on the reconstruction (compressed).
+#[derive(Debug, Parser)]
+#[command(name = "kv-validate", version, after_help = EXAMPLES)]
+struct Cli {
+    /// Hugging Face model repository to download (or find in the HF cache).
+    #[arg(long, value_name = "REPO", default_value = DEFAULT_HUB_REPO)]
+    model: String,
+    /// Revision (branch, tag or commit) of --model.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// A local Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR", conflicts_with = "gguf")]
+    model_dir: Option<PathBuf>,
+    /// A GGUF model file with its embedded tokenizer.
+    #[arg(long, value_name = "FILE")]
+    gguf: Option<PathBuf>,
+    /// Score this text file (read byte for byte) instead of WikiText-2 raw test.
+    #[arg(long, value_name = "FILE")]
+    text_file: Option<PathBuf>,
+    /// Evaluate only the first N windows (quick runs).
+    #[arg(long, value_name = "N")]
+    max_windows: Option<usize>,
+    /// Issue 5's protocol: context tokens per window whose cache is compressed
+    /// (back-to-back windows; needs --targets). Default: the original's
+    /// sliding window (model context capped at 2048, stride 512).
+    #[arg(long, value_name = "C", requires = "targets")]
+    context: Option<usize>,
+    /// Tokens scored per window after --context.
+    #[arg(long, value_name = "T", requires = "context")]
+    targets: Option<usize>,
+    /// kv-compress -group-size.
+    #[arg(long, default_value_t = 64)]
+    group_size: u32,
+    /// kv-compress -sparsity.
+    #[arg(long, default_value_t = 0.0)]
+    sparsity: f64,
+    /// An extra kv-compress flag, passed through verbatim (repeatable; use
+    /// --compress-arg=-flag for values that start with a dash).
+    #[arg(long = "compress-arg", value_name = "ARG", allow_hyphen_values = true)]
+    compress_args: Vec<String>,
+    /// Element type of the cache files handed to kv-compress.
+    #[arg(long, value_enum, default_value_t = CacheDtypeArg::Float32)]
+    cache_dtype: CacheDtypeArg,
+    /// No model: push a synthetic cache with TinyLlama's dimensions (22 layers,
+    /// 4 KV heads, head_dim 64) through write, compress, decompress and read,
+    /// and check the compressor's metrics against our own. Passes when the
+    /// contract holds; the threshold does not apply.
+    #[arg(long)]
+    quick_test: bool,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+    /// Largest acceptable perplexity increase (compressed - baseline).
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    threshold: f64,
+    /// No progress bars or status lines on stderr (the report still prints).
+    #[arg(long)]
+    quiet: bool,
+    /// Also write the report as JSON to FILE (atomically).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CacheDtypeArg {
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+impl From<CacheDtypeArg> for CacheDtype {
+    fn from(arg: CacheDtypeArg) -> Self {
+        match arg {
+            CacheDtypeArg::Float32 => CacheDtype::F32,
+            CacheDtypeArg::Float16 => CacheDtype::F16,
+            CacheDtypeArg::Bfloat16 => CacheDtype::BF16,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(error) => {
+            let message = format!("{error:#}");
+            eprintln!("error: {}", message.lines().collect::<Vec<_>>().join(" | "));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the validation; `Ok(passed)`.
+fn run(cli: &Cli) -> anyhow::Result<bool> {
+    if !(cli.threshold.is_finite() && cli.threshold >= 0.0) {
+        bail!("--threshold must be a non-negative number, got {}", cli.threshold);
+    }
+    let settings = CompressSettings {
+        group_size: cli.group_size,
+        sparsity: cli.sparsity,
+        extra_args: cli.compress_args.clone(),
+    };
+    let cache_dtype = CacheDtype::from(cli.cache_dtype);
+    let compressor = KvCompress::locate()?;
+    let status = |message: &str| {
+        if !cli.quiet {
+            eprintln!("{message}");
+        }
+    };
+
+    if cli.quick_test {
+        status(&format!("quick test with {}", compressor.program().display()));
+        let report = run_quick_test(&compressor, &settings, cache_dtype)?;
+        print!("{}", report.render_text());
+        write_json(cli, &report)?;
+        return Ok(report.passed);
+    }
+
+    let device = if cli.cpu {
+        Device::Cpu
+    } else {
+        Device::cuda_if_available(0).context("cannot open the GPU (use --cpu)")?
+    };
+    let source = match (&cli.model_dir, &cli.gguf) {
+        (Some(dir), _) => ModelSource::LocalDir(dir.clone()),
+        (None, Some(gguf)) => ModelSource::Gguf(gguf.clone()),
+        (None, None) => ModelSource::Hub {
+            repo: cli.model.clone(),
+            revision: cli.revision.clone(),
+        },
+    };
+    status("loading the model");
+    let loaded = load_model(&source, &device, !cli.quiet)?;
+    let text_source = match &cli.text_file {
+        Some(path) => TextSource::File(path.clone()),
+        None => TextSource::default(),
+    };
+    status("loading the text");
+    let text = load_text(&text_source, !cli.quiet)?;
+    let tokens = loaded
+        .tokenizer
+        .encode(text.text.as_str(), true)
+        .map_err(|error| anyhow::anyhow!("cannot tokenize {}: {error}", text.description))?
+        .get_ids()
+        .to_vec();
+
+    let max_positions = loaded.model.config().max_position_embeddings;
+    let protocol = match (cli.context, cli.targets) {
+        (Some(context), Some(targets)) => Protocol::ContextTargets { context, targets },
+        _ => Protocol::sliding_for_model(max_positions),
+    };
+    if protocol.window_len() > max_positions {
+        bail!(
+            "a window of {} tokens exceeds the model's context of {max_positions} tokens",
+            protocol.window_len()
+        );
+    }
+    let windows = plan_windows(tokens.len(), protocol, cli.max_windows)?;
+    let protocol_text = match protocol {
+        Protocol::Sliding { max_len, stride } => {
+            format!("sliding window of {max_len} tokens, stride {stride}")
+        }
+        Protocol::ContextTargets { context, targets } => {
+            format!("back-to-back windows of {context} context + {targets} scored tokens")
+        }
+    } + &format!("; {} windows over {} tokens", windows.len(), tokens.len());
+    status(&format!("{}; {protocol_text}", loaded.description));
+
+    let options = EvalOptions {
+        cache_dtype,
+        model_name: loaded.description.clone(),
+        show_progress: !cli.quiet,
+    };
+    let evaluation = evaluate(&loaded.model, &tokens, &windows, &compressor, &[settings], &options)?;
+    let run = RunDescription {
+        model: loaded.description.clone(),
+        data: text.description,
+        protocol: protocol_text,
+        compressor: compressor.program().display().to_string(),
+        cache_dtype: cache_dtype.torch_name().to_string(),
+        threshold: cli.threshold,
+    };
+    let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
+    print!("{}", report.render_text());
+    write_json(cli, &report)?;
+    Ok(report.passed)
+}
+
+fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(path) = &cli.json {
+        write_json_atomically(path, report)
+            .with_context(|| format!("cannot write the JSON report to {}", path.display()))?;
+    }
+    Ok(())
+}

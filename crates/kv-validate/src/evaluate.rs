@@ -1,0 +1,380 @@
+//! The evaluation loop: for each window, one uncompressed prefill of the
+//! context, then the targets scored on the original cache (baseline) and on
+//! every compressor variant's reconstructed cache.
+//!
+//! The first target of a window is predicted by the prefill's last position,
+//! which attends to the context's own, uncompressed keys and values: no cache
+//! is involved, so its score is the same for the baseline and every variant
+//! and is computed once. The remaining targets are fed on top of a cache (the
+//! original or a reconstruction), so both sides score exactly the same tokens.
+//!
+//! The cache is written once per window and shared by all variants, which is
+//! what lets a sweep (issue 5) compare N methods for one model pass.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use candle_core::{IndexOp, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvformat::CacheDtype;
+
+use crate::bridge::{BridgeError, CompressMetrics, CompressSettings, KvCompress};
+use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
+use crate::model::{KvCache, Llama};
+use crate::perplexity::{token_nlls, NllTotals, Window};
+
+/// Why an evaluation stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("model forward pass failed: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    KvIo(#[from] KvIoError),
+    #[error(transparent)]
+    Bridge(#[from] BridgeError),
+    #[error("cannot create a scratch directory for caches: {0}")]
+    Scratch(std::io::Error),
+    #[error("no compressor variant to evaluate")]
+    NoVariants,
+    #[error("window [{begin}, {end}) lies outside the {tokens} tokens of the text")]
+    WindowOutOfRange {
+        begin: usize,
+        end: usize,
+        tokens: usize,
+    },
+}
+
+/// What the evaluation needs besides the model, tokens and windows.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// Element type of the cache file handed to `kv-compress`.
+    pub cache_dtype: CacheDtype,
+    /// Written into each cache's sidecar (`model_name`).
+    pub model_name: String,
+    /// Progress bar with tokens/s and ETA on stderr.
+    pub show_progress: bool,
+}
+
+/// Compressor metrics of one variant over every window it compressed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MetricsSummary {
+    /// Windows whose cache this variant compressed.
+    pub windows: usize,
+    pub original_size_bytes: u64,
+    pub compressed_size_bytes: u64,
+    /// Mean over windows of kv-compress's (already per-tensor averaged) figures.
+    pub rmse: f64,
+    pub snr_db: f64,
+    pub cosine_similarity: f64,
+    /// Largest over windows.
+    pub max_error: f64,
+    /// Mean over windows, when the compressor reports it.
+    pub bits_per_value: Option<f64>,
+    /// Windows kv-compress graded as failing its own quality thresholds.
+    pub quality_failures: usize,
+    /// The worst `quality_level` seen (POOR < ACCEPTABLE < GOOD < EXCELLENT).
+    pub worst_quality_level: Option<String>,
+}
+
+impl MetricsSummary {
+    /// Measured from bytes summed over windows: original / compressed.
+    pub fn compression_ratio(&self) -> f64 {
+        self.original_size_bytes as f64 / self.compressed_size_bytes as f64
+    }
+
+    pub fn add(&mut self, metrics: &CompressMetrics) {
+        let n = self.windows as f64;
+        let running_mean = |mean: f64, value: f64| (mean * n + value) / (n + 1.0);
+        self.rmse = running_mean(self.rmse, metrics.rmse);
+        self.snr_db = running_mean(self.snr_db, metrics.snr_db);
+        self.cosine_similarity = running_mean(self.cosine_similarity, metrics.cosine_similarity);
+        self.bits_per_value = match (self.bits_per_value, metrics.bits_per_value) {
+            (Some(mean), Some(value)) => Some(running_mean(mean, value)),
+            (None, value) if self.windows == 0 => value,
+            _ => None,
+        };
+        self.max_error = self.max_error.max(metrics.max_error);
+        self.original_size_bytes += metrics.original_size_bytes;
+        self.compressed_size_bytes += metrics.compressed_size_bytes;
+        self.quality_failures += usize::from(!metrics.quality_passed);
+        let rank = |level: &str| {
+            ["POOR", "ACCEPTABLE", "GOOD", "EXCELLENT"]
+                .iter()
+                .position(|known| *known == level)
+                .unwrap_or(0)
+        };
+        if self
+            .worst_quality_level
+            .as_deref()
+            .is_none_or(|worst| rank(&metrics.quality_level) < rank(worst))
+        {
+            self.worst_quality_level = Some(metrics.quality_level.clone());
+        }
+        self.windows += 1;
+    }
+}
+
+/// One compressor variant's result.
+#[derive(Clone, Debug)]
+pub struct VariantOutcome {
+    pub settings: CompressSettings,
+    /// Every scored token, the ones scored on a reconstructed cache included.
+    pub nll: NllTotals,
+    pub metrics: MetricsSummary,
+    /// Time inside this variant's `kv-compress` runs (compress + decompress).
+    pub compressor_time: Duration,
+}
+
+/// Where the wall time went.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Timings {
+    pub total: Duration,
+    /// Prefills and scoring passes.
+    pub model: Duration,
+    /// Writing caches and reading reconstructions back.
+    pub cache_io: Duration,
+    /// Inside `kv-compress` subprocesses.
+    pub compressor: Duration,
+}
+
+impl Timings {
+    /// Share of the wall time spent on caches outside the model: writing,
+    /// compressing, decompressing and reading them (the issue's "compressor share").
+    pub fn compressor_share(&self) -> f64 {
+        (self.cache_io + self.compressor).as_secs_f64() / self.total.as_secs_f64().max(f64::MIN_POSITIVE)
+    }
+}
+
+/// The whole evaluation.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    pub baseline: NllTotals,
+    pub variants: Vec<VariantOutcome>,
+    pub windows: usize,
+    /// Windows with a context cache and more than one target, i.e. where a
+    /// reconstructed cache actually changed what was scored.
+    pub windows_compressed: usize,
+    /// Tokens scored on top of a cache (the rest come from the prefill, or,
+    /// in a window with no context, from the model alone).
+    pub tokens_on_cache: usize,
+    pub timings: Timings,
+}
+
+/// Runs the model over `windows` of `tokens`, scoring the baseline and each of `variants`.
+pub fn evaluate(
+    model: &Llama,
+    tokens: &[u32],
+    windows: &[Window],
+    compressor: &KvCompress,
+    variants: &[CompressSettings],
+    options: &EvalOptions,
+) -> Result<Evaluation, EvalError> {
+    if variants.is_empty() {
+        return Err(EvalError::NoVariants);
+    }
+    if let Some(window) = windows.iter().find(|w| w.end > tokens.len() || w.begin > w.context_end) {
+        return Err(EvalError::WindowOutOfRange {
+            begin: window.begin,
+            end: window.end,
+            tokens: tokens.len(),
+        });
+    }
+    let started = Instant::now();
+    let scratch = tempfile::Builder::new()
+        .prefix("kv-validate-")
+        .tempdir()
+        .map_err(EvalError::Scratch)?;
+    let progress = progress_bar(windows.iter().map(Window::scored_len).sum(), options.show_progress);
+
+    let mut baseline = NllTotals::default();
+    let mut outcomes: Vec<VariantOutcome> = variants
+        .iter()
+        .map(|settings| VariantOutcome {
+            settings: settings.clone(),
+            nll: NllTotals::default(),
+            metrics: MetricsSummary::default(),
+            compressor_time: Duration::ZERO,
+        })
+        .collect();
+    let mut timings = Timings::default();
+    let mut windows_compressed = 0;
+    let mut tokens_on_cache = 0;
+
+    for window in windows {
+        let context = &tokens[window.begin..window.context_end];
+        let targets = &tokens[window.context_end..window.end];
+        let model_started = Instant::now();
+        if context.is_empty() {
+            // Nothing cached to compress: one score for everyone.
+            let nlls = score_on(model, targets, None, Vec::new())?;
+            timings.model += model_started.elapsed();
+            baseline.add_window(&nlls);
+            for outcome in &mut outcomes {
+                outcome.nll.add_window(&nlls);
+            }
+            progress.inc(nlls.len() as u64);
+            continue;
+        }
+        let (last_logits, cache) = model.forward_last(&token_tensor(model, context)?, None)?;
+        let first_nll = token_nlls(&last_logits, &targets[..1])?;
+        let baseline_nlls = score_on(model, targets, Some(&cache), first_nll.clone())?;
+        timings.model += model_started.elapsed();
+        baseline.add_window(&baseline_nlls);
+        if targets.len() == 1 {
+            // The only target came from the prefill; a reconstruction would change nothing.
+            for outcome in &mut outcomes {
+                outcome.nll.add_window(&first_nll);
+            }
+            progress.inc(1);
+            continue;
+        }
+
+        let io_started = Instant::now();
+        let cache_path = scratch.path().join("context.safetensors");
+        let layout = write_kv_cache(&cache_path, &cache, options.cache_dtype, &options.model_name)?;
+        timings.cache_io += io_started.elapsed();
+        for (index, outcome) in outcomes.iter_mut().enumerate() {
+            let compressor_started = Instant::now();
+            let (metrics, decoded_path) = round_trip(compressor, &cache_path, scratch.path(), index, &outcome.settings)?;
+            let compressor_elapsed = compressor_started.elapsed();
+            outcome.compressor_time += compressor_elapsed;
+            timings.compressor += compressor_elapsed;
+            outcome.metrics.add(&metrics);
+
+            let io_started = Instant::now();
+            let reconstructed = read_kv_cache_like(&decoded_path, &layout, model.device())?;
+            timings.cache_io += io_started.elapsed();
+
+            let model_started = Instant::now();
+            let nlls = score_on(model, targets, Some(&reconstructed), first_nll.clone())?;
+            timings.model += model_started.elapsed();
+            outcome.nll.add_window(&nlls);
+        }
+        windows_compressed += 1;
+        tokens_on_cache += targets.len() - 1;
+        progress.inc(baseline_nlls.len() as u64);
+    }
+    progress.finish_and_clear();
+    timings.total = started.elapsed();
+    Ok(Evaluation {
+        baseline,
+        variants: outcomes,
+        windows: windows.len(),
+        windows_compressed,
+        tokens_on_cache,
+        timings,
+    })
+}
+
+/// Compresses then decompresses `cache_path` with one variant's flags;
+/// returns the compressor's metrics and the reconstructed cache's path.
+fn round_trip(
+    compressor: &KvCompress,
+    cache_path: &Path,
+    scratch: &Path,
+    index: usize,
+    settings: &CompressSettings,
+) -> Result<(CompressMetrics, std::path::PathBuf), BridgeError> {
+    let packed = scratch.join(format!("variant_{index}.kvc.safetensors"));
+    let decoded = scratch.join(format!("variant_{index}.decoded.safetensors"));
+    let metrics = compressor.compress(cache_path, &packed, settings)?;
+    compressor.decompress(&packed, &decoded)?;
+    Ok((metrics, decoded))
+}
+
+/// `tokens` as the model's `[1, T]` input.
+fn token_tensor(model: &Llama, tokens: &[u32]) -> candle_core::Result<Tensor> {
+    Tensor::new(tokens, model.device())?.unsqueeze(0)
+}
+
+/// NLLs of `targets[1..]`, each predicted from the previous target on top of
+/// `cache`, appended to `scored` (the NLLs already known, e.g. the first
+/// target's from the prefill).
+fn score_on(
+    model: &Llama,
+    targets: &[u32],
+    cache: Option<&KvCache>,
+    mut scored: Vec<f32>,
+) -> candle_core::Result<Vec<f32>> {
+    if targets.len() < 2 {
+        return Ok(scored);
+    }
+    let inputs = &targets[..targets.len() - 1];
+    let (logits, _) = model.forward(&token_tensor(model, inputs)?, cache)?;
+    scored.extend(token_nlls(&logits.i(0)?, &targets[1..])?);
+    Ok(scored)
+}
+
+fn progress_bar(total_tokens: usize, visible: bool) -> ProgressBar {
+    if !visible {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_tokens as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} tokens, {per_sec}, ETA {eta}",
+        )
+        .expect("static progress template is valid")
+        .progress_chars("=> "),
+    );
+    bar.set_message("scoring");
+    bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics(rmse: f64, level: &str, passed: bool, bits: Option<f64>) -> CompressMetrics {
+        CompressMetrics {
+            compression_ratio: 4.0,
+            original_size_bytes: 400,
+            compressed_size_bytes: 100,
+            rmse,
+            snr_db: 20.0 + rmse,
+            cosine_similarity: 0.99,
+            max_error: rmse * 10.0,
+            quality_level: level.into(),
+            processing_time_ms: 1.0,
+            quality_passed: passed,
+            violations: Vec::new(),
+            bits_per_value: bits,
+        }
+    }
+
+    #[test]
+    fn metrics_summary_averages_sums_and_keeps_the_worst() {
+        let mut summary = MetricsSummary::default();
+        summary.add(&metrics(0.1, "GOOD", true, Some(4.25)));
+        summary.add(&metrics(0.3, "POOR", false, Some(4.75)));
+        summary.add(&metrics(0.2, "ACCEPTABLE", true, Some(4.5)));
+        assert_eq!(summary.windows, 3);
+        assert!((summary.rmse - 0.2).abs() < 1e-12);
+        assert!((summary.snr_db - 20.2).abs() < 1e-12);
+        assert!((summary.max_error - 3.0).abs() < 1e-12);
+        assert_eq!(summary.bits_per_value, Some(4.5));
+        assert_eq!((summary.original_size_bytes, summary.compressed_size_bytes), (1200, 300));
+        assert_eq!(summary.compression_ratio(), 4.0);
+        assert_eq!(summary.quality_failures, 1);
+        assert_eq!(summary.worst_quality_level.as_deref(), Some("POOR"));
+    }
+
+    #[test]
+    fn bits_per_value_is_dropped_when_a_window_lacks_it() {
+        let mut summary = MetricsSummary::default();
+        summary.add(&metrics(0.1, "GOOD", true, Some(4.25)));
+        summary.add(&metrics(0.1, "GOOD", true, None));
+        assert_eq!(summary.bits_per_value, None);
+    }
+
+    #[test]
+    fn compressor_share_counts_cache_io_and_subprocesses() {
+        let timings = Timings {
+            total: Duration::from_secs(10),
+            model: Duration::from_secs(9),
+            cache_io: Duration::from_millis(300),
+            compressor: Duration::from_millis(700),
+        };
+        assert!((timings.compressor_share() - 0.1).abs() < 1e-12);
+    }
+}
