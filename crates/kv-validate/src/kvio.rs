@@ -124,9 +124,13 @@ pub fn read_kv_cache(path: &Path, device: &Device) -> Result<(KvCache, Sidecar),
 
 /// Reads a cache that must have the layout `expected` describes (dtype
 /// aside): what `kv-compress -decompress` restored from a cache we wrote.
-/// Needs no sidecar; the caller knows what it sent.
+/// The caller knows what it sent, so no sidecar is needed; one that is
+/// there must agree with the file, as `load_kv_cache()` would insist.
 pub fn read_kv_cache_like(path: &Path, expected: &Sidecar, device: &Device) -> Result<KvCache, KvIoError> {
     let file = kvformat::cache::KvCache::open(path)?;
+    if let Some(sidecar) = Sidecar::read_beside(path)? {
+        validate_against_sidecar(file.file(), &sidecar, &sidecar_path(path))?;
+    }
     read_layers(&file, expected, device)
 }
 
@@ -270,8 +274,12 @@ mod tests {
         let longer = Sidecar { seq_len: 4, ..sidecar.clone() };
         let error = read_kv_cache_like(&path, &longer, &Device::Cpu).unwrap_err();
         assert!(matches!(error, KvIoError::ShapeMismatch { .. }), "{error}");
-        let deeper = Sidecar { num_layers: 3, ..sidecar };
+        let deeper = Sidecar { num_layers: 3, ..sidecar.clone() };
         let error = read_kv_cache_like(&path, &deeper, &Device::Cpu).unwrap_err();
         assert!(error.to_string().contains("layer_2_key is missing"), "{error}");
+        // A sidecar beside the file is checked too, even when the layout fits.
+        Sidecar { head_dim: 8, ..sidecar.clone() }.write(&sidecar_path(&path)).unwrap();
+        let error = read_kv_cache_like(&path, &sidecar, &Device::Cpu).unwrap_err().to_string();
+        assert!(error.contains("sidecar") && error.contains("layer_0_key"), "{error}");
     }
 }
