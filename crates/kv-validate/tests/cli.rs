@@ -1,0 +1,210 @@
+//! The `kv-validate` binary end to end on the tiny generated model: exit
+//! codes, the JSON report, and every bad input of issue 3 as one error line.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+/// 2 back-to-back windows of 32 context + 16 targets on the prose fixture.
+fn small_run_args<'a>(model_dir: &'a str, prose: &'a str) -> Vec<&'a str> {
+    vec![
+        "--model-dir", model_dir, "--text-file", prose, "--context", "32", "--targets", "16",
+        "--max-windows", "2", "--quiet",
+    ]
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn an_exact_reconstruction_scores_exactly_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let compressor = identity_compressor(dir.path());
+    let json = dir.path().join("report.json");
+    let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
+    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    args.extend(["--json", json.to_str().unwrap()]);
+
+    let output = kv_validate(&args, &compressor);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.stderr.is_empty(), "--quiet prints nothing on stderr");
+    assert!(stdout.contains("Status: PASSED"), "{stdout}");
+
+    let report = read_json(&json);
+    // Same file back, same model code: the scores must be bit-identical.
+    assert_eq!(report["perplexity"]["delta"], 0.0);
+    assert_eq!(report["perplexity"]["baseline"], report["perplexity"]["compressed"]);
+    let baseline = report["perplexity"]["baseline"].as_f64().unwrap();
+    assert!(baseline > 1.0 && baseline.is_finite());
+    // 2 windows x 16 targets; 15 of each window's targets ride on the cache.
+    assert_eq!(report["tokens_scored"], 32);
+    assert_eq!(report["tokens_on_compressed_cache"], 30);
+    assert_eq!(report["windows"], 2);
+    assert_eq!(report["windows_compressed"], 2);
+    assert_eq!(report["passed"], true);
+}
+
+#[test]
+fn a_delta_that_reaches_the_threshold_fails_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let compressor = identity_compressor(dir.path());
+    let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
+    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    args.extend(["--threshold", "0"]);
+    let output = kv_validate(&args, &compressor);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("Status: FAILED"), "{stdout}");
+}
+
+#[test]
+fn the_real_compressor_changes_the_scores_and_reports_its_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let json = dir.path().join("report.json");
+    let (gguf, prose) = (model.gguf.to_str().unwrap(), prose_path());
+    let args = [
+        "--gguf", gguf, "--text-file", prose.to_str().unwrap(), "--context", "64", "--targets", "32",
+        "--max-windows", "2", "--threshold", "1000", "--json", json.to_str().unwrap(),
+    ];
+    let output = kv_validate(&args, &kv_compress());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    // Without --quiet the evaluation says what it is doing on stderr.
+    assert!(stderr.contains("loading the model"), "{stderr}");
+
+    let report = read_json(&json);
+    assert_ne!(report["perplexity"]["delta"], 0.0, "INT4 must change some score");
+    let compression = &report["compression"];
+    let ratio = compression["compression_ratio"].as_f64().unwrap();
+    let (original, compressed) = (
+        compression["original_size_bytes"].as_f64().unwrap(),
+        compression["compressed_size_bytes"].as_f64().unwrap(),
+    );
+    // 2 windows x 3 layers x (key, value) x [1, 2, 64, 16] f32.
+    assert_eq!(original, (2 * 3 * 2 * 2 * 64 * 16 * 4) as f64);
+    assert!((ratio - original / compressed).abs() < 1e-9, "ratio {ratio}");
+    // ADR-002 on f32 needs at most 32 bytes of codes + a 2-byte scale per
+    // 64 values (256 bytes): a ratio of at least 256/34, less container overhead.
+    assert!(ratio > 7.0, "ratio {ratio}");
+    let rmse = report["compression"]["rmse"].as_f64().unwrap();
+    assert!(rmse > 0.0 && rmse < 1.0, "rmse {rmse}");
+    assert_eq!(report["compressor_flags"], "-group-size 64 -sparsity 0.0");
+}
+
+#[test]
+fn quick_test_needs_no_model_and_passes_with_the_real_compressor() {
+    let output = kv_validate(&["--quick-test", "--quiet"], &kv_compress());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("22 layers x [1, 4, 256, 64]"), "{stdout}");
+    assert!(stdout.contains("[ok] rmse agrees"), "{stdout}");
+}
+
+#[test]
+fn quick_test_fails_when_the_reconstruction_loses_its_layout() {
+    // A "decompressor" that drops the last layer: the layout check fails (exit 1).
+    let dir = tempfile::tempdir().unwrap();
+    let truncating = scripted_compressor(
+        dir.path(),
+        "truncating-kv-compress",
+        r#"python3 - "$output" <<'PY'
+import sys
+from safetensors.numpy import load_file, save_file
+tensors = load_file(sys.argv[1])
+del tensors["layer_21_value"]
+save_file(tensors, sys.argv[1])
+PY"#,
+    );
+    let output = kv_validate(&["--quick-test", "--quiet"], &truncating);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("[FAIL] layout") && stdout.contains("layer_21_value"), "{stdout}");
+}
+
+#[test]
+fn text_shorter_than_one_window_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let text = dir.path().join("short.txt");
+    std::fs::write(&text, "Too short.").unwrap();
+    let args = ["--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", text.to_str().unwrap(), "--quiet"];
+    let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
+    assert!(error.contains("tokens") && error.contains("longer text"), "{error}");
+}
+
+#[test]
+fn missing_model_files_are_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let prose = prose_path();
+    let missing = dir.path().join("no-model");
+    std::fs::create_dir(&missing).unwrap();
+    let args = ["--model-dir", missing.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--quiet"];
+    let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
+    assert!(error.contains("no-model"), "{error}");
+    let gguf = dir.path().join("absent.gguf");
+    let args = ["--gguf", gguf.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--quiet"];
+    let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
+    assert!(error.contains("absent.gguf"), "{error}");
+}
+
+#[test]
+fn a_missing_compressor_says_how_to_install_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = expect_error(&kv_validate(&["--quick-test", "--quiet"], &dir.path().join("nowhere")));
+    assert!(error.contains("cargo install --path crates/kv-compress"), "{error}");
+}
+
+#[test]
+fn a_failing_compressor_shows_its_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing = write_script(
+        dir.path(),
+        "failing-kv-compress",
+        "#!/bin/sh\necho 'Error: input is haunted' >&2\necho 'second line' >&2\nexit 1\n",
+    );
+    let error = expect_error(&kv_validate(&["--quick-test", "--quiet"], &failing));
+    assert!(error.contains("Error: input is haunted") && error.contains("second line"), "{error}");
+}
+
+#[test]
+fn a_negative_threshold_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let error = expect_error(&kv_validate(
+        &["--quick-test", "--quiet", "--threshold", "-0.1"],
+        &identity_compressor(dir.path()),
+    ));
+    assert!(error.contains("--threshold"), "{error}");
+}
+
+#[test]
+fn a_reconstruction_whose_sidecar_disagrees_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // The decompressed cache comes back with a sidecar claiming 7 positions.
+    let lying = scripted_compressor(
+        dir.path(),
+        "lying-kv-compress",
+        r#"sidecar="${output%.safetensors}.metadata.json"
+printf '{"num_layers": 3, "num_kv_heads": 2, "seq_len": 7, "head_dim": 16, "dtype": "float32", "model_name": "x"}' > "$sidecar""#,
+    );
+    let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
+    let error = expect_error(&kv_validate(&small_run_args(model_dir, prose.to_str().unwrap()), &lying));
+    assert!(error.contains("sidecar") && error.contains("layer_0_key"), "{error}");
+}
+
+#[test]
+fn help_teaches_with_examples() {
+    let output = kv_validate_with_env(&["--help"], &[]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0));
+    for needle in ["--quick-test", "--context 384 --targets 128", "Exit status: 0 passed", "KV_COMPRESS_PATH"] {
+        assert!(stdout.contains(needle), "missing {needle:?} in {stdout}");
+    }
+}
