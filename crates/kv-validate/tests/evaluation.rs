@@ -1,0 +1,226 @@
+//! The evaluation and the cache files against independent references: a
+//! one-pass forward with a hand-written log-softmax for the perplexity,
+//! numpy-written safetensors for the file format, and ADR-002's own error
+//! bound for the real compressor's reconstruction.
+
+mod common;
+
+use std::process::Command;
+
+use candle_core::{Device, IndexOp, Tensor};
+use kv_validate::bridge::{CompressSettings, KvCompress};
+use kv_validate::evaluate::{evaluate, EvalOptions};
+use kv_validate::kvio::{read_kv_cache, write_kv_cache};
+use kv_validate::loader::{load_model, LoadedModel, ModelSource};
+use kv_validate::perplexity::{plan_windows, Protocol, Window};
+use kvformat::CacheDtype;
+
+use common::*;
+
+fn tiny_loaded(dir: &std::path::Path) -> LoadedModel {
+    let files = tiny_model(dir);
+    load_model(&ModelSource::LocalDir(files.hf_dir), &Device::Cpu, false).unwrap()
+}
+
+fn prose_tokens(loaded: &LoadedModel) -> Vec<u32> {
+    let text = std::fs::read_to_string(prose_path()).unwrap();
+    loaded.tokenizer.encode(text, true).unwrap().get_ids().to_vec()
+}
+
+fn options() -> EvalOptions {
+    EvalOptions {
+        cache_dtype: CacheDtype::F32,
+        model_name: "tiny".into(),
+        show_progress: false,
+    }
+}
+
+/// NLLs of a window's scored tokens from ONE forward pass over the whole
+/// window (no cache split), with log-softmax done by hand in f64.
+fn reference_nlls(loaded: &LoadedModel, tokens: &[u32], window: &Window) -> Vec<f64> {
+    let input = Tensor::new(&tokens[window.begin..window.end], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let (logits, _) = loaded.model.forward(&input, None).unwrap();
+    let logits: Vec<Vec<f32>> = logits.i(0).unwrap().to_vec2().unwrap();
+    // Position p predicts token p + 1; the first scored token is context_end
+    // (or begin + 1 when there is no context).
+    let first = window.context_end.max(window.begin + 1);
+    (first..window.end)
+        .map(|target| {
+            let row = &logits[target - 1 - window.begin];
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            let log_sum = max + row.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln();
+            log_sum - f64::from(row[tokens[target] as usize])
+        })
+        .collect()
+}
+
+#[test]
+fn baseline_perplexity_equals_a_one_pass_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = tiny_loaded(dir.path());
+    let tokens = prose_tokens(&loaded);
+    let identity = KvCompress::at(identity_compressor(dir.path()));
+    for protocol in [
+        Protocol::ContextTargets { context: 40, targets: 24 },
+        // Sliding: the first window has no context, later ones do.
+        Protocol::Sliding { max_len: 64, stride: 32 },
+    ] {
+        let windows = plan_windows(tokens.len(), protocol, Some(3)).unwrap();
+        let evaluation = evaluate(&loaded.model, &tokens, &windows, &identity, &[CompressSettings::default()], &options()).unwrap();
+
+        let reference: Vec<Vec<f64>> = windows.iter().map(|w| reference_nlls(&loaded, &tokens, w)).collect();
+        let tokens_scored: usize = reference.iter().map(Vec::len).sum();
+        let nll_sum: f64 = reference.iter().flatten().sum();
+        let window_means: f64 = reference.iter().map(|n| n.iter().sum::<f64>() / n.len() as f64).sum();
+        let baseline = &evaluation.baseline;
+        assert_eq!(baseline.tokens, tokens_scored, "{protocol:?}");
+        let reference_ppl = (nll_sum / tokens_scored as f64).exp();
+        assert!(
+            (baseline.perplexity() / reference_ppl - 1.0).abs() < 1e-4,
+            "{protocol:?}: {} vs {reference_ppl}",
+            baseline.perplexity()
+        );
+        let reference_per_window = (window_means / windows.len() as f64).exp();
+        assert!((baseline.per_window_perplexity() / reference_per_window - 1.0).abs() < 1e-4);
+        // The identity reconstruction scores bit-identically.
+        assert_eq!(evaluation.variants[0].nll, evaluation.baseline, "{protocol:?}");
+    }
+}
+
+#[test]
+fn one_prefill_serves_several_variants_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = tiny_loaded(dir.path());
+    let tokens = prose_tokens(&loaded);
+    let windows = plan_windows(tokens.len(), Protocol::ContextTargets { context: 64, targets: 16 }, Some(2)).unwrap();
+    let compressor = KvCompress::at(kv_compress());
+    let variants = [
+        CompressSettings { group_size: 32, ..CompressSettings::default() },
+        CompressSettings { group_size: 128, ..CompressSettings::default() },
+    ];
+    let evaluation = evaluate(&loaded.model, &tokens, &windows, &compressor, &variants, &options()).unwrap();
+    assert_eq!(evaluation.variants.len(), 2);
+    assert_eq!(evaluation.windows_compressed, 2);
+    let [fine, coarse] = [&evaluation.variants[0], &evaluation.variants[1]];
+    assert_eq!(fine.settings.group_size, 32);
+    assert_eq!((fine.metrics.windows, coarse.metrics.windows), (2, 2));
+    // Smaller groups: more scales, so a lower ratio and a smaller error.
+    assert!(fine.metrics.compression_ratio() < coarse.metrics.compression_ratio());
+    assert!(fine.metrics.rmse < coarse.metrics.rmse);
+    assert_eq!(fine.nll.tokens, evaluation.baseline.tokens);
+    assert_ne!(fine.nll, coarse.nll);
+}
+
+#[test]
+fn the_real_compressor_reconstructs_within_adr_002_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = tiny_loaded(dir.path());
+    let tokens = prose_tokens(&loaded);
+    let input = Tensor::new(&tokens[..48], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let (_, cache) = loaded.model.forward_last(&input, None).unwrap();
+    let path = dir.path().join("cache.safetensors");
+    write_kv_cache(&path, &cache, CacheDtype::F32, "tiny").unwrap();
+
+    let compressor = KvCompress::at(kv_compress());
+    let packed = dir.path().join("cache.kvc.safetensors");
+    let decoded = dir.path().join("cache.decoded.safetensors");
+    let metrics = compressor.compress(&path, &packed, &CompressSettings::default()).unwrap();
+    compressor.decompress(&packed, &decoded).unwrap();
+    let (restored, sidecar) = read_kv_cache(&decoded, &Device::Cpu).unwrap();
+    assert_eq!((sidecar.num_layers, sidecar.seq_len, sidecar.head_dim), (3, 48, 16));
+
+    let mut worst = 0f32;
+    for (original, restored) in cache.layers.iter().zip(&restored.layers) {
+        for (a, b) in [(&original.key, &restored.key), (&original.value, &restored.value)] {
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            // Groups of 64 consecutive values, scale = max|x| / 7, error <= scale / 2
+            // (plus slack for the f16 rounding of scale and input).
+            for (group_a, group_b) in a.chunks(64).zip(b.chunks(64)) {
+                let scale = group_a.iter().fold(0f32, |m, x| m.max(x.abs())) / 7.0;
+                for (x, y) in group_a.iter().zip(group_b) {
+                    assert!((x - y).abs() <= scale * 0.5 * 1.01 + 1e-3, "{x} -> {y}, scale {scale}");
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+    }
+    assert!(worst > 0.0, "INT4 cannot be exact on model activations");
+    assert!((f64::from(worst) - metrics.max_error).abs() < 1e-3, "{worst} vs {}", metrics.max_error);
+}
+
+#[test]
+fn caches_written_by_python_safetensors_load() {
+    let dir = tempfile::tempdir().unwrap();
+    // What save_kv_cache() writes: numpy tensors (padded header) + the sidecar.
+    let script = r#"
+import json, sys
+import numpy as np
+from safetensors.numpy import save_file
+for dtype, name in [(np.float16, "float16"), (np.float32, "float32")]:
+    tensors = {}
+    for layer in range(2):
+        for k, kind in enumerate(["key", "value"]):
+            base = np.arange(1 * 3 * 5 * 8, dtype=np.float64).reshape(1, 3, 5, 8)
+            tensors[f"layer_{layer}_{kind}"] = ((base - 60) * 0.125 + 10 * layer + k).astype(dtype)
+    path = f"{sys.argv[1]}/py_{name}.safetensors"
+    save_file(tensors, path)
+    meta = {"num_layers": 2, "num_kv_heads": 3, "seq_len": 5, "head_dim": 8, "dtype": name, "model_name": "py"}
+    with open(f"{sys.argv[1]}/py_{name}.metadata.json", "w") as f:
+        json.dump(meta, f)
+"#;
+    let status = Command::new("python3").arg("-c").arg(script).arg(dir.path()).status().expect("python3 runs");
+    assert!(status.success());
+    for dtype in ["float16", "float32"] {
+        let (cache, sidecar) = read_kv_cache(&dir.path().join(format!("py_{dtype}.safetensors")), &Device::Cpu).unwrap();
+        assert_eq!(sidecar.dtype, dtype);
+        assert_eq!(cache.layers.len(), 2);
+        for (layer, kv) in cache.layers.iter().enumerate() {
+            for (k, tensor) in [&kv.key, &kv.value].into_iter().enumerate() {
+                assert_eq!(tensor.dims(), [1, 3, 5, 8]);
+                let values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                // Multiples of 1/8 under 32 in magnitude: exact in f16 and f32.
+                for (i, value) in values.iter().enumerate() {
+                    let expected = (i as f32 - 60.0) * 0.125 + 10.0 * layer as f32 + k as f32;
+                    assert_eq!(*value, expected, "{dtype} layer {layer} kind {k} index {i}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn caches_we_write_load_in_python_like_load_kv_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let values: Vec<f32> = (0..2 * 4 * 8).map(|i| (i as f32 - 30.0) * 0.25).collect();
+    let tensor = |offset: f32| {
+        let shifted: Vec<f32> = values.iter().map(|v| v + offset).collect();
+        Tensor::from_vec(shifted, (1, 2, 4, 8), &Device::Cpu).unwrap()
+    };
+    let cache = kv_validate::model::KvCache {
+        layers: (0..3)
+            .map(|layer| kv_validate::model::LayerKv { key: tensor(layer as f32), value: tensor(-(layer as f32)) })
+            .collect(),
+    };
+    let path = dir.path().join("ours.safetensors");
+    write_kv_cache(&path, &cache, CacheDtype::F16, "tiny").unwrap();
+    // load_kv_cache(): the sidecar says the shape, safetensors holds the tensors.
+    let script = r#"
+import json, sys
+import numpy as np
+from safetensors.numpy import load_file
+path = sys.argv[1]
+meta = json.load(open(path.replace(".safetensors", ".metadata.json")))
+assert meta == {"num_layers": 3, "num_kv_heads": 2, "seq_len": 4, "head_dim": 8, "dtype": "float16", "model_name": "tiny"}, meta
+tensors = load_file(path)
+assert sorted(tensors) == sorted(f"layer_{i}_{k}" for i in range(3) for k in ["key", "value"]), sorted(tensors)
+base = (np.arange(64, dtype=np.float32) - 30) * 0.25
+for i in range(3):
+    for kind, sign in [("key", 1), ("value", -1)]:
+        t = tensors[f"layer_{i}_{kind}"]
+        assert t.dtype == np.float16 and t.shape == (1, 2, 4, 8), (t.dtype, t.shape)
+        np.testing.assert_array_equal(t.astype(np.float32).ravel(), base + sign * i)
+"#;
+    let output = Command::new("python3").arg("-c").arg(script).arg(&path).output().expect("python3 runs");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
