@@ -111,6 +111,9 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
             if options.verbose {
                 log_tensor(index, total, &entry.name, &metrics, values.len(), packed.stored.len());
             }
+            let value_count = values.len() as u64;
+            drop(values);
+            cache.file().release(entry);
             let stored_bytes = packed.stored.len() as u64;
             let kept = match (output, options.reconstruct) {
                 (None, _) => Kept::Nothing,
@@ -123,7 +126,7 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
                 shape: entry.shape.clone(),
                 original_bytes: cache.file().data(entry).len() as u64,
                 stored_bytes,
-                values: values.len() as u64,
+                values: value_count,
                 metrics,
                 kept,
             })

@@ -88,6 +88,23 @@ impl TensorFile {
         &self.map[entry.data.clone()]
     }
 
+    /// Drops the tensor's pages from this process's memory once it has been
+    /// read, so peak memory tracks the tensors in flight, not the whole file.
+    /// A hint: later reads fault the bytes back in from the file unchanged.
+    pub fn release(&self, entry: &TensorEntry) {
+        #[cfg(unix)]
+        // SAFETY: MADV_DONTNEED on a read-only file mapping that is never
+        // written only discards clean pages; any later access re-reads the
+        // same bytes from the file, so no borrowed slice observes a change.
+        unsafe {
+            let _ = self.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                entry.data.start,
+                entry.data.len(),
+            );
+        }
+    }
+
     /// Bytes of tensor data in the file (everything after the header).
     pub fn data_len(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()
