@@ -236,3 +236,44 @@ fn log_tensor(index: usize, total: usize, name: &str, m: &TensorMetrics, values:
     );
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flags::{parse, Command};
+
+    fn options(args: &[&str]) -> Options {
+        match parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+            Ok(Command::Run(options)) => options,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_old_invocation_means_adr002_group_64() {
+        for args in [
+            &["-input", "a", "-output", "b", "-group-size", "64", "-sparsity", "0.0"][..],
+            &["-input", "a", "-metrics-only", "-group-size", "64", "-verbose"],
+            &["-input", "a", "-output", "b"],
+        ] {
+            let o = options(args);
+            assert_eq!(params_for(&o, "layer_0_key"), CodecParams::adr002(64), "{args:?}");
+            assert_eq!(params_for(&o, "layer_0_value"), CodecParams::adr002(64), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn kivi_groups_keys_per_channel_and_values_per_token() {
+        let o = options(&["-method", "kivi", "-bits", "2", "-group-size", "32"]);
+        let key = params_for(&o, "layer_3_key");
+        let value = params_for(&o, "layer_3_value");
+        assert_eq!((key.grid, key.axis, key.bits, key.group_size), (Grid::Asymmetric, Axis::Channel, 2, 32));
+        assert_eq!((value.grid, value.axis), (Grid::Asymmetric, Axis::Token));
+        // Explicit flags override the preset, per tensor kind.
+        let o = options(&["-method", "kivi", "-grid", "sym", "-value-axis", "flat", "-rotate", "-sink-tokens", "4"]);
+        let value = params_for(&o, "v");
+        assert_eq!((value.grid, value.axis, value.sink_tokens), (Grid::Symmetric, Axis::Flat, 4));
+        assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
+        assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
+    }
+}
