@@ -117,11 +117,21 @@ pub fn hub_offline() -> bool {
     })
 }
 
+/// The hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`
+/// (huggingface_hub's order).
+fn hub_cache() -> Cache {
+    match std::env::var_os("HF_HUB_CACHE").filter(|dir| !dir.is_empty()) {
+        Some(dir) => Cache::new(PathBuf::from(dir)),
+        None => Cache::from_env(),
+    }
+}
+
 /// Local path of `file` in a hub repository, downloading it into the standard
-/// cache unless it is there already. hf-hub 0.4 ignores `HF_HUB_OFFLINE`, so it
-/// is honoured here: offline, only the cache is consulted.
+/// cache unless it is there already. hf-hub 0.4 ignores `HF_HUB_OFFLINE`,
+/// `HF_HUB_CACHE` and `HF_TOKEN`, so they are honoured here: offline, only
+/// the cache is consulted.
 pub fn hub_file(repo: &Repo, file: &str, show_progress: bool) -> Result<PathBuf, HubError> {
-    let cache = Cache::from_env();
+    let cache = hub_cache();
     if hub_offline() {
         return cache.repo(repo.clone()).get(file).ok_or_else(|| HubError::NotCached {
             repo: repo.url(),
@@ -134,10 +144,14 @@ pub fn hub_file(repo: &Repo, file: &str, show_progress: bool) -> Result<PathBuf,
         file: file.to_string(),
         source: Box::new(source),
     };
-    let api = ApiBuilder::from_env()
-        .with_progress(show_progress)
-        .build()
-        .map_err(download_error)?;
+    let mut builder = ApiBuilder::from_cache(cache).with_progress(show_progress);
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(download_error)?;
     api.repo(repo.clone()).get(file).map_err(download_error)
 }
 
