@@ -24,7 +24,7 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
     let bytes_per_chunk = CODES_PER_CHUNK / 8 * usize::from(bits);
     out.par_chunks_mut(bytes_per_chunk)
         .zip(codes.par_chunks(CODES_PER_CHUNK))
-        .for_each(|(out, codes)| pack_chunk(codes, bits, out));
+        .for_each(|(out, codes)| pack_serial(codes, bits, out));
 }
 
 /// Unpacks `out.len()` codes from `packed`, which must be exactly
@@ -37,7 +37,8 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
         .for_each(|(out, packed)| unpack_chunk(packed, bits, out));
 }
 
-fn pack_chunk(codes: &[u8], bits: u8, out: &mut [u8]) {
+/// [`pack`] on the calling thread, for callers that parallelize themselves.
+pub fn pack_serial(codes: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
         4 => {

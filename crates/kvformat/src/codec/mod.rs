@@ -15,6 +15,7 @@ mod sparsity;
 use std::borrow::Cow;
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -217,7 +218,7 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
     if values.len() != plan.total_count() {
         return Err(CodecError::ValueCount { expected: plan.total_count(), actual: values.len() });
     }
-    if let Some(index) = values.par_iter().position_first(|x| !x.is_finite()) {
+    if let Some(index) = first_non_finite(values) {
         return Err(CodecError::NonFinite { index, value: values[index] });
     }
 
@@ -239,8 +240,15 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
     let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
 
     let range = params.code_range();
-    let group_params = quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
-    let codes = quantizer::quantize(&grouped, grouped_mask.as_deref(), &plan.geometry, range, &group_params);
+    let hot_path = match (params.grid, &grouped_mask) {
+        (Grid::Symmetric, None) => quantizer::quantize_symmetric_f16_packed(&grouped, &plan.geometry, range),
+        _ => None,
+    };
+    let (group_params, packed_codes) = hot_path.unwrap_or_else(|| {
+        let group_params = quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
+        let codes = quantizer::quantize(&grouped, grouped_mask.as_deref(), &plan.geometry, range, &group_params);
+        (group_params, packed(&codes, params.bits))
+    });
 
     let sections = Sections::new(&plan, params, group_params.dtype)?;
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
@@ -248,9 +256,9 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
     write_scales(&group_params.offsets, group_params.dtype, &mut payload);
     kept_tokens::write(&kept_values, &mut payload)?;
     if let Some(mask) = &kept_mask {
-        append_packed(&mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(), 1, &mut payload);
+        payload.extend_from_slice(&packed(&mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(), 1));
     }
-    append_packed(&codes, params.bits, &mut payload);
+    payload.extend_from_slice(&packed_codes);
     debug_assert_eq!(Some(payload.len()), sections.total());
     Ok(Encoded { payload, layout: Layout { scale_dtype: group_params.dtype } })
 }
@@ -298,10 +306,24 @@ pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &La
     Ok(values)
 }
 
+/// Index of the first NaN or infinity, scanning in vectorizable chunks.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 1 << 14;
+    let chunk = values
+        .par_chunks(CHUNK)
+        .position_first(|chunk| chunk.iter().fold(false, |found, x| found | !x.is_finite()))?;
+    let start = chunk * CHUNK;
+    values[start..].iter().position(|x| !x.is_finite()).map(|offset| start + offset)
+}
+
 fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<u8>) {
     match dtype {
-        ScaleDtype::F16 => values.iter().for_each(|&v| payload.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
-        ScaleDtype::F32 => values.iter().for_each(|&v| payload.extend_from_slice(&v.to_le_bytes())),
+        ScaleDtype::F16 => {
+            let mut halves = vec![f16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            halves.iter().for_each(|half| payload.extend_from_slice(&half.to_le_bytes()));
+        }
+        ScaleDtype::F32 => values.iter().for_each(|value| payload.extend_from_slice(&value.to_le_bytes())),
     }
 }
 
@@ -349,11 +371,10 @@ fn read_bitmap(bytes: &[u8], count: usize, kept: usize) -> Result<Vec<bool>, Cod
     Ok(bits.into_iter().map(|bit| bit == 1).collect())
 }
 
-fn append_packed(codes: &[u8], bits: u8, payload: &mut Vec<u8>) {
-    let start = payload.len();
-    let len = bitpack::packed_len(codes.len(), bits).expect("length fits: checked by Sections::new");
-    payload.resize(start + len, 0);
-    bitpack::pack(codes, bits, &mut payload[start..]);
+fn packed(codes: &[u8], bits: u8) -> Vec<u8> {
+    let mut packed = vec![0u8; bitpack::packed_len(codes.len(), bits).expect("length fits: checked by Sections::new")];
+    bitpack::pack(codes, bits, &mut packed);
+    packed
 }
 
 #[cfg(test)]

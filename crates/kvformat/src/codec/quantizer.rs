@@ -9,6 +9,7 @@ use half::f16;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::bitpack;
 use super::groups::GroupGeometry;
 use super::Grid;
 
@@ -51,6 +52,11 @@ impl CodeRange {
         ((1u32 << (self.bits - 1)) - 1) as f32
     }
 
+    /// Smallest and largest symmetric code, `-2^(b-1)` and `2^(b-1) - 1`.
+    fn symmetric_codes(self) -> (i32, i32) {
+        (-self.symmetric_bias(), self.symmetric_bias() - 1)
+    }
+
     /// Added to a symmetric code to store it unsigned, `2^(b-1)`.
     fn symmetric_bias(self) -> i32 {
         1 << (self.bits - 1)
@@ -71,37 +77,60 @@ pub(crate) struct GroupParams {
     pub offsets: Vec<f32>,
 }
 
-/// Minimum and maximum of a group's kept values; `(0, 0)` when none is kept.
-#[derive(Clone, Copy, Debug)]
-struct Extremes {
-    min: f32,
-    max: f32,
+/// What a group's scale is computed from, over its kept values: `max|x|`
+/// (symmetric) or the minimum and maximum (asymmetric); 0 when none is kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Extremes {
+    MaxAbs(f32),
+    MinMax { min: f32, max: f32 },
 }
 
-fn extremes(values: &[f32], kept: Option<&[bool]>) -> Extremes {
-    let mut min = f32::INFINITY;
-    let mut max = f32::NEG_INFINITY;
-    match kept {
-        None => {
-            for &x in values {
-                min = if x < min { x } else { min };
-                max = if x > max { x } else { max };
-            }
+fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
+    match (grid, kept) {
+        (Grid::Symmetric, None) => Extremes::MaxAbs(max_abs(values)),
+        (Grid::Symmetric, Some(kept)) => {
+            let kept_values = values.iter().zip(kept).filter(|(_, &keep)| keep);
+            Extremes::MaxAbs(kept_values.fold(0.0, |max, (&x, _)| larger(max, x.abs())))
         }
-        Some(kept) => {
-            for (&x, &keep) in values.iter().zip(kept) {
-                if keep {
-                    min = if x < min { x } else { min };
-                    max = if x > max { x } else { max };
-                }
+        (Grid::Asymmetric, kept) => {
+            let kept_values = values.iter().enumerate().filter(|&(i, _)| kept.is_none_or(|kept| kept[i]));
+            let (min, max) = kept_values.fold((f32::INFINITY, f32::NEG_INFINITY), |(min, max), (_, &x)| {
+                (if x < min { x } else { min }, larger(max, x))
+            });
+            if min > max {
+                Extremes::MinMax { min: 0.0, max: 0.0 }
+            } else {
+                Extremes::MinMax { min, max }
             }
         }
     }
-    if min > max {
-        Extremes { min: 0.0, max: 0.0 }
+}
+
+/// `if a > b { a } else { b }`: exactly x86's `maxps`, so no NaN fix-ups
+/// (values are checked finite before they get here).
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
     } else {
-        Extremes { min, max }
+        b
     }
+}
+
+/// `max|x|` (0 when empty) in eight independent lanes so that the loop
+/// vectorizes without reassociating anything.
+fn max_abs(values: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [0.0f32; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let chunk: &[f32; LANES] = chunk.try_into().expect("chunks_exact yields LANES values");
+        for lane in 0..LANES {
+            lanes[lane] = larger(chunk[lane].abs(), lanes[lane]);
+        }
+    }
+    lanes.iter().chain(tail).fold(0.0, |max, &x| larger(x.abs(), max))
 }
 
 /// The f16 a finite f32 rounds to, if that is zero or a normal f16.
@@ -121,15 +150,12 @@ struct ExactParams {
 
 impl ExactParams {
     fn new(range: CodeRange, extremes: Extremes) -> Self {
-        match range.grid {
-            Grid::Symmetric => {
-                let max_abs = extremes.max.max(-extremes.min);
-                ExactParams { scale: max_abs / range.symmetric_max(), offset: 0.0 }
-            }
-            Grid::Asymmetric => {
-                let spread = f64::from(extremes.max) - f64::from(extremes.min);
+        match extremes {
+            Extremes::MaxAbs(max_abs) => ExactParams { scale: max_abs / range.symmetric_max(), offset: 0.0 },
+            Extremes::MinMax { min, max } => {
+                let spread = f64::from(max) - f64::from(min);
                 let scale = if spread == 0.0 { 0.0 } else { (spread / range.asymmetric_max()) as f32 };
-                ExactParams { scale, offset: extremes.min }
+                ExactParams { scale, offset: min }
             }
         }
     }
@@ -164,7 +190,7 @@ pub(crate) fn group_params(
         .map(|group| {
             let span = geometry.range(group);
             let kept = kept.map(|kept| &kept[span.clone()]);
-            ExactParams::new(range, extremes(&values[span], kept))
+            ExactParams::new(range, extremes(&values[span], kept, range.grid))
         })
         .collect();
     let as_f16: Option<Vec<(f32, f32)>> = exact.par_iter().map(|p| p.stored_f16()).collect();
@@ -180,13 +206,21 @@ pub(crate) fn group_params(
     GroupParams { dtype, scales, offsets }
 }
 
-/// `round(t)` with ties away from zero, exact for |t| < 2^31 and vectorizable
-/// (no libm call): truncate, then step by one if the dropped fraction is >= 1/2.
+/// `1.5 * 2^23`: adding it to |t| <= 2^22 leaves the f32 with ulp 1, so the
+/// addition itself rounds `t` to the nearest integer (ties to even) and the
+/// integer sits in the low mantissa bits.
+const ROUNDING_MAGIC: f32 = 12_582_912.0;
+
+/// `round(t)` with ties away from zero for |t| <= 2^22, using only float adds,
+/// compares and integer ops so that the loop vectorizes (no libm `roundf`,
+/// no saturating float-to-int conversion): round to nearest even with the
+/// magic constant, then move exact ties that went towards zero one step out.
 #[inline(always)]
-fn round_half_away_f32(t: f32) -> f32 {
-    let truncated = t as i32 as f32;
-    let fraction = t - truncated;
-    truncated + f32::from(u8::from(fraction >= 0.5)) - f32::from(u8::from(fraction <= -0.5))
+fn round_half_away_f32(t: f32) -> i32 {
+    let shifted = t + ROUNDING_MAGIC;
+    let nearest_even = shifted.to_bits() as i32 - ROUNDING_MAGIC.to_bits() as i32;
+    let remainder = t - (shifted - ROUNDING_MAGIC);
+    nearest_even + i32::from(remainder == 0.5 && t > 0.0) - i32::from(remainder == -0.5 && t < 0.0)
 }
 
 #[inline(always)]
@@ -196,12 +230,14 @@ fn round_half_away_f64(t: f64) -> f64 {
     truncated + f64::from(u8::from(fraction >= 0.5)) - f64::from(u8::from(fraction <= -0.5))
 }
 
-/// Symmetric code, stored unsigned: `clamp(round(x / scale), -2^(b-1), qmax) + 2^(b-1)`.
+/// Symmetric code, stored unsigned: `clamp(round(x / scale), qmin, qmax) - qmin`.
 #[inline(always)]
-fn symmetric_code(x: f32, scale: f32, qmin: f32, qmax: f32, bias: f32) -> u8 {
+fn symmetric_code(x: f32, scale: f32, qmin: i32, qmax: i32) -> u8 {
     // Clamping first keeps the truncation in i32 range; the result is the same.
-    let t = (x / scale).clamp(qmin - 1.0, qmax + 1.0);
-    (round_half_away_f32(t).clamp(qmin, qmax) + bias) as u8
+    let t = x / scale;
+    let t = if t < (qmin - 1) as f32 { (qmin - 1) as f32 } else { t };
+    let t = if t > (qmax + 1) as f32 { (qmax + 1) as f32 } else { t };
+    (round_half_away_f32(t).clamp(qmin, qmax) - qmin) as u8
 }
 
 /// Asymmetric code: `clamp(round((x - offset) / scale), 0, 2^b - 1)` in f64.
@@ -222,18 +258,16 @@ fn quantize_group(
 ) {
     match (range.grid, kept) {
         (Grid::Symmetric, None) => {
-            let qmax = range.symmetric_max();
-            let bias = range.symmetric_bias() as f32;
+            let (qmin, qmax) = range.symmetric_codes();
             for (code, &x) in codes.iter_mut().zip(values) {
-                *code = symmetric_code(x, scale, -bias, qmax, bias);
+                *code = symmetric_code(x, scale, qmin, qmax);
             }
         }
         (Grid::Symmetric, Some(kept)) => {
-            let qmax = range.symmetric_max();
-            let bias = range.symmetric_bias() as f32;
+            let (qmin, qmax) = range.symmetric_codes();
             let kept_values = values.iter().zip(kept).filter(|(_, &k)| k).map(|(x, _)| x);
             for (code, &x) in codes.iter_mut().zip(kept_values) {
-                *code = symmetric_code(x, scale, -bias, qmax, bias);
+                *code = symmetric_code(x, scale, qmin, qmax);
             }
         }
         (Grid::Asymmetric, kept) => {
@@ -311,18 +345,74 @@ pub(crate) fn code_offsets(kept: Option<&[bool]>, geometry: &GroupGeometry) -> V
         .collect()
 }
 
-/// Splits `data` at the code offsets of every `GROUPS_PER_TASK`-th group, so
-/// tasks can fill disjoint parts in parallel.
-fn split_by_task<'a, T>(mut data: &'a mut [T], offsets: &[usize]) -> Vec<&'a mut [T]> {
-    let group_count = offsets.len() - 1;
-    let mut parts = Vec::with_capacity(group_count.div_ceil(GROUPS_PER_TASK));
-    for first in (0..group_count).step_by(GROUPS_PER_TASK) {
-        let last = (first + GROUPS_PER_TASK).min(group_count);
-        let (part, rest) = data.split_at_mut(offsets[last] - offsets[first]);
+/// Where each task's part of a per-group array starts (and the total), from
+/// that array's per-group offsets: every `GROUPS_PER_TASK`-th entry.
+fn task_bounds(group_offsets: &[usize]) -> Vec<usize> {
+    let group_count = group_offsets.len() - 1;
+    (0..group_count)
+        .step_by(GROUPS_PER_TASK)
+        .map(|group| group_offsets[group])
+        .chain([group_offsets[group_count]])
+        .collect()
+}
+
+/// Splits `data` at `bounds` (as from [`task_bounds`]) so tasks fill
+/// disjoint parts in parallel.
+fn split_at_bounds<'a, T>(mut data: &'a mut [T], bounds: &[usize]) -> Vec<&'a mut [T]> {
+    let mut parts = Vec::with_capacity(bounds.len().saturating_sub(1));
+    for pair in bounds.windows(2) {
+        let (part, rest) = data.split_at_mut(pair[1] - pair[0]);
         parts.push(part);
         data = rest;
     }
     parts
+}
+
+/// The ADR-002 hot path (symmetric grid, nothing dropped, FP16 scales): each
+/// task computes its groups' scales, codes and packed bytes in one pass while
+/// the values are in cache. Returns `None` when it does not apply (a task
+/// would start mid-byte, or some scale does not fit f16); the general path
+/// then handles the tensor, F32 scales included.
+pub(crate) fn quantize_symmetric_f16_packed(
+    values: &[f32],
+    geometry: &GroupGeometry,
+    range: CodeRange,
+) -> Option<(GroupParams, Vec<u8>)> {
+    let bits = usize::from(range.bits);
+    let group_starts: Vec<usize> = (0..=geometry.group_count()).map(|group| geometry.range_start(group)).collect();
+    let value_bounds = task_bounds(&group_starts);
+    let (last, starts) = value_bounds.split_last().expect("bounds hold at least the total");
+    if starts.iter().any(|&start| start * bits % 8 != 0) {
+        return None;
+    }
+    let byte_bounds: Vec<usize> = value_bounds.iter().map(|&start| (start * bits).div_ceil(8)).collect();
+    let mut packed = vec![0u8; (last * bits).div_ceil(8)];
+    let mut scales = vec![0f32; geometry.group_count()];
+    let (qmin, qmax) = range.symmetric_codes();
+    let all_fit_f16 = split_at_bounds(&mut packed, &byte_bounds)
+        .into_par_iter()
+        .zip(scales.par_chunks_mut(GROUPS_PER_TASK))
+        .enumerate()
+        .all(|(task, (task_packed, task_scales))| {
+            let task_start = value_bounds[task];
+            let mut codes = vec![0u8; value_bounds[task + 1] - task_start];
+            for (group, scale_slot) in (task * GROUPS_PER_TASK..).zip(task_scales.iter_mut()) {
+                let span = geometry.range(group);
+                let exact = ExactParams::new(range, Extremes::MaxAbs(max_abs(&values[span.clone()])));
+                let Some((scale, _)) = exact.stored_f16() else {
+                    return false;
+                };
+                *scale_slot = scale;
+                let group_codes = &mut codes[span.start - task_start..span.end - task_start];
+                for (code, &x) in group_codes.iter_mut().zip(&values[span]) {
+                    *code = symmetric_code(x, scale, qmin, qmax);
+                }
+            }
+            bitpack::pack_serial(&codes, range.bits, task_packed);
+            true
+        });
+    let params = GroupParams { dtype: ScaleDtype::F16, scales, offsets: Vec::new() };
+    all_fit_f16.then_some((params, packed))
 }
 
 /// Unsigned codes of all kept values, group by group.
@@ -335,7 +425,7 @@ pub(crate) fn quantize(
 ) -> Vec<u8> {
     let offsets = code_offsets(kept, geometry);
     let mut codes = vec![0u8; offsets[offsets.len() - 1]];
-    split_by_task(&mut codes, &offsets)
+    split_at_bounds(&mut codes, &task_bounds(&offsets))
         .into_par_iter()
         .enumerate()
         .for_each(|(task, task_codes)| {
@@ -365,7 +455,7 @@ pub(crate) fn dequantize(
     let value_offsets: Vec<usize> = (0..=geometry.group_count())
         .map(|group| geometry.range_start(group))
         .collect();
-    split_by_task(out, &value_offsets)
+    split_at_bounds(out, &task_bounds(&value_offsets))
         .into_par_iter()
         .enumerate()
         .for_each(|(task, task_out)| {
@@ -400,27 +490,42 @@ mod tests {
             (7.0, 7.0),
             (-0.0, 0.0),
         ] {
-            assert_eq!(round_half_away_f32(t), expected, "round({t})");
-            assert_eq!(round_half_away_f32(t), t.round(), "matches std for {t}");
+            assert_eq!(round_half_away_f32(t) as f32, expected, "round({t})");
+            assert_eq!(round_half_away_f32(t) as f32, t.round(), "matches std for {t}");
             assert_eq!(round_half_away_f64(f64::from(t)), f64::from(t).round());
+        }
+        // Every quarter and near-half in the code range, against std's `round`.
+        for step in -600..=600 {
+            let t = step as f32 * 0.25;
+            for t in [t, t.next_up(), t.next_down()] {
+                assert_eq!(round_half_away_f32(t) as f32, t.round(), "round({t})");
+            }
         }
     }
 
     #[test]
     fn symmetric_4bit_codes_clamp_to_minus_8_and_7() {
         // Biased by 8: code 0 is -8, code 15 is 7.
-        assert_eq!(symmetric_code(100.0, 1.0, -8.0, 7.0, 8.0), 15);
-        assert_eq!(symmetric_code(-100.0, 1.0, -8.0, 7.0, 8.0), 0);
-        assert_eq!(symmetric_code(-7.5, 1.0, -8.0, 7.0, 8.0), 0);
-        assert_eq!(symmetric_code(2.5, 1.0, -8.0, 7.0, 8.0), 11);
+        assert_eq!(symmetric_code(100.0, 1.0, -8, 7), 15);
+        assert_eq!(symmetric_code(-100.0, 1.0, -8, 7), 0);
+        assert_eq!(symmetric_code(-7.5, 1.0, -8, 7), 0);
+        assert_eq!(symmetric_code(2.5, 1.0, -8, 7), 11);
+        assert_eq!(symmetric_code(f32::MAX, f32::MIN_POSITIVE, -8, 7), 15);
     }
 
     #[test]
     fn extremes_ignore_dropped_values_and_default_to_zero() {
-        let values = [5.0, -1.0, 3.0];
-        let e = extremes(&values, Some(&[false, true, true]));
-        assert_eq!((e.min, e.max), (-1.0, 3.0));
-        let e = extremes(&values, Some(&[false, false, false]));
-        assert_eq!((e.min, e.max), (0.0, 0.0));
+        let values = [5.0, -1.0, 3.0, -7.0, 0.5, 0.25, 2.0, 1.0, -4.0];
+        let all_but_first = [false, true, true, true, true, true, true, true, true];
+        assert_eq!(extremes(&values, None, Grid::Symmetric), Extremes::MaxAbs(7.0));
+        let min_max = extremes(&values, Some(&all_but_first), Grid::Asymmetric);
+        assert_eq!(min_max, Extremes::MinMax { min: -7.0, max: 3.0 });
+        let mut kept = [false; 9];
+        kept[0] = true;
+        assert_eq!(extremes(&values, Some(&kept), Grid::Symmetric), Extremes::MaxAbs(5.0));
+        let none = [false; 9];
+        assert_eq!(extremes(&values, Some(&none), Grid::Symmetric), Extremes::MaxAbs(0.0));
+        assert_eq!(extremes(&values, Some(&none), Grid::Asymmetric), Extremes::MinMax { min: 0.0, max: 0.0 });
+        assert_eq!(max_abs(&values[1..]), 7.0, "lanes and a tail");
     }
 }
