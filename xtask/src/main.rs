@@ -6,6 +6,7 @@
 
 mod bench;
 mod fetch_model;
+mod fuzz;
 mod util;
 mod validate;
 
@@ -23,6 +24,9 @@ tasks:
                          ARGS are passed to kv-validate (e.g. --max-windows 2)
   bench [--quick]        benchmark kv-compress (MB/s, peak RSS) and the model forward pass;
                          writes docs/benchmarks.md
+  fuzz --seconds N [--target NAME]
+                         build the libFuzzer targets (stable toolchain) and run each for N s;
+                         fails on any crash, hang or over-budget allocation (docs/reliability.md)
 ";
 
 fn main() -> ExitCode {
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         "fetch-model" => fetch_model::run(rest).map(|_| ExitCode::SUCCESS),
         "validate" => validate::run(rest),
         "bench" => bench::run(rest).map(|_| ExitCode::SUCCESS),
+        "fuzz" => fuzz::run(rest),
         bench::GENERATE_TASK => bench::generate_task(rest).map(|_| ExitCode::SUCCESS),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");
