@@ -219,9 +219,13 @@ pub struct Report {
     pub processing_time_ms: f64,
     pub quality_passed: bool,
     pub violations: Vec<String>,
-    /// Stored bits per input value (8 · compressed bytes / values).
+    /// Stored bits per input value (8 · compressed bytes / values). This and
+    /// the counts below are ours: absent (0) when parsing the Go original's JSON.
+    #[serde(default)]
     pub bits_per_value: f64,
+    #[serde(default)]
     pub num_tensors: usize,
+    #[serde(default)]
     pub num_values: u64,
     /// `{name}_rmse`, `{name}_snr_db`, `{name}_cosine`, `{name}_max_error` per tensor (`-verbose`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -360,6 +364,17 @@ mod tests {
         assert!(json.starts_with("{\n  \"compression_ratio\": 3.764"), "{json}");
         assert!(json.ends_with("}\n"));
         assert!((report.bits_per_value - 8.0 * 17.0 / 32.0).abs() < 1e-12);
-        assert_eq!(report.tensor_metrics.unwrap()["t_snr_db"], SNR_CAP_DB);
+        assert_eq!(report.tensor_metrics.as_ref().unwrap()["t_snr_db"], SNR_CAP_DB);
+        assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
+    }
+
+    #[test]
+    fn the_go_originals_json_parses() {
+        let go = r#"{"compression_ratio": 8, "original_size_bytes": 100, "compressed_size_bytes": 12,
+            "rmse": 0.26, "snr_db": 16.1, "cosine_similarity": 0.98, "max_error": 1.2,
+            "quality_level": "POOR", "processing_time_ms": 4300.5, "quality_passed": false,
+            "violations": ["RMSE 0.2600 > 0.1000"]}"#;
+        let report: Report = serde_json::from_str(go).unwrap();
+        assert_eq!((report.quality_level, report.bits_per_value, report.tensor_metrics), (QualityLevel::Poor, 0.0, None));
     }
 }
