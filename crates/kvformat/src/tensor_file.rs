@@ -14,6 +14,10 @@ use crate::error::{Error, Result, TensorProblem};
 
 /// Size of the little-endian u64 that opens every safetensors file.
 const HEADER_LENGTH_BYTES: usize = 8;
+/// Most tensors a file may hold. A KV cache has two per layer, so this allows
+/// 8192 layers, and keeps a hostile header (millions of empty tensors fit in
+/// the crate's 100 MB header limit) from making the parser build them all.
+pub const MAX_TENSORS: usize = 16_384;
 
 /// One tensor's header entry; `data` is its byte range in the mapped file.
 #[derive(Clone, Debug)]
@@ -48,6 +52,14 @@ impl TensorFile {
         // mmap reader (including the safetensors crate's own examples) we rely
         // on nobody truncating the input while we read it.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "memory-map", e))?;
+        if let Some(entries) = header_bytes(&map).and_then(count_header_entries) {
+            if entries > MAX_TENSORS + 1 {
+                return Err(Error::Structure {
+                    path: path.into(),
+                    problem: format!("header lists {entries} entries, more than the {MAX_TENSORS} tensors a file may hold"),
+                });
+            }
+        }
         let (header_len, metadata) = SafeTensors::read_metadata(&map)
             .map_err(|e| structure_error(path, header_bytes(&map), e))?;
         let data_start = HEADER_LENGTH_BYTES + header_len;
@@ -204,6 +216,26 @@ fn header_bytes(map: &[u8]) -> Option<&[u8]> {
     let len = u64::from_le_bytes(map.get(..HEADER_LENGTH_BYTES)?.try_into().ok()?);
     let end = HEADER_LENGTH_BYTES.checked_add(usize::try_from(len).ok()?)?;
     map.get(HEADER_LENGTH_BYTES..end)
+}
+
+/// Number of top-level entries (tensors and `__metadata__`) of a header,
+/// counted without building them; `None` when it is not a JSON object.
+fn count_header_entries(json: &[u8]) -> Option<usize> {
+    struct CountEntries;
+    impl<'de> serde::de::Visitor<'de> for CountEntries {
+        type Value = usize;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<usize, A::Error> {
+            let mut entries = 0;
+            while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {
+                entries += 1;
+            }
+            Ok(entries)
+        }
+    }
+    serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_slice(json), CountEntries).ok()
 }
 
 /// The crate reports a shape x dtype / byte-length mismatch without a name;
