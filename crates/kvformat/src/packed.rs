@@ -28,6 +28,10 @@ pub const MANIFEST_CRC_KEY: &str = "kvformat.manifest_crc32";
 /// per value, plus its per-group overhead.
 const MAX_RAW_BYTES_PER_VALUE: usize = 8;
 const MAX_RAW_OVERHEAD_BYTES: usize = 1 << 16;
+/// An LZ4 block expands at most 255-fold (each extra match-length byte adds
+/// 255 bytes of output), so a larger `raw_len` is a lie told to make the
+/// decompressor allocate it.
+const LZ4_MAX_EXPANSION: usize = 255;
 
 /// Everything decoding one tensor needs beyond its stored bytes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -287,6 +291,18 @@ fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
         .saturating_add(MAX_RAW_OVERHEAD_BYTES);
     if tensor.raw_len > max_raw {
         return Err(format!("raw_len {} exceeds {max_raw} for {values} values", tensor.raw_len));
+    }
+    if tensor.lz4 && tensor.raw_len > tensor.stored_len.saturating_mul(LZ4_MAX_EXPANSION) {
+        return Err(format!(
+            "raw_len {} is more than LZ4 can expand {} stored bytes to",
+            tensor.raw_len, tensor.stored_len
+        ));
+    }
+    // Invalid codec params are reported by `unpack`, which names them.
+    if let Ok(expected) = codec::payload_len(&tensor.shape, &tensor.codec, &tensor.layout) {
+        if tensor.raw_len != expected {
+            return Err(format!("raw_len {} but the codec payload for this shape is {expected} bytes", tensor.raw_len));
+        }
     }
     if !tensor.lz4 && tensor.raw_len != tensor.stored_len {
         return Err(format!(
