@@ -7,33 +7,13 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::{Deserialize, Serialize};
+use kvformat::Report;
 
 /// Environment variable that names the `kv-compress` binary explicitly.
 pub const KV_COMPRESS_PATH_VAR: &str = "KV_COMPRESS_PATH";
 const BINARY_NAME: &str = "kv-compress";
 const INSTALL_HINT: &str =
     "install it with `cargo install --path crates/kv-compress` or set KV_COMPRESS_PATH to the binary";
-
-/// The compressor's JSON report (CONTRACT §3). Fields it adds later are ignored.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CompressMetrics {
-    pub compression_ratio: f64,
-    pub original_size_bytes: u64,
-    pub compressed_size_bytes: u64,
-    pub rmse: f64,
-    pub snr_db: f64,
-    pub cosine_similarity: f64,
-    pub max_error: f64,
-    pub quality_level: String,
-    pub processing_time_ms: f64,
-    pub quality_passed: bool,
-    #[serde(default)]
-    pub violations: Vec<String>,
-    /// Issue 5 adds this; older compressors (the Go CLI) do not print it.
-    #[serde(default)]
-    pub bits_per_value: Option<f64>,
-}
 
 /// The flags one compression variant passes to `kv-compress`.
 #[derive(Clone, Debug, PartialEq)]
@@ -146,13 +126,15 @@ impl KvCompress {
     }
 
     /// `kv-compress -input IN -output OUT -group-size G -sparsity S [extra]`,
-    /// returning the metrics it printed.
+    /// returning the metrics JSON it printed (CONTRACT §3, parsed with
+    /// kvformat's own type; fields it does not know are ignored, and the
+    /// ones the Go original lacks default to zero).
     pub fn compress(
         &self,
         input: &Path,
         output: &Path,
         settings: &CompressSettings,
-    ) -> Result<CompressMetrics, BridgeError> {
+    ) -> Result<Report, BridgeError> {
         let mut args: Vec<OsString> = vec![
             "-input".into(),
             input.into(),
@@ -214,7 +196,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn metrics_parse_with_unknown_fields_and_without_bits_per_value() {
+    fn the_go_originals_metrics_parse_with_unknown_fields_ignored() {
         let json = r#"{
   "compression_ratio": 3.76,
   "original_size_bytes": 1024,
@@ -230,11 +212,11 @@ mod tests {
   "tensor_metrics": {"layer_0_key_rmse": 0.04},
   "something_new": [1, 2]
 }"#;
-        let metrics: CompressMetrics = serde_json::from_str(json).unwrap();
+        let metrics: Report = serde_json::from_str(json).unwrap();
         assert_eq!(metrics.compressed_size_bytes, 272);
         assert_eq!(metrics.violations, ["CosineSim 0.9847 < 0.9900"]);
-        assert_eq!(metrics.bits_per_value, None);
-        assert_eq!(metrics.quality_level, "ACCEPTABLE");
+        assert_eq!(metrics.bits_per_value, 0.0, "absent from the Go original");
+        assert_eq!(metrics.quality_level, kvformat::metrics::QualityLevel::Acceptable);
     }
 
     #[test]

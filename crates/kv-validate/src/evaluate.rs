@@ -16,9 +16,11 @@ use std::time::{Duration, Instant};
 
 use candle_core::{IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
-use kvformat::CacheDtype;
+use kvformat::metrics::QualityLevel;
+use kvformat::{CacheDtype, Report};
+use serde::Serialize;
 
-use crate::bridge::{BridgeError, CompressMetrics, CompressSettings, KvCompress};
+use crate::bridge::{BridgeError, CompressSettings, KvCompress};
 use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
 use crate::model::{KvCache, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
@@ -56,10 +58,12 @@ pub struct EvalOptions {
 }
 
 /// Compressor metrics of one variant over every window it compressed.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct MetricsSummary {
-    /// Windows whose cache this variant compressed.
-    pub windows: usize,
+    /// Measured from bytes summed over windows: original / compressed.
+    pub compression_ratio: f64,
+    /// Mean over windows, when the compressor reports it (the Go original does not).
+    pub bits_per_value: Option<f64>,
     pub original_size_bytes: u64,
     pub compressed_size_bytes: u64,
     /// Mean over windows of kv-compress's (already per-tensor averaged) figures.
@@ -68,27 +72,34 @@ pub struct MetricsSummary {
     pub cosine_similarity: f64,
     /// Largest over windows.
     pub max_error: f64,
-    /// Mean over windows, when the compressor reports it.
-    pub bits_per_value: Option<f64>,
+    /// The worst grade kv-compress gave a window's cache.
+    pub worst_quality_level: Option<QualityLevel>,
     /// Windows kv-compress graded as failing its own quality thresholds.
     pub quality_failures: usize,
-    /// The worst `quality_level` seen (POOR < ACCEPTABLE < GOOD < EXCELLENT).
-    pub worst_quality_level: Option<String>,
+    /// Windows whose cache this variant compressed.
+    pub windows: usize,
+}
+
+/// POOR < ACCEPTABLE < GOOD < EXCELLENT.
+fn quality_rank(level: QualityLevel) -> u8 {
+    match level {
+        QualityLevel::Poor => 0,
+        QualityLevel::Acceptable => 1,
+        QualityLevel::Good => 2,
+        QualityLevel::Excellent => 3,
+    }
 }
 
 impl MetricsSummary {
-    /// Measured from bytes summed over windows: original / compressed.
-    pub fn compression_ratio(&self) -> f64 {
-        self.original_size_bytes as f64 / self.compressed_size_bytes as f64
-    }
-
-    pub fn add(&mut self, metrics: &CompressMetrics) {
+    /// Adds one window's compressor report.
+    pub fn add(&mut self, metrics: &Report) {
         let n = self.windows as f64;
         let running_mean = |mean: f64, value: f64| (mean * n + value) / (n + 1.0);
         self.rmse = running_mean(self.rmse, metrics.rmse);
         self.snr_db = running_mean(self.snr_db, metrics.snr_db);
         self.cosine_similarity = running_mean(self.cosine_similarity, metrics.cosine_similarity);
-        self.bits_per_value = match (self.bits_per_value, metrics.bits_per_value) {
+        let bits = (metrics.bits_per_value > 0.0).then_some(metrics.bits_per_value);
+        self.bits_per_value = match (self.bits_per_value, bits) {
             (Some(mean), Some(value)) => Some(running_mean(mean, value)),
             (None, value) if self.windows == 0 => value,
             _ => None,
@@ -96,19 +107,13 @@ impl MetricsSummary {
         self.max_error = self.max_error.max(metrics.max_error);
         self.original_size_bytes += metrics.original_size_bytes;
         self.compressed_size_bytes += metrics.compressed_size_bytes;
+        self.compression_ratio = self.original_size_bytes as f64 / self.compressed_size_bytes as f64;
         self.quality_failures += usize::from(!metrics.quality_passed);
-        let rank = |level: &str| {
-            ["POOR", "ACCEPTABLE", "GOOD", "EXCELLENT"]
-                .iter()
-                .position(|known| *known == level)
-                .unwrap_or(0)
-        };
         if self
             .worst_quality_level
-            .as_deref()
-            .is_none_or(|worst| rank(&metrics.quality_level) < rank(worst))
+            .is_none_or(|worst| quality_rank(metrics.quality_level) < quality_rank(worst))
         {
-            self.worst_quality_level = Some(metrics.quality_level.clone());
+            self.worst_quality_level = Some(metrics.quality_level);
         }
         self.windows += 1;
     }
@@ -274,7 +279,7 @@ fn round_trip(
     scratch: &Path,
     index: usize,
     settings: &CompressSettings,
-) -> Result<(CompressMetrics, std::path::PathBuf), BridgeError> {
+) -> Result<(Report, std::path::PathBuf), BridgeError> {
     let packed = scratch.join(format!("variant_{index}.kvc.safetensors"));
     let decoded = scratch.join(format!("variant_{index}.decoded.safetensors"));
     let metrics = compressor.compress(cache_path, &packed, settings)?;
@@ -325,8 +330,8 @@ fn progress_bar(total_tokens: usize, visible: bool) -> ProgressBar {
 mod tests {
     use super::*;
 
-    fn metrics(rmse: f64, level: &str, passed: bool, bits: Option<f64>) -> CompressMetrics {
-        CompressMetrics {
+    fn metrics(rmse: f64, level: QualityLevel, passed: bool, bits_per_value: f64) -> Report {
+        Report {
             compression_ratio: 4.0,
             original_size_bytes: 400,
             compressed_size_bytes: 100,
@@ -334,36 +339,39 @@ mod tests {
             snr_db: 20.0 + rmse,
             cosine_similarity: 0.99,
             max_error: rmse * 10.0,
-            quality_level: level.into(),
+            quality_level: level,
             processing_time_ms: 1.0,
             quality_passed: passed,
             violations: Vec::new(),
-            bits_per_value: bits,
+            bits_per_value,
+            num_tensors: 2,
+            num_values: 100,
+            tensor_metrics: None,
         }
     }
 
     #[test]
     fn metrics_summary_averages_sums_and_keeps_the_worst() {
         let mut summary = MetricsSummary::default();
-        summary.add(&metrics(0.1, "GOOD", true, Some(4.25)));
-        summary.add(&metrics(0.3, "POOR", false, Some(4.75)));
-        summary.add(&metrics(0.2, "ACCEPTABLE", true, Some(4.5)));
+        summary.add(&metrics(0.1, QualityLevel::Good, true, 4.25));
+        summary.add(&metrics(0.3, QualityLevel::Poor, false, 4.75));
+        summary.add(&metrics(0.2, QualityLevel::Acceptable, true, 4.5));
         assert_eq!(summary.windows, 3);
         assert!((summary.rmse - 0.2).abs() < 1e-12);
         assert!((summary.snr_db - 20.2).abs() < 1e-12);
         assert!((summary.max_error - 3.0).abs() < 1e-12);
         assert_eq!(summary.bits_per_value, Some(4.5));
         assert_eq!((summary.original_size_bytes, summary.compressed_size_bytes), (1200, 300));
-        assert_eq!(summary.compression_ratio(), 4.0);
+        assert_eq!(summary.compression_ratio, 4.0);
         assert_eq!(summary.quality_failures, 1);
-        assert_eq!(summary.worst_quality_level.as_deref(), Some("POOR"));
+        assert_eq!(summary.worst_quality_level, Some(QualityLevel::Poor));
     }
 
     #[test]
     fn bits_per_value_is_dropped_when_a_window_lacks_it() {
         let mut summary = MetricsSummary::default();
-        summary.add(&metrics(0.1, "GOOD", true, Some(4.25)));
-        summary.add(&metrics(0.1, "GOOD", true, None));
+        summary.add(&metrics(0.1, QualityLevel::Good, true, 4.25));
+        summary.add(&metrics(0.1, QualityLevel::Good, true, 0.0));
         assert_eq!(summary.bits_per_value, None);
     }
 

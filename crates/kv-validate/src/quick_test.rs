@@ -21,7 +21,8 @@ use crate::bridge::{CompressSettings, KvCompress};
 use crate::evaluate::EvalError;
 use crate::kvio::{read_kv_cache_like, write_kv_cache};
 use crate::model::{KvCache, LayerKv};
-use crate::report::{compression_lines, field, rule, status, CompressionFigures};
+use crate::evaluate::MetricsSummary;
+use crate::report::{compression_lines, field, rule, status};
 
 /// TinyLlama-1.1B's cache dimensions (the original's default model).
 pub const TINYLLAMA_LAYERS: usize = 22;
@@ -52,7 +53,7 @@ pub struct QuickTestReport {
     pub seq_len: usize,
     pub head_dim: usize,
     pub cache_dtype: String,
-    pub compression: CompressionFigures,
+    pub compression: MetricsSummary,
     /// Mean per-tensor RMSE and cosine measured here, from the files.
     pub measured_rmse: f64,
     pub measured_cosine_similarity: f64,
@@ -221,7 +222,7 @@ pub fn run_quick_test(
             metrics.original_size_bytes, metrics.compressed_size_bytes
         ),
     });
-    let mut summary = crate::evaluate::MetricsSummary::default();
+    let mut summary = MetricsSummary::default();
     summary.add(&metrics);
     Ok(QuickTestReport {
         passed: checks.iter().all(|check| check.passed),
@@ -232,7 +233,7 @@ pub fn run_quick_test(
         seq_len: layout.seq_len,
         head_dim: layout.head_dim,
         cache_dtype: layout.dtype,
-        compression: CompressionFigures::from(&summary),
+        compression: summary,
         // JSON has no NaN: a failed layout check reports zeros beside it.
         measured_rmse: if measured_rmse.is_finite() { measured_rmse } else { 0.0 },
         measured_cosine_similarity: if measured_cosine.is_finite() { measured_cosine } else { 0.0 },

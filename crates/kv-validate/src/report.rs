@@ -28,7 +28,7 @@ pub struct ValidationReport {
     pub tokens_on_compressed_cache: usize,
     pub windows: usize,
     pub windows_compressed: usize,
-    pub compression: CompressionFigures,
+    pub compression: MetricsSummary,
     pub timing: TimingFigures,
 }
 
@@ -42,39 +42,6 @@ pub struct PerplexityFigures {
     pub delta_percent: f64,
     pub baseline_per_window: f64,
     pub compressed_per_window: f64,
-}
-
-/// The compressor's metrics over all compressed windows.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct CompressionFigures {
-    pub compression_ratio: f64,
-    pub bits_per_value: Option<f64>,
-    pub original_size_bytes: u64,
-    pub compressed_size_bytes: u64,
-    pub rmse: f64,
-    pub snr_db: f64,
-    pub cosine_similarity: f64,
-    pub max_error: f64,
-    pub worst_quality_level: Option<String>,
-    /// Caches kv-compress graded below its own thresholds.
-    pub quality_failures: usize,
-}
-
-impl From<&MetricsSummary> for CompressionFigures {
-    fn from(summary: &MetricsSummary) -> Self {
-        CompressionFigures {
-            compression_ratio: summary.compression_ratio(),
-            bits_per_value: summary.bits_per_value,
-            original_size_bytes: summary.original_size_bytes,
-            compressed_size_bytes: summary.compressed_size_bytes,
-            rmse: summary.rmse,
-            snr_db: summary.snr_db,
-            cosine_similarity: summary.cosine_similarity,
-            max_error: summary.max_error,
-            worst_quality_level: summary.worst_quality_level.clone(),
-            quality_failures: summary.quality_failures,
-        }
-    }
 }
 
 /// Seconds of wall time and where they went.
@@ -138,7 +105,7 @@ impl ValidationReport {
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
             windows: evaluation.windows,
             windows_compressed: evaluation.windows_compressed,
-            compression: CompressionFigures::from(&variant.metrics),
+            compression: variant.metrics.clone(),
             timing: TimingFigures::from(&evaluation.timings),
         }
     }
@@ -210,7 +177,7 @@ pub(crate) fn field(label: &str, value: &str) -> String {
 }
 
 /// The compressor's figures, one per line.
-pub(crate) fn compression_lines(figures: &CompressionFigures) -> Vec<String> {
+pub(crate) fn compression_lines(figures: &MetricsSummary) -> Vec<String> {
     let mut lines = vec![field(
         "Compression ratio",
         &format!(
@@ -230,7 +197,7 @@ pub(crate) fn compression_lines(figures: &CompressionFigures) -> Vec<String> {
             "Compressor's grade",
             &format!(
                 "worst {} ({} cache(s) below its thresholds)",
-                figures.worst_quality_level.as_deref().unwrap_or("-"),
+                figures.worst_quality_level.map_or("-".to_string(), |level| format!("{level:?}").to_uppercase()),
                 figures.quality_failures
             ),
         ),
@@ -282,6 +249,7 @@ mod tests {
         let mut compressed = NllTotals::default();
         compressed.add_window(&[compressed_nll, compressed_nll]);
         let metrics = MetricsSummary {
+            compression_ratio: 3200.0 / 850.0,
             windows: 1,
             original_size_bytes: 3200,
             compressed_size_bytes: 850,
@@ -291,7 +259,7 @@ mod tests {
             max_error: 0.75,
             bits_per_value: None,
             quality_failures: 1,
-            worst_quality_level: Some("POOR".into()),
+            worst_quality_level: Some(kvformat::metrics::QualityLevel::Poor),
         };
         let evaluation = Evaluation {
             baseline,
