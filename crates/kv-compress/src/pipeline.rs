@@ -2,7 +2,6 @@
 //! packed file, to a reconstructed cache, or only measure) or decompress, and
 //! return the report that `main` prints as JSON.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,7 +10,7 @@ use kvformat::codec::{Axis, CodecParams, Grid};
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
 use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
-use kvformat::{CacheDtype, OutputTensor, TensorProblem};
+use kvformat::{write_tensor_file_streaming, CacheDtype, TensorProblem, TensorSpec};
 use rayon::prelude::*;
 
 use crate::flags::{Method, Options};
@@ -73,22 +72,42 @@ pub fn run(options: &Options) -> Result<Report, Error> {
     Ok(report)
 }
 
-/// What compression keeps of each tensor, by output kind.
-enum Kept {
-    Packed(PackedTensor),
-    Reconstructed(Vec<u8>),
-    Nothing,
-}
-
+/// What one tensor contributed to the report.
 struct TensorOutcome {
     name: String,
-    dtype: CacheDtype,
-    shape: Vec<usize>,
     original_bytes: u64,
     stored_bytes: u64,
     values: u64,
     metrics: TensorMetrics,
-    kept: Kept,
+}
+
+/// Compresses one tensor of the cache; returns the packed form, the
+/// reconstruction and the tensor's line of the report. The input pages are
+/// released as soon as the values have been used.
+fn compress_tensor(
+    cache: &KvCache,
+    index: usize,
+    options: &Options,
+) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
+    let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
+    let path = cache.file().path();
+    let values = cache.values(entry, dtype)?;
+    let params = params_for(options, &entry.name);
+    let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &params)
+        .map_err(|e| kvformat::Error::tensor(path, &entry.name, TensorProblem::Codec(e)))?;
+    let outcome = TensorOutcome {
+        name: entry.name.clone(),
+        original_bytes: cache.file().data(entry).len() as u64,
+        stored_bytes: packed.stored.len() as u64,
+        values: values.len() as u64,
+        metrics: packed.entry.metrics,
+    };
+    drop(values);
+    cache.file().release(entry);
+    if options.verbose {
+        log_tensor(index, cache.file().tensors().len(), &outcome);
+    }
+    Ok((packed, reconstruction, outcome))
 }
 
 fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Report, Error> {
@@ -97,121 +116,98 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
     if let Some(sidecar) = &sidecar {
         validate_against_sidecar(cache.file(), sidecar, &sidecar_path(input))?;
     }
-    let entries: Vec<_> = cache.tensors().collect();
-    let total = entries.len();
-    let outcomes = entries
-        .par_iter()
-        .enumerate()
-        .map(|(index, &(entry, dtype))| -> Result<TensorOutcome, Error> {
-            let values = cache.values(entry, dtype)?;
-            let params = params_for(options, &entry.name);
-            let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &params)
-                .map_err(|e| kvformat::Error::tensor(input, &entry.name, TensorProblem::Codec(e)))?;
-            let metrics = packed.entry.metrics;
-            if options.verbose {
-                log_tensor(index, total, &entry.name, &metrics, values.len(), packed.stored.len());
-            }
-            let value_count = values.len() as u64;
-            drop(values);
-            cache.file().release(entry);
-            let stored_bytes = packed.stored.len() as u64;
-            let kept = match (output, options.reconstruct) {
-                (None, _) => Kept::Nothing,
-                (Some(_), true) => Kept::Reconstructed(dtype.from_f32(&reconstruction)),
-                (Some(_), false) => Kept::Packed(packed),
-            };
-            Ok(TensorOutcome {
-                name: entry.name.clone(),
-                dtype,
-                shape: entry.shape.clone(),
-                original_bytes: cache.file().data(entry).len() as u64,
-                stored_bytes,
-                values: value_count,
-                metrics,
-                kept,
-            })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    let report = report_of(&outcomes, options.verbose);
-    if let Some(output) = output {
-        let metadata = cache.file().metadata();
-        if options.reconstruct {
-            write_reconstructed(output, &outcomes, metadata)?;
-        } else {
-            let packed: Vec<PackedTensor> = outcomes
-                .into_iter()
-                .filter_map(|o| match o.kept {
-                    Kept::Packed(p) => Some(p),
-                    _ => None,
+    let count = cache.file().tensors().len();
+    let metadata = cache.file().metadata();
+    let outcomes = match output {
+        None => (0..count)
+            .into_par_iter()
+            .map(|i| compress_tensor(&cache, i, options).map(|(_, _, outcome)| outcome))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(output) if options.reconstruct => {
+            let specs: Vec<TensorSpec<'_>> = cache
+                .tensors()
+                .map(|(entry, _)| TensorSpec {
+                    name: &entry.name,
+                    dtype: entry.dtype,
+                    shape: &entry.shape,
+                    byte_len: cache.file().data(entry).len(),
                 })
                 .collect();
+            write_tensor_file_streaming(output, &specs, metadata, |i| {
+                let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options)?;
+                Ok((packed.entry.dtype.from_f32(&reconstruction), outcome))
+            })?
+        }
+        Some(output) => {
+            let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
+                .into_par_iter()
+                .map(|i| compress_tensor(&cache, i, options).map(|(packed, _, outcome)| (packed, outcome)))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .unzip();
             write_packed(output, &packed, metadata)?;
+            outcomes
         }
-        if let Some(sidecar) = sidecar {
-            sidecar.write(&sidecar_path(output))?;
-        }
+    };
+    if let (Some(output), Some(sidecar)) = (output, sidecar) {
+        sidecar.write(&sidecar_path(output))?;
     }
-    Ok(report)
-}
-
-fn write_reconstructed(output: &Path, outcomes: &[TensorOutcome], metadata: &BTreeMap<String, String>) -> Result<(), Error> {
-    let tensors: Vec<OutputTensor<'_>> = outcomes
-        .iter()
-        .filter_map(|o| match &o.kept {
-            Kept::Reconstructed(bytes) => Some(OutputTensor {
-                name: &o.name,
-                dtype: o.dtype.to_safetensors(),
-                shape: &o.shape,
-                data: bytes,
-            }),
-            _ => None,
-        })
-        .collect();
-    Ok(kvformat::write_tensor_file(output, &tensors, metadata)?)
+    Ok(report_of(&outcomes, options.verbose))
 }
 
 fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Report, Error> {
     let packed = PackedFile::open(input)?;
     let manifest = packed.manifest();
     let names: Vec<&String> = manifest.tensors.keys().collect();
-    let total = names.len();
-    let outcomes = names
-        .par_iter()
-        .enumerate()
-        .map(|(index, &name)| -> Result<TensorOutcome, Error> {
-            let tensor = &manifest.tensors[name];
-            let values = packed.unpack(name)?;
-            let bytes = tensor.dtype.from_f32(&values);
-            if verbose {
-                log_tensor(index, total, name, &tensor.metrics, values.len(), tensor.stored_len);
-            }
-            Ok(TensorOutcome {
-                name: name.clone(),
-                dtype: tensor.dtype,
-                shape: tensor.shape.clone(),
-                original_bytes: bytes.len() as u64,
-                stored_bytes: tensor.stored_len as u64,
-                values: values.len() as u64,
-                metrics: tensor.metrics,
-                kept: if output.is_some() { Kept::Reconstructed(bytes) } else { Kept::Nothing },
-            })
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    let report = report_of(&outcomes, verbose);
-    if let Some(output) = output {
-        write_reconstructed(output, &outcomes, &manifest.input_metadata)?;
-        let restored: Vec<(String, CacheDtype, Vec<usize>)> =
-            outcomes.iter().map(|o| (o.name.clone(), o.dtype, o.shape.clone())).collect();
-        let model_name = manifest.input_metadata.get("model_name").map_or("", String::as_str);
-        let sidecar = match Sidecar::read_beside(input)? {
-            Some(sidecar) => Some(sidecar),
-            None => Sidecar::infer(&restored, model_name),
+    let restore = |index: usize| -> Result<(Vec<u8>, TensorOutcome), kvformat::Error> {
+        let name = names[index];
+        let tensor = &manifest.tensors[name];
+        let bytes = tensor.dtype.from_f32(&packed.unpack(name)?);
+        let outcome = TensorOutcome {
+            name: name.clone(),
+            original_bytes: bytes.len() as u64,
+            stored_bytes: tensor.stored_len as u64,
+            values: (bytes.len() / tensor.dtype.size_bytes()) as u64,
+            metrics: tensor.metrics,
         };
-        if let Some(sidecar) = sidecar {
-            sidecar.write(&sidecar_path(output))?;
+        if verbose {
+            log_tensor(index, names.len(), &outcome);
         }
+        Ok((bytes, outcome))
+    };
+    let Some(output) = output else {
+        let outcomes = (0..names.len())
+            .into_par_iter()
+            .map(|i| restore(i).map(|(_, outcome)| outcome))
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(report_of(&outcomes, verbose));
+    };
+    let specs: Vec<TensorSpec<'_>> = names
+        .iter()
+        .map(|&name| {
+            let tensor = &manifest.tensors[name];
+            TensorSpec {
+                name,
+                dtype: tensor.dtype.to_safetensors(),
+                shape: &tensor.shape,
+                byte_len: tensor.shape.iter().product::<usize>() * tensor.dtype.size_bytes(),
+            }
+        })
+        .collect();
+    let outcomes = write_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
+    let restored: Vec<(String, CacheDtype, Vec<usize>)> = names
+        .iter()
+        .map(|&name| (name.clone(), manifest.tensors[name].dtype, manifest.tensors[name].shape.clone()))
+        .collect();
+    let model_name = manifest.input_metadata.get("model_name").map_or("", String::as_str);
+    let sidecar = match Sidecar::read_beside(input)? {
+        Some(sidecar) => Some(sidecar),
+        None => Sidecar::infer(&restored, model_name),
+    };
+    if let Some(sidecar) = sidecar {
+        sidecar.write(&sidecar_path(output))?;
     }
-    Ok(report)
+    Ok(report_of(&outcomes, verbose))
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
@@ -225,10 +221,14 @@ fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
     )
 }
 
-fn log_tensor(index: usize, total: usize, name: &str, m: &TensorMetrics, values: usize, stored: usize) {
+fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
+    let m = &outcome.metrics;
     eprintln!(
-        "kv-compress: [{}/{total}] {name}: {values} values -> {stored} bytes, rmse {:.6}, snr {:.2} dB, cosine {:.6}, max error {:.6}",
+        "kv-compress: [{}/{total}] {}: {} values -> {} bytes, rmse {:.6}, snr {:.2} dB, cosine {:.6}, max error {:.6}",
         index + 1,
+        outcome.name,
+        outcome.values,
+        outcome.stored_bytes,
         m.rmse,
         m.snr_db,
         m.cosine,

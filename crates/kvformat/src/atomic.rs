@@ -56,11 +56,16 @@ fn same_inode(_: &Path, _: &Path) -> bool {
     false
 }
 
+/// The error of a failed write to the file that will become `path`.
+pub fn write_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, "write", e)
+}
+
 /// Runs `fill` on a buffered writer to a temp file beside `path`, then makes
 /// it `path` atomically. If `fill` fails the temp file is removed.
 pub fn write_atomically<F>(path: &Path, fill: F) -> Result<()>
 where
-    F: FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
+    F: FnOnce(&mut BufWriter<&File>) -> Result<()>,
 {
     ensure_output_dir(path)?;
     let dir = parent_dir(path);
@@ -71,9 +76,8 @@ where
         .map_err(|e| Error::io(&dir, "create a temporary file in", e))?;
     {
         let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, temp.as_file());
-        fill(&mut writer)
-            .and_then(|()| writer.flush())
-            .map_err(|e| Error::io(temp.path(), "write", e))?;
+        fill(&mut writer)?;
+        writer.flush().map_err(|e| Error::io(temp.path(), "write", e))?;
     }
     temp.as_file().sync_all().map_err(|e| Error::io(temp.path(), "fsync", e))?;
     temp.persist(path).map_err(|e| Error::io(path, "rename the finished file onto", e.error))?;
@@ -94,8 +98,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
         let result = write_atomically(&target, |w| {
-            w.write_all(b"partial")?;
-            Err(std::io::Error::other("simulated failure"))
+            w.write_all(b"partial").map_err(write_error(&target))?;
+            Err(write_error(&target)(std::io::Error::other("simulated failure")))
         });
         assert!(result.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -106,7 +110,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
         std::fs::write(&target, b"old").unwrap();
-        write_atomically(&target, |w| w.write_all(b"new contents")).unwrap();
+        write_atomically(&target, |w| w.write_all(b"new contents").map_err(write_error(&target))).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

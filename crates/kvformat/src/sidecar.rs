@@ -65,7 +65,9 @@ impl Sidecar {
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut json = serde_json::to_vec_pretty(self).expect("sidecar serializes");
         json.push(b'\n');
-        crate::atomic::write_atomically(path, |w| std::io::Write::write_all(w, &json))
+        crate::atomic::write_atomically(path, |w| {
+            std::io::Write::write_all(w, &json).map_err(crate::atomic::write_error(path))
+        })
     }
 
     /// Derives the sidecar of a cache from its tensors: `layer_{i}_key` /

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, Result, TensorProblem};
@@ -132,23 +133,95 @@ pub struct OutputTensor<'a> {
     pub data: &'a [u8],
 }
 
+/// A tensor whose bytes are produced while the file is written.
+#[derive(Clone, Copy, Debug)]
+pub struct TensorSpec<'a> {
+    pub name: &'a str,
+    pub dtype: Dtype,
+    pub shape: &'a [usize],
+    pub byte_len: usize,
+}
+
 /// Writes a safetensors file atomically (see [`crate::atomic`]): tensors in
 /// name order, `__metadata__` only when non-empty, header padded with spaces to
-/// 8 bytes as Python's writer does. The header is checked by the
-/// `safetensors` crate's own validation before anything is written.
+/// 8 bytes as Python's writer does.
 pub fn write_tensor_file(path: &Path, tensors: &[OutputTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut sorted: Vec<&OutputTensor<'_>> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(b.name));
+    let specs: Vec<TensorSpec<'_>> = sorted
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            byte_len: t.data.len(),
+        })
+        .collect();
+    let header = header_bytes_for(path, &specs, metadata)?;
+    crate::atomic::write_atomically(path, |writer| {
+        writer.write_all(&header).map_err(crate::atomic::write_error(path))?;
+        for tensor in &sorted {
+            writer.write_all(tensor.data).map_err(crate::atomic::write_error(path))?;
+        }
+        Ok(())
+    })
+}
+
+/// Like [`write_tensor_file`], but each tensor's bytes come from
+/// `produce(index into specs)`, run in parallel a few tensors at a time and
+/// written in name order, so only the tensors in flight are ever in memory.
+/// Returns each tensor's by-product `T`, in `specs` order. An error from
+/// `produce` aborts the write and leaves no file.
+pub fn write_tensor_file_streaming<T, F>(
+    path: &Path,
+    specs: &[TensorSpec<'_>],
+    metadata: &BTreeMap<String, String>,
+    produce: F,
+) -> Result<Vec<T>>
+where
+    T: Send,
+    F: Fn(usize) -> Result<(Vec<u8>, T)> + Sync,
+{
+    let mut order: Vec<usize> = (0..specs.len()).collect();
+    order.sort_by(|&a, &b| specs[a].name.cmp(specs[b].name));
+    let sorted: Vec<TensorSpec<'_>> = order.iter().map(|&i| specs[i]).collect();
+    let header = header_bytes_for(path, &sorted, metadata)?;
+    let mut by_products: Vec<Option<T>> = specs.iter().map(|_| None).collect();
+    crate::atomic::write_atomically(path, |writer| {
+        writer.write_all(&header).map_err(crate::atomic::write_error(path))?;
+        for batch in order.chunks(rayon::current_num_threads().max(1)) {
+            let produced: Vec<Result<(Vec<u8>, T)>> = batch.par_iter().map(|&i| produce(i)).collect();
+            for (&index, result) in batch.iter().zip(produced) {
+                let (bytes, by_product) = result?;
+                let spec = &specs[index];
+                if bytes.len() != spec.byte_len {
+                    return Err(Error::Structure {
+                        path: path.into(),
+                        problem: format!("{}: produced {} bytes for a {}-byte tensor", spec.name, bytes.len(), spec.byte_len),
+                    });
+                }
+                writer.write_all(&bytes).map_err(crate::atomic::write_error(path))?;
+                by_products[index] = Some(by_product);
+            }
+        }
+        Ok(())
+    })?;
+    Ok(by_products.into_iter().map(|b| b.expect("every tensor was produced")).collect())
+}
+
+/// Length prefix and header JSON for `specs` (already in file order), checked
+/// by the `safetensors` crate's own validation before anything is written.
+fn header_bytes_for(path: &Path, specs: &[TensorSpec<'_>], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut offset = 0usize;
-    let mut infos = Vec::with_capacity(sorted.len());
-    for tensor in &sorted {
+    let mut infos = Vec::with_capacity(specs.len());
+    for spec in specs {
         let info = safetensors::tensor::TensorInfo {
-            dtype: tensor.dtype,
-            shape: tensor.shape.to_vec(),
-            data_offsets: (offset, offset + tensor.data.len()),
+            dtype: spec.dtype,
+            shape: spec.shape.to_vec(),
+            data_offsets: (offset, offset + spec.byte_len),
         };
-        offset += tensor.data.len();
-        infos.push((tensor.name.to_string(), info));
+        offset += spec.byte_len;
+        infos.push((spec.name.to_string(), info));
     }
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
@@ -163,14 +236,9 @@ pub fn write_tensor_file(path: &Path, tensors: &[OutputTensor<'_>], metadata: &B
     })?;
     let mut header_json = serde_json::to_vec(&header).expect("JSON map serializes");
     header_json.resize(header_json.len().next_multiple_of(HEADER_LENGTH_BYTES), b' ');
-    crate::atomic::write_atomically(path, |writer| {
-        writer.write_all(&(header_json.len() as u64).to_le_bytes())?;
-        writer.write_all(&header_json)?;
-        for tensor in &sorted {
-            writer.write_all(tensor.data)?;
-        }
-        Ok(())
-    })
+    let mut bytes = (header_json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header_json);
+    Ok(bytes)
 }
 
 /// Turns the crate's error into one that names the file (and tensor, where known).
