@@ -3,10 +3,9 @@
 
 use kv_compress::flags::{self, Command, Options, GROUP_SIZE_RANGE};
 use kvformat::metrics::Report;
-use kvformat::packed::{MANIFEST_CRC_KEY, MANIFEST_KEY};
 use kvformat::KvCache;
-use serde_json::Value;
 
+use crate::checksums::with_fixed_checksums;
 use crate::scratch::ScratchDir;
 
 /// Runs `kv-compress -decompress -input IN -output OUT` on `bytes` after
@@ -30,38 +29,6 @@ pub fn decompress(bytes: &[u8]) -> Result<Report, kv_compress::Error> {
     let restored = KvCache::open(&output).expect("the restored file is a KV cache");
     assert_eq!(restored.tensors().count(), report.num_tensors);
     Ok(report)
-}
-
-/// A checksum-carrying input with its checksums recomputed, so mutations get
-/// past them to the manifest and payload decoders (a fuzzer cannot forge a
-/// CRC-32 by chance; the checksum checks themselves are covered by tests).
-/// Bytes that are not a safetensors file with a parsable manifest come back unchanged.
-pub fn with_fixed_checksums(bytes: &[u8]) -> Vec<u8> {
-    fix_checksums(bytes).unwrap_or_else(|| bytes.to_vec())
-}
-
-fn fix_checksums(bytes: &[u8]) -> Option<Vec<u8>> {
-    let header_len = usize::try_from(u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?)).ok()?;
-    let header_end = header_len.checked_add(8)?;
-    let mut header: Value = serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
-    let data = &bytes[header_end..];
-    let mut manifest: Value = serde_json::from_str(header.get("__metadata__")?.get(MANIFEST_KEY)?.as_str()?).ok()?;
-    for (name, entry) in manifest.get_mut("tensors")?.as_object_mut()? {
-        let offsets = header.get(name).and_then(|t| t.get("data_offsets")).and_then(Value::as_array);
-        let range = offsets.and_then(|o| Some(usize::try_from(o.first()?.as_u64()?).ok()?..usize::try_from(o.get(1)?.as_u64()?).ok()?));
-        if let (Some(stored), Some(entry)) = (range.and_then(|r| data.get(r)), entry.as_object_mut()) {
-            entry.insert("crc32".into(), crc32fast::hash(stored).into());
-        }
-    }
-    let manifest_json = serde_json::to_string(&manifest).ok()?;
-    let metadata = header.get_mut("__metadata__")?.as_object_mut()?;
-    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())).into());
-    metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
-    let header_json = serde_json::to_vec(&header).ok()?;
-    let mut fixed = (header_json.len() as u64).to_le_bytes().to_vec();
-    fixed.extend_from_slice(&header_json);
-    fixed.extend_from_slice(data);
-    Some(fixed)
 }
 
 /// Parses `bytes` as a command line (arguments separated by NUL, which no

@@ -6,6 +6,7 @@ use kvformat::codec::CodecParams;
 use kvformat::packed::{pack_tensor, PackedFile};
 use kvformat::{KvCache, Sidecar};
 
+use crate::checksums::with_fixed_checksums;
 use crate::scratch::ScratchDir;
 
 /// Opens `bytes` as a KV cache, reads every tensor and compresses it with
@@ -38,12 +39,12 @@ pub fn read_sidecar(bytes: &[u8]) -> kvformat::Result<Sidecar> {
     Ok(sidecar)
 }
 
-/// Opens `bytes` as a packed file and unpacks every tensor: each one that
-/// unpacks has exactly as many values as its manifest shape. Returns the
-/// number of tensors.
+/// Opens `bytes` (after [`with_fixed_checksums`]) as a packed file and
+/// unpacks every tensor: each one that unpacks has exactly as many values as
+/// its manifest shape. Returns the number of tensors.
 pub fn read_packed(bytes: &[u8]) -> kvformat::Result<usize> {
     let scratch = ScratchDir::new();
-    let packed = PackedFile::open(&scratch.file("input.safetensors", bytes))?;
+    let packed = PackedFile::open(&scratch.file("input.safetensors", &with_fixed_checksums(bytes)))?;
     for (name, tensor) in &packed.manifest().tensors {
         let values = packed.unpack(name)?;
         assert_eq!(values.len(), tensor.shape.iter().product::<usize>(), "{name}: values do not fill the shape");

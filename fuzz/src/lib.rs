@@ -5,6 +5,8 @@
 //! libFuzzer in them, so the regression tests of those crates include them
 //! (`#[path]`) and replay every saved input through exactly this code.
 
+pub mod checksums;
 pub mod cli_inputs;
 pub mod format_inputs;
+pub mod regressions;
 pub mod scratch;
