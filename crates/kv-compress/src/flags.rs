@@ -410,7 +410,7 @@ mod tests {
 
     #[test]
     fn double_dash_ends_the_flags() {
-        assert_eq!(options(&["-verbose", "--"]).verbose, true);
+        assert!(options(&["-verbose", "--"]).verbose);
         assert_eq!(run(&["--", "-verbose"]), Err(FlagError::Positional("-verbose".into())));
     }
 

@@ -136,7 +136,7 @@ mod tests {
 
     #[test]
     fn unaligned_f32_bytes_are_copied_not_misread() {
-        let mut buffer = vec![0u8; 9];
+        let mut buffer = [0u8; 9];
         buffer[1..5].copy_from_slice(&1.5f32.to_le_bytes());
         buffer[5..9].copy_from_slice(&(-7.25f32).to_le_bytes());
         assert_eq!(&*CacheDtype::F32.to_f32(&buffer[1..]), &[1.5, -7.25]);
