@@ -34,7 +34,7 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
     let bytes_per_chunk = CODES_PER_CHUNK / 8 * usize::from(bits);
     out.par_chunks_mut(CODES_PER_CHUNK)
         .zip(packed.par_chunks(bytes_per_chunk))
-        .for_each(|(out, packed)| unpack_chunk(packed, bits, out));
+        .for_each(|(out, packed)| unpack_serial(packed, bits, out));
 }
 
 /// [`pack`] on the calling thread, for callers that parallelize themselves.
@@ -54,7 +54,8 @@ pub fn pack_serial(codes: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
-fn unpack_chunk(packed: &[u8], bits: u8, out: &mut [u8]) {
+/// [`unpack`] on the calling thread, for callers that parallelize themselves.
+pub fn unpack_serial(packed: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(packed),
         4 => {

@@ -240,15 +240,21 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
     let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
 
     let range = params.code_range();
-    let hot_path = match (params.grid, &grouped_mask) {
-        (Grid::Symmetric, None) => quantizer::quantize_symmetric_f16_packed(&grouped, &plan.geometry, range),
-        _ => None,
-    };
-    let (group_params, packed_codes) = hot_path.unwrap_or_else(|| {
-        let group_params = quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
-        let codes = quantizer::quantize(&grouped, grouped_mask.as_deref(), &plan.geometry, range, &group_params);
-        (group_params, packed(&codes, params.bits))
-    });
+    if params.grid == Grid::Symmetric && grouped_mask.is_none() {
+        let sections = Sections::new(&plan, params, ScaleDtype::F16)?;
+        let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];
+        let codes_start = payload.len() - sections.codes;
+        let hot = quantizer::quantize_symmetric_f16_packed(&grouped, &plan.geometry, range, &mut payload[codes_start..]);
+        if let Some(group_params) = hot {
+            let mut head = Vec::with_capacity(codes_start);
+            write_scales(&group_params.scales, ScaleDtype::F16, &mut head);
+            kept_tokens::write(&kept_values, &mut head)?;
+            payload[..codes_start].copy_from_slice(&head);
+            return Ok(Encoded { payload, layout: Layout { scale_dtype: ScaleDtype::F16 } });
+        }
+    }
+    let group_params = quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
+    let codes = quantizer::quantize(&grouped, grouped_mask.as_deref(), &plan.geometry, range, &group_params);
 
     let sections = Sections::new(&plan, params, group_params.dtype)?;
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
@@ -258,7 +264,7 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
     if let Some(mask) = &kept_mask {
         payload.extend_from_slice(&packed(&mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(), 1));
     }
-    payload.extend_from_slice(&packed_codes);
+    payload.extend_from_slice(&packed(&codes, params.bits));
     debug_assert_eq!(Some(payload.len()), sections.total());
     Ok(Encoded { payload, layout: Layout { scale_dtype: group_params.dtype } })
 }
@@ -285,6 +291,17 @@ pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &La
         offsets: read_offsets(offset_bytes, layout.scale_dtype)?,
     };
     let kept_values = kept_tokens::read(kept_bytes)?;
+    let range = params.code_range();
+
+    // ADR-002 and other plain symmetric tensors: codes straight into the output.
+    let plain = params.sparsity == 0.0 && params.rotation_seed.is_none() && plan.keeps_no_tokens();
+    if plain && params.grid == Grid::Symmetric && plan.axis != Axis::Channel {
+        let mut values = vec![0f32; plan.total_count()];
+        if quantizer::dequantize_symmetric_packed(code_bytes, &plan.geometry, range, &group_params.scales, &mut values) {
+            return Ok(values);
+        }
+    }
+
     let kept_mask = (params.sparsity > 0.0)
         .then(|| read_bitmap(bitmap_bytes, plan.quantized_count(), sections.code_count))
         .transpose()?;
@@ -293,7 +310,7 @@ pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &La
 
     let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
     let mut grouped = vec![0f32; plan.quantized_count()];
-    quantizer::dequantize(&codes, grouped_mask.as_deref(), &plan.geometry, params.code_range(), &group_params, &mut grouped);
+    quantizer::dequantize(&codes, grouped_mask.as_deref(), &plan.geometry, range, &group_params, &mut grouped);
     let mut quantized = plan.from_group_order(grouped);
     if let Some(seed) = params.rotation_seed {
         rotation::unrotate(&mut quantized, &rotation::signs(seed, plan.head_dim));
@@ -421,6 +438,32 @@ mod tests {
             assert_eq!(scale, big_or_tiny / 7.0);
             let decoded = decode(&encoded.payload, &[4], &CodecParams::adr002(2), &encoded.layout).unwrap();
             assert_eq!(&decoded[2..], [7.0 * scale, -7.0 * scale]);
+        }
+    }
+
+    /// The fused symmetric paths must produce exactly what the general
+    /// group-by-group path does, with many tasks, aligned or not (5-value
+    /// tokens in groups of 2 put task starts mid-byte at 3 bits).
+    #[test]
+    fn fused_symmetric_paths_match_the_general_path() {
+        for (bits, axis, head_dim, group_size) in [(4, Axis::Flat, 64, 64), (3, Axis::Token, 5, 2), (2, Axis::Token, 8, 3), (8, Axis::Token, 5, 2)] {
+            let shape = [1, 2, 700, head_dim];
+            let count = 2 * 700 * head_dim;
+            let values: Vec<f32> = (0..count).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01).collect();
+            let params = CodecParams { bits, axis, ..CodecParams::adr002(group_size) };
+            let plan = Plan::new(&shape, &params).unwrap();
+            let range = params.code_range();
+            let general = quantizer::group_params(&values, None, &plan.geometry, range);
+            let codes = quantizer::quantize(&values, None, &plan.geometry, range, &general);
+            let mut expected = Vec::new();
+            write_scales(&general.scales, general.dtype, &mut expected);
+            expected.extend_from_slice(&packed(&codes, bits));
+
+            let encoded = encode(&values, &shape, &params).unwrap();
+            assert_eq!(encoded.payload, expected, "{bits} bits, {axis:?}, D {head_dim}, g {group_size}");
+            let mut expected_values = vec![0f32; count];
+            quantizer::dequantize(&codes, None, &plan.geometry, range, &general, &mut expected_values);
+            assert_eq!(decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap(), expected_values);
         }
     }
 

@@ -237,7 +237,16 @@ fn symmetric_code(x: f32, scale: f32, qmin: i32, qmax: i32) -> u8 {
     let t = x / scale;
     let t = if t < (qmin - 1) as f32 { (qmin - 1) as f32 } else { t };
     let t = if t > (qmax + 1) as f32 { (qmax + 1) as f32 } else { t };
-    (round_half_away_f32(t).clamp(qmin, qmax) - qmin) as u8
+    (round_half_away_f32(t).max(qmin).min(qmax) - qmin) as u8
+}
+
+/// Symmetric codes of a whole run of values. A separate function with every
+/// loop invariant passed by value, so the compiler sees they cannot alias
+/// `codes` and vectorizes the loop.
+fn symmetric_codes(values: &[f32], scale: f32, qmin: i32, qmax: i32, codes: &mut [u8]) {
+    for (code, &x) in codes.iter_mut().zip(values) {
+        *code = symmetric_code(x, scale, qmin, qmax);
+    }
 }
 
 /// Asymmetric code: `clamp(round((x - offset) / scale), 0, 2^b - 1)` in f64.
@@ -259,9 +268,7 @@ fn quantize_group(
     match (range.grid, kept) {
         (Grid::Symmetric, None) => {
             let (qmin, qmax) = range.symmetric_codes();
-            for (code, &x) in codes.iter_mut().zip(values) {
-                *code = symmetric_code(x, scale, qmin, qmax);
-            }
+            symmetric_codes(values, scale, qmin, qmax, codes);
         }
         (Grid::Symmetric, Some(kept)) => {
             let (qmin, qmax) = range.symmetric_codes();
@@ -294,12 +301,7 @@ fn dequantize_group(
     out: &mut [f32],
 ) {
     match (range.grid, kept) {
-        (Grid::Symmetric, None) => {
-            let bias = range.symmetric_bias();
-            for (x, &code) in out.iter_mut().zip(codes) {
-                *x = (i32::from(code) - bias) as f32 * scale;
-            }
-        }
+        (Grid::Symmetric, None) => symmetric_values(codes, scale, range.symmetric_bias(), out),
         (grid, kept) => {
             let mut codes = codes.iter();
             for (i, x) in out.iter_mut().enumerate() {
@@ -368,34 +370,48 @@ fn split_at_bounds<'a, T>(mut data: &'a mut [T], bounds: &[usize]) -> Vec<&'a mu
     parts
 }
 
+/// Work items of the fused symmetric paths: value and packed-byte bounds of
+/// every task, or `None` when some task would start mid-byte.
+struct PackedTasks {
+    values: Vec<usize>,
+    bytes: Vec<usize>,
+}
+
+impl PackedTasks {
+    fn new(geometry: &GroupGeometry, bits: u8) -> Option<Self> {
+        let bits = usize::from(bits);
+        let group_starts: Vec<usize> = (0..=geometry.group_count()).map(|group| geometry.range_start(group)).collect();
+        let values = task_bounds(&group_starts);
+        let (_, starts) = values.split_last().expect("bounds hold at least the total");
+        if starts.iter().any(|&start| start * bits % 8 != 0) {
+            return None;
+        }
+        let bytes = values.iter().map(|&start| (start * bits).div_ceil(8)).collect();
+        Some(PackedTasks { values, bytes })
+    }
+}
+
 /// The ADR-002 hot path (symmetric grid, nothing dropped, FP16 scales): each
 /// task computes its groups' scales, codes and packed bytes in one pass while
-/// the values are in cache. Returns `None` when it does not apply (a task
-/// would start mid-byte, or some scale does not fit f16); the general path
-/// then handles the tensor, F32 scales included.
+/// the values are in cache, writing the codes into `packed`. Returns `None`
+/// when it does not apply (a task would start mid-byte, or some scale does
+/// not fit f16); the general path then handles the tensor, F32 scales included.
 pub(crate) fn quantize_symmetric_f16_packed(
     values: &[f32],
     geometry: &GroupGeometry,
     range: CodeRange,
-) -> Option<(GroupParams, Vec<u8>)> {
-    let bits = usize::from(range.bits);
-    let group_starts: Vec<usize> = (0..=geometry.group_count()).map(|group| geometry.range_start(group)).collect();
-    let value_bounds = task_bounds(&group_starts);
-    let (last, starts) = value_bounds.split_last().expect("bounds hold at least the total");
-    if starts.iter().any(|&start| start * bits % 8 != 0) {
-        return None;
-    }
-    let byte_bounds: Vec<usize> = value_bounds.iter().map(|&start| (start * bits).div_ceil(8)).collect();
-    let mut packed = vec![0u8; (last * bits).div_ceil(8)];
+    packed: &mut [u8],
+) -> Option<GroupParams> {
+    let tasks = PackedTasks::new(geometry, range.bits)?;
     let mut scales = vec![0f32; geometry.group_count()];
     let (qmin, qmax) = range.symmetric_codes();
-    let all_fit_f16 = split_at_bounds(&mut packed, &byte_bounds)
+    let all_fit_f16 = split_at_bounds(packed, &tasks.bytes)
         .into_par_iter()
         .zip(scales.par_chunks_mut(GROUPS_PER_TASK))
         .enumerate()
         .all(|(task, (task_packed, task_scales))| {
-            let task_start = value_bounds[task];
-            let mut codes = vec![0u8; value_bounds[task + 1] - task_start];
+            let task_start = tasks.values[task];
+            let mut codes = vec![0u8; tasks.values[task + 1] - task_start];
             for (group, scale_slot) in (task * GROUPS_PER_TASK..).zip(task_scales.iter_mut()) {
                 let span = geometry.range(group);
                 let exact = ExactParams::new(range, Extremes::MaxAbs(max_abs(&values[span.clone()])));
@@ -404,15 +420,51 @@ pub(crate) fn quantize_symmetric_f16_packed(
                 };
                 *scale_slot = scale;
                 let group_codes = &mut codes[span.start - task_start..span.end - task_start];
-                for (code, &x) in group_codes.iter_mut().zip(&values[span]) {
-                    *code = symmetric_code(x, scale, qmin, qmax);
-                }
+                symmetric_codes(&values[span], scale, qmin, qmax, group_codes);
             }
             bitpack::pack_serial(&codes, range.bits, task_packed);
             true
         });
-    let params = GroupParams { dtype: ScaleDtype::F16, scales, offsets: Vec::new() };
-    all_fit_f16.then_some((params, packed))
+    all_fit_f16.then_some(GroupParams { dtype: ScaleDtype::F16, scales, offsets: Vec::new() })
+}
+
+/// Decoding's counterpart of [`quantize_symmetric_f16_packed`] (any scale
+/// dtype): unpacks and scales each task's codes straight into `out`, which is
+/// in group order. Returns `false`, touching nothing, when tasks would start
+/// mid-byte.
+pub(crate) fn dequantize_symmetric_packed(
+    packed: &[u8],
+    geometry: &GroupGeometry,
+    range: CodeRange,
+    scales: &[f32],
+    out: &mut [f32],
+) -> bool {
+    let Some(tasks) = PackedTasks::new(geometry, range.bits) else {
+        return false;
+    };
+    let bias = range.symmetric_bias();
+    split_at_bounds(out, &tasks.values)
+        .into_par_iter()
+        .zip(scales.par_chunks(GROUPS_PER_TASK))
+        .enumerate()
+        .for_each(|(task, (task_out, task_scales))| {
+            let task_start = tasks.values[task];
+            let mut codes = vec![0u8; task_out.len()];
+            bitpack::unpack_serial(&packed[tasks.bytes[task]..tasks.bytes[task + 1]], range.bits, &mut codes);
+            for (group, &scale) in (task * GROUPS_PER_TASK..).zip(task_scales) {
+                let span = geometry.range(group);
+                let local = span.start - task_start..span.end - task_start;
+                symmetric_values(&codes[local.clone()], scale, bias, &mut task_out[local]);
+            }
+        });
+    true
+}
+
+/// `(code - bias) * scale` for a run of codes; loop invariants by value so it vectorizes.
+fn symmetric_values(codes: &[u8], scale: f32, bias: i32, out: &mut [f32]) {
+    for (x, &code) in out.iter_mut().zip(codes) {
+        *x = (i32::from(code) - bias) as f32 * scale;
+    }
 }
 
 /// Unsigned codes of all kept values, group by group.
