@@ -93,10 +93,14 @@ fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
             Extremes::MaxAbs(kept_values.fold(0.0, |max, (&x, _)| larger(max, x.abs())))
         }
         (Grid::Asymmetric, kept) => {
-            let kept_values = values.iter().enumerate().filter(|&(i, _)| kept.is_none_or(|kept| kept[i]));
-            let (min, max) = kept_values.fold((f32::INFINITY, f32::NEG_INFINITY), |(min, max), (_, &x)| {
-                (if x < min { x } else { min }, larger(max, x))
-            });
+            let kept_values = values
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| kept.is_none_or(|kept| kept[i]));
+            let (min, max) = kept_values
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(min, max), (_, &x)| {
+                    (if x < min { x } else { min }, larger(max, x))
+                });
             if min > max {
                 Extremes::MinMax { min: 0.0, max: 0.0 }
             } else {
@@ -130,7 +134,10 @@ fn max_abs(values: &[f32]) -> f32 {
             lanes[lane] = larger(chunk[lane].abs(), lanes[lane]);
         }
     }
-    lanes.iter().chain(tail).fold(0.0, |max, &x| larger(x.abs(), max))
+    lanes
+        .iter()
+        .chain(tail)
+        .fold(0.0, |max, &x| larger(x.abs(), max))
 }
 
 /// The f16 a finite f32 rounds to, if that is zero or a normal f16.
@@ -151,17 +158,28 @@ struct ExactParams {
 impl ExactParams {
     fn new(range: CodeRange, extremes: Extremes) -> Self {
         match extremes {
-            Extremes::MaxAbs(max_abs) => ExactParams { scale: max_abs / range.symmetric_max(), offset: 0.0 },
+            Extremes::MaxAbs(max_abs) => ExactParams {
+                scale: max_abs / range.symmetric_max(),
+                offset: 0.0,
+            },
             Extremes::MinMax { min, max } => {
                 let spread = f64::from(max) - f64::from(min);
-                let scale = if spread == 0.0 { 0.0 } else { (spread / range.asymmetric_max()) as f32 };
+                let scale = if spread == 0.0 {
+                    0.0
+                } else {
+                    (spread / range.asymmetric_max()) as f32
+                };
                 ExactParams { scale, offset: min }
             }
         }
     }
 
     fn stored_f16(self) -> Option<(f32, f32)> {
-        let scale = if self.scale == 0.0 { ZERO_GROUP_SCALE } else { to_normal_f16(self.scale, false)? };
+        let scale = if self.scale == 0.0 {
+            ZERO_GROUP_SCALE
+        } else {
+            to_normal_f16(self.scale, false)?
+        };
         Some((scale, to_normal_f16(self.offset, true)?))
     }
 
@@ -196,14 +214,21 @@ pub(crate) fn group_params(
     let as_f16: Option<Vec<(f32, f32)>> = exact.par_iter().map(|p| p.stored_f16()).collect();
     let (dtype, stored) = match as_f16 {
         Some(stored) => (ScaleDtype::F16, stored),
-        None => (ScaleDtype::F32, exact.par_iter().map(|p| p.stored_f32()).collect()),
+        None => (
+            ScaleDtype::F32,
+            exact.par_iter().map(|p| p.stored_f32()).collect(),
+        ),
     };
     let (scales, offsets): (Vec<f32>, Vec<f32>) = stored.into_iter().unzip();
     let offsets = match range.grid {
         Grid::Symmetric => Vec::new(),
         Grid::Asymmetric => offsets,
     };
-    GroupParams { dtype, scales, offsets }
+    GroupParams {
+        dtype,
+        scales,
+        offsets,
+    }
 }
 
 /// `1.5 * 2^23`: adding it to |t| <= 2^22 leaves the f32 with ulp 1, so the
@@ -235,8 +260,16 @@ fn round_half_away_f64(t: f64) -> f64 {
 fn symmetric_code(x: f32, scale: f32, qmin: i32, qmax: i32) -> u8 {
     // Clamping first keeps the truncation in i32 range; the result is the same.
     let t = x / scale;
-    let t = if t < (qmin - 1) as f32 { (qmin - 1) as f32 } else { t };
-    let t = if t > (qmax + 1) as f32 { (qmax + 1) as f32 } else { t };
+    let t = if t < (qmin - 1) as f32 {
+        (qmin - 1) as f32
+    } else {
+        t
+    };
+    let t = if t > (qmax + 1) as f32 {
+        (qmax + 1) as f32
+    } else {
+        t
+    };
     (round_half_away_f32(t).max(qmin).min(qmax) - qmin) as u8
 }
 
@@ -311,7 +344,9 @@ fn dequantize_group(
                 };
                 *x = match (code, grid) {
                     (None, _) => 0.0,
-                    (Some(&code), Grid::Symmetric) => (i32::from(code) - range.symmetric_bias()) as f32 * scale,
+                    (Some(&code), Grid::Symmetric) => {
+                        symmetric_value(code, scale, range.symmetric_bias())
+                    }
                     (Some(&code), Grid::Asymmetric) => asymmetric_value(code, scale, offset),
                 };
             }
@@ -380,13 +415,18 @@ struct PackedTasks {
 impl PackedTasks {
     fn new(geometry: &GroupGeometry, bits: u8) -> Option<Self> {
         let bits = usize::from(bits);
-        let group_starts: Vec<usize> = (0..=geometry.group_count()).map(|group| geometry.range_start(group)).collect();
+        let group_starts: Vec<usize> = (0..=geometry.group_count())
+            .map(|group| geometry.range_start(group))
+            .collect();
         let values = task_bounds(&group_starts);
         let (_, starts) = values.split_last().expect("bounds hold at least the total");
         if starts.iter().any(|&start| start * bits % 8 != 0) {
             return None;
         }
-        let bytes = values.iter().map(|&start| (start * bits).div_ceil(8)).collect();
+        let bytes = values
+            .iter()
+            .map(|&start| (start * bits).div_ceil(8))
+            .collect();
         Some(PackedTasks { values, bytes })
     }
 }
@@ -414,7 +454,8 @@ pub(crate) fn quantize_symmetric_f16_packed(
             let mut codes = vec![0u8; tasks.values[task + 1] - task_start];
             for (group, scale_slot) in (task * GROUPS_PER_TASK..).zip(task_scales.iter_mut()) {
                 let span = geometry.range(group);
-                let exact = ExactParams::new(range, Extremes::MaxAbs(max_abs(&values[span.clone()])));
+                let exact =
+                    ExactParams::new(range, Extremes::MaxAbs(max_abs(&values[span.clone()])));
                 let Some((scale, _)) = exact.stored_f16() else {
                     return false;
                 };
@@ -425,7 +466,11 @@ pub(crate) fn quantize_symmetric_f16_packed(
             bitpack::pack_serial(&codes, range.bits, task_packed);
             true
         });
-    all_fit_f16.then_some(GroupParams { dtype: ScaleDtype::F16, scales, offsets: Vec::new() })
+    all_fit_f16.then_some(GroupParams {
+        dtype: ScaleDtype::F16,
+        scales,
+        offsets: Vec::new(),
+    })
 }
 
 /// Decoding's counterpart of [`quantize_symmetric_f16_packed`] (any scale
@@ -450,7 +495,11 @@ pub(crate) fn dequantize_symmetric_packed(
         .for_each(|(task, (task_out, task_scales))| {
             let task_start = tasks.values[task];
             let mut codes = vec![0u8; task_out.len()];
-            bitpack::unpack_serial(&packed[tasks.bytes[task]..tasks.bytes[task + 1]], range.bits, &mut codes);
+            bitpack::unpack_serial(
+                &packed[tasks.bytes[task]..tasks.bytes[task + 1]],
+                range.bits,
+                &mut codes,
+            );
             for (group, &scale) in (task * GROUPS_PER_TASK..).zip(task_scales) {
                 let span = geometry.range(group);
                 let local = span.start - task_start..span.end - task_start;
@@ -463,8 +512,15 @@ pub(crate) fn dequantize_symmetric_packed(
 /// `(code - bias) * scale` for a run of codes; loop invariants by value so it vectorizes.
 fn symmetric_values(codes: &[u8], scale: f32, bias: i32, out: &mut [f32]) {
     for (x, &code) in out.iter_mut().zip(codes) {
-        *x = (i32::from(code) - bias) as f32 * scale;
+        *x = symmetric_value(code, scale, bias);
     }
+}
+
+/// `(code - bias) * scale`, clamped to the finite f32 range: with `|x|` near
+/// f32::MAX, `qmax * (max|x| / qmax)` can round past it to infinity.
+#[inline]
+fn symmetric_value(code: u8, scale: f32, bias: i32) -> f32 {
+    ((i32::from(code) - bias) as f32 * scale).clamp(-f32::MAX, f32::MAX)
 }
 
 /// Unsigned codes of all kept values, group by group.
@@ -485,10 +541,18 @@ pub(crate) fn quantize(
             let last = (first + GROUPS_PER_TASK).min(geometry.group_count());
             for group in first..last {
                 let span = geometry.range(group);
-                let codes = &mut task_codes[offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
+                let codes = &mut task_codes
+                    [offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
                 let offset = params.offsets.get(group).copied().unwrap_or(0.0);
                 let kept = kept.map(|kept| &kept[span.clone()]);
-                quantize_group(&values[span], kept, range, params.scales[group], offset, codes);
+                quantize_group(
+                    &values[span],
+                    kept,
+                    range,
+                    params.scales[group],
+                    offset,
+                    codes,
+                );
             }
         });
     codes
@@ -543,7 +607,11 @@ mod tests {
             (-0.0, 0.0),
         ] {
             assert_eq!(round_half_away_f32(t) as f32, expected, "round({t})");
-            assert_eq!(round_half_away_f32(t) as f32, t.round(), "matches std for {t}");
+            assert_eq!(
+                round_half_away_f32(t) as f32,
+                t.round(),
+                "matches std for {t}"
+            );
             assert_eq!(round_half_away_f64(f64::from(t)), f64::from(t).round());
         }
         // Every quarter and near-half in the code range, against std's `round`.
@@ -569,15 +637,33 @@ mod tests {
     fn extremes_ignore_dropped_values_and_default_to_zero() {
         let values = [5.0, -1.0, 3.0, -7.0, 0.5, 0.25, 2.0, 1.0, -4.0];
         let all_but_first = [false, true, true, true, true, true, true, true, true];
-        assert_eq!(extremes(&values, None, Grid::Symmetric), Extremes::MaxAbs(7.0));
+        assert_eq!(
+            extremes(&values, None, Grid::Symmetric),
+            Extremes::MaxAbs(7.0)
+        );
         let min_max = extremes(&values, Some(&all_but_first), Grid::Asymmetric);
-        assert_eq!(min_max, Extremes::MinMax { min: -7.0, max: 3.0 });
+        assert_eq!(
+            min_max,
+            Extremes::MinMax {
+                min: -7.0,
+                max: 3.0
+            }
+        );
         let mut kept = [false; 9];
         kept[0] = true;
-        assert_eq!(extremes(&values, Some(&kept), Grid::Symmetric), Extremes::MaxAbs(5.0));
+        assert_eq!(
+            extremes(&values, Some(&kept), Grid::Symmetric),
+            Extremes::MaxAbs(5.0)
+        );
         let none = [false; 9];
-        assert_eq!(extremes(&values, Some(&none), Grid::Symmetric), Extremes::MaxAbs(0.0));
-        assert_eq!(extremes(&values, Some(&none), Grid::Asymmetric), Extremes::MinMax { min: 0.0, max: 0.0 });
+        assert_eq!(
+            extremes(&values, Some(&none), Grid::Symmetric),
+            Extremes::MaxAbs(0.0)
+        );
+        assert_eq!(
+            extremes(&values, Some(&none), Grid::Asymmetric),
+            Extremes::MinMax { min: 0.0, max: 0.0 }
+        );
         assert_eq!(max_abs(&values[1..]), 7.0, "lanes and a tail");
     }
 }
