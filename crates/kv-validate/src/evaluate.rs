@@ -125,6 +125,8 @@ pub struct VariantOutcome {
     pub settings: CompressSettings,
     /// Every scored token, the ones scored on a reconstructed cache included.
     pub nll: NllTotals,
+    /// Only the windows that had a compressed cache (see [`Evaluation::baseline_compressed_windows`]).
+    pub nll_compressed_windows: NllTotals,
     pub metrics: MetricsSummary,
     /// Time inside this variant's `kv-compress` runs (compress + decompress).
     pub compressor_time: Duration,
@@ -154,6 +156,10 @@ impl Timings {
 #[derive(Clone, Debug)]
 pub struct Evaluation {
     pub baseline: NllTotals,
+    /// The baseline over the windows that had a compressed cache only: the
+    /// sliding window's first window has no context, and its many tokens,
+    /// scored alike on both sides, dilute the headline delta.
+    pub baseline_compressed_windows: NllTotals,
     pub variants: Vec<VariantOutcome>,
     pub windows: usize,
     /// Windows with a context cache and more than one target, i.e. where a
@@ -192,11 +198,13 @@ pub fn evaluate(
     let progress = progress_bar(windows.iter().map(Window::scored_len).sum(), options.show_progress);
 
     let mut baseline = NllTotals::default();
+    let mut baseline_compressed_windows = NllTotals::default();
     let mut outcomes: Vec<VariantOutcome> = variants
         .iter()
         .map(|settings| VariantOutcome {
             settings: settings.clone(),
             nll: NllTotals::default(),
+            nll_compressed_windows: NllTotals::default(),
             metrics: MetricsSummary::default(),
             compressor_time: Duration::ZERO,
         })
@@ -233,6 +241,7 @@ pub fn evaluate(
             progress.inc(1);
             continue;
         }
+        baseline_compressed_windows.add_window(&baseline_nlls);
 
         let io_started = Instant::now();
         let cache_path = scratch.path().join("context.safetensors");
@@ -254,6 +263,7 @@ pub fn evaluate(
             let nlls = score_on(model, targets, Some(&reconstructed), first_nll.clone())?;
             timings.model += model_started.elapsed();
             outcome.nll.add_window(&nlls);
+            outcome.nll_compressed_windows.add_window(&nlls);
         }
         windows_compressed += 1;
         tokens_on_cache += targets.len() - 1;
@@ -263,6 +273,7 @@ pub fn evaluate(
     timings.total = started.elapsed();
     Ok(Evaluation {
         baseline,
+        baseline_compressed_windows,
         variants: outcomes,
         windows: windows.len(),
         windows_compressed,

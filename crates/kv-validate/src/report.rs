@@ -42,6 +42,17 @@ pub struct PerplexityFigures {
     pub delta_percent: f64,
     pub baseline_per_window: f64,
     pub compressed_per_window: f64,
+    /// Token-weighted, over the windows that had a compressed cache only
+    /// (absent when none had); the pass/fail decision uses `delta`.
+    pub compressed_windows_only: Option<PerplexityPair>,
+}
+
+/// Baseline and compressed perplexity of the same tokens.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PerplexityPair {
+    pub baseline: f64,
+    pub compressed: f64,
+    pub delta: f64,
 }
 
 /// Seconds of wall time and where they went.
@@ -100,6 +111,15 @@ impl ValidationReport {
                 delta_percent: 100.0 * delta / baseline,
                 baseline_per_window: evaluation.baseline.per_window_perplexity(),
                 compressed_per_window: variant.nll.per_window_perplexity(),
+                compressed_windows_only: (evaluation.windows_compressed > 0).then(|| {
+                    let baseline = evaluation.baseline_compressed_windows.perplexity();
+                    let compressed = variant.nll_compressed_windows.perplexity();
+                    PerplexityPair {
+                        baseline,
+                        compressed,
+                        delta: compressed - baseline,
+                    }
+                }),
             },
             tokens_scored: evaluation.baseline.tokens,
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
@@ -131,8 +151,14 @@ impl ValidationReport {
                 &format!("{:.4} -> {:.4}", p.baseline_per_window, p.compressed_per_window),
             ),
             "  (headline figures are token-weighted; the original averaged per-window means)".to_string(),
-            String::new(),
         ];
+        if let Some(only) = &p.compressed_windows_only {
+            lines.push(field(
+                "Compressed windows only",
+                &format!("{:.4} -> {:.4} (delta {:+.4})", only.baseline, only.compressed, only.delta),
+            ));
+        }
+        lines.push(String::new());
         lines.extend(compression_lines(&self.compression));
         lines.extend([
             String::new(),
@@ -262,9 +288,11 @@ mod tests {
             worst_quality_level: Some(kvformat::metrics::QualityLevel::Poor),
         };
         let evaluation = Evaluation {
+            baseline_compressed_windows: baseline.clone(),
             baseline,
             variants: vec![VariantOutcome {
                 settings: CompressSettings::default(),
+                nll_compressed_windows: compressed.clone(),
                 nll: compressed,
                 metrics,
                 compressor_time: Duration::from_secs(1),
@@ -298,6 +326,8 @@ mod tests {
         assert!((report.perplexity.baseline - 20.0).abs() < 1e-4);
         assert!((report.perplexity.delta - 0.4).abs() < 1e-4);
         assert!((report.perplexity.delta_percent - 2.0).abs() < 1e-3);
+        let only = report.perplexity.compressed_windows_only.as_ref().unwrap();
+        assert!((only.delta - 0.4).abs() < 1e-4);
         assert!(report.passed);
         assert!((report.compression.compression_ratio - 3200.0 / 850.0).abs() < 1e-12);
         assert!((report.timing.compressor_share - 0.1).abs() < 1e-12);

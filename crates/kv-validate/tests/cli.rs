@@ -47,6 +47,10 @@ fn an_exact_reconstruction_scores_exactly_the_baseline() {
     assert_eq!(report["windows"], 2);
     assert_eq!(report["windows_compressed"], 2);
     assert_eq!(report["passed"], true);
+    // Both windows had a cache, so restricting to them changes nothing.
+    let only = &report["perplexity"]["compressed_windows_only"];
+    assert_eq!(only["baseline"], report["perplexity"]["baseline"]);
+    assert_eq!(only["delta"], 0.0);
 }
 
 #[test]

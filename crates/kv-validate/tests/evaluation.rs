@@ -82,8 +82,20 @@ fn baseline_perplexity_equals_a_one_pass_reference() {
         );
         let reference_per_window = (window_means / windows.len() as f64).exp();
         assert!((baseline.per_window_perplexity() / reference_per_window - 1.0).abs() < 1e-4);
+        // The compressed-windows-only totals leave out the context-free window.
+        let with_cache: Vec<f64> = windows
+            .iter()
+            .zip(&reference)
+            .filter(|(window, _)| window.context_len() > 0 && window.target_len() > 1)
+            .flat_map(|(_, nlls)| nlls.iter().copied())
+            .collect();
+        let only = &evaluation.baseline_compressed_windows;
+        assert_eq!(only.tokens, with_cache.len(), "{protocol:?}");
+        let reference_only = (with_cache.iter().sum::<f64>() / with_cache.len() as f64).exp();
+        assert!((only.perplexity() / reference_only - 1.0).abs() < 1e-4);
         // The identity reconstruction scores bit-identically.
         assert_eq!(evaluation.variants[0].nll, evaluation.baseline, "{protocol:?}");
+        assert_eq!(evaluation.variants[0].nll_compressed_windows, *only, "{protocol:?}");
     }
 }
 
