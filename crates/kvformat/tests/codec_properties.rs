@@ -8,13 +8,20 @@
 //! read back out of the payload.
 
 use half::f16;
-use kvformat::codec::{decode, encode, payload_len, Axis, CodecError, CodecParams, Grid, Layout, ScaleDtype};
+use kvformat::codec::{
+    decode, encode, payload_len, Axis, CodecError, CodecParams, Grid, Layout, ScaleDtype,
+};
 use proptest::prelude::*;
 
 /// `[batch, heads, seq, head_dim]` with small dims, or a flat shape.
 fn shapes() -> impl Strategy<Value = Vec<usize>> {
     prop_oneof![
-        (1usize..3, 1usize..4, 0usize..12, prop::sample::select(vec![1usize, 2, 4, 8, 16, 64]))
+        (
+            1usize..3,
+            1usize..4,
+            0usize..12,
+            prop::sample::select(vec![1usize, 2, 4, 8, 16, 64])
+        )
             .prop_map(|(b, h, s, d)| vec![b, h, s, d]),
         prop::collection::vec(1usize..40, 1..3),
     ]
@@ -23,27 +30,41 @@ fn shapes() -> impl Strategy<Value = Vec<usize>> {
 /// Values of one tensor: a base magnitude (tiny, normal, huge or denormal)
 /// with zeros and constant runs mixed in.
 fn values(count: usize) -> impl Strategy<Value = Vec<f32>> {
-    let magnitude = prop::sample::select(vec![1.0f32, 1.0e-3, 3.0e4, 1.0e30, 3.0e38, 1.0e-30, 1.0e-40, 1.0e-44]);
-    (magnitude, prop::collection::vec((-1.0f32..1.0, 0u8..10), count)).prop_map(|(magnitude, raw)| {
-        let mut constant = 0.0;
-        raw.iter()
-            .map(|&(x, kind)| match kind {
-                0 => 0.0,
-                1 => {
-                    constant = if constant == 0.0 { x * magnitude } else { constant };
-                    constant
-                }
-                2 => -0.0,
-                _ => x * magnitude,
-            })
-            .collect()
-    })
+    let magnitude = prop::sample::select(vec![
+        1.0f32, 1.0e-3, 3.0e4, 1.0e30, 3.0e38, 1.0e-30, 1.0e-40, 1.0e-44,
+    ]);
+    (
+        magnitude,
+        prop::collection::vec((-1.0f32..1.0, 0u8..10), count),
+    )
+        .prop_map(|(magnitude, raw)| {
+            let mut constant = 0.0;
+            raw.iter()
+                .map(|&(x, kind)| match kind {
+                    0 => 0.0,
+                    1 => {
+                        constant = if constant == 0.0 {
+                            x * magnitude
+                        } else {
+                            constant
+                        };
+                        constant
+                    }
+                    2 => -0.0,
+                    _ => x * magnitude,
+                })
+                .collect()
+        })
 }
 
 fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
     let four_d = shape.len() == 4;
     let head_dim = if four_d { shape[3] } else { 0 };
-    let axes = if four_d { vec![Axis::Flat, Axis::Token, Axis::Channel] } else { vec![Axis::Flat] };
+    let axes = if four_d {
+        vec![Axis::Flat, Axis::Token, Axis::Channel]
+    } else {
+        vec![Axis::Flat]
+    };
     (
         prop::sample::select(vec![2u8, 3, 4, 8]),
         prop::sample::select(vec![Grid::Symmetric, Grid::Asymmetric]),
@@ -54,16 +75,18 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
         0usize..4,
         0usize..4,
     )
-        .prop_map(move |(bits, grid, axis, group_size, sparsity, seed, sink, recent)| CodecParams {
-            bits,
-            grid,
-            axis,
-            group_size,
-            rotation_seed: seed.filter(|_| four_d && head_dim.is_power_of_two()),
-            sink_tokens: if four_d { sink } else { 0 },
-            recent_tokens: if four_d { recent } else { 0 },
-            sparsity,
-        })
+        .prop_map(
+            move |(bits, grid, axis, group_size, sparsity, seed, sink, recent)| CodecParams {
+                bits,
+                grid,
+                axis,
+                group_size,
+                rotation_seed: seed.filter(|_| four_d && head_dim.is_power_of_two()),
+                sink_tokens: if four_d { sink } else { 0 },
+                recent_tokens: if four_d { recent } else { 0 },
+                sparsity,
+            },
+        )
 }
 
 fn case() -> impl Strategy<Value = (Vec<usize>, CodecParams, Vec<f32>)> {
@@ -90,8 +113,18 @@ impl View {
             _ => (1, 1, shape.iter().product()),
         };
         let (sink, recent) = (params.sink_tokens, params.recent_tokens);
-        let (mid_start, mid_len) = if (sink > 0 || recent > 0) && sink + recent >= seq { (seq, 0) } else { (sink, seq - sink - recent) };
-        View { heads, seq, head_dim, mid_start, mid_len }
+        let (mid_start, mid_len) = if (sink > 0 || recent > 0) && sink + recent >= seq {
+            (seq, 0)
+        } else {
+            (sink, seq - sink - recent)
+        };
+        View {
+            heads,
+            seq,
+            head_dim,
+            mid_start,
+            mid_len,
+        }
     }
 
     fn is_kept_token(&self, token: usize) -> bool {
@@ -136,12 +169,21 @@ impl View {
 
     /// Group of the `index`-th middle value (row-major).
     fn group_of(&self, index: usize, axis: Axis, group_size: usize) -> usize {
-        let (head, token, channel) =
-            (index / (self.mid_len * self.head_dim), index / self.head_dim % self.mid_len, index % self.head_dim);
+        let (head, token, channel) = (
+            index / (self.mid_len * self.head_dim),
+            index / self.head_dim % self.mid_len,
+            index % self.head_dim,
+        );
         match axis {
             Axis::Flat => index / group_size,
-            Axis::Token => (head * self.mid_len + token) * self.head_dim.div_ceil(group_size) + channel / group_size,
-            Axis::Channel => (head * self.head_dim + channel) * self.mid_len.div_ceil(group_size) + token / group_size,
+            Axis::Token => {
+                (head * self.mid_len + token) * self.head_dim.div_ceil(group_size)
+                    + channel / group_size
+            }
+            Axis::Channel => {
+                (head * self.head_dim + channel) * self.mid_len.div_ceil(group_size)
+                    + token / group_size
+            }
         }
     }
 }
@@ -178,9 +220,16 @@ fn read_sections(payload: &[u8], view: &View, params: &CodecParams, layout: &Lay
         section
     };
     let scales = read(take(groups * width));
-    let offsets = if params.grid == Grid::Asymmetric { read(take(groups * width)) } else { vec![0.0; groups] };
+    let offsets = if params.grid == Grid::Asymmetric {
+        read(take(groups * width))
+    } else {
+        vec![0.0; groups]
+    };
     let kept_count = view.heads * (view.seq - view.mid_len) * view.head_dim;
-    let kept = take(2 * kept_count).chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect();
+    let kept = take(2 * kept_count)
+        .chunks_exact(2)
+        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+        .collect();
     let n = view.quantized_count();
     let stored = if params.sparsity > 0.0 {
         let bitmap = take(n.div_ceil(8));
@@ -189,7 +238,13 @@ fn read_sections(payload: &[u8], view: &View, params: &CodecParams, layout: &Lay
         vec![true; n]
     };
     let code_bytes = payload.len() - at;
-    Sections { scales, offsets, kept, stored, code_bytes }
+    Sections {
+        scales,
+        offsets,
+        kept,
+        stored,
+        code_bytes,
+    }
 }
 
 /// The largest error a value of a group may have (docs/format.md): half a
@@ -203,13 +258,21 @@ fn bound(params: &CodecParams, scale: f64, offset: f64, exact: (f64, f64), magni
             let levels = f64::from((1u32 << params.bits) - 1);
             let exact_scale = (exact.1 - exact.0) / levels;
             let offset_error = (offset - exact.0).abs();
-            let scale_error = if exact.1 > exact.0 { (scale - exact_scale).abs() } else { 0.0 };
+            let scale_error = if exact.1 > exact.0 {
+                (scale - exact_scale).abs()
+            } else {
+                0.0
+            };
             scale / 2.0 + offset_error + levels * scale_error + float_slop
         }
     }
 }
 
-fn check_round_trip(shape: &[usize], params: &CodecParams, values: &[f32]) -> Result<(), TestCaseError> {
+fn check_round_trip(
+    shape: &[usize],
+    params: &CodecParams,
+    values: &[f32],
+) -> Result<(), TestCaseError> {
     let view = View::new(shape, params);
     let encoded = match encode(values, shape, params) {
         Ok(encoded) => encoded,
@@ -225,16 +288,26 @@ fn check_round_trip(shape: &[usize], params: &CodecParams, values: &[f32]) -> Re
         Err(other) => return Err(TestCaseError::fail(format!("encode failed: {other}"))),
     };
     let payload = &encoded.payload;
-    let decoded = decode(payload, shape, params, &encoded.layout).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let decoded = decode(payload, shape, params, &encoded.layout)
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     prop_assert_eq!(decoded.len(), values.len());
     prop_assert!(decoded.iter().all(|x| x.is_finite()));
-    prop_assert_eq!(payload_len(shape, params, &encoded.layout), Ok(payload.len()));
+    prop_assert_eq!(
+        payload_len(shape, params, &encoded.layout),
+        Ok(payload.len())
+    );
 
     let sections = read_sections(payload, &view, params, &encoded.layout);
     let n = view.quantized_count();
     let stored_count = sections.stored.iter().filter(|&&s| s).count();
-    prop_assert_eq!(stored_count, n - (params.sparsity * n as f64).floor() as usize);
-    prop_assert_eq!(sections.code_bytes, (stored_count * usize::from(params.bits)).div_ceil(8));
+    prop_assert_eq!(
+        stored_count,
+        n - (params.sparsity * n as f64).floor() as usize
+    );
+    prop_assert_eq!(
+        sections.code_bytes,
+        (stored_count * usize::from(params.bits)).div_ceil(8)
+    );
 
     // Kept tokens: exactly their f16 values, in the payload and decoded.
     let kept_in = view.kept(values);
@@ -244,42 +317,92 @@ fn check_round_trip(shape: &[usize], params: &CodecParams, values: &[f32]) -> Re
         prop_assert_eq!(out.to_bits(), stored.to_bits());
     }
 
-    let middle_in = view.middle(values);
-    let middle_out = view.middle(&decoded);
-    let group_of = |i: usize| view.group_of(i, params.axis, params.group_size);
+    let quantized = Quantized {
+        view: &view,
+        params,
+        sections: &sections,
+        middle_in: view.middle(values),
+        middle_out: view.middle(&decoded),
+    };
     if params.rotation_seed.is_some() {
-        check_rotated(&view, params, &sections, &middle_in, &middle_out, group_of)
+        check_rotated(&quantized)
     } else {
-        check_per_value(params, &sections, &middle_in, &middle_out, group_of)
+        check_per_value(&quantized)
     }
 }
 
-fn check_per_value(
-    params: &CodecParams,
-    sections: &Sections,
-    middle_in: &[f32],
-    middle_out: &[f32],
-    group_of: impl Fn(usize) -> usize,
-) -> Result<(), TestCaseError> {
+/// The quantized part of one round trip, with its payload read back.
+struct Quantized<'a> {
+    view: &'a View,
+    params: &'a CodecParams,
+    sections: &'a Sections,
+    middle_in: Vec<f32>,
+    middle_out: Vec<f32>,
+}
+
+impl Quantized<'_> {
+    fn group_of(&self, index: usize) -> usize {
+        self.view
+            .group_of(index, self.params.axis, self.params.group_size)
+    }
+}
+
+fn check_per_value(quantized: &Quantized) -> Result<(), TestCaseError> {
+    let Quantized {
+        params,
+        sections,
+        middle_in,
+        middle_out,
+        ..
+    } = quantized;
+    let group_of = |i: usize| quantized.group_of(i);
     let groups = sections.scales.len();
     let mut exact = vec![(f64::INFINITY, f64::NEG_INFINITY); groups];
-    for (i, &x) in middle_in.iter().enumerate().filter(|&(i, _)| sections.stored[i]) {
+    for (i, &x) in middle_in
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| sections.stored[i])
+    {
         let (min, max) = &mut exact[group_of(i)];
         *min = min.min(f64::from(x));
         *max = max.max(f64::from(x));
     }
-    let largest_dropped = (0..middle_in.len()).filter(|&i| !sections.stored[i]).map(|i| middle_in[i].abs()).fold(0.0, f32::max);
-    let smallest_stored = (0..middle_in.len()).filter(|&i| sections.stored[i]).map(|i| middle_in[i].abs()).fold(f32::INFINITY, f32::min);
-    prop_assert!(largest_dropped <= smallest_stored, "dropped the smallest magnitudes");
+    let largest_dropped = (0..middle_in.len())
+        .filter(|&i| !sections.stored[i])
+        .map(|i| middle_in[i].abs())
+        .fold(0.0, f32::max);
+    let smallest_stored = (0..middle_in.len())
+        .filter(|&i| sections.stored[i])
+        .map(|i| middle_in[i].abs())
+        .fold(f32::INFINITY, f32::min);
+    prop_assert!(
+        largest_dropped <= smallest_stored,
+        "dropped the smallest magnitudes"
+    );
     for (i, (&x, &y)) in middle_in.iter().zip(middle_out).enumerate() {
         if !sections.stored[i] {
             prop_assert_eq!(y, 0.0, "dropped value {} decodes to 0", i);
             continue;
         }
         let group = group_of(i);
-        let limit = bound(params, sections.scales[group], sections.offsets[group], exact[group], f64::from(x).abs());
+        let limit = bound(
+            params,
+            sections.scales[group],
+            sections.offsets[group],
+            exact[group],
+            f64::from(x).abs(),
+        );
         let error = (f64::from(x) - f64::from(y)).abs();
-        prop_assert!(error <= limit, "value {} of group {}: {} -> {}, error {} > {}", i, group, x, y, error, limit);
+        prop_assert!(
+            error <= limit,
+            "value {} of group {}: {} -> {}, error {} > {}",
+            i,
+            group,
+            x,
+            y,
+            error,
+            limit
+        );
     }
     Ok(())
 }
@@ -287,18 +410,28 @@ fn check_per_value(
 /// With rotation the per-value bound holds in the rotated domain, so check
 /// its image: each head vector's L2 error is at most the L2 norm of its
 /// values' bounds (the rotation is orthonormal), plus float rounding.
-fn check_rotated(
-    view: &View,
-    params: &CodecParams,
-    sections: &Sections,
-    middle_in: &[f32],
-    middle_out: &[f32],
-    group_of: impl Fn(usize) -> usize,
-) -> Result<(), TestCaseError> {
+fn check_rotated(quantized: &Quantized) -> Result<(), TestCaseError> {
+    let Quantized {
+        view,
+        params,
+        sections,
+        middle_in,
+        middle_out,
+    } = quantized;
+    let group_of = |i: usize| quantized.group_of(i);
     let dim = view.head_dim.max(1);
-    for (vector, (x, y)) in middle_in.chunks(dim).zip(middle_out.chunks(dim)).enumerate() {
+    for (vector, (x, y)) in middle_in
+        .chunks(dim)
+        .zip(middle_out.chunks(dim))
+        .enumerate()
+    {
         let norm = x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
-        let error = x.iter().zip(y).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>().sqrt();
+        let error = x
+            .iter()
+            .zip(y)
+            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let mut budget = 0.0;
         for i in vector * dim..(vector + 1) * dim {
             let group = group_of(i);
@@ -313,14 +446,23 @@ fn check_rotated(
                     // Offset and scale rounding, bounded by their dtype's precision.
                     Grid::Asymmetric => {
                         let levels = f64::from((1u32 << params.bits) - 1);
-                        scale / 2.0 + offset.abs() * 2.0f64.powi(-11) + 2.0f64.powi(-25) + levels * scale * 2.0f64.powi(-10)
+                        scale / 2.0
+                            + offset.abs() * 2.0f64.powi(-11)
+                            + 2.0f64.powi(-25)
+                            + levels * scale * 2.0f64.powi(-10)
                     }
                 }
             };
             budget += per_value * per_value;
         }
         let limit = budget.sqrt() * (1.0 + 1.0e-5) + norm * 1.0e-5 + 1.0e-30;
-        prop_assert!(error <= limit, "head vector {}: L2 error {} > {}", vector, error, limit);
+        prop_assert!(
+            error <= limit,
+            "head vector {}: L2 error {} > {}",
+            vector,
+            error,
+            limit
+        );
     }
     Ok(())
 }
@@ -369,12 +511,21 @@ proptest! {
 #[test]
 fn decode_rejects_shapes_whose_size_overflows_before_allocating() {
     let params = CodecParams::adr002(64);
-    let layout = Layout { scale_dtype: ScaleDtype::F16 };
+    let layout = Layout {
+        scale_dtype: ScaleDtype::F16,
+    };
     for shape in [vec![usize::MAX, 2], vec![1 << 40, 1 << 30], vec![1 << 62]] {
-        assert_eq!(decode(&[0; 16], &shape, &params, &layout), Err(CodecError::ShapeOverflow), "{shape:?}");
+        assert_eq!(
+            decode(&[0; 16], &shape, &params, &layout),
+            Err(CodecError::ShapeOverflow),
+            "{shape:?}"
+        );
     }
     // Huge but representable: the payload length check fails first.
-    assert!(matches!(decode(&[0; 16], &[1 << 40], &params, &layout), Err(CodecError::PayloadSize { .. })));
+    assert!(matches!(
+        decode(&[0; 16], &[1 << 40], &params, &layout),
+        Err(CodecError::PayloadSize { .. })
+    ));
 }
 
 /// Payload sizes per method, written out by hand for one [1, 2, 8, 16] tensor
@@ -382,24 +533,83 @@ fn decode_rejects_shapes_whose_size_overflows_before_allocating() {
 #[test]
 fn payload_sizes_per_method() {
     let shape = [1, 2, 8, 16];
-    let values: Vec<f32> = (0..256).map(|i| ((i * 7919) % 256) as f32 / 128.0 - 1.0).collect();
+    let values: Vec<f32> = (0..256)
+        .map(|i| ((i * 7919) % 256) as f32 / 128.0 - 1.0)
+        .collect();
     let base = CodecParams::adr002(16);
     let cases = [
         // 16 groups x 2 B scales + 256 x 4 bits.
         (base.clone(), 16 * 2 + 128),
-        (CodecParams { bits: 3, ..base.clone() }, 32 + 96),
-        (CodecParams { bits: 2, ..base.clone() }, 32 + 64),
-        (CodecParams { bits: 8, ..base.clone() }, 32 + 256),
+        (
+            CodecParams {
+                bits: 3,
+                ..base.clone()
+            },
+            32 + 96,
+        ),
+        (
+            CodecParams {
+                bits: 2,
+                ..base.clone()
+            },
+            32 + 64,
+        ),
+        (
+            CodecParams {
+                bits: 8,
+                ..base.clone()
+            },
+            32 + 256,
+        ),
         // Offsets double the per-group bytes.
-        (CodecParams { grid: Grid::Asymmetric, ..base.clone() }, 64 + 128),
+        (
+            CodecParams {
+                grid: Grid::Asymmetric,
+                ..base.clone()
+            },
+            64 + 128,
+        ),
         // Channel groups: 2 heads x 16 channels x ceil(8/4) runs = 64 groups.
-        (CodecParams { axis: Axis::Channel, group_size: 4, ..base.clone() }, 128 + 128),
-        (CodecParams { axis: Axis::Token, group_size: 5, ..base.clone() }, 2 * 8 * 4 * 2 + 128),
-        (CodecParams { rotation_seed: Some(3), ..base.clone() }, 32 + 128),
+        (
+            CodecParams {
+                axis: Axis::Channel,
+                group_size: 4,
+                ..base.clone()
+            },
+            128 + 128,
+        ),
+        (
+            CodecParams {
+                axis: Axis::Token,
+                group_size: 5,
+                ..base.clone()
+            },
+            2 * 8 * 4 * 2 + 128,
+        ),
+        (
+            CodecParams {
+                rotation_seed: Some(3),
+                ..base.clone()
+            },
+            32 + 128,
+        ),
         // 1 sink + 2 recent tokens of 8: 2 x 3 x 16 = 96 FP16 values, 160 quantized (10 groups).
-        (CodecParams { sink_tokens: 1, recent_tokens: 2, ..base.clone() }, 10 * 2 + 96 * 2 + 80),
+        (
+            CodecParams {
+                sink_tokens: 1,
+                recent_tokens: 2,
+                ..base.clone()
+            },
+            10 * 2 + 96 * 2 + 80,
+        ),
         // floor(0.5 x 256) = 128 dropped: 32-byte bitmap, 128 codes.
-        (CodecParams { sparsity: 0.5, ..base.clone() }, 32 + 32 + 64),
+        (
+            CodecParams {
+                sparsity: 0.5,
+                ..base.clone()
+            },
+            32 + 32 + 64,
+        ),
     ];
     for (params, expected) in cases {
         let encoded = encode(&values, &shape, &params).unwrap();

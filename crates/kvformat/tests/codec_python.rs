@@ -29,48 +29,118 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
     let mut with_zero_group = sample_values(2 * 7 * 9, 1);
     with_zero_group[..64].fill(0.0);
     let huge: Vec<f32> = sample_values(200, 2).iter().map(|x| x * 1.0e7).collect();
-    let kivi_keys = CodecParams { grid: Grid::Asymmetric, axis: Axis::Channel, ..CodecParams::adr002(4) };
+    let kivi_keys = CodecParams {
+        grid: Grid::Asymmetric,
+        axis: Axis::Channel,
+        ..CodecParams::adr002(4)
+    };
     vec![
-        ("adr002_ragged_zero_group", vec![1, 2, 7, 9], adr002.clone(), with_zero_group),
+        (
+            "adr002_ragged_zero_group",
+            vec![1, 2, 7, 9],
+            adr002.clone(),
+            with_zero_group,
+        ),
         ("adr002_f32_scales", vec![200], adr002.clone(), huge),
-        ("sym3_flat", vec![1, 2, 6, 16], CodecParams { bits: 3, ..CodecParams::adr002(32) }, sample_values(192, 3)),
+        (
+            "sym3_flat",
+            vec![1, 2, 6, 16],
+            CodecParams {
+                bits: 3,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(192, 3),
+        ),
         (
             "sym2_token",
             vec![1, 2, 5, 16],
-            CodecParams { bits: 2, axis: Axis::Token, ..CodecParams::adr002(8) },
+            CodecParams {
+                bits: 2,
+                axis: Axis::Token,
+                ..CodecParams::adr002(8)
+            },
             sample_values(160, 4),
         ),
         (
             "sym8_channel",
             vec![2, 1, 7, 8],
-            CodecParams { bits: 8, axis: Axis::Channel, ..CodecParams::adr002(4) },
+            CodecParams {
+                bits: 8,
+                axis: Axis::Channel,
+                ..CodecParams::adr002(4)
+            },
             sample_values(112, 5),
         ),
         (
             "asym4_token",
             vec![1, 2, 6, 32],
-            CodecParams { grid: Grid::Asymmetric, axis: Axis::Token, ..CodecParams::adr002(16) },
+            CodecParams {
+                grid: Grid::Asymmetric,
+                axis: Axis::Token,
+                ..CodecParams::adr002(16)
+            },
             sample_values(384, 6),
         ),
-        ("asym2_channel", vec![1, 3, 7, 4], CodecParams { bits: 2, group_size: 3, ..kivi_keys.clone() }, sample_values(84, 7)),
-        ("asym3_flat", vec![5, 11], CodecParams { bits: 3, grid: Grid::Asymmetric, ..CodecParams::adr002(10) }, sample_values(55, 8)),
+        (
+            "asym2_channel",
+            vec![1, 3, 7, 4],
+            CodecParams {
+                bits: 2,
+                group_size: 3,
+                ..kivi_keys.clone()
+            },
+            sample_values(84, 7),
+        ),
+        (
+            "asym3_flat",
+            vec![5, 11],
+            CodecParams {
+                bits: 3,
+                grid: Grid::Asymmetric,
+                ..CodecParams::adr002(10)
+            },
+            sample_values(55, 8),
+        ),
         (
             "rotation_token",
             vec![1, 2, 6, 32],
-            CodecParams { axis: Axis::Token, rotation_seed: Some(0xDEAD_BEEF_CAFE_F00D), ..CodecParams::adr002(32) },
+            CodecParams {
+                axis: Axis::Token,
+                rotation_seed: Some(0xDEAD_BEEF_CAFE_F00D),
+                ..CodecParams::adr002(32)
+            },
             sample_values(384, 9),
         ),
         (
             "kept_tokens_channel",
             vec![1, 2, 10, 8],
-            CodecParams { sink_tokens: 2, recent_tokens: 3, ..kivi_keys.clone() },
+            CodecParams {
+                sink_tokens: 2,
+                recent_tokens: 3,
+                ..kivi_keys.clone()
+            },
             sample_values(160, 10),
         ),
-        ("sparsity_flat", vec![1, 2, 8, 16], CodecParams { sparsity: 0.3, ..CodecParams::adr002(16) }, sample_values(256, 11)),
+        (
+            "sparsity_flat",
+            vec![1, 2, 8, 16],
+            CodecParams {
+                sparsity: 0.3,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(256, 11),
+        ),
         (
             "everything",
             vec![1, 2, 9, 16],
-            CodecParams { bits: 3, rotation_seed: Some(7), sink_tokens: 1, recent_tokens: 2, sparsity: 0.5, ..kivi_keys },
+            CodecParams {
+                bits: 3,
+                rotation_seed: Some(7),
+                sink_tokens: 1,
+                recent_tokens: 2,
+                sparsity: 0.5,
+                ..kivi_keys
+            },
             sample_values(288, 12),
         ),
     ]
@@ -95,7 +165,11 @@ fn numpy_reference_decodes_every_kind_of_payload_identically() {
             "name": name, "shape": shape, "params": params, "layout": encoded.layout,
         }));
     }
-    std::fs::write(dir.path().join("cases.json"), serde_json::to_vec(&manifest).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("cases.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/test_codecs.py");
     let output = Command::new("python3")
@@ -103,8 +177,18 @@ fn numpy_reference_decodes_every_kind_of_payload_identically() {
         .arg(dir.path())
         .output()
         .expect("python3 must be installed to run the numpy reference");
-    let report = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     println!("{report}");
-    assert!(output.status.success(), "numpy reference disagrees:\n{report}");
-    assert!(report.contains(&format!("{0} of {0} cases match", manifest.len())), "{report}");
+    assert!(
+        output.status.success(),
+        "numpy reference disagrees:\n{report}"
+    );
+    assert!(
+        report.contains(&format!("{0} of {0} cases match", manifest.len())),
+        "{report}"
+    );
 }

@@ -12,7 +12,9 @@ fn adr002_encode_and_decode_throughput() {
     // 22 layers x key/value x [1, 4, 2048, 64] as one flat run of values.
     let shape = [44, 4, 2048, 64];
     let count: usize = shape.iter().product();
-    let values: Vec<f32> = (0..count).map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5).collect();
+    let values: Vec<f32> = (0..count)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0 - 0.5)
+        .collect();
     let params = CodecParams::adr002(64);
     let megabytes = (count * 4) as f64 / 1e6;
     for _ in 0..3 {

@@ -87,7 +87,10 @@ impl Plan {
         {
             (seq, 0)
         } else {
-            (params.sink_tokens, seq - params.sink_tokens - params.recent_tokens)
+            (
+                params.sink_tokens,
+                seq - params.sink_tokens - params.recent_tokens,
+            )
         };
         let quantized = heads * mid_len * head_dim;
         let (segment_len, segment_count) = match params.axis {
@@ -95,8 +98,20 @@ impl Plan {
             Axis::Token => (head_dim, heads * mid_len),
             Axis::Channel => (mid_len, heads * head_dim),
         };
-        let geometry = GroupGeometry { segment_len, segment_count, group_size: params.group_size };
-        Ok(Plan { heads, seq, head_dim, mid_start, mid_len, axis: params.axis, geometry })
+        let geometry = GroupGeometry {
+            segment_len,
+            segment_count,
+            group_size: params.group_size,
+        };
+        Ok(Plan {
+            heads,
+            seq,
+            head_dim,
+            mid_start,
+            mid_len,
+            axis: params.axis,
+            geometry,
+        })
     }
 
     pub fn total_count(&self) -> usize {
@@ -131,7 +146,9 @@ impl Plan {
             for token in self.kept_tokens() {
                 kept.extend_from_slice(&head[token * row..(token + 1) * row]);
             }
-            quantized.extend_from_slice(&head[self.mid_start * row..(self.mid_start + self.mid_len) * row]);
+            quantized.extend_from_slice(
+                &head[self.mid_start * row..(self.mid_start + self.mid_len) * row],
+            );
         }
         (kept, quantized)
     }
@@ -149,21 +166,22 @@ impl Plan {
             for (token, values) in self.kept_tokens().zip(head_kept.chunks_exact(row)) {
                 head[token * row..(token + 1) * row].copy_from_slice(values);
             }
-            head[self.mid_start * row..(self.mid_start + self.mid_len) * row]
-                .copy_from_slice(&quantized[head_index * quantized_per_head..(head_index + 1) * quantized_per_head]);
+            head[self.mid_start * row..(self.mid_start + self.mid_len) * row].copy_from_slice(
+                &quantized[head_index * quantized_per_head..(head_index + 1) * quantized_per_head],
+            );
         }
     }
 
     /// Row-major quantized values (or a per-value mask) into group order.
-    pub fn to_group_order<T: Copy + Default>(&self, row_major: &[T]) -> Vec<T> {
+    pub fn in_group_order<T: Copy + Default>(&self, row_major: &[T]) -> Vec<T> {
         match self.axis {
             Axis::Flat | Axis::Token => row_major.to_vec(),
             Axis::Channel => transpose_heads(row_major, self.mid_len, self.head_dim),
         }
     }
 
-    /// Inverse of [`Plan::to_group_order`].
-    pub fn from_group_order<T: Copy + Default>(&self, grouped: Vec<T>) -> Vec<T> {
+    /// Inverse of [`Plan::in_group_order`].
+    pub fn in_row_major_order<T: Copy + Default>(&self, grouped: Vec<T>) -> Vec<T> {
         match self.axis {
             Axis::Flat | Axis::Token => grouped,
             Axis::Channel => transpose_heads(&grouped, self.head_dim, self.mid_len),
@@ -178,7 +196,10 @@ fn transpose_heads<T: Copy + Default>(values: &[T], rows: usize, cols: usize) ->
     if per_head == 0 {
         return out;
     }
-    for (source, target) in values.chunks_exact(per_head).zip(out.chunks_exact_mut(per_head)) {
+    for (source, target) in values
+        .chunks_exact(per_head)
+        .zip(out.chunks_exact_mut(per_head))
+    {
         for row in 0..rows {
             for col in 0..cols {
                 target[col * rows + row] = source[row * cols + col];
@@ -194,34 +215,64 @@ mod tests {
 
     #[test]
     fn flat_groups_are_consecutive_with_a_ragged_last_group() {
-        let geometry = GroupGeometry { segment_len: 10, segment_count: 1, group_size: 4 };
-        let ranges: Vec<_> = (0..geometry.group_count()).map(|g| geometry.range(g)).collect();
+        let geometry = GroupGeometry {
+            segment_len: 10,
+            segment_count: 1,
+            group_size: 4,
+        };
+        let ranges: Vec<_> = (0..geometry.group_count())
+            .map(|g| geometry.range(g))
+            .collect();
         assert_eq!(ranges, [0..4, 4..8, 8..10]);
-        assert_eq!(geometry.range_start(3), 10, "one past the last group is the total");
+        assert_eq!(
+            geometry.range_start(3),
+            10,
+            "one past the last group is the total"
+        );
     }
 
     #[test]
     fn segments_restart_the_runs() {
-        let geometry = GroupGeometry { segment_len: 5, segment_count: 2, group_size: 3 };
-        let ranges: Vec<_> = (0..geometry.group_count()).map(|g| geometry.range(g)).collect();
+        let geometry = GroupGeometry {
+            segment_len: 5,
+            segment_count: 2,
+            group_size: 3,
+        };
+        let ranges: Vec<_> = (0..geometry.group_count())
+            .map(|g| geometry.range(g))
+            .collect();
         assert_eq!(ranges, [0..3, 3..5, 5..8, 8..10]);
     }
 
     #[test]
     fn channel_axis_groups_run_along_tokens() {
         // One head, 3 tokens, 2 channels; value = 10 * token + channel.
-        let params = CodecParams { axis: Axis::Channel, ..CodecParams::adr002(2) };
+        let params = CodecParams {
+            axis: Axis::Channel,
+            ..CodecParams::adr002(2)
+        };
         let plan = Plan::new(&[1, 1, 3, 2], &params).unwrap();
         let row_major = [0.0f32, 1.0, 10.0, 11.0, 20.0, 21.0];
-        let grouped = plan.to_group_order(&row_major);
+        let grouped = plan.in_group_order(&row_major);
         assert_eq!(grouped, [0.0, 10.0, 20.0, 1.0, 11.0, 21.0]);
-        assert_eq!(plan.geometry, GroupGeometry { segment_len: 3, segment_count: 2, group_size: 2 });
-        assert_eq!(plan.from_group_order(grouped), row_major);
+        assert_eq!(
+            plan.geometry,
+            GroupGeometry {
+                segment_len: 3,
+                segment_count: 2,
+                group_size: 2
+            }
+        );
+        assert_eq!(plan.in_row_major_order(grouped), row_major);
     }
 
     #[test]
     fn kept_tokens_split_and_join_back() {
-        let params = CodecParams { sink_tokens: 1, recent_tokens: 1, ..CodecParams::adr002(2) };
+        let params = CodecParams {
+            sink_tokens: 1,
+            recent_tokens: 1,
+            ..CodecParams::adr002(2)
+        };
         // 2 heads, 4 tokens, 1 channel.
         let plan = Plan::new(&[1, 2, 4, 1], &params).unwrap();
         let values: Vec<f32> = (0..8).map(|v| v as f32).collect();
@@ -235,7 +286,11 @@ mod tests {
 
     #[test]
     fn sinks_and_recent_covering_the_sequence_keep_everything() {
-        let params = CodecParams { sink_tokens: 3, recent_tokens: 2, ..CodecParams::adr002(2) };
+        let params = CodecParams {
+            sink_tokens: 3,
+            recent_tokens: 2,
+            ..CodecParams::adr002(2)
+        };
         let plan = Plan::new(&[1, 1, 4, 2], &params).unwrap();
         assert_eq!(plan.quantized_count(), 0);
         assert_eq!(plan.kept_tokens().collect::<Vec<_>>(), [0, 1, 2, 3]);

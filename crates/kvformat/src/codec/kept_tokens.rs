@@ -11,7 +11,9 @@ pub fn write(values: &[f32], payload: &mut Vec<u8>) -> Result<(), CodecError> {
     let mut halves = vec![f16::ZERO; values.len()];
     half::slice::HalfFloatSliceExt::convert_from_f32_slice(&mut halves[..], values);
     if let Some(index) = halves.iter().position(|h| h.is_infinite()) {
-        return Err(CodecError::KeptTokenOverflow { value: values[index] });
+        return Err(CodecError::KeptTokenOverflow {
+            value: values[index],
+        });
     }
     for value in halves {
         payload.extend_from_slice(&value.to_le_bytes());

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use groups::Plan;
 use quantizer::{CodeRange, GroupParams};
 pub use quantizer::{ScaleDtype, ZERO_GROUP_SCALE};
+pub use rotation::SplitMix64;
 
 /// Quantization grid of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,11 +144,17 @@ impl CodecParams {
             (self.axis == Axis::Token, "per-token grouping"),
             (self.axis == Axis::Channel, "per-channel grouping"),
             (self.rotation_seed.is_some(), "rotation"),
-            (self.sink_tokens > 0 || self.recent_tokens > 0, "keeping tokens in FP16"),
+            (
+                self.sink_tokens > 0 || self.recent_tokens > 0,
+                "keeping tokens in FP16",
+            ),
         ];
         if let Some((_, feature)) = needs_heads.iter().find(|(needed, _)| *needed) {
             if shape.len() != 4 {
-                return Err(CodecError::NeedsFourDims { feature, rank: shape.len() });
+                return Err(CodecError::NeedsFourDims {
+                    feature,
+                    rank: shape.len(),
+                });
             }
         }
         if self.rotation_seed.is_some() {
@@ -160,7 +167,10 @@ impl CodecParams {
     }
 
     fn code_range(&self) -> CodeRange {
-        CodeRange { grid: self.grid, bits: self.bits }
+        CodeRange {
+            grid: self.grid,
+            bits: self.bits,
+        }
     }
 }
 
@@ -180,17 +190,28 @@ impl Sections {
     fn new(plan: &Plan, params: &CodecParams, dtype: ScaleDtype) -> Result<Self, CodecError> {
         let overflow = || CodecError::ShapeOverflow;
         let quantized = plan.quantized_count();
-        let scales = plan.geometry.group_count().checked_mul(dtype.size_bytes()).ok_or_else(overflow)?;
+        let scales = plan
+            .geometry
+            .group_count()
+            .checked_mul(dtype.size_bytes())
+            .ok_or_else(overflow)?;
         let offsets = match params.grid {
             Grid::Symmetric => 0,
             Grid::Asymmetric => scales,
         };
-        let bitmap = if params.sparsity > 0.0 { quantized.div_ceil(8) } else { 0 };
+        let bitmap = if params.sparsity > 0.0 {
+            quantized.div_ceil(8)
+        } else {
+            0
+        };
         let code_count = quantized - sparsity::dropped_count(params.sparsity, quantized);
         Ok(Sections {
             scales,
             offsets,
-            kept_tokens: plan.kept_token_count().checked_mul(2).ok_or_else(overflow)?,
+            kept_tokens: plan
+                .kept_token_count()
+                .checked_mul(2)
+                .ok_or_else(overflow)?,
             bitmap,
             codes: bitpack::packed_len(code_count, params.bits).ok_or_else(overflow)?,
             code_count,
@@ -205,21 +226,37 @@ impl Sections {
 }
 
 /// Exact payload length of a tensor of `shape` encoded with `params` and `layout`.
-pub fn payload_len(shape: &[usize], params: &CodecParams, layout: &Layout) -> Result<usize, CodecError> {
+pub fn payload_len(
+    shape: &[usize],
+    params: &CodecParams,
+    layout: &Layout,
+) -> Result<usize, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
-    Sections::new(&plan, params, layout.scale_dtype)?.total().ok_or(CodecError::ShapeOverflow)
+    Sections::new(&plan, params, layout.scale_dtype)?
+        .total()
+        .ok_or(CodecError::ShapeOverflow)
 }
 
 /// Encodes the row-major `values` of a tensor of `shape`.
-pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<Encoded, CodecError> {
+pub fn encode(
+    values: &[f32],
+    shape: &[usize],
+    params: &CodecParams,
+) -> Result<Encoded, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
     if values.len() != plan.total_count() {
-        return Err(CodecError::ValueCount { expected: plan.total_count(), actual: values.len() });
+        return Err(CodecError::ValueCount {
+            expected: plan.total_count(),
+            actual: values.len(),
+        });
     }
     if let Some(index) = first_non_finite(values) {
-        return Err(CodecError::NonFinite { index, value: values[index] });
+        return Err(CodecError::NonFinite {
+            index,
+            value: values[index],
+        });
     }
 
     let (kept_values, mut quantized) = if plan.keeps_no_tokens() {
@@ -235,26 +272,48 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
             return Err(CodecError::RotationOverflow);
         }
     }
-    let kept_mask = (params.sparsity > 0.0).then(|| sparsity::kept_mask(&quantized, params.sparsity));
-    let grouped = if plan.axis == Axis::Channel { Cow::Owned(plan.to_group_order(&quantized)) } else { quantized };
-    let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
+    let kept_mask =
+        (params.sparsity > 0.0).then(|| sparsity::kept_mask(&quantized, params.sparsity));
+    let grouped = if plan.axis == Axis::Channel {
+        Cow::Owned(plan.in_group_order(&quantized))
+    } else {
+        quantized
+    };
+    let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
 
     let range = params.code_range();
     if params.grid == Grid::Symmetric && grouped_mask.is_none() {
         let sections = Sections::new(&plan, params, ScaleDtype::F16)?;
         let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];
         let codes_start = payload.len() - sections.codes;
-        let hot = quantizer::quantize_symmetric_f16_packed(&grouped, &plan.geometry, range, &mut payload[codes_start..]);
+        let hot = quantizer::quantize_symmetric_f16_packed(
+            &grouped,
+            &plan.geometry,
+            range,
+            &mut payload[codes_start..],
+        );
         if let Some(group_params) = hot {
             let mut head = Vec::with_capacity(codes_start);
             write_scales(&group_params.scales, ScaleDtype::F16, &mut head);
             kept_tokens::write(&kept_values, &mut head)?;
             payload[..codes_start].copy_from_slice(&head);
-            return Ok(Encoded { payload, layout: Layout { scale_dtype: ScaleDtype::F16 } });
+            return Ok(Encoded {
+                payload,
+                layout: Layout {
+                    scale_dtype: ScaleDtype::F16,
+                },
+            });
         }
     }
-    let group_params = quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
-    let codes = quantizer::quantize(&grouped, grouped_mask.as_deref(), &plan.geometry, range, &group_params);
+    let group_params =
+        quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
+    let codes = quantizer::quantize(
+        &grouped,
+        grouped_mask.as_deref(),
+        &plan.geometry,
+        range,
+        &group_params,
+    );
 
     let sections = Sections::new(&plan, params, group_params.dtype)?;
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
@@ -262,23 +321,39 @@ pub fn encode(values: &[f32], shape: &[usize], params: &CodecParams) -> Result<E
     write_scales(&group_params.offsets, group_params.dtype, &mut payload);
     kept_tokens::write(&kept_values, &mut payload)?;
     if let Some(mask) = &kept_mask {
-        payload.extend_from_slice(&packed(&mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(), 1));
+        payload.extend_from_slice(&packed(
+            &mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(),
+            1,
+        ));
     }
     payload.extend_from_slice(&packed(&codes, params.bits));
     debug_assert_eq!(Some(payload.len()), sections.total());
-    Ok(Encoded { payload, layout: Layout { scale_dtype: group_params.dtype } })
+    Ok(Encoded {
+        payload,
+        layout: Layout {
+            scale_dtype: group_params.dtype,
+        },
+    })
 }
 
 /// Decodes a payload written by [`encode`] back to row-major f32 values.
 /// Any payload, shape or layout gives a value or an error, never a panic,
 /// and nothing is allocated before the payload length matches the shape.
-pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &Layout) -> Result<Vec<f32>, CodecError> {
+pub fn decode(
+    payload: &[u8],
+    shape: &[usize],
+    params: &CodecParams,
+    layout: &Layout,
+) -> Result<Vec<f32>, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
     let sections = Sections::new(&plan, params, layout.scale_dtype)?;
     let expected = sections.total().ok_or(CodecError::ShapeOverflow)?;
     if payload.len() != expected {
-        return Err(CodecError::PayloadSize { expected, actual: payload.len() });
+        return Err(CodecError::PayloadSize {
+            expected,
+            actual: payload.len(),
+        });
     }
     let (scale_bytes, rest) = payload.split_at(sections.scales);
     let (offset_bytes, rest) = rest.split_at(sections.offsets);
@@ -297,7 +372,13 @@ pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &La
     let plain = params.sparsity == 0.0 && params.rotation_seed.is_none() && plan.keeps_no_tokens();
     if plain && params.grid == Grid::Symmetric && plan.axis != Axis::Channel {
         let mut values = vec![0f32; plan.total_count()];
-        if quantizer::dequantize_symmetric_packed(code_bytes, &plan.geometry, range, &group_params.scales, &mut values) {
+        if quantizer::dequantize_symmetric_packed(
+            code_bytes,
+            &plan.geometry,
+            range,
+            &group_params.scales,
+            &mut values,
+        ) {
             return Ok(values);
         }
     }
@@ -308,10 +389,17 @@ pub fn decode(payload: &[u8], shape: &[usize], params: &CodecParams, layout: &La
     let mut codes = vec![0u8; sections.code_count];
     bitpack::unpack(code_bytes, params.bits, &mut codes);
 
-    let grouped_mask = kept_mask.as_ref().map(|mask| plan.to_group_order(mask));
+    let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
     let mut grouped = vec![0f32; plan.quantized_count()];
-    quantizer::dequantize(&codes, grouped_mask.as_deref(), &plan.geometry, range, &group_params, &mut grouped);
-    let mut quantized = plan.from_group_order(grouped);
+    quantizer::dequantize(
+        &codes,
+        grouped_mask.as_deref(),
+        &plan.geometry,
+        range,
+        &group_params,
+        &mut grouped,
+    );
+    let mut quantized = plan.in_row_major_order(grouped);
     if let Some(seed) = params.rotation_seed {
         rotation::unrotate(&mut quantized, &rotation::signs(seed, plan.head_dim));
     }
@@ -330,7 +418,10 @@ fn first_non_finite(values: &[f32]) -> Option<usize> {
         .par_chunks(CHUNK)
         .position_first(|chunk| chunk.iter().fold(false, |found, x| found | !x.is_finite()))?;
     let start = chunk * CHUNK;
-    values[start..].iter().position(|x| !x.is_finite()).map(|offset| start + offset)
+    values[start..]
+        .iter()
+        .position(|x| !x.is_finite())
+        .map(|offset| start + offset)
 }
 
 fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<u8>) {
@@ -338,17 +429,23 @@ fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<u8>) {
         ScaleDtype::F16 => {
             let mut halves = vec![f16::ZERO; values.len()];
             halves.convert_from_f32_slice(values);
-            halves.iter().for_each(|half| payload.extend_from_slice(&half.to_le_bytes()));
+            halves
+                .iter()
+                .for_each(|half| payload.extend_from_slice(&half.to_le_bytes()));
         }
-        ScaleDtype::F32 => values.iter().for_each(|value| payload.extend_from_slice(&value.to_le_bytes())),
+        ScaleDtype::F32 => values
+            .iter()
+            .for_each(|value| payload.extend_from_slice(&value.to_le_bytes())),
     }
 }
 
 fn read_floats(bytes: &[u8], dtype: ScaleDtype) -> impl Iterator<Item = f32> + '_ {
-    bytes.chunks_exact(dtype.size_bytes()).map(move |chunk| match dtype {
-        ScaleDtype::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
-        ScaleDtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
-    })
+    bytes
+        .chunks_exact(dtype.size_bytes())
+        .map(move |chunk| match dtype {
+            ScaleDtype::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
+            ScaleDtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+        })
 }
 
 /// Scales must be positive normal numbers of their dtype, as `encode` writes them.
@@ -362,7 +459,9 @@ fn read_scales(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> 
             if normal && scale > 0.0 {
                 Ok(scale)
             } else {
-                Err(CodecError::CorruptPayload("scale is not a positive normal number"))
+                Err(CodecError::CorruptPayload(
+                    "scale is not a positive normal number",
+                ))
             }
         })
         .collect()
@@ -370,7 +469,12 @@ fn read_scales(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> 
 
 fn read_offsets(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> {
     read_floats(bytes, dtype)
-        .map(|offset| offset.is_finite().then_some(offset).ok_or(CodecError::CorruptPayload("offset is not finite")))
+        .map(|offset| {
+            offset
+                .is_finite()
+                .then_some(offset)
+                .ok_or(CodecError::CorruptPayload("offset is not finite"))
+        })
         .collect()
 }
 
@@ -379,17 +483,25 @@ fn read_bitmap(bytes: &[u8], count: usize, kept: usize) -> Result<Vec<bool>, Cod
     let mut bits = vec![0u8; count];
     bitpack::unpack(bytes, 1, &mut bits);
     if bits.iter().filter(|&&bit| bit == 1).count() != kept {
-        return Err(CodecError::CorruptPayload("sparsity bitmap keeps the wrong number of values"));
+        return Err(CodecError::CorruptPayload(
+            "sparsity bitmap keeps the wrong number of values",
+        ));
     }
     let padding_bits = (8 - count % 8) % 8;
     if padding_bits > 0 && bytes[bytes.len() - 1] >> (8 - padding_bits) != 0 {
-        return Err(CodecError::CorruptPayload("sparsity bitmap has non-zero padding bits"));
+        return Err(CodecError::CorruptPayload(
+            "sparsity bitmap has non-zero padding bits",
+        ));
     }
     Ok(bits.into_iter().map(|bit| bit == 1).collect())
 }
 
 fn packed(codes: &[u8], bits: u8) -> Vec<u8> {
-    let mut packed = vec![0u8; bitpack::packed_len(codes.len(), bits).expect("length fits: checked by Sections::new")];
+    let mut packed = vec![
+        0u8;
+        bitpack::packed_len(codes.len(), bits)
+            .expect("length fits: checked by Sections::new")
+    ];
     bitpack::pack(codes, bits, &mut packed);
     packed
 }
@@ -403,7 +515,12 @@ mod tests {
         // g = 4: [1.75, -3.5, 0.25, 0] | [0, 0, 0, 0] | [-0.75]
         let values = [1.75, -3.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, -0.75];
         let encoded = encode(&values, &[9], &CodecParams::adr002(4)).unwrap();
-        assert_eq!(encoded.layout, Layout { scale_dtype: ScaleDtype::F16 });
+        assert_eq!(
+            encoded.layout,
+            Layout {
+                scale_dtype: ScaleDtype::F16
+            }
+        );
         // Scales: 3.5/7 = 0.5 (f16 0x3800); zero group 2^-14 (0x0400);
         // 0.75/7 = 0.10714.. -> f16 0x2EDB = 0.0625 * (1 + 731/1024) = 0.107116699.
         // Codes (q + 8): round(3.5) = 4 -> 12, -7 -> 1, round(0.5) = 1 -> 9, 0 -> 8;
@@ -413,9 +530,18 @@ mod tests {
             0x1C, 0x89, 0x88, 0x88, 0x01, // codes, first value in the low nibble
         ];
         assert_eq!(encoded.payload, expected);
-        let decoded = decode(&encoded.payload, &[9], &CodecParams::adr002(4), &encoded.layout).unwrap();
+        let decoded = decode(
+            &encoded.payload,
+            &[9],
+            &CodecParams::adr002(4),
+            &encoded.layout,
+        )
+        .unwrap();
         let last_scale = 0.0625f32 * (1.0 + 731.0 / 1024.0);
-        assert_eq!(decoded, [2.0, -3.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, -7.0 * last_scale]);
+        assert_eq!(
+            decoded,
+            [2.0, -3.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, -7.0 * last_scale]
+        );
     }
 
     #[test]
@@ -423,7 +549,10 @@ mod tests {
         let values: Vec<f32> = (0..64 * 100).map(|i| (i as f32 * 0.37).sin()).collect();
         let encoded = encode(&values, &[1, 4, 25, 64], &CodecParams::adr002(64)).unwrap();
         assert_eq!(encoded.payload.len(), 100 * 34);
-        assert_eq!(payload_len(&[1, 4, 25, 64], &CodecParams::adr002(64), &encoded.layout), Ok(3400));
+        assert_eq!(
+            payload_len(&[1, 4, 25, 64], &CodecParams::adr002(64), &encoded.layout),
+            Ok(3400)
+        );
     }
 
     #[test]
@@ -436,7 +565,13 @@ mod tests {
             assert_eq!(encoded.payload.len(), 2 * 4 + 2);
             let scale = f32::from_le_bytes(encoded.payload[4..8].try_into().unwrap());
             assert_eq!(scale, big_or_tiny / 7.0);
-            let decoded = decode(&encoded.payload, &[4], &CodecParams::adr002(2), &encoded.layout).unwrap();
+            let decoded = decode(
+                &encoded.payload,
+                &[4],
+                &CodecParams::adr002(2),
+                &encoded.layout,
+            )
+            .unwrap();
             assert_eq!(&decoded[2..], [7.0 * scale, -7.0 * scale]);
         }
     }
@@ -446,11 +581,22 @@ mod tests {
     /// tokens in groups of 2 put task starts mid-byte at 3 bits).
     #[test]
     fn fused_symmetric_paths_match_the_general_path() {
-        for (bits, axis, head_dim, group_size) in [(4, Axis::Flat, 64, 64), (3, Axis::Token, 5, 2), (2, Axis::Token, 8, 3), (8, Axis::Token, 5, 2)] {
+        for (bits, axis, head_dim, group_size) in [
+            (4, Axis::Flat, 64, 64),
+            (3, Axis::Token, 5, 2),
+            (2, Axis::Token, 8, 3),
+            (8, Axis::Token, 5, 2),
+        ] {
             let shape = [1, 2, 700, head_dim];
             let count = 2 * 700 * head_dim;
-            let values: Vec<f32> = (0..count).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01).collect();
-            let params = CodecParams { bits, axis, ..CodecParams::adr002(group_size) };
+            let values: Vec<f32> = (0..count)
+                .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01)
+                .collect();
+            let params = CodecParams {
+                bits,
+                axis,
+                ..CodecParams::adr002(group_size)
+            };
             let plan = Plan::new(&shape, &params).unwrap();
             let range = params.code_range();
             let general = quantizer::group_params(&values, None, &plan.geometry, range);
@@ -460,10 +606,23 @@ mod tests {
             expected.extend_from_slice(&packed(&codes, bits));
 
             let encoded = encode(&values, &shape, &params).unwrap();
-            assert_eq!(encoded.payload, expected, "{bits} bits, {axis:?}, D {head_dim}, g {group_size}");
+            assert_eq!(
+                encoded.payload, expected,
+                "{bits} bits, {axis:?}, D {head_dim}, g {group_size}"
+            );
             let mut expected_values = vec![0f32; count];
-            quantizer::dequantize(&codes, None, &plan.geometry, range, &general, &mut expected_values);
-            assert_eq!(decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap(), expected_values);
+            quantizer::dequantize(
+                &codes,
+                None,
+                &plan.geometry,
+                range,
+                &general,
+                &mut expected_values,
+            );
+            assert_eq!(
+                decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap(),
+                expected_values
+            );
         }
     }
 
@@ -473,38 +632,93 @@ mod tests {
         let params = CodecParams::adr002(4);
         let encoded = encode(&values, &[10], &params).unwrap();
         let payload = &encoded.payload;
-        let short = decode(&payload[..payload.len() - 1], &[10], &params, &encoded.layout);
-        assert_eq!(short, Err(CodecError::PayloadSize { expected: 11, actual: 10 }));
+        let short = decode(
+            &payload[..payload.len() - 1],
+            &[10],
+            &params,
+            &encoded.layout,
+        );
+        assert_eq!(
+            short,
+            Err(CodecError::PayloadSize {
+                expected: 11,
+                actual: 10
+            })
+        );
         let mut long = payload.clone();
         long.push(0);
-        assert!(matches!(decode(&long, &[10], &params, &encoded.layout), Err(CodecError::PayloadSize { .. })));
-        let f32_layout = Layout { scale_dtype: ScaleDtype::F32 };
-        assert!(matches!(decode(payload, &[10], &params, &f32_layout), Err(CodecError::PayloadSize { .. })));
+        assert!(matches!(
+            decode(&long, &[10], &params, &encoded.layout),
+            Err(CodecError::PayloadSize { .. })
+        ));
+        let f32_layout = Layout {
+            scale_dtype: ScaleDtype::F32,
+        };
+        assert!(matches!(
+            decode(payload, &[10], &params, &f32_layout),
+            Err(CodecError::PayloadSize { .. })
+        ));
         let overflowing = [usize::MAX, 2, 1, 1];
-        assert_eq!(decode(payload, &overflowing, &params, &encoded.layout), Err(CodecError::ShapeOverflow));
+        assert_eq!(
+            decode(payload, &overflowing, &params, &encoded.layout),
+            Err(CodecError::ShapeOverflow)
+        );
         let mut zero_scale = payload.clone();
         zero_scale[0..2].copy_from_slice(&[0, 0]);
-        assert!(matches!(decode(&zero_scale, &[10], &params, &encoded.layout), Err(CodecError::CorruptPayload(_))));
+        assert!(matches!(
+            decode(&zero_scale, &[10], &params, &encoded.layout),
+            Err(CodecError::CorruptPayload(_))
+        ));
     }
 
     #[test]
     fn encode_rejects_bad_params_and_values() {
         let values = [1.0f32; 8];
-        let bad_bits = CodecParams { bits: 5, ..CodecParams::adr002(4) };
-        assert_eq!(encode(&values, &[8], &bad_bits), Err(CodecError::UnsupportedBits(5)));
-        assert_eq!(encode(&values, &[8], &CodecParams::adr002(0)), Err(CodecError::ZeroGroupSize));
-        let token = CodecParams { axis: Axis::Token, ..CodecParams::adr002(4) };
+        let bad_bits = CodecParams {
+            bits: 5,
+            ..CodecParams::adr002(4)
+        };
+        assert_eq!(
+            encode(&values, &[8], &bad_bits),
+            Err(CodecError::UnsupportedBits(5))
+        );
+        assert_eq!(
+            encode(&values, &[8], &CodecParams::adr002(0)),
+            Err(CodecError::ZeroGroupSize)
+        );
+        let token = CodecParams {
+            axis: Axis::Token,
+            ..CodecParams::adr002(4)
+        };
         assert_eq!(
             encode(&values, &[2, 4], &token),
-            Err(CodecError::NeedsFourDims { feature: "per-token grouping", rank: 2 })
+            Err(CodecError::NeedsFourDims {
+                feature: "per-token grouping",
+                rank: 2
+            })
         );
-        let rotated = CodecParams { rotation_seed: Some(1), ..CodecParams::adr002(4) };
-        assert_eq!(encode(&[0.0; 6], &[1, 1, 2, 3], &rotated), Err(CodecError::HeadDimNotPowerOfTwo(3)));
-        let sparse = CodecParams { sparsity: 1.0, ..CodecParams::adr002(4) };
-        assert_eq!(encode(&values, &[8], &sparse), Err(CodecError::InvalidSparsity(1.0)));
+        let rotated = CodecParams {
+            rotation_seed: Some(1),
+            ..CodecParams::adr002(4)
+        };
+        assert_eq!(
+            encode(&[0.0; 6], &[1, 1, 2, 3], &rotated),
+            Err(CodecError::HeadDimNotPowerOfTwo(3))
+        );
+        let sparse = CodecParams {
+            sparsity: 1.0,
+            ..CodecParams::adr002(4)
+        };
+        assert_eq!(
+            encode(&values, &[8], &sparse),
+            Err(CodecError::InvalidSparsity(1.0))
+        );
         assert_eq!(
             encode(&values, &[9], &CodecParams::adr002(4)),
-            Err(CodecError::ValueCount { expected: 9, actual: 8 })
+            Err(CodecError::ValueCount {
+                expected: 9,
+                actual: 8
+            })
         );
         let mut with_nan = values;
         with_nan[3] = f32::NAN;

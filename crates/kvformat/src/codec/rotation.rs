@@ -11,11 +11,14 @@ use rayon::prelude::*;
 /// Head vectors per parallel work item.
 const VECTORS_PER_TASK: usize = 256;
 
-/// The splitmix64 generator (Steele, Lea, Flood 2014), as in Java's SplittableRandom.
-struct SplitMix64(u64);
+/// The splitmix64 generator (Steele, Lea, Flood 2014), as in Java's
+/// SplittableRandom: the rotation's documented sign source, and a small
+/// seeded generator for anything else that must be reproducible everywhere.
+#[derive(Clone, Debug)]
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -32,7 +35,7 @@ pub fn signs(seed: u64, dim: usize) -> Vec<f32> {
     (0..dim)
         .map(|channel| {
             if channel % 64 == 0 {
-                word = generator.next();
+                word = generator.next_u64();
             }
             if (word >> (channel % 64)) & 1 == 1 {
                 -1.0
@@ -109,13 +112,13 @@ mod tests {
     fn splitmix64_matches_the_reference_sequence() {
         // First outputs for seed 0 from the reference C implementation.
         let mut generator = SplitMix64(0);
-        assert_eq!(generator.next(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(generator.next(), 0x6E78_9E6A_A1B9_65F4);
+        assert_eq!(generator.next_u64(), 0xE220_A839_7B1D_CDAF);
+        assert_eq!(generator.next_u64(), 0x6E78_9E6A_A1B9_65F4);
     }
 
     #[test]
     fn signs_follow_the_bits_of_the_generator() {
-        let word = SplitMix64(0).next(); // 0x...CDAF: bits 0..4 = 1111, bit 4 = 0
+        let word = SplitMix64(0).next_u64(); // 0x...CDAF: bits 0..4 = 1111, bit 4 = 0
         let signs = signs(0, 70);
         for (channel, &sign) in signs.iter().enumerate().take(64) {
             assert_eq!(sign == -1.0, (word >> channel) & 1 == 1);
@@ -134,7 +137,9 @@ mod tests {
     #[test]
     fn rotation_is_invertible_to_float_precision() {
         let signs = signs(42, 64);
-        let original: Vec<f32> = (0..64 * 5).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let original: Vec<f32> = (0..64 * 5)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
         let mut values = original.clone();
         rotate(&mut values, &signs);
         assert_ne!(values, original);

@@ -46,9 +46,15 @@ mod tests {
     fn drops_the_smallest_magnitudes_with_ties_to_the_earliest() {
         let values = [3.0, -0.5, 0.5, 2.0, -0.5, 1.0];
         // floor(0.5 * 6) = 3 dropped: the three 0.5s (indices 1, 2, 4).
-        assert_eq!(kept_mask(&values, 0.5), [true, false, false, true, false, true]);
+        assert_eq!(
+            kept_mask(&values, 0.5),
+            [true, false, false, true, false, true]
+        );
         // floor(0.34 * 6) = 2: the first two 0.5s.
-        assert_eq!(kept_mask(&values, 0.34), [true, false, false, true, true, true]);
+        assert_eq!(
+            kept_mask(&values, 0.34),
+            [true, false, false, true, true, true]
+        );
     }
 
     #[test]
