@@ -212,3 +212,36 @@ fn help_teaches_with_examples() {
         assert!(stdout.contains(needle), "missing {needle:?} in {stdout}");
     }
 }
+
+#[test]
+fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let identity = identity_compressor(dir.path());
+    let log = dir.path().join("argv.log");
+    let recording = write_script(
+        dir.path(),
+        "recording-kv-compress",
+        &format!("#!/bin/sh\necho \"$@\" >> '{}'\nexec '{}' \"$@\"\n", log.display(), identity.display()),
+    );
+    let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
+    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    args.extend(["--group-size", "32", "--sparsity", "0.25"]);
+    args.extend(["--compress-arg", "-bits", "--compress-arg=8"]);
+    let output = kv_validate(&args, &recording);
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+
+    let calls: Vec<Vec<String>> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| line.split(' ').map(str::to_string).collect())
+        .collect();
+    assert_eq!(calls.len(), 4, "two windows, two calls each: {calls:?}");
+    let (compress, decompress) = (&calls[0], &calls[1]);
+    assert_eq!(compress[0], "-input");
+    assert!(compress[1].ends_with("context.safetensors"));
+    assert_eq!(compress[2], "-output");
+    assert_eq!(compress[4..], ["-group-size", "32", "-sparsity", "0.25", "-bits", "8"]);
+    assert_eq!(decompress[..3], ["-decompress", "-input", compress[3].as_str()]);
+    assert_eq!(decompress[3], "-output");
+}
