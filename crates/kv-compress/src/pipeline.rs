@@ -10,7 +10,7 @@ use kvformat::codec::{Axis, CodecParams, Grid};
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
 use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
-use kvformat::{write_tensor_file_streaming, CacheDtype, TensorProblem, TensorSpec};
+use kvformat::{write_tensor_file_streaming, CacheDtype, TensorSpec};
 use rayon::prelude::*;
 
 use crate::flags::{Method, Options};
@@ -94,7 +94,7 @@ fn compress_tensor(
     let values = cache.values(entry, dtype)?;
     let params = params_for(options, &entry.name);
     let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &params)
-        .map_err(|e| kvformat::Error::tensor(path, &entry.name, TensorProblem::Codec(e)))?;
+        .map_err(|problem| kvformat::Error::tensor(path, &entry.name, problem))?;
     let outcome = TensorOutcome {
         name: entry.name.clone(),
         original_bytes: cache.file().data(entry).len() as u64,

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
-use crate::tensor_file::{write_tensor_file, OutputTensor, TensorEntry, TensorFile};
+use crate::tensor_file::{write_tensor_file_streaming, TensorEntry, TensorFile, TensorSpec};
 
 /// An open KV cache whose tensors all have a cache dtype.
 #[derive(Debug)]
@@ -44,8 +44,7 @@ impl KvCache {
     /// The tensor's values as `f32`; fails on the first NaN or infinity.
     pub fn values(&self, entry: &TensorEntry, dtype: CacheDtype) -> Result<Cow<'_, [f32]>> {
         let values = dtype.to_f32(self.file.data(entry));
-        if !all_finite(&values) {
-            let index = values.iter().position(|v| !v.is_finite()).expect("a non-finite value exists");
+        if let Some(index) = first_non_finite(&values) {
             return Err(Error::tensor(
                 self.file.path(),
                 &entry.name,
@@ -59,17 +58,18 @@ impl KvCache {
     }
 }
 
-/// Whether no value is NaN or infinite (all exponent bits set), counted
-/// branch-free so it vectorizes even on baseline SSE2 (an early-exit search
-/// would not).
-fn all_finite(values: &[f32]) -> bool {
+/// Index of the first NaN or infinity (all exponent bits set). Chunks are
+/// scanned with a branch-free count that vectorizes even on baseline SSE2
+/// (an early-exit search would not); only a failing chunk is searched.
+pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
     const EXPONENT_MASK: u32 = 0x7f80_0000;
-    values.chunks(4096).all(|chunk| {
-        chunk
+    const CHUNK: usize = 4096;
+    values.chunks(CHUNK).enumerate().find_map(|(chunk_index, chunk)| {
+        let bad = chunk
             .iter()
             .map(|v| u32::from(v.to_bits() & EXPONENT_MASK == EXPONENT_MASK))
-            .sum::<u32>()
-            == 0
+            .sum::<u32>();
+        (bad > 0).then(|| chunk_index * CHUNK + chunk.iter().position(|v| !v.is_finite()).expect("counted one"))
     })
 }
 
@@ -82,20 +82,20 @@ pub struct CacheTensor<'a> {
     pub values: &'a [f32],
 }
 
-/// Writes a plain KV cache atomically (tensors sorted by name).
+/// Writes a plain KV cache atomically (tensors sorted by name), converting
+/// to each tensor's dtype a few tensors at a time.
 pub fn write_cache(path: &Path, tensors: &[CacheTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|t| t.dtype.from_f32(t.values)).collect();
-    let outputs: Vec<OutputTensor<'_>> = tensors
+    let specs: Vec<TensorSpec<'_>> = tensors
         .iter()
-        .zip(&bytes)
-        .map(|(t, data)| OutputTensor {
+        .map(|t| TensorSpec {
             name: t.name,
             dtype: t.dtype.to_safetensors(),
             shape: t.shape,
-            data,
+            byte_len: t.values.len() * t.dtype.size_bytes(),
         })
         .collect();
-    write_tensor_file(path, &outputs, metadata)
+    write_tensor_file_streaming(path, &specs, metadata, |i| Ok((tensors[i].dtype.from_f32(tensors[i].values), ())))?;
+    Ok(())
 }
 
 #[cfg(test)]

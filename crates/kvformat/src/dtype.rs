@@ -77,12 +77,14 @@ impl CacheDtype {
         }
     }
 
-    /// `f32` values to little-endian bytes of this dtype (round to nearest even).
+    /// Finite `f32` values to little-endian bytes of this dtype: round to
+    /// nearest even, saturating at the dtype's largest finite value (a
+    /// reconstruction just beyond F16's 65504 must not be restored as infinity).
     pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
         match self {
             CacheDtype::F32 => bytemuck::cast_slice(values).to_vec(),
-            CacheDtype::F16 => f32_to_halves::<f16>(values),
-            CacheDtype::BF16 => f32_to_halves::<bf16>(values),
+            CacheDtype::F16 => f32_to_halves::<f16>(values, 0x7C00, f16::MAX.to_bits()),
+            CacheDtype::BF16 => f32_to_halves::<bf16>(values, 0x7F80, bf16::MAX.to_bits()),
         }
     }
 }
@@ -104,13 +106,27 @@ where
     out
 }
 
-fn f32_to_halves<H>(values: &[f32]) -> Vec<u8>
+/// Converts, then replaces any ±infinity (magnitude bits == `infinity_bits`)
+/// with ±`max_bits`. The check is a branch-free count per chunk so the
+/// common case (nothing to fix) stays vectorized.
+fn f32_to_halves<H>(values: &[f32], infinity_bits: u16, max_bits: u16) -> Vec<u8>
 where
     H: bytemuck::Pod,
     [H]: HalfFloatSliceExt,
 {
+    const MAGNITUDE_MASK: u16 = 0x7FFF;
+    const SIGN: u16 = 0x8000;
     let mut halves: Vec<H> = vec![H::zeroed(); values.len()];
     halves.convert_from_f32_slice(values);
+    let bits: &mut [u16] = bytemuck::cast_slice_mut(&mut halves);
+    for chunk in bits.chunks_mut(4096) {
+        let infinities: u32 = chunk.iter().map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits)).sum();
+        if infinities > 0 {
+            for b in chunk.iter_mut().filter(|b| **b & MAGNITUDE_MASK == infinity_bits) {
+                *b = (*b & SIGN) | max_bits;
+            }
+        }
+    }
     bytemuck::cast_slice(&halves).to_vec()
 }
 
@@ -140,6 +156,14 @@ mod tests {
         buffer[1..5].copy_from_slice(&1.5f32.to_le_bytes());
         buffer[5..9].copy_from_slice(&(-7.25f32).to_le_bytes());
         assert_eq!(&*CacheDtype::F32.to_f32(&buffer[1..]), &[1.5, -7.25]);
+    }
+
+    #[test]
+    fn conversion_saturates_instead_of_overflowing_to_infinity() {
+        // 65520 rounds to F16 infinity; 3.4e38 rounds to BF16 infinity.
+        assert_eq!(&*CacheDtype::F16.to_f32(&CacheDtype::F16.from_f32(&[65520.0, -65520.0, 1.0])), &[65504.0, -65504.0, 1.0]);
+        let bf16_max = bf16::MAX.to_f32();
+        assert_eq!(&*CacheDtype::BF16.to_f32(&CacheDtype::BF16.from_f32(&[f32::MAX, -f32::MAX])), &[bf16_max, -bf16_max]);
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub enum TensorProblem {
     NonFinite { index: usize, value: f32 },
     #[error("{0}")]
     Codec(#[from] CodecError),
+    #[error("the codec reconstructed value {index} as {value}, which is not finite (a codec bug: please report it)")]
+    ReconstructionNotFinite { index: usize, value: f32 },
     #[error("checksum mismatch (stored crc32 {expected:08x}, data has {actual:08x}): the file is corrupted")]
     ChecksumMismatch { expected: u32, actual: u32 },
     #[error("stored as {dtype} {shape:?}, but the manifest says U8 [{stored_len}]")]

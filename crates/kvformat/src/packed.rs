@@ -9,7 +9,7 @@ use std::path::Path;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{self, CodecError, CodecParams, Layout};
+use crate::codec::{self, CodecParams, Layout};
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
 use crate::metrics::{measure, TensorMetrics};
@@ -71,17 +71,25 @@ pub struct PackedTensor {
 
 /// Encodes `values`, decodes the result (the reconstruction every metric and
 /// `-decompress` use), measures it, and LZ4-compresses the payload where that
-/// makes it smaller. Returns the packed tensor and the reconstruction.
+/// makes it smaller. Returns the packed tensor and the reconstruction. A
+/// reconstruction that is not finite is refused: it would be written as
+/// garbage and make the metrics meaningless.
 pub fn pack_tensor(
     name: &str,
     dtype: CacheDtype,
     shape: &[usize],
     values: &[f32],
     params: &CodecParams,
-) -> std::result::Result<(PackedTensor, Vec<f32>), CodecError> {
+) -> std::result::Result<(PackedTensor, Vec<f32>), TensorProblem> {
     params.validate(shape)?;
     let encoded = codec::encode(values, shape, params)?;
     let reconstruction = codec::decode(&encoded.payload, shape, params, &encoded.layout)?;
+    if let Some(index) = crate::cache::first_non_finite(&reconstruction) {
+        return Err(TensorProblem::ReconstructionNotFinite {
+            index,
+            value: reconstruction[index],
+        });
+    }
     let metrics = measure(values, &reconstruction);
     let raw_len = encoded.payload.len();
     let compressed = lz4_flex::block::compress(&encoded.payload);
@@ -196,7 +204,7 @@ impl PackedFile {
             }
         }
         for (name, tensor) in &manifest.tensors {
-            let Some(entry) = file.tensors().iter().find(|t| &t.name == name) else {
+            let Some(entry) = entry_named(&file, name) else {
                 return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
             };
             if entry.dtype != Dtype::U8 || entry.shape != [tensor.stored_len] {
@@ -234,7 +242,7 @@ impl PackedFile {
         let path = self.file.path();
         let (Some(tensor), Some(entry)) = (
             self.manifest.tensors.get(name),
-            self.file.tensors().iter().find(|t| t.name == name),
+            entry_named(&self.file, name),
         ) else {
             return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
         };
@@ -276,6 +284,13 @@ impl PackedFile {
             .and_then(|()| codec::decode(payload, &tensor.shape, &tensor.codec, &tensor.layout))
             .map_err(|e| Error::tensor(path, name, e))
     }
+}
+
+/// The file's entry for tensor `name`, by binary search (entries are sorted
+/// by name): a linear search per tensor made files of many tensors quadratic.
+fn entry_named<'a>(file: &'a TensorFile, name: &str) -> Option<&'a crate::tensor_file::TensorEntry> {
+    let tensors = file.tensors();
+    tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &tensors[i])
 }
 
 /// Rejects manifest entries whose sizes cannot be right before any allocation.

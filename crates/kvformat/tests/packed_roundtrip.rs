@@ -99,3 +99,18 @@ fn lz4_is_used_where_it_shrinks_and_round_trips() {
     assert_eq!(PackedFile::open(&path).unwrap().unpack("z").unwrap(), reconstruction);
     assert!(reconstruction.iter().all(|&v| v == 0.0));
 }
+
+/// A value at the edge of f32 whose 8-bit reconstruction overflows to
+/// infinity must be refused, naming the problem, never packed as garbage.
+#[test]
+fn a_non_finite_reconstruction_is_refused_or_the_values_stay_finite() {
+    let params = CodecParams { bits: 8, ..CodecParams::adr002(8) };
+    match pack_tensor("edge", CacheDtype::F32, &[1], &[-f32::MAX], &params) {
+        Ok((tensor, reconstruction)) => {
+            assert!(reconstruction.iter().all(|v| v.is_finite()));
+            let m = tensor.entry.metrics;
+            assert!([m.rmse, m.snr_db, m.cosine, m.max_error].iter().all(|v| v.is_finite()), "{m:?}");
+        }
+        Err(problem) => assert!(problem.to_string().contains("not finite"), "{problem}"),
+    }
+}
