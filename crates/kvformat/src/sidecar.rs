@@ -78,7 +78,8 @@ impl Sidecar {
         let [_, heads, seq, head_dim] = shape[..] else {
             return None;
         };
-        let num_layers = (0..).take_while(|i| tensors.iter().any(|(n, _, _)| *n == format!("layer_{i}_key"))).count();
+        let names: std::collections::HashSet<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
+        let num_layers = (0..).take_while(|i| names.contains(format!("layer_{i}_key").as_str())).count();
         let sidecar = Sidecar {
             num_layers,
             num_kv_heads: heads,
@@ -91,11 +92,14 @@ impl Sidecar {
     }
 
     /// Every disagreement between this sidecar and the tensors, as text.
+    /// Looks names up in a map: a scan per layer made 16384-tensor files take seconds.
     fn check(&self, tensors: &[(String, CacheDtype, Vec<usize>)]) -> std::result::Result<(), String> {
+        let by_name: std::collections::HashMap<&str, (&CacheDtype, &Vec<usize>)> =
+            tensors.iter().map(|(n, dtype, shape)| (n.as_str(), (dtype, shape))).collect();
         for layer in 0..self.num_layers {
             for kind in ["key", "value"] {
                 let name = format!("layer_{layer}_{kind}");
-                let Some((_, dtype, shape)) = tensors.iter().find(|(n, _, _)| *n == name) else {
+                let Some((dtype, shape)) = by_name.get(name.as_str()) else {
                     return Err(format!("{name} is missing (num_layers = {})", self.num_layers));
                 };
                 let fits = matches!(shape[..], [_, h, s, d] if h == self.num_kv_heads && s == self.seq_len && d == self.head_dim);
