@@ -156,6 +156,11 @@ impl RotaryEmbedding {
     }
 }
 
+/// Query rows per attention block. In a long prefill a block only needs the
+/// keys up to its own last position, so blocking skips most of the masked
+/// upper triangle and bounds the score matrix to `QUERY_BLOCK` × keys.
+const QUERY_BLOCK: usize = 256;
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -245,31 +250,42 @@ impl Attention {
             ),
             None => (k, v),
         };
-        let total = key.dim(2)?;
 
         // GQA without copying K/V: query heads h = g·group + j all read KV
-        // head g, so fold the group into the query-row axis of that KV head.
+        // head g, so the group sits beside the query rows of that KV head.
         let group = config.kv_group_size();
-        let q = (q * (1.0 / (head_dim as f64).sqrt()))?.reshape((
+        let q = (q * (1.0 / (head_dim as f64).sqrt()))?
+            .reshape((batch, kv_heads, group, seq_len, head_dim))?;
+        let past_len = key.dim(2)? - seq_len;
+        let blocks = (0..seq_len)
+            .step_by(QUERY_BLOCK)
+            .map(|first| {
+                let rows = QUERY_BLOCK.min(seq_len - first);
+                let visible = past_len + first + rows;
+                let q = q.narrow(3, first, rows)?.contiguous()?.reshape((
+                    batch,
+                    kv_heads,
+                    group * rows,
+                    head_dim,
+                ))?;
+                let scores = q.matmul(&key.narrow(2, 0, visible)?.t()?)?;
+                let scores = match mask {
+                    Some(mask) => scores
+                        .reshape((batch, kv_heads, group, rows, visible))?
+                        .broadcast_add(&mask.narrow(0, first, rows)?.narrow(1, 0, visible)?)?
+                        .reshape((batch, kv_heads, group * rows, visible))?,
+                    None => scores,
+                };
+                candle_nn::ops::softmax_last_dim(&scores)?
+                    .matmul(&value.narrow(2, 0, visible)?)?
+                    .reshape((batch, heads, rows, head_dim))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = Tensor::cat(&blocks, 2)?.transpose(1, 2)?.reshape((
             batch,
-            kv_heads,
-            group * seq_len,
-            head_dim,
+            seq_len,
+            heads * head_dim,
         ))?;
-        let scores = q.matmul(&key.t()?)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((batch, kv_heads, group, seq_len, total))?
-                .broadcast_add(mask)?
-                .reshape((batch, kv_heads, group * seq_len, total))?,
-            None => scores,
-        };
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
-        let y = weights
-            .matmul(&value)?
-            .reshape((batch, heads, seq_len, head_dim))?
-            .transpose(1, 2)?
-            .reshape((batch, seq_len, heads * head_dim))?;
         Ok((self.o_proj.forward(&y)?, LayerKv { key, value }))
     }
 

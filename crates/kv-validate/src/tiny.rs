@@ -117,7 +117,7 @@ impl Default for TinyLlama {
                 rope_theta: 10_000.0,
                 rms_norm_eps: 1e-5,
                 vocab_size: vocab().len(),
-                max_position_embeddings: 512,
+                max_position_embeddings: 1024,
                 tie_word_embeddings: false,
                 bos_token_id: Some(BOS_TOKEN_ID),
                 eos_token_id: Some(EOS_TOKEN_ID),

@@ -78,16 +78,26 @@ fn our_logits(model: &Llama, ids: &[u32]) -> Tensor {
     logits.squeeze(0).unwrap()
 }
 
-/// Reference logits at every position, from a model that only returns the
-/// last position's: run it on each prefix.
-fn logits_per_prefix(ids: &[u32], mut last_logits: impl FnMut(&Tensor) -> Tensor) -> Tensor {
-    let rows: Vec<Tensor> = (1..=ids.len())
-        .map(|t| last_logits(&as_input(&ids[..t])).reshape(((),)).unwrap())
+/// Reference logits at the last position of each prefix `ids[..end]`, from a
+/// model that only returns the last position's: `[ends.len(), vocab]`.
+fn logits_per_prefix(
+    ids: &[u32],
+    ends: &[usize],
+    mut last_logits: impl FnMut(&Tensor) -> Tensor,
+) -> Tensor {
+    let rows: Vec<Tensor> = ends
+        .iter()
+        .map(|&end| last_logits(&as_input(&ids[..end])).reshape(((),)).unwrap())
         .collect();
     Tensor::stack(&rows, 0).unwrap()
 }
 
-fn candle_llama_logits(hf_dir: &Path, ids: &[u32]) -> Tensor {
+/// Every prefix end: compares all positions.
+fn all_ends(ids: &[u32]) -> Vec<usize> {
+    (1..=ids.len()).collect()
+}
+
+fn candle_llama_logits(hf_dir: &Path, ids: &[u32], ends: &[usize]) -> Tensor {
     let config_json = std::fs::read_to_string(hf_dir.join("config.json")).unwrap();
     let config: candle_llama::LlamaConfig = serde_json::from_str(&config_json).unwrap();
     let config = config.into_config(false);
@@ -96,19 +106,19 @@ fn candle_llama_logits(hf_dir: &Path, ids: &[u32]) -> Tensor {
     let vb =
         unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu) }.unwrap();
     let model = candle_llama::Llama::load(vb, &config).unwrap();
-    logits_per_prefix(ids, |input| {
+    logits_per_prefix(ids, ends, |input| {
         let mut cache = candle_llama::Cache::new(false, DType::F32, &config, &Device::Cpu).unwrap();
         model.forward(input, 0, &mut cache).unwrap()
     })
 }
 
-fn quantized_llama_logits(gguf: &Path, ids: &[u32]) -> Tensor {
+fn quantized_llama_logits(gguf: &Path, ids: &[u32], ends: &[usize]) -> Tensor {
     let mut file = std::fs::File::open(gguf).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let mut model =
         quantized_llama::ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
     // index_pos 0 makes it drop its private cache on every call.
-    logits_per_prefix(ids, |input| model.forward(input, 0).unwrap())
+    logits_per_prefix(ids, ends, |input| model.forward(input, 0).unwrap())
 }
 
 fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
@@ -136,7 +146,7 @@ fn matches_candle_transformers_llama_on_safetensors() {
         let ids = prompt_tokens(&loaded.tokenizer);
         assert_close(
             &our_logits(&loaded.model, &ids),
-            &candle_llama_logits(&files.hf_dir, &ids),
+            &candle_llama_logits(&files.hf_dir, &ids, &all_ends(&ids)),
             &format!("llama (tie_word_embeddings={tie_word_embeddings})"),
         );
     }
@@ -162,7 +172,7 @@ fn matches_candle_transformers_quantized_llama_on_gguf() {
         let ids = prompt_tokens(&loaded.tokenizer);
         assert_close(
             &our_logits(&loaded.model, &ids),
-            &quantized_llama_logits(&files.gguf, &ids),
+            &quantized_llama_logits(&files.gguf, &ids, &all_ends(&ids)),
             &format!("quantized_llama (tie_word_embeddings={tie_word_embeddings})"),
         );
     }
@@ -236,6 +246,38 @@ fn incremental_forward_with_past_equals_one_full_pass() {
     assert_eq!(prefix_last.dims(), [1, tiny_vocab()]);
     assert!(max_abs_diff(&prefix_last, &full_logits.i((.., 4, ..)).unwrap()) < TOLERANCE);
     assert!(max_abs_diff(&rest_last, &full_logits.i((.., ids.len() - 1, ..)).unwrap()) < TOLERANCE);
+}
+
+/// Longer than the model's attention query block (256), with a past, so the
+/// blocked attention's key ranges and mask slices are exercised.
+#[test]
+fn long_sequences_match_across_attention_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = write_tiny(&TinyLlama::default(), dir.path());
+    let model = load(ModelSource::LocalDir(files.hf_dir.clone())).model;
+    let vocab = tiny_vocab() as u32;
+    let ids: Vec<u32> = (0..600u32).map(|i| (i * 7919 + 13) % vocab).collect();
+    let full = our_logits(&model, &ids);
+
+    let ends = [1, 255, 256, 257, 513, 600];
+    let rows: Vec<Tensor> = ends.iter().map(|&end| full.i(end - 1).unwrap()).collect();
+    let reference = candle_llama_logits(&files.hf_dir, &ids, &ends);
+    assert_close(
+        &Tensor::stack(&rows, 0).unwrap(),
+        &reference,
+        "600 tokens vs llama",
+    );
+
+    let (_, past) = model.forward(&as_input(&ids[..100]), None).unwrap();
+    let (rest, _) = model.forward(&as_input(&ids[100..]), Some(&past)).unwrap();
+    let diff = max_abs_diff(
+        &rest.squeeze(0).unwrap(),
+        &full.narrow(0, 100, 500).unwrap(),
+    );
+    assert!(
+        diff < TOLERANCE,
+        "100 + 500 with past vs 600 at once: {diff}"
+    );
 }
 
 fn tiny_vocab() -> usize {
