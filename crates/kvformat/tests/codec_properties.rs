@@ -9,7 +9,8 @@
 
 use half::f16;
 use kvformat::codec::{
-    decode, encode, payload_len, Axis, CodecError, CodecParams, Grid, Layout, ScaleDtype,
+    decode, decode_into, encode, payload_len, Axis, CodecError, CodecParams, Grid, Layout,
+    ScaleDtype,
 };
 use proptest::prelude::*;
 
@@ -484,6 +485,40 @@ proptest! {
         let layout = Layout { scale_dtype: if f32_scales { ScaleDtype::F32 } else { ScaleDtype::F16 } };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
+        }
+    }
+
+    #[test]
+    fn decode_never_panics_on_extreme_shapes(
+        shape in prop::collection::vec(
+            prop_oneof![0usize..5, Just(1usize << 20), Just(1usize << 33), Just(usize::MAX / 3)],
+            0..6,
+        ),
+        params in params_for(&[1, 1, 1, 64]),
+        payload in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        let layout = Layout { scale_dtype: ScaleDtype::F16 };
+        if let Ok(values) = decode(&payload, &shape, &params, &layout) {
+            prop_assert_eq!(values.len(), shape.iter().product::<usize>());
+        }
+    }
+
+    /// decode_into gives decode's values whatever the buffer held before.
+    #[test]
+    fn decode_into_overwrites_a_reused_buffer((shape, params, values) in case()) {
+        if let Ok(encoded) = encode(&values, &shape, &params) {
+            let expected = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
+            let mut reused = vec![f32::NAN; values.len()];
+            decode_into(&encoded.payload, &shape, &params, &encoded.layout, &mut reused).unwrap();
+            prop_assert_eq!(
+                reused.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                expected.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            let mut wrong = vec![0.0; values.len() + 1];
+            prop_assert_eq!(
+                decode_into(&encoded.payload, &shape, &params, &encoded.layout, &mut wrong),
+                Err(CodecError::ValueCount { expected: values.len(), actual: values.len() + 1 })
+            );
         }
     }
 

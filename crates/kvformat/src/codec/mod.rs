@@ -345,6 +345,39 @@ pub fn decode(
     params: &CodecParams,
     layout: &Layout,
 ) -> Result<Vec<f32>, CodecError> {
+    let (plan, sections) = checked_sections(payload, shape, params, layout)?;
+    let mut values = vec![0f32; plan.total_count()];
+    decode_checked(payload, &plan, &sections, params, layout, &mut values)?;
+    Ok(values)
+}
+
+/// [`decode`] into a caller's buffer of exactly the shape's element count,
+/// so a caller decoding many tensors can reuse one allocation (fresh memory
+/// costs a page fault per 4 KiB, a large part of decoding time).
+pub fn decode_into(
+    payload: &[u8],
+    shape: &[usize],
+    params: &CodecParams,
+    layout: &Layout,
+    out: &mut [f32],
+) -> Result<(), CodecError> {
+    let (plan, sections) = checked_sections(payload, shape, params, layout)?;
+    if out.len() != plan.total_count() {
+        return Err(CodecError::ValueCount {
+            expected: plan.total_count(),
+            actual: out.len(),
+        });
+    }
+    decode_checked(payload, &plan, &sections, params, layout, out)
+}
+
+/// The plan and payload sections, once the payload length matches them exactly.
+fn checked_sections(
+    payload: &[u8],
+    shape: &[usize],
+    params: &CodecParams,
+    layout: &Layout,
+) -> Result<(Plan, Sections), CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
     let sections = Sections::new(&plan, params, layout.scale_dtype)?;
@@ -355,6 +388,17 @@ pub fn decode(
             actual: payload.len(),
         });
     }
+    Ok((plan, sections))
+}
+
+fn decode_checked(
+    payload: &[u8],
+    plan: &Plan,
+    sections: &Sections,
+    params: &CodecParams,
+    layout: &Layout,
+    out: &mut [f32],
+) -> Result<(), CodecError> {
     let (scale_bytes, rest) = payload.split_at(sections.scales);
     let (offset_bytes, rest) = rest.split_at(sections.offsets);
     let (kept_bytes, rest) = rest.split_at(sections.kept_tokens);
@@ -371,15 +415,14 @@ pub fn decode(
     // ADR-002 and other plain symmetric tensors: codes straight into the output.
     let plain = params.sparsity == 0.0 && params.rotation_seed.is_none() && plan.keeps_no_tokens();
     if plain && params.grid == Grid::Symmetric && plan.axis != Axis::Channel {
-        let mut values = vec![0f32; plan.total_count()];
         if quantizer::dequantize_symmetric_packed(
             code_bytes,
             &plan.geometry,
             range,
             &group_params.scales,
-            &mut values,
+            out,
         ) {
-            return Ok(values);
+            return Ok(());
         }
     }
 
@@ -404,11 +447,11 @@ pub fn decode(
         rotation::unrotate(&mut quantized, &rotation::signs(seed, plan.head_dim));
     }
     if plan.keeps_no_tokens() {
-        return Ok(quantized);
+        out.copy_from_slice(&quantized);
+    } else {
+        plan.join(&kept_values, &quantized, out);
     }
-    let mut values = vec![0f32; plan.total_count()];
-    plan.join(&kept_values, &quantized, &mut values);
-    Ok(values)
+    Ok(())
 }
 
 /// Index of the first NaN or infinity, scanning in vectorizable chunks.
