@@ -19,6 +19,21 @@ pub fn prose_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/prose.txt")
 }
 
+/// The SmolLM2-135M GGUF that `cargo xtask fetch-model` unpacks, from
+/// `KV_MODELS_DIR` or `.cache/models`; `None` (with a message saying how to
+/// get it) when absent, so a test can skip.
+pub fn smollm2_gguf() -> Option<PathBuf> {
+    let dir = std::env::var_os("KV_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.is_file() {
+        eprintln!("skipped: {} is absent; run `cargo xtask fetch-model`", path.display());
+        return None;
+    }
+    Some(path)
+}
+
 /// The real `kv-compress`, built beside `kv-validate` in the same target dir.
 pub fn kv_compress() -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_kv-validate")).with_file_name("kv-compress");
