@@ -245,3 +245,46 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
     assert_eq!(decompress[..3], ["-decompress", "-input", compress[3].as_str()]);
     assert_eq!(decompress[3], "-output");
 }
+
+/// The tiny model's context length (positions).
+fn tiny_context() -> usize {
+    kv_validate::tiny::TinyLlama::default().config.max_position_embeddings
+}
+
+#[test]
+fn a_window_longer_than_the_model_context_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let prose = prose_path();
+    let context = tiny_context().to_string();
+    let args = [
+        "--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--context", &context,
+        "--targets", "100", "--quiet",
+    ];
+    let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
+    let window = format!("a window of {} tokens", tiny_context() + 100);
+    assert!(error.contains(&window) && error.contains(&context), "{error}");
+}
+
+#[test]
+fn the_default_is_the_originals_sliding_window() {
+    // Windows of the model's context L every S = min(512, L/2) tokens: the
+    // first has no context (L - 1 scored), the second S targets on a cache.
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let json = dir.path().join("report.json");
+    let prose = prose_path();
+    let args = [
+        "--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--max-windows", "2",
+        "--quiet", "--json", json.to_str().unwrap(),
+    ];
+    let output = kv_validate(&args, &identity_compressor(dir.path()));
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = read_json(&json);
+    let (window, stride) = (tiny_context().min(2048), (tiny_context().min(2048) / 2).min(512));
+    let protocol = report["protocol"].as_str().unwrap();
+    assert!(protocol.starts_with(&format!("sliding window of {window} tokens, stride {stride}")), "{protocol}");
+    assert_eq!(report["tokens_scored"], window - 1 + stride);
+    assert_eq!(report["tokens_on_compressed_cache"], stride - 1);
+    assert_eq!(report["windows_compressed"], 1);
+}
