@@ -189,3 +189,15 @@ fn payload_length_that_does_not_match_the_shape_is_rejected_before_decoding() {
     assert!(error.contains("layer_0_key"), "{error}");
     assert!(allocations.largest < MIB, "largest allocation {} bytes", allocations.largest);
 }
+
+#[test]
+fn sidecar_larger_than_a_mebibyte_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kv_cache.metadata.json");
+    // Sparse: claims 1 TB without using the disk.
+    std::fs::File::create(&path).unwrap().set_len(1 << 40).unwrap();
+    let (result, allocations) = measure(|| kvformat::Sidecar::read(&path));
+    let error = result.expect_err("a 1 TB sidecar must be refused").to_string();
+    assert!(error.contains("kv_cache.metadata.json") && error.contains("too large for a sidecar"), "{error}");
+    assert!(allocations.peak < 64 * KIB, "allocated {} bytes", allocations.peak);
+}
