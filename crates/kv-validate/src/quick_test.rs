@@ -58,7 +58,7 @@ pub struct QuickTestReport {
     pub measured_rmse: f64,
     pub measured_cosine_similarity: f64,
     pub checks: Vec<Check>,
-    pub wall_time_s: f64,
+    pub wall_seconds: f64,
 }
 
 impl QuickTestReport {
@@ -87,7 +87,7 @@ impl QuickTestReport {
                 check.detail
             ));
         }
-        lines.push(field("Wall time", &format!("{:.2} s", self.wall_time_s)));
+        lines.push(field("Wall time", &format!("{:.2} s", self.wall_seconds)));
         lines.push(format!("Status: {}", status(self.passed)));
         lines.push(rule());
         lines.join("\n") + "\n"
@@ -238,7 +238,7 @@ pub fn run_quick_test(
         measured_rmse: if measured_rmse.is_finite() { measured_rmse } else { 0.0 },
         measured_cosine_similarity: if measured_cosine.is_finite() { measured_cosine } else { 0.0 },
         checks,
-        wall_time_s: started.elapsed().as_secs_f64(),
+        wall_seconds: started.elapsed().as_secs_f64(),
     })
 }
 

@@ -58,21 +58,23 @@ pub struct PerplexityPair {
 /// Seconds of wall time and where they went.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TimingFigures {
-    pub wall_time_s: f64,
-    pub model_s: f64,
-    pub cache_io_s: f64,
-    pub compressor_s: f64,
-    /// (cache_io_s + compressor_s) / wall_time_s.
+    pub wall_seconds: f64,
+    pub model_seconds: f64,
+    pub cache_write_seconds: f64,
+    pub compressor_seconds: f64,
+    pub cache_read_seconds: f64,
+    /// (cache write + compressor + cache read) / wall.
     pub compressor_share: f64,
 }
 
 impl From<&Timings> for TimingFigures {
     fn from(timings: &Timings) -> Self {
         TimingFigures {
-            wall_time_s: timings.total.as_secs_f64(),
-            model_s: timings.model.as_secs_f64(),
-            cache_io_s: timings.cache_io.as_secs_f64(),
-            compressor_s: timings.compressor.as_secs_f64(),
+            wall_seconds: timings.total.as_secs_f64(),
+            model_seconds: timings.model.as_secs_f64(),
+            cache_write_seconds: timings.cache_write.as_secs_f64(),
+            compressor_seconds: timings.compressor.as_secs_f64(),
+            cache_read_seconds: timings.cache_read.as_secs_f64(),
             compressor_share: timings.compressor_share(),
         }
     }
@@ -236,11 +238,13 @@ pub(crate) fn timing_line(timing: &TimingFigures) -> String {
     field(
         "Wall time",
         &format!(
-            "{:.2} s (model {:.2} s, cache I/O {:.2} s, kv-compress {:.2} s: {:.1}% outside the model)",
-            timing.wall_time_s,
-            timing.model_s,
-            timing.cache_io_s,
-            timing.compressor_s,
+            "{:.2} s (model {:.2} s, cache write {:.2} s, kv-compress {:.2} s, cache read {:.2} s: \
+             {:.1}% outside the model)",
+            timing.wall_seconds,
+            timing.model_seconds,
+            timing.cache_write_seconds,
+            timing.compressor_seconds,
+            timing.cache_read_seconds,
             100.0 * timing.compressor_share
         ),
     )
@@ -303,7 +307,8 @@ mod tests {
             timings: Timings {
                 total: Duration::from_secs(20),
                 model: Duration::from_secs(18),
-                cache_io: Duration::from_secs(1),
+                cache_write: Duration::from_millis(600),
+                cache_read: Duration::from_millis(400),
                 compressor: Duration::from_secs(1),
             },
         };
