@@ -93,14 +93,16 @@ fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
             Extremes::MaxAbs(kept_values.fold(0.0, |max, (&x, _)| larger(max, x.abs())))
         }
         (Grid::Asymmetric, kept) => {
-            let kept_values = values
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| kept.is_none_or(|kept| kept[i]));
-            let (min, max) = kept_values
-                .fold((f32::INFINITY, f32::NEG_INFINITY), |(min, max), (_, &x)| {
-                    (if x < min { x } else { min }, larger(max, x))
-                });
+            let (min, max) = match kept {
+                None => min_max(values),
+                Some(kept) => values
+                    .iter()
+                    .zip(kept)
+                    .filter(|(_, &keep)| keep)
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(min, max), (&x, _)| {
+                        (smaller(min, x), larger(max, x))
+                    }),
+            };
             if min > max {
                 Extremes::MinMax { min: 0.0, max: 0.0 }
             } else {
@@ -108,6 +110,41 @@ fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
             }
         }
     }
+}
+
+/// `if a < b { a } else { b }`: exactly x86's `minps`.
+#[inline(always)]
+fn smaller(a: f32, b: f32) -> f32 {
+    if a < b {
+        a
+    } else {
+        b
+    }
+}
+
+/// Minimum and maximum (`(inf, -inf)` when empty), in eight lanes like [`max_abs`].
+fn min_max(values: &[f32]) -> (f32, f32) {
+    const LANES: usize = 8;
+    let mut min = [f32::INFINITY; LANES];
+    let mut max = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        let chunk: &[f32; LANES] = chunk.try_into().expect("chunks_exact yields LANES values");
+        for lane in 0..LANES {
+            min[lane] = smaller(chunk[lane], min[lane]);
+            max[lane] = larger(chunk[lane], max[lane]);
+        }
+    }
+    let min = min
+        .iter()
+        .chain(tail)
+        .fold(f32::INFINITY, |m, &x| smaller(x, m));
+    let max = max
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| larger(x, m));
+    (min, max)
 }
 
 /// `if a > b { a } else { b }`: exactly x86's `maxps`, so no NaN fix-ups
@@ -248,11 +285,16 @@ fn round_half_away_f32(t: f32) -> i32 {
     nearest_even + i32::from(remainder == 0.5 && t > 0.0) - i32::from(remainder == -0.5 && t < 0.0)
 }
 
+/// `1.5 * 2^52`, the f64 counterpart of [`ROUNDING_MAGIC`].
+const ROUNDING_MAGIC_F64: f64 = 6_755_399_441_055_744.0;
+
+/// [`round_half_away_f32`] in f64, exact for |t| <= 2^51.
 #[inline(always)]
-fn round_half_away_f64(t: f64) -> f64 {
-    let truncated = t as i64 as f64;
-    let fraction = t - truncated;
-    truncated + f64::from(u8::from(fraction >= 0.5)) - f64::from(u8::from(fraction <= -0.5))
+fn round_half_away_f64(t: f64) -> i64 {
+    let shifted = t + ROUNDING_MAGIC_F64;
+    let nearest_even = shifted.to_bits() as i64 - ROUNDING_MAGIC_F64.to_bits() as i64;
+    let remainder = t - (shifted - ROUNDING_MAGIC_F64);
+    nearest_even + i64::from(remainder == 0.5 && t > 0.0) - i64::from(remainder == -0.5 && t < 0.0)
 }
 
 /// Symmetric code, stored unsigned: `clamp(round(x / scale), qmin, qmax) - qmin`.
@@ -284,9 +326,23 @@ fn symmetric_codes(values: &[f32], scale: f32, qmin: i32, qmax: i32, codes: &mut
 
 /// Asymmetric code: `clamp(round((x - offset) / scale), 0, 2^b - 1)` in f64.
 #[inline(always)]
-fn asymmetric_code(x: f32, scale: f32, offset: f32, qmax: f64) -> u8 {
-    let t = ((f64::from(x) - f64::from(offset)) / f64::from(scale)).clamp(-1.0, qmax + 1.0);
-    round_half_away_f64(t).clamp(0.0, qmax) as u8
+fn asymmetric_code(x: f32, scale: f32, offset: f32, qmax: i64) -> u8 {
+    // Clamping first keeps the rounding in its exact range; the result is the same.
+    let t = (f64::from(x) - f64::from(offset)) / f64::from(scale);
+    let t = if t < -1.0 { -1.0 } else { t };
+    let t = if t > (qmax + 1) as f64 {
+        (qmax + 1) as f64
+    } else {
+        t
+    };
+    round_half_away_f64(t).max(0).min(qmax) as u8
+}
+
+/// Asymmetric codes of a whole run; invariants by value so the loop vectorizes.
+fn asymmetric_codes(values: &[f32], scale: f32, offset: f32, qmax: i64, codes: &mut [u8]) {
+    for (code, &x) in codes.iter_mut().zip(values) {
+        *code = asymmetric_code(x, scale, offset, qmax);
+    }
 }
 
 /// Codes of one group's kept values, in order, into `codes`.
@@ -310,13 +366,12 @@ fn quantize_group(
                 *code = symmetric_code(x, scale, qmin, qmax);
             }
         }
-        (Grid::Asymmetric, kept) => {
-            let qmax = range.asymmetric_max();
-            let kept_values = values
-                .iter()
-                .enumerate()
-                .filter(|&(i, _)| kept.is_none_or(|kept| kept[i]))
-                .map(|(_, x)| x);
+        (Grid::Asymmetric, None) => {
+            asymmetric_codes(values, scale, offset, range.asymmetric_max() as i64, codes)
+        }
+        (Grid::Asymmetric, Some(kept)) => {
+            let qmax = range.asymmetric_max() as i64;
+            let kept_values = values.iter().zip(kept).filter(|(_, &k)| k).map(|(x, _)| x);
             for (code, &x) in codes.iter_mut().zip(kept_values) {
                 *code = asymmetric_code(x, scale, offset, qmax);
             }
@@ -612,7 +667,10 @@ mod tests {
                 t.round(),
                 "matches std for {t}"
             );
-            assert_eq!(round_half_away_f64(f64::from(t)), f64::from(t).round());
+            assert_eq!(
+                round_half_away_f64(f64::from(t)) as f64,
+                f64::from(t).round()
+            );
         }
         // Every quarter and near-half in the code range, against std's `round`.
         for step in -600..=600 {
@@ -641,9 +699,9 @@ mod tests {
             extremes(&values, None, Grid::Symmetric),
             Extremes::MaxAbs(7.0)
         );
-        let min_max = extremes(&values, Some(&all_but_first), Grid::Asymmetric);
+        let asymmetric = extremes(&values, Some(&all_but_first), Grid::Asymmetric);
         assert_eq!(
-            min_max,
+            asymmetric,
             Extremes::MinMax {
                 min: -7.0,
                 max: 3.0
@@ -665,5 +723,7 @@ mod tests {
             Extremes::MinMax { min: 0.0, max: 0.0 }
         );
         assert_eq!(max_abs(&values[1..]), 7.0, "lanes and a tail");
+        assert_eq!(min_max(&values), (-7.0, 5.0), "lanes and a tail");
+        assert_eq!(min_max(&values[..8]), (-7.0, 5.0), "lanes only");
     }
 }
