@@ -7,10 +7,12 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::path::Path;
 
+mod hostile_common;
+
+use hostile_common::{edit_first_manifest_entry, million_empty_tensors, safetensors_bytes};
 use kvformat::codec::CodecParams;
-use kvformat::packed::{pack_tensor, write_packed, PackedFile, MANIFEST_CRC_KEY, MANIFEST_KEY};
+use kvformat::packed::{pack_tensor, write_packed, PackedFile};
 use kvformat::{CacheDtype, KvCache};
 use serde_json::Value;
 
@@ -72,14 +74,6 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, Allocations) {
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
-/// `header` as a safetensors header (u64 length, JSON) followed by `data`.
-fn safetensors_bytes(header: &str, data: &[u8]) -> Vec<u8> {
-    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(header.as_bytes());
-    bytes.extend_from_slice(data);
-    bytes
-}
-
 /// Opens `bytes` as a KV cache; returns the error text and what opening allocated.
 fn open_cache_error(bytes: &[u8]) -> (String, Allocations) {
     let dir = tempfile::tempdir().unwrap();
@@ -126,68 +120,52 @@ fn offsets_claiming_a_petabyte_of_data_are_rejected() {
 
 #[test]
 fn a_million_tiny_tensors_are_rejected_before_parsing_them() {
-    let entries: Vec<String> =
-        (0..1_000_000).map(|i| format!(r#""t{i:07}":{{"dtype":"F16","shape":[0],"data_offsets":[0,0]}}"#)).collect();
-    let header = format!("{{{}}}", entries.join(","));
-    let bytes = safetensors_bytes(&header, &[]);
-    drop(entries);
+    let bytes = million_empty_tensors();
     let (error, allocations) = open_cache_error(&bytes);
     assert!(error.contains("tensors"), "{error}");
     // The header is ~56 MB; parsing it into a million entries would take far more.
     assert!(allocations.peak < 4 * MIB, "allocated {} bytes for a {} byte file", allocations.peak, bytes.len());
 }
 
-/// A real packed file of one small tensor, then `edit` applied to its
-/// manifest entry, with every checksum recomputed so only the edit is wrong.
-fn packed_with_edited_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+/// Packs one small tensor, applies `edit` to its manifest entry (checksums
+/// recomputed), and checks opening and unpacking it fails naming the tensor
+/// and `needle` without any allocation near the claimed size.
+fn assert_edited_manifest_rejected(edit: impl FnOnce(&mut serde_json::Map<String, Value>), needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edited.safetensors");
     let values: Vec<f32> = (0..256).map(|i| (i as f32 * 0.1).sin()).collect();
     let (tensor, _) = pack_tensor("layer_0_key", CacheDtype::F16, &[1, 1, 4, 64], &values, &CodecParams::adr002(64)).unwrap();
-    write_packed(path, &[tensor], &BTreeMap::new()).unwrap();
-    let bytes = std::fs::read(path).unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let metadata = header["__metadata__"].as_object_mut().unwrap();
-    let mut manifest: Value = serde_json::from_str(metadata[MANIFEST_KEY].as_str().unwrap()).unwrap();
-    edit(manifest["tensors"]["layer_0_key"].as_object_mut().unwrap());
-    let manifest_json = manifest.to_string();
-    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())).into());
-    metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
-    std::fs::write(path, safetensors_bytes(&header.to_string(), &bytes[8 + header_len..])).unwrap();
-}
-
-/// Opens and unpacks a packed file; returns the error text and the allocations.
-fn unpack_error(path: &Path) -> (String, Allocations) {
-    let (result, allocations) = measure(|| PackedFile::open(path).and_then(|packed| packed.unpack("layer_0_key")));
-    (result.expect_err("a hostile packed file must be rejected").to_string(), allocations)
+    write_packed(&path, &[tensor], &BTreeMap::new()).unwrap();
+    edit_first_manifest_entry(&path, edit);
+    let (result, allocations) = measure(|| PackedFile::open(&path).and_then(|packed| packed.unpack("layer_0_key")));
+    let error = result.expect_err("a hostile packed file must be rejected").to_string();
+    assert!(error.contains("layer_0_key") && error.contains(needle), "{error}");
+    assert!(allocations.largest < MIB, "largest allocation {} bytes", allocations.largest);
 }
 
 #[test]
 fn lz4_payload_claiming_terabytes_is_rejected_before_decompressing() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bomb.safetensors");
     // A shape of 2^40 values makes 8 TB of raw payload "plausible" per value;
     // the stored bytes (a few hundred) can never expand to that much.
-    packed_with_edited_manifest(&path, |entry| {
-        entry.insert("shape".into(), serde_json::json!([1u64 << 40]));
-        entry.insert("lz4".into(), true.into());
-        entry.insert("raw_len".into(), (1u64 << 43).into());
-    });
-    let (error, allocations) = unpack_error(&path);
-    assert!(error.contains("layer_0_key") && error.contains("raw_len"), "{error}");
-    assert!(allocations.largest < MIB, "largest allocation {} bytes", allocations.largest);
+    assert_edited_manifest_rejected(
+        |entry| {
+            entry.insert("shape".into(), serde_json::json!([1u64 << 40]));
+            entry.insert("lz4".into(), true.into());
+            entry.insert("raw_len".into(), (1u64 << 43).into());
+        },
+        "more than LZ4 can expand",
+    );
 }
 
 #[test]
 fn payload_length_that_does_not_match_the_shape_is_rejected_before_decoding() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shape.safetensors");
     // The stored payload is for 256 values; the manifest claims 2^36.
-    packed_with_edited_manifest(&path, |entry| {
-        entry.insert("shape".into(), serde_json::json!([1u64 << 36]));
-    });
-    let (error, allocations) = unpack_error(&path);
-    assert!(error.contains("layer_0_key"), "{error}");
-    assert!(allocations.largest < MIB, "largest allocation {} bytes", allocations.largest);
+    assert_edited_manifest_rejected(
+        |entry| {
+            entry.insert("shape".into(), serde_json::json!([1u64 << 36]));
+        },
+        "the codec payload for this shape is",
+    );
 }
 
 #[test]

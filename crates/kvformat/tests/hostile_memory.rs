@@ -11,10 +11,12 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
+mod hostile_common;
+
+use hostile_common::{edit_first_manifest_entry, million_empty_tensors};
 use kvformat::codec::CodecParams;
-use kvformat::packed::{pack_tensor, write_packed, PackedFile, MANIFEST_CRC_KEY, MANIFEST_KEY};
+use kvformat::packed::{pack_tensor, write_packed, PackedFile};
 use kvformat::{write_cache, CacheDtype, CacheTensor, KvCache};
-use serde_json::Value;
 
 const PROBE_ENV: &str = "KVFORMAT_HOSTILE_PROBE";
 const SLACK_BYTES: u64 = 16 << 20;
@@ -86,7 +88,7 @@ fn files_claiming_terabytes_stay_within_the_memory_bound() {
     let (tensor, _) = pack_tensor("layer_0_key", CacheDtype::F16, &[1, 1, 64, 64], &values, &CodecParams::adr002(64)).unwrap();
     assert!(tensor.entry.lz4);
     write_packed(&bomb, &[tensor], &BTreeMap::new()).unwrap();
-    edit_manifest(&bomb, |entry| {
+    edit_first_manifest_entry(&bomb, |entry| {
         entry.insert("shape".into(), serde_json::json!([1u64 << 40]));
         entry.insert("raw_len".into(), (1u64 << 43).into());
     });
@@ -101,31 +103,6 @@ fn files_claiming_terabytes_stay_within_the_memory_bound() {
 
     // A million empty tensors in a 56 MB header.
     let many = dir.path().join("many.safetensors");
-    let entries: Vec<String> =
-        (0..1_000_000).map(|i| format!(r#""t{i:07}":{{"dtype":"F16","shape":[0],"data_offsets":[0,0]}}"#)).collect();
-    let json = format!("{{{}}}", entries.join(","));
-    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
-    bytes.extend_from_slice(json.as_bytes());
-    std::fs::write(&many, bytes).unwrap();
+    std::fs::write(&many, million_empty_tensors()).unwrap();
     assert_bounded("cache", &many, baseline);
-}
-
-/// Applies `edit` to the first manifest entry of a packed file and
-/// recomputes the manifest checksum, so only the edit is wrong.
-fn edit_manifest(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let bytes = std::fs::read(path).unwrap();
-    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: Value = serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
-    let metadata = header["__metadata__"].as_object_mut().unwrap();
-    let mut manifest: Value = serde_json::from_str(metadata[MANIFEST_KEY].as_str().unwrap()).unwrap();
-    let entry = manifest["tensors"].as_object_mut().unwrap().values_mut().next().unwrap();
-    edit(entry.as_object_mut().unwrap());
-    let manifest_json = manifest.to_string();
-    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())).into());
-    metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
-    let header = header.to_string();
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(&bytes[8 + header_len..]);
-    std::fs::write(path, out).unwrap();
 }
