@@ -284,6 +284,50 @@ pub fn evaluate(
     })
 }
 
+/// Forward-pass speed at one context length.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ForwardSpeed {
+    pub context: usize,
+    /// Median over runs of the prefill's wall time.
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub runs: usize,
+}
+
+/// Times a prefill of `context` tokens from an empty cache (what every
+/// window costs), `runs` times per length, after one untimed warm-up at the
+/// shortest. Token ids cycle through the vocabulary: speed does not depend
+/// on which tokens they are.
+pub fn bench_forward(model: &Llama, contexts: &[usize], runs: usize) -> Result<Vec<ForwardSpeed>, EvalError> {
+    let vocab = model.config().vocab_size as u32;
+    let tokens: Vec<u32> = (0..contexts.iter().copied().max().unwrap_or(0) as u32)
+        .map(|i| (i * 7919 + 1) % vocab)
+        .collect();
+    if let Some(&shortest) = contexts.iter().min() {
+        model.forward_last(&token_tensor(model, &tokens[..shortest])?, None)?;
+    }
+    contexts
+        .iter()
+        .map(|&context| {
+            let mut seconds = (0..runs.max(1))
+                .map(|_| {
+                    let started = Instant::now();
+                    model.forward_last(&token_tensor(model, &tokens[..context])?, None)?;
+                    Ok(started.elapsed().as_secs_f64())
+                })
+                .collect::<Result<Vec<f64>, EvalError>>()?;
+            seconds.sort_by(f64::total_cmp);
+            let median = seconds[seconds.len() / 2];
+            Ok(ForwardSpeed {
+                context,
+                seconds: median,
+                tokens_per_second: context as f64 / median,
+                runs: seconds.len(),
+            })
+        })
+        .collect()
+}
+
 /// Compresses then decompresses `cache_path` with one variant's flags;
 /// returns the compressor's metrics and the reconstructed cache's path.
 fn round_trip(

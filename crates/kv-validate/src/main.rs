@@ -12,7 +12,7 @@ use kvformat::CacheDtype;
 
 use kv_validate::bridge::{CompressSettings, KvCompress};
 use kv_validate::data::{load_text, TextSource};
-use kv_validate::evaluate::{evaluate, EvalOptions};
+use kv_validate::evaluate::{bench_forward, evaluate, EvalOptions};
 use kv_validate::loader::{load_model, ModelSource, DEFAULT_HUB_REPO};
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
@@ -103,6 +103,10 @@ struct Cli {
     /// No progress bars or status lines on stderr (the report still prints).
     #[arg(long)]
     quiet: bool,
+    /// Instead of validating, time a prefill of each of these context lengths
+    /// (comma-separated, e.g. 512,2048) and report tokens/s (cargo xtask bench).
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', num_args = 1..)]
+    bench_forward: Vec<usize>,
     /// Also write the report as JSON to FILE (atomically).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -179,6 +183,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
     status("loading the model");
     let loaded = load_model(&source, &device, !cli.quiet)?;
+    if !cli.bench_forward.is_empty() {
+        return run_forward_benchmark(cli, &loaded);
+    }
     let text_source = match &cli.text_file {
         Some(path) => TextSource::File(path.clone()),
         None => TextSource::default(),
@@ -240,4 +247,22 @@ fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write the JSON report to {}", path.display()))?;
     }
     Ok(())
+}
+
+/// Runs the dedicated forward-pass benchmark: a table on stdout, JSON with `--json`.
+fn run_forward_benchmark(cli: &Cli, loaded: &kv_validate::loader::LoadedModel) -> anyhow::Result<bool> {
+    /// Median of this many timed prefills per length.
+    const RUNS: usize = 3;
+    let max_positions = loaded.model.config().max_position_embeddings;
+    if let Some(&too_long) = cli.bench_forward.iter().find(|&&n| n == 0 || n > max_positions) {
+        bail!("--bench-forward {too_long}: lengths must be 1..={max_positions} (the model's context)");
+    }
+    let speeds = bench_forward(&loaded.model, &cli.bench_forward, RUNS)?;
+    println!("{}", loaded.description);
+    println!("{:>8}  {:>10}  {:>10}", "context", "seconds", "tokens/s");
+    for speed in &speeds {
+        println!("{:>8}  {:>10.3}  {:>10.1}", speed.context, speed.seconds, speed.tokens_per_second);
+    }
+    write_json(cli, &serde_json::json!({ "model": loaded.description, "forward": speeds }))?;
+    Ok(true)
 }

@@ -288,3 +288,28 @@ fn the_default_is_the_originals_sliding_window() {
     assert_eq!(report["tokens_on_compressed_cache"], stride - 1);
     assert_eq!(report["windows_compressed"], 1);
 }
+
+#[test]
+fn bench_forward_reports_tokens_per_second_per_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let json = dir.path().join("forward.json");
+    let model_dir = model.hf_dir.to_str().unwrap();
+    let args = ["--model-dir", model_dir, "--bench-forward", "16,64", "--quiet", "--json", json.to_str().unwrap()];
+    let output = kv_validate(&args, &identity_compressor(dir.path()));
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    let report = read_json(&json);
+    let forward = report["forward"].as_array().unwrap();
+    let contexts: Vec<u64> = forward.iter().map(|entry| entry["context"].as_u64().unwrap()).collect();
+    assert_eq!(contexts, [16, 64]);
+    for entry in forward {
+        let (seconds, speed) = (entry["seconds"].as_f64().unwrap(), entry["tokens_per_second"].as_f64().unwrap());
+        assert!(seconds > 0.0);
+        assert!((speed * seconds - entry["context"].as_f64().unwrap()).abs() < 1e-6);
+    }
+
+    let too_long = (tiny_context() + 1).to_string();
+    let args = ["--model-dir", model_dir, "--bench-forward", &too_long, "--quiet"];
+    let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
+    assert!(error.contains("--bench-forward"), "{error}");
+}
