@@ -7,7 +7,12 @@
 //!   docs/reliability.md) beside the output, and nothing else.
 //! - Two processes compressing different inputs to one output path at once
 //!   leave exactly one of the two complete outputs.
+//! - Files claiming terabytes fail cleanly (exit 1, one error line) under a
+//!   256 MiB address-space limit in which a valid cache still compresses: the
+//!   binary never tries to allocate what a file merely claims.
 
+#[path = "../../../fuzz/src/checksums.rs"]
+mod checksums;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -147,4 +152,38 @@ fn scratch_dir(parent: &Path, name: &str) -> PathBuf {
     let dir = parent.join(name);
     std::fs::create_dir(&dir).unwrap();
     dir
+}
+
+/// Runs `kv-compress ARGS` with its address space limited to `limit_kib`.
+fn kv_compress_limited(limit_kib: u64, args: &[&str]) -> std::process::Output {
+    let script = format!("ulimit -v {limit_kib}; exec \"$0\" \"$@\"");
+    Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_kv-compress")).args(args).output().unwrap()
+}
+
+#[test]
+fn files_claiming_terabytes_fail_cleanly_in_256_mib_of_address_space() {
+    const LIMIT_KIB: u64 = 256 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let valid = dir.path().join("valid.safetensors");
+    write_kv_cache(&valid, CacheDtype::F32, 4, &SHAPE);
+    let out = dir.path().join("out.safetensors");
+    let control = kv_compress_limited(LIMIT_KIB, &["-input", s(&valid), "-output", s(&out)]);
+    assert!(control.status.success(), "a valid cache must compress within the limit: {}", stderr(&control));
+
+    // The LZ4 bomb kept as a fuzz regression, with its checksums made valid.
+    let bomb = dir.path().join("bomb.safetensors");
+    let regression = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/fuzz-regressions/packed_decoder/lz4-bomb-raw-len-8TB")).unwrap();
+    std::fs::write(&bomb, checksums::with_fixed_checksums(&regression)).unwrap();
+    let header = dir.path().join("header.safetensors");
+    std::fs::write(&header, [&(1u64 << 40).to_le_bytes()[..], b"{}"].concat()).unwrap();
+    let cases: [(&[&str], &str); 2] = [
+        (&["-decompress", "-input", s(&bomb), "-output", s(&out)], "more than LZ4 can expand"),
+        (&["-input", s(&header), "-output", s(&out)], "header length is larger than"),
+    ];
+    for (args, needle) in cases {
+        let output = kv_compress_limited(LIMIT_KIB, args);
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
+        assert!(text.lines().count() == 1 && text.contains(needle), "{args:?}: {text}");
+    }
 }
