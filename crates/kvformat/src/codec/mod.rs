@@ -413,17 +413,21 @@ fn decode_checked(
     let range = params.code_range();
 
     // ADR-002 and other plain symmetric tensors: codes straight into the output.
-    let plain = params.sparsity == 0.0 && params.rotation_seed.is_none() && plan.keeps_no_tokens();
-    if plain && params.grid == Grid::Symmetric && plan.axis != Axis::Channel {
-        if quantizer::dequantize_symmetric_packed(
+    let plain_symmetric = params.grid == Grid::Symmetric
+        && params.sparsity == 0.0
+        && params.rotation_seed.is_none()
+        && plan.keeps_no_tokens()
+        && plan.axis != Axis::Channel;
+    if plain_symmetric
+        && quantizer::dequantize_symmetric_packed(
             code_bytes,
             &plan.geometry,
             range,
             &group_params.scales,
             out,
-        ) {
-            return Ok(());
-        }
+        )
+    {
+        return Ok(());
     }
 
     let kept_mask = (params.sparsity > 0.0)
