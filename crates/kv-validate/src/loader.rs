@@ -133,22 +133,20 @@ pub enum LoadError {
         tokenizer_vocab: usize,
         model_vocab: usize,
     },
-    #[error("cannot fetch {file} of {repo}@{revision} from {endpoint}: {message}")]
+    /// `model` is `repo@revision`.
+    #[error("cannot fetch {file} of {model} from {endpoint}: {message}")]
     Hub {
-        repo: String,
-        revision: String,
+        model: String,
         file: String,
         endpoint: String,
         message: String,
     },
     #[error(
-        "{file} of {repo}@{revision} is not in the Hugging Face cache at {} \
-         and HF_HUB_OFFLINE is set",
+        "{file} of {model} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set",
         cache.display()
     )]
     NotCached {
-        repo: String,
-        revision: String,
+        model: String,
         file: String,
         cache: PathBuf,
     },
@@ -448,9 +446,9 @@ pub fn fetch_hub_model(
     revision: &str,
     show_progress: bool,
 ) -> Result<HfModelFiles, LoadError> {
+    let model = format!("{repo}@{revision}");
     let hub_error = |file: &str, endpoint: &str, message: String| LoadError::Hub {
-        repo: repo.to_string(),
-        revision: revision.to_string(),
+        model: model.clone(),
         file: file.to_string(),
         endpoint: endpoint.to_string(),
         message,
@@ -482,8 +480,7 @@ pub fn fetch_hub_model(
                 .get(file)
                 .map_err(|e| hub_error(file, &settings.endpoint, e.to_string())),
             None => cache_repo.get(file).ok_or_else(|| LoadError::NotCached {
-                repo: repo.to_string(),
-                revision: revision.to_string(),
+                model: model.clone(),
                 file: file.to_string(),
                 cache: settings.cache_dir.clone(),
             }),

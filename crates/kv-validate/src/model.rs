@@ -156,6 +156,14 @@ impl RotaryEmbedding {
     }
 }
 
+/// What every layer reads in one forward call besides its weights and cache.
+struct Step<'a> {
+    config: &'a LlamaConfig,
+    rotary: &'a RotaryEmbedding,
+    /// `[T, past + T]` additive causal mask; `None` for a single new token.
+    mask: Option<&'a Tensor>,
+}
+
 /// Query rows per attention block. In a long prefill a block only needs the
 /// keys up to its own last position, so blocking skips most of the masked
 /// upper triangle and bounds the score matrix to `QUERY_BLOCK` × keys.
@@ -221,11 +229,10 @@ impl Attention {
         &self,
         x: &Tensor,
         past: Option<&LayerKv>,
-        rotary: &RotaryEmbedding,
-        mask: Option<&Tensor>,
-        config: &LlamaConfig,
+        step: &Step,
     ) -> Result<(Tensor, LayerKv)> {
         let (batch, seq_len, _) = x.dims3()?;
+        let config = step.config;
         let (heads, kv_heads, head_dim) = (
             config.num_attention_heads,
             config.num_key_value_heads,
@@ -240,8 +247,8 @@ impl Attention {
         let q = split_heads(self.q_proj.forward(x)?, heads)?;
         let k = split_heads(self.k_proj.forward(x)?, kv_heads)?;
         let v = split_heads(self.v_proj.forward(x)?, kv_heads)?;
-        let q = rotary.apply(&q, start)?;
-        let k = rotary.apply(&k, start)?;
+        let q = step.rotary.apply(&q, start)?;
+        let k = step.rotary.apply(&k, start)?;
 
         let (key, value) = match past {
             Some(past) => (
@@ -269,7 +276,7 @@ impl Attention {
                     head_dim,
                 ))?;
                 let scores = q.matmul(&key.narrow(2, 0, visible)?.t()?)?;
-                let scores = match mask {
+                let scores = match step.mask {
                     Some(mask) => scores
                         .reshape((batch, kv_heads, group, rows, visible))?
                         .broadcast_add(&mask.narrow(0, first, rows)?.narrow(1, 0, visible)?)?
@@ -307,17 +314,11 @@ impl DecoderLayer {
         &self,
         x: &Tensor,
         past: Option<&LayerKv>,
-        rotary: &RotaryEmbedding,
-        mask: Option<&Tensor>,
-        config: &LlamaConfig,
+        step: &Step,
     ) -> Result<(Tensor, LayerKv)> {
-        let (attn, kv) = self.self_attn.forward(
-            &self.input_layernorm.forward(x)?,
-            past,
-            rotary,
-            mask,
-            config,
-        )?;
+        let (attn, kv) = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, past, step)?;
         let x = (x + attn)?;
         let mlp = self
             .mlp
@@ -439,6 +440,11 @@ impl Llama {
         } else {
             None
         };
+        let step = Step {
+            config: &self.config,
+            rotary: &self.rotary,
+            mask: mask.as_ref(),
+        };
         let mut x = self
             .embed_tokens
             .forward(&tokens.to_device(&self.device)?)?;
@@ -447,8 +453,7 @@ impl Llama {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_past = past.as_ref().map(|p| &p.layers[i]);
-            let (out, kv) =
-                layer.forward(&x, layer_past, &self.rotary, mask.as_ref(), &self.config)?;
+            let (out, kv) = layer.forward(&x, layer_past, &step)?;
             x = out;
             cache.layers.push(kv);
         }

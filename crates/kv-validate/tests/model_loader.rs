@@ -41,6 +41,21 @@ fn edit_config(hf_dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     std::fs::write(&path, config.to_string()).unwrap();
 }
 
+/// The error from loading the tiny Hugging Face directory after `edit`
+/// changed its `config.json`; the directory lives as long as the `TempDir`.
+fn error_with_config(
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (LoadError, PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_files(dir.path());
+    edit_config(&files.hf_dir, edit);
+    (
+        load_error(ModelSource::LocalDir(files.hf_dir.clone())),
+        files.hf_dir,
+        dir,
+    )
+}
+
 #[test]
 fn a_sharded_directory_loads_the_same_model() {
     let dir = tempfile::tempdir().unwrap();
@@ -134,26 +149,19 @@ fn missing_files_are_named() {
 
 #[test]
 fn config_with_mismatched_head_counts_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let files = tiny_files(dir.path());
-    edit_config(&files.hf_dir, |config| {
-        config["num_key_value_heads"] = 3.into()
-    });
-    let err = load_error(ModelSource::LocalDir(files.hf_dir.clone()));
+    let (err, hf_dir, _dir) = error_with_config(|config| config["num_key_value_heads"] = 3.into());
     assert!(matches!(err, LoadError::Config { .. }));
     assert_eq!(
         err.to_string(),
         format!(
             "{}: invalid model config: num_attention_heads (4) is not a multiple of num_key_value_heads (3)",
-            files.hf_dir.join("config.json").display()
+            hf_dir.join("config.json").display()
         )
     );
 }
 
 #[test]
 fn config_features_we_do_not_implement_are_rejected_not_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let files = tiny_files(dir.path());
     let cases: [(&str, serde_json::Value, &str); 3] = [
         (
             "rope_scaling",
@@ -172,29 +180,21 @@ fn config_features_we_do_not_implement_are_rejected_not_ignored() {
         ),
     ];
     for (key, value, expected) in cases {
-        let original = std::fs::read_to_string(files.hf_dir.join("config.json")).unwrap();
-        edit_config(&files.hf_dir, |config| config[key] = value);
-        let err = load_error(ModelSource::LocalDir(files.hf_dir.clone()));
+        let (err, _, _dir) = error_with_config(|config| config[key] = value);
         assert!(matches!(err, LoadError::Unsupported { .. }), "{key}: {err}");
         assert!(err.to_string().contains(expected), "{key}: {err}");
-        std::fs::write(files.hf_dir.join("config.json"), original).unwrap();
     }
 }
 
 #[test]
 fn config_that_disagrees_with_the_weights_names_the_tensor() {
-    let dir = tempfile::tempdir().unwrap();
-    let files = tiny_files(dir.path());
-    edit_config(&files.hf_dir, |config| {
-        config["intermediate_size"] = 100.into()
-    });
-    let err = load_error(ModelSource::LocalDir(files.hf_dir.clone()));
+    let (err, hf_dir, _dir) = error_with_config(|config| config["intermediate_size"] = 100.into());
     assert!(matches!(err, LoadError::Weights { .. }), "{err}");
     let message = err.to_string();
     assert!(
         message.starts_with(&format!(
             "{}: cannot load weights",
-            files.hf_dir.join("model.safetensors").display()
+            hf_dir.join("model.safetensors").display()
         )),
         "{message}"
     );
@@ -203,8 +203,8 @@ fn config_that_disagrees_with_the_weights_names_the_tensor() {
         "{message}"
     );
 
-    std::fs::write(files.hf_dir.join("config.json"), "{\"hidden_size\": 64").unwrap();
-    let err = load_error(ModelSource::LocalDir(files.hf_dir.clone()));
+    std::fs::write(hf_dir.join("config.json"), "{\"hidden_size\": 64").unwrap();
+    let err = load_error(ModelSource::LocalDir(hf_dir.clone()));
     assert!(matches!(err, LoadError::Json { .. }), "{err}");
 }
 
@@ -277,15 +277,12 @@ fn a_gguf_without_required_metadata_or_a_gguf_header_is_rejected() {
 
 #[test]
 fn a_tokenizer_larger_than_the_embedding_is_rejected() {
-    let dir = tempfile::tempdir().unwrap();
-    let files = tiny_files(dir.path());
-    edit_config(&files.hf_dir, |config| config["vocab_size"] = 100.into());
-    let err = load_error(ModelSource::LocalDir(files.hf_dir.clone()));
+    let (err, hf_dir, _dir) = error_with_config(|config| config["vocab_size"] = 100.into());
     assert_eq!(
         err.to_string(),
         format!(
             "{}: the tokenizer has 291 tokens but the model only 100 embeddings",
-            files.hf_dir.join("tokenizer.json").display()
+            hf_dir.join("tokenizer.json").display()
         )
     );
 }

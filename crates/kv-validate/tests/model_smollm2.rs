@@ -12,7 +12,7 @@
 //! the same greedy token. A real bug (RoPE layout, mask, GQA mapping, norm)
 //! moves logits by many units and changes the greedy tokens.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, IndexOp, Tensor};
@@ -39,8 +39,8 @@ fn model_path() -> Option<PathBuf> {
     }
 }
 
-fn load(path: &PathBuf) -> LoadedModel {
-    load_model(&ModelSource::Gguf(path.clone()), &Device::Cpu, false).expect("SmolLM2 loads")
+fn load(path: &Path) -> LoadedModel {
+    load_model(&ModelSource::Gguf(path.to_path_buf()), &Device::Cpu, false).expect("SmolLM2 loads")
 }
 
 fn as_input(ids: &[u32]) -> Tensor {
@@ -121,7 +121,7 @@ fn smollm2_config_and_tokenizer_come_from_the_gguf() {
 }
 
 /// The GGUF with every tensor dequantized to F32, in memory.
-fn dequantized_gguf(path: &PathBuf) -> std::io::Cursor<Vec<u8>> {
+fn dequantized_gguf(path: &Path) -> std::io::Cursor<Vec<u8>> {
     let mut file = std::fs::File::open(path).unwrap();
     let content = gguf_file::Content::read(&mut file).unwrap();
     let tensors: Vec<(String, QTensor)> = content

@@ -135,30 +135,38 @@ fn assert_close(ours: &Tensor, reference: &Tensor, what: &str) {
     );
 }
 
-#[test]
-fn matches_candle_transformers_llama_on_safetensors() {
+/// Runs `check` on the tiny model written with untied and with tied
+/// embeddings (no `output.weight` in the GGUF then).
+fn for_untied_and_tied(check: impl Fn(&TinyLlama, &TinyModelFiles, &str)) {
     for tie_word_embeddings in [false, true] {
         let dir = tempfile::tempdir().unwrap();
         let mut tiny = TinyLlama::default();
         tiny.config.tie_word_embeddings = tie_word_embeddings;
         let files = write_tiny(&tiny, dir.path());
-        let loaded = load(ModelSource::LocalDir(files.hf_dir.clone()));
-        let ids = prompt_tokens(&loaded.tokenizer);
-        assert_close(
-            &our_logits(&loaded.model, &ids),
-            &candle_llama_logits(&files.hf_dir, &ids, &all_ends(&ids)),
-            &format!("llama (tie_word_embeddings={tie_word_embeddings})"),
+        check(
+            &tiny,
+            &files,
+            &format!("tie_word_embeddings={tie_word_embeddings}"),
         );
     }
 }
 
 #[test]
+fn matches_candle_transformers_llama_on_safetensors() {
+    for_untied_and_tied(|_, files, variant| {
+        let loaded = load(ModelSource::LocalDir(files.hf_dir.clone()));
+        let ids = prompt_tokens(&loaded.tokenizer);
+        assert_close(
+            &our_logits(&loaded.model, &ids),
+            &candle_llama_logits(&files.hf_dir, &ids, &all_ends(&ids)),
+            &format!("llama ({variant})"),
+        );
+    });
+}
+
+#[test]
 fn matches_candle_transformers_quantized_llama_on_gguf() {
-    for tie_word_embeddings in [false, true] {
-        let dir = tempfile::tempdir().unwrap();
-        let mut tiny = TinyLlama::default();
-        tiny.config.tie_word_embeddings = tie_word_embeddings;
-        let files = write_tiny(&tiny, dir.path());
+    for_untied_and_tied(|tiny, files, variant| {
         let loaded = load(ModelSource::Gguf(files.gguf.clone()));
         assert_eq!(
             loaded.description,
@@ -173,9 +181,9 @@ fn matches_candle_transformers_quantized_llama_on_gguf() {
         assert_close(
             &our_logits(&loaded.model, &ids),
             &quantized_llama_logits(&files.gguf, &ids, &all_ends(&ids)),
-            &format!("quantized_llama (tie_word_embeddings={tie_word_embeddings})"),
+            &format!("quantized_llama ({variant})"),
         );
-    }
+    });
 }
 
 /// The GGUF stores Q/K permuted for interleaved RoPE; after loading, the
