@@ -38,7 +38,7 @@ pub enum EvalError {
     Scratch(std::io::Error),
     #[error("no compressor variant to evaluate")]
     NoVariants,
-    #[error("window [{begin}, {end}) lies outside the {tokens} tokens of the text")]
+    #[error("window [{begin}, {end}) lies outside the {tokens} tokens of the text or has no target")]
     WindowOutOfRange {
         begin: usize,
         end: usize,
@@ -185,7 +185,8 @@ pub fn evaluate(
     if variants.is_empty() {
         return Err(EvalError::NoVariants);
     }
-    if let Some(window) = windows.iter().find(|w| w.end > tokens.len() || w.begin > w.context_end) {
+    let malformed = |w: &&Window| w.end > tokens.len() || w.begin > w.context_end || w.context_end >= w.end;
+    if let Some(window) = windows.iter().find(malformed) {
         return Err(EvalError::WindowOutOfRange {
             begin: window.begin,
             end: window.end,

@@ -236,3 +236,20 @@ for i in range(3):
     let output = Command::new("python3").arg("-c").arg(script).arg(&path).output().expect("python3 runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
 }
+
+#[test]
+fn windows_without_targets_or_past_the_text_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = tiny_loaded(dir.path());
+    let tokens = prose_tokens(&loaded);
+    let identity = KvCompress::at(identity_compressor(dir.path()));
+    let bad = [
+        Window { begin: 0, context_end: 5, end: 5 },
+        Window { begin: 0, context_end: 5, end: tokens.len() + 1 },
+        Window { begin: 6, context_end: 5, end: 9 },
+    ];
+    for window in bad {
+        let result = evaluate(&loaded.model, &tokens, &[window], &identity, &[CompressSettings::default()], &options());
+        assert!(matches!(result, Err(kv_validate::evaluate::EvalError::WindowOutOfRange { .. })), "{window:?}");
+    }
+}
