@@ -137,7 +137,9 @@ def decode(payload, shape, params, layout):
         limit = float(np.finfo(np.float32).max)
         decoded = np.clip(wide, -limit, limit).astype(np.float32)
     else:
-        decoded = (codes - (1 << (bits - 1))).astype(np.float32) * scales[groups]
+        limit = np.finfo(np.float32).max
+        with np.errstate(over="ignore"):
+            decoded = np.clip((codes - (1 << (bits - 1))).astype(np.float32) * scales[groups], -limit, limit)
     in_group_order = np.zeros(view.n_q, dtype=np.float32)
     in_group_order[stored_positions] = decoded
     q = np.zeros(view.n_q, dtype=np.float32)

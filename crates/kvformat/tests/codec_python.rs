@@ -43,6 +43,24 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
         ),
         ("adr002_f32_scales", vec![200], adr002.clone(), huge),
         (
+            "sym8_near_f32_max",
+            vec![4, 16],
+            CodecParams {
+                bits: 8,
+                ..adr002.clone()
+            },
+            sample_values(64, 13)
+                .iter()
+                .map(|x| {
+                    if *x < 0.0 {
+                        -f32::MAX
+                    } else {
+                        x.min(1.0) * 3.0e38
+                    }
+                })
+                .collect(),
+        ),
+        (
             "sym3_flat",
             vec![1, 2, 6, 16],
             CodecParams {
