@@ -9,6 +9,7 @@
 use crate::fetch_model::ensure_model;
 use crate::util::{build_release_binaries, repo_root};
 use anyhow::{bail, Context, Result};
+use kvformat::codec::SplitMix64;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -284,7 +285,7 @@ fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
             let values: Vec<f32> = (0..per_tensor)
                 .map(|i| {
                     let outlier = kind == "key" && (i % HEAD_DIM) % 16 == 3;
-                    rng.normal() * if outlier { 6.0 } else { 1.0 }
+                    normal(&mut rng) * if outlier { 6.0 } else { 1.0 }
                 })
                 .collect();
             names.push(format!("layer_{layer}_{kind}"));
@@ -300,26 +301,10 @@ fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
         .with_context(|| format!("writing the synthetic cache {}", path.display()))
 }
 
-/// A small seeded generator: the benchmark input must be the same every run.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1].
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box-Muller, one of the pair).
-    fn normal(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
+/// Standard normal (Box-Muller, one of the pair) from the seeded generator:
+/// the benchmark input must be the same every run.
+fn normal(rng: &mut SplitMix64) -> f32 {
+    let mut uniform = || ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+    let (u, v) = (uniform(), uniform());
+    ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use kvformat::codec::SplitMix64;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -151,23 +152,10 @@ fn vocab() -> Vec<String> {
         .collect()
 }
 
-/// SplitMix64: a tiny, well-mixed generator, so fixtures need no RNG crate
-/// and stay identical across platforms.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[-1, 1)`.
-    fn next_signed_unit(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-    }
+/// Uniform in `[-1, 1)` from kvformat's seeded SplitMix64, so fixtures need
+/// no RNG crate and stay identical across platforms.
+fn next_signed_unit(rng: &mut SplitMix64) -> f32 {
+    ((rng.next_u64() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
 }
 
 /// llama.cpp's converter reorders each Q/K head's rows from Hugging Face's
@@ -192,7 +180,7 @@ impl TinyLlama {
         let mut matrix = |rows: usize, cols: usize| {
             let bound = (3.0 / cols as f32).sqrt();
             let data = (0..rows * cols)
-                .map(|_| rng.next_signed_unit() * bound)
+                .map(|_| next_signed_unit(&mut rng) * bound)
                 .collect();
             Tensor::from_vec(data, (rows, cols), &device)
         };
@@ -226,7 +214,7 @@ impl TinyLlama {
         // Norm scales near 1 but not 1, so a norm applied wrongly shows.
         let mut norm = || {
             let data = (0..c.hidden_size)
-                .map(|_| 1.0 + 0.25 * rng.next_signed_unit())
+                .map(|_| 1.0 + 0.25 * next_signed_unit(&mut rng))
                 .collect();
             Tensor::from_vec(data, c.hidden_size, &device)
         };
