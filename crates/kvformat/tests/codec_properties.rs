@@ -5,12 +5,13 @@
 //! The checks re-derive the payload layout and group membership from
 //! docs/format.md rather than calling the codec's internals: every value must
 //! be within its group's error bound, computed from the scales and offsets
-//! read back out of the payload.
+//! read back out of the payload. Which values were dropped is read from the
+//! bitmap, or in the dense form re-derived from the documented ranking.
 
 use half::f16;
 use kvformat::codec::{
     decode, decode_into, encode, payload_len, Axis, CodecError, CodecParams, Grid, Layout,
-    ScaleDtype,
+    ScaleDtype, SparseForm,
 };
 use proptest::prelude::*;
 
@@ -168,6 +169,19 @@ impl View {
         }
     }
 
+    /// Position of the `index`-th middle value (row-major) in group order.
+    fn group_position(&self, index: usize, axis: Axis) -> usize {
+        let (head, token, channel) = (
+            index / (self.mid_len * self.head_dim),
+            index / self.head_dim % self.mid_len,
+            index % self.head_dim,
+        );
+        match axis {
+            Axis::Flat | Axis::Token => index,
+            Axis::Channel => (head * self.head_dim + channel) * self.mid_len + token,
+        }
+    }
+
     /// Group of the `index`-th middle value (row-major).
     fn group_of(&self, index: usize, axis: Axis, group_size: usize) -> usize {
         let (head, token, channel) = (
@@ -194,7 +208,8 @@ struct Sections {
     scales: Vec<f64>,
     offsets: Vec<f64>,
     kept: Vec<f32>,
-    /// Kept bit per middle value; all true without sparsity.
+    /// Kept bit per middle value: from the bitmap, else all true (see
+    /// [`mark_dense_drops`] for the dense form).
     stored: Vec<bool>,
     code_bytes: usize,
 }
@@ -232,7 +247,7 @@ fn read_sections(payload: &[u8], view: &View, params: &CodecParams, layout: &Lay
         .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
         .collect();
     let n = view.quantized_count();
-    let stored = if params.sparsity > 0.0 {
+    let stored = if params.sparsity > 0.0 && layout.sparse_form == SparseForm::Bitmap {
         let bitmap = take(n.div_ceil(8));
         (0..n).map(|i| bitmap[i / 8] >> (i % 8) & 1 == 1).collect()
     } else {
@@ -298,16 +313,20 @@ fn check_round_trip(
         Ok(payload.len())
     );
 
-    let sections = read_sections(payload, &view, params, &encoded.layout);
+    let mut sections = read_sections(payload, &view, params, &encoded.layout);
     let n = view.quantized_count();
-    let stored_count = sections.stored.iter().filter(|&&s| s).count();
-    prop_assert_eq!(
-        stored_count,
-        n - (params.sparsity * n as f64).floor() as usize
-    );
+    let kept_count = n - (params.sparsity * n as f64).floor() as usize;
+    let has_bitmap = params.sparsity > 0.0 && encoded.layout.sparse_form == SparseForm::Bitmap;
+    if has_bitmap {
+        prop_assert_eq!(sections.stored.iter().filter(|&&s| s).count(), kept_count);
+    } else if params.sparsity > 0.0 {
+        prop_assert_eq!(params.grid, Grid::Symmetric);
+        mark_dense_drops(&mut sections, &view, params, values, payload)?;
+    }
+    let coded_count = if has_bitmap { kept_count } else { n };
     prop_assert_eq!(
         sections.code_bytes,
-        (stored_count * usize::from(params.bits)).div_ceil(8)
+        (coded_count * usize::from(params.bits)).div_ceil(8)
     );
 
     // Kept tokens: exactly their f16 values, in the payload and decoded.
@@ -330,6 +349,51 @@ fn check_round_trip(
     } else {
         check_per_value(&quantized)
     }
+}
+
+/// Dense form: every middle value has a code, a dropped one the symmetric
+/// code of 0 (`2^(bits-1)`). Without rotation the dropped values are the
+/// first `floor(s n)` by (|x|, index), which must hold that code and are
+/// marked not stored. With rotation the ranking is over rotated values this
+/// test does not compute, so every value holding the zero code is marked
+/// (its error is then bounded by the vector norm) and there must be at least
+/// `floor(s n)` of them.
+fn mark_dense_drops(
+    sections: &mut Sections,
+    view: &View,
+    params: &CodecParams,
+    values: &[f32],
+    payload: &[u8],
+) -> Result<(), TestCaseError> {
+    let n = view.quantized_count();
+    let bits = usize::from(params.bits);
+    let codes_start = payload.len() - sections.code_bytes;
+    let zero_code = 1u32 << (bits - 1);
+    let code_at = |position: usize| {
+        (0..bits)
+            .map(|bit| {
+                let stream_bit = position * bits + bit;
+                u32::from(payload[codes_start + stream_bit / 8] >> (stream_bit % 8) & 1) << bit
+            })
+            .sum::<u32>()
+    };
+    let holds_zero: Vec<bool> = (0..n)
+        .map(|i| code_at(view.group_position(i, params.axis)) == zero_code)
+        .collect();
+    let dropped = (params.sparsity * n as f64).floor() as usize;
+    if params.rotation_seed.is_some() {
+        prop_assert!(holds_zero.iter().filter(|&&zero| zero).count() >= dropped);
+        sections.stored = holds_zero.iter().map(|&zero| !zero).collect();
+        return Ok(());
+    }
+    let middle = view.middle(values);
+    let mut ranking: Vec<usize> = (0..n).collect();
+    ranking.sort_by(|&a, &b| middle[a].abs().total_cmp(&middle[b].abs()).then(a.cmp(&b)));
+    for &i in &ranking[..dropped] {
+        prop_assert!(holds_zero[i], "dropped value {} holds the zero code", i);
+        sections.stored[i] = false;
+    }
+    Ok(())
 }
 
 /// The quantized part of one round trip, with its payload read back.
@@ -476,13 +540,31 @@ proptest! {
         check_round_trip(&shape, &params, &values)?;
     }
 
+    /// On the symmetric grid dropping values never grows the payload: the
+    /// dense form is exactly the `sparsity = 0` payload's size.
+    #[test]
+    fn symmetric_sparsity_never_grows_the_payload((shape, params, values) in case()) {
+        let symmetric = CodecParams { grid: Grid::Symmetric, ..params };
+        let without = CodecParams { sparsity: 0.0, ..symmetric.clone() };
+        if let (Ok(sparse), Ok(dense)) = (encode(&values, &shape, &symmetric), encode(&values, &shape, &without)) {
+            prop_assert!(sparse.payload.len() <= dense.payload.len(), "{} > {}", sparse.payload.len(), dense.payload.len());
+            if sparse.layout.sparse_form == SparseForm::Dense && sparse.layout.scale_dtype == dense.layout.scale_dtype {
+                prop_assert_eq!(sparse.payload.len(), dense.payload.len());
+            }
+        }
+    }
+
     #[test]
     fn decode_never_panics_on_arbitrary_payloads(
         (shape, params, _values) in case(),
         payload in prop::collection::vec(any::<u8>(), 0..600),
         f32_scales in any::<bool>(),
+        dense in any::<bool>(),
     ) {
-        let layout = Layout { scale_dtype: if f32_scales { ScaleDtype::F32 } else { ScaleDtype::F16 } };
+        let layout = Layout {
+            scale_dtype: if f32_scales { ScaleDtype::F32 } else { ScaleDtype::F16 },
+            sparse_form: if dense { SparseForm::Dense } else { SparseForm::Bitmap },
+        };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
         }
@@ -497,7 +579,7 @@ proptest! {
         params in params_for(&[1, 1, 1, 64]),
         payload in prop::collection::vec(any::<u8>(), 0..64),
     ) {
-        let layout = Layout { scale_dtype: ScaleDtype::F16 };
+        let layout = Layout { scale_dtype: ScaleDtype::F16, sparse_form: SparseForm::Bitmap };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
         }
@@ -548,6 +630,7 @@ fn decode_rejects_shapes_whose_size_overflows_before_allocating() {
     let params = CodecParams::adr002(64);
     let layout = Layout {
         scale_dtype: ScaleDtype::F16,
+        sparse_form: SparseForm::Dense,
     };
     for shape in [vec![usize::MAX, 2], vec![1 << 40, 1 << 30], vec![1 << 62]] {
         assert_eq!(
@@ -644,6 +727,43 @@ fn payload_sizes_per_method() {
                 ..base.clone()
             },
             32 + 32 + 64,
+        ),
+        // floor(0.1 x 256) = 25 dropped: bitmap 32 + ceil(231 / 2) = 148 > 128
+        // code bytes, so the dense form, as large as without sparsity.
+        (
+            CodecParams {
+                sparsity: 0.1,
+                ..base.clone()
+            },
+            32 + 128,
+        ),
+        // 3 bits, 0.3 < 1/3: bitmap 32 + ceil(180 x 3 / 8) = 100 > 96.
+        (
+            CodecParams {
+                bits: 3,
+                sparsity: 0.3,
+                ..base.clone()
+            },
+            32 + 96,
+        ),
+        // 8 bits, 0.2 > 1/8: 51 dropped, bitmap 32 + 205 < 256.
+        (
+            CodecParams {
+                bits: 8,
+                sparsity: 0.2,
+                ..base.clone()
+            },
+            32 + 32 + 205,
+        ),
+        // The asymmetric grid has no exact 0 code: always the bitmap, here
+        // 32 + ceil(231 / 2) bytes against 128 without sparsity.
+        (
+            CodecParams {
+                grid: Grid::Asymmetric,
+                sparsity: 0.1,
+                ..base.clone()
+            },
+            64 + 32 + 116,
         ),
     ];
     for (params, expected) in cases {

@@ -23,6 +23,7 @@ use groups::Plan;
 use quantizer::{CodeRange, GroupParams};
 pub use quantizer::{ScaleDtype, ZERO_GROUP_SCALE};
 pub use rotation::SplitMix64;
+pub use sparsity::SparseForm;
 
 /// Quantization grid of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +93,8 @@ pub enum CodecError {
     ZeroGroupSize,
     #[error("sparsity {0} is outside [0, 1)")]
     InvalidSparsity(f64),
+    #[error("the dense sparse form needs the symmetric grid, which has an exact 0")]
+    DenseFormNeedsSymmetricGrid,
     #[error("{feature} needs a 4-D [batch, heads, seq, head_dim] tensor, got {rank}-D")]
     NeedsFourDims { feature: &'static str, rank: usize },
     #[error("rotation needs head_dim to be a power of two, got {0}")]
@@ -118,6 +121,17 @@ pub enum CodecError {
 pub struct Layout {
     /// Storage type of every scale and offset of the tensor.
     pub scale_dtype: ScaleDtype,
+    /// How dropped values are marked; absent in manifests written before
+    /// the dense form existed, which all used the bitmap.
+    #[serde(default)]
+    pub sparse_form: SparseForm,
+}
+
+impl Layout {
+    /// Whether the payload has a kept bitmap (and codes of kept values only).
+    fn has_bitmap(&self, params: &CodecParams) -> bool {
+        params.sparsity > 0.0 && self.sparse_form == SparseForm::Bitmap
+    }
 }
 
 /// One tensor's packed payload and the layout needed to decode it.
@@ -187,24 +201,32 @@ struct Sections {
 }
 
 impl Sections {
-    fn new(plan: &Plan, params: &CodecParams, dtype: ScaleDtype) -> Result<Self, CodecError> {
+    fn new(plan: &Plan, params: &CodecParams, layout: &Layout) -> Result<Self, CodecError> {
+        if params.sparsity > 0.0
+            && params.grid == Grid::Asymmetric
+            && layout.sparse_form == SparseForm::Dense
+        {
+            return Err(CodecError::DenseFormNeedsSymmetricGrid);
+        }
         let overflow = || CodecError::ShapeOverflow;
         let quantized = plan.quantized_count();
         let scales = plan
             .geometry
             .group_count()
-            .checked_mul(dtype.size_bytes())
+            .checked_mul(layout.scale_dtype.size_bytes())
             .ok_or_else(overflow)?;
         let offsets = match params.grid {
             Grid::Symmetric => 0,
             Grid::Asymmetric => scales,
         };
-        let bitmap = if params.sparsity > 0.0 {
-            quantized.div_ceil(8)
+        let (bitmap, code_count) = if layout.has_bitmap(params) {
+            (
+                quantized.div_ceil(8),
+                quantized - sparsity::dropped_count(params.sparsity, quantized),
+            )
         } else {
-            0
+            (0, quantized)
         };
-        let code_count = quantized - sparsity::dropped_count(params.sparsity, quantized);
         Ok(Sections {
             scales,
             offsets,
@@ -233,12 +255,13 @@ pub fn payload_len(
 ) -> Result<usize, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
-    Sections::new(&plan, params, layout.scale_dtype)?
+    Sections::new(&plan, params, layout)?
         .total()
         .ok_or(CodecError::ShapeOverflow)
 }
 
-/// Encodes the row-major `values` of a tensor of `shape`.
+/// Encodes the row-major `values` of a tensor of `shape`, dropped values in
+/// whichever [`SparseForm`] is smaller.
 pub fn encode(
     values: &[f32],
     shape: &[usize],
@@ -246,6 +269,23 @@ pub fn encode(
 ) -> Result<Encoded, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
+    let form = sparsity::smaller_form(
+        params.grid,
+        params.bits,
+        params.sparsity,
+        plan.quantized_count(),
+    );
+    encode_in_form(values, &plan, params, form)
+}
+
+/// [`encode`] with the sparse form given; `Dense` with `sparsity > 0` needs
+/// the symmetric grid.
+fn encode_in_form(
+    values: &[f32],
+    plan: &Plan,
+    params: &CodecParams,
+    form: SparseForm,
+) -> Result<Encoded, CodecError> {
     if values.len() != plan.total_count() {
         return Err(CodecError::ValueCount {
             expected: plan.total_count(),
@@ -272,8 +312,21 @@ pub fn encode(
             return Err(CodecError::RotationOverflow);
         }
     }
-    let kept_mask =
+    let mut kept_mask =
         (params.sparsity > 0.0).then(|| sparsity::kept_mask(&quantized, params.sparsity));
+    if form == SparseForm::Dense {
+        if let Some(mask) = kept_mask.take() {
+            // Zeroing what is dropped gives it the code of exactly 0 and
+            // leaves every group's max|x| over kept values as it was, so both
+            // forms reconstruct the same bits.
+            let zeroed = quantized.to_mut();
+            zeroed
+                .par_iter_mut()
+                .zip(&mask)
+                .filter(|(_, &keep)| !keep)
+                .for_each(|(x, _)| *x = 0.0);
+        }
+    }
     let grouped = if plan.axis == Axis::Channel {
         Cow::Owned(plan.in_group_order(&quantized))
     } else {
@@ -283,7 +336,11 @@ pub fn encode(
 
     let range = params.code_range();
     if params.grid == Grid::Symmetric && grouped_mask.is_none() {
-        let sections = Sections::new(&plan, params, ScaleDtype::F16)?;
+        let layout = Layout {
+            scale_dtype: ScaleDtype::F16,
+            sparse_form: form,
+        };
+        let sections = Sections::new(plan, params, &layout)?;
         let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];
         let codes_start = payload.len() - sections.codes;
         let hot = quantizer::quantize_symmetric_f16_packed(
@@ -297,12 +354,7 @@ pub fn encode(
             write_scales(&group_params.scales, ScaleDtype::F16, &mut head);
             kept_tokens::write(&kept_values, &mut head)?;
             payload[..codes_start].copy_from_slice(&head);
-            return Ok(Encoded {
-                payload,
-                layout: Layout {
-                    scale_dtype: ScaleDtype::F16,
-                },
-            });
+            return Ok(Encoded { payload, layout });
         }
     }
     let group_params =
@@ -315,7 +367,11 @@ pub fn encode(
         &group_params,
     );
 
-    let sections = Sections::new(&plan, params, group_params.dtype)?;
+    let layout = Layout {
+        scale_dtype: group_params.dtype,
+        sparse_form: form,
+    };
+    let sections = Sections::new(plan, params, &layout)?;
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
     write_scales(&group_params.scales, group_params.dtype, &mut payload);
     write_scales(&group_params.offsets, group_params.dtype, &mut payload);
@@ -328,12 +384,7 @@ pub fn encode(
     }
     payload.extend_from_slice(&packed(&codes, params.bits));
     debug_assert_eq!(Some(payload.len()), sections.total());
-    Ok(Encoded {
-        payload,
-        layout: Layout {
-            scale_dtype: group_params.dtype,
-        },
-    })
+    Ok(Encoded { payload, layout })
 }
 
 /// Decodes a payload written by [`encode`] back to row-major f32 values.
@@ -380,7 +431,7 @@ fn checked_sections(
 ) -> Result<(Plan, Sections), CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
-    let sections = Sections::new(&plan, params, layout.scale_dtype)?;
+    let sections = Sections::new(&plan, params, layout)?;
     let expected = sections.total().ok_or(CodecError::ShapeOverflow)?;
     if payload.len() != expected {
         return Err(CodecError::PayloadSize {
@@ -413,8 +464,9 @@ fn decode_checked(
     let range = params.code_range();
 
     // ADR-002 and other plain symmetric tensors: codes straight into the output.
+    let has_bitmap = layout.has_bitmap(params);
     let plain_symmetric = params.grid == Grid::Symmetric
-        && params.sparsity == 0.0
+        && !has_bitmap
         && params.rotation_seed.is_none()
         && plan.keeps_no_tokens()
         && plan.axis != Axis::Channel;
@@ -430,7 +482,7 @@ fn decode_checked(
         return Ok(());
     }
 
-    let kept_mask = (params.sparsity > 0.0)
+    let kept_mask = has_bitmap
         .then(|| read_bitmap(bitmap_bytes, plan.quantized_count(), sections.code_count))
         .transpose()?;
     let mut codes = vec![0u8; sections.code_count];
@@ -565,7 +617,8 @@ mod tests {
         assert_eq!(
             encoded.layout,
             Layout {
-                scale_dtype: ScaleDtype::F16
+                scale_dtype: ScaleDtype::F16,
+                sparse_form: SparseForm::Dense,
             }
         );
         // Scales: 3.5/7 = 0.5 (f16 0x3800); zero group 2^-14 (0x0400);
@@ -588,6 +641,129 @@ mod tests {
         assert_eq!(
             decoded,
             [2.0, -3.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, -7.0 * last_scale]
+        );
+    }
+
+    /// g = 4, 4 bits: [1.75, -3.5, 0.25, 1.0 | 0.5, -7.0, 3.0, 2.0].
+    const SPARSE_EXAMPLE: [f32; 8] = [1.75, -3.5, 0.25, 1.0, 0.5, -7.0, 3.0, 2.0];
+
+    fn sparse_example(sparsity: f64) -> (CodecParams, Encoded, Vec<f32>) {
+        let params = CodecParams {
+            sparsity,
+            ..CodecParams::adr002(4)
+        };
+        let encoded = encode(&SPARSE_EXAMPLE, &[8], &params).unwrap();
+        let decoded = decode(&encoded.payload, &[8], &params, &encoded.layout).unwrap();
+        (params, encoded, decoded)
+    }
+
+    #[test]
+    fn small_sparsity_stores_the_dense_form_hand_computed() {
+        // floor(0.2 * 8) = 1 dropped (0.25). Bitmap form: 1 + ceil(7 / 2) = 5
+        // code bytes, dense: 4, so dense. Scales over kept values: 3.5/7 = 0.5
+        // (0x3800), 7/7 = 1 (0x3C00). Codes (q + 8): 3.5 -> 4 -> 12, -7 -> 1,
+        // dropped -> 8, 2 -> 10 | 0.5 -> 1 -> 9, -7 -> 1, 3 -> 11, 2 -> 10.
+        let (_, encoded, decoded) = sparse_example(0.2);
+        assert_eq!(encoded.layout.sparse_form, SparseForm::Dense);
+        assert_eq!(
+            encoded.payload,
+            [0x00, 0x38, 0x00, 0x3C, 0x1C, 0xA8, 0x19, 0xAB]
+        );
+        assert_eq!(decoded, [2.0, -3.5, 0.0, 1.0, 1.0, -7.0, 3.0, 2.0]);
+        assert_eq!(decoded[2].to_bits(), 0, "a dropped value is +0.0");
+    }
+
+    #[test]
+    fn large_sparsity_stores_the_bitmap_form_hand_computed() {
+        // floor(0.5 * 8) = 4 dropped: 0.25, 0.5, 1.0, 1.75 (indices 2, 4, 3, 0).
+        // Bitmap 1 + codes 2 = 3 bytes < dense 4. Kept: -3.5 | -7, 3, 2; scales
+        // 0.5 and 1.0. Bitmap bits 0..8 = 0,1,0,0,0,1,1,1 = 0xE2; codes 1, 1, 11, 10.
+        let (_, encoded, decoded) = sparse_example(0.5);
+        assert_eq!(encoded.layout.sparse_form, SparseForm::Bitmap);
+        assert_eq!(encoded.payload, [0x00, 0x38, 0x00, 0x3C, 0xE2, 0x11, 0xAB]);
+        assert_eq!(decoded, [0.0, -3.5, 0.0, 0.0, 0.0, -7.0, 3.0, 2.0]);
+    }
+
+    /// Whichever form is stored, the reconstruction is the same, bit for bit:
+    /// scales come from kept values only in both, dropped values decode to +0.
+    #[test]
+    fn both_sparse_forms_reconstruct_the_same_bits() {
+        let shape = [1, 2, 9, 16];
+        let values: Vec<f32> = (0..288)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01)
+            .collect();
+        for (bits, axis, rotation_seed, sink_tokens, group_size) in [
+            (4, Axis::Flat, None, 0, 64),
+            (3, Axis::Token, None, 1, 5),
+            (2, Axis::Channel, Some(7), 2, 4),
+            (8, Axis::Token, Some(1), 0, 16),
+        ] {
+            for sparsity in [0.01, 0.2, 0.5, 0.97] {
+                let params = CodecParams {
+                    bits,
+                    axis,
+                    rotation_seed,
+                    sink_tokens,
+                    sparsity,
+                    ..CodecParams::adr002(group_size)
+                };
+                let plan = Plan::new(&shape, &params).unwrap();
+                let decoded_bits = |form| {
+                    let encoded = encode_in_form(&values, &plan, &params, form).unwrap();
+                    assert_eq!(encoded.layout.sparse_form, form);
+                    let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout);
+                    decoded
+                        .unwrap()
+                        .iter()
+                        .map(|x| x.to_bits())
+                        .collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    decoded_bits(SparseForm::Bitmap),
+                    decoded_bits(SparseForm::Dense),
+                    "{params:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn dense_form_is_refused_for_a_sparse_asymmetric_tensor() {
+        let params = CodecParams {
+            grid: Grid::Asymmetric,
+            sparsity: 0.5,
+            ..CodecParams::adr002(4)
+        };
+        let encoded = encode(&SPARSE_EXAMPLE, &[8], &params).unwrap();
+        assert_eq!(encoded.layout.sparse_form, SparseForm::Bitmap);
+        let dense = Layout {
+            sparse_form: SparseForm::Dense,
+            ..encoded.layout
+        };
+        assert_eq!(
+            decode(&encoded.payload, &[8], &params, &dense),
+            Err(CodecError::DenseFormNeedsSymmetricGrid)
+        );
+        assert_eq!(
+            payload_len(&[8], &params, &dense),
+            Err(CodecError::DenseFormNeedsSymmetricGrid)
+        );
+    }
+
+    /// Manifests written before the dense form existed have no `sparse_form`
+    /// and always stored a bitmap when sparse.
+    #[test]
+    fn a_layout_without_sparse_form_reads_as_the_bitmap_form() {
+        let old: Layout = serde_json::from_str(r#"{"scale_dtype": "f16"}"#).unwrap();
+        assert_eq!(old.sparse_form, SparseForm::Bitmap);
+        let (params, encoded, decoded) = sparse_example(0.5);
+        assert_eq!(
+            decode(&encoded.payload, &[8], &params, &old).unwrap(),
+            decoded
+        );
+        assert_eq!(
+            serde_json::to_string(&encoded.layout).unwrap(),
+            r#"{"scale_dtype":"f16","sparse_form":"bitmap"}"#
         );
     }
 
@@ -700,6 +876,7 @@ mod tests {
         ));
         let f32_layout = Layout {
             scale_dtype: ScaleDtype::F32,
+            ..encoded.layout.clone()
         };
         assert!(matches!(
             decode(payload, &[10], &params, &f32_layout),
