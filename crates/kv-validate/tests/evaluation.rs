@@ -17,14 +17,21 @@ use kvformat::CacheDtype;
 
 use common::*;
 
-fn tiny_loaded(dir: &std::path::Path) -> LoadedModel {
-    let files = tiny_model(dir);
-    load_model(&ModelSource::LocalDir(files.hf_dir), &Device::Cpu, false).unwrap()
+/// The tiny model loaded and the prose fixture tokenized, with the
+/// temporary directory that holds the model files (and scripts) alive.
+struct Fixture {
+    dir: tempfile::TempDir,
+    loaded: LoadedModel,
+    tokens: Vec<u32>,
 }
 
-fn prose_tokens(loaded: &LoadedModel) -> Vec<u32> {
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let files = tiny_model(dir.path());
+    let loaded = load_model(&ModelSource::LocalDir(files.hf_dir), &Device::Cpu, false).unwrap();
     let text = std::fs::read_to_string(prose_path()).unwrap();
-    loaded.tokenizer.encode(text, true).unwrap().get_ids().to_vec()
+    let tokens = loaded.tokenizer.encode(text, true).unwrap().get_ids().to_vec();
+    Fixture { dir, loaded, tokens }
 }
 
 fn options() -> EvalOptions {
@@ -56,9 +63,7 @@ fn reference_nlls(loaded: &LoadedModel, tokens: &[u32], window: &Window) -> Vec<
 
 #[test]
 fn baseline_perplexity_equals_a_one_pass_reference() {
-    let dir = tempfile::tempdir().unwrap();
-    let loaded = tiny_loaded(dir.path());
-    let tokens = prose_tokens(&loaded);
+    let Fixture { dir, loaded, tokens } = fixture();
     let identity = KvCompress::at(identity_compressor(dir.path()));
     for protocol in [
         Protocol::ContextTargets { context: 40, targets: 24 },
@@ -101,9 +106,7 @@ fn baseline_perplexity_equals_a_one_pass_reference() {
 
 #[test]
 fn one_prefill_serves_several_variants_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let loaded = tiny_loaded(dir.path());
-    let tokens = prose_tokens(&loaded);
+    let Fixture { dir: _model_files, loaded, tokens } = fixture();
     let windows = plan_windows(tokens.len(), Protocol::ContextTargets { context: 64, targets: 16 }, Some(2)).unwrap();
     let compressor = KvCompress::at(kv_compress());
     let variants = [
@@ -125,9 +128,7 @@ fn one_prefill_serves_several_variants_in_order() {
 
 #[test]
 fn the_real_compressor_reconstructs_within_adr_002_bounds() {
-    let dir = tempfile::tempdir().unwrap();
-    let loaded = tiny_loaded(dir.path());
-    let tokens = prose_tokens(&loaded);
+    let Fixture { dir, loaded, tokens } = fixture();
     let input = Tensor::new(&tokens[..48], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     let (_, cache) = loaded.model.forward_last(&input, None).unwrap();
     let path = dir.path().join("cache.safetensors");
@@ -239,9 +240,7 @@ for i in range(3):
 
 #[test]
 fn windows_without_targets_or_past_the_text_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let loaded = tiny_loaded(dir.path());
-    let tokens = prose_tokens(&loaded);
+    let Fixture { dir, loaded, tokens } = fixture();
     let identity = KvCompress::at(identity_compressor(dir.path()));
     let bad = [
         Window { begin: 0, context_end: 5, end: 5 },
