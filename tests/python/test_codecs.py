@@ -102,8 +102,14 @@ def decode(payload, shape, params, layout):
     groups_per_run = math.ceil(run_len / group_size) if run_len else 0
     n_groups = (view.n_q // run_len) * groups_per_run if run_len else 0
     width, dtype = (2, "<f2") if layout["scale_dtype"] == "f16" else (4, "<f4")
-    sparse = params["sparsity"] > 0
-    n_kept = view.n_q - math.floor(params["sparsity"] * view.n_q)
+    # Manifests written before the dense form existed have no sparse_form: bitmap.
+    form = layout.get("sparse_form", "bitmap")
+    assert form in ("bitmap", "dense"), f"unknown sparse_form {form}"
+    dropped = math.floor(params["sparsity"] * view.n_q)
+    sparse = params["sparsity"] > 0 and form == "bitmap"
+    if params["sparsity"] > 0 and form == "dense":
+        assert params["grid"] == "symmetric", "dense sparse form on the asymmetric grid"
+    n_kept = view.n_q - dropped if sparse else view.n_q
     kept_values = view.heads * len(view.kept_tokens) * view.head_dim
     asymmetric = params["grid"] == "asymmetric"
     sizes = [
@@ -127,6 +133,9 @@ def decode(payload, shape, params, layout):
         stored = np.ones(view.n_q, dtype=bool)
     assert stored.sum() == n_kept
     codes = unpack_codes(sections[4], n_kept, bits)
+    if params["sparsity"] > 0 and not sparse:
+        # Dense form: dropped values hold the code of 0, so at least that many do.
+        assert np.count_nonzero(codes == 1 << (bits - 1)) >= dropped, "too few zero codes for the dropped values"
 
     position = np.arange(view.n_q)
     group_of_position = (position // run_len) * groups_per_run + (position % run_len) // group_size if run_len else position

@@ -148,6 +148,32 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             },
             sample_values(256, 11),
         ),
+        // Below 1/bits the dense form is smaller: no bitmap, dropped values
+        // hold the code of 0 (rotated domain, with kept tokens).
+        (
+            "sparsity_dense_rotation_token",
+            vec![1, 2, 9, 16],
+            CodecParams {
+                axis: Axis::Token,
+                rotation_seed: Some(11),
+                sink_tokens: 1,
+                recent_tokens: 1,
+                sparsity: 0.2,
+                ..CodecParams::adr002(8)
+            },
+            sample_values(288, 14),
+        ),
+        (
+            "sparsity_dense_channel",
+            vec![2, 1, 7, 8],
+            CodecParams {
+                bits: 3,
+                axis: Axis::Channel,
+                sparsity: 0.3,
+                ..CodecParams::adr002(4)
+            },
+            sample_values(112, 15),
+        ),
         (
             "everything",
             vec![1, 2, 9, 16],
@@ -173,8 +199,12 @@ fn write_f32(path: &Path, values: &[f32]) {
 fn numpy_reference_decodes_every_kind_of_payload_identically() {
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Vec::new();
+    let mut forms = std::collections::BTreeSet::new();
     for (name, shape, params, values) in cases() {
         let encoded = encode(&values, &shape, &params).unwrap();
+        if params.sparsity > 0.0 {
+            forms.insert(format!("{:?}", encoded.layout.sparse_form));
+        }
         let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
         std::fs::write(dir.path().join(format!("{name}.payload")), &encoded.payload).unwrap();
         write_f32(&dir.path().join(format!("{name}.input")), &values);
@@ -183,6 +213,7 @@ fn numpy_reference_decodes_every_kind_of_payload_identically() {
             "name": name, "shape": shape, "params": params, "layout": encoded.layout,
         }));
     }
+    assert_eq!(forms.len(), 2, "both sparse forms are checked: {forms:?}");
     std::fs::write(
         dir.path().join("cases.json"),
         serde_json::to_vec(&manifest).unwrap(),
