@@ -117,7 +117,7 @@ Flags:
   -input string        input file (a KV cache, or a packed file with -decompress)
   -output string       output file (required unless -metrics-only)
   -group-size int      values per quantization group: a power of two, 8..1024 (default 64)
-  -sparsity float      fraction in [0, 1) of smallest-magnitude values dropped and not stored (default 0)
+  -sparsity float      fraction in [0, 1) of smallest-magnitude values dropped to 0; shrinks the file above 1/bits (0.25 at 4 bits), never grows it on the symmetric grid (default 0)
   -metrics-only        compress in memory, print metrics, write nothing
   -decompress          restore a packed file to a KV cache in its original dtypes
   -reconstruct         write the dequantized cache (input dtype) instead of the packed file

@@ -63,7 +63,8 @@ pub struct CodecParams {
     pub sink_tokens: usize,
     /// Last tokens kept in FP16.
     pub recent_tokens: usize,
-    /// Fraction of smallest-magnitude values dropped (not stored, decode to 0).
+    /// Fraction of smallest-magnitude values dropped (decode to 0; stored as
+    /// the layout's [`SparseForm`] says).
     pub sparsity: f64,
 }
 
