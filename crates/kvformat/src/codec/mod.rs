@@ -728,6 +728,30 @@ mod tests {
         }
     }
 
+    /// Just below `1/bits` the dense form keeps the `sparsity = 0` size; just
+    /// above it the bitmap form is smaller (4096 values, f16 scales).
+    #[test]
+    fn form_flips_to_the_bitmap_just_above_one_over_bits() {
+        let values: Vec<f32> = (0..4096).map(|i| (i as f32 * 0.37).sin()).collect();
+        for bits in [2u8, 3, 4, 8] {
+            let params = |sparsity| CodecParams {
+                bits,
+                sparsity,
+                ..CodecParams::adr002(64)
+            };
+            let encoded = |sparsity| encode(&values, &[4096], &params(sparsity)).unwrap();
+            let unsparse = encoded(0.0).payload.len();
+            assert_eq!(unsparse, 64 * 2 + 4096 * usize::from(bits) / 8);
+            let break_even = 1.0 / f64::from(bits);
+            let below = encoded(break_even - 0.01);
+            assert_eq!(below.layout.sparse_form, SparseForm::Dense, "{bits} bits");
+            assert_eq!(below.payload.len(), unsparse, "{bits} bits");
+            let above = encoded(break_even + 0.01);
+            assert_eq!(above.layout.sparse_form, SparseForm::Bitmap, "{bits} bits");
+            assert!(above.payload.len() < unsparse, "{bits} bits");
+        }
+    }
+
     #[test]
     fn dense_form_is_refused_for_a_sparse_asymmetric_tensor() {
         let params = CodecParams {
