@@ -23,6 +23,26 @@ const HEAD_DIM: usize = 64;
 struct Options {
     /// Fewer repetitions and no model benchmarks: a smoke run of the harness.
     quick: bool,
+    /// A Python with torch + transformers + gguf + accelerate: also time
+    /// PyTorch eager on the same model, the speed target's reference.
+    torch_python: Option<String>,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> Result<Self> {
+        let mut options = Options { quick: false, torch_python: None };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => options.quick = true,
+                "--torch" => {
+                    options.torch_python = Some(args.next().context("--torch needs a Python interpreter path")?.clone())
+                }
+                other => bail!("unknown bench argument `{other}` (expected --quick or --torch PYTHON)"),
+            }
+        }
+        Ok(options)
+    }
 }
 
 /// One measured command: median wall time and peak resident memory.
@@ -32,10 +52,7 @@ struct Measurement {
 }
 
 pub fn run(args: &[String]) -> Result<()> {
-    let options = Options { quick: args.iter().any(|a| a == "--quick") };
-    if let Some(bad) = args.iter().find(|a| *a != "--quick") {
-        bail!("unknown bench argument `{bad}` (only --quick)");
-    }
+    let options = Options::parse(args)?;
     let bin_dir = build_release_binaries()?;
     let kv_compress = bin_dir.join("kv-compress");
     let scratch = tempdir()?;
@@ -85,7 +102,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if options.quick {
         writeln!(report, "\nModel benchmarks skipped (--quick).")?;
     } else {
-        model_benchmarks(&bin_dir, &scratch, &mut report)?;
+        model_benchmarks(&bin_dir, &scratch, options.torch_python.as_deref(), &mut report)?;
     }
     std::fs::remove_dir_all(&scratch).ok();
     let out = repo_root().join("docs").join("benchmarks.md");
@@ -97,7 +114,7 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// kv-validate on the offline model: forward-pass throughput, and where a
 /// validation run's wall time goes.
-fn model_benchmarks(bin_dir: &Path, scratch: &Path, report: &mut String) -> Result<()> {
+fn model_benchmarks(bin_dir: &Path, scratch: &Path, torch_python: Option<&str>, report: &mut String) -> Result<()> {
     let model = ensure_model()?;
     let kv_validate = bin_dir.join("kv-validate");
     writeln!(report, "\n## kv-validate (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to f32 at load, CPU)\n")?;
@@ -111,11 +128,23 @@ fn model_benchmarks(bin_dir: &Path, scratch: &Path, report: &mut String) -> Resu
         bail!("kv-validate --bench-forward failed ({status})");
     }
     let forward: serde_json::Value = serde_json::from_slice(&std::fs::read(&forward_json)?)?;
-    writeln!(report, "Forward pass (prefill of N tokens from an empty cache, median of runs):\n")?;
-    writeln!(report, "| context | tokens/s |")?;
-    writeln!(report, "|---:|---:|")?;
-    for entry in forward["forward"].as_array().context("--bench-forward JSON has no `forward` array")? {
-        writeln!(report, "| {} | {:.0} |", entry["context"], entry["tokens_per_second"].as_f64().unwrap_or(f64::NAN))?;
+    let torch = match torch_python {
+        Some(python) => Some(torch_reference(python, &model)?),
+        None => None,
+    };
+    writeln!(report, "Forward pass: prefill of N random tokens from an empty cache, median of runs, tokens/s:\n")?;
+    writeln!(report, "| context | kv-validate (candle, f32) | PyTorch eager (transformers, f32) |")?;
+    writeln!(report, "|---:|---:|---:|")?;
+    let ours = forward["forward"].as_array().context("--bench-forward JSON has no `forward` array")?;
+    for entry in ours {
+        let reference = torch
+            .as_ref()
+            .and_then(|t| t["forward"].as_array()?.iter().find(|r| r["context"] == entry["context"])?["tokens_per_second"].as_f64())
+            .map_or("not run (`--torch PYTHON`)".to_string(), |tps| format!("{tps:.0}"));
+        writeln!(report, "| {} | {:.0} | {reference} |", entry["context"], entry["tokens_per_second"].as_f64().unwrap_or(f64::NAN))?;
+    }
+    if let Some(torch) = &torch {
+        writeln!(report, "\nPyTorch {} with {} threads, `xtask/python/torch_forward_bench.py` on the same GGUF (transformers dequantizes it to f32), eager attention.", torch["torch"].as_str().unwrap_or("?"), torch["threads"])?;
     }
 
     let validate_json = scratch.join("validate.json");
@@ -172,6 +201,23 @@ pub fn generate_task(args: &[String]) -> Result<()> {
         [dtype, path] if dtype == "F32" || dtype == "F16" => write_synthetic_cache(Path::new(path), dtype),
         _ => bail!("usage: {GENERATE_TASK} F32|F16 PATH"),
     }
+}
+
+/// Times PyTorch eager on the same model with `xtask/python/torch_forward_bench.py`.
+fn torch_reference(python: &str, model: &Path) -> Result<serde_json::Value> {
+    eprintln!("bench: PyTorch eager reference ({python})...");
+    let script = repo_root().join("xtask").join("python").join("torch_forward_bench.py");
+    let output = Command::new(python)
+        .arg(&script)
+        .arg(model)
+        .arg("512,2048")
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {python}"))?;
+    if !output.status.success() {
+        bail!("{} failed ({}); it needs torch, transformers, gguf and accelerate", script.display(), output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("parsing the PyTorch reference's JSON")
 }
 
 /// Runs `program args` `repetitions` times; median wall time, max peak RSS.

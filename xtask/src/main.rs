@@ -22,7 +22,10 @@ tasks:
                          validation: the default model and WikiText-2 when the Hugging Face
                          hub is reachable, else the fetched SmolLM2 on testdata/prose.txt.
                          ARGS are passed to kv-validate (e.g. --max-windows 2)
-  bench [--quick]        benchmark kv-compress (MB/s, peak RSS) and the model forward pass;
+  bench [--quick] [--torch PYTHON]
+                         benchmark kv-compress (MB/s, peak RSS) and the model forward pass;
+                         --torch also times PyTorch eager on the same model with that
+                         Python (needs torch, transformers, gguf, accelerate);
                          writes docs/benchmarks.md
   fuzz --seconds N [--target NAME]
                          build the libFuzzer targets (stable toolchain) and run each for N s;
