@@ -11,4 +11,6 @@ pub mod bridge;
 pub mod kvio;
 pub mod evaluate;
 pub mod report;
+pub mod sweep;
+pub mod plot;
 pub mod quick_test;

@@ -17,6 +17,7 @@ use kv_validate::loader::{load_model, ModelSource, DEFAULT_HUB_REPO};
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
 use kv_validate::report::{write_json_atomically, RunDescription, ValidationReport};
+use kv_validate::sweep::{ensure_unique_labels, write_text_atomically, SweepReport, Variant};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -36,7 +37,15 @@ Examples:
   # No model at all: a synthetic cache through the whole file contract
   kv-validate --quick-test
 
-Exit status: 0 passed (delta < threshold), 1 failed, 2 error.
+  # Issue 5's sweep: the built-in matrix, a table, CSV and a plot
+  kv-validate --gguf model.gguf --text-file wiki.txt --context 384 --targets 128 \\
+      --sweep --sweep-csv sweep.csv --sweep-plot sweep.svg
+
+  # A sweep of exactly these variants (LABEL=kv-compress flags)
+  kv-validate --gguf model.gguf --variant \"kivi3=-method kivi -bits 3\" --variant int8=-bits=8
+
+Exit status: 0 passed (delta < threshold), 1 failed, 2 error. A sweep exits 0
+when some variant passes (the recommendation exists), 1 when none does.
 kv-compress is found through KV_COMPRESS_PATH, beside this binary, bin/, then PATH.
 The hub honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE.";
 
@@ -110,6 +119,20 @@ struct Cli {
     /// Also write the report as JSON to FILE (atomically).
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Sweep the built-in matrix of methods and bit widths over the same
+    /// windows, print a table and recommend the fewest bits that pass.
+    #[arg(long)]
+    sweep: bool,
+    /// A sweep variant, LABEL=FLAGS (kv-compress flags, space-separated;
+    /// repeatable). When given, the sweep is exactly these variants.
+    #[arg(long = "variant", value_name = "LABEL=FLAGS", allow_hyphen_values = true)]
+    variants: Vec<String>,
+    /// Write the sweep table as CSV to FILE (atomically).
+    #[arg(long, value_name = "FILE")]
+    sweep_csv: Option<PathBuf>,
+    /// Write the sweep as an SVG plot (delta against bits/value) to FILE (atomically).
+    #[arg(long, value_name = "FILE.svg")]
+    sweep_plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -153,6 +176,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         extra_args: cli.compress_args.clone(),
     };
     let cache_dtype = CacheDtype::from(cli.cache_dtype);
+    let sweep = sweep_variants(cli)?;
     let compressor = KvCompress::locate()?;
     let status = |message: &str| {
         if !cli.quiet {
@@ -226,7 +250,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         model_name: loaded.description.clone(),
         show_progress: !cli.quiet,
     };
-    let evaluation = evaluate(&loaded.model, &tokens, &windows, &compressor, &[settings], &options)?;
+    let variant_settings = match &sweep {
+        Some(variants) => variants.iter().map(|variant| variant.settings.clone()).collect(),
+        None => vec![settings],
+    };
+    let evaluation = evaluate(&loaded.model, &tokens, &windows, &compressor, &variant_settings, &options)?;
     let run = RunDescription {
         model: loaded.description.clone(),
         data: text.description,
@@ -235,10 +263,47 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         cache_dtype: cache_dtype.torch_name().to_string(),
         threshold: cli.threshold,
     };
+    if let Some(variants) = &sweep {
+        return finish_sweep(cli, &SweepReport::new(&run, &evaluation, variants, cache_dtype));
+    }
     let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
     print!("{}", report.render_text());
     write_json(cli, &report)?;
     Ok(report.passed)
+}
+
+/// The sweep's variants (`--variant`s, else the built-in matrix with
+/// `--sweep`), or `None` for a single-variant validation.
+fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
+    if !cli.sweep && cli.variants.is_empty() {
+        if cli.sweep_csv.is_some() || cli.sweep_plot.is_some() {
+            bail!("--sweep-csv and --sweep-plot need --sweep or --variant");
+        }
+        return Ok(None);
+    }
+    if cli.quick_test || !cli.bench_forward.is_empty() {
+        bail!("a sweep needs a model and text: it cannot run with --quick-test or --bench-forward");
+    }
+    let variants = if cli.variants.is_empty() {
+        Variant::default_matrix()
+    } else {
+        cli.variants.iter().map(|spec| Variant::parse(spec)).collect::<Result<Vec<_>, _>>()?
+    };
+    ensure_unique_labels(&variants)?;
+    Ok(Some(variants))
+}
+
+/// Prints the sweep table, writes its CSV, plot and JSON; `Ok(some variant passed)`.
+fn finish_sweep(cli: &Cli, report: &SweepReport) -> anyhow::Result<bool> {
+    print!("{}", report.render_text());
+    if let Some(path) = &cli.sweep_csv {
+        write_text_atomically(path, &report.table.to_csv())?;
+    }
+    if let Some(path) = &cli.sweep_plot {
+        write_text_atomically(path, &kv_validate::plot::render_svg(&report.table))?;
+    }
+    write_json(cli, report)?;
+    Ok(report.table.recommendation.is_some())
 }
 
 fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -1,0 +1,230 @@
+//! The sweep as an SVG chart, written by hand (no plotting dependency):
+//! perplexity delta against bits/value, one labelled point per variant, the
+//! Pareto front as a line and the threshold as a dashed line.
+//!
+//! Deltas span four orders of magnitude (INT8 +0.002, 2-bit +8), so the y axis
+//! is symmetric-logarithmic: linear within ±[`LINEAR_DELTA`], logarithmic
+//! beyond, and zero and small negative deltas still have a place.
+
+use crate::sweep::SweepTable;
+
+const WIDTH: f64 = 860.0;
+const HEIGHT: f64 = 540.0;
+const LEFT: f64 = 80.0;
+const RIGHT: f64 = 30.0;
+const TOP: f64 = 50.0;
+const BOTTOM: f64 = 60.0;
+/// Below this |delta| the y axis is linear.
+const LINEAR_DELTA: f64 = 0.01;
+const LABEL_FONT_PX: f64 = 11.0;
+/// Rough width of one label character, to keep labels from overlapping.
+const LABEL_CHAR_PX: f64 = 6.2;
+const PASSED_COLOR: &str = "#2a9d4b";
+const FAILED_COLOR: &str = "#d1495b";
+const FRONT_COLOR: &str = "#3366cc";
+
+/// The symmetric-log transform of a delta.
+fn symlog(delta: f64) -> f64 {
+    delta.signum() * (1.0 + delta.abs() / LINEAR_DELTA).log10()
+}
+
+/// Linear map of `value` in `[from_lo, from_hi]` onto `[to_lo, to_hi]`.
+fn map(value: f64, (from_lo, from_hi): (f64, f64), (to_lo, to_hi): (f64, f64)) -> f64 {
+    to_lo + (value - from_lo) / (from_hi - from_lo) * (to_hi - to_lo)
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A tick value as a short label: `0`, `0.01`, `10`, `-0.1`.
+fn tick_label(value: f64) -> String {
+    let text = format!("{value}");
+    text.strip_suffix(".0").map(str::to_string).unwrap_or(text)
+}
+
+/// The chart of `table` as a standalone SVG document.
+pub fn render_svg(table: &SweepTable) -> String {
+    let rows = &table.rows;
+    let bits = rows.iter().map(|r| r.bits_per_value);
+    let x_lo = bits.clone().fold(f64::INFINITY, f64::min).floor();
+    let x_hi = bits.fold(f64::NEG_INFINITY, f64::max).ceil();
+    let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo { (x_lo, x_hi) } else { (0.0, 16.0) };
+    let deltas = rows.iter().map(|r| r.delta).chain([0.0, table.threshold]);
+    let y_lo = symlog(deltas.clone().fold(0.0, f64::min)) - 0.15;
+    let y_hi = symlog(deltas.fold(0.0, f64::max)) + 0.15;
+
+    let plot_x = (LEFT, WIDTH - RIGHT);
+    let plot_y = (HEIGHT - BOTTOM, TOP);
+    let px = |bits: f64| map(bits, (x_lo, x_hi), plot_x);
+    let py = |delta: f64| map(symlog(delta), (y_lo, y_hi), plot_y);
+
+    let mut svg = vec![
+        format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
+        ),
+        format!(r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#),
+        format!(
+            r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Perplexity delta against bits/value (baseline {:.3}; {} variants)</text>"#,
+            WIDTH / 2.0,
+            table.baseline_perplexity,
+            rows.len()
+        ),
+    ];
+
+    // Axes, ticks and grid.
+    let x_step = if x_hi - x_lo > 12.0 { 2.0 } else { 1.0 };
+    let mut tick = x_lo;
+    while tick <= x_hi + 1e-9 {
+        let x = px(tick);
+        svg.push(format!(
+            r##"<line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="#eee"/><line x1="{x:.1}" y1="{:.1}" x2="{x:.1}" y2="{:.1}" stroke="black"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" font-size="12">{}</text>"##,
+            plot_y.0, plot_y.1, plot_y.0, plot_y.0 + 5.0, plot_y.0 + 20.0, tick_label(tick)
+        ));
+        tick += x_step;
+    }
+    let y_ticks = std::iter::once(0.0).chain((-2..=3).flat_map(|power| {
+        let magnitude = 10f64.powi(power);
+        [magnitude, -magnitude]
+    }));
+    for value in y_ticks.filter(|&v| (y_lo..=y_hi).contains(&symlog(v))) {
+        let y = py(value);
+        svg.push(format!(
+            r##"<line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="#eee"/><line x1="{:.1}" y1="{y:.1}" x2="{:.1}" y2="{y:.1}" stroke="black"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="12">{}</text>"##,
+            plot_x.0, plot_x.1, plot_x.0 - 5.0, plot_x.0, plot_x.0 - 8.0, y + 4.0, tick_label(value)
+        ));
+    }
+    svg.push(format!(
+        r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="black"/>"#,
+        plot_x.0,
+        plot_y.1,
+        plot_x.1 - plot_x.0,
+        plot_y.0 - plot_y.1
+    ));
+    svg.push(format!(
+        r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">bits per value (every stored byte)</text>"#,
+        (plot_x.0 + plot_x.1) / 2.0,
+        HEIGHT - 18.0
+    ));
+    svg.push(format!(
+        r#"<text transform="translate(20 {:.1}) rotate(-90)" text-anchor="middle" font-size="13">perplexity delta (symmetric log scale)</text>"#,
+        (plot_y.0 + plot_y.1) / 2.0
+    ));
+
+    // Threshold.
+    let threshold_y = py(table.threshold);
+    svg.push(format!(
+        r##"<line x1="{:.1}" y1="{threshold_y:.1}" x2="{:.1}" y2="{threshold_y:.1}" stroke="#e08a00" stroke-width="1.5" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="11" fill="#e08a00">threshold {}</text>"##,
+        plot_x.0,
+        plot_x.1,
+        plot_x.1 - 4.0,
+        threshold_y - 4.0,
+        table.threshold
+    ));
+
+    // Pareto front: rows are sorted by bits, so the front is in order.
+    let front: Vec<String> = rows
+        .iter()
+        .filter(|r| r.pareto)
+        .map(|r| format!("{:.1},{:.1}", px(r.bits_per_value), py(r.delta)))
+        .collect();
+    svg.push(format!(
+        r#"<polyline points="{}" fill="none" stroke="{FRONT_COLOR}" stroke-width="1.5"/>"#,
+        front.join(" ")
+    ));
+
+    // Points and labels; a label that would overlap an earlier one moves down.
+    let mut placed: Vec<(f64, f64, f64)> = Vec::new();
+    for row in rows {
+        let (x, y) = (px(row.bits_per_value), py(row.delta));
+        let color = if row.passed { PASSED_COLOR } else { FAILED_COLOR };
+        let stroke = if row.pareto { FRONT_COLOR } else { color };
+        svg.push(format!(
+            r#"<circle cx="{x:.1}" cy="{y:.1}" r="4.5" fill="{color}" stroke="{stroke}" stroke-width="1.5"><title>{}: {:.3} bits/value, delta {:+.4}</title></circle>"#,
+            escape(&row.label),
+            row.bits_per_value,
+            row.delta
+        ));
+        let width = row.label.len() as f64 * LABEL_CHAR_PX;
+        let mut label_y = y + 4.0;
+        let overlaps = |label_y: f64, placed: &[(f64, f64, f64)]| {
+            placed.iter().any(|&(px, py, pw)| {
+                (label_y - py).abs() < LABEL_FONT_PX && x + 7.0 < px + pw && px < x + 7.0 + width
+            })
+        };
+        while overlaps(label_y, &placed) {
+            label_y += LABEL_FONT_PX;
+        }
+        placed.push((x + 7.0, label_y, width));
+        svg.push(format!(
+            r#"<text x="{:.1}" y="{label_y:.1}" font-size="{LABEL_FONT_PX}">{}</text>"#,
+            x + 7.0,
+            escape(&row.label)
+        ));
+    }
+
+    // Legend.
+    let legend_x = plot_x.0 + 10.0;
+    svg.push(format!(
+        r##"<g font-size="11"><circle cx="{legend_x}" cy="{y0}" r="4.5" fill="{PASSED_COLOR}"/><text x="{tx}" y="{t0}">passed</text><circle cx="{legend_x}" cy="{y1}" r="4.5" fill="{FAILED_COLOR}"/><text x="{tx}" y="{t1}">failed</text><line x1="{lx0}" y1="{y2}" x2="{lx1}" y2="{y2}" stroke="{FRONT_COLOR}" stroke-width="1.5"/><text x="{tx}" y="{t2}">Pareto front</text></g>"##,
+        y0 = plot_y.1 + 14.0,
+        t0 = plot_y.1 + 18.0,
+        y1 = plot_y.1 + 30.0,
+        t1 = plot_y.1 + 34.0,
+        y2 = plot_y.1 + 46.0,
+        t2 = plot_y.1 + 50.0,
+        tx = legend_x + 10.0,
+        lx0 = legend_x - 6.0,
+        lx1 = legend_x + 6.0,
+    ));
+    svg.push("</svg>".to_string());
+    svg.join("\n") + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sweep::tests::measurement;
+
+    #[test]
+    fn symlog_is_linear_near_zero_and_logarithmic_beyond() {
+        assert_eq!(symlog(0.0), 0.0);
+        assert!((symlog(0.01) - 2f64.log10()).abs() < 1e-12);
+        assert!((symlog(9.99) - 3.0).abs() < 1e-12);
+        assert_eq!(symlog(-0.5), -symlog(0.5));
+    }
+
+    #[test]
+    fn svg_has_one_point_per_variant_the_front_and_the_threshold() {
+        let table = SweepTable::new(
+            10.0,
+            0.5,
+            vec![
+                measurement("int8", 8.25, 10.002),
+                measurement("kivi4", 4.5, 10.2),
+                measurement("worse<4>", 4.5, 10.9),
+                measurement("kivi2", 2.5, 18.0),
+            ],
+        );
+        let svg = render_svg(&table);
+        assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
+        assert!(svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<circle cx").count(), 4 + 2, "four points and two legend marks");
+        assert!(svg.contains(">worse&lt;4&gt;</text>"), "labels are escaped");
+        assert!(svg.contains("stroke-dasharray"));
+        assert!(svg.contains(">threshold 0.5</text>"));
+        // The front is kivi2 -> kivi4 -> int8: three points, in order of bits.
+        let polyline = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
+        let points = polyline.split('"').nth(1).unwrap();
+        let xs: Vec<f64> = points.split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+        // x axis 2..9 bits over 80..830 px.
+        let expected = [2.5, 4.5, 8.25].map(|bits| 80.0 + (bits - 2.0) / 7.0 * 750.0);
+        assert_eq!(xs.len(), 3);
+        for (x, e) in xs.iter().zip(expected) {
+            assert!((x - e).abs() < 0.06, "{x} vs {e}");
+        }
+        for tick in [">0</text>", ">0.1</text>", ">1</text>", ">2</text>", ">9</text>"] {
+            assert!(svg.contains(tick), "missing tick {tick}");
+        }
+    }
+}

@@ -1,0 +1,492 @@
+//! Issue 5's sweep: many compressor variants scored over the same windows
+//! (one shared prefill per window, see [`crate::evaluate`]), the results as a
+//! table sorted by bits/value with the Pareto front marked, and the
+//! recommendation: the variant with the fewest bits that passes.
+//!
+//! A variant is a label and the `kv-compress` flags it runs with, written as
+//! `LABEL=FLAGS` on the command line (`--variant "kivi3=-method kivi -bits 3"`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use kvformat::CacheDtype;
+use serde::Serialize;
+
+use crate::bridge::CompressSettings;
+use crate::evaluate::Evaluation;
+use crate::report::{field, rule, RunDescription};
+
+/// The built-in matrix (`--sweep`): issue 5's reference methods, then
+/// rotation and FP16 kept tokens at 4, 3 and 2 bits aimed at its targets.
+/// Every variant runs at group 64 unless its flags say otherwise. Kept
+/// tokens are stored as FP16 and count in bits/value: with a 384-token
+/// context, 4 sink tokens cost 4·16/384 = 0.17 bits/value, 32 recent ones 1.33.
+pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
+    ("adr002-g64", ""),
+    ("adr002-g32", "-group-size 32"),
+    ("adr002-g128", "-group-size 128"),
+    ("token-asym4", "-grid asym -key-axis token -value-axis token"),
+    ("int8", "-bits 8"),
+    ("kivi4", "-method kivi -bits 4"),
+    ("kivi3", "-method kivi -bits 3"),
+    ("kivi2", "-method kivi -bits 2"),
+    ("kivi4-rot", "-method kivi -bits 4 -rotate"),
+    ("kivi4-sink4-recent32", "-method kivi -bits 4 -sink-tokens 4 -recent-tokens 32"),
+    ("kivi4-rot-g128-sink4", "-method kivi -bits 4 -rotate -group-size 128 -sink-tokens 4"),
+    ("kivi3-rot", "-method kivi -bits 3 -rotate"),
+    ("kivi3-rot-g128-sink4", "-method kivi -bits 3 -rotate -group-size 128 -sink-tokens 4"),
+    ("kivi2-rot", "-method kivi -bits 2 -rotate"),
+    ("kivi2-rot-g128-sink4", "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 4"),
+    ("kivi2-rot-sink4-recent32", "-method kivi -bits 2 -rotate -sink-tokens 4 -recent-tokens 32"),
+];
+
+/// Why a sweep could not be set up or its outputs written.
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("--variant {spec:?}: expected LABEL=FLAGS, e.g. \"kivi3=-method kivi -bits 3\"")]
+    MissingEquals { spec: String },
+    #[error("--variant {spec:?}: the label is empty")]
+    EmptyLabel { spec: String },
+    #[error("--variant {spec:?}: {flag} needs a value")]
+    MissingValue { spec: String, flag: String },
+    #[error("--variant {spec:?}: {flag} {value:?} is not a valid number")]
+    BadNumber { spec: String, flag: String, value: String },
+    #[error("two sweep variants are labelled {label:?}")]
+    DuplicateLabel { label: String },
+    #[error("cannot write {}: {source}", path.display())]
+    Write { path: PathBuf, source: kvformat::Error },
+}
+
+/// One compressor configuration of a sweep.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    pub label: String,
+    pub settings: CompressSettings,
+}
+
+impl Variant {
+    /// Parses `LABEL=FLAGS`; FLAGS are whitespace-separated `kv-compress`
+    /// flags, `-group-size` and `-sparsity` (in any Go spelling) becoming the
+    /// settings the bridge always passes, everything else passed verbatim.
+    pub fn parse(spec: &str) -> Result<Self, SweepError> {
+        let (label, flags) = spec
+            .split_once('=')
+            .ok_or_else(|| SweepError::MissingEquals { spec: spec.to_string() })?;
+        let label = label.trim();
+        if label.is_empty() {
+            return Err(SweepError::EmptyLabel { spec: spec.to_string() });
+        }
+        let mut settings = CompressSettings::default();
+        let mut words = flags.split_whitespace();
+        while let Some(word) = words.next() {
+            let (name, inline_value) = match word.split_once('=') {
+                Some((name, value)) => (name, Some(value.to_string())),
+                None => (word, None),
+            };
+            let bare = name.trim_start_matches('-');
+            if !(name.starts_with('-') && matches!(bare, "group-size" | "sparsity")) {
+                settings.extra_args.push(word.to_string());
+                continue;
+            }
+            let value = inline_value
+                .or_else(|| words.next().map(str::to_string))
+                .ok_or_else(|| SweepError::MissingValue { spec: spec.to_string(), flag: name.to_string() })?;
+            let bad_number = || SweepError::BadNumber {
+                spec: spec.to_string(),
+                flag: name.to_string(),
+                value: value.clone(),
+            };
+            if bare == "group-size" {
+                settings.group_size = value.parse().map_err(|_| bad_number())?;
+            } else {
+                settings.sparsity = value.parse().map_err(|_| bad_number())?;
+            }
+        }
+        Ok(Variant { label: label.to_string(), settings })
+    }
+
+    /// [`DEFAULT_MATRIX`] as variants.
+    pub fn default_matrix() -> Vec<Variant> {
+        DEFAULT_MATRIX
+            .iter()
+            .map(|(label, flags)| Variant::parse(&format!("{label}={flags}")).expect("the built-in matrix parses"))
+            .collect()
+    }
+}
+
+/// Fails on two variants with the same label (their rows would be ambiguous).
+pub fn ensure_unique_labels(variants: &[Variant]) -> Result<(), SweepError> {
+    for (index, variant) in variants.iter().enumerate() {
+        if variants[..index].iter().any(|earlier| earlier.label == variant.label) {
+            return Err(SweepError::DuplicateLabel { label: variant.label.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// What was measured for one variant: the inputs of a table row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measurement {
+    pub label: String,
+    pub flags: String,
+    /// Every stored byte (codes, scales, offsets, kept tokens) per value, in bits.
+    pub bits_per_value: f64,
+    pub compression_ratio: f64,
+    pub perplexity: f64,
+}
+
+/// One row of the sweep table.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SweepRow {
+    pub label: String,
+    pub flags: String,
+    pub bits_per_value: f64,
+    pub compression_ratio: f64,
+    pub perplexity: f64,
+    /// Perplexity minus the baseline's.
+    pub delta: f64,
+    /// delta < threshold.
+    pub passed: bool,
+    /// No other variant is at least as good on both bits and delta and better on one.
+    pub pareto: bool,
+}
+
+/// The sweep's results, sorted by bits/value (then delta).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SweepTable {
+    pub baseline_perplexity: f64,
+    pub threshold: f64,
+    pub rows: Vec<SweepRow>,
+    /// Label of the passing variant with the fewest bits/value (the lower
+    /// delta on a tie); `None` when no variant passes.
+    pub recommendation: Option<String>,
+}
+
+impl SweepTable {
+    pub fn new(baseline_perplexity: f64, threshold: f64, measurements: Vec<Measurement>) -> Self {
+        let mut rows: Vec<SweepRow> = measurements
+            .into_iter()
+            .map(|m| {
+                let delta = m.perplexity - baseline_perplexity;
+                SweepRow {
+                    label: m.label,
+                    flags: m.flags,
+                    bits_per_value: m.bits_per_value,
+                    compression_ratio: m.compression_ratio,
+                    perplexity: m.perplexity,
+                    delta,
+                    passed: delta < threshold,
+                    pareto: false,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| a.bits_per_value.total_cmp(&b.bits_per_value).then(a.delta.total_cmp(&b.delta)));
+        let dominated: Vec<bool> = rows
+            .iter()
+            .map(|row| {
+                rows.iter().any(|other| {
+                    other.bits_per_value <= row.bits_per_value
+                        && other.delta <= row.delta
+                        && (other.bits_per_value < row.bits_per_value || other.delta < row.delta)
+                })
+            })
+            .collect();
+        for (row, dominated) in rows.iter_mut().zip(dominated) {
+            row.pareto = !dominated;
+        }
+        // Sorted by bits then delta: the first passing row is the recommendation.
+        let recommendation = rows.iter().find(|row| row.passed).map(|row| row.label.clone());
+        SweepTable {
+            baseline_perplexity,
+            threshold,
+            rows,
+            recommendation,
+        }
+    }
+
+    /// The recommended row, if any variant passed.
+    pub fn recommended(&self) -> Option<&SweepRow> {
+        let label = self.recommendation.as_deref()?;
+        self.rows.iter().find(|row| row.label == label)
+    }
+
+    /// The table as CSV (RFC 4180: a header line, flags quoted).
+    pub fn to_csv(&self) -> String {
+        let mut csv = String::from("label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto\n");
+        for row in &self.rows {
+            csv.push_str(&format!(
+                "{},{},{:.4},{:.4},{:.4},{:.4},{},{}\n",
+                csv_field(&row.label),
+                csv_field(&row.flags),
+                row.bits_per_value,
+                row.compression_ratio,
+                row.perplexity,
+                row.delta,
+                row.passed,
+                row.pareto
+            ));
+        }
+        csv
+    }
+
+    /// The table for people: one line per variant, `*` on the Pareto front.
+    pub fn render_rows(&self) -> Vec<String> {
+        let label_width = self.rows.iter().map(|row| row.label.len()).max().unwrap_or(0).max("method".len());
+        let mut lines = vec![format!(
+            "{:<label_width$}  {:>10}  {:>7}  {:>10}  {:>9}  {:<6}  {:<6}  flags",
+            "method", "bits/value", "ratio", "perplexity", "delta", "passed", "pareto"
+        )];
+        lines.extend(self.rows.iter().map(|row| {
+            format!(
+                "{:<label_width$}  {:>10.3}  {:>6.2}x  {:>10.4}  {:>+9.4}  {:<6}  {:<6}  {}",
+                row.label,
+                row.bits_per_value,
+                row.compression_ratio,
+                row.perplexity,
+                row.delta,
+                if row.passed { "yes" } else { "no" },
+                if row.pareto { "*" } else { "" },
+                row.flags
+            )
+        }));
+        lines
+    }
+
+    /// One sentence: the recommendation, or that nothing passed.
+    pub fn recommendation_line(&self) -> String {
+        match self.recommended() {
+            Some(row) => format!(
+                "Recommendation: {} ({:.3} bits/value, delta {:+.4} < threshold {})",
+                row.label, row.bits_per_value, row.delta, self.threshold
+            ),
+            None => format!("Recommendation: none; no variant has a delta below the threshold {}", self.threshold),
+        }
+    }
+}
+
+/// `value` as one CSV field, quoted when it holds a comma, quote or space.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', ' ', '\n']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
+    }
+}
+
+/// A sweep run and its table, in the shape of its JSON (`--json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SweepReport {
+    pub model: String,
+    pub data: String,
+    pub protocol: String,
+    pub compressor: String,
+    /// Element type of the cache files handed to kv-compress (ratios are against it).
+    pub cache_dtype: String,
+    pub tokens_scored: usize,
+    pub tokens_on_compressed_cache: usize,
+    pub windows: usize,
+    pub wall_seconds: f64,
+    pub table: SweepTable,
+}
+
+impl SweepReport {
+    /// The report of `evaluation`, whose variants are `variants` in order.
+    pub fn new(run: &RunDescription, evaluation: &Evaluation, variants: &[Variant], cache_dtype: CacheDtype) -> Self {
+        let measurements = variants
+            .iter()
+            .zip(&evaluation.variants)
+            .map(|(variant, outcome)| {
+                let metrics = &outcome.metrics;
+                // The Go original reports no bits/value: derive it from the bytes.
+                let bits_per_value = metrics.bits_per_value.unwrap_or_else(|| {
+                    8.0 * metrics.compressed_size_bytes as f64 * cache_dtype.size_bytes() as f64
+                        / metrics.original_size_bytes as f64
+                });
+                Measurement {
+                    label: variant.label.clone(),
+                    flags: outcome.settings.label(),
+                    bits_per_value,
+                    compression_ratio: metrics.compression_ratio,
+                    perplexity: outcome.nll.perplexity(),
+                }
+            })
+            .collect();
+        SweepReport {
+            model: run.model.clone(),
+            data: run.data.clone(),
+            protocol: run.protocol.clone(),
+            compressor: run.compressor.clone(),
+            cache_dtype: run.cache_dtype.clone(),
+            tokens_scored: evaluation.baseline.tokens,
+            tokens_on_compressed_cache: evaluation.tokens_on_cache,
+            windows: evaluation.windows,
+            wall_seconds: evaluation.timings.total.as_secs_f64(),
+            table: SweepTable::new(evaluation.baseline.perplexity(), run.threshold, measurements),
+        }
+    }
+
+    pub fn render_text(&self) -> String {
+        let mut lines = vec![
+            rule(),
+            "COMPRESSION SWEEP".to_string(),
+            rule(),
+            field("Model", &self.model),
+            field("Data", &self.data),
+            field("Protocol", &self.protocol),
+            field("Compressor", &self.compressor),
+            field("Cache dtype", &self.cache_dtype),
+            field(
+                "Tokens scored",
+                &format!("{} ({} on a compressed cache)", self.tokens_scored, self.tokens_on_compressed_cache),
+            ),
+            field("Windows", &self.windows.to_string()),
+            field("Wall time", &format!("{:.1} s", self.wall_seconds)),
+            field("Baseline perplexity", &format!("{:.4}", self.table.baseline_perplexity)),
+            field("Threshold", &format!("delta < {}", self.table.threshold)),
+            String::new(),
+        ];
+        lines.extend(self.table.render_rows());
+        lines.push("(* = Pareto front: no other variant has fewer or equal bits and a lower or equal delta)".into());
+        lines.push(String::new());
+        lines.push(self.table.recommendation_line());
+        lines.push(rule());
+        lines.join("\n") + "\n"
+    }
+}
+
+/// Writes `text` to `path` atomically (temporary file, fsync, rename).
+pub fn write_text_atomically(path: &Path, text: &str) -> Result<(), SweepError> {
+    kvformat::atomic::write_atomically(path, |writer| {
+        writer.write_all(text.as_bytes()).map_err(kvformat::atomic::write_error(path))
+    })
+    .map_err(|source| SweepError::Write { path: path.to_path_buf(), source })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn measurement(label: &str, bits_per_value: f64, perplexity: f64) -> Measurement {
+        Measurement {
+            label: label.into(),
+            flags: format!("-flags of {label}"),
+            bits_per_value,
+            compression_ratio: 32.0 / bits_per_value,
+            perplexity,
+        }
+    }
+
+    /// Baseline 10, threshold 0.5. Deltas: a 0.9 @4.25, b 0.3 @4.5, c 0.1 @4.5,
+    /// d 2.0 @2.5, e 0.0 @8.25, f 1.0 @3.5 (dominated by nothing: fewer bits than a).
+    fn table() -> SweepTable {
+        SweepTable::new(
+            10.0,
+            0.5,
+            vec![
+                measurement("a", 4.25, 10.9),
+                measurement("b", 4.5, 10.3),
+                measurement("c", 4.5, 10.1),
+                measurement("d", 2.5, 12.0),
+                measurement("e", 8.25, 10.0),
+                measurement("f", 3.5, 11.0),
+            ],
+        )
+    }
+
+    #[test]
+    fn rows_are_sorted_by_bits_then_delta_with_pass_and_front_by_hand() {
+        let table = table();
+        let labels: Vec<&str> = table.rows.iter().map(|r| r.label.as_str()).collect();
+        assert_eq!(labels, ["d", "f", "a", "c", "b", "e"]);
+        let passed: Vec<bool> = table.rows.iter().map(|r| r.passed).collect();
+        assert_eq!(passed, [false, false, false, true, true, true]);
+        // a (4.25, 0.9) is dominated by f (3.5, 1.0)? No: f's delta is higher.
+        // b (4.5, 0.3) is dominated by c (4.5, 0.1): same bits, lower delta.
+        let front: Vec<&str> = table.rows.iter().filter(|r| r.pareto).map(|r| r.label.as_str()).collect();
+        assert_eq!(front, ["d", "f", "a", "c", "e"]);
+        assert!((table.rows[0].delta - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn recommendation_is_the_fewest_bits_that_pass_lower_delta_on_ties() {
+        let table = table();
+        assert_eq!(table.recommendation.as_deref(), Some("c"));
+        assert_eq!(table.recommended().unwrap().bits_per_value, 4.5);
+        assert!(table.recommendation_line().starts_with("Recommendation: c (4.500 bits/value, delta +0.1000"));
+    }
+
+    #[test]
+    fn no_recommendation_when_nothing_passes_and_equal_to_threshold_fails() {
+        let table = SweepTable::new(
+            10.0,
+            0.5,
+            vec![measurement("at-threshold", 4.0, 10.5), measurement("worse", 2.0, 13.0)],
+        );
+        assert!(table.rows.iter().all(|r| !r.passed));
+        assert_eq!(table.recommendation, None);
+        assert!(table.recommendation_line().contains("none"));
+    }
+
+    #[test]
+    fn csv_has_a_header_quoted_flags_and_one_line_per_row() {
+        let table = SweepTable::new(20.0, 0.5, vec![measurement("int8", 8.25, 20.002), measurement("odd,\"x\"", 2.5, 28.0)]);
+        let csv = table.to_csv();
+        assert_eq!(
+            csv,
+            "label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto\n\
+             \"odd,\"\"x\"\"\",\"-flags of odd,\"\"x\"\"\",2.5000,12.8000,28.0000,8.0000,false,true\n\
+             int8,\"-flags of int8\",8.2500,3.8788,20.0020,0.0020,true,true\n"
+        );
+    }
+
+    #[test]
+    fn variant_flags_split_into_settings_and_pass_through() {
+        let variant = Variant::parse("kivi3 = -method kivi -bits 3 -group-size 32 -rotate").unwrap();
+        assert_eq!(variant.label, "kivi3");
+        assert_eq!(variant.settings.group_size, 32);
+        assert_eq!(variant.settings.sparsity, 0.0);
+        assert_eq!(variant.settings.extra_args, ["-method", "kivi", "-bits", "3", "-rotate"]);
+
+        let variant = Variant::parse("s=--sparsity=0.25 -group-size=128 -bits=2").unwrap();
+        assert_eq!((variant.settings.group_size, variant.settings.sparsity), (128, 0.25));
+        assert_eq!(variant.settings.extra_args, ["-bits=2"]);
+
+        let plain = Variant::parse("adr002=").unwrap();
+        assert_eq!(plain.settings, CompressSettings::default());
+    }
+
+    #[test]
+    fn malformed_variants_are_errors_that_say_why() {
+        let message = |spec: &str| Variant::parse(spec).unwrap_err().to_string();
+        assert!(message("kivi3").contains("expected LABEL=FLAGS"));
+        assert!(message(" =-bits 3").contains("the label is empty"));
+        assert!(message("x=-bits 3 -group-size").contains("-group-size needs a value"));
+        assert!(message("x=-sparsity half").contains("-sparsity \"half\" is not a valid number"));
+        assert!(message("x=-group-size -64").contains("is not a valid number"));
+    }
+
+    #[test]
+    fn the_default_matrix_parses_with_unique_labels() {
+        let matrix = Variant::default_matrix();
+        assert_eq!(matrix.len(), DEFAULT_MATRIX.len());
+        ensure_unique_labels(&matrix).unwrap();
+        assert_eq!(matrix[0].settings, CompressSettings::default(), "ADR-002 is the reference row");
+        let g128 = matrix.iter().find(|v| v.label == "adr002-g128").unwrap();
+        assert_eq!(g128.settings.group_size, 128);
+        assert!(g128.settings.extra_args.is_empty());
+        let twice = vec![matrix[0].clone(), matrix[0].clone()];
+        assert!(ensure_unique_labels(&twice).unwrap_err().to_string().contains("adr002-g64"));
+    }
+
+    #[test]
+    fn text_written_atomically_replaces_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.csv");
+        std::fs::write(&path, "stale").unwrap();
+        write_text_atomically(&path, "fresh\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "fresh\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
+        let missing = dir.path().join("no/such/dir/x.csv");
+        assert!(write_text_atomically(&missing, "x").is_err());
+    }
+}

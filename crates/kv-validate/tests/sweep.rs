@@ -1,0 +1,170 @@
+//! The sweep end to end on the tiny model through the real kv-compress: the
+//! table's bits/value against payload sizes computed by hand from
+//! docs/format.md, and the CLI's outputs and exit codes.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use kvformat::PackedFile;
+
+/// Tiny model (2 KV heads, head_dim 16), 32 context tokens per window: each
+/// cache tensor is [1, 2, 32, 16] = 1024 values, cached as F32.
+const CONTEXT: &str = "32";
+
+/// The real kv-compress behind a script that keeps a copy of every packed
+/// file it writes in `keep` (numbered, so each window's survives).
+fn keeping_compressor(dir: &Path, keep: &Path) -> PathBuf {
+    let script = format!(
+        r#"#!/bin/sh
+"{real}" "$@" || exit $?
+decompress=0
+for arg in "$@"; do
+  [ "$previous" = "-output" ] && output=$arg
+  [ "$arg" = "-decompress" ] && decompress=1
+  previous=$arg
+done
+if [ $decompress = 0 ]; then cp "$output" "{keep}/$(ls "{keep}" | wc -l)-$(basename "$output")"; fi
+"#,
+        real = kv_compress().display(),
+        keep = keep.display()
+    );
+    write_script(dir, "keeping-kv-compress", &script)
+}
+
+/// Per variant index, the mean over its kept packed files of (payload bits,
+/// stored bits) per value, from each file's manifest.
+fn kept_bits_per_value(keep: &Path, variant: usize) -> (f64, f64) {
+    let suffix = format!("-variant_{variant}.kvc.safetensors");
+    let files: Vec<PathBuf> = std::fs::read_dir(keep)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.to_str().unwrap().ends_with(&suffix))
+        .collect();
+    assert_eq!(files.len(), 2, "one packed file per window");
+    let per_file = files.iter().map(|path| {
+        let packed = PackedFile::open(path).unwrap();
+        let tensors = &packed.manifest().tensors;
+        let values: usize = tensors.values().map(|t| t.shape.iter().product::<usize>()).sum();
+        let bits = |bytes: usize| 8.0 * bytes as f64 / values as f64;
+        (bits(tensors.values().map(|t| t.raw_len).sum()), bits(tensors.values().map(|t| t.stored_len).sum()))
+    });
+    let (payload, stored) = per_file.fold((0.0, 0.0), |(p, s), (fp, fs)| (p + fp / 2.0, s + fs / 2.0));
+    (payload, stored)
+}
+
+fn run_sweep(dir: &Path, extra: &[&str]) -> (std::process::Output, serde_json::Value) {
+    run_sweep_with(dir, extra, &kv_compress())
+}
+
+fn run_sweep_with(dir: &Path, extra: &[&str], compressor: &Path) -> (std::process::Output, serde_json::Value) {
+    let model = tiny_model(dir);
+    let prose = prose_path();
+    let json = dir.join("sweep.json");
+    let mut args = vec![
+        "--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--context",
+        CONTEXT, "--targets", "16", "--max-windows", "2", "--quiet", "--json", json.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let output = kv_validate(&args, compressor);
+    let report = std::fs::read_to_string(&json)
+        .map(|text| serde_json::from_str(&text).unwrap())
+        .unwrap_or(serde_json::Value::Null);
+    (output, report)
+}
+
+fn row<'a>(report: &'a serde_json::Value, label: &str) -> &'a serde_json::Value {
+    report["table"]["rows"].as_array().unwrap().iter().find(|row| row["label"] == label).unwrap()
+}
+
+#[test]
+fn a_three_variant_sweep_reports_hand_computed_bits_and_orders_fidelity() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("sweep.csv");
+    let svg = dir.path().join("sweep.svg");
+    let keep = dir.path().join("packed");
+    std::fs::create_dir(&keep).unwrap();
+    let compressor = keeping_compressor(dir.path(), &keep);
+    let (output, report) = run_sweep_with(
+        dir.path(),
+        &[
+            "--variant", "int8=-bits 8", "--variant", "kivi4=-method kivi -bits 4", "--variant", "int2=-bits 2",
+            "--threshold", "1000", "--sweep-csv", csv.to_str().unwrap(), "--sweep-plot", svg.to_str().unwrap(),
+        ],
+        &compressor,
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+
+    // Payloads by hand. Flat groups of 64 with one FP16 scale: bits + 16/64.
+    // KIVI 4-bit, asymmetric (FP16 scale + FP16 offset = 32 bits per group):
+    // keys per channel along 32 tokens (a group of 32: +1 bit), values per
+    // token (a group of head_dim 16: +2 bits): (5 + 6) / 2 = 5.5.
+    // What is stored may be shorter (an LZ4 block, when it is); the table
+    // must count exactly the stored bytes.
+    for (index, (label, payload_bits)) in [("int8", 8.25), ("kivi4", 5.5), ("int2", 2.25)].into_iter().enumerate() {
+        let (payload, stored) = kept_bits_per_value(&keep, index);
+        assert!((payload - payload_bits).abs() < 1e-9, "{label}: payload {payload} bits/value, by hand {payload_bits}");
+        let row = row(&report, label);
+        let measured = row["bits_per_value"].as_f64().unwrap();
+        assert!((measured - stored).abs() < 1e-9, "{label}: table {measured} bits/value, stored {stored}\n{stdout}");
+        assert!(measured <= payload_bits, "{label}: {measured}");
+        let ratio = row["compression_ratio"].as_f64().unwrap();
+        assert!((ratio - 32.0 / measured).abs() < 1e-9, "{label}: ratio {ratio} against the F32 cache");
+    }
+    let labels: Vec<&str> = report["table"]["rows"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["int2", "kivi4", "int8"], "sorted by bits/value");
+
+    // On a random model quantization noise moves perplexity either way; the
+    // size of the move still orders INT8 far below 2 bits.
+    let delta = |label| row(&report, label)["delta"].as_f64().unwrap();
+    assert!(delta("int8").abs() * 10.0 < delta("int2").abs(), "int8 {} vs int2 {}", delta("int8"), delta("int2"));
+    // Everything passes a threshold of 1000: the fewest bits win.
+    assert_eq!(report["table"]["recommendation"], "int2");
+    assert!(stdout.contains("Recommendation: int2 ("), "{stdout}");
+    let baseline = report["table"]["baseline_perplexity"].as_f64().unwrap();
+    let perplexity = row(&report, "int8")["perplexity"].as_f64().unwrap();
+    assert!((perplexity - baseline - delta("int8")).abs() < 1e-9);
+    assert_eq!(report["tokens_scored"], 32);
+
+    let csv = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}");
+    assert!(csv.lines().nth(1).unwrap().starts_with("int2,\"-group-size 64 -sparsity 0.0 -bits 2\","), "{csv}");
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(svg.matches("<circle cx").count(), 3 + 2, "three points, two legend marks");
+}
+
+#[test]
+fn a_sweep_where_nothing_passes_exits_1_without_a_recommendation() {
+    let dir = tempfile::tempdir().unwrap();
+    // An exact "reconstruction" has delta 0, which fails threshold 0. Like
+    // the Go original, this compressor reports no bits_per_value: the
+    // table derives it from the bytes (stored = original F32: 32 bits).
+    let identity = identity_compressor(dir.path());
+    let (output, report) = run_sweep_with(dir.path(), &["--variant", "same=-bits 8", "--threshold", "0"], &identity);
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(report["table"]["recommendation"].is_null());
+    assert_eq!(row(&report, "same")["delta"], 0.0);
+    assert_eq!(row(&report, "same")["bits_per_value"], 32.0);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("Recommendation: none"));
+}
+
+#[test]
+fn bad_sweep_flags_are_one_line_errors_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let compressor = kv_compress();
+    for (args, expected) in [
+        (vec!["--variant", "no-equals-sign", "--quiet"], "expected LABEL=FLAGS"),
+        (vec!["--variant", "a=-bits 8", "--variant", "a=-bits 4", "--quiet"], "two sweep variants are labelled \"a\""),
+        (vec!["--sweep-csv", "x.csv", "--quiet"], "need --sweep or --variant"),
+        (vec!["--sweep", "--quick-test", "--quiet"], "cannot run with --quick-test"),
+    ] {
+        let stderr = expect_error(&kv_validate(&args, &compressor));
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // A flag kv-compress refuses fails the sweep with its message.
+    let (output, _) = run_sweep(dir.path(), &["--variant", "bad=-bits 5"]);
+    let stderr = expect_error(&output);
+    assert!(stderr.contains("-bits 5"), "{stderr}");
+}
