@@ -133,7 +133,8 @@ pub fn render_svg(table: &SweepTable) -> String {
         front.join(" ")
     ));
 
-    // Points and labels; a label that would overlap an earlier one moves down.
+    // Points and labels; a label that would overlap an earlier one moves to
+    // the nearest free line above or below its point.
     let mut placed: Vec<(f64, f64, f64)> = Vec::new();
     for row in rows {
         let (x, y) = (px(row.bits_per_value), py(row.delta));
@@ -146,15 +147,18 @@ pub fn render_svg(table: &SweepTable) -> String {
             row.delta
         ));
         let width = row.label.len() as f64 * LABEL_CHAR_PX;
-        let mut label_y = y + 4.0;
-        let overlaps = |label_y: f64, placed: &[(f64, f64, f64)]| {
+        let overlaps = |label_y: f64| {
             placed.iter().any(|&(px, py, pw)| {
                 (label_y - py).abs() < LABEL_FONT_PX && x + 7.0 < px + pw && px < x + 7.0 + width
             })
         };
-        while overlaps(label_y, &placed) {
-            label_y += LABEL_FONT_PX;
-        }
+        let label_y = (0..40)
+            .map(|step| {
+                let lines = f64::from((step + 1) / 2);
+                y + 4.0 + if step % 2 == 1 { -lines } else { lines } * LABEL_FONT_PX
+            })
+            .find(|&candidate| !overlaps(candidate))
+            .unwrap_or(y + 4.0);
         placed.push((x + 7.0, label_y, width));
         svg.push(format!(
             r#"<text x="{:.1}" y="{label_y:.1}" font-size="{LABEL_FONT_PX}">{}</text>"#,
@@ -163,8 +167,8 @@ pub fn render_svg(table: &SweepTable) -> String {
         ));
     }
 
-    // Legend.
-    let legend_x = plot_x.0 + 10.0;
+    // Legend, top right: few variants have many bits and a large delta.
+    let legend_x = plot_x.1 - 110.0;
     svg.push(format!(
         r##"<g font-size="11"><circle cx="{legend_x}" cy="{y0}" r="4.5" fill="{PASSED_COLOR}"/><text x="{tx}" y="{t0}">passed</text><circle cx="{legend_x}" cy="{y1}" r="4.5" fill="{FAILED_COLOR}"/><text x="{tx}" y="{t1}">failed</text><line x1="{lx0}" y1="{y2}" x2="{lx1}" y2="{y2}" stroke="{FRONT_COLOR}" stroke-width="1.5"/><text x="{tx}" y="{t2}">Pareto front</text></g>"##,
         y0 = plot_y.1 + 14.0,
