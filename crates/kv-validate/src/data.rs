@@ -1,21 +1,24 @@
 //! Evaluation text: WikiText-2 raw test from the Hugging Face hub (what the
 //! original `validate_perplexity.py` measured), or any local text file.
 //!
-//! The hub path goes through hf-hub's blocking API, so the standard cache
-//! (`HF_HOME`), mirror (`HF_ENDPOINT`) and `HF_HUB_OFFLINE` all behave as they
-//! do for the Python tools; a local file is read byte for byte, because
-//! perplexity depends on every byte the tokenizer sees (line endings included).
+//! The hub path goes through [`crate::hub`], so the standard cache
+//! (`HF_HUB_CACHE`, `HF_HOME`), mirror (`HF_ENDPOINT`) and `HF_HUB_OFFLINE`
+//! behave as they do for the Python tools and for the model; a local file is
+//! read byte for byte, because perplexity depends on every byte the
+//! tokenizer sees (line endings included).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::{ApiBuilder, ApiError};
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 use parquet::basic::Type as PhysicalType;
 use parquet::column::reader::get_typed_column_reader;
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{FileReader, SerializedFileReader};
+
+// Re-exported where they lived before `hub` gathered the hub access.
+pub use crate::hub::{hub_file, hub_offline, HubError};
 
 /// The dataset repository the original loaded with `load_dataset("wikitext", "wikitext-2-raw-v1")`.
 pub const WIKITEXT_REPO: &str = "Salesforce/wikitext";
@@ -87,72 +90,6 @@ pub enum DataError {
         column: String,
         row: usize,
     },
-}
-
-/// Why a file could not be fetched from the hub.
-#[derive(Debug, thiserror::Error)]
-pub enum HubError {
-    #[error("cannot fetch {file} from {repo} on the Hugging Face hub: {source} (set HF_ENDPOINT for a mirror, or use a local file)")]
-    Download {
-        repo: String,
-        file: String,
-        source: Box<ApiError>,
-    },
-    #[error("HF_HUB_OFFLINE is set and {file} of {repo} is not in the cache under {}", cache.display())]
-    NotCached {
-        repo: String,
-        file: String,
-        cache: PathBuf,
-    },
-}
-
-/// True when `HF_HUB_OFFLINE` asks for cache-only hub access (the values
-/// huggingface_hub accepts: 1, true, yes, on, in any case).
-pub fn hub_offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|value| {
-        matches!(
-            value.trim().to_ascii_lowercase().as_str(),
-            "1" | "true" | "yes" | "on"
-        )
-    })
-}
-
-/// The hub cache: `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`
-/// (huggingface_hub's order).
-fn hub_cache() -> Cache {
-    match std::env::var_os("HF_HUB_CACHE").filter(|dir| !dir.is_empty()) {
-        Some(dir) => Cache::new(PathBuf::from(dir)),
-        None => Cache::from_env(),
-    }
-}
-
-/// Local path of `file` in a hub repository, downloading it into the standard
-/// cache unless it is there already. hf-hub 0.4 ignores `HF_HUB_OFFLINE`,
-/// `HF_HUB_CACHE` and `HF_TOKEN`, so they are honoured here: offline, only
-/// the cache is consulted.
-pub fn hub_file(repo: &Repo, file: &str, show_progress: bool) -> Result<PathBuf, HubError> {
-    let cache = hub_cache();
-    if hub_offline() {
-        return cache.repo(repo.clone()).get(file).ok_or_else(|| HubError::NotCached {
-            repo: repo.url(),
-            file: file.to_string(),
-            cache: cache.path().clone(),
-        });
-    }
-    let download_error = |source: ApiError| HubError::Download {
-        repo: repo.url(),
-        file: file.to_string(),
-        source: Box::new(source),
-    };
-    let mut builder = ApiBuilder::from_cache(cache).with_progress(show_progress);
-    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
-        builder = builder.with_endpoint(endpoint);
-    }
-    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
-        builder = builder.with_token(Some(token));
-    }
-    let api = builder.build().map_err(download_error)?;
-    api.repo(repo.clone()).get(file).map_err(download_error)
 }
 
 /// Loads the evaluation text from `source`.

@@ -3,6 +3,7 @@
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
 pub mod model;
+pub mod hub;
 pub mod loader;
 pub mod tiny;
 pub mod data;

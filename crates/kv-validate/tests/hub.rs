@@ -181,6 +181,8 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
         let error = stderr.lines().last().unwrap_or_default();
         assert!(error.starts_with("error: ") && error.contains("HF_HUB_OFFLINE"), "{stderr}");
         assert!(error.contains(missing_file), "{stderr}");
+        // Model and data resolve the cache the same way: HF_HOME/hub.
+        assert!(error.contains(&empty_home.join("hub").display().to_string()), "{stderr}");
     }
     assert_eq!(requests.load(Ordering::SeqCst), served);
 }
