@@ -133,11 +133,11 @@ pub fn render_svg(table: &SweepTable) -> String {
         front.join(" ")
     ));
 
-    // Points and labels; a label that would overlap an earlier one moves to
-    // the nearest free line above or below its point.
-    let mut placed: Vec<(f64, f64, f64)> = Vec::new();
-    for row in rows {
-        let (x, y) = (px(row.bits_per_value), py(row.delta));
+    // Points, then labels: each label takes the first free spot (right of
+    // its point, then left, then a line further up or down each time) that
+    // covers no point and no earlier label.
+    let points: Vec<(f64, f64)> = rows.iter().map(|r| (px(r.bits_per_value), py(r.delta))).collect();
+    for (row, &(x, y)) in rows.iter().zip(&points) {
         let color = if row.passed { PASSED_COLOR } else { FAILED_COLOR };
         let stroke = if row.pareto { FRONT_COLOR } else { color };
         svg.push(format!(
@@ -146,23 +146,26 @@ pub fn render_svg(table: &SweepTable) -> String {
             row.bits_per_value,
             row.delta
         ));
+    }
+    // Occupied boxes as (left, top, right, bottom).
+    let mut occupied: Vec<(f64, f64, f64, f64)> = points.iter().map(|&(x, y)| (x - 5.0, y - 5.0, x + 5.0, y + 5.0)).collect();
+    for (row, &(x, y)) in rows.iter().zip(&points) {
         let width = row.label.len() as f64 * LABEL_CHAR_PX;
-        let overlaps = |label_y: f64| {
-            placed.iter().any(|&(px, py, pw)| {
-                (label_y - py).abs() < LABEL_FONT_PX && x + 7.0 < px + pw && px < x + 7.0 + width
-            })
+        let candidates = (0..30).flat_map(|step| {
+            let lines = f64::from((step + 1) / 2);
+            let baseline = y + 4.0 + if step % 2 == 1 { -lines } else { lines } * LABEL_FONT_PX;
+            [(x + 7.0, baseline), (x - 7.0 - width, baseline)]
+        });
+        let free = |&(left, baseline): &(f64, f64)| {
+            let (top, right, bottom) = (baseline - LABEL_FONT_PX + 2.0, left + width, baseline + 2.0);
+            left >= plot_x.0
+                && right <= plot_x.1
+                && occupied.iter().all(|&(l, t, r, b)| right <= l || r <= left || bottom <= t || b <= top)
         };
-        let label_y = (0..40)
-            .map(|step| {
-                let lines = f64::from((step + 1) / 2);
-                y + 4.0 + if step % 2 == 1 { -lines } else { lines } * LABEL_FONT_PX
-            })
-            .find(|&candidate| !overlaps(candidate))
-            .unwrap_or(y + 4.0);
-        placed.push((x + 7.0, label_y, width));
+        let (left, baseline) = candidates.clone().find(free).unwrap_or((x + 7.0, y + 4.0));
+        occupied.push((left, baseline - LABEL_FONT_PX + 2.0, left + width, baseline + 2.0));
         svg.push(format!(
-            r#"<text x="{:.1}" y="{label_y:.1}" font-size="{LABEL_FONT_PX}">{}</text>"#,
-            x + 7.0,
+            r#"<text x="{left:.1}" y="{baseline:.1}" font-size="{LABEL_FONT_PX}">{}</text>"#,
             escape(&row.label)
         ));
     }
@@ -188,7 +191,7 @@ pub fn render_svg(table: &SweepTable) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::tests::measurement;
+    use crate::sweep::tests::table_of;
 
     #[test]
     fn symlog_is_linear_near_zero_and_logarithmic_beyond() {
@@ -200,16 +203,7 @@ mod tests {
 
     #[test]
     fn svg_has_one_point_per_variant_the_front_and_the_threshold() {
-        let table = SweepTable::new(
-            10.0,
-            0.5,
-            vec![
-                measurement("int8", 8.25, 10.002),
-                measurement("kivi4", 4.5, 10.2),
-                measurement("worse<4>", 4.5, 10.9),
-                measurement("kivi2", 2.5, 18.0),
-            ],
-        );
+        let table = table_of(&[("int8", 8.25, 10.002), ("kivi4", 4.5, 10.2), ("worse<4>", 4.5, 10.9), ("kivi2", 2.5, 18.0)]);
         let svg = render_svg(&table);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));

@@ -16,11 +16,12 @@ use crate::bridge::CompressSettings;
 use crate::evaluate::Evaluation;
 use crate::report::{field, rule, RunDescription};
 
-/// The built-in matrix (`--sweep`): issue 5's reference methods, then
-/// rotation and FP16 kept tokens at 4, 3 and 2 bits aimed at its targets.
-/// Every variant runs at group 64 unless its flags say otherwise. Kept
-/// tokens are stored as FP16 and count in bits/value: with a 384-token
-/// context, 4 sink tokens cost 4·16/384 = 0.17 bits/value, 32 recent ones 1.33.
+/// The built-in matrix (`--sweep`): issue 5's reference methods, rotation,
+/// kept tokens, then the combinations aimed at its targets (docs/fidelity.md
+/// has the measurements that chose them). Every variant runs at group 64
+/// unless its flags say otherwise. Kept tokens are stored as FP16 and count
+/// in bits/value: with a 384-token context, 4 sink tokens cost 4·16/384 =
+/// 0.17 bits/value, 32 recent ones 1.33.
 pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     ("adr002-g64", ""),
     ("adr002-g32", "-group-size 32"),
@@ -31,13 +32,16 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     ("kivi3", "-method kivi -bits 3"),
     ("kivi2", "-method kivi -bits 2"),
     ("kivi4-rot", "-method kivi -bits 4 -rotate"),
-    ("kivi4-sink4-recent32", "-method kivi -bits 4 -sink-tokens 4 -recent-tokens 32"),
-    ("kivi4-rot-g128-sink4", "-method kivi -bits 4 -rotate -group-size 128 -sink-tokens 4"),
     ("kivi3-rot", "-method kivi -bits 3 -rotate"),
-    ("kivi3-rot-g128-sink4", "-method kivi -bits 3 -rotate -group-size 128 -sink-tokens 4"),
     ("kivi2-rot", "-method kivi -bits 2 -rotate"),
+    ("kivi4-sink4-recent32", "-method kivi -bits 4 -sink-tokens 4 -recent-tokens 32"),
+    ("kivi4-sym-rot-sink4", "-method kivi -bits 4 -grid sym -rotate -sink-tokens 4"),
+    ("kivi3-sym-rot-sink4", "-method kivi -bits 3 -grid sym -rotate -sink-tokens 4"),
+    ("kivi3-rot-g128-sink4", "-method kivi -bits 3 -rotate -group-size 128 -sink-tokens 4"),
+    ("kivi2-sym-rot-sink4", "-method kivi -bits 2 -grid sym -rotate -sink-tokens 4"),
+    ("kivi2-rot-g128-sink1", "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 1"),
     ("kivi2-rot-g128-sink4", "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 4"),
-    ("kivi2-rot-sink4-recent32", "-method kivi -bits 2 -rotate -sink-tokens 4 -recent-tokens 32"),
+    ("kivi2-rot-g128-sink4-vflat", "-method kivi -bits 2 -value-axis flat -rotate -group-size 128 -sink-tokens 4"),
 ];
 
 /// Why a sweep could not be set up or its outputs written.
@@ -366,7 +370,7 @@ pub fn write_text_atomically(path: &Path, text: &str) -> Result<(), SweepError> 
 pub(crate) mod tests {
     use super::*;
 
-    pub(crate) fn measurement(label: &str, bits_per_value: f64, perplexity: f64) -> Measurement {
+    fn measurement(label: &str, bits_per_value: f64, perplexity: f64) -> Measurement {
         Measurement {
             label: label.into(),
             flags: format!("-flags of {label}"),
@@ -376,21 +380,16 @@ pub(crate) mod tests {
         }
     }
 
-    /// Baseline 10, threshold 0.5. Deltas: a 0.9 @4.25, b 0.3 @4.5, c 0.1 @4.5,
-    /// d 2.0 @2.5, e 0.0 @8.25, f 1.0 @3.5 (dominated by nothing: fewer bits than a).
+    /// A table at baseline 10 and threshold 0.5 of (label, bits, perplexity) rows.
+    pub(crate) fn table_of(rows: &[(&str, f64, f64)]) -> SweepTable {
+        let measurements = rows.iter().map(|&(label, bits, perplexity)| measurement(label, bits, perplexity));
+        SweepTable::new(10.0, 0.5, measurements.collect())
+    }
+
+    /// Deltas: a 0.9 @4.25, b 0.3 @4.5, c 0.1 @4.5, d 2.0 @2.5, e 0.0 @8.25,
+    /// f 1.0 @3.5 (dominated by nothing: fewer bits than a).
     fn table() -> SweepTable {
-        SweepTable::new(
-            10.0,
-            0.5,
-            vec![
-                measurement("a", 4.25, 10.9),
-                measurement("b", 4.5, 10.3),
-                measurement("c", 4.5, 10.1),
-                measurement("d", 2.5, 12.0),
-                measurement("e", 8.25, 10.0),
-                measurement("f", 3.5, 11.0),
-            ],
-        )
+        table_of(&[("a", 4.25, 10.9), ("b", 4.5, 10.3), ("c", 4.5, 10.1), ("d", 2.5, 12.0), ("e", 8.25, 10.0), ("f", 3.5, 11.0)])
     }
 
     #[test]
@@ -417,11 +416,7 @@ pub(crate) mod tests {
 
     #[test]
     fn no_recommendation_when_nothing_passes_and_equal_to_threshold_fails() {
-        let table = SweepTable::new(
-            10.0,
-            0.5,
-            vec![measurement("at-threshold", 4.0, 10.5), measurement("worse", 2.0, 13.0)],
-        );
+        let table = table_of(&[("at-threshold", 4.0, 10.5), ("worse", 2.0, 13.0)]);
         assert!(table.rows.iter().all(|r| !r.passed));
         assert_eq!(table.recommendation, None);
         assert!(table.recommendation_line().contains("none"));
