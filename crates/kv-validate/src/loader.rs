@@ -20,11 +20,11 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
+use crate::hub::{hub_file, HubError};
 use crate::model::{ConfigError, Llama, LlamaConfig};
 
 /// The original validator's model.
 pub const DEFAULT_HUB_REPO: &str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0";
-const DEFAULT_HUB_ENDPOINT: &str = "https://huggingface.co";
 const SAFETENSORS_FILE: &str = "model.safetensors";
 const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
 
@@ -133,23 +133,8 @@ pub enum LoadError {
         tokenizer_vocab: usize,
         model_vocab: usize,
     },
-    /// `model` is `repo@revision`.
-    #[error("cannot fetch {file} of {model} from {endpoint}: {message}")]
-    Hub {
-        model: String,
-        file: String,
-        endpoint: String,
-        message: String,
-    },
-    #[error(
-        "{file} of {model} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set",
-        cache.display()
-    )]
-    NotCached {
-        model: String,
-        file: String,
-        cache: PathBuf,
-    },
+    #[error(transparent)]
+    Hub(#[from] HubError),
 }
 
 /// Loads the model and tokenizer from `source` onto `device`, with hf-hub's
@@ -407,85 +392,21 @@ fn load_hf_files(
 // ---------------------------------------------------------------------------
 // Hugging Face hub
 
-/// How the standard Hugging Face environment variables say to reach the hub.
-struct HubSettings {
-    cache_dir: PathBuf,
-    endpoint: String,
-    offline: bool,
-    token: Option<String>,
-}
-
-impl HubSettings {
-    /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`;
-    /// `HF_ENDPOINT`; `HF_HUB_OFFLINE` (1/true/yes/on); `HF_TOKEN`.
-    fn from_env() -> Result<Self, String> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let cache_dir = match (var("HF_HUB_CACHE"), var("HF_HOME"), var("HOME")) {
-            (Some(cache), _, _) => PathBuf::from(cache),
-            (None, Some(home), _) => Path::new(&home).join("hub"),
-            (None, None, Some(home)) => Path::new(&home).join(".cache/huggingface/hub"),
-            (None, None, None) => return Err("no Hugging Face cache: set HF_HOME".into()),
-        };
-        let offline = var("HF_HUB_OFFLINE").is_some_and(|v| {
-            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
-        });
-        Ok(Self {
-            cache_dir,
-            endpoint: var("HF_ENDPOINT").unwrap_or_else(|| DEFAULT_HUB_ENDPOINT.to_string()),
-            offline,
-            token: var("HF_TOKEN"),
-        })
-    }
-}
-
 /// Fetches `config.json`, `tokenizer.json` and the safetensors weights of a
 /// hub model into the Hugging Face cache (or, offline, finds them there) and
-/// returns their local paths. Files already cached are not downloaded again.
+/// returns their local paths, through [`hub_file`]. Files already cached are
+/// not downloaded again.
 pub fn fetch_hub_model(
     repo: &str,
     revision: &str,
     show_progress: bool,
 ) -> Result<HfModelFiles, LoadError> {
-    let model = format!("{repo}@{revision}");
-    let hub_error = |file: &str, endpoint: &str, message: String| LoadError::Hub {
-        model: model.clone(),
-        file: file.to_string(),
-        endpoint: endpoint.to_string(),
-        message,
-    };
-    let settings =
-        HubSettings::from_env().map_err(|message| hub_error("config.json", "", message))?;
     let hub_repo = hf_hub::Repo::with_revision(
         repo.to_string(),
         hf_hub::RepoType::Model,
         revision.to_string(),
     );
-    let api_repo = if settings.offline {
-        None
-    } else {
-        let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(
-            settings.cache_dir.clone(),
-        ))
-        .with_endpoint(settings.endpoint.clone())
-        .with_token(settings.token.clone())
-        .with_progress(show_progress)
-        .build()
-        .map_err(|e| hub_error("config.json", &settings.endpoint, e.to_string()))?;
-        Some(api.repo(hub_repo.clone()))
-    };
-    let cache_repo = hf_hub::Cache::new(settings.cache_dir.clone()).repo(hub_repo);
-    let fetch = |file: &str| -> Result<PathBuf, LoadError> {
-        match &api_repo {
-            Some(api_repo) => api_repo
-                .get(file)
-                .map_err(|e| hub_error(file, &settings.endpoint, e.to_string())),
-            None => cache_repo.get(file).ok_or_else(|| LoadError::NotCached {
-                model: model.clone(),
-                file: file.to_string(),
-                cache: settings.cache_dir.clone(),
-            }),
-        }
-    };
+    let fetch = |file: &str| hub_file(&hub_repo, file, show_progress);
 
     let config = fetch("config.json")?;
     let tokenizer = fetch("tokenizer.json")?;
@@ -498,7 +419,7 @@ pub fn fetch_hub_model(
                 .iter()
                 .map(|shard| fetch(shard))
                 .collect::<Result<_, _>>()?,
-            Err(_) => return Err(single_file_error),
+            Err(_) => return Err(single_file_error.into()),
         },
     };
     Ok(HfModelFiles {

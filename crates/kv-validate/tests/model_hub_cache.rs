@@ -8,6 +8,7 @@
 use std::path::Path;
 
 use candle_core::Device;
+use kv_validate::hub::HubError;
 use kv_validate::loader::{fetch_hub_model, load_model, LoadError, ModelSource};
 use kv_validate::tiny::TinyLlama;
 
@@ -65,11 +66,13 @@ fn offline_hub_loads_from_the_cache_and_names_what_is_missing() {
         Ok(files) => panic!("absent model found: {files:?}"),
         Err(err) => err,
     };
-    assert!(matches!(err, LoadError::NotCached { .. }), "{err}");
+    assert!(matches!(err, LoadError::Hub(HubError::NotCached { .. })), "{err}");
     assert_eq!(
         err.to_string(),
         format!(
-            "config.json of tiny-org/absent@main is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set",
+            "config.json of tiny-org/absent@main is not in the Hugging Face cache at {} \
+             and HF_HUB_OFFLINE is set (unset it to download, or use local files instead: \
+             --model-dir DIR or --gguf FILE for the model, --text-file FILE for the text)",
             cache.display()
         )
     );
@@ -82,6 +85,7 @@ fn offline_hub_loads_from_the_cache_and_names_what_is_missing() {
         fetched
     );
     let err = fetch_hub_model("tiny-org/absent", "main", false).unwrap_err();
+    assert!(matches!(err, LoadError::Hub(HubError::Download { .. })), "{err}");
     assert!(
         err.to_string().starts_with(
             "cannot fetch config.json of tiny-org/absent@main from http://127.0.0.1:9: "
