@@ -12,7 +12,9 @@
 //! the same greedy token. A real bug (RoPE layout, mask, GQA mapping, norm)
 //! moves logits by many units and changes the greedy tokens.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, IndexOp, Tensor};
@@ -21,23 +23,6 @@ use kv_validate::loader::{load_model, LoadedModel, ModelSource};
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog in 2024, said Ada's notebook.";
-
-/// `KV_MODELS_DIR` (as `cargo xtask fetch-model` uses it) or `.cache/models`.
-fn model_path() -> Option<PathBuf> {
-    let dir = std::env::var_os("KV_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
-    let path = dir.join(MODEL_FILE);
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!(
-            "skipped: {} is absent; run `cargo xtask fetch-model` to test against SmolLM2",
-            path.display()
-        );
-        None
-    }
-}
 
 fn load(path: &Path) -> LoadedModel {
     load_model(&ModelSource::Gguf(path.to_path_buf()), &Device::Cpu, false).expect("SmolLM2 loads")
@@ -62,7 +47,7 @@ fn argmax(logits: &Tensor) -> u32 {
 
 #[test]
 fn smollm2_config_and_tokenizer_come_from_the_gguf() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::smollm2_gguf() else { return };
     let loaded = load(&path);
     let config = loaded.model.config();
     assert_eq!(
@@ -197,7 +182,7 @@ fn compare_prefixes(
 
 #[test]
 fn smollm2_logits_match_quantized_llama_on_the_same_gguf() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::smollm2_gguf() else { return };
     let loaded = load(&path);
     let ids = loaded
         .tokenizer
@@ -221,7 +206,7 @@ fn smollm2_logits_match_quantized_llama_on_the_same_gguf() {
 
 #[test]
 fn smollm2_continues_text_sensibly_through_its_own_cache() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = common::smollm2_gguf() else { return };
     let loaded = load(&path);
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let prompt = "The capital of France is";
