@@ -17,8 +17,7 @@ use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-// Re-exported where they lived before `hub` gathered the hub access.
-pub use crate::hub::{hub_file, hub_offline, HubError};
+use crate::hub::{hub_file, HubError};
 
 /// The dataset repository the original loaded with `load_dataset("wikitext", "wikitext-2-raw-v1")`.
 pub const WIKITEXT_REPO: &str = "Salesforce/wikitext";
