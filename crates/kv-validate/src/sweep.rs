@@ -57,8 +57,9 @@ pub enum SweepError {
     BadNumber { spec: String, flag: String, value: String },
     #[error("two sweep variants are labelled {label:?}")]
     DuplicateLabel { label: String },
+    /// Boxed: kvformat's error is large, and this one is rare.
     #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: kvformat::Error },
+    Write { path: PathBuf, source: Box<kvformat::Error> },
 }
 
 /// One compressor configuration of a sweep.
@@ -363,7 +364,7 @@ pub fn write_text_atomically(path: &Path, text: &str) -> Result<(), SweepError> 
     kvformat::atomic::write_atomically(path, |writer| {
         writer.write_all(text.as_bytes()).map_err(kvformat::atomic::write_error(path))
     })
-    .map_err(|source| SweepError::Write { path: path.to_path_buf(), source })
+    .map_err(|source| SweepError::Write { path: path.to_path_buf(), source: Box::new(source) })
 }
 
 #[cfg(test)]
