@@ -69,9 +69,14 @@ where
 {
     ensure_output_dir(path)?;
     let dir = parent_dir(path);
-    let temp = tempfile::Builder::new()
-        .prefix(".kv-compress-")
-        .suffix(".tmp")
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".kv-compress-").suffix(".tmp");
+    // A temp file is 0600 by default; the output must get the mode a plain
+    // `File::create` would give it (0666 less the umask), or a cache written
+    // for another user or service is unreadable to it.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let temp = builder
         .tempfile_in(&dir)
         .map_err(|e| Error::io(&dir, "create a temporary file in", e))?;
     {
@@ -113,6 +118,20 @@ mod tests {
         write_atomically(&target, |w| w.write_all(b"new contents").map_err(write_error(&target))).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn output_gets_the_mode_a_plain_create_would() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let reference = dir.path().join("created.bin");
+        std::fs::File::create(&reference).unwrap();
+        let target = dir.path().join("out.bin");
+        write_atomically(&target, |w| w.write_all(b"x").map_err(write_error(&target))).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&target), mode(&reference));
+        assert_ne!(mode(&target), 0o600, "the temp file's private mode leaked into the output");
     }
 
     #[test]
