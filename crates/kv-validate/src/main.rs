@@ -26,9 +26,9 @@ Examples:
 
   # Offline: a GGUF model and a local text, 4 windows only
   kv-validate --gguf .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
-      --text-file testdata/fixture.txt --max-windows 4
+      --text-file testdata/prose.txt --max-windows 4
 
-  # Issue 5's protocol: 384 context tokens compressed, 128 scored, per window
+  # Fixed windows: the cache of 384 context tokens is compressed, 128 tokens scored on it
   kv-validate --gguf model.gguf --text-file wiki.txt --context 384 --targets 128
 
   # Pass extra flags to kv-compress, write the figures as JSON
@@ -37,7 +37,7 @@ Examples:
   # No model at all: a synthetic cache through the whole file contract
   kv-validate --quick-test
 
-  # Issue 5's sweep: the built-in matrix, a table, CSV and a plot
+  # Compare methods: the built-in matrix, a table, CSV and a plot (docs/fidelity.md)
   kv-validate --gguf model.gguf --text-file wiki.txt --context 384 --targets 128 \\
       --sweep --sweep-csv sweep.csv --sweep-plot sweep.svg
 
@@ -76,7 +76,7 @@ struct Cli {
     /// Evaluate only the first N windows (quick runs).
     #[arg(long, value_name = "N")]
     max_windows: Option<usize>,
-    /// Issue 5's protocol: context tokens per window whose cache is compressed
+    /// Fixed windows: context tokens per window whose cache is compressed
     /// (back-to-back windows; needs --targets). Default: the original's
     /// sliding window (model context capped at 2048, stride 512).
     #[arg(long, value_name = "C", requires = "targets")]
