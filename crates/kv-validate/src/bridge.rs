@@ -38,7 +38,10 @@ impl Default for CompressSettings {
 impl CompressSettings {
     /// A short human name for reports: `-group-size 64 -sparsity 0.0 -bits 8`.
     pub fn label(&self) -> String {
-        let mut label = format!("-group-size {} -sparsity {:?}", self.group_size, self.sparsity);
+        let mut label = format!(
+            "-group-size {} -sparsity {:?}",
+            self.group_size, self.sparsity
+        );
         for arg in &self.extra_args {
             label.push(' ');
             label.push_str(arg);
@@ -101,7 +104,10 @@ impl KvCompress {
         }
         let file_name = format!("{BINARY_NAME}{}", std::env::consts::EXE_SUFFIX);
         let mut candidates = Vec::new();
-        if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        if let Some(dir) = std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(Path::to_path_buf))
+        {
             candidates.push(dir.join(&file_name));
         }
         candidates.push(Path::new("bin").join(&file_name));
@@ -187,7 +193,10 @@ impl KvCompress {
                 stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
             });
         }
-        Ok((command, String::from_utf8_lossy(&output.stdout).into_owned()))
+        Ok((
+            command,
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        ))
     }
 }
 
@@ -216,7 +225,10 @@ mod tests {
         assert_eq!(metrics.compressed_size_bytes, 272);
         assert_eq!(metrics.violations, ["CosineSim 0.9847 < 0.9900"]);
         assert_eq!(metrics.bits_per_value, 0.0, "absent from the Go original");
-        assert_eq!(metrics.quality_level, kvformat::metrics::QualityLevel::Acceptable);
+        assert_eq!(
+            metrics.quality_level,
+            kvformat::metrics::QualityLevel::Acceptable
+        );
     }
 
     #[test]

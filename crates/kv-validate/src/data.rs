@@ -65,10 +65,7 @@ pub enum DataError {
     #[error(transparent)]
     Hub(#[from] HubError),
     #[error("cannot read parquet file {}: {source}", path.display())]
-    Parquet {
-        path: PathBuf,
-        source: ParquetError,
-    },
+    Parquet { path: PathBuf, source: ParquetError },
     #[error("parquet file {} has no column named {column:?}", path.display())]
     MissingColumn { path: PathBuf, column: String },
     #[error("column {column:?} of {} holds {found}, not strings", path.display())]
@@ -160,7 +157,9 @@ pub fn read_parquet_strings(path: &Path, column: &str) -> Result<Vec<String>, Da
     for row_group in 0..reader.num_row_groups() {
         let row_group = reader.get_row_group(row_group).map_err(parquet_error)?;
         let mut column_reader = get_typed_column_reader::<ByteArrayType>(
-            row_group.get_column_reader(column_index).map_err(parquet_error)?,
+            row_group
+                .get_column_reader(column_index)
+                .map_err(parquet_error)?,
         );
         loop {
             let mut definition_levels = Vec::new();
@@ -242,7 +241,10 @@ mod tests {
         let path = dir.path().join("latin1.txt");
         std::fs::write(&path, b"caf\xE9").unwrap();
         let error = read_text_file(&path).unwrap_err();
-        assert!(matches!(error, DataError::NotUtf8 { offset: 3, .. }), "{error}");
+        assert!(
+            matches!(error, DataError::NotUtf8 { offset: 3, .. }),
+            "{error}"
+        );
     }
 
     #[test]
@@ -250,10 +252,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rows.parquet");
         let rows = ["", " = Robert Boulter = \n", "", " Héllo wörld \n"];
-        write_parquet(&path, "message schema { REQUIRED BYTE_ARRAY text (UTF8); }", &rows);
+        write_parquet(
+            &path,
+            "message schema { REQUIRED BYTE_ARRAY text (UTF8); }",
+            &rows,
+        );
         assert_eq!(read_parquet_strings(&path, "text").unwrap(), rows);
         assert_eq!(
-            read_parquet_strings(&path, "text").unwrap().join(ROW_SEPARATOR),
+            read_parquet_strings(&path, "text")
+                .unwrap()
+                .join(ROW_SEPARATOR),
             "\n\n = Robert Boulter = \n\n\n\n\n Héllo wörld \n"
         );
     }
@@ -262,7 +270,11 @@ mod tests {
     fn missing_column_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rows.parquet");
-        write_parquet(&path, "message schema { REQUIRED BYTE_ARRAY body (UTF8); }", &["a"]);
+        write_parquet(
+            &path,
+            "message schema { REQUIRED BYTE_ARRAY body (UTF8); }",
+            &["a"],
+        );
         let error = read_parquet_strings(&path, "text").unwrap_err();
         assert!(matches!(error, DataError::MissingColumn { .. }), "{error}");
     }

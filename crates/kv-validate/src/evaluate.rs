@@ -38,7 +38,9 @@ pub enum EvalError {
     Scratch(std::io::Error),
     #[error("no compressor variant to evaluate")]
     NoVariants,
-    #[error("window [{begin}, {end}) lies outside the {tokens} tokens of the text or has no target")]
+    #[error(
+        "window [{begin}, {end}) lies outside the {tokens} tokens of the text or has no target"
+    )]
     WindowOutOfRange {
         begin: usize,
         end: usize,
@@ -107,7 +109,8 @@ impl MetricsSummary {
         self.max_error = self.max_error.max(metrics.max_error);
         self.original_size_bytes += metrics.original_size_bytes;
         self.compressed_size_bytes += metrics.compressed_size_bytes;
-        self.compression_ratio = self.original_size_bytes as f64 / self.compressed_size_bytes as f64;
+        self.compression_ratio =
+            self.original_size_bytes as f64 / self.compressed_size_bytes as f64;
         self.quality_failures += usize::from(!metrics.quality_passed);
         if self
             .worst_quality_level
@@ -150,7 +153,8 @@ impl Timings {
     /// Share of the wall time spent on caches outside the model: writing,
     /// compressing, decompressing and reading them (the "compressor share").
     pub fn compressor_share(&self) -> f64 {
-        (self.cache_write + self.cache_read + self.compressor).as_secs_f64() / self.total.as_secs_f64().max(f64::MIN_POSITIVE)
+        (self.cache_write + self.cache_read + self.compressor).as_secs_f64()
+            / self.total.as_secs_f64().max(f64::MIN_POSITIVE)
     }
 }
 
@@ -185,7 +189,8 @@ pub fn evaluate(
     if variants.is_empty() {
         return Err(EvalError::NoVariants);
     }
-    let malformed = |w: &&Window| w.end > tokens.len() || w.begin > w.context_end || w.context_end >= w.end;
+    let malformed =
+        |w: &&Window| w.end > tokens.len() || w.begin > w.context_end || w.context_end >= w.end;
     if let Some(window) = windows.iter().find(malformed) {
         return Err(EvalError::WindowOutOfRange {
             begin: window.begin,
@@ -198,7 +203,10 @@ pub fn evaluate(
         .prefix("kv-validate-")
         .tempdir()
         .map_err(EvalError::Scratch)?;
-    let progress = progress_bar(windows.iter().map(Window::scored_len).sum(), options.show_progress);
+    let progress = progress_bar(
+        windows.iter().map(Window::scored_len).sum(),
+        options.show_progress,
+    );
 
     let mut baseline = NllTotals::default();
     let mut baseline_compressed_windows = NllTotals::default();
@@ -248,11 +256,22 @@ pub fn evaluate(
 
         let write_started = Instant::now();
         let cache_path = scratch.path().join("context.safetensors");
-        let layout = write_kv_cache(&cache_path, &cache, options.cache_dtype, &options.model_name)?;
+        let layout = write_kv_cache(
+            &cache_path,
+            &cache,
+            options.cache_dtype,
+            &options.model_name,
+        )?;
         timings.cache_write += write_started.elapsed();
         for (index, outcome) in outcomes.iter_mut().enumerate() {
             let compressor_started = Instant::now();
-            let (metrics, decoded_path) = round_trip(compressor, &cache_path, scratch.path(), index, &outcome.settings)?;
+            let (metrics, decoded_path) = round_trip(
+                compressor,
+                &cache_path,
+                scratch.path(),
+                index,
+                &outcome.settings,
+            )?;
             let compressor_elapsed = compressor_started.elapsed();
             outcome.compressor_time += compressor_elapsed;
             timings.compressor += compressor_elapsed;
@@ -299,7 +318,11 @@ pub struct ForwardSpeed {
 /// window costs), `runs` times per length, after one untimed warm-up at the
 /// shortest. Token ids cycle through the vocabulary: speed does not depend
 /// on which tokens they are.
-pub fn bench_forward(model: &Llama, contexts: &[usize], runs: usize) -> Result<Vec<ForwardSpeed>, EvalError> {
+pub fn bench_forward(
+    model: &Llama,
+    contexts: &[usize],
+    runs: usize,
+) -> Result<Vec<ForwardSpeed>, EvalError> {
     let vocab = model.config().vocab_size as u32;
     let tokens: Vec<u32> = (0..contexts.iter().copied().max().unwrap_or(0) as u32)
         .map(|i| (i * 7919 + 1) % vocab)
@@ -374,11 +397,9 @@ fn progress_bar(total_tokens: usize, visible: bool) -> ProgressBar {
     }
     let bar = ProgressBar::new(total_tokens as u64);
     bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {pos}/{len} tokens, {per_sec}, ETA {eta}",
-        )
-        .expect("static progress template is valid")
-        .progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens, {per_sec}, ETA {eta}")
+            .expect("static progress template is valid")
+            .progress_chars("=> "),
     );
     bar.set_message("scoring");
     bar
@@ -419,7 +440,10 @@ mod tests {
         assert!((summary.snr_db - 20.2).abs() < 1e-12);
         assert!((summary.max_error - 3.0).abs() < 1e-12);
         assert_eq!(summary.bits_per_value, Some(4.5));
-        assert_eq!((summary.original_size_bytes, summary.compressed_size_bytes), (1200, 300));
+        assert_eq!(
+            (summary.original_size_bytes, summary.compressed_size_bytes),
+            (1200, 300)
+        );
         assert_eq!(summary.compression_ratio, 4.0);
         assert_eq!(summary.quality_failures, 1);
         assert_eq!(summary.worst_quality_level, Some(QualityLevel::Poor));

@@ -93,11 +93,14 @@ impl HubSettings {
     pub fn file(&self, repo: &Repo, file: &str, show_progress: bool) -> Result<PathBuf, HubError> {
         let cache = Cache::new(self.cache_dir.clone());
         if self.offline {
-            return cache.repo(repo.clone()).get(file).ok_or_else(|| HubError::NotCached {
-                repo: repo_name(repo),
-                file: file.to_string(),
-                cache: self.cache_dir.clone(),
-            });
+            return cache
+                .repo(repo.clone())
+                .get(file)
+                .ok_or_else(|| HubError::NotCached {
+                    repo: repo_name(repo),
+                    file: file.to_string(),
+                    cache: self.cache_dir.clone(),
+                });
         }
         let download_error = |cause: ApiError| HubError::Download {
             repo: repo_name(repo),
@@ -166,10 +169,16 @@ mod tests {
             Path::new("/u/.cache/huggingface/hub")
         );
         let empty_cache = [("HF_HUB_CACHE", ""), ("HF_HOME", "/h")];
-        assert_eq!(settings(&empty_cache).unwrap().cache_dir, Path::new("/h/hub"));
+        assert_eq!(
+            settings(&empty_cache).unwrap().cache_dir,
+            Path::new("/h/hub")
+        );
         let error = settings(&[("HF_ENDPOINT", "http://mirror")]).unwrap_err();
         assert!(matches!(error, HubError::NoCacheDir), "{error}");
-        assert!(error.to_string().contains("set HF_HUB_CACHE or HF_HOME"), "{error}");
+        assert!(
+            error.to_string().contains("set HF_HUB_CACHE or HF_HOME"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -230,9 +239,14 @@ mod tests {
         let cached = cache_with(dir.path(), "datasets--org--text", "split/test.parquet");
         let offline = unreachable_hub(dir.path(), true);
         let dataset = Repo::new("org/text".into(), RepoType::Dataset);
-        assert_eq!(offline.file(&dataset, "split/test.parquet", false).unwrap(), cached);
+        assert_eq!(
+            offline.file(&dataset, "split/test.parquet", false).unwrap(),
+            cached
+        );
 
-        let error = offline.file(&dataset, "split/train.parquet", false).unwrap_err();
+        let error = offline
+            .file(&dataset, "split/train.parquet", false)
+            .unwrap_err();
         assert!(matches!(error, HubError::NotCached { .. }), "{error}");
         assert_eq!(
             error.to_string(),
@@ -256,10 +270,15 @@ mod tests {
         assert!(matches!(error, HubError::Download { .. }), "{error}");
         let message = error.to_string();
         assert!(
-            message.starts_with("cannot fetch tokenizer.json of org/model@main from http://127.0.0.1:9: "),
+            message.starts_with(
+                "cannot fetch tokenizer.json of org/model@main from http://127.0.0.1:9: "
+            ),
             "{message}"
         );
-        assert!(message.contains("set HF_ENDPOINT for a mirror"), "{message}");
+        assert!(
+            message.contains("set HF_ENDPOINT for a mirror"),
+            "{message}"
+        );
         assert!(message.ends_with(&format!("{LOCAL_INSTEAD})")), "{message}");
     }
 }

@@ -51,7 +51,11 @@ const KINDS: [&str; 2] = ["key", "value"];
 
 /// The sidecar that describes `cache` stored as `dtype`. Every layer must
 /// have the shape of layer 0's key, `[1, kv_heads, seq, head_dim]`.
-pub fn describe(cache: &KvCache, dtype: CacheDtype, model_name: &str) -> Result<Sidecar, KvIoError> {
+pub fn describe(
+    cache: &KvCache,
+    dtype: CacheDtype,
+    model_name: &str,
+) -> Result<Sidecar, KvIoError> {
     let first = cache.layers.first().ok_or(KvIoError::EmptyCache)?;
     let expected = first.key.dims().to_vec();
     for (layer, kv) in cache.layers.iter().enumerate() {
@@ -126,7 +130,11 @@ pub fn read_kv_cache(path: &Path, device: &Device) -> Result<(KvCache, Sidecar),
 /// aside): what `kv-compress -decompress` restored from a cache we wrote.
 /// The caller knows what it sent, so no sidecar is needed; one that is
 /// there must agree with the file, as `load_kv_cache()` would insist.
-pub fn read_kv_cache_like(path: &Path, expected: &Sidecar, device: &Device) -> Result<KvCache, KvIoError> {
+pub fn read_kv_cache_like(
+    path: &Path,
+    expected: &Sidecar,
+    device: &Device,
+) -> Result<KvCache, KvIoError> {
     let file = kvformat::cache::KvCache::open(path)?;
     if let Some(sidecar) = Sidecar::read_beside(path)? {
         validate_against_sidecar(file.file(), &sidecar, &sidecar_path(path))?;
@@ -248,12 +256,19 @@ mod tests {
     fn a_sidecar_that_disagrees_with_the_shapes_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv.safetensors");
-        let sidecar = write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
-        Sidecar { seq_len: 5, ..sidecar }
-            .write(&sidecar_path(&path))
-            .unwrap();
+        let sidecar =
+            write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
+        Sidecar {
+            seq_len: 5,
+            ..sidecar
+        }
+        .write(&sidecar_path(&path))
+        .unwrap();
         let error = read_kv_cache(&path, &Device::Cpu).unwrap_err().to_string();
-        assert!(error.contains("layer_0_key") && error.contains("sidecar"), "{error}");
+        assert!(
+            error.contains("layer_0_key") && error.contains("sidecar"),
+            "{error}"
+        );
     }
 
     #[test]
@@ -270,16 +285,36 @@ mod tests {
     fn reading_like_a_layout_checks_every_tensor_shape() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv.safetensors");
-        let sidecar = write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
-        let longer = Sidecar { seq_len: 4, ..sidecar.clone() };
+        let sidecar =
+            write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
+        let longer = Sidecar {
+            seq_len: 4,
+            ..sidecar.clone()
+        };
         let error = read_kv_cache_like(&path, &longer, &Device::Cpu).unwrap_err();
         assert!(matches!(error, KvIoError::ShapeMismatch { .. }), "{error}");
-        let deeper = Sidecar { num_layers: 3, ..sidecar.clone() };
+        let deeper = Sidecar {
+            num_layers: 3,
+            ..sidecar.clone()
+        };
         let error = read_kv_cache_like(&path, &deeper, &Device::Cpu).unwrap_err();
-        assert!(error.to_string().contains("layer_2_key is missing"), "{error}");
+        assert!(
+            error.to_string().contains("layer_2_key is missing"),
+            "{error}"
+        );
         // A sidecar beside the file is checked too, even when the layout fits.
-        Sidecar { head_dim: 8, ..sidecar.clone() }.write(&sidecar_path(&path)).unwrap();
-        let error = read_kv_cache_like(&path, &sidecar, &Device::Cpu).unwrap_err().to_string();
-        assert!(error.contains("sidecar") && error.contains("layer_0_key"), "{error}");
+        Sidecar {
+            head_dim: 8,
+            ..sidecar.clone()
+        }
+        .write(&sidecar_path(&path))
+        .unwrap();
+        let error = read_kv_cache_like(&path, &sidecar, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("sidecar") && error.contains("layer_0_key"),
+            "{error}"
+        );
     }
 }

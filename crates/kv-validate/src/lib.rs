@@ -2,16 +2,17 @@
 //! model in perplexity, by running the model on the reconstructed cache that
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
-pub mod model;
-pub mod hub;
-pub mod loader;
-pub mod tiny;
-pub mod data;
-pub mod perplexity;
 pub mod bridge;
-pub mod kvio;
+pub mod data;
 pub mod evaluate;
-pub mod report;
-pub mod sweep;
+pub mod hub;
+mod kernels;
+pub mod kvio;
+pub mod loader;
+pub mod model;
+pub mod perplexity;
 pub mod plot;
 pub mod quick_test;
+pub mod report;
+pub mod sweep;
+pub mod tiny;

@@ -125,7 +125,11 @@ struct Cli {
     sweep: bool,
     /// A sweep variant, LABEL=FLAGS (kv-compress flags, space-separated;
     /// repeatable). When given, the sweep is exactly these variants.
-    #[arg(long = "variant", value_name = "LABEL=FLAGS", allow_hyphen_values = true)]
+    #[arg(
+        long = "variant",
+        value_name = "LABEL=FLAGS",
+        allow_hyphen_values = true
+    )]
     variants: Vec<String>,
     /// Write the sweep table as CSV to FILE (atomically).
     #[arg(long, value_name = "FILE")]
@@ -168,7 +172,10 @@ fn main() -> ExitCode {
 /// Runs the validation; `Ok(passed)`.
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     if !(cli.threshold.is_finite() && cli.threshold >= 0.0) {
-        bail!("--threshold must be a non-negative number, got {}", cli.threshold);
+        bail!(
+            "--threshold must be a non-negative number, got {}",
+            cli.threshold
+        );
     }
     let settings = CompressSettings {
         group_size: cli.group_size,
@@ -185,7 +192,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     };
 
     if cli.quick_test {
-        status(&format!("quick test with {}", compressor.program().display()));
+        status(&format!(
+            "quick test with {}",
+            compressor.program().display()
+        ));
         let report = run_quick_test(&compressor, &settings, cache_dtype)?;
         print!("{}", report.render_text());
         write_json(cli, &report)?;
@@ -251,10 +261,20 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         show_progress: !cli.quiet,
     };
     let variant_settings = match &sweep {
-        Some(variants) => variants.iter().map(|variant| variant.settings.clone()).collect(),
+        Some(variants) => variants
+            .iter()
+            .map(|variant| variant.settings.clone())
+            .collect(),
         None => vec![settings],
     };
-    let evaluation = evaluate(&loaded.model, &tokens, &windows, &compressor, &variant_settings, &options)?;
+    let evaluation = evaluate(
+        &loaded.model,
+        &tokens,
+        &windows,
+        &compressor,
+        &variant_settings,
+        &options,
+    )?;
     let run = RunDescription {
         model: loaded.description.clone(),
         data: text.description,
@@ -264,7 +284,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         threshold: cli.threshold,
     };
     if let Some(variants) = &sweep {
-        return finish_sweep(cli, &SweepReport::new(&run, &evaluation, variants, cache_dtype));
+        return finish_sweep(
+            cli,
+            &SweepReport::new(&run, &evaluation, variants, cache_dtype),
+        );
     }
     let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
     print!("{}", report.render_text());
@@ -287,7 +310,10 @@ fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
     let variants = if cli.variants.is_empty() {
         Variant::default_matrix()
     } else {
-        cli.variants.iter().map(|spec| Variant::parse(spec)).collect::<Result<Vec<_>, _>>()?
+        cli.variants
+            .iter()
+            .map(|spec| Variant::parse(spec))
+            .collect::<Result<Vec<_>, _>>()?
     };
     ensure_unique_labels(&variants)?;
     Ok(Some(variants))
@@ -315,19 +341,34 @@ fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// Runs the dedicated forward-pass benchmark: a table on stdout, JSON with `--json`.
-fn run_forward_benchmark(cli: &Cli, loaded: &kv_validate::loader::LoadedModel) -> anyhow::Result<bool> {
+fn run_forward_benchmark(
+    cli: &Cli,
+    loaded: &kv_validate::loader::LoadedModel,
+) -> anyhow::Result<bool> {
     /// Median of this many timed prefills per length.
     const RUNS: usize = 3;
     let max_positions = loaded.model.config().max_position_embeddings;
-    if let Some(&too_long) = cli.bench_forward.iter().find(|&&n| n == 0 || n > max_positions) {
-        bail!("--bench-forward {too_long}: lengths must be 1..={max_positions} (the model's context)");
+    if let Some(&too_long) = cli
+        .bench_forward
+        .iter()
+        .find(|&&n| n == 0 || n > max_positions)
+    {
+        bail!(
+            "--bench-forward {too_long}: lengths must be 1..={max_positions} (the model's context)"
+        );
     }
     let speeds = bench_forward(&loaded.model, &cli.bench_forward, RUNS)?;
     println!("{}", loaded.description);
     println!("{:>8}  {:>10}  {:>10}", "context", "seconds", "tokens/s");
     for speed in &speeds {
-        println!("{:>8}  {:>10.3}  {:>10.1}", speed.context, speed.seconds, speed.tokens_per_second);
+        println!(
+            "{:>8}  {:>10.3}  {:>10.1}",
+            speed.context, speed.seconds, speed.tokens_per_second
+        );
     }
-    write_json(cli, &serde_json::json!({ "model": loaded.description, "forward": speeds }))?;
+    write_json(
+        cli,
+        &serde_json::json!({ "model": loaded.description, "forward": speeds }),
+    )?;
     Ok(true)
 }

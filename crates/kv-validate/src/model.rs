@@ -15,6 +15,8 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
+use crate::kernels;
+
 /// The shape of a Llama model: what `config.json` (or GGUF metadata) says.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -160,8 +162,6 @@ impl RotaryEmbedding {
 struct Step<'a> {
     config: &'a LlamaConfig,
     rotary: &'a RotaryEmbedding,
-    /// `[T, past + T]` additive causal mask; `None` for a single new token.
-    mask: Option<&'a Tensor>,
 }
 
 /// Query rows per attention block. In a long prefill a block only needs the
@@ -171,16 +171,15 @@ const QUERY_BLOCK: usize = 256;
 
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// `q_proj`, `k_proj` and `v_proj` stacked: one matmul instead of three.
+    qkv_proj: Linear,
     o_proj: Linear,
 }
 
 #[derive(Debug, Clone)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// `gate_proj` and `up_proj` stacked: one matmul instead of two.
+    gate_up_proj: Linear,
     down_proj: Linear,
 }
 
@@ -207,15 +206,18 @@ pub struct Llama {
 impl Mlp {
     /// SwiGLU: `down(silu(gate(x)) * up(x))`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj
+            .forward(&kernels::swiglu(&self.gate_up_proj.forward(x)?)?)
     }
 
     fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
         let (hidden, intermediate) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
-            gate_proj: candle_nn::linear_no_bias(hidden, intermediate, vb.pp("gate_proj"))?,
-            up_proj: candle_nn::linear_no_bias(hidden, intermediate, vb.pp("up_proj"))?,
+            gate_up_proj: stacked_linear(
+                &vb,
+                hidden,
+                &[("gate_proj", intermediate), ("up_proj", intermediate)],
+            )?,
             down_proj: candle_nn::linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?,
         })
     }
@@ -239,14 +241,16 @@ impl Attention {
             config.head_dim,
         );
         let start = past.map_or(0, |kv| kv.key.dims()[2]);
-        let split_heads = |t: Tensor, n: usize| {
-            t.reshape((batch, seq_len, n, head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split_heads(self.q_proj.forward(x)?, heads)?;
-        let k = split_heads(self.k_proj.forward(x)?, kv_heads)?;
-        let v = split_heads(self.v_proj.forward(x)?, kv_heads)?;
+        // [1, T, (heads + 2·kv_heads)·head_dim] -> q, k, v as [1, n, T, head_dim].
+        let qkv =
+            self.qkv_proj
+                .forward(x)?
+                .reshape((batch, seq_len, heads + 2 * kv_heads, head_dim))?;
+        let split_heads =
+            |first: usize, n: usize| qkv.narrow(2, first, n)?.transpose(1, 2)?.contiguous();
+        let q = split_heads(0, heads)?;
+        let k = split_heads(heads, kv_heads)?;
+        let v = split_heads(heads + kv_heads, kv_heads)?;
         let q = step.rotary.apply(&q, start)?;
         let k = step.rotary.apply(&k, start)?;
 
@@ -275,15 +279,13 @@ impl Attention {
                     group * rows,
                     head_dim,
                 ))?;
-                let scores = q.matmul(&key.narrow(2, 0, visible)?.t()?)?;
-                let scores = match step.mask {
-                    Some(mask) => scores
-                        .reshape((batch, kv_heads, group, rows, visible))?
-                        .broadcast_add(&mask.narrow(0, first, rows)?.narrow(1, 0, visible)?)?
-                        .reshape((batch, kv_heads, group * rows, visible))?,
-                    None => scores,
-                };
-                candle_nn::ops::softmax_last_dim(&scores)?
+                // Query row r of this block is position past_len + first + r
+                // and sees keys up to that position.
+                let scores = q
+                    .matmul(&key.narrow(2, 0, visible)?.t()?)?
+                    .reshape((batch, kv_heads, group, rows, visible))?;
+                kernels::causal_softmax(&scores, past_len + first)?
+                    .reshape((batch, kv_heads, group * rows, visible))?
                     .matmul(&value.narrow(2, 0, visible)?)?
                     .reshape((batch, heads, rows, head_dim))
             })
@@ -301,9 +303,11 @@ impl Attention {
         let q_size = config.num_attention_heads * config.head_dim;
         let kv_size = config.num_key_value_heads * config.head_dim;
         Ok(Self {
-            q_proj: candle_nn::linear_no_bias(hidden, q_size, vb.pp("q_proj"))?,
-            k_proj: candle_nn::linear_no_bias(hidden, kv_size, vb.pp("k_proj"))?,
-            v_proj: candle_nn::linear_no_bias(hidden, kv_size, vb.pp("v_proj"))?,
+            qkv_proj: stacked_linear(
+                &vb,
+                hidden,
+                &[("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
+            )?,
             o_proj: candle_nn::linear_no_bias(q_size, hidden, vb.pp("o_proj"))?,
         })
     }
@@ -341,22 +345,14 @@ impl DecoderLayer {
     }
 }
 
-/// Additive mask `[T, past + T]`: 0 where new position i may see key j
-/// (all of the past, and new keys up to i), -inf elsewhere.
-fn causal_mask(seq_len: usize, past_len: usize, device: &Device) -> Result<Tensor> {
-    let total = past_len + seq_len;
-    let mask: Vec<f32> = (0..seq_len)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= past_len + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (seq_len, total), device)
+/// Bias-free linear layers that read the same input, as one: their weights
+/// (`[out_i, input]` each, checked) stacked along the output dimension.
+fn stacked_linear(vb: &VarBuilder, input: usize, parts: &[(&str, usize)]) -> Result<Linear> {
+    let weights = parts
+        .iter()
+        .map(|&(name, out)| vb.pp(name).get((out, input), "weight"))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Linear::new(Tensor::cat(&weights, 0)?, None))
 }
 
 impl Llama {
@@ -435,15 +431,9 @@ impl Llama {
                 self.config.max_position_embeddings
             );
         }
-        let mask = if seq_len > 1 {
-            Some(causal_mask(seq_len, past_len, &self.device)?)
-        } else {
-            None
-        };
         let step = Step {
             config: &self.config,
             rotary: &self.rotary,
-            mask: mask.as_ref(),
         };
         let mut x = self
             .embed_tokens

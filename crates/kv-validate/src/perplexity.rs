@@ -94,7 +94,9 @@ pub enum PlanError {
     TextTooShort { tokens: usize, window: usize },
     #[error("{what} must be at least 1")]
     Zero { what: &'static str },
-    #[error("the stride ({stride}) is larger than the window ({max_len}); tokens would be skipped")]
+    #[error(
+        "the stride ({stride}) is larger than the window ({max_len}); tokens would be skipped"
+    )]
     StrideLargerThanWindow { stride: usize, max_len: usize },
     #[error("--max-windows must be at least 1")]
     NoWindows,
@@ -114,7 +116,9 @@ pub fn plan_windows(
     match protocol {
         Protocol::Sliding { max_len, stride } => {
             if max_len == 0 {
-                return Err(PlanError::Zero { what: "the window length" });
+                return Err(PlanError::Zero {
+                    what: "the window length",
+                });
             }
             if stride == 0 {
                 return Err(PlanError::Zero { what: "the stride" });
@@ -156,15 +160,11 @@ pub fn plan_windows(
             if tokens < window {
                 return Err(PlanError::TextTooShort { tokens, window });
             }
-            windows.extend(
-                (0..tokens / window)
-                    .take(limit)
-                    .map(|k| Window {
-                        begin: k * window,
-                        context_end: k * window + context,
-                        end: (k + 1) * window,
-                    }),
-            );
+            windows.extend((0..tokens / window).take(limit).map(|k| Window {
+                begin: k * window,
+                context_end: k * window + context,
+                end: (k + 1) * window,
+            }));
         }
     }
     Ok(windows)
@@ -238,10 +238,23 @@ mod tests {
     fn sliding_plan_matches_the_hugging_face_recipe() {
         // max_len 8, stride 4, 17 tokens: begins 0, 4, 8, 12 (end 17 stops it).
         // trg_len = end - prev_end: 8, 4, 4, 1.
-        let plan = plan_windows(17, Protocol::Sliding { max_len: 8, stride: 4 }, None).unwrap();
+        let plan = plan_windows(
+            17,
+            Protocol::Sliding {
+                max_len: 8,
+                stride: 4,
+            },
+            None,
+        )
+        .unwrap();
         assert_eq!(
             plan,
-            vec![window(0, 0, 8), window(4, 8, 12), window(8, 12, 16), window(12, 16, 17)]
+            vec![
+                window(0, 0, 8),
+                window(4, 8, 12),
+                window(8, 12, 16),
+                window(12, 16, 17)
+            ]
         );
         let targets: Vec<usize> = plan.iter().map(Window::target_len).collect();
         assert_eq!(targets, [8, 4, 4, 1]);
@@ -253,21 +266,43 @@ mod tests {
     #[test]
     fn sliding_plan_stops_at_the_window_that_reaches_the_end() {
         // 12 tokens, max_len 8, stride 4: [0,8) then [4,12) reaches the end.
-        let plan = plan_windows(12, Protocol::Sliding { max_len: 8, stride: 4 }, None).unwrap();
+        let plan = plan_windows(
+            12,
+            Protocol::Sliding {
+                max_len: 8,
+                stride: 4,
+            },
+            None,
+        )
+        .unwrap();
         assert_eq!(plan, vec![window(0, 0, 8), window(4, 8, 12)]);
     }
 
     #[test]
     fn max_windows_keeps_the_first_windows() {
-        let plan = plan_windows(17, Protocol::Sliding { max_len: 8, stride: 4 }, Some(2)).unwrap();
+        let plan = plan_windows(
+            17,
+            Protocol::Sliding {
+                max_len: 8,
+                stride: 4,
+            },
+            Some(2),
+        )
+        .unwrap();
         assert_eq!(plan, vec![window(0, 0, 8), window(4, 8, 12)]);
         let plan = plan_windows(
             100,
-            Protocol::ContextTargets { context: 3, targets: 2 },
+            Protocol::ContextTargets {
+                context: 3,
+                targets: 2,
+            },
             Some(3),
         )
         .unwrap();
-        assert_eq!(plan, vec![window(0, 3, 5), window(5, 8, 10), window(10, 13, 15)]);
+        assert_eq!(
+            plan,
+            vec![window(0, 3, 5), window(5, 8, 10), window(10, 13, 15)]
+        );
     }
 
     #[test]
@@ -275,7 +310,10 @@ mod tests {
         // 384 + 128 = 512; 1100 tokens hold two whole windows.
         let plan = plan_windows(
             1100,
-            Protocol::ContextTargets { context: 384, targets: 128 },
+            Protocol::ContextTargets {
+                context: 384,
+                targets: 128,
+            },
             None,
         )
         .unwrap();
@@ -286,23 +324,68 @@ mod tests {
     #[test]
     fn short_texts_and_bad_parameters_are_errors() {
         assert_eq!(
-            plan_windows(8, Protocol::Sliding { max_len: 8, stride: 4 }, None),
-            Err(PlanError::TextTooShortForSliding { tokens: 8, needed: 9, window: 8 })
+            plan_windows(
+                8,
+                Protocol::Sliding {
+                    max_len: 8,
+                    stride: 4
+                },
+                None
+            ),
+            Err(PlanError::TextTooShortForSliding {
+                tokens: 8,
+                needed: 9,
+                window: 8
+            })
         );
         assert_eq!(
-            plan_windows(4, Protocol::ContextTargets { context: 3, targets: 2 }, None),
-            Err(PlanError::TextTooShort { tokens: 4, window: 5 })
+            plan_windows(
+                4,
+                Protocol::ContextTargets {
+                    context: 3,
+                    targets: 2
+                },
+                None
+            ),
+            Err(PlanError::TextTooShort {
+                tokens: 4,
+                window: 5
+            })
         );
         assert_eq!(
-            plan_windows(40, Protocol::Sliding { max_len: 4, stride: 5 }, None),
-            Err(PlanError::StrideLargerThanWindow { stride: 5, max_len: 4 })
+            plan_windows(
+                40,
+                Protocol::Sliding {
+                    max_len: 4,
+                    stride: 5
+                },
+                None
+            ),
+            Err(PlanError::StrideLargerThanWindow {
+                stride: 5,
+                max_len: 4
+            })
         );
         assert_eq!(
-            plan_windows(40, Protocol::ContextTargets { context: 0, targets: 2 }, None),
+            plan_windows(
+                40,
+                Protocol::ContextTargets {
+                    context: 0,
+                    targets: 2
+                },
+                None
+            ),
             Err(PlanError::Zero { what: "--context" })
         );
         assert_eq!(
-            plan_windows(40, Protocol::ContextTargets { context: 3, targets: 2 }, Some(0)),
+            plan_windows(
+                40,
+                Protocol::ContextTargets {
+                    context: 3,
+                    targets: 2
+                },
+                Some(0)
+            ),
             Err(PlanError::NoWindows)
         );
     }
@@ -311,15 +394,24 @@ mod tests {
     fn sliding_for_model_caps_context_and_keeps_windows_overlapping() {
         assert_eq!(
             Protocol::sliding_for_model(2048),
-            Protocol::Sliding { max_len: 2048, stride: 512 }
+            Protocol::Sliding {
+                max_len: 2048,
+                stride: 512
+            }
         );
         assert_eq!(
             Protocol::sliding_for_model(8192),
-            Protocol::Sliding { max_len: 2048, stride: 512 }
+            Protocol::Sliding {
+                max_len: 2048,
+                stride: 512
+            }
         );
         assert_eq!(
             Protocol::sliding_for_model(64),
-            Protocol::Sliding { max_len: 64, stride: 32 }
+            Protocol::Sliding {
+                max_len: 64,
+                stride: 32
+            }
         );
     }
 

@@ -34,7 +34,10 @@ fn map(value: f64, (from_lo, from_hi): (f64, f64), (to_lo, to_hi): (f64, f64)) -
 }
 
 fn escape(text: &str) -> String {
-    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A tick value as a short label: `0`, `0.01`, `10`, `-0.1`.
@@ -49,7 +52,11 @@ pub fn render_svg(table: &SweepTable) -> String {
     let bits = rows.iter().map(|r| r.bits_per_value);
     let x_lo = bits.clone().fold(f64::INFINITY, f64::min).floor();
     let x_hi = bits.fold(f64::NEG_INFINITY, f64::max).ceil();
-    let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo { (x_lo, x_hi) } else { (0.0, 16.0) };
+    let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo {
+        (x_lo, x_hi)
+    } else {
+        (0.0, 16.0)
+    };
     let deltas = rows.iter().map(|r| r.delta).chain([0.0, table.threshold]);
     let y_lo = symlog(deltas.clone().fold(0.0, f64::min)) - 0.15;
     let y_hi = symlog(deltas.fold(0.0, f64::max)) + 0.15;
@@ -136,9 +143,16 @@ pub fn render_svg(table: &SweepTable) -> String {
     // Points, then labels: each label takes the first free spot (right of
     // its point, then left, then a line further up or down each time) that
     // covers no point and no earlier label.
-    let points: Vec<(f64, f64)> = rows.iter().map(|r| (px(r.bits_per_value), py(r.delta))).collect();
+    let points: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| (px(r.bits_per_value), py(r.delta)))
+        .collect();
     for (row, &(x, y)) in rows.iter().zip(&points) {
-        let color = if row.passed { PASSED_COLOR } else { FAILED_COLOR };
+        let color = if row.passed {
+            PASSED_COLOR
+        } else {
+            FAILED_COLOR
+        };
         let stroke = if row.pareto { FRONT_COLOR } else { color };
         svg.push(format!(
             r#"<circle cx="{x:.1}" cy="{y:.1}" r="4.5" fill="{color}" stroke="{stroke}" stroke-width="1.5"><title>{}: {:.3} bits/value, delta {:+.4}</title></circle>"#,
@@ -148,7 +162,10 @@ pub fn render_svg(table: &SweepTable) -> String {
         ));
     }
     // Occupied boxes as (left, top, right, bottom).
-    let mut occupied: Vec<(f64, f64, f64, f64)> = points.iter().map(|&(x, y)| (x - 5.0, y - 5.0, x + 5.0, y + 5.0)).collect();
+    let mut occupied: Vec<(f64, f64, f64, f64)> = points
+        .iter()
+        .map(|&(x, y)| (x - 5.0, y - 5.0, x + 5.0, y + 5.0))
+        .collect();
     for (row, &(x, y)) in rows.iter().zip(&points) {
         let width = row.label.len() as f64 * LABEL_CHAR_PX;
         let candidates = (0..30).flat_map(|step| {
@@ -157,13 +174,21 @@ pub fn render_svg(table: &SweepTable) -> String {
             [(x + 7.0, baseline), (x - 7.0 - width, baseline)]
         });
         let free = |&(left, baseline): &(f64, f64)| {
-            let (top, right, bottom) = (baseline - LABEL_FONT_PX + 2.0, left + width, baseline + 2.0);
+            let (top, right, bottom) =
+                (baseline - LABEL_FONT_PX + 2.0, left + width, baseline + 2.0);
             left >= plot_x.0
                 && right <= plot_x.1
-                && occupied.iter().all(|&(l, t, r, b)| right <= l || r <= left || bottom <= t || b <= top)
+                && occupied
+                    .iter()
+                    .all(|&(l, t, r, b)| right <= l || r <= left || bottom <= t || b <= top)
         };
         let (left, baseline) = candidates.clone().find(free).unwrap_or((x + 7.0, y + 4.0));
-        occupied.push((left, baseline - LABEL_FONT_PX + 2.0, left + width, baseline + 2.0));
+        occupied.push((
+            left,
+            baseline - LABEL_FONT_PX + 2.0,
+            left + width,
+            baseline + 2.0,
+        ));
         svg.push(format!(
             r#"<text x="{left:.1}" y="{baseline:.1}" font-size="{LABEL_FONT_PX}">{}</text>"#,
             escape(&row.label)
@@ -203,25 +228,43 @@ mod tests {
 
     #[test]
     fn svg_has_one_point_per_variant_the_front_and_the_threshold() {
-        let table = table_of(&[("int8", 8.25, 10.002), ("kivi4", 4.5, 10.2), ("worse<4>", 4.5, 10.9), ("kivi2", 2.5, 18.0)]);
+        let table = table_of(&[
+            ("int8", 8.25, 10.002),
+            ("kivi4", 4.5, 10.2),
+            ("worse<4>", 4.5, 10.9),
+            ("kivi2", 2.5, 18.0),
+        ]);
         let svg = render_svg(&table);
         assert!(svg.starts_with("<svg xmlns=\"http://www.w3.org/2000/svg\""));
         assert!(svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<circle cx").count(), 4 + 2, "four points and two legend marks");
+        assert_eq!(
+            svg.matches("<circle cx").count(),
+            4 + 2,
+            "four points and two legend marks"
+        );
         assert!(svg.contains(">worse&lt;4&gt;</text>"), "labels are escaped");
         assert!(svg.contains("stroke-dasharray"));
         assert!(svg.contains(">threshold 0.5</text>"));
         // The front is kivi2 -> kivi4 -> int8: three points, in order of bits.
         let polyline = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
         let points = polyline.split('"').nth(1).unwrap();
-        let xs: Vec<f64> = points.split(' ').map(|p| p.split(',').next().unwrap().parse().unwrap()).collect();
+        let xs: Vec<f64> = points
+            .split(' ')
+            .map(|p| p.split(',').next().unwrap().parse().unwrap())
+            .collect();
         // x axis 2..9 bits over 80..830 px.
         let expected = [2.5, 4.5, 8.25].map(|bits| 80.0 + (bits - 2.0) / 7.0 * 750.0);
         assert_eq!(xs.len(), 3);
         for (x, e) in xs.iter().zip(expected) {
             assert!((x - e).abs() < 0.06, "{x} vs {e}");
         }
-        for tick in [">0</text>", ">0.1</text>", ">1</text>", ">2</text>", ">9</text>"] {
+        for tick in [
+            ">0</text>",
+            ">0.1</text>",
+            ">1</text>",
+            ">2</text>",
+            ">9</text>",
+        ] {
             assert!(svg.contains(tick), "missing tick {tick}");
         }
     }

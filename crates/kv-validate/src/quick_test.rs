@@ -19,9 +19,9 @@ use serde::Serialize;
 
 use crate::bridge::{CompressSettings, KvCompress};
 use crate::evaluate::EvalError;
+use crate::evaluate::MetricsSummary;
 use crate::kvio::{read_kv_cache_like, write_kv_cache};
 use crate::model::{KvCache, LayerKv};
-use crate::evaluate::MetricsSummary;
 use crate::report::{compression_lines, field, rule, status};
 
 /// TinyLlama-1.1B's cache dimensions (the original's default model).
@@ -67,12 +67,19 @@ impl QuickTestReport {
             rule(),
             "KV-CACHE CONTRACT QUICK TEST (synthetic cache, no model)".to_string(),
             rule(),
-            field("Compressor", &format!("{} {}", self.compressor, self.compressor_flags)),
+            field(
+                "Compressor",
+                &format!("{} {}", self.compressor, self.compressor_flags),
+            ),
             field(
                 "Cache",
                 &format!(
                     "{} layers x [1, {}, {}, {}] {}",
-                    self.num_layers, self.num_kv_heads, self.seq_len, self.head_dim, self.cache_dtype
+                    self.num_layers,
+                    self.num_kv_heads,
+                    self.seq_len,
+                    self.head_dim,
+                    self.cache_dtype
                 ),
             ),
             String::new(),
@@ -96,7 +103,12 @@ impl QuickTestReport {
 
 /// A deterministic Gaussian cache (splitmix64 + Box-Muller, seeded per run
 /// so every run tests the same values).
-pub fn synthetic_cache(layers: usize, heads: usize, seq: usize, head_dim: usize) -> candle_core::Result<KvCache> {
+pub fn synthetic_cache(
+    layers: usize,
+    heads: usize,
+    seq: usize,
+    head_dim: usize,
+) -> candle_core::Result<KvCache> {
     let mut state = 0x5EED_CAFE_u64;
     let mut next_unit = move || {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -118,13 +130,21 @@ pub fn synthetic_cache(layers: usize, heads: usize, seq: usize, head_dim: usize)
         Tensor::from_vec(values, (1, heads, seq, head_dim), &Device::Cpu)
     };
     let layers = (0..layers)
-        .map(|_| Ok(LayerKv { key: tensor()?, value: tensor()? }))
+        .map(|_| {
+            Ok(LayerKv {
+                key: tensor()?,
+                value: tensor()?,
+            })
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(KvCache { layers })
 }
 
 /// Mean over tensors of per-tensor RMSE and cosine similarity, as CONTRACT §3 defines them.
-pub fn mean_rmse_and_cosine(original: &KvCache, reconstructed: &KvCache) -> candle_core::Result<(f64, f64)> {
+pub fn mean_rmse_and_cosine(
+    original: &KvCache,
+    reconstructed: &KvCache,
+) -> candle_core::Result<(f64, f64)> {
     let pairs: Vec<(&Tensor, &Tensor)> = original
         .layers
         .iter()
@@ -165,7 +185,12 @@ pub fn run_quick_test(
         .prefix("kv-validate-quick-")
         .tempdir()
         .map_err(EvalError::Scratch)?;
-    let cache = synthetic_cache(TINYLLAMA_LAYERS, TINYLLAMA_KV_HEADS, QUICK_TEST_SEQ_LEN, TINYLLAMA_HEAD_DIM)?;
+    let cache = synthetic_cache(
+        TINYLLAMA_LAYERS,
+        TINYLLAMA_KV_HEADS,
+        QUICK_TEST_SEQ_LEN,
+        TINYLLAMA_HEAD_DIM,
+    )?;
     let input: PathBuf = scratch.path().join("kv_cache.safetensors");
     let packed = scratch.path().join("kv_cache.compressed.safetensors");
     let decoded = scratch.path().join("kv_cache.decompressed.safetensors");
@@ -182,7 +207,10 @@ pub fn run_quick_test(
             checks.push(Check {
                 name: "layout".into(),
                 passed: true,
-                detail: format!("all {} tensors back with their names and shapes", 2 * layout.num_layers),
+                detail: format!(
+                    "all {} tensors back with their names and shapes",
+                    2 * layout.num_layers
+                ),
             });
             Some(reconstructed)
         }
@@ -203,7 +231,10 @@ pub fn run_quick_test(
         checks.push(Check {
             name: "rmse agrees".into(),
             passed: agrees(measured_rmse, metrics.rmse),
-            detail: format!("measured {measured_rmse:.6}, kv-compress reported {:.6}", metrics.rmse),
+            detail: format!(
+                "measured {measured_rmse:.6}, kv-compress reported {:.6}",
+                metrics.rmse
+            ),
         });
         checks.push(Check {
             name: "cosine agrees".into(),
@@ -235,8 +266,16 @@ pub fn run_quick_test(
         cache_dtype: layout.dtype,
         compression: summary,
         // JSON has no NaN: a failed layout check reports zeros beside it.
-        measured_rmse: if measured_rmse.is_finite() { measured_rmse } else { 0.0 },
-        measured_cosine_similarity: if measured_cosine.is_finite() { measured_cosine } else { 0.0 },
+        measured_rmse: if measured_rmse.is_finite() {
+            measured_rmse
+        } else {
+            0.0
+        },
+        measured_cosine_similarity: if measured_cosine.is_finite() {
+            measured_cosine
+        } else {
+            0.0
+        },
         checks,
         wall_seconds: started.elapsed().as_secs_f64(),
     })
@@ -250,11 +289,28 @@ mod tests {
     fn synthetic_cache_is_deterministic_and_standard_normal() {
         let a = synthetic_cache(1, 2, 64, 64).unwrap();
         let b = synthetic_cache(1, 2, 64, 64).unwrap();
-        let values = a.layers[0].key.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(values, b.layers[0].key.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let values = a.layers[0]
+            .key
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            values,
+            b.layers[0]
+                .key
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
         let n = values.len() as f64;
         let mean = values.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-        let variance = values.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+        let variance = values
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n;
         // 8192 samples: the standard error of the mean is ~0.011.
         assert!(mean.abs() < 0.05, "mean {mean}");
         assert!((variance - 1.0).abs() < 0.06, "variance {variance}");
@@ -262,12 +318,19 @@ mod tests {
 
     #[test]
     fn rmse_and_cosine_match_a_hand_computed_case() {
-        let tensor = |values: &[f32]| Tensor::from_vec(values.to_vec(), (1, 1, 1, 2), &Device::Cpu).unwrap();
+        let tensor =
+            |values: &[f32]| Tensor::from_vec(values.to_vec(), (1, 1, 1, 2), &Device::Cpu).unwrap();
         let original = KvCache {
-            layers: vec![LayerKv { key: tensor(&[3.0, 4.0]), value: tensor(&[1.0, 0.0]) }],
+            layers: vec![LayerKv {
+                key: tensor(&[3.0, 4.0]),
+                value: tensor(&[1.0, 0.0]),
+            }],
         };
         let reconstructed = KvCache {
-            layers: vec![LayerKv { key: tensor(&[3.0, 4.0]), value: tensor(&[0.0, 1.0]) }],
+            layers: vec![LayerKv {
+                key: tensor(&[3.0, 4.0]),
+                value: tensor(&[0.0, 1.0]),
+            }],
         };
         // key: rmse 0, cosine 1; value: rmse sqrt((1+1)/2) = 1, cosine 0.
         let (rmse, cosine) = mean_rmse_and_cosine(&original, &reconstructed).unwrap();

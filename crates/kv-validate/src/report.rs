@@ -142,22 +142,35 @@ impl ValidationReport {
             field("Model", &self.model),
             field("Data", &self.data),
             field("Protocol", &self.protocol),
-            field("Compressor", &format!("{} {}", self.compressor, self.compressor_flags)),
+            field(
+                "Compressor",
+                &format!("{} {}", self.compressor, self.compressor_flags),
+            ),
             field("Cache dtype", &self.cache_dtype),
             String::new(),
             field("Baseline perplexity", &format!("{:.4}", p.baseline)),
             field("Compressed perplexity", &format!("{:.4}", p.compressed)),
-            field("Delta", &format!("{:+.4} ({:+.3}%)", p.delta, p.delta_percent)),
+            field(
+                "Delta",
+                &format!("{:+.4} ({:+.3}%)", p.delta, p.delta_percent),
+            ),
             field(
                 "Per-window mean (original)",
-                &format!("{:.4} -> {:.4}", p.baseline_per_window, p.compressed_per_window),
+                &format!(
+                    "{:.4} -> {:.4}",
+                    p.baseline_per_window, p.compressed_per_window
+                ),
             ),
-            "  (headline figures are token-weighted; the original averaged per-window means)".to_string(),
+            "  (headline figures are token-weighted; the original averaged per-window means)"
+                .to_string(),
         ];
         if let Some(only) = &p.compressed_windows_only {
             lines.push(field(
                 "Compressed windows only",
-                &format!("{:.4} -> {:.4} (delta {:+.4})", only.baseline, only.compressed, only.delta),
+                &format!(
+                    "{:.4} -> {:.4} (delta {:+.4})",
+                    only.baseline, only.compressed, only.delta
+                ),
             ));
         }
         lines.push(String::new());
@@ -165,10 +178,16 @@ impl ValidationReport {
         lines.extend([
             String::new(),
             field("Tokens scored", &self.tokens_scored.to_string()),
-            field("  on a compressed cache", &self.tokens_on_compressed_cache.to_string()),
+            field(
+                "  on a compressed cache",
+                &self.tokens_on_compressed_cache.to_string(),
+            ),
             field(
                 "Windows",
-                &format!("{} ({} with a compressed cache)", self.windows, self.windows_compressed),
+                &format!(
+                    "{} ({} with a compressed cache)",
+                    self.windows, self.windows_compressed
+                ),
             ),
             timing_line(&self.timing),
             String::new(),
@@ -219,13 +238,18 @@ pub(crate) fn compression_lines(figures: &MetricsSummary) -> Vec<String> {
     lines.extend([
         field("RMSE", &format!("{:.6}", figures.rmse)),
         field("SNR", &format!("{:.2} dB", figures.snr_db)),
-        field("Cosine similarity", &format!("{:.6}", figures.cosine_similarity)),
+        field(
+            "Cosine similarity",
+            &format!("{:.6}", figures.cosine_similarity),
+        ),
         field("Max error", &format!("{:.6}", figures.max_error)),
         field(
             "Compressor's grade",
             &format!(
                 "worst {} ({} cache(s) below its thresholds)",
-                figures.worst_quality_level.map_or("-".to_string(), |level| format!("{level:?}").to_uppercase()),
+                figures
+                    .worst_quality_level
+                    .map_or("-".to_string(), |level| format!("{level:?}").to_uppercase()),
                 figures.quality_failures
             ),
         ),
@@ -358,10 +382,15 @@ mod tests {
         let path = dir.path().join("report.json");
         std::fs::write(&path, "stale").unwrap();
         write_json_atomically(&path, &report).unwrap();
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(json["passed"], false);
         assert_eq!(json["windows"], 1);
         assert_eq!(json["compression"]["worst_quality_level"], "POOR");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left behind"
+        );
     }
 }

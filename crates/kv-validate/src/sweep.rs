@@ -26,7 +26,10 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     ("adr002-g64", ""),
     ("adr002-g32", "-group-size 32"),
     ("adr002-g128", "-group-size 128"),
-    ("token-asym4", "-grid asym -key-axis token -value-axis token"),
+    (
+        "token-asym4",
+        "-grid asym -key-axis token -value-axis token",
+    ),
     ("int8", "-bits 8"),
     ("kivi4", "-method kivi -bits 4"),
     ("kivi3", "-method kivi -bits 3"),
@@ -34,14 +37,38 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     ("kivi4-rot", "-method kivi -bits 4 -rotate"),
     ("kivi3-rot", "-method kivi -bits 3 -rotate"),
     ("kivi2-rot", "-method kivi -bits 2 -rotate"),
-    ("kivi4-sink4-recent32", "-method kivi -bits 4 -sink-tokens 4 -recent-tokens 32"),
-    ("kivi4-sym-rot-sink4", "-method kivi -bits 4 -grid sym -rotate -sink-tokens 4"),
-    ("kivi3-sym-rot-sink4", "-method kivi -bits 3 -grid sym -rotate -sink-tokens 4"),
-    ("kivi3-rot-g128-sink4", "-method kivi -bits 3 -rotate -group-size 128 -sink-tokens 4"),
-    ("kivi2-sym-rot-sink4", "-method kivi -bits 2 -grid sym -rotate -sink-tokens 4"),
-    ("kivi2-rot-g128-sink1", "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 1"),
-    ("kivi2-rot-g128-sink4", "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 4"),
-    ("kivi2-rot-g128-sink4-vflat", "-method kivi -bits 2 -value-axis flat -rotate -group-size 128 -sink-tokens 4"),
+    (
+        "kivi4-sink4-recent32",
+        "-method kivi -bits 4 -sink-tokens 4 -recent-tokens 32",
+    ),
+    (
+        "kivi4-sym-rot-sink4",
+        "-method kivi -bits 4 -grid sym -rotate -sink-tokens 4",
+    ),
+    (
+        "kivi3-sym-rot-sink4",
+        "-method kivi -bits 3 -grid sym -rotate -sink-tokens 4",
+    ),
+    (
+        "kivi3-rot-g128-sink4",
+        "-method kivi -bits 3 -rotate -group-size 128 -sink-tokens 4",
+    ),
+    (
+        "kivi2-sym-rot-sink4",
+        "-method kivi -bits 2 -grid sym -rotate -sink-tokens 4",
+    ),
+    (
+        "kivi2-rot-g128-sink1",
+        "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 1",
+    ),
+    (
+        "kivi2-rot-g128-sink4",
+        "-method kivi -bits 2 -rotate -group-size 128 -sink-tokens 4",
+    ),
+    (
+        "kivi2-rot-g128-sink4-vflat",
+        "-method kivi -bits 2 -value-axis flat -rotate -group-size 128 -sink-tokens 4",
+    ),
 ];
 
 /// Why a sweep could not be set up or its outputs written.
@@ -54,12 +81,19 @@ pub enum SweepError {
     #[error("--variant {spec:?}: {flag} needs a value")]
     MissingValue { spec: String, flag: String },
     #[error("--variant {spec:?}: {flag} {value:?} is not a valid number")]
-    BadNumber { spec: String, flag: String, value: String },
+    BadNumber {
+        spec: String,
+        flag: String,
+        value: String,
+    },
     #[error("two sweep variants are labelled {label:?}")]
     DuplicateLabel { label: String },
     /// Boxed: kvformat's error is large, and this one is rare.
     #[error("cannot write {}: {source}", path.display())]
-    Write { path: PathBuf, source: Box<kvformat::Error> },
+    Write {
+        path: PathBuf,
+        source: Box<kvformat::Error>,
+    },
 }
 
 /// One compressor configuration of a sweep.
@@ -76,10 +110,14 @@ impl Variant {
     pub fn parse(spec: &str) -> Result<Self, SweepError> {
         let (label, flags) = spec
             .split_once('=')
-            .ok_or_else(|| SweepError::MissingEquals { spec: spec.to_string() })?;
+            .ok_or_else(|| SweepError::MissingEquals {
+                spec: spec.to_string(),
+            })?;
         let label = label.trim();
         if label.is_empty() {
-            return Err(SweepError::EmptyLabel { spec: spec.to_string() });
+            return Err(SweepError::EmptyLabel {
+                spec: spec.to_string(),
+            });
         }
         let mut settings = CompressSettings::default();
         let mut words = flags.split_whitespace();
@@ -95,7 +133,10 @@ impl Variant {
             }
             let value = inline_value
                 .or_else(|| words.next().map(str::to_string))
-                .ok_or_else(|| SweepError::MissingValue { spec: spec.to_string(), flag: name.to_string() })?;
+                .ok_or_else(|| SweepError::MissingValue {
+                    spec: spec.to_string(),
+                    flag: name.to_string(),
+                })?;
             let bad_number = || SweepError::BadNumber {
                 spec: spec.to_string(),
                 flag: name.to_string(),
@@ -107,14 +148,19 @@ impl Variant {
                 settings.sparsity = value.parse().map_err(|_| bad_number())?;
             }
         }
-        Ok(Variant { label: label.to_string(), settings })
+        Ok(Variant {
+            label: label.to_string(),
+            settings,
+        })
     }
 
     /// [`DEFAULT_MATRIX`] as variants.
     pub fn default_matrix() -> Vec<Variant> {
         DEFAULT_MATRIX
             .iter()
-            .map(|(label, flags)| Variant::parse(&format!("{label}={flags}")).expect("the built-in matrix parses"))
+            .map(|(label, flags)| {
+                Variant::parse(&format!("{label}={flags}")).expect("the built-in matrix parses")
+            })
             .collect()
     }
 }
@@ -122,8 +168,13 @@ impl Variant {
 /// Fails on two variants with the same label (their rows would be ambiguous).
 pub fn ensure_unique_labels(variants: &[Variant]) -> Result<(), SweepError> {
     for (index, variant) in variants.iter().enumerate() {
-        if variants[..index].iter().any(|earlier| earlier.label == variant.label) {
-            return Err(SweepError::DuplicateLabel { label: variant.label.clone() });
+        if variants[..index]
+            .iter()
+            .any(|earlier| earlier.label == variant.label)
+        {
+            return Err(SweepError::DuplicateLabel {
+                label: variant.label.clone(),
+            });
         }
     }
     Ok(())
@@ -185,7 +236,11 @@ impl SweepTable {
                 }
             })
             .collect();
-        rows.sort_by(|a, b| a.bits_per_value.total_cmp(&b.bits_per_value).then(a.delta.total_cmp(&b.delta)));
+        rows.sort_by(|a, b| {
+            a.bits_per_value
+                .total_cmp(&b.bits_per_value)
+                .then(a.delta.total_cmp(&b.delta))
+        });
         let dominated: Vec<bool> = rows
             .iter()
             .map(|row| {
@@ -200,7 +255,10 @@ impl SweepTable {
             row.pareto = !dominated;
         }
         // Sorted by bits then delta: the first passing row is the recommendation.
-        let recommendation = rows.iter().find(|row| row.passed).map(|row| row.label.clone());
+        let recommendation = rows
+            .iter()
+            .find(|row| row.passed)
+            .map(|row| row.label.clone());
         SweepTable {
             baseline_perplexity,
             threshold,
@@ -217,7 +275,9 @@ impl SweepTable {
 
     /// The table as CSV (RFC 4180: a header line, flags quoted).
     pub fn to_csv(&self) -> String {
-        let mut csv = String::from("label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto\n");
+        let mut csv = String::from(
+            "label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto\n",
+        );
         for row in &self.rows {
             csv.push_str(&format!(
                 "{},{},{:.4},{:.4},{:.4},{:.4},{},{}\n",
@@ -236,7 +296,13 @@ impl SweepTable {
 
     /// The table for people: one line per variant, `*` on the Pareto front.
     pub fn render_rows(&self) -> Vec<String> {
-        let label_width = self.rows.iter().map(|row| row.label.len()).max().unwrap_or(0).max("method".len());
+        let label_width = self
+            .rows
+            .iter()
+            .map(|row| row.label.len())
+            .max()
+            .unwrap_or(0)
+            .max("method".len());
         let mut lines = vec![format!(
             "{:<label_width$}  {:>10}  {:>7}  {:>10}  {:>9}  {:<6}  {:<6}  flags",
             "method", "bits/value", "ratio", "perplexity", "delta", "passed", "pareto"
@@ -264,7 +330,10 @@ impl SweepTable {
                 "Recommendation: {} ({:.3} bits/value, delta {:+.4} < threshold {})",
                 row.label, row.bits_per_value, row.delta, self.threshold
             ),
-            None => format!("Recommendation: none; no variant has a delta below the threshold {}", self.threshold),
+            None => format!(
+                "Recommendation: none; no variant has a delta below the threshold {}",
+                self.threshold
+            ),
         }
     }
 }
@@ -296,7 +365,12 @@ pub struct SweepReport {
 
 impl SweepReport {
     /// The report of `evaluation`, whose variants are `variants` in order.
-    pub fn new(run: &RunDescription, evaluation: &Evaluation, variants: &[Variant], cache_dtype: CacheDtype) -> Self {
+    pub fn new(
+        run: &RunDescription,
+        evaluation: &Evaluation,
+        variants: &[Variant],
+        cache_dtype: CacheDtype,
+    ) -> Self {
         let measurements = variants
             .iter()
             .zip(&evaluation.variants)
@@ -326,7 +400,11 @@ impl SweepReport {
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
             windows: evaluation.windows,
             wall_seconds: evaluation.timings.total.as_secs_f64(),
-            table: SweepTable::new(evaluation.baseline.perplexity(), run.threshold, measurements),
+            table: SweepTable::new(
+                evaluation.baseline.perplexity(),
+                run.threshold,
+                measurements,
+            ),
         }
     }
 
@@ -342,11 +420,17 @@ impl SweepReport {
             field("Cache dtype", &self.cache_dtype),
             field(
                 "Tokens scored",
-                &format!("{} ({} on a compressed cache)", self.tokens_scored, self.tokens_on_compressed_cache),
+                &format!(
+                    "{} ({} on a compressed cache)",
+                    self.tokens_scored, self.tokens_on_compressed_cache
+                ),
             ),
             field("Windows", &self.windows.to_string()),
             field("Wall time", &format!("{:.1} s", self.wall_seconds)),
-            field("Baseline perplexity", &format!("{:.4}", self.table.baseline_perplexity)),
+            field(
+                "Baseline perplexity",
+                &format!("{:.4}", self.table.baseline_perplexity),
+            ),
             field("Threshold", &format!("delta < {}", self.table.threshold)),
             String::new(),
         ];
@@ -362,9 +446,14 @@ impl SweepReport {
 /// Writes `text` to `path` atomically (temporary file, fsync, rename).
 pub fn write_text_atomically(path: &Path, text: &str) -> Result<(), SweepError> {
     kvformat::atomic::write_atomically(path, |writer| {
-        writer.write_all(text.as_bytes()).map_err(kvformat::atomic::write_error(path))
+        writer
+            .write_all(text.as_bytes())
+            .map_err(kvformat::atomic::write_error(path))
     })
-    .map_err(|source| SweepError::Write { path: path.to_path_buf(), source: Box::new(source) })
+    .map_err(|source| SweepError::Write {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })
 }
 
 #[cfg(test)]
@@ -383,14 +472,23 @@ pub(crate) mod tests {
 
     /// A table at baseline 10 and threshold 0.5 of (label, bits, perplexity) rows.
     pub(crate) fn table_of(rows: &[(&str, f64, f64)]) -> SweepTable {
-        let measurements = rows.iter().map(|&(label, bits, perplexity)| measurement(label, bits, perplexity));
+        let measurements = rows
+            .iter()
+            .map(|&(label, bits, perplexity)| measurement(label, bits, perplexity));
         SweepTable::new(10.0, 0.5, measurements.collect())
     }
 
     /// Deltas: a 0.9 @4.25, b 0.3 @4.5, c 0.1 @4.5, d 2.0 @2.5, e 0.0 @8.25,
     /// f 1.0 @3.5 (dominated by nothing: fewer bits than a).
     fn table() -> SweepTable {
-        table_of(&[("a", 4.25, 10.9), ("b", 4.5, 10.3), ("c", 4.5, 10.1), ("d", 2.5, 12.0), ("e", 8.25, 10.0), ("f", 3.5, 11.0)])
+        table_of(&[
+            ("a", 4.25, 10.9),
+            ("b", 4.5, 10.3),
+            ("c", 4.5, 10.1),
+            ("d", 2.5, 12.0),
+            ("e", 8.25, 10.0),
+            ("f", 3.5, 11.0),
+        ])
     }
 
     #[test]
@@ -402,7 +500,12 @@ pub(crate) mod tests {
         assert_eq!(passed, [false, false, false, true, true, true]);
         // a (4.25, 0.9) is dominated by f (3.5, 1.0)? No: f's delta is higher.
         // b (4.5, 0.3) is dominated by c (4.5, 0.1): same bits, lower delta.
-        let front: Vec<&str> = table.rows.iter().filter(|r| r.pareto).map(|r| r.label.as_str()).collect();
+        let front: Vec<&str> = table
+            .rows
+            .iter()
+            .filter(|r| r.pareto)
+            .map(|r| r.label.as_str())
+            .collect();
         assert_eq!(front, ["d", "f", "a", "c", "e"]);
         assert!((table.rows[0].delta - 2.0).abs() < 1e-12);
     }
@@ -412,7 +515,9 @@ pub(crate) mod tests {
         let table = table();
         assert_eq!(table.recommendation.as_deref(), Some("c"));
         assert_eq!(table.recommended().unwrap().bits_per_value, 4.5);
-        assert!(table.recommendation_line().starts_with("Recommendation: c (4.500 bits/value, delta +0.1000"));
+        assert!(table
+            .recommendation_line()
+            .starts_with("Recommendation: c (4.500 bits/value, delta +0.1000"));
     }
 
     #[test]
@@ -425,7 +530,14 @@ pub(crate) mod tests {
 
     #[test]
     fn csv_has_a_header_quoted_flags_and_one_line_per_row() {
-        let table = SweepTable::new(20.0, 0.5, vec![measurement("int8", 8.25, 20.002), measurement("odd,\"x\"", 2.5, 28.0)]);
+        let table = SweepTable::new(
+            20.0,
+            0.5,
+            vec![
+                measurement("int8", 8.25, 20.002),
+                measurement("odd,\"x\"", 2.5, 28.0),
+            ],
+        );
         let csv = table.to_csv();
         assert_eq!(
             csv,
@@ -437,14 +549,21 @@ pub(crate) mod tests {
 
     #[test]
     fn variant_flags_split_into_settings_and_pass_through() {
-        let variant = Variant::parse("kivi3 = -method kivi -bits 3 -group-size 32 -rotate").unwrap();
+        let variant =
+            Variant::parse("kivi3 = -method kivi -bits 3 -group-size 32 -rotate").unwrap();
         assert_eq!(variant.label, "kivi3");
         assert_eq!(variant.settings.group_size, 32);
         assert_eq!(variant.settings.sparsity, 0.0);
-        assert_eq!(variant.settings.extra_args, ["-method", "kivi", "-bits", "3", "-rotate"]);
+        assert_eq!(
+            variant.settings.extra_args,
+            ["-method", "kivi", "-bits", "3", "-rotate"]
+        );
 
         let variant = Variant::parse("s=--sparsity=0.25 -group-size=128 -bits=2").unwrap();
-        assert_eq!((variant.settings.group_size, variant.settings.sparsity), (128, 0.25));
+        assert_eq!(
+            (variant.settings.group_size, variant.settings.sparsity),
+            (128, 0.25)
+        );
         assert_eq!(variant.settings.extra_args, ["-bits=2"]);
 
         let plain = Variant::parse("adr002=").unwrap();
@@ -466,12 +585,19 @@ pub(crate) mod tests {
         let matrix = Variant::default_matrix();
         assert_eq!(matrix.len(), DEFAULT_MATRIX.len());
         ensure_unique_labels(&matrix).unwrap();
-        assert_eq!(matrix[0].settings, CompressSettings::default(), "ADR-002 is the reference row");
+        assert_eq!(
+            matrix[0].settings,
+            CompressSettings::default(),
+            "ADR-002 is the reference row"
+        );
         let g128 = matrix.iter().find(|v| v.label == "adr002-g128").unwrap();
         assert_eq!(g128.settings.group_size, 128);
         assert!(g128.settings.extra_args.is_empty());
         let twice = vec![matrix[0].clone(), matrix[0].clone()];
-        assert!(ensure_unique_labels(&twice).unwrap_err().to_string().contains("adr002-g64"));
+        assert!(ensure_unique_labels(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("adr002-g64"));
     }
 
     #[test]
@@ -481,7 +607,11 @@ pub(crate) mod tests {
         std::fs::write(&path, "stale").unwrap();
         write_text_atomically(&path, "fresh\n").unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "fresh\n");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temp file left behind"
+        );
         let missing = dir.path().join("no/such/dir/x.csv");
         assert!(write_text_atomically(&missing, "x").is_err());
     }

@@ -24,18 +24,29 @@ fn locate_follows_env_then_bin_then_path() {
     std::env::set_var("KV_COMPRESS_PATH", &explicit);
     assert_eq!(KvCompress::locate().unwrap().program(), explicit);
     std::env::set_var("KV_COMPRESS_PATH", dir.path().join("absent"));
-    assert!(matches!(KvCompress::locate(), Err(BridgeError::EnvPathNotAFile { .. })));
+    assert!(matches!(
+        KvCompress::locate(),
+        Err(BridgeError::EnvPathNotAFile { .. })
+    ));
     std::env::remove_var("KV_COMPRESS_PATH");
 
     // Nothing beside this test binary (target/*/deps), so PATH is next...
     assert_eq!(KvCompress::locate().unwrap().program(), path_binary);
     // ...unless bin/kv-compress exists under the working directory.
     write_script(&work.join("bin"), "kv-compress", "#!/bin/sh\n");
-    assert_eq!(KvCompress::locate().unwrap().program(), std::path::Path::new("bin/kv-compress"));
+    assert_eq!(
+        KvCompress::locate().unwrap().program(),
+        std::path::Path::new("bin/kv-compress")
+    );
 
     std::fs::remove_file(work.join("bin/kv-compress")).unwrap();
     std::env::set_var("PATH", "");
     let error = KvCompress::locate().unwrap_err();
     assert!(matches!(error, BridgeError::NotFound { .. }));
-    assert!(error.to_string().contains("cargo install --path crates/kv-compress"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("cargo install --path crates/kv-compress"),
+        "{error}"
+    );
 }

@@ -10,8 +10,17 @@ use common::*;
 /// 2 back-to-back windows of 32 context + 16 targets on the prose fixture.
 fn small_run_args<'a>(model_dir: &'a str, prose: &'a str) -> Vec<&'a str> {
     vec![
-        "--model-dir", model_dir, "--text-file", prose, "--context", "32", "--targets", "16",
-        "--max-windows", "2", "--quiet",
+        "--model-dir",
+        model_dir,
+        "--text-file",
+        prose,
+        "--context",
+        "32",
+        "--targets",
+        "16",
+        "--max-windows",
+        "2",
+        "--quiet",
     ]
 }
 
@@ -31,14 +40,22 @@ fn an_exact_reconstruction_scores_exactly_the_baseline() {
 
     let output = kv_validate(&args, &compressor);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(output.stderr.is_empty(), "--quiet prints nothing on stderr");
     assert!(stdout.contains("Status: PASSED"), "{stdout}");
 
     let report = read_json(&json);
     // Same file back, same model code: the scores must be bit-identical.
     assert_eq!(report["perplexity"]["delta"], 0.0);
-    assert_eq!(report["perplexity"]["baseline"], report["perplexity"]["compressed"]);
+    assert_eq!(
+        report["perplexity"]["baseline"],
+        report["perplexity"]["compressed"]
+    );
     let baseline = report["perplexity"]["baseline"].as_f64().unwrap();
     assert!(baseline > 1.0 && baseline.is_finite());
     // 2 windows x 16 targets; 15 of each window's targets ride on the cache.
@@ -74,8 +91,20 @@ fn the_real_compressor_changes_the_scores_and_reports_its_metrics() {
     let json = dir.path().join("report.json");
     let (gguf, prose) = (model.gguf.to_str().unwrap(), prose_path());
     let args = [
-        "--gguf", gguf, "--text-file", prose.to_str().unwrap(), "--context", "64", "--targets", "32",
-        "--max-windows", "2", "--threshold", "1000", "--json", json.to_str().unwrap(),
+        "--gguf",
+        gguf,
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--context",
+        "64",
+        "--targets",
+        "32",
+        "--max-windows",
+        "2",
+        "--threshold",
+        "1000",
+        "--json",
+        json.to_str().unwrap(),
     ];
     let output = kv_validate(&args, &kv_compress());
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -84,7 +113,10 @@ fn the_real_compressor_changes_the_scores_and_reports_its_metrics() {
     assert!(stderr.contains("loading the model"), "{stderr}");
 
     let report = read_json(&json);
-    assert_ne!(report["perplexity"]["delta"], 0.0, "INT4 must change some score");
+    assert_ne!(
+        report["perplexity"]["delta"], 0.0,
+        "INT4 must change some score"
+    );
     let compression = &report["compression"];
     let ratio = compression["compression_ratio"].as_f64().unwrap();
     let (original, compressed) = (
@@ -93,7 +125,10 @@ fn the_real_compressor_changes_the_scores_and_reports_its_metrics() {
     );
     // 2 windows x 3 layers x (key, value) x [1, 2, 64, 16] f32.
     assert_eq!(original, (2 * 3 * 2 * 2 * 64 * 16 * 4) as f64);
-    assert!((ratio - original / compressed).abs() < 1e-9, "ratio {ratio}");
+    assert!(
+        (ratio - original / compressed).abs() < 1e-9,
+        "ratio {ratio}"
+    );
     // ADR-002 on f32 needs at most 32 bytes of codes + a 2-byte scale per
     // 64 values (256 bytes): a ratio of at least 256/34, less container overhead.
     assert!(ratio > 7.0, "ratio {ratio}");
@@ -106,7 +141,12 @@ fn the_real_compressor_changes_the_scores_and_reports_its_metrics() {
 fn quick_test_needs_no_model_and_passes_with_the_real_compressor() {
     let output = kv_validate(&["--quick-test", "--quiet"], &kv_compress());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("22 layers x [1, 4, 256, 64]"), "{stdout}");
     assert!(stdout.contains("[ok] rmse agrees"), "{stdout}");
 }
@@ -128,8 +168,16 @@ PY"#,
     );
     let output = kv_validate(&["--quick-test", "--quiet"], &truncating);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("[FAIL] layout") && stdout.contains("layer_21_value"), "{stdout}");
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("[FAIL] layout") && stdout.contains("layer_21_value"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -138,9 +186,18 @@ fn text_shorter_than_one_window_is_an_error() {
     let model = tiny_model(dir.path());
     let text = dir.path().join("short.txt");
     std::fs::write(&text, "Too short.").unwrap();
-    let args = ["--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", text.to_str().unwrap(), "--quiet"];
+    let args = [
+        "--model-dir",
+        model.hf_dir.to_str().unwrap(),
+        "--text-file",
+        text.to_str().unwrap(),
+        "--quiet",
+    ];
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
-    assert!(error.contains("tokens") && error.contains("longer text"), "{error}");
+    assert!(
+        error.contains("tokens") && error.contains("longer text"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -149,11 +206,23 @@ fn missing_model_files_are_an_error() {
     let prose = prose_path();
     let missing = dir.path().join("no-model");
     std::fs::create_dir(&missing).unwrap();
-    let args = ["--model-dir", missing.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--quiet"];
+    let args = [
+        "--model-dir",
+        missing.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--quiet",
+    ];
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
     assert!(error.contains("no-model"), "{error}");
     let gguf = dir.path().join("absent.gguf");
-    let args = ["--gguf", gguf.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--quiet"];
+    let args = [
+        "--gguf",
+        gguf.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--quiet",
+    ];
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
     assert!(error.contains("absent.gguf"), "{error}");
 }
@@ -161,8 +230,14 @@ fn missing_model_files_are_an_error() {
 #[test]
 fn a_missing_compressor_says_how_to_install_it() {
     let dir = tempfile::tempdir().unwrap();
-    let error = expect_error(&kv_validate(&["--quick-test", "--quiet"], &dir.path().join("nowhere")));
-    assert!(error.contains("cargo install --path crates/kv-compress"), "{error}");
+    let error = expect_error(&kv_validate(
+        &["--quick-test", "--quiet"],
+        &dir.path().join("nowhere"),
+    ));
+    assert!(
+        error.contains("cargo install --path crates/kv-compress"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -174,7 +249,10 @@ fn a_failing_compressor_shows_its_stderr() {
         "#!/bin/sh\necho 'Error: input is haunted' >&2\necho 'second line' >&2\nexit 1\n",
     );
     let error = expect_error(&kv_validate(&["--quick-test", "--quiet"], &failing));
-    assert!(error.contains("Error: input is haunted") && error.contains("second line"), "{error}");
+    assert!(
+        error.contains("Error: input is haunted") && error.contains("second line"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -199,8 +277,14 @@ fn a_reconstruction_whose_sidecar_disagrees_is_an_error() {
 printf '{"num_layers": 3, "num_kv_heads": 2, "seq_len": 7, "head_dim": 16, "dtype": "float32", "model_name": "x"}' > "$sidecar""#,
     );
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
-    let error = expect_error(&kv_validate(&small_run_args(model_dir, prose.to_str().unwrap()), &lying));
-    assert!(error.contains("sidecar") && error.contains("layer_0_key"), "{error}");
+    let error = expect_error(&kv_validate(
+        &small_run_args(model_dir, prose.to_str().unwrap()),
+        &lying,
+    ));
+    assert!(
+        error.contains("sidecar") && error.contains("layer_0_key"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -208,7 +292,12 @@ fn help_teaches_with_examples() {
     let output = kv_validate_with_env(&["--help"], &[]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(output.status.code(), Some(0));
-    for needle in ["--quick-test", "--context 384 --targets 128", "Exit status: 0 passed", "KV_COMPRESS_PATH"] {
+    for needle in [
+        "--quick-test",
+        "--context 384 --targets 128",
+        "Exit status: 0 passed",
+        "KV_COMPRESS_PATH",
+    ] {
         assert!(stdout.contains(needle), "missing {needle:?} in {stdout}");
     }
 }
@@ -222,14 +311,23 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
     let recording = write_script(
         dir.path(),
         "recording-kv-compress",
-        &format!("#!/bin/sh\necho \"$@\" >> '{}'\nexec '{}' \"$@\"\n", log.display(), identity.display()),
+        &format!(
+            "#!/bin/sh\necho \"$@\" >> '{}'\nexec '{}' \"$@\"\n",
+            log.display(),
+            identity.display()
+        ),
     );
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
     let mut args = small_run_args(model_dir, prose.to_str().unwrap());
     args.extend(["--group-size", "32", "--sparsity", "0.25"]);
     args.extend(["--compress-arg", "-bits", "--compress-arg=8"]);
     let output = kv_validate(&args, &recording);
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     let calls: Vec<Vec<String>> = std::fs::read_to_string(&log)
         .unwrap()
@@ -241,14 +339,22 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
     assert_eq!(compress[0], "-input");
     assert!(compress[1].ends_with("context.safetensors"));
     assert_eq!(compress[2], "-output");
-    assert_eq!(compress[4..], ["-group-size", "32", "-sparsity", "0.25", "-bits", "8"]);
-    assert_eq!(decompress[..3], ["-decompress", "-input", compress[3].as_str()]);
+    assert_eq!(
+        compress[4..],
+        ["-group-size", "32", "-sparsity", "0.25", "-bits", "8"]
+    );
+    assert_eq!(
+        decompress[..3],
+        ["-decompress", "-input", compress[3].as_str()]
+    );
     assert_eq!(decompress[3], "-output");
 }
 
 /// The tiny model's context length (positions).
 fn tiny_context() -> usize {
-    kv_validate::tiny::TinyLlama::default().config.max_position_embeddings
+    kv_validate::tiny::TinyLlama::default()
+        .config
+        .max_position_embeddings
 }
 
 #[test]
@@ -258,12 +364,22 @@ fn a_window_longer_than_the_model_context_is_an_error() {
     let prose = prose_path();
     let context = tiny_context().to_string();
     let args = [
-        "--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--context", &context,
-        "--targets", "100", "--quiet",
+        "--model-dir",
+        model.hf_dir.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--context",
+        &context,
+        "--targets",
+        "100",
+        "--quiet",
     ];
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
     let window = format!("a window of {} tokens", tiny_context() + 100);
-    assert!(error.contains(&window) && error.contains(&context), "{error}");
+    assert!(
+        error.contains(&window) && error.contains(&context),
+        "{error}"
+    );
 }
 
 #[test]
@@ -275,15 +391,35 @@ fn the_default_is_the_originals_sliding_window() {
     let json = dir.path().join("report.json");
     let prose = prose_path();
     let args = [
-        "--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--max-windows", "2",
-        "--quiet", "--json", json.to_str().unwrap(),
+        "--model-dir",
+        model.hf_dir.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--max-windows",
+        "2",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
     ];
     let output = kv_validate(&args, &identity_compressor(dir.path()));
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report = read_json(&json);
-    let (window, stride) = (tiny_context().min(2048), (tiny_context().min(2048) / 2).min(512));
+    let (window, stride) = (
+        tiny_context().min(2048),
+        (tiny_context().min(2048) / 2).min(512),
+    );
     let protocol = report["protocol"].as_str().unwrap();
-    assert!(protocol.starts_with(&format!("sliding window of {window} tokens, stride {stride}")), "{protocol}");
+    assert!(
+        protocol.starts_with(&format!(
+            "sliding window of {window} tokens, stride {stride}"
+        )),
+        "{protocol}"
+    );
     assert_eq!(report["tokens_scored"], window - 1 + stride);
     assert_eq!(report["tokens_on_compressed_cache"], stride - 1);
     assert_eq!(report["windows_compressed"], 1);
@@ -295,21 +431,46 @@ fn bench_forward_reports_tokens_per_second_per_context() {
     let model = tiny_model(dir.path());
     let json = dir.path().join("forward.json");
     let model_dir = model.hf_dir.to_str().unwrap();
-    let args = ["--model-dir", model_dir, "--bench-forward", "16,64", "--quiet", "--json", json.to_str().unwrap()];
+    let args = [
+        "--model-dir",
+        model_dir,
+        "--bench-forward",
+        "16,64",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ];
     let output = kv_validate(&args, &identity_compressor(dir.path()));
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let report = read_json(&json);
     let forward = report["forward"].as_array().unwrap();
-    let contexts: Vec<u64> = forward.iter().map(|entry| entry["context"].as_u64().unwrap()).collect();
+    let contexts: Vec<u64> = forward
+        .iter()
+        .map(|entry| entry["context"].as_u64().unwrap())
+        .collect();
     assert_eq!(contexts, [16, 64]);
     for entry in forward {
-        let (seconds, speed) = (entry["seconds"].as_f64().unwrap(), entry["tokens_per_second"].as_f64().unwrap());
+        let (seconds, speed) = (
+            entry["seconds"].as_f64().unwrap(),
+            entry["tokens_per_second"].as_f64().unwrap(),
+        );
         assert!(seconds > 0.0);
         assert!((speed * seconds - entry["context"].as_f64().unwrap()).abs() < 1e-6);
     }
 
     let too_long = (tiny_context() + 1).to_string();
-    let args = ["--model-dir", model_dir, "--bench-forward", &too_long, "--quiet"];
+    let args = [
+        "--model-dir",
+        model_dir,
+        "--bench-forward",
+        &too_long,
+        "--quiet",
+    ];
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
     assert!(error.contains("--bench-forward"), "{error}");
 }

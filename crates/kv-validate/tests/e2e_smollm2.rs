@@ -15,13 +15,31 @@ fn smollm2_int4_costs_perplexity_on_the_prose_fixture() {
     let json = dir.path().join("report.json");
     let prose = prose_path();
     let args = [
-        "--gguf", model.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--context", "384",
-        "--targets", "128", "--max-windows", "2", "--threshold", "5", "--quiet", "--json",
+        "--gguf",
+        model.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--context",
+        "384",
+        "--targets",
+        "128",
+        "--max-windows",
+        "2",
+        "--threshold",
+        "5",
+        "--quiet",
+        "--json",
         json.to_str().unwrap(),
     ];
     let output = kv_validate(&args, &kv_compress());
-    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let perplexity = &report["perplexity"];
     let baseline = perplexity["baseline"].as_f64().unwrap();
     let delta = perplexity["delta"].as_f64().unwrap();

@@ -30,8 +30,17 @@ fn fixture() -> Fixture {
     let files = tiny_model(dir.path());
     let loaded = load_model(&ModelSource::LocalDir(files.hf_dir), &Device::Cpu, false).unwrap();
     let text = std::fs::read_to_string(prose_path()).unwrap();
-    let tokens = loaded.tokenizer.encode(text, true).unwrap().get_ids().to_vec();
-    Fixture { dir, loaded, tokens }
+    let tokens = loaded
+        .tokenizer
+        .encode(text, true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    Fixture {
+        dir,
+        loaded,
+        tokens,
+    }
 }
 
 fn options() -> EvalOptions {
@@ -45,7 +54,10 @@ fn options() -> EvalOptions {
 /// NLLs of a window's scored tokens from ONE forward pass over the whole
 /// window (no cache split), with log-softmax done by hand in f64.
 fn reference_nlls(loaded: &LoadedModel, tokens: &[u32], window: &Window) -> Vec<f64> {
-    let input = Tensor::new(&tokens[window.begin..window.end], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(&tokens[window.begin..window.end], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let (logits, _) = loaded.model.forward(&input, None).unwrap();
     let logits: Vec<Vec<f32>> = logits.i(0).unwrap().to_vec2().unwrap();
     // Position p predicts token p + 1; the first scored token is context_end
@@ -54,8 +66,15 @@ fn reference_nlls(loaded: &LoadedModel, tokens: &[u32], window: &Window) -> Vec<
     (first..window.end)
         .map(|target| {
             let row = &logits[target - 1 - window.begin];
-            let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
-            let log_sum = max + row.iter().map(|&x| (f64::from(x) - max).exp()).sum::<f64>().ln();
+            let max = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            let log_sum = max
+                + row
+                    .iter()
+                    .map(|&x| (f64::from(x) - max).exp())
+                    .sum::<f64>()
+                    .ln();
             log_sum - f64::from(row[tokens[target] as usize])
         })
         .collect()
@@ -63,20 +82,44 @@ fn reference_nlls(loaded: &LoadedModel, tokens: &[u32], window: &Window) -> Vec<
 
 #[test]
 fn baseline_perplexity_equals_a_one_pass_reference() {
-    let Fixture { dir, loaded, tokens } = fixture();
+    let Fixture {
+        dir,
+        loaded,
+        tokens,
+    } = fixture();
     let identity = KvCompress::at(identity_compressor(dir.path()));
     for protocol in [
-        Protocol::ContextTargets { context: 40, targets: 24 },
+        Protocol::ContextTargets {
+            context: 40,
+            targets: 24,
+        },
         // Sliding: the first window has no context, later ones do.
-        Protocol::Sliding { max_len: 64, stride: 32 },
+        Protocol::Sliding {
+            max_len: 64,
+            stride: 32,
+        },
     ] {
         let windows = plan_windows(tokens.len(), protocol, Some(3)).unwrap();
-        let evaluation = evaluate(&loaded.model, &tokens, &windows, &identity, &[CompressSettings::default()], &options()).unwrap();
+        let evaluation = evaluate(
+            &loaded.model,
+            &tokens,
+            &windows,
+            &identity,
+            &[CompressSettings::default()],
+            &options(),
+        )
+        .unwrap();
 
-        let reference: Vec<Vec<f64>> = windows.iter().map(|w| reference_nlls(&loaded, &tokens, w)).collect();
+        let reference: Vec<Vec<f64>> = windows
+            .iter()
+            .map(|w| reference_nlls(&loaded, &tokens, w))
+            .collect();
         let tokens_scored: usize = reference.iter().map(Vec::len).sum();
         let nll_sum: f64 = reference.iter().flatten().sum();
-        let window_means: f64 = reference.iter().map(|n| n.iter().sum::<f64>() / n.len() as f64).sum();
+        let window_means: f64 = reference
+            .iter()
+            .map(|n| n.iter().sum::<f64>() / n.len() as f64)
+            .sum();
         let baseline = &evaluation.baseline;
         assert_eq!(baseline.tokens, tokens_scored, "{protocol:?}");
         let reference_ppl = (nll_sum / tokens_scored as f64).exp();
@@ -99,21 +142,53 @@ fn baseline_perplexity_equals_a_one_pass_reference() {
         let reference_only = (with_cache.iter().sum::<f64>() / with_cache.len() as f64).exp();
         assert!((only.perplexity() / reference_only - 1.0).abs() < 1e-4);
         // The identity reconstruction scores bit-identically.
-        assert_eq!(evaluation.variants[0].nll, evaluation.baseline, "{protocol:?}");
-        assert_eq!(evaluation.variants[0].nll_compressed_windows, *only, "{protocol:?}");
+        assert_eq!(
+            evaluation.variants[0].nll, evaluation.baseline,
+            "{protocol:?}"
+        );
+        assert_eq!(
+            evaluation.variants[0].nll_compressed_windows, *only,
+            "{protocol:?}"
+        );
     }
 }
 
 #[test]
 fn one_prefill_serves_several_variants_in_order() {
-    let Fixture { dir: _model_files, loaded, tokens } = fixture();
-    let windows = plan_windows(tokens.len(), Protocol::ContextTargets { context: 64, targets: 16 }, Some(2)).unwrap();
+    let Fixture {
+        dir: _model_files,
+        loaded,
+        tokens,
+    } = fixture();
+    let windows = plan_windows(
+        tokens.len(),
+        Protocol::ContextTargets {
+            context: 64,
+            targets: 16,
+        },
+        Some(2),
+    )
+    .unwrap();
     let compressor = KvCompress::at(kv_compress());
     let variants = [
-        CompressSettings { group_size: 32, ..CompressSettings::default() },
-        CompressSettings { group_size: 128, ..CompressSettings::default() },
+        CompressSettings {
+            group_size: 32,
+            ..CompressSettings::default()
+        },
+        CompressSettings {
+            group_size: 128,
+            ..CompressSettings::default()
+        },
     ];
-    let evaluation = evaluate(&loaded.model, &tokens, &windows, &compressor, &variants, &options()).unwrap();
+    let evaluation = evaluate(
+        &loaded.model,
+        &tokens,
+        &windows,
+        &compressor,
+        &variants,
+        &options(),
+    )
+    .unwrap();
     assert_eq!(evaluation.variants.len(), 2);
     assert_eq!(evaluation.windows_compressed, 2);
     let [fine, coarse] = [&evaluation.variants[0], &evaluation.variants[1]];
@@ -128,8 +203,15 @@ fn one_prefill_serves_several_variants_in_order() {
 
 #[test]
 fn the_real_compressor_reconstructs_within_adr_002_bounds() {
-    let Fixture { dir, loaded, tokens } = fixture();
-    let input = Tensor::new(&tokens[..48], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let Fixture {
+        dir,
+        loaded,
+        tokens,
+    } = fixture();
+    let input = Tensor::new(&tokens[..48], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let (_, cache) = loaded.model.forward_last(&input, None).unwrap();
     let path = dir.path().join("cache.safetensors");
     write_kv_cache(&path, &cache, CacheDtype::F32, "tiny").unwrap();
@@ -137,14 +219,22 @@ fn the_real_compressor_reconstructs_within_adr_002_bounds() {
     let compressor = KvCompress::at(kv_compress());
     let packed = dir.path().join("cache.kvc.safetensors");
     let decoded = dir.path().join("cache.decoded.safetensors");
-    let metrics = compressor.compress(&path, &packed, &CompressSettings::default()).unwrap();
+    let metrics = compressor
+        .compress(&path, &packed, &CompressSettings::default())
+        .unwrap();
     compressor.decompress(&packed, &decoded).unwrap();
     let (restored, sidecar) = read_kv_cache(&decoded, &Device::Cpu).unwrap();
-    assert_eq!((sidecar.num_layers, sidecar.seq_len, sidecar.head_dim), (3, 48, 16));
+    assert_eq!(
+        (sidecar.num_layers, sidecar.seq_len, sidecar.head_dim),
+        (3, 48, 16)
+    );
 
     let mut worst = 0f32;
     for (original, restored) in cache.layers.iter().zip(&restored.layers) {
-        for (a, b) in [(&original.key, &restored.key), (&original.value, &restored.value)] {
+        for (a, b) in [
+            (&original.key, &restored.key),
+            (&original.value, &restored.value),
+        ] {
             let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             // Groups of 64 consecutive values, scale = max|x| / 7, error <= scale / 2
@@ -152,14 +242,21 @@ fn the_real_compressor_reconstructs_within_adr_002_bounds() {
             for (group_a, group_b) in a.chunks(64).zip(b.chunks(64)) {
                 let scale = group_a.iter().fold(0f32, |m, x| m.max(x.abs())) / 7.0;
                 for (x, y) in group_a.iter().zip(group_b) {
-                    assert!((x - y).abs() <= scale * 0.5 * 1.01 + 1e-3, "{x} -> {y}, scale {scale}");
+                    assert!(
+                        (x - y).abs() <= scale * 0.5 * 1.01 + 1e-3,
+                        "{x} -> {y}, scale {scale}"
+                    );
                     worst = worst.max((x - y).abs());
                 }
             }
         }
     }
     assert!(worst > 0.0, "INT4 cannot be exact on model activations");
-    assert!((f64::from(worst) - metrics.max_error).abs() < 1e-3, "{worst} vs {}", metrics.max_error);
+    assert!(
+        (f64::from(worst) - metrics.max_error).abs() < 1e-3,
+        "{worst} vs {}",
+        metrics.max_error
+    );
 }
 
 #[test]
@@ -182,10 +279,19 @@ for dtype, name in [(np.float16, "float16"), (np.float32, "float32")]:
     with open(f"{sys.argv[1]}/py_{name}.metadata.json", "w") as f:
         json.dump(meta, f)
 "#;
-    let status = Command::new("python3").arg("-c").arg(script).arg(dir.path()).status().expect("python3 runs");
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(dir.path())
+        .status()
+        .expect("python3 runs");
     assert!(status.success());
     for dtype in ["float16", "float32"] {
-        let (cache, sidecar) = read_kv_cache(&dir.path().join(format!("py_{dtype}.safetensors")), &Device::Cpu).unwrap();
+        let (cache, sidecar) = read_kv_cache(
+            &dir.path().join(format!("py_{dtype}.safetensors")),
+            &Device::Cpu,
+        )
+        .unwrap();
         assert_eq!(sidecar.dtype, dtype);
         assert_eq!(cache.layers.len(), 2);
         for (layer, kv) in cache.layers.iter().enumerate() {
@@ -212,7 +318,10 @@ fn caches_we_write_load_in_python_like_load_kv_cache() {
     };
     let cache = kv_validate::model::KvCache {
         layers: (0..3)
-            .map(|layer| kv_validate::model::LayerKv { key: tensor(layer as f32), value: tensor(-(layer as f32)) })
+            .map(|layer| kv_validate::model::LayerKv {
+                key: tensor(layer as f32),
+                value: tensor(-(layer as f32)),
+            })
             .collect(),
     };
     let path = dir.path().join("ours.safetensors");
@@ -234,21 +343,59 @@ for i in range(3):
         assert t.dtype == np.float16 and t.shape == (1, 2, 4, 8), (t.dtype, t.shape)
         np.testing.assert_array_equal(t.astype(np.float32).ravel(), base + sign * i)
 "#;
-    let output = Command::new("python3").arg("-c").arg(script).arg(&path).output().expect("python3 runs");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&path)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 #[test]
 fn windows_without_targets_or_past_the_text_are_refused() {
-    let Fixture { dir, loaded, tokens } = fixture();
+    let Fixture {
+        dir,
+        loaded,
+        tokens,
+    } = fixture();
     let identity = KvCompress::at(identity_compressor(dir.path()));
     let bad = [
-        Window { begin: 0, context_end: 5, end: 5 },
-        Window { begin: 0, context_end: 5, end: tokens.len() + 1 },
-        Window { begin: 6, context_end: 5, end: 9 },
+        Window {
+            begin: 0,
+            context_end: 5,
+            end: 5,
+        },
+        Window {
+            begin: 0,
+            context_end: 5,
+            end: tokens.len() + 1,
+        },
+        Window {
+            begin: 6,
+            context_end: 5,
+            end: 9,
+        },
     ];
     for window in bad {
-        let result = evaluate(&loaded.model, &tokens, &[window], &identity, &[CompressSettings::default()], &options());
-        assert!(matches!(result, Err(kv_validate::evaluate::EvalError::WindowOutOfRange { .. })), "{window:?}");
+        let result = evaluate(
+            &loaded.model,
+            &tokens,
+            &[window],
+            &identity,
+            &[CompressSettings::default()],
+            &options(),
+        );
+        assert!(
+            matches!(
+                result,
+                Err(kv_validate::evaluate::EvalError::WindowOutOfRange { .. })
+            ),
+            "{window:?}"
+        );
     }
 }

@@ -47,7 +47,11 @@ fn respond(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     reader.read_line(&mut request_line).unwrap();
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
     let mut range = None;
     loop {
         let mut line = String::new();
@@ -61,7 +65,8 @@ fn respond(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>) {
         }
     }
     let Some(body) = files.get(&path) else {
-        let _ = stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let _ = stream
+            .write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
         return;
     };
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -70,7 +75,11 @@ fn respond(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>) {
     let (start, end) = match range.as_deref().and_then(|r| r.split_once('-')) {
         Some((start, end)) => {
             let start: usize = start.parse().unwrap();
-            let end = if end.is_empty() { body.len() - 1 } else { end.parse().unwrap() };
+            let end = if end.is_empty() {
+                body.len() - 1
+            } else {
+                end.parse().unwrap()
+            };
             (start, end.min(body.len() - 1))
         }
         None => (0, body.len() - 1),
@@ -89,14 +98,25 @@ fn respond(mut stream: TcpStream, files: &HashMap<String, Vec<u8>>) {
 /// The rows as a snappy-compressed parquet file with one `text` column, as the hub has it.
 fn parquet_bytes(rows: &[&str], dir: &Path) -> Vec<u8> {
     let path = dir.join("test.parquet");
-    let schema = Arc::new(parse_message_type("message schema { OPTIONAL BYTE_ARRAY text (UTF8); }").unwrap());
-    let properties = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
-    let mut writer = SerializedFileWriter::new(std::fs::File::create(&path).unwrap(), schema, properties).unwrap();
+    let schema = Arc::new(
+        parse_message_type("message schema { OPTIONAL BYTE_ARRAY text (UTF8); }").unwrap(),
+    );
+    let properties = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut writer =
+        SerializedFileWriter::new(std::fs::File::create(&path).unwrap(), schema, properties)
+            .unwrap();
     let mut row_group = writer.next_row_group().unwrap();
     let mut column = row_group.next_column().unwrap().unwrap();
     let values: Vec<ByteArray> = rows.iter().map(|row| ByteArray::from(*row)).collect();
     let definition_levels = vec![1i16; rows.len()];
-    column.typed::<ByteArrayType>().write_batch(&values, Some(&definition_levels), None).unwrap();
+    column
+        .typed::<ByteArrayType>()
+        .write_batch(&values, Some(&definition_levels), None)
+        .unwrap();
     column.close().unwrap();
     row_group.close().unwrap();
     writer.close().unwrap();
@@ -104,8 +124,24 @@ fn parquet_bytes(rows: &[&str], dir: &Path) -> Vec<u8> {
 }
 
 /// Runs kv-validate against the hub at `endpoint`; `model` is `--model REPO` or `--model-dir DIR`.
-fn run(endpoint: &str, hf_home: &Path, offline: bool, json: &Path, compressor: &Path, model: [&str; 2]) -> std::process::Output {
-    let args = ["--context", "32", "--targets", "16", "--max-windows", "2", "--json", json.to_str().unwrap()];
+fn run(
+    endpoint: &str,
+    hf_home: &Path,
+    offline: bool,
+    json: &Path,
+    compressor: &Path,
+    model: [&str; 2],
+) -> std::process::Output {
+    let args = [
+        "--context",
+        "32",
+        "--targets",
+        "16",
+        "--max-windows",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ];
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_kv-validate"));
     command
         .args(model)
@@ -132,7 +168,10 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
 
     let mut files = HashMap::new();
     for file in ["config.json", "tokenizer.json", "model.safetensors"] {
-        files.insert(format!("/{MODEL_REPO}/resolve/main/{file}"), std::fs::read(model.hf_dir.join(file)).unwrap());
+        files.insert(
+            format!("/{MODEL_REPO}/resolve/main/{file}"),
+            std::fs::read(model.hf_dir.join(file)).unwrap(),
+        );
     }
     files.insert(
         format!("/datasets/{WIKITEXT_REPO}/resolve/main/{WIKITEXT_TEST_FILE}"),
@@ -147,25 +186,47 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
     let online = run(&endpoint, &hf_home, false, &json, &compressor, hub_model);
     let stderr = String::from_utf8_lossy(&online.stderr);
     assert_eq!(online.status.code(), Some(0), "{stderr}");
-    assert!(requests.load(Ordering::SeqCst) >= 8, "2 requests per file (metadata, body)");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(
+        requests.load(Ordering::SeqCst) >= 8,
+        "2 requests per file (metadata, body)"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(
         report["data"],
         format!("WikiText-2 raw test ({WIKITEXT_REPO}, {} rows)", rows.len())
     );
     // The text scored is the rows joined as the original joined them.
     let tokenizer = TinyLlama::tokenizer().unwrap();
-    let tokens = tokenizer.encode(rows.join(ROW_SEPARATOR), true).unwrap().len();
+    let tokens = tokenizer
+        .encode(rows.join(ROW_SEPARATOR), true)
+        .unwrap()
+        .len();
     let protocol = report["protocol"].as_str().unwrap();
-    assert!(protocol.ends_with(&format!("over {tokens} tokens")), "{protocol} vs {tokens}");
+    assert!(
+        protocol.ends_with(&format!("over {tokens} tokens")),
+        "{protocol} vs {tokens}"
+    );
     assert!(hf_home.join("hub/models--tiny-org--tiny-llama").is_dir());
     assert!(hf_home.join("hub/datasets--Salesforce--wikitext").is_dir());
 
     // Offline, against a dead endpoint: the same figures, no request made.
     let served = requests.load(Ordering::SeqCst);
     let offline_json = dir.path().join("offline.json");
-    let offline = run("http://127.0.0.1:9", &hf_home, true, &offline_json, &compressor, hub_model);
-    assert_eq!(offline.status.code(), Some(0), "{}", String::from_utf8_lossy(&offline.stderr));
+    let offline = run(
+        "http://127.0.0.1:9",
+        &hf_home,
+        true,
+        &offline_json,
+        &compressor,
+        hub_model,
+    );
+    assert_eq!(
+        offline.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
     assert_eq!(requests.load(Ordering::SeqCst), served);
     let offline_report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&offline_json).unwrap()).unwrap();
@@ -175,14 +236,27 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
     let empty_home = dir.path().join("empty-home");
     let model_dir = ["--model-dir", model.hf_dir.to_str().unwrap()];
     for (model, missing_file) in [(hub_model, "config.json"), (model_dir, WIKITEXT_TEST_FILE)] {
-        let missing = run(&endpoint, &empty_home, true, &offline_json, &compressor, model);
+        let missing = run(
+            &endpoint,
+            &empty_home,
+            true,
+            &offline_json,
+            &compressor,
+            model,
+        );
         let stderr = String::from_utf8_lossy(&missing.stderr);
         assert_eq!(missing.status.code(), Some(2), "{stderr}");
         let error = stderr.lines().last().unwrap_or_default();
-        assert!(error.starts_with("error: ") && error.contains("HF_HUB_OFFLINE"), "{stderr}");
+        assert!(
+            error.starts_with("error: ") && error.contains("HF_HUB_OFFLINE"),
+            "{stderr}"
+        );
         assert!(error.contains(missing_file), "{stderr}");
         // Model and data resolve the cache the same way: HF_HOME/hub.
-        assert!(error.contains(&empty_home.join("hub").display().to_string()), "{stderr}");
+        assert!(
+            error.contains(&empty_home.join("hub").display().to_string()),
+            "{stderr}"
+        );
     }
     assert_eq!(requests.load(Ordering::SeqCst), served);
 }

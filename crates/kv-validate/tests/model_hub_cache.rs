@@ -66,7 +66,10 @@ fn offline_hub_loads_from_the_cache_and_names_what_is_missing() {
         Ok(files) => panic!("absent model found: {files:?}"),
         Err(err) => err,
     };
-    assert!(matches!(err, LoadError::Hub(HubError::NotCached { .. })), "{err}");
+    assert!(
+        matches!(err, LoadError::Hub(HubError::NotCached { .. })),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
         format!(
@@ -85,7 +88,10 @@ fn offline_hub_loads_from_the_cache_and_names_what_is_missing() {
         fetched
     );
     let err = fetch_hub_model("tiny-org/absent", "main", false).unwrap_err();
-    assert!(matches!(err, LoadError::Hub(HubError::Download { .. })), "{err}");
+    assert!(
+        matches!(err, LoadError::Hub(HubError::Download { .. })),
+        "{err}"
+    );
     assert!(
         err.to_string().starts_with(
             "cannot fetch config.json of tiny-org/absent@main from http://127.0.0.1:9: "

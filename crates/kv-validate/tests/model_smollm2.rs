@@ -47,7 +47,9 @@ fn argmax(logits: &Tensor) -> u32 {
 
 #[test]
 fn smollm2_config_and_tokenizer_come_from_the_gguf() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
     let loaded = load(&path);
     let config = loaded.model.config();
     assert_eq!(
@@ -182,7 +184,9 @@ fn compare_prefixes(
 
 #[test]
 fn smollm2_logits_match_quantized_llama_on_the_same_gguf() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
     let loaded = load(&path);
     let ids = loaded
         .tokenizer
@@ -206,7 +210,9 @@ fn smollm2_logits_match_quantized_llama_on_the_same_gguf() {
 
 #[test]
 fn smollm2_continues_text_sensibly_through_its_own_cache() {
-    let Some(path) = common::smollm2_gguf() else { return };
+    let Some(path) = common::smollm2_gguf() else {
+        return;
+    };
     let loaded = load(&path);
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let prompt = "The capital of France is";

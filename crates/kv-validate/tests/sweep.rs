@@ -46,11 +46,18 @@ fn kept_bits_per_value(keep: &Path, variant: usize) -> (f64, f64) {
     let per_file = files.iter().map(|path| {
         let packed = PackedFile::open(path).unwrap();
         let tensors = &packed.manifest().tensors;
-        let values: usize = tensors.values().map(|t| t.shape.iter().product::<usize>()).sum();
+        let values: usize = tensors
+            .values()
+            .map(|t| t.shape.iter().product::<usize>())
+            .sum();
         let bits = |bytes: usize| 8.0 * bytes as f64 / values as f64;
-        (bits(tensors.values().map(|t| t.raw_len).sum()), bits(tensors.values().map(|t| t.stored_len).sum()))
+        (
+            bits(tensors.values().map(|t| t.raw_len).sum()),
+            bits(tensors.values().map(|t| t.stored_len).sum()),
+        )
     });
-    let (payload, stored) = per_file.fold((0.0, 0.0), |(p, s), (fp, fs)| (p + fp / 2.0, s + fs / 2.0));
+    let (payload, stored) =
+        per_file.fold((0.0, 0.0), |(p, s), (fp, fs)| (p + fp / 2.0, s + fs / 2.0));
     (payload, stored)
 }
 
@@ -58,13 +65,28 @@ fn run_sweep(dir: &Path, extra: &[&str]) -> (std::process::Output, serde_json::V
     run_sweep_with(dir, extra, &kv_compress())
 }
 
-fn run_sweep_with(dir: &Path, extra: &[&str], compressor: &Path) -> (std::process::Output, serde_json::Value) {
+fn run_sweep_with(
+    dir: &Path,
+    extra: &[&str],
+    compressor: &Path,
+) -> (std::process::Output, serde_json::Value) {
     let model = tiny_model(dir);
     let prose = prose_path();
     let json = dir.join("sweep.json");
     let mut args = vec![
-        "--model-dir", model.hf_dir.to_str().unwrap(), "--text-file", prose.to_str().unwrap(), "--context",
-        CONTEXT, "--targets", "16", "--max-windows", "2", "--quiet", "--json", json.to_str().unwrap(),
+        "--model-dir",
+        model.hf_dir.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--context",
+        CONTEXT,
+        "--targets",
+        "16",
+        "--max-windows",
+        "2",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
     ];
     args.extend(extra);
     let output = kv_validate(&args, compressor);
@@ -75,7 +97,12 @@ fn run_sweep_with(dir: &Path, extra: &[&str], compressor: &Path) -> (std::proces
 }
 
 fn row<'a>(report: &'a serde_json::Value, label: &str) -> &'a serde_json::Value {
-    report["table"]["rows"].as_array().unwrap().iter().find(|row| row["label"] == label).unwrap()
+    report["table"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["label"] == label)
+        .unwrap()
 }
 
 #[test]
@@ -89,13 +116,28 @@ fn a_three_variant_sweep_reports_hand_computed_bits_and_orders_fidelity() {
     let (output, report) = run_sweep_with(
         dir.path(),
         &[
-            "--variant", "int8=-bits 8", "--variant", "kivi4=-method kivi -bits 4", "--variant", "int2=-bits 2",
-            "--threshold", "1000", "--sweep-csv", csv.to_str().unwrap(), "--sweep-plot", svg.to_str().unwrap(),
+            "--variant",
+            "int8=-bits 8",
+            "--variant",
+            "kivi4=-method kivi -bits 4",
+            "--variant",
+            "int2=-bits 2",
+            "--threshold",
+            "1000",
+            "--sweep-csv",
+            csv.to_str().unwrap(),
+            "--sweep-plot",
+            svg.to_str().unwrap(),
         ],
         &compressor,
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 
     // Payloads by hand. Flat groups of 64 with one FP16 scale: bits + 16/64.
     // KIVI 4-bit, asymmetric (FP16 scale + FP16 offset = 32 bits per group):
@@ -103,23 +145,45 @@ fn a_three_variant_sweep_reports_hand_computed_bits_and_orders_fidelity() {
     // token (a group of head_dim 16: +2 bits): (5 + 6) / 2 = 5.5.
     // What is stored may be shorter (an LZ4 block, when it is); the table
     // must count exactly the stored bytes.
-    for (index, (label, payload_bits)) in [("int8", 8.25), ("kivi4", 5.5), ("int2", 2.25)].into_iter().enumerate() {
+    for (index, (label, payload_bits)) in [("int8", 8.25), ("kivi4", 5.5), ("int2", 2.25)]
+        .into_iter()
+        .enumerate()
+    {
         let (payload, stored) = kept_bits_per_value(&keep, index);
-        assert!((payload - payload_bits).abs() < 1e-9, "{label}: payload {payload} bits/value, by hand {payload_bits}");
+        assert!(
+            (payload - payload_bits).abs() < 1e-9,
+            "{label}: payload {payload} bits/value, by hand {payload_bits}"
+        );
         let row = row(&report, label);
         let measured = row["bits_per_value"].as_f64().unwrap();
-        assert!((measured - stored).abs() < 1e-9, "{label}: table {measured} bits/value, stored {stored}\n{stdout}");
+        assert!(
+            (measured - stored).abs() < 1e-9,
+            "{label}: table {measured} bits/value, stored {stored}\n{stdout}"
+        );
         assert!(measured <= payload_bits, "{label}: {measured}");
         let ratio = row["compression_ratio"].as_f64().unwrap();
-        assert!((ratio - 32.0 / measured).abs() < 1e-9, "{label}: ratio {ratio} against the F32 cache");
+        assert!(
+            (ratio - 32.0 / measured).abs() < 1e-9,
+            "{label}: ratio {ratio} against the F32 cache"
+        );
     }
-    let labels: Vec<&str> = report["table"]["rows"].as_array().unwrap().iter().map(|r| r["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> = report["table"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["label"].as_str().unwrap())
+        .collect();
     assert_eq!(labels, ["int2", "kivi4", "int8"], "sorted by bits/value");
 
     // On a random model quantization noise moves perplexity either way; the
     // size of the move still orders INT8 far below 2 bits.
     let delta = |label| row(&report, label)["delta"].as_f64().unwrap();
-    assert!(delta("int8").abs() * 10.0 < delta("int2").abs(), "int8 {} vs int2 {}", delta("int8"), delta("int2"));
+    assert!(
+        delta("int8").abs() * 10.0 < delta("int2").abs(),
+        "int8 {} vs int2 {}",
+        delta("int8"),
+        delta("int2")
+    );
     // Everything passes a threshold of 1000: the fewest bits win.
     assert_eq!(report["table"]["recommendation"], "int2");
     assert!(stdout.contains("Recommendation: int2 ("), "{stdout}");
@@ -130,9 +194,19 @@ fn a_three_variant_sweep_reports_hand_computed_bits_and_orders_fidelity() {
 
     let csv = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}");
-    assert!(csv.lines().nth(1).unwrap().starts_with("int2,\"-group-size 64 -sparsity 0.0 -bits 2\","), "{csv}");
+    assert!(
+        csv.lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("int2,\"-group-size 64 -sparsity 0.0 -bits 2\","),
+        "{csv}"
+    );
     let svg = std::fs::read_to_string(&svg).unwrap();
-    assert_eq!(svg.matches("<circle cx").count(), 3 + 2, "three points, two legend marks");
+    assert_eq!(
+        svg.matches("<circle cx").count(),
+        3 + 2,
+        "three points, two legend marks"
+    );
 }
 
 #[test]
@@ -142,8 +216,17 @@ fn a_sweep_where_nothing_passes_exits_1_without_a_recommendation() {
     // the Go original, this compressor reports no bits_per_value: the
     // table derives it from the bytes (stored = original F32: 32 bits).
     let identity = identity_compressor(dir.path());
-    let (output, report) = run_sweep_with(dir.path(), &["--variant", "same=-bits 8", "--threshold", "0"], &identity);
-    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stdout));
+    let (output, report) = run_sweep_with(
+        dir.path(),
+        &["--variant", "same=-bits 8", "--threshold", "0"],
+        &identity,
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
     assert!(report["table"]["recommendation"].is_null());
     assert_eq!(row(&report, "same")["delta"], 0.0);
     assert_eq!(row(&report, "same")["bits_per_value"], 32.0);
@@ -155,10 +238,28 @@ fn bad_sweep_flags_are_one_line_errors_with_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let compressor = kv_compress();
     for (args, expected) in [
-        (vec!["--variant", "no-equals-sign", "--quiet"], "expected LABEL=FLAGS"),
-        (vec!["--variant", "a=-bits 8", "--variant", "a=-bits 4", "--quiet"], "two sweep variants are labelled \"a\""),
-        (vec!["--sweep-csv", "x.csv", "--quiet"], "need --sweep or --variant"),
-        (vec!["--sweep", "--quick-test", "--quiet"], "cannot run with --quick-test"),
+        (
+            vec!["--variant", "no-equals-sign", "--quiet"],
+            "expected LABEL=FLAGS",
+        ),
+        (
+            vec![
+                "--variant",
+                "a=-bits 8",
+                "--variant",
+                "a=-bits 4",
+                "--quiet",
+            ],
+            "two sweep variants are labelled \"a\"",
+        ),
+        (
+            vec!["--sweep-csv", "x.csv", "--quiet"],
+            "need --sweep or --variant",
+        ),
+        (
+            vec!["--sweep", "--quick-test", "--quiet"],
+            "cannot run with --quick-test",
+        ),
     ] {
         let stderr = expect_error(&kv_validate(&args, &compressor));
         assert!(stderr.contains(expected), "{args:?}: {stderr}");

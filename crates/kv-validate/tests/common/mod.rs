@@ -28,7 +28,10 @@ pub fn smollm2_gguf() -> Option<PathBuf> {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/models"));
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.is_file() {
-        eprintln!("skipped: {} is absent; run `cargo xtask fetch-model`", path.display());
+        eprintln!(
+            "skipped: {} is absent; run `cargo xtask fetch-model`",
+            path.display()
+        );
         return None;
     }
     Some(path)
