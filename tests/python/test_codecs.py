@@ -196,6 +196,7 @@ def main(directory):
     directory = pathlib.Path(directory)
     cases = json.loads((directory / "cases.json").read_text())
     failures = []
+    squared_errors = {}
     for case in cases:
         name, shape, params, layout = case["name"], case["shape"], case["params"], case["layout"]
         payload = (directory / f"{name}.payload").read_bytes()
@@ -213,7 +214,16 @@ def main(directory):
                 reencoded, dtype = encode_adr002(values, params["group_size"])
                 assert dtype == layout["scale_dtype"], f"scale dtype {dtype} vs {layout['scale_dtype']}"
                 assert reencoded == payload, "numpy ADR-002 payload differs from Rust's"
-            print(f"ok   {name}" + (" (decoded and re-encoded)" if adr002 else " (decoded)"))
+            squared_errors[name] = float(np.sum((decoded.astype(np.float64) - values) ** 2))
+            note = " (decoded and re-encoded)" if adr002 else " (decoded)"
+            if params.get("fit") == "mse":
+                # Least-squares params must beat min/max ones on the same values.
+                min_max = name.removesuffix("_fit_mse")
+                assert squared_errors[name] < squared_errors[min_max], (
+                    f"squared error {squared_errors[name]} not below {min_max}'s {squared_errors[min_max]}"
+                )
+                note = f" (decoded; squared error {squared_errors[name]:.4g} < {min_max}'s {squared_errors[min_max]:.4g})"
+            print(f"ok   {name}{note}")
         except AssertionError as error:
             failures.append(name)
             print(f"FAIL {name}: {error}")

@@ -10,7 +10,7 @@
 
 use half::f16;
 use kvformat::codec::{
-    decode, decode_into, encode, payload_len, Axis, CodecError, CodecParams, Grid, Layout,
+    decode, decode_into, encode, payload_len, Axis, CodecError, CodecParams, Fit, Grid, Layout,
     ScaleDtype, SparseForm,
 };
 use proptest::prelude::*;
@@ -87,6 +87,7 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
                 sink_tokens: if four_d { sink } else { 0 },
                 recent_tokens: if four_d { recent } else { 0 },
                 sparsity,
+                fit: Fit::MinMax,
             },
         )
 }
@@ -551,6 +552,30 @@ proptest! {
             if sparse.layout.sparse_form == SparseForm::Dense && sparse.layout.scale_dtype == dense.layout.scale_dtype {
                 prop_assert_eq!(sparse.payload.len(), dense.payload.len());
             }
+        }
+    }
+
+    /// `-fit mse` only moves scales and offsets: the same payload size, and
+    /// a total squared error no larger than min/max's.
+    #[test]
+    fn mse_fit_never_does_worse_than_min_max((shape, params, values) in case()) {
+        let fitted = CodecParams { fit: Fit::Mse, ..params.clone() };
+        if let (Ok(min_max), Ok(mse)) = (encode(&values, &shape, &params), encode(&values, &shape, &fitted)) {
+            if min_max.layout.scale_dtype == mse.layout.scale_dtype {
+                prop_assert_eq!(min_max.payload.len(), mse.payload.len());
+            }
+            let squared_error = |encoded: &kvformat::codec::Encoded, params: &CodecParams| -> f64 {
+                let restored = decode(&encoded.payload, &shape, params, &encoded.layout).unwrap();
+                restored.iter().zip(&values).map(|(&r, &v)| (f64::from(r) - f64::from(v)).powi(2)).sum()
+            };
+            let (min_max_error, mse_error) = (squared_error(&min_max, &params), squared_error(&mse, &fitted));
+            // The fit judges in f64; decoding (and rotating back) rounds
+            // each value to f32, an error of order f32::EPSILON·|x|.
+            let energy: f64 = values.iter().map(|&v| f64::from(v).powi(2)).sum();
+            prop_assert!(
+                mse_error <= min_max_error * (1.0 + 1e-6) + 1e-12 * energy,
+                "mse fit {} > min/max {}", mse_error, min_max_error
+            );
         }
     }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kvformat::codec::{decode, encode, Axis, CodecParams, Grid};
+use kvformat::codec::{decode, encode, Axis, CodecParams, Fit, Grid};
 
 /// A deterministic mix of magnitudes with an outlier channel every 8 values.
 fn sample_values(count: usize, salt: u32) -> Vec<f32> {
@@ -105,6 +105,20 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             CodecParams {
                 bits: 2,
                 group_size: 3,
+                ..kivi_keys.clone()
+            },
+            sample_values(84, 7),
+        ),
+        // The same values and layout with least-squares group params: the
+        // payload format is the same, only the encoder's choice differs
+        // (the script checks its error is below asym2_channel's).
+        (
+            "asym2_channel_fit_mse",
+            vec![1, 3, 7, 4],
+            CodecParams {
+                bits: 2,
+                group_size: 3,
+                fit: Fit::Mse,
                 ..kivi_keys.clone()
             },
             sample_values(84, 7),

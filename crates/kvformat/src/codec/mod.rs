@@ -6,6 +6,7 @@
 //! every metric is computed on, so compressor and decompressor agree bit for bit.
 
 mod bitpack;
+mod fit;
 mod groups;
 mod kept_tokens;
 mod quantizer;
@@ -48,6 +49,25 @@ pub enum Axis {
     Channel,
 }
 
+/// How the encoder chooses a group's scale (and offset). Decoding does not
+/// depend on it: either way a value is `code·scale + offset`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// The grid spans the group's extremes (ADR-002, KIVI): `|error| <= scale / 2`.
+    #[default]
+    MinMax,
+    /// Least squares: the parameters that minimize the group's squared error,
+    /// clipping outliers where that pays (see `fit.rs`).
+    Mse,
+}
+
+impl Fit {
+    fn is_min_max(&self) -> bool {
+        *self == Fit::MinMax
+    }
+}
+
 /// Everything that decides how a tensor is encoded. Stored per tensor in the
 /// compressed file's manifest, so decoding needs nothing else.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,6 +86,9 @@ pub struct CodecParams {
     /// Fraction of smallest-magnitude values dropped (decode to 0; stored as
     /// the layout's [`SparseForm`] says).
     pub sparsity: f64,
+    /// Absent from manifests (and so from files) that use the default.
+    #[serde(default, skip_serializing_if = "Fit::is_min_max")]
+    pub fit: Fit,
 }
 
 impl CodecParams {
@@ -80,6 +103,7 @@ impl CodecParams {
             sink_tokens: 0,
             recent_tokens: 0,
             sparsity: 0.0,
+            fit: Fit::MinMax,
         }
     }
 }
@@ -336,7 +360,7 @@ fn encode_in_form(
     let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
 
     let range = params.code_range();
-    if params.grid == Grid::Symmetric && grouped_mask.is_none() {
+    if params.grid == Grid::Symmetric && grouped_mask.is_none() && params.fit == Fit::MinMax {
         let layout = Layout {
             scale_dtype: ScaleDtype::F16,
             sparse_form: form,
@@ -359,7 +383,7 @@ fn encode_in_form(
         }
     }
     let group_params =
-        quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range);
+        quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range, params.fit);
     let codes = quantizer::quantize(
         &grouped,
         grouped_mask.as_deref(),
@@ -847,7 +871,7 @@ mod tests {
             };
             let plan = Plan::new(&shape, &params).unwrap();
             let range = params.code_range();
-            let general = quantizer::group_params(&values, None, &plan.geometry, range);
+            let general = quantizer::group_params(&values, None, &plan.geometry, range, Fit::MinMax);
             let codes = quantizer::quantize(&values, None, &plan.geometry, range, &general);
             let mut expected = Vec::new();
             write_scales(&general.scales, general.dtype, &mut expected);

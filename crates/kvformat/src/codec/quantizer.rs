@@ -10,8 +10,9 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::bitpack;
+use super::fit;
 use super::groups::GroupGeometry;
-use super::Grid;
+use super::{Fit, Grid};
 
 /// Scale of a group with nothing to scale (all zeros, constant, or all
 /// dropped): the smallest positive normal f16, 2^-14, so it is never 0.
@@ -185,14 +186,43 @@ fn to_normal_f16(x: f32, allow_zero: bool) -> Option<f32> {
 
 /// Scale and offset before the storage dtype is applied.
 #[derive(Clone, Copy, Debug)]
-struct ExactParams {
-    /// `max|x| / qmax` (symmetric) or `(max - min) / (2^b - 1)` (asymmetric); 0 for a flat group.
-    scale: f32,
-    /// `min` (asymmetric), 0 (symmetric).
-    offset: f32,
+pub(crate) struct ExactParams {
+    /// `max|x| / qmax` (symmetric) or `(max - min) / (2^b - 1)` (asymmetric),
+    /// unless fitted; 0 for a flat group.
+    pub scale: f32,
+    /// `min` (asymmetric) unless fitted, 0 (symmetric).
+    pub offset: f32,
 }
 
 impl ExactParams {
+    /// The parameters `fit` chooses for one group's values (`kept` of them),
+    /// for scales stored as `storage`.
+    fn of_group(
+        values: &[f32],
+        kept: Option<&[bool]>,
+        range: CodeRange,
+        fit: Fit,
+        storage: ScaleDtype,
+    ) -> Self {
+        let start = ExactParams::new(range, extremes(values, kept, range.grid));
+        if fit == Fit::MinMax {
+            return start;
+        }
+        let kept_values: Vec<f32> = match kept {
+            None => values.to_vec(),
+            Some(kept) => values.iter().zip(kept).filter(|(_, &k)| k).map(|(&x, _)| x).collect(),
+        };
+        match range.grid {
+            Grid::Symmetric => {
+                let (qmin, qmax) = range.symmetric_codes();
+                fit::symmetric(&kept_values, (f64::from(qmin), f64::from(qmax)), start, storage)
+            }
+            Grid::Asymmetric => {
+                fit::asymmetric(&kept_values, range.asymmetric_max(), start, storage)
+            }
+        }
+    }
+
     fn new(range: CodeRange, extremes: Extremes) -> Self {
         match extremes {
             Extremes::MaxAbs(max_abs) => ExactParams {
@@ -211,7 +241,7 @@ impl ExactParams {
         }
     }
 
-    fn stored_f16(self) -> Option<(f32, f32)> {
+    pub(crate) fn stored_f16(self) -> Option<(f32, f32)> {
         let scale = if self.scale == 0.0 {
             ZERO_GROUP_SCALE
         } else {
@@ -220,7 +250,7 @@ impl ExactParams {
         Some((scale, to_normal_f16(self.offset, true)?))
     }
 
-    fn stored_f32(self) -> (f32, f32) {
+    pub(crate) fn stored_f32(self) -> (f32, f32) {
         let scale = if self.scale == 0.0 {
             ZERO_GROUP_SCALE
         } else {
@@ -238,23 +268,32 @@ pub(crate) fn group_params(
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
     range: CodeRange,
+    fit: Fit,
 ) -> GroupParams {
-    let exact: Vec<ExactParams> = (0..geometry.group_count())
-        .into_par_iter()
-        .with_min_len(GROUPS_PER_TASK)
-        .map(|group| {
-            let span = geometry.range(group);
-            let kept = kept.map(|kept| &kept[span.clone()]);
-            ExactParams::new(range, extremes(&values[span], kept, range.grid))
-        })
-        .collect();
+    let exact_params = |storage: ScaleDtype| -> Vec<ExactParams> {
+        (0..geometry.group_count())
+            .into_par_iter()
+            .with_min_len(GROUPS_PER_TASK)
+            .map(|group| {
+                let span = geometry.range(group);
+                let kept = kept.map(|kept| &kept[span.clone()]);
+                ExactParams::of_group(&values[span], kept, range, fit, storage)
+            })
+            .collect()
+    };
+    let exact = exact_params(ScaleDtype::F16);
     let as_f16: Option<Vec<(f32, f32)>> = exact.par_iter().map(|p| p.stored_f16()).collect();
     let (dtype, stored) = match as_f16 {
         Some(stored) => (ScaleDtype::F16, stored),
-        None => (
-            ScaleDtype::F32,
-            exact.par_iter().map(|p| p.stored_f32()).collect(),
-        ),
+        None => {
+            // A fit judged its candidates as f16 would store them; judge
+            // them again as they will be stored.
+            let exact = match fit {
+                Fit::MinMax => exact,
+                Fit::Mse => exact_params(ScaleDtype::F32),
+            };
+            (ScaleDtype::F32, exact.par_iter().map(|p| p.stored_f32()).collect())
+        }
     };
     let (scales, offsets): (Vec<f32>, Vec<f32>) = stored.into_iter().unzip();
     let offsets = match range.grid {
