@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
-pub use kvformat::codec::{Axis, Grid};
+pub use kvformat::codec::{Axis, Fit, Grid};
 
 /// Seed of `-rotate` when `-rotate-seed` is not given (documented in docs/format.md).
 pub const DEFAULT_ROTATE_SEED: u64 = 0x6b76_636f_6d70; // "kvcomp"
@@ -31,6 +31,9 @@ pub struct Options {
     pub input: Option<PathBuf>,
     pub output: Option<PathBuf>,
     pub group_size: usize,
+    /// `None`: `group_size`.
+    pub key_group_size: Option<usize>,
+    pub value_group_size: Option<usize>,
     pub sparsity: f64,
     pub verbose: bool,
     pub metrics_only: bool,
@@ -38,6 +41,10 @@ pub struct Options {
     pub reconstruct: bool,
     pub method: Method,
     pub bits: u8,
+    /// `None`: `bits`.
+    pub key_bits: Option<u8>,
+    pub value_bits: Option<u8>,
+    pub fit: Fit,
     /// `None`: the method's grid.
     pub grid: Option<Grid>,
     pub key_axis: Option<Axis>,
@@ -54,6 +61,8 @@ impl Default for Options {
             input: None,
             output: None,
             group_size: 64,
+            key_group_size: None,
+            value_group_size: None,
             sparsity: 0.0,
             verbose: false,
             metrics_only: false,
@@ -61,6 +70,9 @@ impl Default for Options {
             reconstruct: false,
             method: Method::Adr002,
             bits: 4,
+            key_bits: None,
+            value_bits: None,
+            fit: Fit::MinMax,
             grid: None,
             key_axis: None,
             value_axis: None,
@@ -117,6 +129,8 @@ Flags:
   -input string        input file (a KV cache, or a packed file with -decompress)
   -output string       output file (required unless -metrics-only)
   -group-size int      values per quantization group: a power of two, 8..1024 (default 64)
+  -key-group-size int  group size of *_key tensors (default: -group-size)
+  -value-group-size int  group size of other tensors (default: -group-size)
   -sparsity float      fraction in [0, 1) of smallest-magnitude values dropped to 0; shrinks the file above 1/bits (0.25 at 4 bits), never grows it on the symmetric grid (default 0)
   -metrics-only        compress in memory, print metrics, write nothing
   -decompress          restore a packed file to a KV cache in its original dtypes
@@ -125,7 +139,13 @@ Flags:
   -method string       preset: adr002 (default: 4-bit symmetric flat groups) or kivi
                        (asymmetric, keys per channel along tokens, values per token)
   -bits int            bits per code: 2, 3, 4 or 8 (default 4)
+  -key-bits int        bits per code of *_key tensors (default: -bits)
+  -value-bits int      bits per code of other tensors (default: -bits)
   -grid string         sym or asym (default: the method's)
+  -fit string          how each group's scale is chosen: minmax (the grid spans the
+                       group, as ADR-002 and KIVI do) or mse (least squares, clips
+                       outliers where that lowers the error; best below 4 bits)
+                       (default minmax)
   -key-axis string     groups of *_key tensors: flat, token or channel (default: the method's)
   -value-axis string   groups of other tensors: flat, token or channel (default: the method's)
   -rotate              randomized Hadamard rotation of each head vector before quantizing
@@ -190,7 +210,7 @@ enum FlagKind {
 fn flag_kind(name: &str) -> Option<FlagKind> {
     match name {
         "verbose" | "metrics-only" | "decompress" | "reconstruct" | "rotate" => Some(FlagKind::Bool),
-        "input" | "output" | "group-size" | "sparsity" | "method" | "bits" | "grid" | "key-axis" | "value-axis"
+        "input" | "output" | "group-size" | "key-group-size" | "value-group-size" | "sparsity" | "method" | "bits" | "key-bits" | "value-bits" | "fit" | "grid" | "key-axis" | "value-axis"
         | "rotate-seed" | "sink-tokens" | "recent-tokens" => Some(FlagKind::Value),
         _ => None,
     }
@@ -215,13 +235,17 @@ fn set(options: &mut Options, name: &str, value: &str) -> Result<(), FlagError> 
         "decompress" => options.decompress = boolean()?,
         "reconstruct" => options.reconstruct = boolean()?,
         "rotate" => options.rotate = boolean()?,
-        "group-size" => {
+        "group-size" | "key-group-size" | "value-group-size" => {
             let size = parse_int(value).ok_or_else(|| invalid("parse error"))?;
             let size = usize::try_from(size)
                 .ok()
                 .filter(|s| s.is_power_of_two() && GROUP_SIZE_RANGE.contains(s))
                 .ok_or_else(|| invalid("must be a power of two from 8 to 1024 (32, 64 or 128 as documented)"))?;
-            options.group_size = size;
+            match name {
+                "group-size" => options.group_size = size,
+                "key-group-size" => options.key_group_size = Some(size),
+                _ => options.value_group_size = Some(size),
+            }
         }
         "sparsity" => {
             let sparsity: f64 = parse_float(value).ok_or_else(|| invalid("parse error"))?;
@@ -230,13 +254,25 @@ fn set(options: &mut Options, name: &str, value: &str) -> Result<(), FlagError> 
             }
             options.sparsity = sparsity;
         }
-        "bits" => {
-            options.bits = match parse_int(value).ok_or_else(|| invalid("parse error"))? {
+        "bits" | "key-bits" | "value-bits" => {
+            let bits = match parse_int(value).ok_or_else(|| invalid("parse error"))? {
                 2 => 2,
                 3 => 3,
                 4 => 4,
                 8 => 8,
                 _ => return Err(invalid("must be 2, 3, 4 or 8")),
+            };
+            match name {
+                "bits" => options.bits = bits,
+                "key-bits" => options.key_bits = Some(bits),
+                _ => options.value_bits = Some(bits),
+            }
+        }
+        "fit" => {
+            options.fit = match value {
+                "minmax" => Fit::MinMax,
+                "mse" => Fit::Mse,
+                _ => return Err(invalid("must be minmax or mse")),
             }
         }
         "method" => {
@@ -447,6 +483,11 @@ mod tests {
             &["-sparsity", "nan"],
             &["-sparsity", "inf"],
             &["-bits", "5"],
+            &["-key-bits", "1"],
+            &["-value-bits", "16"],
+            &["-key-group-size", "100"],
+            &["-value-group-size", "0"],
+            &["-fit", "best"],
             &["-grid", "both"],
             &["-key-axis", "row"],
             &["-method", "zip"],

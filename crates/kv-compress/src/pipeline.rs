@@ -26,27 +26,37 @@ pub enum Error {
     File(#[from] kvformat::Error),
 }
 
-/// The codec settings of one tensor: `*_key` tensors take the key axis,
-/// every other tensor the value axis; unset flags take the method's choice.
+/// The codec settings of one tensor: `*_key` tensors take the key axis, bits
+/// and group size, every other tensor the value ones; unset flags take the
+/// method's choice (axes), `-bits` or `-group-size`.
 pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
     let (grid, key_axis, value_axis) = match options.method {
         Method::Adr002 => (Grid::Symmetric, Axis::Flat, Axis::Flat),
         Method::Kivi => (Grid::Asymmetric, Axis::Channel, Axis::Token),
     };
-    let axis = if tensor_name.ends_with("_key") {
-        options.key_axis.unwrap_or(key_axis)
+    let (axis, bits, group_size) = if tensor_name.ends_with("_key") {
+        (
+            options.key_axis.unwrap_or(key_axis),
+            options.key_bits.unwrap_or(options.bits),
+            options.key_group_size.unwrap_or(options.group_size),
+        )
     } else {
-        options.value_axis.unwrap_or(value_axis)
+        (
+            options.value_axis.unwrap_or(value_axis),
+            options.value_bits.unwrap_or(options.bits),
+            options.value_group_size.unwrap_or(options.group_size),
+        )
     };
     CodecParams {
-        bits: options.bits,
+        bits,
         grid: options.grid.unwrap_or(grid),
         axis,
-        group_size: options.group_size,
+        group_size,
         rotation_seed: options.rotate.then_some(options.rotate_seed),
         sink_tokens: options.sink_tokens,
         recent_tokens: options.recent_tokens,
         sparsity: options.sparsity,
+        fit: options.fit,
     }
 }
 
@@ -241,6 +251,7 @@ fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
 mod tests {
     use super::*;
     use crate::flags::{parse, Command};
+    use kvformat::codec::Fit;
 
     fn options(args: &[&str]) -> Options {
         match parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
@@ -275,5 +286,23 @@ mod tests {
         assert_eq!((value.grid, value.axis, value.sink_tokens), (Grid::Symmetric, Axis::Flat, 4));
         assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
         assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
+    }
+
+    #[test]
+    fn key_and_value_flags_override_bits_and_group_size_per_kind() {
+        let o = options(&[
+            "-method", "kivi", "-bits", "2", "-group-size", "64", "-key-bits", "3",
+            "-key-group-size", "128", "-value-group-size=256", "-fit", "mse",
+        ]);
+        let key = params_for(&o, "layer_0_key");
+        let value = params_for(&o, "layer_0_value");
+        assert_eq!((key.bits, key.group_size, key.fit), (3, 128, Fit::Mse));
+        assert_eq!((value.bits, value.group_size, value.fit), (2, 256, Fit::Mse));
+        // Each falls back to the shared flag, and the last setting wins.
+        let o = options(&["-bits", "8", "-value-bits", "2", "-value-bits", "4", "-key-group-size", "32"]);
+        let key = params_for(&o, "layer_0_key");
+        let value = params_for(&o, "layer_0_value");
+        assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));
+        assert_eq!((value.bits, value.group_size), (4, 64));
     }
 }
