@@ -2,8 +2,9 @@
 
 Loads the same GGUF with Hugging Face transformers (dequantized to float32,
 eager attention, the classic PyTorch path the original validator ran) and
-times a prefill of N tokens from an empty cache, as kv-validate's
---bench-forward does. Prints one JSON object on stdout.
+times a forward pass of N tokens from an empty cache, as kv-validate's
+--bench-forward does: with the last position's logits (a prefill) and with
+every position's. Prints one JSON object on stdout.
 
 usage: python torch_forward_bench.py MODEL.gguf 512,2048 [repetitions]
 """
@@ -15,6 +16,15 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM
+
+
+def median_seconds(model, tokens, repetitions, logits_to_keep):
+    times = []
+    for _ in range(repetitions):
+        started = time.perf_counter()
+        model(tokens, use_cache=True, logits_to_keep=logits_to_keep)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -33,15 +43,19 @@ def main() -> None:
     results = []
     for context in contexts:
         tokens = torch.randint(0, model.config.vocab_size, (1, context), generator=generator)
-        times = []
         with torch.inference_mode():
             model(tokens[:, :16])  # warm-up
-            for _ in range(repetitions):
-                started = time.perf_counter()
-                model(tokens, use_cache=True)
-                times.append(time.perf_counter() - started)
-        median = statistics.median(times)
-        results.append({"context": context, "seconds": median, "tokens_per_second": context / median})
+            # logits_to_keep=1: the cache and the last position's logits, as
+            # kv-validate's prefill; 0 (transformers' default): every position.
+            last = median_seconds(model, tokens, repetitions, logits_to_keep=1)
+            every = median_seconds(model, tokens, repetitions, logits_to_keep=0)
+        results.append({
+            "context": context,
+            "seconds": last,
+            "tokens_per_second": context / last,
+            "all_logits_seconds": every,
+            "all_logits_tokens_per_second": context / every,
+        })
     print(json.dumps({
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

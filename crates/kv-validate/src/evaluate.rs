@@ -308,16 +308,21 @@ pub fn evaluate(
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ForwardSpeed {
     pub context: usize,
-    /// Median over runs of the prefill's wall time.
+    /// Median over runs of a prefill's wall time: the cache and the last
+    /// position's logits, what a window's context costs.
     pub seconds: f64,
     pub tokens_per_second: f64,
+    /// The same with logits at every position (what scoring costs, and what
+    /// a plain `model(tokens)` computes in PyTorch).
+    pub all_logits_seconds: f64,
+    pub all_logits_tokens_per_second: f64,
     pub runs: usize,
 }
 
-/// Times a prefill of `context` tokens from an empty cache (what every
-/// window costs), `runs` times per length, after one untimed warm-up at the
-/// shortest. Token ids cycle through the vocabulary: speed does not depend
-/// on which tokens they are.
+/// Times a forward pass of `context` tokens from an empty cache, with the
+/// last position's logits and with all of them, `runs` times each per
+/// length, after one untimed warm-up at the shortest. Token ids cycle
+/// through the vocabulary: speed does not depend on which tokens they are.
 pub fn bench_forward(
     model: &Llama,
     contexts: &[usize],
@@ -328,25 +333,36 @@ pub fn bench_forward(
         .map(|i| (i * 7919 + 1) % vocab)
         .collect();
     if let Some(&shortest) = contexts.iter().min() {
-        model.forward_last(&token_tensor(model, &tokens[..shortest])?, None)?;
+        model.forward(&token_tensor(model, &tokens[..shortest])?, None)?;
     }
+    let median_seconds = |tokens: &Tensor, all_logits: bool| -> Result<f64, EvalError> {
+        let mut seconds = (0..runs.max(1))
+            .map(|_| {
+                let started = Instant::now();
+                if all_logits {
+                    model.forward(tokens, None)?;
+                } else {
+                    model.forward_last(tokens, None)?;
+                }
+                Ok(started.elapsed().as_secs_f64())
+            })
+            .collect::<Result<Vec<f64>, EvalError>>()?;
+        seconds.sort_by(f64::total_cmp);
+        Ok(seconds[seconds.len() / 2])
+    };
     contexts
         .iter()
         .map(|&context| {
-            let mut seconds = (0..runs.max(1))
-                .map(|_| {
-                    let started = Instant::now();
-                    model.forward_last(&token_tensor(model, &tokens[..context])?, None)?;
-                    Ok(started.elapsed().as_secs_f64())
-                })
-                .collect::<Result<Vec<f64>, EvalError>>()?;
-            seconds.sort_by(f64::total_cmp);
-            let median = seconds[seconds.len() / 2];
+            let tokens = token_tensor(model, &tokens[..context])?;
+            let seconds = median_seconds(&tokens, false)?;
+            let all_logits_seconds = median_seconds(&tokens, true)?;
             Ok(ForwardSpeed {
                 context,
-                seconds: median,
-                tokens_per_second: context as f64 / median,
-                runs: seconds.len(),
+                seconds,
+                tokens_per_second: context as f64 / seconds,
+                all_logits_seconds,
+                all_logits_tokens_per_second: context as f64 / all_logits_seconds,
+                runs: runs.max(1),
             })
         })
         .collect()

@@ -112,8 +112,9 @@ struct Cli {
     /// No progress bars or status lines on stderr (the report still prints).
     #[arg(long)]
     quiet: bool,
-    /// Instead of validating, time a prefill of each of these context lengths
-    /// (comma-separated, e.g. 512,2048) and report tokens/s (cargo xtask bench).
+    /// Instead of validating, time a forward pass of each of these context
+    /// lengths (comma-separated, e.g. 512,2048), with the last position's
+    /// logits and with all of them, and report tokens/s (cargo xtask bench).
     #[arg(long, value_name = "N,N,...", value_delimiter = ',', num_args = 1..)]
     bench_forward: Vec<usize>,
     /// Also write the report as JSON to FILE (atomically).
@@ -359,11 +360,17 @@ fn run_forward_benchmark(
     }
     let speeds = bench_forward(&loaded.model, &cli.bench_forward, RUNS)?;
     println!("{}", loaded.description);
-    println!("{:>8}  {:>10}  {:>10}", "context", "seconds", "tokens/s");
+    println!(
+        "{:>8}  {:>10}  {:>10}  {:>12}",
+        "context", "seconds", "tokens/s", "(all logits)"
+    );
     for speed in &speeds {
         println!(
-            "{:>8}  {:>10.3}  {:>10.1}",
-            speed.context, speed.seconds, speed.tokens_per_second
+            "{:>8}  {:>10.3}  {:>10.1}  {:>12.1}",
+            speed.context,
+            speed.seconds,
+            speed.tokens_per_second,
+            speed.all_logits_tokens_per_second
         );
     }
     write_json(
