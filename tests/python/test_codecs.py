@@ -95,6 +95,9 @@ class View:
         return q.reshape(-1), self.n_q
 
 
+OUTLIER_BLOCK = 1 << 16
+
+
 def decode(payload, shape, params, layout):
     view = View(shape, params)
     bits, group_size = params["bits"], params["group_size"]
@@ -111,6 +114,11 @@ def decode(payload, shape, params, layout):
         assert params["grid"] == "symmetric", "dense sparse form on the asymmetric grid"
     n_kept = view.n_q - dropped if sparse else view.n_q
     kept_values = view.heads * len(view.kept_tokens) * view.head_dim
+    # Outliers: floor(F * block length) per block of 65536 grouped values.
+    fraction = params.get("outliers", 0.0)
+    block_lengths = [min(OUTLIER_BLOCK, view.n_q - start) for start in range(0, view.n_q, OUTLIER_BLOCK)]
+    per_block = [math.floor(length * fraction) for length in block_lengths]
+    n_outliers = sum(per_block)
     asymmetric = params["grid"] == "asymmetric"
     sizes = [
         n_groups * width,
@@ -118,6 +126,7 @@ def decode(payload, shape, params, layout):
         2 * kept_values,
         math.ceil(view.n_q / 8) if sparse else 0,
         math.ceil(n_kept * bits / 8),
+        4 * n_outliers,
     ]
     assert len(payload) == sum(sizes), f"payload {len(payload)} bytes, expected {sum(sizes)}"
     sections, at = [], 0
@@ -151,6 +160,12 @@ def decode(payload, shape, params, layout):
             decoded = np.clip((codes - (1 << (bits - 1))).astype(np.float32) * scales[groups], -limit, limit)
     in_group_order = np.zeros(view.n_q, dtype=np.float32)
     in_group_order[stored_positions] = decoded
+    if n_outliers:
+        offsets = np.frombuffer(sections[5][: 2 * n_outliers], dtype="<u2").astype(np.int64)
+        values = np.frombuffer(sections[5][2 * n_outliers :], dtype="<f2").astype(np.float32)
+        block_starts = np.repeat(np.arange(len(per_block)) * OUTLIER_BLOCK, per_block)
+        assert np.all(np.isfinite(values)), "non-finite outlier value"
+        in_group_order[block_starts + offsets] = values
     q = np.zeros(view.n_q, dtype=np.float32)
     q[order] = in_group_order
     q = q.reshape(view.heads, view.mid_len, view.head_dim)
@@ -216,7 +231,7 @@ def main(directory):
                 assert reencoded == payload, "numpy ADR-002 payload differs from Rust's"
             squared_errors[name] = float(np.sum((decoded.astype(np.float64) - values) ** 2))
             note = " (decoded and re-encoded)" if adr002 else " (decoded)"
-            if params.get("fit") == "mse":
+            if name.endswith("_fit_mse"):
                 # Least-squares params must beat min/max ones on the same values.
                 min_max = name.removesuffix("_fit_mse")
                 assert squared_errors[name] < squared_errors[min_max], (

@@ -88,8 +88,16 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
                 recent_tokens: if four_d { recent } else { 0 },
                 sparsity,
                 fit: Fit::MinMax,
+                outliers: 0.0,
             },
         )
+}
+
+/// Outliers of a tensor: `floor(F · n)` per block of 65,536 quantized values.
+fn outlier_count(shape: &[usize], params: &CodecParams) -> usize {
+    let quantized = View::new(shape, params).quantized_count();
+    let per_block = |n: usize| (n as f64 * params.outliers).floor() as usize;
+    per_block(65_536) * (quantized / 65_536) + per_block(quantized % 65_536)
 }
 
 fn case() -> impl Strategy<Value = (Vec<usize>, CodecParams, Vec<f32>)> {
@@ -576,6 +584,45 @@ proptest! {
                 mse_error <= min_max_error * (1.0 + 1e-6) + 1e-12 * energy,
                 "mse fit {} > min/max {}", mse_error, min_max_error
             );
+        }
+    }
+
+    /// Outliers change only the values they keep, each to its f16, and so
+    /// the error by at most those values' f16 rounding; the payload has the
+    /// documented length.
+    #[test]
+    fn outliers_keep_values_as_f16_and_touch_nothing_else(
+        (shape, params, values) in case(),
+        fraction in 0.0f64..0.3,
+    ) {
+        let without = CodecParams { sparsity: 0.0, ..params };
+        let with = CodecParams { outliers: fraction, ..without.clone() };
+        match (encode(&values, &shape, &without), encode(&values, &shape, &with)) {
+            (Ok(plain), Ok(kept)) => {
+                prop_assert_eq!(kept.payload.len(), payload_len(&shape, &with, &kept.layout).unwrap());
+                let plain_values = decode(&plain.payload, &shape, &without, &plain.layout).unwrap();
+                let kept_values = decode(&kept.payload, &shape, &with, &kept.layout).unwrap();
+                let squared = |restored: &[f32]| -> f64 {
+                    restored.iter().zip(&values).map(|(&r, &v)| (f64::from(r) - f64::from(v)).powi(2)).sum()
+                };
+                let f16_rounding: f64 = values
+                    .iter()
+                    .map(|&v| (f64::from(v) - f64::from(f16::from_f32(v).to_f32())).powi(2))
+                    .filter(|e| e.is_finite())
+                    .sum();
+                let energy: f64 = values.iter().map(|&v| f64::from(v).powi(2)).sum();
+                prop_assert!(squared(&kept_values) <= squared(&plain_values) * (1.0 + 1e-6) + f16_rounding + 1e-12 * energy);
+                if without.rotation_seed.is_none() {
+                    let changed = plain_values.iter().zip(&kept_values).zip(&values)
+                        .filter(|((p, k), _)| p.to_bits() != k.to_bits())
+                        .inspect(|((_, &k), &v)| assert_eq!(k, f16::from_f32(v).to_f32()))
+                        .count();
+                    prop_assert!(changed <= outlier_count(&shape, &with));
+                }
+            }
+            (Ok(_), Err(CodecError::OutlierOverflow { .. })) => {}
+            (Err(_), _) => {}
+            (Ok(_), Err(error)) => prop_assert!(false, "{}", error),
         }
     }
 

@@ -123,6 +123,20 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             },
             sample_values(84, 7),
         ),
+        // Outliers kept in FP16: floor(0.04 * 84) = 3 of the rotated values.
+        (
+            "asym2_channel_outliers_rotation",
+            vec![1, 3, 7, 4],
+            CodecParams {
+                bits: 2,
+                group_size: 3,
+                fit: Fit::Mse,
+                outliers: 0.04,
+                rotation_seed: Some(5),
+                ..kivi_keys.clone()
+            },
+            sample_values(84, 7),
+        ),
         (
             "asym3_flat",
             vec![5, 11],

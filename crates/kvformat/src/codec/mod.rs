@@ -9,6 +9,7 @@ mod bitpack;
 mod fit;
 mod groups;
 mod kept_tokens;
+mod outliers;
 mod quantizer;
 mod rotation;
 mod sparsity;
@@ -89,6 +90,14 @@ pub struct CodecParams {
     /// Absent from manifests (and so from files) that use the default.
     #[serde(default, skip_serializing_if = "Fit::is_min_max")]
     pub fit: Fit,
+    /// Fraction of quantized values kept in FP16 beside the codes, the ones
+    /// whose codes err most (see `outliers.rs`); absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub outliers: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
 }
 
 impl CodecParams {
@@ -104,6 +113,7 @@ impl CodecParams {
             recent_tokens: 0,
             sparsity: 0.0,
             fit: Fit::MinMax,
+            outliers: 0.0,
         }
     }
 }
@@ -118,6 +128,12 @@ pub enum CodecError {
     ZeroGroupSize,
     #[error("sparsity {0} is outside [0, 1)")]
     InvalidSparsity(f64),
+    #[error("outlier fraction {0} is outside [0, 1)")]
+    InvalidOutliers(f64),
+    #[error("outliers cannot be combined with sparsity")]
+    OutliersWithSparsity,
+    #[error("too few values near grouped index {index} fit in FP16 to keep as outliers")]
+    OutlierOverflow { index: usize },
     #[error("the dense sparse form needs the symmetric grid, which has an exact 0")]
     DenseFormNeedsSymmetricGrid,
     #[error("{feature} needs a 4-D [batch, heads, seq, head_dim] tensor, got {rank}-D")]
@@ -178,6 +194,12 @@ impl CodecParams {
         if !(0.0..1.0).contains(&self.sparsity) {
             return Err(CodecError::InvalidSparsity(self.sparsity));
         }
+        if !(0.0..1.0).contains(&self.outliers) {
+            return Err(CodecError::InvalidOutliers(self.outliers));
+        }
+        if self.outliers > 0.0 && self.sparsity > 0.0 {
+            return Err(CodecError::OutliersWithSparsity);
+        }
         groups::element_count(shape)?;
         let needs_heads = [
             (self.axis == Axis::Token, "per-token grouping"),
@@ -221,6 +243,7 @@ struct Sections {
     kept_tokens: usize,
     bitmap: usize,
     codes: usize,
+    outliers: usize,
     /// Number of stored codes (quantized values not dropped).
     code_count: usize,
 }
@@ -261,12 +284,13 @@ impl Sections {
                 .ok_or_else(overflow)?,
             bitmap,
             codes: bitpack::packed_len(code_count, params.bits).ok_or_else(overflow)?,
+            outliers: outliers::section_len(params.outliers, quantized).ok_or_else(overflow)?,
             code_count,
         })
     }
 
     fn total(&self) -> Option<usize> {
-        [self.offsets, self.kept_tokens, self.bitmap, self.codes]
+        [self.offsets, self.kept_tokens, self.bitmap, self.codes, self.outliers]
             .iter()
             .try_fold(self.scales, |total, &len| total.checked_add(len))
     }
@@ -360,7 +384,11 @@ fn encode_in_form(
     let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
 
     let range = params.code_range();
-    if params.grid == Grid::Symmetric && grouped_mask.is_none() && params.fit == Fit::MinMax {
+    if params.grid == Grid::Symmetric
+        && grouped_mask.is_none()
+        && params.fit == Fit::MinMax
+        && params.outliers == 0.0
+    {
         let layout = Layout {
             scale_dtype: ScaleDtype::F16,
             sparse_form: form,
@@ -408,6 +436,12 @@ fn encode_in_form(
         ));
     }
     payload.extend_from_slice(&packed(&codes, params.bits));
+    if params.outliers > 0.0 {
+        // validate() refuses outliers with sparsity: every value has a code.
+        let mut restored = vec![0f32; grouped.len()];
+        quantizer::dequantize(&codes, None, &plan.geometry, range, &group_params, &mut restored);
+        payload.extend(outliers::encode(&grouped, &restored, params.outliers)?);
+    }
     debug_assert_eq!(Some(payload.len()), sections.total());
     Ok(Encoded { payload, layout })
 }
@@ -478,7 +512,8 @@ fn decode_checked(
     let (scale_bytes, rest) = payload.split_at(sections.scales);
     let (offset_bytes, rest) = rest.split_at(sections.offsets);
     let (kept_bytes, rest) = rest.split_at(sections.kept_tokens);
-    let (bitmap_bytes, code_bytes) = rest.split_at(sections.bitmap);
+    let (bitmap_bytes, rest) = rest.split_at(sections.bitmap);
+    let (code_bytes, outlier_bytes) = rest.split_at(sections.codes);
 
     let group_params = GroupParams {
         dtype: layout.scale_dtype,
@@ -494,7 +529,8 @@ fn decode_checked(
         && !has_bitmap
         && params.rotation_seed.is_none()
         && plan.keeps_no_tokens()
-        && plan.axis != Axis::Channel;
+        && plan.axis != Axis::Channel
+        && params.outliers == 0.0;
     if plain_symmetric
         && quantizer::dequantize_symmetric_packed(
             code_bytes,
@@ -523,6 +559,9 @@ fn decode_checked(
         &group_params,
         &mut grouped,
     );
+    if params.outliers > 0.0 {
+        outliers::apply(outlier_bytes, params.outliers, &mut grouped)?;
+    }
     let mut quantized = plan.in_row_major_order(grouped);
     if let Some(seed) = params.rotation_seed {
         rotation::unrotate(&mut quantized, &rotation::signs(seed, plan.head_dim));
