@@ -45,6 +45,10 @@ pub struct Options {
     pub key_bits: Option<u8>,
     pub value_bits: Option<u8>,
     pub fit: Fit,
+    pub outliers: f64,
+    /// `None`: `outliers`.
+    pub key_outliers: Option<f64>,
+    pub value_outliers: Option<f64>,
     /// `None`: the method's grid.
     pub grid: Option<Grid>,
     pub key_axis: Option<Axis>,
@@ -73,6 +77,9 @@ impl Default for Options {
             key_bits: None,
             value_bits: None,
             fit: Fit::MinMax,
+            outliers: 0.0,
+            key_outliers: None,
+            value_outliers: None,
             grid: None,
             key_axis: None,
             value_axis: None,
@@ -141,6 +148,10 @@ Flags:
   -bits int            bits per code: 2, 3, 4 or 8 (default 4)
   -key-bits int        bits per code of *_key tensors (default: -bits)
   -value-bits int      bits per code of other tensors (default: -bits)
+  -outliers float      fraction in [0, 1) of values kept in FP16 beside the codes, those
+                       whose codes err most (4 bytes each); not with -sparsity (default 0)
+  -key-outliers float  the same for *_key tensors only (default: -outliers)
+  -value-outliers float  the same for other tensors (default: -outliers)
   -grid string         sym or asym (default: the method's)
   -fit string          how each group's scale is chosen: minmax (the grid spans the
                        group, as ADR-002 and KIVI do) or mse (least squares, clips
@@ -210,7 +221,7 @@ enum FlagKind {
 fn flag_kind(name: &str) -> Option<FlagKind> {
     match name {
         "verbose" | "metrics-only" | "decompress" | "reconstruct" | "rotate" => Some(FlagKind::Bool),
-        "input" | "output" | "group-size" | "key-group-size" | "value-group-size" | "sparsity" | "method" | "bits" | "key-bits" | "value-bits" | "fit" | "grid" | "key-axis" | "value-axis"
+        "input" | "output" | "group-size" | "key-group-size" | "value-group-size" | "sparsity" | "method" | "bits" | "key-bits" | "value-bits" | "fit" | "outliers" | "key-outliers" | "value-outliers" | "grid" | "key-axis" | "value-axis"
         | "rotate-seed" | "sink-tokens" | "recent-tokens" => Some(FlagKind::Value),
         _ => None,
     }
@@ -266,6 +277,17 @@ fn set(options: &mut Options, name: &str, value: &str) -> Result<(), FlagError> 
                 "bits" => options.bits = bits,
                 "key-bits" => options.key_bits = Some(bits),
                 _ => options.value_bits = Some(bits),
+            }
+        }
+        "outliers" | "key-outliers" | "value-outliers" => {
+            let fraction: f64 = parse_float(value).ok_or_else(|| invalid("parse error"))?;
+            if !(0.0..1.0).contains(&fraction) {
+                return Err(invalid("must be in [0, 1)"));
+            }
+            match name {
+                "outliers" => options.outliers = fraction,
+                "key-outliers" => options.key_outliers = Some(fraction),
+                _ => options.value_outliers = Some(fraction),
             }
         }
         "fit" => {
@@ -488,6 +510,9 @@ mod tests {
             &["-key-group-size", "100"],
             &["-value-group-size", "0"],
             &["-fit", "best"],
+            &["-outliers", "1"],
+            &["-key-outliers", "-0.01"],
+            &["-value-outliers", "nan"],
             &["-grid", "both"],
             &["-key-axis", "row"],
             &["-method", "zip"],

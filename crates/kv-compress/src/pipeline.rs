@@ -26,25 +26,27 @@ pub enum Error {
     File(#[from] kvformat::Error),
 }
 
-/// The codec settings of one tensor: `*_key` tensors take the key axis, bits
-/// and group size, every other tensor the value ones; unset flags take the
-/// method's choice (axes), `-bits` or `-group-size`.
+/// The codec settings of one tensor: `*_key` tensors take the key axis, bits,
+/// group size and outliers, every other tensor the value ones; unset flags
+/// take the method's choice (axes) or the shared flag.
 pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
     let (grid, key_axis, value_axis) = match options.method {
         Method::Adr002 => (Grid::Symmetric, Axis::Flat, Axis::Flat),
         Method::Kivi => (Grid::Asymmetric, Axis::Channel, Axis::Token),
     };
-    let (axis, bits, group_size) = if tensor_name.ends_with("_key") {
+    let (axis, bits, group_size, outliers) = if tensor_name.ends_with("_key") {
         (
             options.key_axis.unwrap_or(key_axis),
             options.key_bits.unwrap_or(options.bits),
             options.key_group_size.unwrap_or(options.group_size),
+            options.key_outliers.unwrap_or(options.outliers),
         )
     } else {
         (
             options.value_axis.unwrap_or(value_axis),
             options.value_bits.unwrap_or(options.bits),
             options.value_group_size.unwrap_or(options.group_size),
+            options.value_outliers.unwrap_or(options.outliers),
         )
     };
     CodecParams {
@@ -57,6 +59,7 @@ pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
         recent_tokens: options.recent_tokens,
         sparsity: options.sparsity,
         fit: options.fit,
+        outliers,
     }
 }
 
@@ -304,5 +307,9 @@ mod tests {
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));
         assert_eq!((value.bits, value.group_size), (4, 64));
+        let o = options(&["-outliers", "0.01", "-key-outliers=0.02"]);
+        assert_eq!(params_for(&o, "layer_0_key").outliers, 0.02);
+        assert_eq!(params_for(&o, "layer_0_value").outliers, 0.01);
+        assert_eq!(params_for(&options(&[]), "layer_0_key").outliers, 0.0);
     }
 }
