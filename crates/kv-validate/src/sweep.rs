@@ -23,7 +23,8 @@ use crate::report::{field, rule, RunDescription};
 /// in bits/value: with a 384-token context, 4 sink tokens cost 4·16/384 =
 /// 0.17 bits/value, 32 recent ones 1.33. `mse` = `-fit mse`; `k128-vf256` =
 /// keys in per-channel groups of 128 tokens, values in flat groups of 256,
-/// which moves scale bytes from the values to the keys, which need them more.
+/// which moves scale bytes from the values to the keys, which need them more;
+/// `ko1` = 1% of key values kept in FP16 (`-key-outliers 0.01`).
 pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     ("adr002-g64", ""),
     ("adr002-g32", "-group-size 32"),
@@ -64,6 +65,10 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
         "-method kivi -bits 3 -rotate -fit mse -key-group-size 128 -value-axis flat -value-group-size 256 -sink-tokens 1",
     ),
     (
+        "kivi3-rot-mse-k128-vf256-sink1-ko1",
+        "-method kivi -bits 3 -rotate -fit mse -key-group-size 128 -value-axis flat -value-group-size 256 -sink-tokens 1 -key-outliers 0.01",
+    ),
+    (
         "kivi2-sym-rot-sink4",
         "-method kivi -bits 2 -grid sym -rotate -sink-tokens 4",
     ),
@@ -82,6 +87,14 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     (
         "kivi2-rot-mse-k64-vf256-sink4",
         "-method kivi -bits 2 -rotate -fit mse -key-group-size 64 -value-axis flat -value-group-size 256 -sink-tokens 4",
+    ),
+    (
+        "kivi2-rot-mse-k128-vf256-sink1-ko1",
+        "-method kivi -bits 2 -rotate -fit mse -key-group-size 128 -value-axis flat -value-group-size 256 -sink-tokens 1 -key-outliers 0.01",
+    ),
+    (
+        "kivi2-rot-mse-k64-vf256-sink2-ko05",
+        "-method kivi -bits 2 -rotate -fit mse -key-group-size 64 -value-axis flat -value-group-size 256 -sink-tokens 2 -key-outliers 0.005",
     ),
 ];
 
