@@ -14,7 +14,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvformat::metrics::QualityLevel;
 use kvformat::{CacheDtype, Report};
@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use crate::bridge::{BridgeError, CompressSettings, KvCompress};
 use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
-use crate::model::{KvCache, Llama};
+use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
 
 /// Why an evaluation stopped.
@@ -241,7 +241,12 @@ pub fn evaluate(
         }
         let (last_logits, cache) = model.forward_last(&token_tensor(model, context)?, None)?;
         let first_nll = token_nlls(&last_logits, &targets[..1])?;
-        let baseline_nlls = score_on(model, targets, Some(&cache), first_nll.clone())?;
+        let baseline_nlls = score_on(
+            model,
+            targets,
+            Some(&rounded_to(&cache, options.cache_dtype)?),
+            first_nll.clone(),
+        )?;
         timings.model += model_started.elapsed();
         baseline.add_window(&baseline_nlls);
         if targets.len() == 1 {
@@ -317,6 +322,29 @@ pub struct ForwardSpeed {
     pub all_logits_seconds: f64,
     pub all_logits_tokens_per_second: f64,
     pub runs: usize,
+}
+
+/// The cache as the compressor receives it, rounded to the dtype its file
+/// stores: the baseline scores on that, so rounding to F16/BF16 counts
+/// against neither side and the delta is the compression's alone.
+fn rounded_to(cache: &KvCache, dtype: CacheDtype) -> candle_core::Result<KvCache> {
+    let stored = match dtype {
+        CacheDtype::F32 => return Ok(cache.clone()),
+        CacheDtype::F16 => DType::F16,
+        CacheDtype::BF16 => DType::BF16,
+    };
+    let round = |t: &Tensor| t.to_dtype(stored)?.to_dtype(DType::F32);
+    let layers = cache
+        .layers
+        .iter()
+        .map(|layer| {
+            Ok(LayerKv {
+                key: round(&layer.key)?,
+                value: round(&layer.value)?,
+            })
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(KvCache { layers })
 }
 
 /// Times a forward pass of `context` tokens from an empty cache, with the

@@ -94,7 +94,8 @@ struct Cli {
     /// --compress-arg=-flag for values that start with a dash).
     #[arg(long = "compress-arg", value_name = "ARG", allow_hyphen_values = true)]
     compress_args: Vec<String>,
-    /// Element type of the cache files handed to kv-compress.
+    /// Element type of the cache files handed to kv-compress. The baseline
+    /// scores the cache rounded to it too, so the delta is compression alone.
     #[arg(long, value_enum, default_value_t = CacheDtypeArg::Float32)]
     cache_dtype: CacheDtypeArg,
     /// No model: push a synthetic cache with TinyLlama's dimensions (22 layers,

@@ -153,6 +153,43 @@ fn baseline_perplexity_equals_a_one_pass_reference() {
     }
 }
 
+/// With a half-precision cache file the baseline scores the same rounded
+/// cache the compressor gets: a lossless compressor then has a delta of
+/// exactly 0, so the rounding is not charged to compression.
+#[test]
+fn a_lossless_compressor_costs_nothing_whatever_the_cache_dtype() {
+    let Fixture {
+        dir,
+        loaded,
+        tokens,
+    } = fixture();
+    let identity = KvCompress::at(identity_compressor(dir.path()));
+    let protocol = Protocol::ContextTargets {
+        context: 40,
+        targets: 24,
+    };
+    let windows = plan_windows(tokens.len(), protocol, Some(2)).unwrap();
+    let mut baselines = Vec::new();
+    for cache_dtype in [CacheDtype::F32, CacheDtype::F16, CacheDtype::BF16] {
+        let evaluation = evaluate(
+            &loaded.model,
+            &tokens,
+            &windows,
+            &identity,
+            &[CompressSettings::default()],
+            &EvalOptions {
+                cache_dtype,
+                ..options()
+            },
+        )
+        .unwrap();
+        assert_eq!(evaluation.variants[0].nll, evaluation.baseline, "{cache_dtype:?}");
+        baselines.push(evaluation.baseline.perplexity());
+    }
+    // The rounding itself is visible in the baseline (BF16 keeps 8 bits).
+    assert_ne!(baselines[0], baselines[2]);
+}
+
 #[test]
 fn one_prefill_serves_several_variants_in_order() {
     let Fixture {
