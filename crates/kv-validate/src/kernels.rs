@@ -8,6 +8,8 @@
 //! input once, skip the masked part of each score row outright, and use an
 //! `exp` that the compiler vectorizes (AVX-512 or AVX2 where the CPU has it,
 //! chosen at run time). Both are checked against candle's own ops in tests.
+//! They are CPU kernels: on another device candle reports the op as
+//! unimplemented (kv-validate builds candle for the CPU only).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -37,7 +39,7 @@ macro_rules! multiversion {
     }};
 }
 
-/// Rows per rayon task: enough work per task that scheduling costs nothing.
+/// Values per rayon task (whole rows): enough work that scheduling is noise.
 const MIN_VALUES_PER_TASK: usize = 16 * 1024;
 
 /// Softmax over the last dimension of `[.., rows, keys]` attention scores where
