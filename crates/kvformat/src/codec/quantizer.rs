@@ -208,9 +208,15 @@ impl ExactParams {
         if fit == Fit::MinMax {
             return start;
         }
-        let kept_values: Vec<f32> = match kept {
-            None => values.to_vec(),
-            Some(kept) => values.iter().zip(kept).filter(|(_, &k)| k).map(|(&x, _)| x).collect(),
+        let kept_values: std::borrow::Cow<[f32]> = match kept {
+            None => values.into(),
+            Some(kept) => values
+                .iter()
+                .zip(kept)
+                .filter(|(_, &k)| k)
+                .map(|(&x, _)| x)
+                .collect::<Vec<_>>()
+                .into(),
         };
         match range.grid {
             Grid::Symmetric => {
