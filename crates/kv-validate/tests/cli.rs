@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::path::Path;
 
 use common::*;
 
@@ -24,10 +23,6 @@ fn small_run_args<'a>(model_dir: &'a str, prose: &'a str) -> Vec<&'a str> {
     ]
 }
 
-fn read_json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
 #[test]
 fn an_exact_reconstruction_scores_exactly_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
@@ -40,12 +35,7 @@ fn an_exact_reconstruction_scores_exactly_the_baseline() {
 
     let output = kv_validate(&args, &compressor);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    expect_success(&output);
     assert!(output.stderr.is_empty(), "--quiet prints nothing on stderr");
     assert!(stdout.contains("Status: PASSED"), "{stdout}");
 
@@ -141,12 +131,7 @@ fn the_real_compressor_changes_the_scores_and_reports_its_metrics() {
 fn quick_test_needs_no_model_and_passes_with_the_real_compressor() {
     let output = kv_validate(&["--quick-test", "--quiet"], &kv_compress());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    expect_success(&output);
     assert!(stdout.contains("22 layers x [1, 4, 256, 64]"), "{stdout}");
     assert!(stdout.contains("[ok] rmse agrees"), "{stdout}");
 }
@@ -322,12 +307,7 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
     args.extend(["--group-size", "32", "--sparsity", "0.25"]);
     args.extend(["--compress-arg", "-bits", "--compress-arg=8"]);
     let output = kv_validate(&args, &recording);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    expect_success(&output);
 
     let calls: Vec<Vec<String>> = std::fs::read_to_string(&log)
         .unwrap()
@@ -402,12 +382,7 @@ fn the_default_is_the_originals_sliding_window() {
         json.to_str().unwrap(),
     ];
     let output = kv_validate(&args, &identity_compressor(dir.path()));
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    expect_success(&output);
     let report = read_json(&json);
     let (window, stride) = (
         tiny_context().min(2048),
@@ -441,12 +416,7 @@ fn bench_forward_reports_tokens_per_second_per_context() {
         json.to_str().unwrap(),
     ];
     let output = kv_validate(&args, &identity_compressor(dir.path()));
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    expect_success(&output);
     let report = read_json(&json);
     let forward = report["forward"].as_array().unwrap();
     let contexts: Vec<u64> = forward

@@ -32,14 +32,8 @@ fn smollm2_int4_costs_perplexity_on_the_prose_fixture() {
         json.to_str().unwrap(),
     ];
     let output = kv_validate(&args, &kv_compress());
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    expect_success(&output);
+    let report = read_json(&json);
     let perplexity = &report["perplexity"];
     let baseline = perplexity["baseline"].as_f64().unwrap();
     let delta = perplexity["delta"].as_f64().unwrap();

@@ -191,7 +191,7 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
         "2 requests per file (metadata, body)"
     );
     let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        read_json(&json);
     assert_eq!(
         report["data"],
         format!("WikiText-2 raw test ({WIKITEXT_REPO}, {} rows)", rows.len())
@@ -229,7 +229,7 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
     );
     assert_eq!(requests.load(Ordering::SeqCst), served);
     let offline_report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&offline_json).unwrap()).unwrap();
+        read_json(&offline_json);
     assert_eq!(offline_report["perplexity"], report["perplexity"]);
 
     // Offline with an empty cache: one clear error, exit 2.

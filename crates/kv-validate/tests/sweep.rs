@@ -132,12 +132,7 @@ fn a_three_variant_sweep_reports_hand_computed_bits_and_orders_fidelity() {
         &compressor,
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    expect_success(&output);
 
     // Payloads by hand. Flat groups of 64 with one FP16 scale: bits + 16/64.
     // KIVI 4-bit, asymmetric (FP16 scale + FP16 offset = 32 bits per group):

@@ -40,14 +40,8 @@ fn smollm2_sweep_orders_int8_kivi4_and_kivi2_by_fidelity() {
     ];
     let output = kv_validate(&args, &kv_compress());
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(
-        output.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    expect_success(&output);
+    let report = read_json(&json);
     assert_eq!(report["tokens_scored"], 128);
     let table = &report["table"];
     let baseline = table["baseline_perplexity"].as_f64().unwrap();

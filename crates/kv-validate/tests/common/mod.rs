@@ -112,3 +112,19 @@ pub fn expect_error(output: &Output) -> String {
     assert!(stderr.starts_with("error: "), "stderr: {stderr}");
     stderr
 }
+
+/// Asserts that a run exited 0, showing its output if not.
+pub fn expect_success(output: &Output) {
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A JSON file a run wrote (`--json`).
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
