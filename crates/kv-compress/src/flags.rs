@@ -110,6 +110,8 @@ pub enum FlagError {
     InvalidValue { flag: String, value: String, reason: String },
     #[error("invalid boolean value {value:?} for -{flag}: parse error")]
     InvalidBool { flag: String, value: String },
+    #[error("{0}")]
+    Conflict(String),
     #[error("bad flag syntax: {0}")]
     BadSyntax(String),
     #[error("unexpected argument {0:?} (every option is a -flag; booleans take -flag=false, not -flag false)")]
@@ -213,6 +215,12 @@ pub fn parse(args: &[String]) -> Result<Command, FlagError> {
             },
         };
         set(&mut options, name, &value)?;
+    }
+    let outliers = [Some(options.outliers), options.key_outliers, options.value_outliers];
+    if options.sparsity > 0.0 && outliers.iter().flatten().any(|&f| f > 0.0) {
+        return Err(FlagError::Conflict(
+            "-sparsity and -outliers (or -key-outliers, -value-outliers) cannot be combined; use one".into(),
+        ));
     }
     Ok(Command::Run(options))
 }
@@ -525,6 +533,13 @@ mod tests {
         ] {
             assert!(matches!(run(args), Err(FlagError::InvalidValue { .. })), "{args:?}");
         }
+        for args in [
+            &["-sparsity", "0.1", "-outliers", "0.01"][..],
+            &["-key-outliers=0.01", "-sparsity", "0.5"],
+        ] {
+            assert!(matches!(run(args), Err(FlagError::Conflict(_))), "{args:?}");
+        }
+        assert!(run(&["-sparsity", "0.1", "-outliers", "0"]).is_ok());
         assert_eq!(options(&["-sparsity", "0.999"]).sparsity, 0.999);
         assert_eq!(options(&["-sparsity", ".5"]).sparsity, 0.5);
         assert_eq!(options(&["-sparsity", "5e-1"]).sparsity, 0.5);

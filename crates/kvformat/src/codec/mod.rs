@@ -132,7 +132,10 @@ pub enum CodecError {
     InvalidOutliers(f64),
     #[error("outliers cannot be combined with sparsity")]
     OutliersWithSparsity,
-    #[error("too few values near grouped index {index} fit in FP16 to keep as outliers")]
+    #[error(
+        "too few values near grouped index {index} fit in FP16 to keep as outliers; \
+         use a smaller outlier fraction"
+    )]
     OutlierOverflow { index: usize },
     #[error("the dense sparse form needs the symmetric grid, which has an exact 0")]
     DenseFormNeedsSymmetricGrid,
