@@ -1,7 +1,7 @@
 //! Evaluation text: WikiText-2 raw test from the Hugging Face hub (what the
 //! original `validate_perplexity.py` measured), or any local text file.
 //!
-//! The hub path goes through [`crate::hub`], so the standard cache
+//! The hub path goes through [`crate::model::hub`], so the standard cache
 //! (`HF_HUB_CACHE`, `HF_HOME`), mirror (`HF_ENDPOINT`) and `HF_HUB_OFFLINE`
 //! behave as they do for the Python tools and for the model; a local file is
 //! read byte for byte, because perplexity depends on every byte the
@@ -17,7 +17,7 @@ use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::errors::ParquetError;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 
-use crate::hub::{hub_file, HubError};
+use crate::model::hub::{hub_file, HubError};
 
 /// The dataset repository the original loaded with `load_dataset("wikitext", "wikitext-2-raw-v1")`.
 pub const WIKITEXT_REPO: &str = "Salesforce/wikitext";

@@ -2,17 +2,14 @@
 //! model in perplexity, by running the model on the reconstructed cache that
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
+pub mod bench;
 pub mod bridge;
 pub mod data;
 pub mod evaluate;
-pub mod hub;
-mod kernels;
 pub mod kvio;
-pub mod loader;
 pub mod model;
 pub mod perplexity;
 pub mod plot;
 pub mod quick_test;
 pub mod report;
 pub mod sweep;
-pub mod tiny;

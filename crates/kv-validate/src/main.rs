@@ -10,10 +10,11 @@ use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use kvformat::CacheDtype;
 
+use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, KvCompress};
 use kv_validate::data::{load_text, TextSource};
-use kv_validate::evaluate::{bench_forward, evaluate, EvalOptions};
-use kv_validate::loader::{load_model, ModelSource, DEFAULT_HUB_REPO};
+use kv_validate::evaluate::{evaluate, EvalOptions};
+use kv_validate::model::load::{load_model, LoadedModel, ModelSource, DEFAULT_HUB_REPO};
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
 use kv_validate::report::{write_json_atomically, RunDescription, ValidationReport};
@@ -343,10 +344,7 @@ fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// Runs the dedicated forward-pass benchmark: a table on stdout, JSON with `--json`.
-fn run_forward_benchmark(
-    cli: &Cli,
-    loaded: &kv_validate::loader::LoadedModel,
-) -> anyhow::Result<bool> {
+fn run_forward_benchmark(cli: &Cli, loaded: &LoadedModel) -> anyhow::Result<bool> {
     /// Median of this many timed prefills per length.
     const RUNS: usize = 3;
     let max_positions = loaded.model.config().max_position_embeddings;
@@ -359,21 +357,8 @@ fn run_forward_benchmark(
             "--bench-forward {too_long}: lengths must be 1..={max_positions} (the model's context)"
         );
     }
-    let speeds = bench_forward(&loaded.model, &cli.bench_forward, RUNS)?;
-    println!("{}", loaded.description);
-    println!(
-        "{:>8}  {:>10}  {:>10}  {:>12}",
-        "context", "seconds", "tokens/s", "(all logits)"
-    );
-    for speed in &speeds {
-        println!(
-            "{:>8}  {:>10.3}  {:>10.1}  {:>12.1}",
-            speed.context,
-            speed.seconds,
-            speed.tokens_per_second,
-            speed.all_logits_tokens_per_second
-        );
-    }
+    let speeds = bench::bench_forward(&loaded.model, &cli.bench_forward, RUNS)?;
+    print!("{}", bench::render_table(&loaded.description, &speeds));
     write_json(
         cli,
         &serde_json::json!({ "model": loaded.description, "forward": speeds }),

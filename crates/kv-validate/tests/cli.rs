@@ -3,7 +3,6 @@
 
 mod common;
 
-
 use common::*;
 
 /// 2 back-to-back windows of 32 context + 16 targets on the prose fixture.
@@ -332,7 +331,7 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
 
 /// The tiny model's context length (positions).
 fn tiny_context() -> usize {
-    kv_validate::tiny::TinyLlama::default()
+    kv_validate::model::tiny::TinyLlama::default()
         .config
         .max_position_embeddings
 }

@@ -11,7 +11,7 @@ use candle_core::{Device, IndexOp, Tensor};
 use kv_validate::bridge::{CompressSettings, KvCompress};
 use kv_validate::evaluate::{evaluate, EvalOptions};
 use kv_validate::kvio::{read_kv_cache, write_kv_cache};
-use kv_validate::loader::{load_model, LoadedModel, ModelSource};
+use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 use kv_validate::perplexity::{plan_windows, Protocol, Window};
 use kvformat::CacheDtype;
 
@@ -183,7 +183,10 @@ fn a_lossless_compressor_costs_nothing_whatever_the_cache_dtype() {
             },
         )
         .unwrap();
-        assert_eq!(evaluation.variants[0].nll, evaluation.baseline, "{cache_dtype:?}");
+        assert_eq!(
+            evaluation.variants[0].nll, evaluation.baseline,
+            "{cache_dtype:?}"
+        );
         baselines.push(evaluation.baseline.perplexity());
     }
     // The rounding itself is visible in the baseline (BF16 keeps 8 bits).

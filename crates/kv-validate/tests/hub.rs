@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use kv_validate::data::{ROW_SEPARATOR, WIKITEXT_REPO, WIKITEXT_TEST_FILE};
-use kv_validate::tiny::TinyLlama;
+use kv_validate::model::tiny::TinyLlama;
 use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType};
 use parquet::file::properties::WriterProperties;
@@ -190,8 +190,7 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
         requests.load(Ordering::SeqCst) >= 8,
         "2 requests per file (metadata, body)"
     );
-    let report: serde_json::Value =
-        read_json(&json);
+    let report: serde_json::Value = read_json(&json);
     assert_eq!(
         report["data"],
         format!("WikiText-2 raw test ({WIKITEXT_REPO}, {} rows)", rows.len())
@@ -228,8 +227,7 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
         String::from_utf8_lossy(&offline.stderr)
     );
     assert_eq!(requests.load(Ordering::SeqCst), served);
-    let offline_report: serde_json::Value =
-        read_json(&offline_json);
+    let offline_report: serde_json::Value = read_json(&offline_json);
     assert_eq!(offline_report["perplexity"], report["perplexity"]);
 
     // Offline with an empty cache: one clear error, exit 2.

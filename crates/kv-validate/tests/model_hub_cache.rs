@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use candle_core::Device;
-use kv_validate::hub::HubError;
-use kv_validate::loader::{fetch_hub_model, load_model, LoadError, ModelSource};
-use kv_validate::tiny::TinyLlama;
+use kv_validate::model::hub::HubError;
+use kv_validate::model::load::{fetch_hub_model, load_model, LoadError, ModelSource};
+use kv_validate::model::tiny::TinyLlama;
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::{Device, Tensor};
-use kv_validate::loader::{load_model, LoadError, LoadedModel, ModelSource};
-use kv_validate::tiny::{TinyLlama, TinyModelFiles};
+use kv_validate::model::load::{load_model, LoadError, LoadedModel, ModelSource};
+use kv_validate::model::tiny::{TinyLlama, TinyModelFiles};
 
 fn tiny_files(dir: &Path) -> TinyModelFiles {
     TinyLlama::default()

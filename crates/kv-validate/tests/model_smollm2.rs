@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama;
-use kv_validate::loader::{load_model, LoadedModel, ModelSource};
+use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog in 2024, said Ada's notebook.";

@@ -16,9 +16,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama as candle_llama, quantized_llama};
-use kv_validate::loader::{load_model, ModelSource};
+use kv_validate::model::load::{load_model, ModelSource};
+use kv_validate::model::tiny::{TinyLlama, TinyModelFiles};
 use kv_validate::model::{KvCache, Llama};
-use kv_validate::tiny::{TinyLlama, TinyModelFiles};
 
 const TOLERANCE: f32 = 1e-4;
 const PROMPT: &str = "The key and the value cache 42 is in the tape.";
@@ -27,7 +27,7 @@ fn write_tiny(tiny: &TinyLlama, dir: &Path) -> TinyModelFiles {
     tiny.write(dir).expect("tiny model files are written")
 }
 
-fn load(source: ModelSource) -> kv_validate::loader::LoadedModel {
+fn load(source: ModelSource) -> kv_validate::model::load::LoadedModel {
     load_model(&source, &Device::Cpu, false).expect("tiny model loads")
 }
 

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use kv_validate::tiny::{TinyLlama, TinyModelFiles};
+use kv_validate::model::tiny::{TinyLlama, TinyModelFiles};
 
 /// The tiny random Llama (3 layers, 2 KV heads, head_dim 16) as an HF
 /// directory and a GGUF under `dir`.

@@ -21,7 +21,7 @@ use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
-use crate::loader::GGUF_LAYER_TENSORS;
+use super::load::GGUF_LAYER_TENSORS;
 use crate::model::LlamaConfig;
 
 /// Control tokens at the front of the vocabulary, as in SmolLM2.

@@ -15,7 +15,7 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
 
-use crate::kernels;
+use super::kernels;
 
 /// The shape of a Llama model: what `config.json` (or GGUF metadata) says.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,7 +218,11 @@ impl Mlp {
                 hidden,
                 &[("gate_proj", intermediate), ("up_proj", intermediate)],
             )?,
-            down_proj: TransposedLinear::new(candle_nn::linear_no_bias(intermediate, hidden, vb.pp("down_proj"))?)?,
+            down_proj: TransposedLinear::new(candle_nn::linear_no_bias(
+                intermediate,
+                hidden,
+                vb.pp("down_proj"),
+            )?)?,
         })
     }
 }
@@ -308,7 +312,11 @@ impl Attention {
                 hidden,
                 &[("q_proj", q_size), ("k_proj", kv_size), ("v_proj", kv_size)],
             )?,
-            o_proj: TransposedLinear::new(candle_nn::linear_no_bias(q_size, hidden, vb.pp("o_proj"))?)?,
+            o_proj: TransposedLinear::new(candle_nn::linear_no_bias(
+                q_size,
+                hidden,
+                vb.pp("o_proj"),
+            )?)?,
         })
     }
 }
@@ -378,7 +386,11 @@ impl TransposedLinear {
 
 /// Bias-free linear layers that read the same input, as one: their weights
 /// (`[out_i, input]` each, checked) stacked along the output dimension.
-fn stacked_linear(vb: &VarBuilder, input: usize, parts: &[(&str, usize)]) -> Result<TransposedLinear> {
+fn stacked_linear(
+    vb: &VarBuilder,
+    input: usize,
+    parts: &[(&str, usize)],
+) -> Result<TransposedLinear> {
     let weights = parts
         .iter()
         .map(|&(name, out)| vb.pp(name).get((out, input), "weight"))

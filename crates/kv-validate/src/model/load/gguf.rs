@@ -1,0 +1,269 @@
+//! A single GGUF file with its embedded tokenizer.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::Tokenizer;
+
+use super::{check_vocab, io_error, validated, LoadError, LoadedModel};
+use crate::model::{Llama, LlamaConfig};
+
+/// GGUF tensor names inside `blk.{i}` and their Hugging Face names inside
+/// `model.layers.{i}` (llama.cpp's `convert_hf_to_gguf.py` mapping).
+pub(crate) const GGUF_LAYER_TENSORS: [(&str, &str); 9] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+];
+
+/// llama.cpp stores Q/K rows of each head interleaved (pairs 2i, 2i + 1) for
+/// its RoPE; Hugging Face keeps halves (pairs i, i + d/2). This undoes the
+/// converter's permutation: `[heads, d/2, 2, in] -> [heads, 2, d/2, in]`.
+fn unpermute_from_gguf(weight: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
+    let (rows, cols) = weight.dims2()?;
+    weight
+        .reshape((heads, rows / heads / 2, 2, cols))?
+        .transpose(1, 2)?
+        .reshape((rows, cols))
+}
+
+fn metadata_value<'a>(
+    content: &'a gguf_file::Content,
+    key: &str,
+    path: &Path,
+) -> Result<&'a gguf_file::Value, LoadError> {
+    content
+        .metadata
+        .get(key)
+        .ok_or_else(|| LoadError::Metadata {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            problem: "missing".into(),
+        })
+}
+
+/// A numeric metadata value of any integer type (writers differ).
+fn metadata_usize(
+    content: &gguf_file::Content,
+    key: &str,
+    path: &Path,
+) -> Result<usize, LoadError> {
+    use gguf_file::Value::*;
+    let value = metadata_value(content, key, path)?;
+    let n = match *value {
+        U8(v) => Some(v as u64),
+        U16(v) => Some(v as u64),
+        U32(v) => Some(v as u64),
+        U64(v) => Some(v),
+        I8(v) => u64::try_from(v).ok(),
+        I16(v) => u64::try_from(v).ok(),
+        I32(v) => u64::try_from(v).ok(),
+        I64(v) => u64::try_from(v).ok(),
+        _ => None,
+    };
+    n.map(|n| n as usize).ok_or_else(|| LoadError::Metadata {
+        path: path.to_path_buf(),
+        key: key.to_string(),
+        problem: format!("expected a non-negative integer, found {value:?}"),
+    })
+}
+
+fn metadata_f64(content: &gguf_file::Content, key: &str, path: &Path) -> Result<f64, LoadError> {
+    match *metadata_value(content, key, path)? {
+        // The converter cast a decimal from config.json (1e-5) to f32; its
+        // shortest decimal form gives that value back exactly.
+        gguf_file::Value::F32(v) => Ok(v.to_string().parse().expect("f32 Display parses as f64")),
+        gguf_file::Value::F64(v) => Ok(v),
+        ref other => Err(LoadError::Metadata {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            problem: format!("expected a float, found {other:?}"),
+        }),
+    }
+}
+
+fn metadata_string(content: &gguf_file::Content, key: &str) -> Option<String> {
+    content.metadata.get(key)?.to_string().ok().cloned()
+}
+
+/// The config from `llama.*` metadata, with llama.cpp's defaults.
+fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig, LoadError> {
+    let usize_key = |key: &str| metadata_usize(content, key, path);
+    let optional = |key: &str| content.metadata.contains_key(key);
+    if let Some(scaling) =
+        metadata_string(content, "llama.rope.scaling.type").filter(|s| s != "none")
+    {
+        return Err(LoadError::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!(
+                "llama.rope.scaling.type is {scaling:?}; only plain RoPE is implemented"
+            ),
+        });
+    }
+    let hidden_size = usize_key("llama.embedding_length")?;
+    let num_attention_heads = usize_key("llama.attention.head_count")?;
+    let head_dim = if optional("llama.rope.dimension_count") {
+        usize_key("llama.rope.dimension_count")?
+    } else {
+        hidden_size / num_attention_heads.max(1)
+    };
+    let vocab_size = if optional("llama.vocab_size") {
+        usize_key("llama.vocab_size")?
+    } else {
+        let embeddings = content.tensor_infos.get("token_embd.weight");
+        embeddings
+            .map(|info| info.shape.dims()[0])
+            .ok_or_else(|| LoadError::Metadata {
+                path: path.to_path_buf(),
+                key: "llama.vocab_size".into(),
+                problem: "missing, and there is no token_embd.weight to infer it from".into(),
+            })?
+    };
+    let rope_theta = if optional("llama.rope.freq_base") {
+        metadata_f64(content, "llama.rope.freq_base", path)?
+    } else {
+        10_000.0
+    };
+    let token_id = |key: &str| usize_key(key).ok().map(|id| id as u32);
+    let config = LlamaConfig {
+        hidden_size,
+        intermediate_size: usize_key("llama.feed_forward_length")?,
+        num_hidden_layers: usize_key("llama.block_count")?,
+        num_attention_heads,
+        num_key_value_heads: if optional("llama.attention.head_count_kv") {
+            usize_key("llama.attention.head_count_kv")?
+        } else {
+            num_attention_heads
+        },
+        head_dim,
+        rope_theta,
+        rms_norm_eps: metadata_f64(content, "llama.attention.layer_norm_rms_epsilon", path)?,
+        vocab_size,
+        max_position_embeddings: usize_key("llama.context_length")?,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+    };
+    validated(config, path)
+}
+
+/// The tokenizer from `tokenizer.ggml.*`. candle builds the BPE model; for
+/// pre-tokenizers it does not know (SmolLM2's `smollm`, plain `gpt2`) it
+/// falls back to a byte-level split that adds a prefix space, which llama.cpp
+/// and the Hugging Face tokenizers of these models do not, so we set the
+/// pre-tokenizer those use.
+fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer, LoadError> {
+    let mut tokenizer = Tokenizer::from_gguf(content).map_err(|e| LoadError::Tokenizer {
+        path: path.to_path_buf(),
+        message: format!("{e} (only byte-level BPE \"gpt2\" vocabularies are supported)"),
+    })?;
+    let add_prefix_space = content
+        .metadata
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(|v| v.to_bool().ok())
+        .unwrap_or(false);
+    let byte_level = ByteLevel::new(add_prefix_space, true, true);
+    match metadata_string(content, "tokenizer.ggml.pre").as_deref() {
+        Some("qwen2" | "smaug-bpe" | "lfm2" | "llama3") => {}
+        Some("smollm") => {
+            tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])));
+        }
+        _ => {
+            tokenizer.with_pre_tokenizer(Some(byte_level));
+        }
+    }
+    Ok(tokenizer)
+}
+
+/// Reads every tensor, dequantized to f32 and renamed to Hugging Face names.
+fn gguf_weights(
+    content: &gguf_file::Content,
+    reader: &mut BufReader<File>,
+    config: &LlamaConfig,
+    device: &Device,
+) -> candle_core::Result<HashMap<String, Tensor>> {
+    let mut read = |name: &str| {
+        content
+            .tensor(reader, name, &Device::Cpu)?
+            .dequantize(device)
+    };
+    let mut weights = HashMap::new();
+    weights.insert(
+        "model.embed_tokens.weight".to_string(),
+        read("token_embd.weight")?,
+    );
+    weights.insert("model.norm.weight".to_string(), read("output_norm.weight")?);
+    if !config.tie_word_embeddings {
+        weights.insert("lm_head.weight".to_string(), read("output.weight")?);
+    }
+    for i in 0..config.num_hidden_layers {
+        for (gguf_name, hf_name) in GGUF_LAYER_TENSORS {
+            let tensor = read(&format!("blk.{i}.{gguf_name}.weight"))?;
+            let tensor = match gguf_name {
+                "attn_q" => unpermute_from_gguf(&tensor, config.num_attention_heads)?,
+                "attn_k" => unpermute_from_gguf(&tensor, config.num_key_value_heads)?,
+                _ => tensor,
+            };
+            weights.insert(format!("model.layers.{i}.{hf_name}.weight"), tensor);
+        }
+    }
+    Ok(weights)
+}
+
+pub(super) fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
+    let file = File::open(path).map_err(|source| io_error(path, source))?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(|source| LoadError::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let architecture =
+        metadata_string(&content, "general.architecture").ok_or_else(|| LoadError::Metadata {
+            path: path.to_path_buf(),
+            key: "general.architecture".into(),
+            problem: "missing or not a string".into(),
+        })?;
+    if architecture != "llama" {
+        return Err(LoadError::NotLlama {
+            path: path.to_path_buf(),
+            architecture,
+        });
+    }
+    let config = gguf_config(&content, path)?;
+    let tokenizer = gguf_tokenizer(&content, path)?;
+    check_vocab(&tokenizer, &config, path)?;
+    let weights_error = |source| LoadError::Weights {
+        path: path.to_path_buf(),
+        source,
+    };
+    let weights = gguf_weights(&content, &mut reader, &config, device).map_err(weights_error)?;
+    let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+    let model = Llama::load(vb, &config).map_err(weights_error)?;
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        description: format!("{name} (GGUF, dequantized to f32)"),
+    })
+}

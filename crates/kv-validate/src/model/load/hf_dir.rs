@@ -1,0 +1,93 @@
+//! A local Hugging Face model directory: config, tokenizer, one safetensors file or shards.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use tokenizers::Tokenizer;
+
+use super::{check_vocab, read_hf_config, read_to_string, HfModelFiles, LoadError, LoadedModel};
+use super::{SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE};
+use crate::model::Llama;
+
+#[derive(serde::Deserialize)]
+struct SafetensorsIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// The shard file names an index points at, each once, sorted.
+pub(super) fn safetensors_shards(index_path: &Path) -> Result<Vec<String>, LoadError> {
+    let index: SafetensorsIndex =
+        serde_json::from_str(&read_to_string(index_path)?).map_err(|source| LoadError::Json {
+            path: index_path.to_path_buf(),
+            source,
+        })?;
+    let shards: BTreeSet<String> = index.weight_map.into_values().collect();
+    Ok(shards.into_iter().collect())
+}
+
+impl HfModelFiles {
+    /// Finds the files of a Hugging Face model directory, checking that
+    /// each exists.
+    pub fn in_dir(dir: &Path) -> Result<Self, LoadError> {
+        if !dir.is_dir() {
+            return Err(LoadError::MissingFile {
+                path: dir.to_path_buf(),
+            });
+        }
+        let existing = |name: &str| {
+            let path = dir.join(name);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(LoadError::MissingFile { path })
+            }
+        };
+        let weights = if dir.join(SAFETENSORS_FILE).is_file() {
+            vec![dir.join(SAFETENSORS_FILE)]
+        } else if dir.join(SAFETENSORS_INDEX_FILE).is_file() {
+            safetensors_shards(&dir.join(SAFETENSORS_INDEX_FILE))?
+                .iter()
+                .map(|shard| existing(shard))
+                .collect::<Result<_, _>>()?
+        } else {
+            return Err(LoadError::MissingWeights {
+                dir: dir.to_path_buf(),
+            });
+        };
+        Ok(Self {
+            config: existing("config.json")?,
+            tokenizer: existing("tokenizer.json")?,
+            weights,
+        })
+    }
+}
+
+pub(super) fn load_hf_files(
+    files: &HfModelFiles,
+    device: &Device,
+    description: String,
+) -> Result<LoadedModel, LoadError> {
+    let config = read_hf_config(&files.config)?;
+    let tokenizer = Tokenizer::from_file(&files.tokenizer).map_err(|e| LoadError::Tokenizer {
+        path: files.tokenizer.clone(),
+        message: e.to_string(),
+    })?;
+    check_vocab(&tokenizer, &config, &files.tokenizer)?;
+    let weights_path = files.weights[0].clone();
+    let weights_error = |source| LoadError::Weights {
+        path: weights_path.clone(),
+        source,
+    };
+    // SAFETY: the files are memory-mapped only while `Llama::load` copies
+    // every tensor out (converting to f32); nothing writes them meanwhile.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, DType::F32, device) }
+        .map_err(weights_error)?;
+    let model = Llama::load(vb, &config).map_err(weights_error)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        description,
+    })
+}

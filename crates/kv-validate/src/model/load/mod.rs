@@ -1,0 +1,185 @@
+//! Loads a [`Llama`] and its tokenizer from wherever the user keeps it: the
+//! Hugging Face hub (through the standard cache), a local Hugging Face
+//! directory, or a single GGUF file with its embedded tokenizer.
+//!
+//! Every path ends in the same f32 model with Hugging Face tensor names, so a
+//! KV cache means the same thing whichever file the weights came from: GGUF
+//! Q/K rows are un-permuted back from llama.cpp's interleaved-RoPE order.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use super::hub::HubError;
+use super::llama::{ConfigError, Llama, LlamaConfig};
+
+mod gguf;
+mod hf_config;
+mod hf_dir;
+mod hf_hub;
+
+use gguf::load_gguf;
+pub(crate) use gguf::GGUF_LAYER_TENSORS;
+pub use hf_config::read_hf_config;
+use hf_dir::load_hf_files;
+pub use hf_hub::fetch_hub_model;
+
+/// The original validator's model.
+pub const DEFAULT_HUB_REPO: &str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0";
+const SAFETENSORS_FILE: &str = "model.safetensors";
+const SAFETENSORS_INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where the model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    Hub { repo: String, revision: String },
+    LocalDir(PathBuf),
+    Gguf(PathBuf),
+}
+
+impl ModelSource {
+    /// [`DEFAULT_HUB_REPO`] at `main`.
+    pub fn default_hub() -> Self {
+        Self::Hub {
+            repo: DEFAULT_HUB_REPO.to_string(),
+            revision: "main".to_string(),
+        }
+    }
+}
+
+/// A model ready to run, with the tokenizer that goes with it.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    /// What was loaded, for reports: e.g.
+    /// `SmolLM2-135M-Instruct.Q4_1.gguf (GGUF, dequantized to f32)`.
+    pub description: String,
+}
+
+/// The files of a Hugging Face model on local disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HfModelFiles {
+    pub config: PathBuf,
+    pub tokenizer: PathBuf,
+    /// One file, or the shards named by `model.safetensors.index.json`.
+    pub weights: Vec<PathBuf>,
+}
+
+/// Why a model could not be loaded; each names the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: no such file or directory", path.display())]
+    MissingFile { path: PathBuf },
+    #[error("{}: no weights: neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX_FILE}", dir.display())]
+    MissingWeights { dir: PathBuf },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{}: invalid model config: {source}", path.display())]
+    Config { path: PathBuf, source: ConfigError },
+    #[error("{}: unsupported model: {reason}", path.display())]
+    Unsupported { path: PathBuf, reason: String },
+    #[error(
+        "{}: general.architecture is {architecture:?}, not \"llama\"; \
+         only Llama-family GGUF models are supported",
+        path.display()
+    )]
+    NotLlama { path: PathBuf, architecture: String },
+    #[error("{}: GGUF metadata {key}: {problem}", path.display())]
+    Metadata {
+        path: PathBuf,
+        key: String,
+        problem: String,
+    },
+    #[error("{}: not a readable GGUF file: {source}", path.display())]
+    Gguf {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("{}: cannot load weights: {source}", path.display())]
+    Weights {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error("{}: cannot load tokenizer: {message}", path.display())]
+    Tokenizer { path: PathBuf, message: String },
+    #[error(
+        "{}: the tokenizer has {tokenizer_vocab} tokens but the model only \
+         {model_vocab} embeddings",
+        path.display()
+    )]
+    VocabMismatch {
+        path: PathBuf,
+        tokenizer_vocab: usize,
+        model_vocab: usize,
+    },
+    #[error(transparent)]
+    Hub(#[from] HubError),
+}
+
+/// Loads the model and tokenizer from `source` onto `device`, with hf-hub's
+/// download progress bars on stderr when `show_progress`.
+pub fn load_model(
+    source: &ModelSource,
+    device: &Device,
+    show_progress: bool,
+) -> Result<LoadedModel, LoadError> {
+    match source {
+        ModelSource::Hub { repo, revision } => {
+            let files = fetch_hub_model(repo, revision, show_progress)?;
+            let description = format!("{repo}@{revision} (Hugging Face hub, f32)");
+            load_hf_files(&files, device, description)
+        }
+        ModelSource::LocalDir(dir) => {
+            let files = HfModelFiles::in_dir(dir)?;
+            let description = format!("{} (Hugging Face directory, f32)", dir.display());
+            load_hf_files(&files, device, description)
+        }
+        ModelSource::Gguf(path) => load_gguf(path, device),
+    }
+}
+
+fn validated(config: LlamaConfig, path: &Path) -> Result<LlamaConfig, LoadError> {
+    config.validate().map_err(|source| LoadError::Config {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(config)
+}
+
+fn read_to_string(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| io_error(path, source))
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> LoadError {
+    if source.kind() == std::io::ErrorKind::NotFound {
+        LoadError::MissingFile {
+            path: path.to_path_buf(),
+        }
+    } else {
+        LoadError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+fn check_vocab(tokenizer: &Tokenizer, config: &LlamaConfig, path: &Path) -> Result<(), LoadError> {
+    let tokenizer_vocab = tokenizer.get_vocab_size(true);
+    if tokenizer_vocab > config.vocab_size {
+        return Err(LoadError::VocabMismatch {
+            path: path.to_path_buf(),
+            tokenizer_vocab,
+            model_vocab: config.vocab_size,
+        });
+    }
+    Ok(())
+}

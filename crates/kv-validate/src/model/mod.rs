@@ -1,0 +1,14 @@
+//! The model half of kv-validate: a Llama with its KV cache explicit, the
+//! CPU kernels it uses where candle's are slow, the loaders for every place a
+//! model comes from, the Hugging Face hub, and a tiny generated model for tests.
+//!
+//! Nothing here knows about compression, windows or reports: the evaluation
+//! half (`evaluate`, `perplexity`, `report`, ...) drives it through [`Llama`].
+
+pub mod hub;
+mod kernels;
+mod llama;
+pub mod load;
+pub mod tiny;
+
+pub use llama::*;
