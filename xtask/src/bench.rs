@@ -30,15 +30,24 @@ struct Options {
 
 impl Options {
     fn parse(args: &[String]) -> Result<Self> {
-        let mut options = Options { quick: false, torch_python: None };
+        let mut options = Options {
+            quick: false,
+            torch_python: None,
+        };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "--quick" => options.quick = true,
                 "--torch" => {
-                    options.torch_python = Some(args.next().context("--torch needs a Python interpreter path")?.clone())
+                    options.torch_python = Some(
+                        args.next()
+                            .context("--torch needs a Python interpreter path")?
+                            .clone(),
+                    )
                 }
-                other => bail!("unknown bench argument `{other}` (expected --quick or --torch PYTHON)"),
+                other => {
+                    bail!("unknown bench argument `{other}` (expected --quick or --torch PYTHON)")
+                }
             }
         }
         Ok(options)
@@ -60,7 +69,11 @@ pub fn run(args: &[String]) -> Result<()> {
 
     let mut report = String::new();
     writeln!(report, "# Benchmarks\n")?;
-    writeln!(report, "Produced by `cargo xtask bench`{}; rerun it to refresh this file.\n", if options.quick { " --quick" } else { "" })?;
+    writeln!(
+        report,
+        "Produced by `cargo xtask bench`{}; rerun it to refresh this file.\n",
+        if options.quick { " --quick" } else { "" }
+    )?;
     writeln!(report, "{}\n", machine_description())?;
     writeln!(report, "## kv-compress\n")?;
     writeln!(
@@ -69,7 +82,10 @@ pub fn run(args: &[String]) -> Result<()> {
          Median of {repetitions} runs; MB/s is uncompressed cache bytes (10^6) per second of wall time, whole process \
          (start-up, reading, writing) included; peak RSS is the child's own maximum resident set.\n"
     )?;
-    writeln!(report, "| input | command | wall (ms) | MB/s | peak RSS (MB) | RSS / input file |")?;
+    writeln!(
+        report,
+        "| input | command | wall (ms) | MB/s | peak RSS (MB) | RSS / input file |"
+    )?;
     writeln!(report, "|---|---|---:|---:|---:|---:|")?;
     for dtype in ["F32", "F16"] {
         let input = scratch.join(format!("cache_{}.safetensors", dtype.to_lowercase()));
@@ -78,9 +94,21 @@ pub fn run(args: &[String]) -> Result<()> {
         let packed = scratch.join("packed.safetensors");
         let restored = scratch.join("restored.safetensors");
         let cases: [(&str, Vec<&Path>, Vec<&str>); 3] = [
-            ("compress", vec![&input, &packed], vec!["-input", "", "-output", ""]),
-            ("metrics-only", vec![&input], vec!["-input", "", "-metrics-only"]),
-            ("decompress", vec![&packed, &restored], vec!["-decompress", "-input", "", "-output", ""]),
+            (
+                "compress",
+                vec![&input, &packed],
+                vec!["-input", "", "-output", ""],
+            ),
+            (
+                "metrics-only",
+                vec![&input],
+                vec!["-input", "", "-metrics-only"],
+            ),
+            (
+                "decompress",
+                vec![&packed, &restored],
+                vec!["-decompress", "-input", "", "-output", ""],
+            ),
         ];
         for (name, paths, template) in cases {
             let args = fill_paths(&template, &paths);
@@ -88,7 +116,10 @@ pub fn run(args: &[String]) -> Result<()> {
             let mb_s = input_bytes as f64 / 1e6 / m.wall.as_secs_f64();
             let rss_mb = m.peak_rss_bytes as f64 / 1e6;
             let file_mb = std::fs::metadata(paths[0])?.len() as f64 / 1e6;
-            eprintln!("bench: {dtype} {name}: {:.1} ms, {mb_s:.0} MB/s, peak RSS {rss_mb:.1} MB", ms(m.wall));
+            eprintln!(
+                "bench: {dtype} {name}: {:.1} ms, {mb_s:.0} MB/s, peak RSS {rss_mb:.1} MB",
+                ms(m.wall)
+            );
             writeln!(
                 report,
                 "| {dtype} ({:.0} MB) | {name} | {:.1} | {mb_s:.0} | {rss_mb:.1} | {:.2}x |",
@@ -107,7 +138,12 @@ pub fn run(args: &[String]) -> Result<()> {
     if options.quick {
         writeln!(report, "\nModel benchmarks skipped (--quick).")?;
     } else {
-        model_benchmarks(&bin_dir, &scratch, options.torch_python.as_deref(), &mut report)?;
+        model_benchmarks(
+            &bin_dir,
+            &scratch,
+            options.torch_python.as_deref(),
+            &mut report,
+        )?;
     }
     std::fs::remove_dir_all(&scratch).ok();
     let out = repo_root().join("docs").join("benchmarks.md");
@@ -119,16 +155,27 @@ pub fn run(args: &[String]) -> Result<()> {
 
 /// kv-validate on the offline model: forward-pass throughput, and where a
 /// validation run's wall time goes.
-fn model_benchmarks(bin_dir: &Path, scratch: &Path, torch_python: Option<&str>, report: &mut String) -> Result<()> {
+fn model_benchmarks(
+    bin_dir: &Path,
+    scratch: &Path,
+    torch_python: Option<&str>,
+    report: &mut String,
+) -> Result<()> {
     let model = ensure_model()?;
     let kv_validate = bin_dir.join("kv-validate");
-    writeln!(report, "\n## kv-validate (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to f32 at load, CPU)\n")?;
+    writeln!(
+        report,
+        "\n## kv-validate (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to f32 at load, CPU)\n"
+    )?;
 
     let forward_json = scratch.join("forward.json");
     let status = Command::new(&kv_validate)
-        .arg("--gguf").arg(&model)
-        .args(["--bench-forward", "512,2048", "--quiet", "--json"]).arg(&forward_json)
-        .status().context("running kv-validate --bench-forward")?;
+        .arg("--gguf")
+        .arg(&model)
+        .args(["--bench-forward", "512,2048", "--quiet", "--json"])
+        .arg(&forward_json)
+        .status()
+        .context("running kv-validate --bench-forward")?;
     if !status.success() {
         bail!("kv-validate --bench-forward failed ({status})");
     }
@@ -140,13 +187,23 @@ fn model_benchmarks(bin_dir: &Path, scratch: &Path, torch_python: Option<&str>, 
     writeln!(report, "Forward pass of N random tokens from an empty cache, median of runs, tokens/s. \"prefill\": the cache and the last position's logits (what each window's context costs); \"all logits\": logits at every position too (what scoring costs, and PyTorch's default):\n")?;
     writeln!(report, "| context | kv-validate prefill | PyTorch eager prefill | kv-validate all logits | PyTorch eager all logits |")?;
     writeln!(report, "|---:|---:|---:|---:|---:|")?;
-    let ours = forward["forward"].as_array().context("--bench-forward JSON has no `forward` array")?;
+    let ours = forward["forward"]
+        .as_array()
+        .context("--bench-forward JSON has no `forward` array")?;
     for entry in ours {
         let reference = |key: &str| {
             torch
                 .as_ref()
-                .and_then(|t| t["forward"].as_array()?.iter().find(|r| r["context"] == entry["context"])?[key].as_f64())
-                .map_or("not run (`--torch PYTHON`)".to_string(), |tps| format!("{tps:.0}"))
+                .and_then(|t| {
+                    t["forward"]
+                        .as_array()?
+                        .iter()
+                        .find(|r| r["context"] == entry["context"])?[key]
+                        .as_f64()
+                })
+                .map_or("not run (`--torch PYTHON`)".to_string(), |tps| {
+                    format!("{tps:.0}")
+                })
         };
         let ours = |key: &str| format!("{:.0}", entry[key].as_f64().unwrap_or(f64::NAN));
         writeln!(
@@ -159,7 +216,10 @@ fn model_benchmarks(bin_dir: &Path, scratch: &Path, torch_python: Option<&str>, 
             reference("all_logits_tokens_per_second")
         )?;
     }
-    writeln!(report, "\nTarget: at least PyTorch eager's tokens/s on the same model and CPU.")?;
+    writeln!(
+        report,
+        "\nTarget: at least PyTorch eager's tokens/s on the same model and CPU."
+    )?;
     if let Some(torch) = &torch {
         writeln!(report, "\nPyTorch {} with {} threads, `xtask/python/torch_forward_bench.py` on the same GGUF (transformers dequantizes it to f32), eager attention.", torch["torch"].as_str().unwrap_or("?"), torch["threads"])?;
     }
@@ -169,9 +229,14 @@ fn model_benchmarks(bin_dir: &Path, scratch: &Path, torch_python: Option<&str>, 
     let started = Instant::now();
     let status = Command::new(&kv_validate)
         .env("KV_COMPRESS_PATH", bin_dir.join("kv-compress"))
-        .arg("--gguf").arg(&model).arg("--text-file").arg(&text)
-        .args(["--max-windows", "3", "--quiet", "--json"]).arg(&validate_json)
-        .status().context("running kv-validate")?;
+        .arg("--gguf")
+        .arg(&model)
+        .arg("--text-file")
+        .arg(&text)
+        .args(["--max-windows", "3", "--quiet", "--json"])
+        .arg(&validate_json)
+        .status()
+        .context("running kv-validate")?;
     let wall = started.elapsed();
     if status.code() == Some(2) {
         bail!("kv-validate failed ({status})");
@@ -182,7 +247,9 @@ fn model_benchmarks(bin_dir: &Path, scratch: &Path, torch_python: Option<&str>, 
     writeln!(report, "Target: the compressor's share under 10%.\n")?;
     writeln!(report, "| part | seconds | share |")?;
     writeln!(report, "|---|---:|---:|")?;
-    let total = timing["wall_seconds"].as_f64().unwrap_or(wall.as_secs_f64());
+    let total = timing["wall_seconds"]
+        .as_f64()
+        .unwrap_or(wall.as_secs_f64());
     for (key, label) in [
         ("model_seconds", "model forward passes"),
         ("cache_write_seconds", "writing caches"),
@@ -216,7 +283,9 @@ pub const GENERATE_TASK: &str = "__bench-cache";
 
 pub fn generate_task(args: &[String]) -> Result<()> {
     match args {
-        [dtype, path] if dtype == "F32" || dtype == "F16" => write_synthetic_cache(Path::new(path), dtype),
+        [dtype, path] if dtype == "F32" || dtype == "F16" => {
+            write_synthetic_cache(Path::new(path), dtype)
+        }
         _ => bail!("usage: {GENERATE_TASK} F32|F16 PATH"),
     }
 }
@@ -224,7 +293,10 @@ pub fn generate_task(args: &[String]) -> Result<()> {
 /// Times PyTorch eager on the same model with `xtask/python/torch_forward_bench.py`.
 fn torch_reference(python: &str, model: &Path) -> Result<serde_json::Value> {
     eprintln!("bench: PyTorch eager reference ({python})...");
-    let script = repo_root().join("xtask").join("python").join("torch_forward_bench.py");
+    let script = repo_root()
+        .join("xtask")
+        .join("python")
+        .join("torch_forward_bench.py");
     let output = Command::new(python)
         .arg(&script)
         .arg(model)
@@ -233,7 +305,11 @@ fn torch_reference(python: &str, model: &Path) -> Result<serde_json::Value> {
         .output()
         .with_context(|| format!("starting {python}"))?;
     if !output.status.success() {
-        bail!("{} failed ({}); it needs torch, transformers, gguf and accelerate", script.display(), output.status);
+        bail!(
+            "{} failed ({}); it needs torch, transformers, gguf and accelerate",
+            script.display(),
+            output.status
+        );
     }
     serde_json::from_slice(&output.stdout).context("parsing the PyTorch reference's JSON")
 }
@@ -258,7 +334,10 @@ fn measure(program: &Path, args: &[String], repetitions: usize) -> Result<Measur
         peak = peak.max(rss);
     }
     walls.sort();
-    Ok(Measurement { wall: walls[walls.len() / 2], peak_rss_bytes: peak })
+    Ok(Measurement {
+        wall: walls[walls.len() / 2],
+        peak_rss_bytes: peak,
+    })
 }
 
 /// Waits for `child` with wait4 so that its own peak RSS is known.
@@ -294,7 +373,13 @@ fn fill_paths(template: &[&str], paths: &[&Path]) -> Vec<String> {
     let mut paths = paths.iter();
     template
         .iter()
-        .map(|t| if t.is_empty() { paths.next().expect("a path per slot").display().to_string() } else { t.to_string() })
+        .map(|t| {
+            if t.is_empty() {
+                paths.next().expect("a path per slot").display().to_string()
+            } else {
+                t.to_string()
+            }
+        })
         .collect()
 }
 
@@ -317,9 +402,15 @@ fn tempdir() -> Result<PathBuf> {
 fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
         .current_dir(repo_root())
@@ -327,7 +418,13 @@ fn machine_description() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().ok().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     format!("Machine: {cpu}, {cores} cores available. Commit {commit}, {date}.")
 }
 
@@ -359,7 +456,12 @@ fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
     let tensors: Vec<kvformat::CacheTensor<'_>> = names
         .iter()
         .zip(&data)
-        .map(|(name, values)| kvformat::CacheTensor { name, dtype, shape: &shape, values })
+        .map(|(name, values)| kvformat::CacheTensor {
+            name,
+            dtype,
+            shape: &shape,
+            values,
+        })
         .collect();
     kvformat::write_cache(path, &tensors, &Default::default())
         .with_context(|| format!("writing the synthetic cache {}", path.display()))

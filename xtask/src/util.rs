@@ -19,10 +19,22 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join(".cache").join("models"))
 }
 
+/// The cargo that runs xtask (`CARGO`), else `cargo` on PATH.
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// The Python that has pip: `PYTHON`, else `python3`.
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 /// Runs a command to completion, failing with its rendered command line.
 pub fn run_checked(cmd: &mut Command) -> Result<()> {
     let shown = format!("{cmd:?}");
-    let status = cmd.status().with_context(|| format!("could not start {shown}"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {shown}"))?;
     if !status.success() {
         bail!("{shown} failed ({status})");
     }
@@ -32,11 +44,14 @@ pub fn run_checked(cmd: &mut Command) -> Result<()> {
 /// Builds the two binaries in release mode and returns the directory holding them.
 pub fn build_release_binaries() -> Result<PathBuf> {
     eprintln!("xtask: building kv-compress and kv-validate (release)...");
-    run_checked(
-        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .current_dir(repo_root())
-            .args(["build", "--release", "-p", "kv-compress", "-p", "kv-validate"]),
-    )?;
+    run_checked(Command::new(cargo()).current_dir(repo_root()).args([
+        "build",
+        "--release",
+        "-p",
+        "kv-compress",
+        "-p",
+        "kv-validate",
+    ]))?;
     Ok(target_dir().join("release"))
 }
 

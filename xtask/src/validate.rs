@@ -14,16 +14,25 @@ use std::process::{Command, ExitCode};
 use std::time::Duration;
 
 /// Flags with which the caller already chose the model or the text.
-const SOURCE_FLAGS: &[&str] = &["--model", "--model-dir", "--gguf", "--text-file", "--quick-test"];
+const SOURCE_FLAGS: &[&str] = &[
+    "--model",
+    "--model-dir",
+    "--gguf",
+    "--text-file",
+    "--quick-test",
+];
 
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let bin_dir = build_release_binaries()?;
     let mut cmd = Command::new(bin_dir.join("kv-validate"));
-    cmd.env("KV_COMPRESS_PATH", bin_dir.join("kv-compress")).current_dir(repo_root());
+    cmd.env("KV_COMPRESS_PATH", bin_dir.join("kv-compress"))
+        .current_dir(repo_root());
 
-    let caller_chose_source = args
-        .iter()
-        .any(|a| SOURCE_FLAGS.iter().any(|f| a == f || a.starts_with(&format!("{f}="))));
+    let caller_chose_source = args.iter().any(|a| {
+        SOURCE_FLAGS
+            .iter()
+            .any(|f| a == f || a.starts_with(&format!("{f}=")))
+    });
     if caller_chose_source {
         eprintln!("xtask: running kv-validate with the model and text you named");
     } else if hub_reachable() {
@@ -41,7 +50,9 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     cmd.args(args);
     let status = cmd.status().context("could not start kv-validate")?;
     // kv-validate's own exit code is the verdict: 0 passed, 1 failed, 2 error.
-    Ok(ExitCode::from(status.code().unwrap_or(2).clamp(0, 255) as u8))
+    Ok(ExitCode::from(
+        status.code().unwrap_or(2).clamp(0, 255) as u8
+    ))
 }
 
 /// Whether a TCP connection to the hub (or `HF_ENDPOINT`) opens within a few seconds.
@@ -56,7 +67,15 @@ fn hub_reachable() -> bool {
         None => (443, endpoint.as_str()),
     };
     let authority = rest.split('/').next().unwrap_or(rest);
-    let target = if authority.contains(':') { authority.to_string() } else { format!("{authority}:{default_port}") };
-    let Ok(addrs) = target.to_socket_addrs() else { return false };
-    addrs.into_iter().any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_ok())
+    let target = if authority.contains(':') {
+        authority.to_string()
+    } else {
+        format!("{authority}:{default_port}")
+    };
+    let Ok(addrs) = target.to_socket_addrs() else {
+        return false;
+    };
+    addrs
+        .into_iter()
+        .any(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(5)).is_ok())
 }

@@ -49,6 +49,8 @@ pub fn bench_forward(
                 } else {
                     model.forward_last(tokens, None)?;
                 }
+                // A GPU runs the pass asynchronously: wait for it.
+                model.device().synchronize()?;
                 Ok(started.elapsed().as_secs_f64())
             })
             .collect::<Result<Vec<f64>, EvalError>>()?;

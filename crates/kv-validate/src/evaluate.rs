@@ -11,7 +11,7 @@
 //! The cache is written once per window and shared by all variants, which is
 //! what lets a sweep (issue 5) compare N methods for one model pass.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, IndexOp, Tensor};
@@ -34,8 +34,11 @@ pub enum EvalError {
     KvIo(#[from] KvIoError),
     #[error(transparent)]
     Bridge(#[from] BridgeError),
-    #[error("cannot create a scratch directory for caches: {0}")]
-    Scratch(std::io::Error),
+    #[error("cannot create a scratch directory for caches in {}: {source} (see --scratch-dir)", parent.display())]
+    Scratch {
+        parent: PathBuf,
+        source: std::io::Error,
+    },
     #[error("no compressor variant to evaluate")]
     NoVariants,
     #[error(
@@ -57,6 +60,21 @@ pub struct EvalOptions {
     pub model_name: String,
     /// Progress bar with tokens/s and ETA on stderr.
     pub show_progress: bool,
+    /// Where each window's cache files go (a fresh directory inside it,
+    /// removed at the end): see [`default_scratch_parent`].
+    pub scratch_parent: PathBuf,
+}
+
+/// `/dev/shm` where it is a directory (RAM: on a GPU the per-window file
+/// exchange with kv-compress, not the model, is what costs), else the
+/// system's temporary directory.
+pub fn default_scratch_parent() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
 }
 
 /// Compressor metrics of one variant over every window it compressed.
@@ -201,8 +219,11 @@ pub fn evaluate(
     let started = Instant::now();
     let scratch = tempfile::Builder::new()
         .prefix("kv-validate-")
-        .tempdir()
-        .map_err(EvalError::Scratch)?;
+        .tempdir_in(&options.scratch_parent)
+        .map_err(|source| EvalError::Scratch {
+            parent: options.scratch_parent.clone(),
+            source,
+        })?;
     let progress = progress_bar(
         windows.iter().map(Window::scored_len).sum(),
         options.show_progress,
@@ -314,11 +335,16 @@ pub fn evaluate(
 /// against neither side and the delta is the compression's alone.
 fn rounded_to(cache: &KvCache, dtype: CacheDtype) -> candle_core::Result<KvCache> {
     let stored = match dtype {
-        CacheDtype::F32 => return Ok(cache.clone()),
+        CacheDtype::F32 => DType::F32,
         CacheDtype::F16 => DType::F16,
         CacheDtype::BF16 => DType::BF16,
     };
-    let round = |t: &Tensor| t.to_dtype(stored)?.to_dtype(DType::F32);
+    let model_dtype = cache.layers.first().map(|layer| layer.key.dtype());
+    if stored == DType::F32 || model_dtype == Some(stored) {
+        // Exact: every model dtype fits in f32, and a file in the model's own dtype is lossless.
+        return Ok(cache.clone());
+    }
+    let round = |t: &Tensor| t.to_dtype(stored)?.to_dtype(t.dtype());
     let layers = cache
         .layers
         .iter()

@@ -94,7 +94,12 @@ pub fn write_kv_cache(
     for (layer, kv) in cache.layers.iter().enumerate() {
         for (kind, tensor) in KINDS.into_iter().zip([&kv.key, &kv.value]) {
             names.push(tensor_name(layer, kind));
-            values.push(tensor.flatten_all()?.to_vec1::<f32>()?);
+            values.push(
+                tensor
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            );
         }
     }
     let tensors: Vec<CacheTensor<'_>> = names

@@ -6,14 +6,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use candle_core::Device;
+use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use kvformat::CacheDtype;
 
 use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, KvCompress};
 use kv_validate::data::{load_text, TextSource};
-use kv_validate::evaluate::{evaluate, EvalOptions};
+use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
+use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource, DEFAULT_HUB_REPO};
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
@@ -95,19 +96,34 @@ struct Cli {
     /// --compress-arg=-flag for values that start with a dash).
     #[arg(long = "compress-arg", value_name = "ARG", allow_hyphen_values = true)]
     compress_args: Vec<String>,
-    /// Element type of the cache files handed to kv-compress. The baseline
-    /// scores the cache rounded to it too, so the delta is compression alone.
-    #[arg(long, value_enum, default_value_t = CacheDtypeArg::Float32)]
-    cache_dtype: CacheDtypeArg,
+    /// Element type of the cache files handed to kv-compress (default: the
+    /// model's dtype, float32 with --quick-test). The baseline scores the cache
+    /// rounded to it too, so the delta is compression alone.
+    #[arg(long, value_enum)]
+    cache_dtype: Option<CacheDtypeArg>,
     /// No model: push a synthetic cache with TinyLlama's dimensions (22 layers,
     /// 4 KV heads, head_dim 64) through write, compress, decompress and read,
     /// and check the compressor's metrics against our own. Passes when the
     /// contract holds; the threshold does not apply.
     #[arg(long)]
     quick_test: bool,
-    /// Run on the CPU even when a GPU is available.
-    #[arg(long)]
+    /// Run on the CPU even when a GPU is available (the same as --device cpu).
+    #[arg(long, conflicts_with = "device")]
     cpu: bool,
+    /// Where the model runs: auto (GPU 0 when built with CUDA and one opens,
+    /// else the CPU), cpu, cuda, or cuda:N. A GPU asked for but unavailable
+    /// is an error.
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    device: DeviceRequest,
+    /// Weights' and activations' element type: f32, f16 or bf16 (default:
+    /// bf16 on a GPU, f32 on the CPU). GGUF weights are dequantized to it.
+    #[arg(long, value_enum)]
+    dtype: Option<DTypeArg>,
+    /// Directory for each window's cache files (default: /dev/shm where it
+    /// exists, else the temporary directory). A fresh subdirectory is made
+    /// there and removed at the end.
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
     /// Largest acceptable perplexity increase (compressed - baseline).
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     threshold: f64,
@@ -149,6 +165,32 @@ enum CacheDtypeArg {
     Bfloat16,
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(arg: DTypeArg) -> Self {
+        match arg {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The cache file dtype that stores a model dtype exactly.
+fn cache_dtype_of(dtype: DType) -> CacheDtype {
+    match dtype {
+        DType::F16 => CacheDtype::F16,
+        DType::BF16 => CacheDtype::BF16,
+        _ => CacheDtype::F32,
+    }
+}
+
 impl From<CacheDtypeArg> for CacheDtype {
     fn from(arg: CacheDtypeArg) -> Self {
         match arg {
@@ -185,7 +227,6 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         sparsity: cli.sparsity,
         extra_args: cli.compress_args.clone(),
     };
-    let cache_dtype = CacheDtype::from(cli.cache_dtype);
     let sweep = sweep_variants(cli)?;
     let compressor = KvCompress::locate()?;
     let status = |message: &str| {
@@ -199,17 +240,27 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             "quick test with {}",
             compressor.program().display()
         ));
+        let cache_dtype = cli.cache_dtype.map_or(CacheDtype::F32, CacheDtype::from);
         let report = run_quick_test(&compressor, &settings, cache_dtype)?;
         print!("{}", report.render_text());
         write_json(cli, &report)?;
         return Ok(report.passed);
     }
 
-    let device = if cli.cpu {
-        Device::Cpu
+    let opened = open_device(if cli.cpu {
+        DeviceRequest::Cpu
     } else {
-        Device::cuda_if_available(0).context("cannot open the GPU (use --cpu)")?
-    };
+        cli.device
+    })?;
+    if let Some(reason) = &opened.fallback_reason {
+        status(reason);
+    }
+    let dtype = cli
+        .dtype
+        .map_or_else(|| opened.default_dtype(), DType::from);
+    let cache_dtype = cli
+        .cache_dtype
+        .map_or_else(|| cache_dtype_of(dtype), CacheDtype::from);
     let source = match (&cli.model_dir, &cli.gguf) {
         (Some(dir), _) => ModelSource::LocalDir(dir.clone()),
         (None, Some(gguf)) => ModelSource::Gguf(gguf.clone()),
@@ -218,10 +269,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             revision: cli.revision.clone(),
         },
     };
-    status("loading the model");
-    let loaded = load_model(&source, &device, !cli.quiet)?;
+    status(&format!(
+        "loading the model on {} in {}",
+        opened.name,
+        dtype_name(dtype)
+    ));
+    let loaded = load_model(&source, &opened.device, dtype, !cli.quiet)?;
     if !cli.bench_forward.is_empty() {
-        return run_forward_benchmark(cli, &loaded);
+        return run_forward_benchmark(cli, &loaded, &opened.name);
     }
     let text_source = match &cli.text_file {
         Some(path) => TextSource::File(path.clone()),
@@ -262,6 +317,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         cache_dtype,
         model_name: loaded.description.clone(),
         show_progress: !cli.quiet,
+        scratch_parent: cli
+            .scratch_dir
+            .clone()
+            .unwrap_or_else(default_scratch_parent),
     };
     let variant_settings = match &sweep {
         Some(variants) => variants
@@ -283,6 +342,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         data: text.description,
         protocol: protocol_text,
         compressor: compressor.program().display().to_string(),
+        device: opened.name.clone(),
         cache_dtype: cache_dtype.torch_name().to_string(),
         threshold: cli.threshold,
     };
@@ -344,7 +404,7 @@ fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// Runs the dedicated forward-pass benchmark: a table on stdout, JSON with `--json`.
-fn run_forward_benchmark(cli: &Cli, loaded: &LoadedModel) -> anyhow::Result<bool> {
+fn run_forward_benchmark(cli: &Cli, loaded: &LoadedModel, device: &str) -> anyhow::Result<bool> {
     /// Median of this many timed prefills per length.
     const RUNS: usize = 3;
     let max_positions = loaded.model.config().max_position_embeddings;
@@ -358,10 +418,11 @@ fn run_forward_benchmark(cli: &Cli, loaded: &LoadedModel) -> anyhow::Result<bool
         );
     }
     let speeds = bench::bench_forward(&loaded.model, &cli.bench_forward, RUNS)?;
-    print!("{}", bench::render_table(&loaded.description, &speeds));
+    let model = format!("{} on {device}", loaded.description);
+    print!("{}", bench::render_table(&model, &speeds));
     write_json(
         cli,
-        &serde_json::json!({ "model": loaded.description, "forward": speeds }),
+        &serde_json::json!({ "model": loaded.description, "device": device, "forward": speeds }),
     )?;
     Ok(true)
 }

@@ -181,10 +181,11 @@ pub fn run_quick_test(
     cache_dtype: CacheDtype,
 ) -> Result<QuickTestReport, EvalError> {
     let started = Instant::now();
+    let parent = std::env::temp_dir();
     let scratch = tempfile::Builder::new()
         .prefix("kv-validate-quick-")
-        .tempdir()
-        .map_err(EvalError::Scratch)?;
+        .tempdir_in(&parent)
+        .map_err(|source| EvalError::Scratch { parent, source })?;
     let cache = synthetic_cache(
         TINYLLAMA_LAYERS,
         TINYLLAMA_KV_HEADS,

@@ -19,6 +19,8 @@ pub struct ValidationReport {
     pub protocol: String,
     pub compressor: String,
     pub compressor_flags: String,
+    /// Where the model ran: `cuda:0 (NVIDIA H200)`, `cpu (...)`.
+    pub device: String,
     /// Element type of the cache file handed to the compressor (the ratio is against it).
     pub cache_dtype: String,
     pub threshold: f64,
@@ -87,6 +89,8 @@ pub struct RunDescription {
     pub data: String,
     pub protocol: String,
     pub compressor: String,
+    /// Where the model ran, with the device's name.
+    pub device: String,
     pub cache_dtype: String,
     pub threshold: f64,
 }
@@ -104,6 +108,7 @@ impl ValidationReport {
             protocol: run.protocol.clone(),
             compressor: run.compressor.clone(),
             compressor_flags: variant.settings.label(),
+            device: run.device.clone(),
             cache_dtype: run.cache_dtype.clone(),
             threshold: run.threshold,
             perplexity: PerplexityFigures {
@@ -146,6 +151,7 @@ impl ValidationReport {
                 "Compressor",
                 &format!("{} {}", self.compressor, self.compressor_flags),
             ),
+            field("Device", &self.device),
             field("Cache dtype", &self.cache_dtype),
             String::new(),
             field("Baseline perplexity", &format!("{:.4}", p.baseline)),
@@ -341,6 +347,7 @@ mod tests {
             data: "text".into(),
             protocol: "sliding".into(),
             compressor: "kv-compress".into(),
+            device: "cpu".into(),
             cache_dtype: "float32".into(),
             threshold: 0.5,
         };

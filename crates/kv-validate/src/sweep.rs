@@ -381,6 +381,8 @@ pub struct SweepReport {
     pub data: String,
     pub protocol: String,
     pub compressor: String,
+    /// Where the model ran, with the device's name.
+    pub device: String,
     /// Element type of the cache files handed to kv-compress (ratios are against it).
     pub cache_dtype: String,
     pub tokens_scored: usize,
@@ -422,6 +424,7 @@ impl SweepReport {
             data: run.data.clone(),
             protocol: run.protocol.clone(),
             compressor: run.compressor.clone(),
+            device: run.device.clone(),
             cache_dtype: run.cache_dtype.clone(),
             tokens_scored: evaluation.baseline.tokens,
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
@@ -444,6 +447,7 @@ impl SweepReport {
             field("Data", &self.data),
             field("Protocol", &self.protocol),
             field("Compressor", &self.compressor),
+            field("Device", &self.device),
             field("Cache dtype", &self.cache_dtype),
             field(
                 "Tokens scored",

@@ -448,3 +448,63 @@ fn bench_forward_reports_tokens_per_second_per_context() {
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
     assert!(error.contains("--bench-forward"), "{error}");
 }
+
+/// `--dtype` and `--device`: the report names the device and the weights'
+/// dtype, and the cache file follows the model's dtype unless told.
+#[test]
+fn the_report_names_the_device_and_the_model_dtype() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let compressor = identity_compressor(dir.path());
+    let json = dir.path().join("report.json");
+    let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
+    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    args.extend([
+        "--dtype",
+        "bf16",
+        "--device",
+        "cpu",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+
+    let output = kv_validate(&args, &compressor);
+    expect_success(&output);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("Device") && stdout.contains("cpu ("),
+        "{stdout}"
+    );
+    let report = read_json(&json);
+    assert!(
+        report["device"].as_str().unwrap().starts_with("cpu ("),
+        "{report}"
+    );
+    assert!(
+        report["model"].as_str().unwrap().contains("bf16"),
+        "{report}"
+    );
+    assert_eq!(report["cache_dtype"], "bfloat16");
+    // A lossless round trip of the model's own bf16 cache costs nothing.
+    assert_eq!(report["perplexity"]["delta"], 0.0);
+}
+
+#[test]
+fn a_gpu_asked_of_a_cpu_build_is_an_error_not_a_cpu_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
+    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    args.extend(["--device", "cuda:1"]);
+    let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
+    assert!(
+        error.contains("cuda:1") && error.contains("build-cuda"),
+        "{error}"
+    );
+
+    args.truncate(args.len() - 2);
+    args.extend(["--device", "tpu"]);
+    let output = kv_validate(&args, &identity_compressor(dir.path()));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected auto, cpu, cuda or cuda:N"));
+}

@@ -7,9 +7,9 @@ mod common;
 
 use std::process::Command;
 
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use kv_validate::bridge::{CompressSettings, KvCompress};
-use kv_validate::evaluate::{evaluate, EvalOptions};
+use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
 use kv_validate::kvio::{read_kv_cache, write_kv_cache};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 use kv_validate::perplexity::{plan_windows, Protocol, Window};
@@ -28,7 +28,13 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let files = tiny_model(dir.path());
-    let loaded = load_model(&ModelSource::LocalDir(files.hf_dir), &Device::Cpu, false).unwrap();
+    let loaded = load_model(
+        &ModelSource::LocalDir(files.hf_dir),
+        &Device::Cpu,
+        DType::F32,
+        false,
+    )
+    .unwrap();
     let text = std::fs::read_to_string(prose_path()).unwrap();
     let tokens = loaded
         .tokenizer
@@ -48,6 +54,7 @@ fn options() -> EvalOptions {
         cache_dtype: CacheDtype::F32,
         model_name: "tiny".into(),
         show_progress: false,
+        scratch_parent: default_scratch_parent(),
     }
 }
 
@@ -191,6 +198,70 @@ fn a_lossless_compressor_costs_nothing_whatever_the_cache_dtype() {
     }
     // The rounding itself is visible in the baseline (BF16 keeps 8 bits).
     assert_ne!(baselines[0], baselines[2]);
+}
+
+/// The same model in f16 and bf16 on the CPU (the candle-op path a GPU
+/// takes too): the cache goes to the compressor in the model's own dtype, so
+/// a lossless compressor still costs exactly nothing, and the perplexity
+/// stays near f32's. Tolerances: each matmul, norm and softmax output is
+/// rounded to the dtype (relative 2^-11 for f16, 2^-8 for bf16); over the tiny
+/// model's few layers and a per-token mean that compounds to well under the
+/// bounds below, which still catch a wrong mask, RoPE or cache dtype (those
+/// move a random model's perplexity by tens of percent).
+#[test]
+fn half_precision_models_score_their_own_cache_exactly_and_stay_near_f32() {
+    let Fixture {
+        dir,
+        loaded,
+        tokens,
+    } = fixture();
+    let identity = KvCompress::at(identity_compressor(dir.path()));
+    let windows = plan_windows(
+        tokens.len(),
+        Protocol::ContextTargets {
+            context: 40,
+            targets: 24,
+        },
+        Some(3),
+    )
+    .unwrap();
+    let run = |model: &kv_validate::model::Llama, cache_dtype| {
+        evaluate(
+            model,
+            &tokens,
+            &windows,
+            &identity,
+            &[CompressSettings::default()],
+            &EvalOptions {
+                cache_dtype,
+                ..options()
+            },
+        )
+        .unwrap()
+    };
+    let f32_perplexity = run(&loaded.model, CacheDtype::F32).baseline.perplexity();
+    let files = tiny_model(dir.path());
+    for (dtype, cache_dtype, bound) in [
+        (DType::F16, CacheDtype::F16, 0.002),
+        (DType::BF16, CacheDtype::BF16, 0.01),
+    ] {
+        let half = load_model(
+            &ModelSource::LocalDir(files.hf_dir.clone()),
+            &Device::Cpu,
+            dtype,
+            false,
+        )
+        .unwrap();
+        assert_eq!(half.model.dtype(), dtype);
+        let evaluation = run(&half.model, cache_dtype);
+        assert_eq!(evaluation.variants[0].nll, evaluation.baseline, "{dtype:?}");
+        let relative = (evaluation.baseline.perplexity() / f32_perplexity - 1.0).abs();
+        eprintln!(
+            "{dtype:?}: perplexity {} vs f32 {f32_perplexity}: {relative:.2e}",
+            evaluation.baseline.perplexity()
+        );
+        assert!(relative < bound, "{dtype:?}: {relative} from f32");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use kv_validate::model::hub::HubError;
 use kv_validate::model::load::{fetch_hub_model, load_model, LoadError, ModelSource};
 use kv_validate::model::tiny::TinyLlama;
@@ -55,7 +55,7 @@ fn offline_hub_loads_from_the_cache_and_names_what_is_missing() {
         repo: "tiny-org/tiny-llama".into(),
         revision: "main".into(),
     };
-    let loaded = load_model(&source, &Device::Cpu, false).unwrap();
+    let loaded = load_model(&source, &Device::Cpu, DType::F32, false).unwrap();
     assert_eq!(
         loaded.description,
         "tiny-org/tiny-llama@main (Hugging Face hub, f32)"

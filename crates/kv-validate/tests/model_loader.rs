@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use kv_validate::model::load::{load_model, LoadError, LoadedModel, ModelSource};
 use kv_validate::model::tiny::{TinyLlama, TinyModelFiles};
 
@@ -16,7 +16,7 @@ fn tiny_files(dir: &Path) -> TinyModelFiles {
 }
 
 fn try_load(source: ModelSource) -> Result<LoadedModel, LoadError> {
-    load_model(&source, &Device::Cpu, false)
+    load_model(&source, &Device::Cpu, DType::F32, false)
 }
 
 fn load_error(source: ModelSource) -> LoadError {

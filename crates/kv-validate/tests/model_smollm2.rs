@@ -17,7 +17,7 @@ mod common;
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_transformers::models::quantized_llama;
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 
@@ -25,7 +25,13 @@ const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const SENTENCE: &str = "The quick brown fox jumps over the lazy dog in 2024, said Ada's notebook.";
 
 fn load(path: &Path) -> LoadedModel {
-    load_model(&ModelSource::Gguf(path.to_path_buf()), &Device::Cpu, false).expect("SmolLM2 loads")
+    load_model(
+        &ModelSource::Gguf(path.to_path_buf()),
+        &Device::Cpu,
+        DType::F32,
+        false,
+    )
+    .expect("SmolLM2 loads")
 }
 
 fn as_input(ids: &[u32]) -> Tensor {

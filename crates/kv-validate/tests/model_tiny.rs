@@ -28,7 +28,7 @@ fn write_tiny(tiny: &TinyLlama, dir: &Path) -> TinyModelFiles {
 }
 
 fn load(source: ModelSource) -> kv_validate::model::load::LoadedModel {
-    load_model(&source, &Device::Cpu, false).expect("tiny model loads")
+    load_model(&source, &Device::Cpu, DType::F32, false).expect("tiny model loads")
 }
 
 fn prompt_tokens(tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {

@@ -8,11 +8,12 @@
 //! input once, skip the masked part of each score row outright, and use an
 //! `exp` that the compiler vectorizes (AVX-512 or AVX2 where the CPU has it,
 //! chosen at run time). Both are checked against candle's own ops in tests.
-//! They are CPU kernels: on another device candle reports the op as
-//! unimplemented (kv-validate builds candle for the CPU only).
+//! They are f32 CPU kernels: for another dtype or device (a GPU, where
+//! candle's ops are kernels already) each function falls back to the same
+//! math in candle's ops, with the softmax in f32.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
 /// Calls the widest copy of a kernel loop that this CPU runs.
@@ -47,14 +48,50 @@ const MIN_VALUES_PER_TASK: usize = 16 * 1024;
 /// `0..=first_key + r` only; the rest of the row comes out 0, as if masked
 /// with -inf. With `first_key = keys - 1` every row sees every key (a single
 /// new token attending to its whole past).
+/// The result has the scores' dtype; the softmax itself runs in f32.
 pub fn causal_softmax(scores: &Tensor, first_key: usize) -> Result<Tensor> {
-    scores.apply_op1_no_bwd(&CausalSoftmax { first_key })
+    if is_cpu_f32(scores) {
+        return scores.apply_op1_no_bwd(&CausalSoftmax { first_key });
+    }
+    let (rows, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
+    if first_key >= keys {
+        candle_core::bail!("causal-softmax: first key {first_key} of {keys}");
+    }
+    let device = scores.device();
+    // Row r sees key j when j <= first_key + r.
+    let last_visible =
+        Tensor::arange(first_key as u32, (first_key + rows) as u32, device)?.reshape((rows, 1))?;
+    let key_index = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
+    let visible = key_index
+        .broadcast_le(&last_visible)?
+        .broadcast_as(scores.shape())?;
+    let masked = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(scores.shape())?;
+    let probabilities = candle_nn::ops::softmax_last_dim(
+        &visible.where_cond(&scores.to_dtype(DType::F32)?, &masked)?,
+    )?;
+    probabilities.to_dtype(scores.dtype())
 }
 
 /// `silu(x[.., :n]) * x[.., n..]` for `x: [.., 2n]`: the fused gate and up
 /// projections of a SwiGLU MLP in, the down projection's input out.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
-    gate_up.apply_op1_no_bwd(&SwiGlu)
+    if is_cpu_f32(gate_up) {
+        return gate_up.apply_op1_no_bwd(&SwiGlu);
+    }
+    let width = gate_up.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!(
+            "swiglu needs an even last dimension, got {:?}",
+            gate_up.dims()
+        );
+    }
+    let n = width / 2;
+    gate_up.narrow(D::Minus1, 0, n)?.silu()? * gate_up.narrow(D::Minus1, n, n)?
+}
+
+/// Where the fused kernels apply.
+fn is_cpu_f32(tensor: &Tensor) -> bool {
+    tensor.device().is_cpu() && tensor.dtype() == DType::F32
 }
 
 struct CausalSoftmax {
@@ -387,11 +424,16 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("even last dimension"));
+        // The candle-op path for other dtypes refuses the same shapes.
         let f16 = odd.to_dtype(candle_core::DType::F16).unwrap();
-        assert!(causal_softmax(&f16, 4)
+        assert!(swiglu(&f16)
             .unwrap_err()
             .to_string()
-            .contains("f32 only"));
+            .contains("even last dimension"));
+        assert!(causal_softmax(&f16, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("first key 5 of 5"));
         assert!(causal_softmax(&odd, 5)
             .unwrap_err()
             .to_string()
@@ -401,5 +443,50 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("contiguous"));
+    }
+
+    /// The path other dtypes and devices take (candle's ops) computes what
+    /// the fused f32 kernels do, to the input's rounding: bf16 has an 8-bit
+    /// significand, so a probability or SwiGLU output near 1 moves by at most
+    /// about 2^-8 from rounding the result alone.
+    #[test]
+    fn the_candle_op_path_for_half_dtypes_matches_the_fused_kernels() {
+        for dtype in [DType::BF16, DType::F16] {
+            let tolerance = if dtype == DType::BF16 { 8e-3 } else { 1e-3 };
+            let scores = random(&[1, 2, 2, 5, 40], 4.0).to_dtype(dtype).unwrap();
+            let exact = causal_softmax(&scores.to_dtype(DType::F32).unwrap(), 30).unwrap();
+            let half = causal_softmax(&scores, 30).unwrap();
+            assert_eq!(half.dtype(), dtype);
+            let difference = max_abs_difference(&half.to_dtype(DType::F32).unwrap(), &exact);
+            assert!(
+                difference < tolerance,
+                "{dtype:?} softmax off by {difference}"
+            );
+            // The mask is the same: the key after row 0's last visible one is 0.
+            let masked = half
+                .i((0, 0, 0, 0, 31))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            assert_eq!(masked.to_scalar::<f32>().unwrap(), 0.0);
+
+            let gate_up = random(&[2, 3, 48], 2.0).to_dtype(dtype).unwrap();
+            let exact = swiglu(&gate_up.to_dtype(DType::F32).unwrap()).unwrap();
+            let half = swiglu(&gate_up).unwrap().to_dtype(DType::F32).unwrap();
+            let relative = max_abs_difference(&half, &exact)
+                / exact
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+            assert!(
+                relative < 2.0 * tolerance,
+                "{dtype:?} swiglu off by {relative} (relative)"
+            );
+        }
     }
 }

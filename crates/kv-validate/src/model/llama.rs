@@ -9,8 +9,10 @@
 //! GGUF loader renames and un-permutes its tensors into the same layout, so a
 //! cache has the same meaning whichever file the weights came from.
 //!
-//! Everything runs in f32: the validator measures small perplexity deltas,
-//! and the machine it runs on is a CPU.
+//! Device and dtype are parameters: the weights' dtype (f32, f16 or bf16,
+//! chosen by the loader's `VarBuilder`) is the activations' and the cache's.
+//! As in `transformers`' eager attention, the softmax runs in f32 whatever
+//! the dtype, and logits come out in f32 for the perplexity bookkeeping.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
@@ -90,7 +92,7 @@ impl LlamaConfig {
 }
 
 /// One layer's cache: key and value, each `[1, num_kv_heads, seq, head_dim]`
-/// f32; keys post-RoPE (Hugging Face `DynamicCache` layout, CONTRACT §1).
+/// in the model's dtype; keys post-RoPE (Hugging Face `DynamicCache` layout, CONTRACT §1).
 #[derive(Debug, Clone)]
 pub struct LayerKv {
     pub key: Tensor,
@@ -123,8 +125,9 @@ struct RotaryEmbedding {
 impl RotaryEmbedding {
     /// Angles as PyTorch computes them (f32 inverse frequencies times f32
     /// positions), so our keys match a Hugging Face cache to f32 rounding even
-    /// at positions in the thousands where the angle is large.
-    fn new(config: &LlamaConfig, device: &Device) -> Result<Self> {
+    /// at positions in the thousands where the angle is large; then rounded
+    /// to the model's dtype, as `transformers` does before applying them.
+    fn new(config: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
         let half = config.head_dim / 2;
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| {
@@ -144,8 +147,8 @@ impl RotaryEmbedding {
             }
         }
         Ok(Self {
-            cos: Tensor::from_vec(cos, (positions, half), device)?,
-            sin: Tensor::from_vec(sin, (positions, half), device)?,
+            cos: Tensor::from_vec(cos, (positions, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (positions, half), device)?.to_dtype(dtype)?,
         })
     }
 
@@ -191,7 +194,7 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
-/// A Llama decoder with weights in f32 and no state of its own.
+/// A Llama decoder with no state of its own.
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: LlamaConfig,
@@ -201,6 +204,7 @@ pub struct Llama {
     lm_head: TransposedLinear,
     rotary: RotaryEmbedding,
     device: Device,
+    dtype: DType,
 }
 
 impl Mlp {
@@ -401,9 +405,10 @@ fn stacked_linear(
 impl Llama {
     /// Builds the model from Hugging Face-named tensors
     /// (`model.layers.{i}.self_attn.q_proj.weight`, ...), checking every shape.
+    /// The model runs on `vb`'s device in `vb`'s dtype.
     pub fn load(vb: VarBuilder, config: &LlamaConfig) -> Result<Self> {
         let device = vb.device().clone();
-        let vb = vb.set_dtype(DType::F32);
+        let dtype = vb.dtype();
         let model = vb.pp("model");
         let embed_tokens = candle_nn::embedding(
             config.vocab_size,
@@ -424,8 +429,9 @@ impl Llama {
             layers,
             norm: candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, model.pp("norm"))?,
             lm_head,
-            rotary: RotaryEmbedding::new(config, &device)?,
+            rotary: RotaryEmbedding::new(config, dtype, &device)?,
             device,
+            dtype,
         })
     }
 
@@ -437,12 +443,17 @@ impl Llama {
         &self.device
     }
 
+    /// The weights', activations' and cache's element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// tokens: `[1, T]` u32. Positions start at `past.seq_len()`. New tokens
     /// attend causally among themselves and to all of `past`.
-    /// Returns logits `[1, T, vocab]` f32 and the cache `past ++ new` (all layers).
+    /// Returns logits `[1, T, vocab]` (f32 whatever the model's dtype) and the cache `past ++ new` (all layers).
     pub fn forward(&self, tokens: &Tensor, past: Option<&KvCache>) -> Result<(Tensor, KvCache)> {
         let (hidden, cache) = self.forward_hidden(tokens, past)?;
-        Ok((self.lm_head.forward(&hidden)?, cache))
+        Ok((self.lm_head.forward(&hidden)?.to_dtype(DType::F32)?, cache))
     }
 
     /// Like [`Llama::forward`] but computes logits for the last position only
@@ -455,7 +466,7 @@ impl Llama {
     ) -> Result<(Tensor, KvCache)> {
         let (hidden, cache) = self.forward_hidden(tokens, past)?;
         let last = hidden.i((.., hidden.dim(1)? - 1, ..))?;
-        Ok((self.lm_head.forward(&last)?, cache))
+        Ok((self.lm_head.forward(&last)?.to_dtype(DType::F32)?, cache))
     }
 
     /// The decoder stack up to the final norm: `[1, T, hidden]` and the cache.
@@ -493,8 +504,8 @@ impl Llama {
         Ok((self.norm.forward(&x)?, cache))
     }
 
-    /// Checks a caller's cache against the model and brings it to f32 on the
-    /// model's device (a reconstructed cache may arrive as f16 or on the CPU).
+    /// Checks a caller's cache against the model and brings it to the model's
+    /// dtype and device (a reconstruction arrives as f32 on the CPU).
     fn check_past(&self, past: &KvCache) -> Result<KvCache> {
         let config = &self.config;
         if past.layers.len() != config.num_hidden_layers {
@@ -506,7 +517,7 @@ impl Llama {
         }
         let past_len = past.seq_len();
         let expected = [1, config.num_key_value_heads, past_len, config.head_dim];
-        let to_model = |t: &Tensor| t.to_device(&self.device)?.to_dtype(DType::F32);
+        let to_model = |t: &Tensor| t.to_device(&self.device)?.to_dtype(self.dtype);
         let layers = past
             .layers
             .iter()

@@ -5,6 +5,7 @@
 //! Nothing here knows about compression, windows or reports: the evaluation
 //! half (`evaluate`, `perplexity`, `report`, ...) drives it through [`Llama`].
 
+pub mod device;
 pub mod hub;
 mod kernels;
 mod llama;

@@ -15,6 +15,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
 use super::{check_vocab, io_error, validated, LoadError, LoadedModel};
+use crate::model::device::dtype_name;
 use crate::model::{Llama, LlamaConfig};
 
 /// GGUF tensor names inside `blk.{i}` and their Hugging Face names inside
@@ -193,17 +194,20 @@ fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer
     Ok(tokenizer)
 }
 
-/// Reads every tensor, dequantized to f32 and renamed to Hugging Face names.
+/// Reads every tensor, dequantized to `dtype` (through f32, one tensor at a
+/// time) and renamed to Hugging Face names.
 fn gguf_weights(
     content: &gguf_file::Content,
     reader: &mut BufReader<File>,
     config: &LlamaConfig,
     device: &Device,
+    dtype: DType,
 ) -> candle_core::Result<HashMap<String, Tensor>> {
     let mut read = |name: &str| {
         content
             .tensor(reader, name, &Device::Cpu)?
-            .dequantize(device)
+            .dequantize(device)?
+            .to_dtype(dtype)
     };
     let mut weights = HashMap::new();
     weights.insert(
@@ -228,7 +232,11 @@ fn gguf_weights(
     Ok(weights)
 }
 
-pub(super) fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
+pub(super) fn load_gguf(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, LoadError> {
     let file = File::open(path).map_err(|source| io_error(path, source))?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|source| LoadError::Gguf {
@@ -254,8 +262,9 @@ pub(super) fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, Loa
         path: path.to_path_buf(),
         source,
     };
-    let weights = gguf_weights(&content, &mut reader, &config, device).map_err(weights_error)?;
-    let vb = VarBuilder::from_tensors(weights, DType::F32, device);
+    let weights =
+        gguf_weights(&content, &mut reader, &config, device, dtype).map_err(weights_error)?;
+    let vb = VarBuilder::from_tensors(weights, dtype, device);
     let model = Llama::load(vb, &config).map_err(weights_error)?;
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
@@ -264,6 +273,6 @@ pub(super) fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, Loa
     Ok(LoadedModel {
         model,
         tokenizer,
-        description: format!("{name} (GGUF, dequantized to f32)"),
+        description: format!("{name} (GGUF, dequantized to {})", dtype_name(dtype)),
     })
 }

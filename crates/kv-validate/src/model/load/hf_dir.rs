@@ -67,6 +67,7 @@ impl HfModelFiles {
 pub(super) fn load_hf_files(
     files: &HfModelFiles,
     device: &Device,
+    dtype: DType,
     description: String,
 ) -> Result<LoadedModel, LoadError> {
     let config = read_hf_config(&files.config)?;
@@ -81,8 +82,10 @@ pub(super) fn load_hf_files(
         source,
     };
     // SAFETY: the files are memory-mapped only while `Llama::load` copies
-    // every tensor out (converting to f32); nothing writes them meanwhile.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, DType::F32, device) }
+    // every tensor out; nothing writes them meanwhile. Each tensor goes from
+    // the map to `device` in its stored dtype and is converted there, so no
+    // f32 copy of the weights is made in host memory.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
         .map_err(weights_error)?;
     let model = Llama::load(vb, &config).map_err(weights_error)?;
     Ok(LoadedModel {

@@ -2,15 +2,17 @@
 //! Hugging Face hub (through the standard cache), a local Hugging Face
 //! directory, or a single GGUF file with its embedded tokenizer.
 //!
-//! Every path ends in the same f32 model with Hugging Face tensor names, so a
+//! Every path ends in the same model, in the dtype asked for, with Hugging
+//! Face tensor names, so a
 //! KV cache means the same thing whichever file the weights came from: GGUF
 //! Q/K rows are un-permuted back from llama.cpp's interleaved-RoPE order.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
+use super::device::dtype_name;
 use super::hub::HubError;
 use super::llama::{ConfigError, Llama, LlamaConfig};
 
@@ -53,7 +55,7 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: Tokenizer,
     /// What was loaded, for reports: e.g.
-    /// `SmolLM2-135M-Instruct.Q4_1.gguf (GGUF, dequantized to f32)`.
+    /// `SmolLM2-135M-Instruct.Q4_1.gguf (GGUF, dequantized to bf16)`.
     pub description: String,
 }
 
@@ -125,25 +127,27 @@ pub enum LoadError {
     Hub(#[from] HubError),
 }
 
-/// Loads the model and tokenizer from `source` onto `device`, with hf-hub's
-/// download progress bars on stderr when `show_progress`.
+/// Loads the model and tokenizer from `source` onto `device` in `dtype`,
+/// with hf-hub's download progress bars on stderr when `show_progress`.
 pub fn load_model(
     source: &ModelSource,
     device: &Device,
+    dtype: DType,
     show_progress: bool,
 ) -> Result<LoadedModel, LoadError> {
+    let dtype_name = dtype_name(dtype);
     match source {
         ModelSource::Hub { repo, revision } => {
             let files = fetch_hub_model(repo, revision, show_progress)?;
-            let description = format!("{repo}@{revision} (Hugging Face hub, f32)");
-            load_hf_files(&files, device, description)
+            let description = format!("{repo}@{revision} (Hugging Face hub, {dtype_name})");
+            load_hf_files(&files, device, dtype, description)
         }
         ModelSource::LocalDir(dir) => {
             let files = HfModelFiles::in_dir(dir)?;
-            let description = format!("{} (Hugging Face directory, f32)", dir.display());
-            load_hf_files(&files, device, description)
+            let description = format!("{} (Hugging Face directory, {dtype_name})", dir.display());
+            load_hf_files(&files, device, dtype, description)
         }
-        ModelSource::Gguf(path) => load_gguf(path, device),
+        ModelSource::Gguf(path) => load_gguf(path, device, dtype),
     }
 }
 
