@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
+use crate::input::try_zeroed;
 use crate::tensor_file::{write_tensor_file_streaming, TensorEntry, TensorFile, TensorSpec};
 
 /// An open KV cache whose tensors all have a cache dtype.
@@ -41,9 +42,22 @@ impl KvCache {
         self.file.tensors().iter().zip(self.dtypes.iter().copied())
     }
 
-    /// The tensor's values as `f32`; fails on the first NaN or infinity.
+    /// The tensor's values as `f32`, read from the file once into memory
+    /// (allocated fallibly) and checked there: what is returned is what was
+    /// checked. Fails on the first NaN or infinity.
     pub fn values(&self, entry: &TensorEntry, dtype: CacheDtype) -> Result<Cow<'_, [f32]>> {
-        let values = dtype.to_f32(self.file.data(entry));
+        let path = self.file.path();
+        let mut values =
+            try_zeroed::<f32>(entry.byte_len() / dtype.size_bytes(), "the tensor's values")
+                .map_err(|problem| Error::tensor(path, &entry.name, problem))?;
+        match dtype {
+            CacheDtype::F32 => self
+                .file
+                .read_into(entry, bytemuck::cast_slice_mut(&mut values))?,
+            CacheDtype::F16 | CacheDtype::BF16 => {
+                dtype.to_f32_into(&self.file.read(entry)?, &mut values)
+            }
+        }
         if let Some(index) = first_non_finite(&values) {
             return Err(Error::tensor(
                 self.file.path(),
@@ -54,7 +68,7 @@ impl KvCache {
                 },
             ));
         }
-        Ok(values)
+        Ok(Cow::Owned(values))
     }
 }
 
