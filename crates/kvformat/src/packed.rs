@@ -417,7 +417,7 @@ fn check_metrics(m: &TensorMetrics) -> std::result::Result<(), String> {
         None
     };
     match problem {
-        Some((field, value)) => Err(format!("metrics.{field} {value} is out of range")),
+        Some((field, value)) => Err(format!("metrics.{field} {value:?} is out of range")),
         None => Ok(()),
     }
 }
