@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use kvformat::codec::CodecParams;
 use kvformat::packed::{pack_tensor, write_packed, PackedFile};
-use kvformat::{sidecar_path, CacheDtype, Sidecar};
+use kvformat::{sidecar_path, write_cache, CacheDtype, CacheTensor, Sidecar};
 
 /// 24 layers x key/value of [1, 4, 1024, 64] F32: 48 MB, long enough to
 /// interrupt (the same cache crash_safety.rs kills).
@@ -185,20 +185,39 @@ fn an_unwritable_stdout_leaves_the_old_output() {
 
 #[test]
 fn concurrent_writers_leave_a_pair_from_one_run() {
+    // Two caches of one size and values, told apart by their model name (in
+    // the packed file's carried metadata and in the sidecar), so the two runs
+    // take the same time and their renames interleave.
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
-    cache_with_sidecar(&a, 3, "model-a");
-    cache_with_sidecar(&b, 2, "model-b");
+    let values = normal_values(SHAPE.iter().product(), 1);
+    let names: Vec<String> = (0..3).flat_map(|i| ["key", "value"].map(|k| format!("layer_{i}_{k}"))).collect();
+    let inputs: Vec<PathBuf> = ["model-a", "model-b"]
+        .iter()
+        .map(|model| {
+            let path = dir.path().join(format!("{model}.safetensors"));
+            let tensors: Vec<CacheTensor<'_>> =
+                names.iter().map(|name| CacheTensor { name, dtype: CacheDtype::F32, shape: &SHAPE, values: &values }).collect();
+            write_cache(&path, &tensors, &BTreeMap::from([("model_name".to_string(), model.to_string())])).unwrap();
+            sidecar_for(3, model).write(&sidecar_path(&path)).unwrap();
+            path
+        })
+        .collect();
     let work = tempfile::tempdir().unwrap();
     let output = work.path().join("shared.safetensors");
-    for round in 0..8 {
-        let first = command(&["-input", s(&a), "-output", s(&output)]).spawn().unwrap();
-        let second = command(&["-input", s(&b), "-output", s(&output)]).spawn().unwrap();
-        assert!(first.wait_with_output().unwrap().status.success() && second.wait_with_output().unwrap().status.success());
-        let layers = PackedFile::open(&output).unwrap().manifest().tensors.len() / 2;
+    for round in 0..16 {
+        let children: Vec<_> =
+            inputs.iter().map(|input| command(&["-input", s(input), "-output", s(&output)]).spawn().unwrap()).collect();
+        for child in children {
+            assert!(child.wait_with_output().unwrap().status.success());
+        }
+        let packed = PackedFile::open(&output).unwrap();
         let sidecar = Sidecar::read(&sidecar_path(&output)).unwrap();
-        assert_eq!(sidecar.num_layers, layers, "round {round}: a {layers}-layer output beside {sidecar:?}");
-        assert_eq!(sidecar.model_name, if layers == 3 { "model-a" } else { "model-b" });
+        assert_eq!(
+            Some(&sidecar.model_name),
+            packed.manifest().input_metadata.get("model_name"),
+            "round {round}: the output of one run beside the sidecar of the other"
+        );
+        assert_eq!(files_in(work.path()).len(), 2, "a writer left a file behind");
     }
 }
 
