@@ -149,18 +149,17 @@ fn compress_tensor(
 ) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
     let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
     let path = cache.file().path();
-    let values = cache.values(entry, dtype)?;
     let params = params_for(options, &entry.name);
-    let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &params)
+    let (packed, reconstruction) = cache
+        .with_values(entry, dtype, |values| pack_tensor(&entry.name, dtype, &entry.shape, values, &params))?
         .map_err(|problem| kvformat::Error::tensor(path, &entry.name, problem))?;
     let outcome = TensorOutcome {
         name: entry.name.clone(),
         original_bytes: entry.byte_len() as u64,
         stored_bytes: packed.stored.len() as u64,
-        values: values.len() as u64,
+        values: reconstruction.len() as u64,
         metrics: packed.entry.metrics,
     };
-    drop(values);
     if options.verbose {
         log_tensor(index, cache.file().tensors().len(), &outcome);
     }

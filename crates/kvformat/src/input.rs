@@ -74,17 +74,23 @@ pub fn read_capped(path: &Path, cap: u64) -> Result<Option<Vec<u8>>> {
 }
 
 /// `len` zeroed values, or the error naming the bytes that could not be had.
-pub(crate) fn try_zeroed<T: bytemuck::Zeroable + Clone>(
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable + Clone>(len: usize, what: &'static str) -> Result<Vec<T>, TensorProblem> {
+    let mut values = Vec::new();
+    try_resize_zeroed(&mut values, len, what)?;
+    Ok(values)
+}
+
+/// Makes `values` `len` zeros, reusing its allocation where it is large enough.
+pub(crate) fn try_resize_zeroed<T: bytemuck::Zeroable + Clone>(
+    values: &mut Vec<T>,
     len: usize,
     what: &'static str,
-) -> Result<Vec<T>, TensorProblem> {
+) -> Result<(), TensorProblem> {
+    values.clear();
     let bytes = len.saturating_mul(std::mem::size_of::<T>());
-    let mut values = Vec::new();
-    values
-        .try_reserve_exact(len)
-        .map_err(|_| TensorProblem::OutOfMemory { bytes, what })?;
+    values.try_reserve_exact(len).map_err(|_| TensorProblem::OutOfMemory { bytes, what })?;
     values.resize(len, T::zeroed());
-    Ok(values)
+    Ok(())
 }
 
 #[cfg(test)]

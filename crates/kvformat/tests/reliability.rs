@@ -63,11 +63,14 @@ fn checksum_valid_scales_that_overflow_the_inverse_rotation_are_refused() {
     assert!(error.contains("\"layer_0_key\"") && error.contains("not finite"), "{error}");
 }
 
+/// An edit of a manifest entry's metrics.
+type MetricsEdit = fn(&mut kvformat::TensorMetrics);
+
 #[test]
 fn manifest_metrics_out_of_range_are_refused() {
     let values: Vec<f32> = (0..64).map(|i| (i as f32 * 0.3).sin()).collect();
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, fn(&mut kvformat::TensorMetrics)); 5] = [
+    let cases: [(&str, MetricsEdit); 5] = [
         ("metrics.rmse -1.0", |m| m.rmse = -1.0),
         ("metrics.cosine 7.0", |m| m.cosine = 7.0),
         ("metrics.max_error 1e308", |m| m.max_error = 1e308),
