@@ -85,7 +85,7 @@ impl Outputs {
         Ok(kvformat::atomic::commit(self.0)?)
     }
 
-    /// The cache (`None`: a dry run) and its sidecar, which is committed first.
+    /// The cache and its sidecar, which is committed first.
     /// No sidecar is written beside a special file (a FIFO or device has no
     /// "beside"); without one, a stale sidecar of the old output is removed,
     /// so the pair left is all from this run.
