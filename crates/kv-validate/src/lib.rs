@@ -8,6 +8,7 @@ pub mod data;
 pub mod evaluate;
 pub mod kvio;
 pub mod model;
+pub mod output;
 pub mod perplexity;
 pub mod plot;
 pub mod quick_test;

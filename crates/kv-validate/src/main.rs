@@ -16,10 +16,11 @@ use kv_validate::data::{load_text, TextSource};
 use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource, DEFAULT_HUB_REPO};
+use kv_validate::output;
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
-use kv_validate::report::{write_json_atomically, RunDescription, ValidationReport};
-use kv_validate::sweep::{ensure_unique_labels, write_text_atomically, SweepReport, Variant};
+use kv_validate::report::{RunDescription, ValidationReport};
+use kv_validate::sweep::{ensure_unique_labels, SweepReport, Variant};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -386,10 +387,10 @@ fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
 fn finish_sweep(cli: &Cli, report: &SweepReport) -> anyhow::Result<bool> {
     print!("{}", report.render_text());
     if let Some(path) = &cli.sweep_csv {
-        write_text_atomically(path, &report.table.to_csv())?;
+        output::write_atomically(path, report.table.to_csv())?;
     }
     if let Some(path) = &cli.sweep_plot {
-        write_text_atomically(path, &kv_validate::plot::render_svg(&report.table))?;
+        output::write_atomically(path, kv_validate::plot::render_svg(&report.table))?;
     }
     write_json(cli, report)?;
     Ok(report.table.recommendation.is_some())
@@ -397,8 +398,7 @@ fn finish_sweep(cli: &Cli, report: &SweepReport) -> anyhow::Result<bool> {
 
 fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
-        write_json_atomically(path, report)
-            .with_context(|| format!("cannot write the JSON report to {}", path.display()))?;
+        output::write_json(path, report).context("cannot write the JSON report")?;
     }
     Ok(())
 }
