@@ -41,6 +41,15 @@ pub enum EvalError {
     },
     #[error("no compressor variant to evaluate")]
     NoVariants,
+    /// Nothing would be measured, and nothing measured is not a pass.
+    #[error(
+        "none of the {windows} window(s) has a cache for the compressor to change, so \
+         nothing would be measured: a window needs context tokens and at least 2 targets \
+         (the first target is predicted by the prefill alone); use --targets 2 or more, \
+         or more windows (--max-windows 2 or more: the sliding window's first window \
+         has no context)"
+    )]
+    NothingToCompress { windows: usize },
     #[error(
         "window [{begin}, {end}) lies outside the {tokens} tokens of the text or has no target"
     )]
@@ -216,6 +225,11 @@ pub fn evaluate(
             tokens: tokens.len(),
         });
     }
+    if !windows.iter().any(has_compressed_cache) {
+        return Err(EvalError::NothingToCompress {
+            windows: windows.len(),
+        });
+    }
     let started = Instant::now();
     let scratch = tempfile::Builder::new()
         .prefix("kv-validate-")
@@ -328,6 +342,12 @@ pub fn evaluate(
         tokens_on_cache,
         timings,
     })
+}
+
+/// Whether a reconstructed cache changes what `window` scores: it has a
+/// context to cache and a target after the one the prefill predicts.
+fn has_compressed_cache(window: &Window) -> bool {
+    window.context_end > window.begin && window.end - window.context_end > 1
 }
 
 /// The cache as the compressor receives it, rounded to the dtype its file
