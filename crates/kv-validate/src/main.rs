@@ -203,16 +203,44 @@ impl From<CacheDtypeArg> for CacheDtype {
 }
 
 fn main() -> ExitCode {
+    // candle captures a backtrace into every error it makes when
+    // RUST_BACKTRACE is set, and prints it as part of the error's text. Error
+    // values carry none here (panics still get theirs), so every error stays
+    // one line; an explicit RUST_LIB_BACKTRACE still wins. Set before any
+    // thread exists and before the first capture reads it.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
-            let message = format!("{error:#}");
-            eprintln!("error: {}", message.lines().collect::<Vec<_>>().join(" | "));
+            eprintln!("error: {}", one_line(&error));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: errors whose
+/// message already shows their source (thiserror's `{source}`) would
+/// otherwise print it twice.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !message.contains(text.trim()) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    message
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Runs the validation; `Ok(passed)`.
