@@ -21,6 +21,7 @@ use kvformat::{CacheDtype, Report};
 use serde::Serialize;
 
 use crate::bridge::{BridgeError, CompressSettings, KvCompress};
+use crate::cleanup::ScratchDir;
 use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
 use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
@@ -231,13 +232,12 @@ pub fn evaluate(
         });
     }
     let started = Instant::now();
-    let scratch = tempfile::Builder::new()
-        .prefix("kv-validate-")
-        .tempdir_in(&options.scratch_parent)
-        .map_err(|source| EvalError::Scratch {
+    let scratch = ScratchDir::new("kv-validate-", &options.scratch_parent).map_err(|source| {
+        EvalError::Scratch {
             parent: options.scratch_parent.clone(),
             source,
-        })?;
+        }
+    })?;
     let progress = progress_bar(
         windows.iter().map(Window::scored_len).sum(),
         options.show_progress,
@@ -389,8 +389,7 @@ fn round_trip(
 ) -> Result<(Report, std::path::PathBuf), BridgeError> {
     let packed = scratch.join(format!("variant_{index}.kvc.safetensors"));
     let decoded = scratch.join(format!("variant_{index}.decoded.safetensors"));
-    let metrics = compressor.compress(cache_path, &packed, settings)?;
-    compressor.decompress(&packed, &decoded)?;
+    let metrics = compressor.round_trip(cache_path, &packed, &decoded, settings)?;
     Ok((metrics, decoded))
 }
 

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -11,7 +12,7 @@ use clap::{Parser, ValueEnum};
 use kvformat::CacheDtype;
 
 use kv_validate::bench;
-use kv_validate::bridge::{CompressSettings, KvCompress};
+use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
 use kv_validate::data::{load_text, TextSource};
 use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
@@ -50,6 +51,8 @@ Examples:
 Exit status: 0 passed (delta < threshold), 1 failed, 2 error. A sweep exits 0
 when some variant passes (the recommendation exists), 1 when none does.
 kv-compress is found through KV_COMPRESS_PATH, beside this binary, bin/, then PATH.
+It runs in a process group of its own, killed on --compress-timeout, on Ctrl-C
+(SIGINT), SIGTERM or SIGHUP; the scratch directory of caches is removed then too.
 The hub honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE.";
 
 /// Measure the perplexity a compressed KV cache costs, end to end.
@@ -93,6 +96,10 @@ struct Cli {
     /// kv-compress -sparsity.
     #[arg(long, default_value_t = 0.0)]
     sparsity: f64,
+    /// Kill a kv-compress run (compress or decompress) that takes longer than
+    /// this. Default: 600 s plus 1800 s per GiB of the cache file.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    compress_timeout: Option<Duration>,
     /// An extra kv-compress flag, passed through verbatim (repeatable; use
     /// --compress-arg=-flag for values that start with a dash).
     #[arg(long = "compress-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -202,6 +209,15 @@ impl From<CacheDtypeArg> for CacheDtype {
     }
 }
 
+/// `--compress-timeout`: a positive number of seconds.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds > 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("expected a positive number of seconds, got {text:?}"))
+}
+
 fn main() -> ExitCode {
     // candle captures a backtrace into every error it makes when
     // RUST_BACKTRACE is set, and prints it as part of the error's text. Error
@@ -212,6 +228,10 @@ fn main() -> ExitCode {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
     let cli = Cli::parse();
+    if let Err(error) = kv_validate::cleanup::install_signal_handlers() {
+        eprintln!("error: cannot handle SIGINT/SIGTERM: {error}");
+        return ExitCode::from(2);
+    }
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
@@ -257,7 +277,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         extra_args: cli.compress_args.clone(),
     };
     let sweep = sweep_variants(cli)?;
-    let compressor = KvCompress::locate()?;
+    let compressor = KvCompress::locate()?.with_timeout(
+        cli.compress_timeout
+            .map_or(CompressTimeout::ScaledWithCache, CompressTimeout::Fixed),
+    );
     let status = |message: &str| {
         if !cli.quiet {
             eprintln!("{message}");
