@@ -1,4 +1,4 @@
-//! `cargo xtask fetch-text`: the harder evaluation text (issue 9, item 5).
+//! `cargo xtask fetch-text`: a Wikipedia evaluation text (issue 9, item 5).
 //!
 //! `testdata/prose.txt` is 5,302 tokens of easy prose. This text is Wikipedia:
 //! the lead sections of the English "Level 4 Vital Articles", which the
