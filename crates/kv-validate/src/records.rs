@@ -109,13 +109,13 @@ pub enum RecordsError {
     #[error("{}: {problem}", path.display())]
     BadRun { path: PathBuf, problem: String },
     #[error(
-        "{} and {} are not slices of the same run: their {field} differ ({ours:?} vs {theirs:?})",
+        "{} and {} are not slices of the same run: their {field} differ ({ours} vs {theirs})",
         first.display(), path.display()
     )]
     DifferentRun {
         first: PathBuf,
         path: PathBuf,
-        field: &'static str,
+        field: String,
         ours: String,
         theirs: String,
     },
@@ -308,31 +308,14 @@ pub fn merge(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
         .collect();
     for path in rest {
         let slice = RunRecords::read(path)?;
-        let differ = |field, ours: String, theirs: String| RecordsError::DifferentRun {
-            first: first_path.clone(),
-            path: path.clone(),
-            field,
-            ours,
-            theirs,
-        };
-        let description = |records: &RunRecords| format!("{:?}", records.run);
-        if slice.run != merged.run {
-            return Err(differ(
-                "run descriptions",
-                description(&merged),
-                description(&slice),
-            ));
-        }
-        if (slice.sweep, &slice.variants) != (merged.sweep, &merged.variants) {
-            let variants = |r: &RunRecords| format!("sweep {}: {:?}", r.sweep, r.variants);
-            return Err(differ("variants", variants(&merged), variants(&slice)));
-        }
-        if slice.windows_planned != merged.windows_planned {
-            return Err(differ(
-                "window plans",
-                merged.windows_planned.to_string(),
-                slice.windows_planned.to_string(),
-            ));
+        if let Some((field, ours, theirs)) = first_difference(&merged, &slice) {
+            return Err(RecordsError::DifferentRun {
+                first: first_path.clone(),
+                path: path.clone(),
+                field,
+                ours,
+                theirs,
+            });
         }
         for window in &slice.windows {
             if let Some(first) = owner.insert(window.index, path) {
@@ -355,6 +338,30 @@ pub fn merge(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
     }
     merged.windows.sort_by_key(|w| w.index);
     Ok(merged)
+}
+
+/// The first field of the run's identity (the description's fields, then
+/// sweep, variants and window count) on which two records differ, with both
+/// values as JSON.
+fn first_difference(ours: &RunRecords, theirs: &RunRecords) -> Option<(String, String, String)> {
+    let identity = |records: &RunRecords| {
+        let mut fields = match serde_json::to_value(&records.run) {
+            Ok(serde_json::Value::Object(fields)) => fields,
+            _ => serde_json::Map::new(),
+        };
+        fields.insert("sweep".into(), records.sweep.into());
+        fields.insert(
+            "variants".into(),
+            serde_json::to_value(&records.variants).unwrap_or_default(),
+        );
+        fields.insert("windows_planned".into(), records.windows_planned.into());
+        fields
+    };
+    let (ours, theirs) = (identity(ours), identity(theirs));
+    ours.iter().find_map(|(field, value)| {
+        let other = theirs.get(field).cloned().unwrap_or_default();
+        (*value != other).then(|| (field.clone(), value.to_string(), other.to_string()))
+    })
 }
 
 /// The indices below `planned` absent from ascending `present`, as `a..b` ranges.

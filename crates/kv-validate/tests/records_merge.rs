@@ -371,7 +371,11 @@ fn slices_that_do_not_make_one_run_are_refused() {
         "{error}"
     );
     let error = merge(&[&first, &rest_other_threshold]);
-    assert!(error.contains("are not slices of the same run"), "{error}");
+    assert!(
+        error.contains("are not slices of the same run: their criteria differ"),
+        "{error}"
+    );
+    assert!(error.contains("0.25"), "{error}");
     let not_records = path("not-records.json");
     std::fs::write(&not_records, "{\"format\": 3}").unwrap();
     let error = merge(&[&first, &not_records]);
