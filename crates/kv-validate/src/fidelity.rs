@@ -226,7 +226,7 @@ pub struct FidelityFigures {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn kld_top1_and_delta_p_match_a_hand_computed_case() {
@@ -261,6 +261,82 @@ mod tests {
         let dp = delta_p(rows.nll[0], compared.nll[0]);
         assert!((dp - (1.0 / 3.0 - 0.75)).abs() < 1e-7, "{dp}");
         assert!(delta_p(rows.nll[1], compared.nll[1]).abs() < 1e-15);
+    }
+
+    /// KL(p‖q), NLL and argmax of one row by hand, in f64 loops.
+    fn by_hand(baseline: &[f32], variant: &[f32], target: usize) -> (f64, f64, bool) {
+        let log_softmax = |row: &[f32]| {
+            let max = row
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            let sum: f64 = row.iter().map(|&x| (f64::from(x) - max).exp()).sum();
+            row.iter()
+                .map(|&x| f64::from(x) - max - sum.ln())
+                .collect::<Vec<f64>>()
+        };
+        let (p, q) = (log_softmax(baseline), log_softmax(variant));
+        let kld = p.iter().zip(&q).map(|(lp, lq)| lp.exp() * (lp - lq)).sum();
+        let argmax = |row: &[f64]| {
+            (0..row.len())
+                .max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a)))
+                .unwrap()
+        };
+        (kld, -q[target], argmax(&p) == argmax(&q))
+    }
+
+    #[test]
+    fn random_rows_match_a_hand_written_reference_in_every_dtype() {
+        let (rows, vocab) = (6, 301);
+        let mut state = 12345u64;
+        let mut random = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 12.0
+        };
+        let baseline: Vec<f32> = (0..rows * vocab).map(|_| random()).collect();
+        // A perturbed copy; row 0 identical, so its KLD is exactly 0.
+        let variant: Vec<f32> = baseline
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i < vocab { x } else { x + 0.3 * random() })
+            .collect();
+        let targets: Vec<u32> = (0..rows as u32).map(|r| r * 37 % vocab as u32).collect();
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let tensor = |values: &[f32]| {
+                Tensor::from_slice(values, (rows, vocab), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+            };
+            let (b, v) = (tensor(&baseline), tensor(&variant));
+            // The reference sees the same values the dtype holds.
+            let held = |t: &Tensor| -> Vec<Vec<f32>> {
+                t.to_dtype(DType::F32).unwrap().to_vec2().unwrap()
+            };
+            let (b_held, v_held) = (held(&b), held(&v));
+            let compared = BaselineRows::new(&b, &targets)
+                .unwrap()
+                .compare(&v)
+                .unwrap();
+            for row in 0..rows {
+                let (kld, nll, agrees) = by_hand(&b_held[row], &v_held[row], targets[row] as usize);
+                let tolerance = 1e-12 * kld.abs().max(1.0);
+                assert!(
+                    (compared.kld[row] - kld).abs() < tolerance,
+                    "{dtype:?} row {row}"
+                );
+                assert!(
+                    (compared.nll[row] - nll).abs() < 1e-12,
+                    "{dtype:?} row {row}"
+                );
+                assert_eq!(compared.top1_agrees[row], agrees, "{dtype:?} row {row}");
+            }
+            assert_eq!(compared.kld[0], 0.0);
+            assert!(
+                compared.kld[1..].iter().all(|&k| k > 1e-4),
+                "{:?}",
+                compared.kld
+            );
+        }
     }
 
     #[test]

@@ -331,4 +331,51 @@ mod tests {
             assert!(svg.contains(tick), "missing tick {tick}");
         }
     }
+
+    #[test]
+    fn kld_svg_plots_the_rows_with_a_kld_against_max_kld_and_their_front() {
+        use crate::fidelity::TokenFigures;
+        use crate::report::PassCriteria;
+        use crate::sweep::Measurement;
+        let measured = |label: &str, bits: f64, kld: Option<f64>| Measurement {
+            label: label.into(),
+            flags: String::new(),
+            bits_per_value: bits,
+            compression_ratio: 32.0 / bits,
+            perplexity: 10.5,
+            delta_standard_error: None,
+            fidelity: kld.and_then(|k| TokenFigures::of(&[k, k], &[true, true], &[0.0, 0.0])),
+        };
+        let table = SweepTable::new(
+            10.0,
+            PassCriteria {
+                threshold: None,
+                max_kld: Some(0.01),
+            },
+            vec![
+                measured("int8", 8.25, Some(2e-5)),
+                measured("kivi4", 4.5, Some(0.004)),
+                measured("kivi2", 2.5, Some(0.09)),
+                measured("no-cache", 3.0, None),
+            ],
+        );
+        let svg = render_kld_svg(&table);
+        assert!(svg.contains("Mean KL divergence against bits/value (4 variants)"));
+        assert_eq!(
+            svg.matches("<circle cx").count(),
+            3 + 2,
+            "the row without KLD is left out"
+        );
+        assert!(svg.contains(">max-kld 0.01</text>"));
+        assert!(!svg.contains(">no-cache</text>"));
+        let polyline = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
+        assert_eq!(polyline.split('"').nth(1).unwrap().split(' ').count(), 3);
+        // Log ticks down to the linear region's 1e-5.
+        assert!(
+            svg.contains(">0.00001</text>") && svg.contains(">0.01</text>"),
+            "{svg}"
+        );
+        // The delta chart has no threshold line when only --max-kld applies.
+        assert!(!render_svg(&table).contains("stroke-dasharray"));
+    }
 }
