@@ -7,7 +7,8 @@
 //!
 //! A records file is JSON: the run's description (model, text, protocol,
 //! compressor, pass criteria, variants, windows in the plan), the windows it
-//! evaluated and its timings. f64 values survive the round trip exactly
+//! evaluated and its timings. Slices must agree on all of the description
+//! but the device: the merged report lists each device the slices ran on. f64 values survive the round trip exactly
 //! (serde_json's `float_roundtrip`, which kvformat turns on).
 
 use std::collections::BTreeMap;
@@ -308,6 +309,19 @@ pub fn merge(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
         .collect();
     for path in rest {
         let slice = RunRecords::read(path)?;
+        // Slices may run on different devices (a job runner's mixed
+        // machines); the merged report names each one.
+        if !merged
+            .run
+            .device
+            .split(DEVICE_SEPARATOR)
+            .any(|d| d == slice.run.device)
+        {
+            merged.run.device = format!(
+                "{}{DEVICE_SEPARATOR}{}",
+                merged.run.device, slice.run.device
+            );
+        }
         if let Some((field, ours, theirs)) = first_difference(&merged, &slice) {
             return Err(RecordsError::DifferentRun {
                 first: first_path.clone(),
@@ -340,15 +354,19 @@ pub fn merge(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
     Ok(merged)
 }
 
-/// The first field of the run's identity (the description's fields, then
-/// sweep, variants and window count) on which two records differ, with both
-/// values as JSON.
+/// Between the devices of merged slices that ran on different ones.
+const DEVICE_SEPARATOR: &str = " + ";
+
+/// The first field of the run's identity (the description's fields but the
+/// device, then sweep, variants and window count) on which two records
+/// differ, with both values as JSON.
 fn first_difference(ours: &RunRecords, theirs: &RunRecords) -> Option<(String, String, String)> {
     let identity = |records: &RunRecords| {
         let mut fields = match serde_json::to_value(&records.run) {
             Ok(serde_json::Value::Object(fields)) => fields,
             _ => serde_json::Map::new(),
         };
+        fields.remove("device");
         fields.insert("sweep".into(), records.sweep.into());
         fields.insert(
             "variants".into(),

@@ -156,6 +156,7 @@ fn report_statistics_match_numpy_on_hand_made_records() {
         data: "d".into(),
         protocol: "p".into(),
         compressor: "c".into(),
+        device: "cpu".into(),
         cache_dtype: "float32".into(),
         criteria: PassCriteria {
             threshold: Some(0.5),

@@ -394,6 +394,24 @@ fn slices_that_do_not_make_one_run_are_refused() {
     let error = merge(&[&first, &rest]);
     assert!(error.contains("window 2: variant 0"), "{error}");
 
+    // Slices from different devices merge; the report names each device.
+    let on_gpu = slice("2..3", "e.json", &[]);
+    let mut records: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&on_gpu).unwrap()).unwrap();
+    records["run"]["device"] = "cuda:0 (NVIDIA H200)".into();
+    std::fs::write(&on_gpu, serde_json::to_string(&records).unwrap()).unwrap();
+    let json = path("mixed.json");
+    let output = kv_validate(&["merge", &first, &on_gpu, "--json", &json], &kv_compress());
+    assert_ne!(output.status.code(), Some(2), "merged, passed or not");
+    let device = read_json(Path::new(&json))["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        device.starts_with("cpu") && device.ends_with(" + cuda:0 (NVIDIA H200)"),
+        "{device}"
+    );
+
     // Bad --windows: beyond the plan, malformed, or without --records.
     let run = |extra: &[&str]| kv_validate(&[base.as_slice(), extra].concat(), &kv_compress());
     let error = expect_error(&run(&["--windows", "2..9", "--records", &path("x.json")]));
