@@ -16,10 +16,11 @@ use crate::perplexity::{log_probs, picked_nlls, target_index};
 
 /// The baseline's rows of one window, kept on the model's device while each
 /// variant's rows for the same targets are compared with them: the baseline
-/// is scored once per window, not once per variant.
+/// is scored once per window, not once per variant. Only the f64
+/// log-probabilities are held (`[targets, vocab]`); probabilities are
+/// recomputed per variant rather than held twice.
 pub struct BaselineRows {
     log_probs: Tensor,
-    probs: Tensor,
     top1: Tensor,
     targets: Tensor,
     /// The baseline's NLL of each row's target (nats).
@@ -41,7 +42,6 @@ impl BaselineRows {
         let log_probs = log_probs(logits)?;
         let targets = target_index(targets, logits.device())?;
         Ok(BaselineRows {
-            probs: log_probs.exp()?,
             top1: log_probs.argmax(D::Minus1)?,
             nll: picked_nlls(&log_probs, &targets)?,
             log_probs,
@@ -52,7 +52,7 @@ impl BaselineRows {
     /// A variant's `[n, vocab]` logits for the same rows, compared with the baseline's.
     pub fn compare(&self, logits: &Tensor) -> candle_core::Result<RowComparison> {
         let log_probs = log_probs(logits)?;
-        let kld = (&self.probs * (&self.log_probs - &log_probs)?)?
+        let kld = (self.log_probs.exp()? * (&self.log_probs - &log_probs)?)?
             .sum(D::Minus1)?
             .to_vec1::<f64>()?;
         let top1_agrees = log_probs

@@ -193,13 +193,24 @@ pub fn target_index(targets: &[u32], device: &Device) -> candle_core::Result<Ten
     Tensor::new(targets, device)?.unsqueeze(1)
 }
 
+/// Rows of logits [`token_nlls`] turns into f64 log-probabilities at once:
+/// a context-free sliding window scores 2047 targets, and a 128k vocabulary
+/// would otherwise make gigabytes of f64 temporaries.
+const NLL_ROWS_AT_ONCE: usize = 256;
+
 /// Negative log-likelihood of each `targets[i]` under `logits[i]`, in nats.
-/// `logits` is `[n, vocab]` (any float dtype); the softmax runs in f64.
+/// `logits` is `[n, vocab]` (any float dtype); the softmax runs in f64, a
+/// block of rows at a time (rows are independent: same values).
 pub fn token_nlls(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f64>> {
-    picked_nlls(
-        &log_probs(logits)?,
-        &target_index(targets, logits.device())?,
-    )
+    let mut nlls = Vec::with_capacity(targets.len());
+    for start in (0..targets.len()).step_by(NLL_ROWS_AT_ONCE) {
+        let rows = NLL_ROWS_AT_ONCE.min(targets.len() - start);
+        nlls.extend(picked_nlls(
+            &log_probs(&logits.narrow(0, start, rows)?)?,
+            &target_index(&targets[start..start + rows], logits.device())?,
+        )?);
+    }
+    Ok(nlls)
 }
 
 /// Running NLL totals over windows, for both averages the project reports.
@@ -444,6 +455,35 @@ mod tests {
         let nlls = token_nlls(&logits, &[1, 0]).unwrap();
         assert!((nlls[0] - (4.0f64 / 3.0).ln()).abs() < 1e-7, "{nlls:?}");
         assert!((nlls[1] - 2f64.ln()).abs() < 1e-12, "{nlls:?}");
+    }
+
+    #[test]
+    fn token_nlls_over_several_blocks_of_rows_match_a_hand_written_log_softmax() {
+        let (rows, vocab) = (2 * NLL_ROWS_AT_ONCE + 37, 7);
+        let values: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 7919 % 1013) as f32 / 101.3) - 5.0)
+            .collect();
+        let targets: Vec<u32> = (0..rows).map(|r| (r * 3 % vocab) as u32).collect();
+        let logits = Tensor::from_slice(&values, (rows, vocab), &Device::Cpu).unwrap();
+        let nlls = token_nlls(&logits, &targets).unwrap();
+        assert_eq!(nlls.len(), rows);
+        for (row, (&nll, &target)) in nlls.iter().zip(&targets).enumerate() {
+            let row_values = &values[row * vocab..(row + 1) * vocab];
+            let max = row_values
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            let log_sum = max
+                + row_values
+                    .iter()
+                    .map(|&x| (f64::from(x) - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let expected = log_sum - f64::from(row_values[target as usize]);
+            assert!(
+                (nll - expected).abs() < 1e-12,
+                "row {row}: {nll} vs {expected}"
+            );
+        }
     }
 
     #[test]
