@@ -55,7 +55,7 @@ impl CompressTimeout {
 }
 
 /// The flags one compression variant passes to `kv-compress`.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CompressSettings {
     pub group_size: u32,
     pub sparsity: f64,

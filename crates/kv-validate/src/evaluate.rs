@@ -9,7 +9,13 @@
 //! original or a reconstruction), so both sides score exactly the same tokens.
 //!
 //! The cache is written once per window and shared by all variants, which is
-//! what lets a sweep (issue 5) compare N methods for one model pass.
+//! what lets a sweep (issue 5) compare N methods for one model pass. The
+//! baseline's log-probabilities of a window's targets stay on the model's
+//! device while each variant's are compared with them ([`crate::fidelity`]).
+//!
+//! The loop produces [`WindowRecord`]s; every figure of the reports is
+//! computed from them by [`Evaluation::from_records`], the same function
+//! `kv-validate merge` calls on slices.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -18,13 +24,15 @@ use candle_core::{DType, IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvformat::metrics::QualityLevel;
 use kvformat::{CacheDtype, Report};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bridge::{BridgeError, CompressSettings, KvCompress};
 use crate::cleanup::ScratchDir;
+use crate::fidelity::{delta_p, BaselineRows, FidelityFigures, MeanWithError, TokenFigures};
 use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
 use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
+use crate::records::{VariantRecord, WindowRecord};
 
 /// Why an evaluation stopped.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +81,11 @@ pub struct EvalOptions {
     /// Where each window's cache files go (a fresh directory inside it,
     /// removed at the end): see [`default_scratch_parent`].
     pub scratch_parent: PathBuf,
+    /// `Some(plan index of the first window)` when the windows are a
+    /// `--windows` slice of a larger plan: the records carry plan indices,
+    /// and a slice may hold no compressed cache (the caller checks the whole
+    /// plan with [`ensure_measurable`]). `None` for a whole run.
+    pub slice_start: Option<usize>,
 }
 
 /// `/dev/shm` where it is a directory (RAM: on a GPU the per-window file
@@ -159,12 +172,72 @@ pub struct VariantOutcome {
     /// Only the windows that had a compressed cache (see [`Evaluation::baseline_compressed_windows`]).
     pub nll_compressed_windows: NllTotals,
     pub metrics: MetricsSummary,
-    /// Time inside this variant's `kv-compress` runs (compress + decompress).
-    pub compressor_time: Duration,
+    /// Per-token NLL_compressed − NLL_baseline over every scored token.
+    pub nll_difference: MeanWithError,
+    /// The same over the windows that had a compressed cache (`None` when none had).
+    pub nll_difference_compressed_windows: Option<MeanWithError>,
+    pub fidelity: FidelityFigures,
+}
+
+impl VariantOutcome {
+    /// Variant number `variant` of `records`, with `settings`.
+    fn from_records(settings: &CompressSettings, variant: usize, records: &[WindowRecord]) -> Self {
+        let mut nll = NllTotals::default();
+        let mut nll_compressed_windows = NllTotals::default();
+        let mut metrics = MetricsSummary::default();
+        let mut differences = Vec::new();
+        let mut differences_compressed_windows = Vec::new();
+        let (mut kld, mut top1, mut dp) = (Vec::new(), Vec::new(), Vec::new());
+        // Index in kld/top1/dp of each token scored on a compressed cache.
+        let mut on_cache = Vec::new();
+        for record in records {
+            let Some(scores) = record.variants.get(variant) else {
+                // No compressed cache: the variant scored exactly the baseline.
+                let tokens = record.baseline_nll.len();
+                nll.add_window(&record.baseline_nll);
+                differences.extend(std::iter::repeat_n(0.0, tokens));
+                kld.extend(std::iter::repeat_n(0.0, tokens));
+                top1.extend(std::iter::repeat_n(true, tokens));
+                dp.extend(std::iter::repeat_n(0.0, tokens));
+                continue;
+            };
+            nll.add_window(&scores.nll);
+            nll_compressed_windows.add_window(&scores.nll);
+            metrics.add(&scores.metrics);
+            for (token, (&baseline, &compressed)) in
+                record.baseline_nll.iter().zip(&scores.nll).enumerate()
+            {
+                differences.push(compressed - baseline);
+                differences_compressed_windows.push(compressed - baseline);
+                // The first target comes from the uncompressed prefill.
+                if token > 0 {
+                    on_cache.push(kld.len() + token);
+                }
+                dp.push(delta_p(baseline, compressed));
+            }
+            kld.extend_from_slice(&scores.kld);
+            top1.extend_from_slice(&scores.top1_agrees);
+        }
+        let pick = |values: &[f64]| on_cache.iter().map(|&i| values[i]).collect::<Vec<_>>();
+        let top1_on_cache: Vec<bool> = on_cache.iter().map(|&i| top1[i]).collect();
+        VariantOutcome {
+            settings: settings.clone(),
+            nll,
+            nll_compressed_windows,
+            metrics,
+            nll_difference: MeanWithError::of(&differences),
+            nll_difference_compressed_windows: (!differences_compressed_windows.is_empty())
+                .then(|| MeanWithError::of(&differences_compressed_windows)),
+            fidelity: FidelityFigures {
+                on_compressed_cache: TokenFigures::of(&pick(&kld), &top1_on_cache, &pick(&dp)),
+                all_tokens: TokenFigures::of(&kld, &top1, &dp),
+            },
+        }
+    }
 }
 
 /// Where the wall time went.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     pub total: Duration,
     /// Prefills and scoring passes.
@@ -178,6 +251,15 @@ pub struct Timings {
 }
 
 impl Timings {
+    /// Adds another slice's times (merged slices report the sum).
+    pub fn add(&mut self, other: &Timings) {
+        self.total += other.total;
+        self.model += other.model;
+        self.cache_write += other.cache_write;
+        self.cache_read += other.cache_read;
+        self.compressor += other.compressor;
+    }
+
     /// Share of the wall time spent on caches outside the model: writing,
     /// compressing, decompressing and reading them (the issue's "compressor share").
     pub fn compressor_share(&self) -> f64 {
@@ -203,6 +285,47 @@ pub struct Evaluation {
     /// in a window with no context, from the model alone).
     pub tokens_on_cache: usize,
     pub timings: Timings,
+    /// What every figure above was computed from, sorted by window index.
+    pub records: Vec<WindowRecord>,
+}
+
+impl Evaluation {
+    /// The figures of `records` (sorted by window index) for variants
+    /// `settings`: a pure function, so one run and merged slices of it agree
+    /// to the last digit.
+    pub fn from_records(
+        settings: &[CompressSettings],
+        records: Vec<WindowRecord>,
+        timings: Timings,
+    ) -> Self {
+        let mut baseline = NllTotals::default();
+        let mut baseline_compressed_windows = NllTotals::default();
+        let mut windows_compressed = 0;
+        let mut tokens_on_cache = 0;
+        for record in &records {
+            baseline.add_window(&record.baseline_nll);
+            if record.compressed() {
+                baseline_compressed_windows.add_window(&record.baseline_nll);
+                windows_compressed += 1;
+                tokens_on_cache += record.baseline_nll.len() - 1;
+            }
+        }
+        let variants = settings
+            .iter()
+            .enumerate()
+            .map(|(variant, settings)| VariantOutcome::from_records(settings, variant, &records))
+            .collect();
+        Evaluation {
+            baseline,
+            baseline_compressed_windows,
+            variants,
+            windows: records.len(),
+            windows_compressed,
+            tokens_on_cache,
+            timings,
+            records,
+        }
+    }
 }
 
 /// Runs the model over `windows` of `tokens`, scoring the baseline and each of `variants`.
@@ -226,10 +349,8 @@ pub fn evaluate(
             tokens: tokens.len(),
         });
     }
-    if !windows.iter().any(has_compressed_cache) {
-        return Err(EvalError::NothingToCompress {
-            windows: windows.len(),
-        });
+    if options.slice_start.is_none() {
+        ensure_measurable(windows)?;
     }
     let started = Instant::now();
     let scratch = ScratchDir::new("kv-validate-", &options.scratch_parent).map_err(|source| {
@@ -243,56 +364,51 @@ pub fn evaluate(
         options.show_progress,
     );
 
-    let mut baseline = NllTotals::default();
-    let mut baseline_compressed_windows = NllTotals::default();
-    let mut outcomes: Vec<VariantOutcome> = variants
-        .iter()
-        .map(|settings| VariantOutcome {
-            settings: settings.clone(),
-            nll: NllTotals::default(),
-            nll_compressed_windows: NllTotals::default(),
-            metrics: MetricsSummary::default(),
-            compressor_time: Duration::ZERO,
-        })
-        .collect();
     let mut timings = Timings::default();
-    let mut windows_compressed = 0;
-    let mut tokens_on_cache = 0;
+    let mut records = Vec::with_capacity(windows.len());
 
-    for window in windows {
+    for (offset, window) in windows.iter().enumerate() {
         let context = &tokens[window.begin..window.context_end];
         let targets = &tokens[window.context_end..window.end];
+        let mut record = WindowRecord {
+            index: options.slice_start.unwrap_or(0) + offset,
+            begin: window.begin,
+            context_end: window.context_end,
+            end: window.end,
+            baseline_nll: Vec::new(),
+            variants: Vec::new(),
+        };
         let model_started = Instant::now();
         if context.is_empty() {
             // Nothing cached to compress: one score for everyone.
-            let nlls = score_on(model, targets, None, Vec::new())?;
-            timings.model += model_started.elapsed();
-            baseline.add_window(&nlls);
-            for outcome in &mut outcomes {
-                outcome.nll.add_window(&nlls);
+            if targets.len() > 1 {
+                let logits = logits_after(model, targets, None)?;
+                record.baseline_nll = token_nlls(&logits, &targets[1..])?;
             }
-            progress.inc(nlls.len() as u64);
+            timings.model += model_started.elapsed();
+            progress.inc(record.baseline_nll.len() as u64);
+            records.push(record);
             continue;
         }
         let (last_logits, cache) = model.forward_last(&token_tensor(model, context)?, None)?;
-        let first_nll = token_nlls(&last_logits, &targets[..1])?;
-        let baseline_nlls = score_on(
+        let first_nll = token_nlls(&last_logits, &targets[..1])?[0];
+        record.baseline_nll.push(first_nll);
+        if targets.len() == 1 {
+            // The only target came from the prefill; a reconstruction would change nothing.
+            timings.model += model_started.elapsed();
+            progress.inc(1);
+            records.push(record);
+            continue;
+        }
+        let baseline_logits = logits_after(
             model,
             targets,
             Some(&rounded_to(&cache, options.cache_dtype)?),
-            first_nll.clone(),
         )?;
+        let baseline_rows = BaselineRows::new(&baseline_logits, &targets[1..])?;
+        drop(baseline_logits);
+        record.baseline_nll.extend_from_slice(&baseline_rows.nll);
         timings.model += model_started.elapsed();
-        baseline.add_window(&baseline_nlls);
-        if targets.len() == 1 {
-            // The only target came from the prefill; a reconstruction would change nothing.
-            for outcome in &mut outcomes {
-                outcome.nll.add_window(&first_nll);
-            }
-            progress.inc(1);
-            continue;
-        }
-        baseline_compressed_windows.add_window(&baseline_nlls);
 
         let write_started = Instant::now();
         let cache_path = scratch.path().join("context.safetensors");
@@ -303,45 +419,45 @@ pub fn evaluate(
             &options.model_name,
         )?;
         timings.cache_write += write_started.elapsed();
-        for (index, outcome) in outcomes.iter_mut().enumerate() {
+        for (index, settings) in variants.iter().enumerate() {
             let compressor_started = Instant::now();
-            let (metrics, decoded_path) = round_trip(
-                compressor,
-                &cache_path,
-                scratch.path(),
-                index,
-                &outcome.settings,
-            )?;
-            let compressor_elapsed = compressor_started.elapsed();
-            outcome.compressor_time += compressor_elapsed;
-            timings.compressor += compressor_elapsed;
-            outcome.metrics.add(&metrics);
+            let (metrics, decoded_path) =
+                round_trip(compressor, &cache_path, scratch.path(), index, settings)?;
+            timings.compressor += compressor_started.elapsed();
 
             let read_started = Instant::now();
             let reconstructed = read_kv_cache_like(&decoded_path, &layout, model.device())?;
             timings.cache_read += read_started.elapsed();
 
             let model_started = Instant::now();
-            let nlls = score_on(model, targets, Some(&reconstructed), first_nll.clone())?;
+            let logits = logits_after(model, targets, Some(&reconstructed))?;
+            let compared = baseline_rows.compare(&logits)?;
             timings.model += model_started.elapsed();
-            outcome.nll.add_window(&nlls);
-            outcome.nll_compressed_windows.add_window(&nlls);
+            // The first target: the prefill's, identical on both sides.
+            record.variants.push(VariantRecord {
+                nll: [first_nll].into_iter().chain(compared.nll).collect(),
+                kld: [0.0].into_iter().chain(compared.kld).collect(),
+                top1_agrees: [true].into_iter().chain(compared.top1_agrees).collect(),
+                metrics,
+            });
         }
-        windows_compressed += 1;
-        tokens_on_cache += targets.len() - 1;
-        progress.inc(baseline_nlls.len() as u64);
+        progress.inc(record.baseline_nll.len() as u64);
+        records.push(record);
     }
     progress.finish_and_clear();
     timings.total = started.elapsed();
-    Ok(Evaluation {
-        baseline,
-        baseline_compressed_windows,
-        variants: outcomes,
-        windows: windows.len(),
-        windows_compressed,
-        tokens_on_cache,
-        timings,
-    })
+    Ok(Evaluation::from_records(variants, records, timings))
+}
+
+/// Fails when no window of `plan` has a cache the compressor can change.
+pub fn ensure_measurable(plan: &[Window]) -> Result<(), EvalError> {
+    if plan.iter().any(has_compressed_cache) {
+        Ok(())
+    } else {
+        Err(EvalError::NothingToCompress {
+            windows: plan.len(),
+        })
+    }
 }
 
 /// Whether a reconstructed cache changes what `window` scores: it has a
@@ -398,22 +514,16 @@ pub(crate) fn token_tensor(model: &Llama, tokens: &[u32]) -> candle_core::Result
     Tensor::new(tokens, model.device())?.unsqueeze(0)
 }
 
-/// NLLs of `targets[1..]`, each predicted from the previous target on top of
-/// `cache`, appended to `scored` (the NLLs already known, e.g. the first
-/// target's from the prefill).
-fn score_on(
+/// Logits `[T - 1, vocab]` predicting `targets[1..]`, each from the
+/// previous target on top of `cache` (`targets` has at least two tokens).
+fn logits_after(
     model: &Llama,
     targets: &[u32],
     cache: Option<&KvCache>,
-    mut scored: Vec<f32>,
-) -> candle_core::Result<Vec<f32>> {
-    if targets.len() < 2 {
-        return Ok(scored);
-    }
+) -> candle_core::Result<Tensor> {
     let inputs = &targets[..targets.len() - 1];
     let (logits, _) = model.forward(&token_tensor(model, inputs)?, cache)?;
-    scored.extend(token_nlls(&logits.i(0)?, &targets[1..])?);
-    Ok(scored)
+    logits.i(0)
 }
 
 fn progress_bar(total_tokens: usize, visible: bool) -> ProgressBar {

@@ -8,19 +8,22 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
-use clap::{Parser, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvformat::CacheDtype;
 
 use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
 use kv_validate::data::{load_text, TextSource};
-use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
+use kv_validate::evaluate::{
+    default_scratch_parent, ensure_measurable, evaluate, EvalOptions, Evaluation,
+};
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource, DEFAULT_HUB_REPO};
 use kv_validate::output;
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
-use kv_validate::report::{RunDescription, ValidationReport};
+use kv_validate::records::{merge, RunRecords, WindowRange};
+use kv_validate::report::{PassCriteria, RunDescription, ValidationReport};
 use kv_validate::sweep::{ensure_unique_labels, SweepReport, Variant};
 
 const EXAMPLES: &str = "\
@@ -45,11 +48,19 @@ Examples:
   kv-validate --gguf model.gguf --text-file wiki.txt --context 384 --targets 128 \\
       --sweep --sweep-csv sweep.csv --sweep-plot sweep.svg
 
-  # A sweep of exactly these variants (LABEL=kv-compress flags)
-  kv-validate --gguf model.gguf --variant \"kivi3=-method kivi -bits 3\" --variant int8=-bits=8
+  # A sweep of exactly these variants (LABEL=kv-compress flags), judged by mean KLD
+  kv-validate --gguf model.gguf --variant \"kivi3=-method kivi -bits 3\" --variant int8=-bits=8 \\
+      --max-kld 0.01
 
-Exit status: 0 passed (delta < threshold), 1 failed, 2 error. A sweep exits 0
-when some variant passes (the recommendation exists), 1 when none does.
+  # Spread one validation over two GPUs: a slice of the windows each, then merge
+  CUDA_VISIBLE_DEVICES=0 kv-validate --gguf model.gguf --windows 0..40 --records a.json &
+  CUDA_VISIBLE_DEVICES=1 kv-validate --gguf model.gguf --windows 40..80 --records b.json &
+  wait; kv-validate merge a.json b.json --json report.json
+
+Exit status: 0 passed (delta < threshold, mean KLD < --max-kld when given),
+1 failed, 2 error. A sweep exits 0 when some variant passes (the
+recommendation exists), 1 when none does. A --windows slice exits 0 once its
+records are written; `merge` exits like the run it completes.
 kv-compress is found through KV_COMPRESS_PATH, beside this binary, bin/, then PATH.
 It runs in a process group of its own, killed on --compress-timeout, on Ctrl-C
 (SIGINT), SIGTERM or SIGHUP; the scratch directory of caches is removed then too.
@@ -62,8 +73,15 @@ The hub honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE.";
 /// the window's remaining tokens are scored both on the original cache
 /// (baseline) and on the reconstruction (compressed).
 #[derive(Debug, Parser)]
-#[command(name = "kv-validate", version, after_help = EXAMPLES)]
+#[command(
+    name = "kv-validate",
+    version,
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Hugging Face model repository to download (or find in the HF cache).
     #[arg(long, value_name = "REPO", default_value = DEFAULT_HUB_REPO)]
     model: String,
@@ -132,9 +150,26 @@ struct Cli {
     /// there and removed at the end.
     #[arg(long, value_name = "DIR")]
     scratch_dir: Option<PathBuf>,
-    /// Largest acceptable perplexity increase (compressed - baseline).
-    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
-    threshold: f64,
+    /// Largest acceptable perplexity increase (compressed - baseline); a
+    /// variant passes when its delta is below it. Default 0.5, unless
+    /// --max-kld is given alone.
+    #[arg(long, allow_negative_numbers = true)]
+    threshold: Option<f64>,
+    /// Pass criterion on fidelity instead of (or, with --threshold, besides)
+    /// the delta: the mean KL(baseline ‖ compressed), in nats, over the tokens
+    /// scored on a compressed cache must be below NATS.
+    #[arg(long, value_name = "NATS", allow_negative_numbers = true)]
+    max_kld: Option<f64>,
+    /// Evaluate only windows START..END of the plan (0-based, END exclusive)
+    /// and write their records to --records: a slice of the run, for
+    /// `kv-validate merge` (one per GPU or machine).
+    #[arg(long, value_name = "START..END", requires = "records")]
+    windows: Option<WindowRange>,
+    /// Write the run's per-window records (per-token NLLs, KLD, top-1,
+    /// compressor metrics) as JSON to FILE (atomically); `kv-validate merge`
+    /// turns one or more of them into the report.
+    #[arg(long, value_name = "FILE")]
+    records: Option<PathBuf>,
     /// No progress bars or status lines on stderr (the report still prints).
     #[arg(long)]
     quiet: bool,
@@ -143,9 +178,8 @@ struct Cli {
     /// logits and with all of them, and report tokens/s (cargo xtask bench).
     #[arg(long, value_name = "N,N,...", value_delimiter = ',', num_args = 1..)]
     bench_forward: Vec<usize>,
-    /// Also write the report as JSON to FILE (atomically).
-    #[arg(long, value_name = "FILE")]
-    json: Option<PathBuf>,
+    #[command(flatten)]
+    outputs: Outputs,
     /// Sweep the built-in matrix of methods and bit widths over the same
     /// windows, print a table and recommend the fewest bits that pass.
     #[arg(long)]
@@ -158,12 +192,44 @@ struct Cli {
         allow_hyphen_values = true
     )]
     variants: Vec<String>,
+}
+
+/// Where a report goes besides stdout; shared by a run and `merge`.
+#[derive(Debug, Args)]
+struct Outputs {
+    /// Also write the report as JSON to FILE (atomically).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
     /// Write the sweep table as CSV to FILE (atomically).
     #[arg(long, value_name = "FILE")]
     sweep_csv: Option<PathBuf>,
     /// Write the sweep as an SVG plot (delta against bits/value) to FILE (atomically).
     #[arg(long, value_name = "FILE.svg")]
     sweep_plot: Option<PathBuf>,
+    /// Write the sweep as an SVG plot of mean KLD against bits/value to FILE (atomically).
+    #[arg(long, value_name = "FILE.svg")]
+    sweep_kld_plot: Option<PathBuf>,
+}
+
+impl Outputs {
+    fn sweep_outputs(&self) -> bool {
+        self.sweep_csv.is_some() || self.sweep_plot.is_some() || self.sweep_kld_plot.is_some()
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Combine the records of slices of one run (--windows START..END
+    /// --records FILE) into the report a single run over all windows gives,
+    /// figure for figure. The slices must share model, text, protocol,
+    /// compressor, criteria and variants, and cover the plan's windows once.
+    Merge {
+        /// Records files, in any order.
+        #[arg(required = true, value_name = "RECORDS.json")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        outputs: Outputs,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -263,12 +329,34 @@ fn one_line(error: &anyhow::Error) -> String {
         .join(" | ")
 }
 
-/// Runs the validation; `Ok(passed)`.
+/// The delta threshold when no criterion is given.
+const DEFAULT_THRESHOLD: f64 = 0.5;
+
+/// `--threshold` and `--max-kld`, checked; the default threshold unless `--max-kld` is alone.
+fn pass_criteria(cli: &Cli) -> anyhow::Result<PassCriteria> {
+    for (flag, value) in [("--threshold", cli.threshold), ("--max-kld", cli.max_kld)] {
+        if let Some(value) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            bail!("{flag} must be a non-negative number, got {value}");
+        }
+    }
+    Ok(PassCriteria {
+        threshold: cli
+            .threshold
+            .or(cli.max_kld.is_none().then_some(DEFAULT_THRESHOLD)),
+        max_kld: cli.max_kld,
+    })
+}
+
+/// Runs the validation (or the merge); `Ok(passed)`.
 fn run(cli: &Cli) -> anyhow::Result<bool> {
-    if !(cli.threshold.is_finite() && cli.threshold >= 0.0) {
+    if let Some(Command::Merge { files, outputs }) = &cli.command {
+        return run_merge(files, outputs);
+    }
+    let criteria = pass_criteria(cli)?;
+    if cli.windows.is_some() && (cli.outputs.json.is_some() || cli.outputs.sweep_outputs()) {
         bail!(
-            "--threshold must be a non-negative number, got {}",
-            cli.threshold
+            "--windows writes a slice's records only (--records); the report, JSON, CSV and \
+             plots come from `kv-validate merge`"
         );
     }
     let settings = CompressSettings {
@@ -295,7 +383,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         let cache_dtype = cli.cache_dtype.map_or(CacheDtype::F32, CacheDtype::from);
         let report = run_quick_test(&compressor, &settings, cache_dtype)?;
         print!("{}", report.render_text());
-        write_json(cli, &report)?;
+        write_json(&cli.outputs, &report)?;
         return Ok(report.passed);
     }
 
@@ -355,6 +443,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         );
     }
     let windows = plan_windows(tokens.len(), protocol, cli.max_windows)?;
+    let slice = match cli.windows {
+        Some(range) => {
+            // The whole run must measure something; this slice need not.
+            ensure_measurable(&windows)?;
+            range.within(windows.len()).map_err(anyhow::Error::msg)?
+        }
+        None => 0..windows.len(),
+    };
     let protocol_text = match protocol {
         Protocol::Sliding { max_len, stride } => {
             format!("sliding window of {max_len} tokens, stride {stride}")
@@ -373,18 +469,19 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             .scratch_dir
             .clone()
             .unwrap_or_else(default_scratch_parent),
+        slice_start: cli.windows.map(|_| slice.start),
     };
     let variant_settings = match &sweep {
         Some(variants) => variants
             .iter()
             .map(|variant| variant.settings.clone())
             .collect(),
-        None => vec![settings],
+        None => vec![settings.clone()],
     };
     let evaluation = evaluate(
         &loaded.model,
         &tokens,
-        &windows,
+        &windows[slice.clone()],
         &compressor,
         &variant_settings,
         &options,
@@ -396,17 +493,71 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         compressor: compressor.program().display().to_string(),
         device: opened.name.clone(),
         cache_dtype: cache_dtype.torch_name().to_string(),
-        threshold: cli.threshold,
+        criteria,
     };
-    if let Some(variants) = &sweep {
+    let records = RunRecords::new(
+        run,
+        sweep.is_some(),
+        sweep.unwrap_or_else(|| {
+            vec![Variant {
+                label: settings.label(),
+                settings,
+            }]
+        }),
+        windows.len(),
+        evaluation.records.clone(),
+        evaluation.timings.clone(),
+    );
+    if let Some(path) = &cli.records {
+        records.write(path).context("cannot write the records")?;
+    }
+    if cli.windows.is_some() {
+        status(&format!(
+            "windows {}..{} of {} evaluated, records in {}; `kv-validate merge` combines the slices",
+            slice.start,
+            slice.end,
+            windows.len(),
+            cli.records.as_deref().unwrap_or(std::path::Path::new("-")).display()
+        ));
+        return Ok(true);
+    }
+    report(&cli.outputs, &records, &evaluation)
+}
+
+/// `kv-validate merge`: the report of the slices' combined records.
+fn run_merge(files: &[PathBuf], outputs: &Outputs) -> anyhow::Result<bool> {
+    let records = merge(files)?;
+    if !records.sweep && outputs.sweep_outputs() {
+        bail!("--sweep-csv, --sweep-plot and --sweep-kld-plot need the records of a sweep");
+    }
+    let settings: Vec<CompressSettings> = records
+        .variants
+        .iter()
+        .map(|v| v.settings.clone())
+        .collect();
+    let evaluation =
+        Evaluation::from_records(&settings, records.windows.clone(), records.timings.clone());
+    report(outputs, &records, &evaluation)
+}
+
+/// Prints and writes the report of `evaluation` (computed from `records`),
+/// a sweep's or a validation's; `Ok(passed)`. A run and `merge` both end here.
+fn report(
+    outputs: &Outputs,
+    records: &RunRecords,
+    evaluation: &Evaluation,
+) -> anyhow::Result<bool> {
+    if records.sweep {
+        let cache_dtype = CacheDtype::from_torch_name(&records.run.cache_dtype)
+            .with_context(|| format!("unknown cache dtype {:?}", records.run.cache_dtype))?;
         return finish_sweep(
-            cli,
-            &SweepReport::new(&run, &evaluation, variants, cache_dtype),
+            outputs,
+            &SweepReport::new(&records.run, evaluation, &records.variants, cache_dtype),
         );
     }
-    let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
+    let report = ValidationReport::new(&records.run, evaluation, &evaluation.variants[0]);
     print!("{}", report.render_text());
-    write_json(cli, &report)?;
+    write_json(outputs, &report)?;
     Ok(report.passed)
 }
 
@@ -414,8 +565,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 /// `--sweep`), or `None` for a single-variant validation.
 fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
     if !cli.sweep && cli.variants.is_empty() {
-        if cli.sweep_csv.is_some() || cli.sweep_plot.is_some() {
-            bail!("--sweep-csv and --sweep-plot need --sweep or --variant");
+        if cli.outputs.sweep_outputs() {
+            bail!("--sweep-csv, --sweep-plot and --sweep-kld-plot need --sweep or --variant");
         }
         return Ok(None);
     }
@@ -434,21 +585,24 @@ fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
     Ok(Some(variants))
 }
 
-/// Prints the sweep table, writes its CSV, plot and JSON; `Ok(some variant passed)`.
-fn finish_sweep(cli: &Cli, report: &SweepReport) -> anyhow::Result<bool> {
+/// Prints the sweep table, writes its CSV, plots and JSON; `Ok(some variant passed)`.
+fn finish_sweep(outputs: &Outputs, report: &SweepReport) -> anyhow::Result<bool> {
     print!("{}", report.render_text());
-    if let Some(path) = &cli.sweep_csv {
+    if let Some(path) = &outputs.sweep_csv {
         output::write_atomically(path, report.table.to_csv())?;
     }
-    if let Some(path) = &cli.sweep_plot {
+    if let Some(path) = &outputs.sweep_plot {
         output::write_atomically(path, kv_validate::plot::render_svg(&report.table))?;
     }
-    write_json(cli, report)?;
+    if let Some(path) = &outputs.sweep_kld_plot {
+        output::write_atomically(path, kv_validate::plot::render_kld_svg(&report.table))?;
+    }
+    write_json(outputs, report)?;
     Ok(report.table.recommendation.is_some())
 }
 
-fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
-    if let Some(path) = &cli.json {
+fn write_json(outputs: &Outputs, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    if let Some(path) = &outputs.json {
         output::write_json(path, report).context("cannot write the JSON report")?;
     }
     Ok(())
@@ -472,7 +626,7 @@ fn run_forward_benchmark(cli: &Cli, loaded: &LoadedModel, device: &str) -> anyho
     let model = format!("{} on {device}", loaded.description);
     print!("{}", bench::render_table(&model, &speeds));
     write_json(
-        cli,
+        &cli.outputs,
         &serde_json::json!({ "model": loaded.description, "device": device, "forward": speeds }),
     )?;
     Ok(true)

@@ -11,7 +11,7 @@
 //! Either way a window is `[begin, context_end)` context (prefilled, and the
 //! cache that gets compressed) followed by `[context_end, end)` targets.
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 /// The original capped the model's context at this many tokens.
 pub const MAX_SLIDING_CONTEXT: usize = 2048;
@@ -170,14 +170,47 @@ pub fn plan_windows(
     Ok(windows)
 }
 
+/// Log-probabilities of `logits` (`[n, vocab]`, any float dtype, any device)
+/// in f64: the one softmax behind every NLL, KL divergence and top-1 token
+/// this crate reports, so f32 rounding of a near-1 probability never shows
+/// up as a spurious divergence.
+pub fn log_probs(logits: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::ops::log_softmax(&logits.to_dtype(DType::F64)?, D::Minus1)
+}
+
+/// `-log_probs[i, targets[i]]` for each row, from `[n, vocab]` log-probabilities
+/// and the `[n, 1]` u32 targets on the same device.
+pub fn picked_nlls(log_probs: &Tensor, targets: &Tensor) -> candle_core::Result<Vec<f64>> {
+    log_probs
+        .gather(targets, 1)?
+        .squeeze(1)?
+        .neg()?
+        .to_vec1::<f64>()
+}
+
+/// `targets` as the `[n, 1]` index tensor [`picked_nlls`] takes.
+pub fn target_index(targets: &[u32], device: &Device) -> candle_core::Result<Tensor> {
+    Tensor::new(targets, device)?.unsqueeze(1)
+}
+
+/// Rows of logits [`token_nlls`] turns into f64 log-probabilities at once:
+/// a context-free sliding window scores 2047 targets, and a 128k vocabulary
+/// would otherwise make gigabytes of f64 temporaries.
+const NLL_ROWS_AT_ONCE: usize = 256;
+
 /// Negative log-likelihood of each `targets[i]` under `logits[i]`, in nats.
-/// `logits` is `[n, vocab]` (any float dtype); the softmax runs in f32.
-pub fn token_nlls(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f32>> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let index = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
-    let picked = log_probs.gather(&index, 1)?.squeeze(1)?;
-    Ok(picked.to_vec1::<f32>()?.into_iter().map(|lp| -lp).collect())
+/// `logits` is `[n, vocab]` (any float dtype); the softmax runs in f64, a
+/// block of rows at a time (rows are independent: same values).
+pub fn token_nlls(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Vec<f64>> {
+    let mut nlls = Vec::with_capacity(targets.len());
+    for start in (0..targets.len()).step_by(NLL_ROWS_AT_ONCE) {
+        let rows = NLL_ROWS_AT_ONCE.min(targets.len() - start);
+        nlls.extend(picked_nlls(
+            &log_probs(&logits.narrow(0, start, rows)?)?,
+            &target_index(&targets[start..start + rows], logits.device())?,
+        )?);
+    }
+    Ok(nlls)
 }
 
 /// Running NLL totals over windows, for both averages the project reports.
@@ -193,11 +226,11 @@ pub struct NllTotals {
 
 impl NllTotals {
     /// Adds one window's scored tokens. A window with no scored tokens adds nothing.
-    pub fn add_window(&mut self, nlls: &[f32]) {
+    pub fn add_window(&mut self, nlls: &[f64]) {
         if nlls.is_empty() {
             return;
         }
-        let sum: f64 = nlls.iter().map(|&nll| f64::from(nll)).sum();
+        let sum: f64 = nlls.iter().sum();
         self.nll_sum += sum;
         self.tokens += nlls.len();
         self.window_mean_sum += sum / nlls.len() as f64;
@@ -224,7 +257,6 @@ impl NllTotals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn window(begin: usize, context_end: usize, end: usize) -> Window {
         Window {
@@ -421,8 +453,37 @@ mod tests {
         // Row 1: logits [0, 0] -> p = [1/2, 1/2]; target 0 -> ln 2.
         let logits = Tensor::new(&[[0f32, 3f32.ln()], [0.0, 0.0]], &Device::Cpu).unwrap();
         let nlls = token_nlls(&logits, &[1, 0]).unwrap();
-        assert!((nlls[0] - (4.0f32 / 3.0).ln()).abs() < 1e-6, "{nlls:?}");
-        assert!((nlls[1] - 2f32.ln()).abs() < 1e-6, "{nlls:?}");
+        assert!((nlls[0] - (4.0f64 / 3.0).ln()).abs() < 1e-7, "{nlls:?}");
+        assert!((nlls[1] - 2f64.ln()).abs() < 1e-12, "{nlls:?}");
+    }
+
+    #[test]
+    fn token_nlls_over_several_blocks_of_rows_match_a_hand_written_log_softmax() {
+        let (rows, vocab) = (2 * NLL_ROWS_AT_ONCE + 37, 7);
+        let values: Vec<f32> = (0..rows * vocab)
+            .map(|i| ((i * 7919 % 1013) as f32 / 101.3) - 5.0)
+            .collect();
+        let targets: Vec<u32> = (0..rows).map(|r| (r * 3 % vocab) as u32).collect();
+        let logits = Tensor::from_slice(&values, (rows, vocab), &Device::Cpu).unwrap();
+        let nlls = token_nlls(&logits, &targets).unwrap();
+        assert_eq!(nlls.len(), rows);
+        for (row, (&nll, &target)) in nlls.iter().zip(&targets).enumerate() {
+            let row_values = &values[row * vocab..(row + 1) * vocab];
+            let max = row_values
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
+            let log_sum = max
+                + row_values
+                    .iter()
+                    .map(|&x| (f64::from(x) - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let expected = log_sum - f64::from(row_values[target as usize]);
+            assert!(
+                (nll - expected).abs() < 1e-12,
+                "row {row}: {nll} vs {expected}"
+            );
+        }
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! The sweep as an SVG chart, written by hand (no plotting dependency):
-//! perplexity delta against bits/value, one labelled point per variant, the
-//! Pareto front as a line and the threshold as a dashed line.
+//! The sweep as SVG charts, written by hand (no plotting dependency): the
+//! perplexity delta, or the mean KL divergence, against bits/value; one
+//! labelled point per variant, that metric's Pareto front as a line and its
+//! pass bound (threshold, max-kld) as a dashed line.
 //!
-//! Deltas span four orders of magnitude (INT8 +0.002, 2-bit +8), so the y axis
-//! is symmetric-logarithmic: linear within ±[`LINEAR_DELTA`], logarithmic
-//! beyond, and zero and small negative deltas still have a place.
+//! Deltas span four orders of magnitude (INT8 +0.002, 2-bit +8), KLDs six, so
+//! the y axis is symmetric-logarithmic: linear within ±[`Chart::linear`],
+//! logarithmic beyond, and zero and small negative deltas still have a place.
 
-use crate::sweep::SweepTable;
+use crate::sweep::{SweepRow, SweepTable};
 
 const WIDTH: f64 = 860.0;
 const HEIGHT: f64 = 540.0;
@@ -14,8 +15,6 @@ const LEFT: f64 = 80.0;
 const RIGHT: f64 = 30.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
-/// Below this |delta| the y axis is linear.
-const LINEAR_DELTA: f64 = 0.01;
 const LABEL_FONT_PX: f64 = 11.0;
 /// Rough width of one label character, to keep labels from overlapping.
 const LABEL_CHAR_PX: f64 = 6.2;
@@ -23,9 +22,22 @@ const PASSED_COLOR: &str = "#2a9d4b";
 const FAILED_COLOR: &str = "#d1495b";
 const FRONT_COLOR: &str = "#3366cc";
 
-/// The symmetric-log transform of a delta.
-fn symlog(delta: f64) -> f64 {
-    delta.signum() * (1.0 + delta.abs() / LINEAR_DELTA).log10()
+/// What one chart plots against bits/value.
+struct Chart {
+    title: String,
+    y_label: &'static str,
+    /// Below this |value| the y axis is linear.
+    linear: f64,
+    /// The row's value; rows without one are left out.
+    value: fn(&SweepRow) -> Option<f64>,
+    on_front: fn(&SweepRow) -> bool,
+    /// The pass bound and its name.
+    bound: Option<(f64, &'static str)>,
+}
+
+/// The symmetric-log transform of `value`, linear within ±`linear`.
+fn symlog(value: f64, linear: f64) -> f64 {
+    value.signum() * (1.0 + value.abs() / linear).log10()
 }
 
 /// Linear map of `value` in `[from_lo, from_hi]` onto `[to_lo, to_hi]`.
@@ -46,10 +58,52 @@ fn tick_label(value: f64) -> String {
     text.strip_suffix(".0").map(str::to_string).unwrap_or(text)
 }
 
-/// The chart of `table` as a standalone SVG document.
+/// The perplexity delta against bits/value, as a standalone SVG document.
 pub fn render_svg(table: &SweepTable) -> String {
-    let rows = &table.rows;
-    let bits = rows.iter().map(|r| r.bits_per_value);
+    render_chart(
+        table,
+        &Chart {
+            title: format!(
+                "Perplexity delta against bits/value (baseline {:.3}; {} variants)",
+                table.baseline_perplexity,
+                table.rows.len()
+            ),
+            y_label: "perplexity delta (symmetric log scale)",
+            linear: 0.01,
+            value: |row| Some(row.delta),
+            on_front: |row| row.pareto,
+            bound: table.threshold.map(|t| (t, "threshold")),
+        },
+    )
+}
+
+/// The mean KL divergence (tokens on a compressed cache) against
+/// bits/value, as a standalone SVG document.
+pub fn render_kld_svg(table: &SweepTable) -> String {
+    render_chart(
+        table,
+        &Chart {
+            title: format!(
+                "Mean KL divergence against bits/value ({} variants)",
+                table.rows.len()
+            ),
+            y_label: "mean KLD, nats (log scale)",
+            linear: 1e-5,
+            value: |row| row.kld_mean,
+            on_front: |row| row.pareto_kld,
+            bound: table.max_kld.map(|k| (k, "max-kld")),
+        },
+    )
+}
+
+fn render_chart(table: &SweepTable, chart: &Chart) -> String {
+    let rows: Vec<(&SweepRow, f64)> = table
+        .rows
+        .iter()
+        .filter_map(|row| (chart.value)(row).map(|value| (row, value)))
+        .collect();
+    let symlog = |value: f64| symlog(value, chart.linear);
+    let bits = rows.iter().map(|(r, _)| r.bits_per_value);
     let x_lo = bits.clone().fold(f64::INFINITY, f64::min).floor();
     let x_hi = bits.fold(f64::NEG_INFINITY, f64::max).ceil();
     let (x_lo, x_hi) = if x_lo.is_finite() && x_hi > x_lo {
@@ -57,7 +111,11 @@ pub fn render_svg(table: &SweepTable) -> String {
     } else {
         (0.0, 16.0)
     };
-    let deltas = rows.iter().map(|r| r.delta).chain([0.0, table.threshold]);
+    let deltas = rows
+        .iter()
+        .map(|&(_, value)| value)
+        .chain([0.0])
+        .chain(chart.bound.map(|(bound, _)| bound));
     let y_lo = symlog(deltas.clone().fold(0.0, f64::min)) - 0.15;
     let y_hi = symlog(deltas.fold(0.0, f64::max)) + 0.15;
 
@@ -72,10 +130,9 @@ pub fn render_svg(table: &SweepTable) -> String {
         ),
         format!(r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#),
         format!(
-            r#"<text x="{}" y="24" text-anchor="middle" font-size="15">Perplexity delta against bits/value (baseline {:.3}; {} variants)</text>"#,
+            r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
             WIDTH / 2.0,
-            table.baseline_perplexity,
-            rows.len()
+            escape(&chart.title)
         ),
     ];
 
@@ -90,7 +147,8 @@ pub fn render_svg(table: &SweepTable) -> String {
         ));
         tick += x_step;
     }
-    let y_ticks = std::iter::once(0.0).chain((-2..=3).flat_map(|power| {
+    let lowest_power = chart.linear.log10().round() as i32;
+    let y_ticks = std::iter::once(0.0).chain((lowest_power..=3).flat_map(|power| {
         let magnitude = 10f64.powi(power);
         [magnitude, -magnitude]
     }));
@@ -114,26 +172,28 @@ pub fn render_svg(table: &SweepTable) -> String {
         HEIGHT - 18.0
     ));
     svg.push(format!(
-        r#"<text transform="translate(20 {:.1}) rotate(-90)" text-anchor="middle" font-size="13">perplexity delta (symmetric log scale)</text>"#,
-        (plot_y.0 + plot_y.1) / 2.0
+        r#"<text transform="translate(20 {:.1}) rotate(-90)" text-anchor="middle" font-size="13">{}</text>"#,
+        (plot_y.0 + plot_y.1) / 2.0,
+        chart.y_label
     ));
 
-    // Threshold.
-    let threshold_y = py(table.threshold);
-    svg.push(format!(
-        r##"<line x1="{:.1}" y1="{threshold_y:.1}" x2="{:.1}" y2="{threshold_y:.1}" stroke="#e08a00" stroke-width="1.5" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="11" fill="#e08a00">threshold {}</text>"##,
-        plot_x.0,
-        plot_x.1,
-        plot_x.1 - 4.0,
-        threshold_y - 4.0,
-        table.threshold
-    ));
+    // The pass bound.
+    if let Some((bound, name)) = chart.bound {
+        let bound_y = py(bound);
+        svg.push(format!(
+            r##"<line x1="{:.1}" y1="{bound_y:.1}" x2="{:.1}" y2="{bound_y:.1}" stroke="#e08a00" stroke-width="1.5" stroke-dasharray="6 4"/><text x="{:.1}" y="{:.1}" text-anchor="end" font-size="11" fill="#e08a00">{name} {bound}</text>"##,
+            plot_x.0,
+            plot_x.1,
+            plot_x.1 - 4.0,
+            bound_y - 4.0,
+        ));
+    }
 
     // Pareto front: rows are sorted by bits, so the front is in order.
     let front: Vec<String> = rows
         .iter()
-        .filter(|r| r.pareto)
-        .map(|r| format!("{:.1},{:.1}", px(r.bits_per_value), py(r.delta)))
+        .filter(|(r, _)| (chart.on_front)(r))
+        .map(|&(r, value)| format!("{:.1},{:.1}", px(r.bits_per_value), py(value)))
         .collect();
     svg.push(format!(
         r#"<polyline points="{}" fill="none" stroke="{FRONT_COLOR}" stroke-width="1.5"/>"#,
@@ -145,20 +205,23 @@ pub fn render_svg(table: &SweepTable) -> String {
     // covers no point and no earlier label.
     let points: Vec<(f64, f64)> = rows
         .iter()
-        .map(|r| (px(r.bits_per_value), py(r.delta)))
+        .map(|&(r, value)| (px(r.bits_per_value), py(value)))
         .collect();
-    for (row, &(x, y)) in rows.iter().zip(&points) {
+    for (&(row, value), &(x, y)) in rows.iter().zip(&points) {
         let color = if row.passed {
             PASSED_COLOR
         } else {
             FAILED_COLOR
         };
-        let stroke = if row.pareto { FRONT_COLOR } else { color };
+        let stroke = if (chart.on_front)(row) {
+            FRONT_COLOR
+        } else {
+            color
+        };
         svg.push(format!(
-            r#"<circle cx="{x:.1}" cy="{y:.1}" r="4.5" fill="{color}" stroke="{stroke}" stroke-width="1.5"><title>{}: {:.3} bits/value, delta {:+.4}</title></circle>"#,
+            r#"<circle cx="{x:.1}" cy="{y:.1}" r="4.5" fill="{color}" stroke="{stroke}" stroke-width="1.5"><title>{}: {:.3} bits/value, {value:+.6}</title></circle>"#,
             escape(&row.label),
             row.bits_per_value,
-            row.delta
         ));
     }
     // Occupied boxes as (left, top, right, bottom).
@@ -166,7 +229,7 @@ pub fn render_svg(table: &SweepTable) -> String {
         .iter()
         .map(|&(x, y)| (x - 5.0, y - 5.0, x + 5.0, y + 5.0))
         .collect();
-    for (row, &(x, y)) in rows.iter().zip(&points) {
+    for (&(row, _), &(x, y)) in rows.iter().zip(&points) {
         let width = row.label.len() as f64 * LABEL_CHAR_PX;
         let candidates = (0..30).flat_map(|step| {
             let lines = f64::from((step + 1) / 2);
@@ -220,10 +283,10 @@ mod tests {
 
     #[test]
     fn symlog_is_linear_near_zero_and_logarithmic_beyond() {
-        assert_eq!(symlog(0.0), 0.0);
-        assert!((symlog(0.01) - 2f64.log10()).abs() < 1e-12);
-        assert!((symlog(9.99) - 3.0).abs() < 1e-12);
-        assert_eq!(symlog(-0.5), -symlog(0.5));
+        assert_eq!(symlog(0.0, 0.01), 0.0);
+        assert!((symlog(0.01, 0.01) - 2f64.log10()).abs() < 1e-12);
+        assert!((symlog(9.99, 0.01) - 3.0).abs() < 1e-12);
+        assert_eq!(symlog(-0.5, 0.01), -symlog(0.5, 0.01));
     }
 
     #[test]
@@ -267,5 +330,52 @@ mod tests {
         ] {
             assert!(svg.contains(tick), "missing tick {tick}");
         }
+    }
+
+    #[test]
+    fn kld_svg_plots_the_rows_with_a_kld_against_max_kld_and_their_front() {
+        use crate::fidelity::TokenFigures;
+        use crate::report::PassCriteria;
+        use crate::sweep::Measurement;
+        let measured = |label: &str, bits: f64, kld: Option<f64>| Measurement {
+            label: label.into(),
+            flags: String::new(),
+            bits_per_value: bits,
+            compression_ratio: 32.0 / bits,
+            perplexity: 10.5,
+            delta_standard_error: None,
+            fidelity: kld.and_then(|k| TokenFigures::of(&[k, k], &[true, true], &[0.0, 0.0])),
+        };
+        let table = SweepTable::new(
+            10.0,
+            PassCriteria {
+                threshold: None,
+                max_kld: Some(0.01),
+            },
+            vec![
+                measured("int8", 8.25, Some(2e-5)),
+                measured("kivi4", 4.5, Some(0.004)),
+                measured("kivi2", 2.5, Some(0.09)),
+                measured("no-cache", 3.0, None),
+            ],
+        );
+        let svg = render_kld_svg(&table);
+        assert!(svg.contains("Mean KL divergence against bits/value (4 variants)"));
+        assert_eq!(
+            svg.matches("<circle cx").count(),
+            3 + 2,
+            "the row without KLD is left out"
+        );
+        assert!(svg.contains(">max-kld 0.01</text>"));
+        assert!(!svg.contains(">no-cache</text>"));
+        let polyline = svg.lines().find(|l| l.starts_with("<polyline")).unwrap();
+        assert_eq!(polyline.split('"').nth(1).unwrap().split(' ').count(), 3);
+        // Log ticks down to the linear region's 1e-5.
+        assert!(
+            svg.contains(">0.00001</text>") && svg.contains(">0.01</text>"),
+            "{svg}"
+        );
+        // The delta chart has no threshold line when only --max-kld applies.
+        assert!(!render_svg(&table).contains("stroke-dasharray"));
     }
 }

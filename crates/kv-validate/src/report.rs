@@ -1,11 +1,15 @@
 //! The validation report: the original's figures (baseline, compressed,
 //! delta, ratio, RMSE, SNR, cosine, threshold, PASSED/FAILED) plus what it
-//! never said (tokens scored, windows, wall time and the compressor's share),
-//! as text for people and as JSON (`--json`) for scripts.
+//! never said (the delta's standard error, KL divergence, top-1 agreement
+//! and Δp against the baseline, tokens scored, windows, wall time and the
+//! compressor's share), as text for people and as JSON (`--json`) for scripts.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::evaluate::{Evaluation, MetricsSummary, Timings, VariantOutcome};
+use crate::fidelity::{
+    delta_standard_error, within_noise, FidelityFigures, MeanWithError, TokenFigures,
+};
 
 /// Everything a validation run measured, in the shape of its JSON.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -20,8 +24,13 @@ pub struct ValidationReport {
     pub device: String,
     /// Element type of the cache file handed to the compressor (the ratio is against it).
     pub cache_dtype: String,
-    pub threshold: f64,
+    /// Pass criterion delta < threshold (`None` when only `max_kld` applies).
+    pub threshold: Option<f64>,
+    /// Pass criterion mean KLD on compressed-cache tokens < max_kld.
+    pub max_kld: Option<f64>,
     pub perplexity: PerplexityFigures,
+    /// KL divergence, top-1 agreement and Δp against the baseline.
+    pub fidelity: FidelityFigures,
     pub tokens_scored: usize,
     /// Scored tokens that attended to a (reconstructed) cache.
     pub tokens_on_compressed_cache: usize,
@@ -38,6 +47,10 @@ pub struct PerplexityFigures {
     pub baseline: f64,
     pub compressed: f64,
     pub delta: f64,
+    /// From the paired per-token NLL differences ([`delta_standard_error`]).
+    pub delta_standard_error: Option<f64>,
+    /// |delta| < 2 standard errors.
+    pub delta_within_noise: Option<bool>,
     pub delta_percent: f64,
     pub baseline_per_window: f64,
     pub compressed_per_window: f64,
@@ -52,6 +65,23 @@ pub struct PerplexityPair {
     pub baseline: f64,
     pub compressed: f64,
     pub delta: f64,
+    pub delta_standard_error: Option<f64>,
+    pub delta_within_noise: Option<bool>,
+}
+
+impl PerplexityPair {
+    /// From the two sides' perplexities and the paired NLL differences.
+    fn new(baseline: f64, compressed: f64, differences: &MeanWithError) -> Self {
+        let delta = compressed - baseline;
+        let delta_standard_error = delta_standard_error(compressed, differences);
+        PerplexityPair {
+            baseline,
+            compressed,
+            delta,
+            delta_standard_error,
+            delta_within_noise: within_noise(delta, delta_standard_error),
+        }
+    }
 }
 
 /// Seconds of wall time and where they went.
@@ -79,8 +109,9 @@ impl From<&Timings> for TimingFigures {
     }
 }
 
-/// Where the run's inputs came from, for the report's header.
-#[derive(Clone, Debug, PartialEq)]
+/// Where the run's inputs came from and how it is judged: the report's
+/// header, and what merged slices must agree on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunDescription {
     pub model: String,
     pub data: String,
@@ -89,17 +120,57 @@ pub struct RunDescription {
     /// Where the model ran, with the device's name.
     pub device: String,
     pub cache_dtype: String,
-    pub threshold: f64,
+    pub criteria: PassCriteria,
+}
+
+/// What a variant must meet to pass; each criterion that is set applies.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PassCriteria {
+    /// delta < threshold.
+    pub threshold: Option<f64>,
+    /// Mean KLD over the tokens on a compressed cache < max_kld (nats).
+    pub max_kld: Option<f64>,
+}
+
+impl PassCriteria {
+    /// Whether `delta` and the mean KLD on a compressed cache (`None`: no
+    /// token was on one) pass. Equal to a bound fails.
+    pub fn passes(&self, delta: f64, mean_kld: Option<f64>) -> bool {
+        self.threshold.is_none_or(|threshold| delta < threshold)
+            && self
+                .max_kld
+                .is_none_or(|max| mean_kld.is_some_and(|kld| kld < max))
+    }
+
+    /// `delta < 0.5`, `mean KLD < 0.01`, or both joined by `and`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            self.threshold.map(|t| format!("delta < {t}")),
+            self.max_kld.map(|k| format!("mean KLD < {k}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        parts.join(" and ")
+    }
+}
+
+/// The mean KLD over a variant's tokens on a compressed cache, if any.
+pub fn mean_kld_on_cache(fidelity: &FidelityFigures) -> Option<f64> {
+    fidelity.on_compressed_cache.as_ref().map(|f| f.kld.mean)
 }
 
 impl ValidationReport {
-    /// The report of one variant of `evaluation`. Passed means delta < threshold.
+    /// The report of one variant of `evaluation`, judged by `run.criteria`.
     pub fn new(run: &RunDescription, evaluation: &Evaluation, variant: &VariantOutcome) -> Self {
         let baseline = evaluation.baseline.perplexity();
         let compressed = variant.nll.perplexity();
-        let delta = compressed - baseline;
+        let headline = PerplexityPair::new(baseline, compressed, &variant.nll_difference);
+        let delta = headline.delta;
         ValidationReport {
-            passed: delta < run.threshold,
+            passed: run
+                .criteria
+                .passes(delta, mean_kld_on_cache(&variant.fidelity)),
             model: run.model.clone(),
             data: run.data.clone(),
             protocol: run.protocol.clone(),
@@ -107,23 +178,27 @@ impl ValidationReport {
             compressor_flags: variant.settings.label(),
             device: run.device.clone(),
             cache_dtype: run.cache_dtype.clone(),
-            threshold: run.threshold,
+            threshold: run.criteria.threshold,
+            max_kld: run.criteria.max_kld,
+            fidelity: variant.fidelity.clone(),
             perplexity: PerplexityFigures {
                 baseline,
                 compressed,
                 delta,
+                delta_standard_error: headline.delta_standard_error,
+                delta_within_noise: headline.delta_within_noise,
                 delta_percent: 100.0 * delta / baseline,
                 baseline_per_window: evaluation.baseline.per_window_perplexity(),
                 compressed_per_window: variant.nll.per_window_perplexity(),
-                compressed_windows_only: (evaluation.windows_compressed > 0).then(|| {
-                    let baseline = evaluation.baseline_compressed_windows.perplexity();
-                    let compressed = variant.nll_compressed_windows.perplexity();
-                    PerplexityPair {
-                        baseline,
-                        compressed,
-                        delta: compressed - baseline,
-                    }
-                }),
+                compressed_windows_only: variant.nll_difference_compressed_windows.as_ref().map(
+                    |differences| {
+                        PerplexityPair::new(
+                            evaluation.baseline_compressed_windows.perplexity(),
+                            variant.nll_compressed_windows.perplexity(),
+                            differences,
+                        )
+                    },
+                ),
             },
             tokens_scored: evaluation.baseline.tokens,
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
@@ -155,7 +230,12 @@ impl ValidationReport {
             field("Compressed perplexity", &format!("{:.4}", p.compressed)),
             field(
                 "Delta",
-                &format!("{:+.4} ({:+.3}%)", p.delta, p.delta_percent),
+                &format!(
+                    "{:+.4} ({:+.3}%){}",
+                    p.delta,
+                    p.delta_percent,
+                    noise_note(p.delta_standard_error, p.delta_within_noise)
+                ),
             ),
             field(
                 "Per-window mean (original)",
@@ -171,11 +251,16 @@ impl ValidationReport {
             lines.push(field(
                 "Compressed windows only",
                 &format!(
-                    "{:.4} -> {:.4} (delta {:+.4})",
-                    only.baseline, only.compressed, only.delta
+                    "{:.4} -> {:.4} (delta {:+.4}{})",
+                    only.baseline,
+                    only.compressed,
+                    only.delta,
+                    noise_note(only.delta_standard_error, only.delta_within_noise)
                 ),
             ));
         }
+        lines.push(String::new());
+        lines.extend(fidelity_lines(&self.fidelity));
         lines.push(String::new());
         lines.extend(compression_lines(&self.compression));
         lines.extend([
@@ -194,17 +279,150 @@ impl ValidationReport {
             ),
             timing_line(&self.timing),
             String::new(),
-            field("Threshold", &format!("{}", self.threshold)),
-            format!(
-                "Status: {} (delta {:+.4} {} threshold {})",
-                status(self.passed),
-                p.delta,
-                if self.passed { "<" } else { ">=" },
-                self.threshold
-            ),
+        ]);
+        if let Some(threshold) = self.threshold {
+            lines.push(field("Threshold", &format!("{threshold}")));
+        }
+        if let Some(max_kld) = self.max_kld {
+            lines.push(field(
+                "Max KLD",
+                &format!("{max_kld} nats (mean over the tokens on a compressed cache)"),
+            ));
+        }
+        lines.extend([
+            format!("Status: {} ({})", status(self.passed), self.status_reason()),
             rule(),
         ]);
         lines.join("\n") + "\n"
+    }
+}
+
+impl ValidationReport {
+    /// Each criterion against its measured figure: `delta +0.0100 < threshold 0.5`.
+    fn status_reason(&self) -> String {
+        let mut reasons = Vec::new();
+        if let Some(threshold) = self.threshold {
+            let delta = self.perplexity.delta;
+            let relation = if delta < threshold { "<" } else { ">=" };
+            reasons.push(format!(
+                "delta {delta:+.4} {relation} threshold {threshold}"
+            ));
+        }
+        if let Some(max_kld) = self.max_kld {
+            reasons.push(match mean_kld_on_cache(&self.fidelity) {
+                Some(kld) => {
+                    let relation = if kld < max_kld { "<" } else { ">=" };
+                    format!("mean KLD {kld:.6} {relation} max-kld {max_kld}")
+                }
+                None => format!("no token on a compressed cache to hold to max-kld {max_kld}"),
+            });
+        }
+        reasons.join("; ")
+    }
+}
+
+/// ` ± 0.0123, within noise` (|delta| < 2 SE) or `beyond noise`; empty without an error.
+pub(crate) fn noise_note(standard_error: Option<f64>, within: Option<bool>) -> String {
+    match (standard_error, within) {
+        (Some(se), Some(within)) => format!(
+            " ± {se:.4}, {}",
+            if within {
+                "within noise (< 2 SE)"
+            } else {
+                "beyond noise (>= 2 SE)"
+            }
+        ),
+        _ => String::new(),
+    }
+}
+
+/// KL divergence, top-1 agreement and Δp, for the tokens on a compressed
+/// cache and for every scored token.
+pub(crate) fn fidelity_lines(fidelity: &FidelityFigures) -> Vec<String> {
+    let Some(on_cache) = &fidelity.on_compressed_cache else {
+        return vec![field(
+            "KL divergence",
+            "- (no token was scored on a compressed cache)",
+        )];
+    };
+    let mut lines = vec![format!(
+        "Against the baseline, {} tokens on a compressed cache:",
+        on_cache.tokens
+    )];
+    lines.extend(token_figure_lines(on_cache));
+    if let Some(all) = &fidelity.all_tokens {
+        lines.push(format!(
+            "All {} scored tokens (the prefill's have KLD 0 by construction):",
+            all.tokens
+        ));
+        lines.push(field(
+            "  Mean KLD",
+            &format!(
+                "{} nats",
+                mean_error(all.kld.mean, all.kld.standard_error, 6)
+            ),
+        ));
+        lines.push(field(
+            "  Same top-1 token",
+            &format!(
+                "{} %",
+                mean_error(
+                    all.top1_agreement_percent,
+                    all.top1_standard_error_percent,
+                    3
+                )
+            ),
+        ));
+    }
+    lines
+}
+
+fn token_figure_lines(figures: &TokenFigures) -> Vec<String> {
+    let kld = &figures.kld;
+    let dp = &figures.delta_p;
+    vec![
+        field(
+            "  Mean KLD",
+            &format!("{} nats", mean_error(kld.mean, kld.standard_error, 6)),
+        ),
+        field(
+            "  KLD median / p99 / max",
+            &format!("{:.6} / {:.6} / {:.6}", kld.median, kld.p99, kld.max),
+        ),
+        field(
+            "  Same top-1 token",
+            &format!(
+                "{} %",
+                mean_error(
+                    figures.top1_agreement_percent,
+                    figures.top1_standard_error_percent,
+                    3
+                )
+            ),
+        ),
+        field(
+            "  Mean Δp (correct token)",
+            &format!(
+                "{} % (RMS {:.3} %)",
+                mean_error(dp.mean_percent, dp.standard_error_percent, 3),
+                dp.rms_percent
+            ),
+        ),
+        field(
+            "  Δp min / p1 / p99 / max",
+            &format!(
+                "{:+.3} / {:+.3} / {:+.3} / {:+.3} %",
+                dp.min_percent, dp.p1_percent, dp.p99_percent, dp.max_percent
+            ),
+        ),
+    ]
+}
+
+/// `mean ± se` with `decimals` digits, or just the mean without an error.
+fn mean_error(mean: f64, standard_error: Option<f64>, decimals: usize) -> String {
+    match standard_error {
+        Some(se) => format!("{mean:.decimals$} ± {se:.decimals$}"),
+        None => format!("{mean:.decimals$}"),
     }
 }
 
@@ -281,48 +499,55 @@ pub(crate) fn timing_line(timing: &TimingFigures) -> String {
 mod tests {
     use super::*;
     use crate::bridge::CompressSettings;
-    use crate::perplexity::NllTotals;
+    use crate::records::{VariantRecord, WindowRecord};
     use std::time::Duration;
 
-    fn evaluation(baseline_nll: f32, compressed_nll: f32) -> (Evaluation, RunDescription) {
-        let mut baseline = NllTotals::default();
-        baseline.add_window(&[baseline_nll, baseline_nll]);
-        let mut compressed = NllTotals::default();
-        compressed.add_window(&[compressed_nll, compressed_nll]);
-        let metrics = MetricsSummary {
+    fn compressor_report() -> kvformat::Report {
+        kvformat::Report {
             compression_ratio: 3200.0 / 850.0,
-            windows: 1,
             original_size_bytes: 3200,
             compressed_size_bytes: 850,
             rmse: 0.25,
             snr_db: 16.0,
             cosine_similarity: 0.985,
             max_error: 0.75,
-            bits_per_value: None,
-            quality_failures: 1,
-            worst_quality_level: Some(kvformat::metrics::QualityLevel::Poor),
-        };
-        let evaluation = Evaluation {
-            baseline_compressed_windows: baseline.clone(),
-            baseline,
-            variants: vec![VariantOutcome {
-                settings: CompressSettings::default(),
-                nll_compressed_windows: compressed.clone(),
-                nll: compressed,
-                metrics,
-                compressor_time: Duration::from_secs(1),
+            quality_level: kvformat::metrics::QualityLevel::Poor,
+            processing_time_ms: 1.0,
+            quality_passed: false,
+            violations: Vec::new(),
+            bits_per_value: 0.0,
+            num_tensors: 2,
+            num_values: 800,
+            tensor_metrics: None,
+        }
+    }
+
+    /// One window of 2 context and 3 scored tokens: every baseline NLL is
+    /// `baseline_nll`, every compressed one `compressed_nll`; KLDs 0 (the
+    /// prefill's token), 0.01, 0.03; top-1 agrees on the first two.
+    fn evaluation(baseline_nll: f64, compressed_nll: f64) -> (Evaluation, RunDescription) {
+        let record = WindowRecord {
+            index: 0,
+            begin: 0,
+            context_end: 2,
+            end: 5,
+            baseline_nll: vec![baseline_nll; 3],
+            variants: vec![VariantRecord {
+                nll: vec![compressed_nll; 3],
+                kld: vec![0.0, 0.01, 0.03],
+                top1_agrees: vec![true, true, false],
+                metrics: compressor_report(),
             }],
-            windows: 1,
-            windows_compressed: 1,
-            tokens_on_cache: 1,
-            timings: Timings {
-                total: Duration::from_secs(20),
-                model: Duration::from_secs(18),
-                cache_write: Duration::from_millis(600),
-                cache_read: Duration::from_millis(400),
-                compressor: Duration::from_secs(1),
-            },
         };
+        let timings = Timings {
+            total: Duration::from_secs(20),
+            model: Duration::from_secs(18),
+            cache_write: Duration::from_millis(600),
+            cache_read: Duration::from_millis(400),
+            compressor: Duration::from_secs(1),
+        };
+        let evaluation =
+            Evaluation::from_records(&[CompressSettings::default()], vec![record], timings);
         let run = RunDescription {
             model: "tiny".into(),
             data: "text".into(),
@@ -330,15 +555,87 @@ mod tests {
             compressor: "kv-compress".into(),
             device: "cpu".into(),
             cache_dtype: "float32".into(),
-            threshold: 0.5,
+            criteria: PassCriteria {
+                threshold: Some(0.5),
+                max_kld: None,
+            },
         };
         (evaluation, run)
     }
 
     #[test]
+    fn fidelity_figures_cover_the_tokens_on_a_cache_and_all_tokens() {
+        let (evaluation, run) = evaluation(20f64.ln(), 20.4f64.ln());
+        let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
+        assert_eq!(report.tokens_on_compressed_cache, 2);
+        let on_cache = report.fidelity.on_compressed_cache.as_ref().unwrap();
+        assert_eq!(on_cache.tokens, 2);
+        assert!((on_cache.kld.mean - 0.02).abs() < 1e-15);
+        assert_eq!(on_cache.kld.max, 0.03);
+        assert_eq!(on_cache.top1_agreement_percent, 50.0);
+        let all = report.fidelity.all_tokens.as_ref().unwrap();
+        assert_eq!(all.tokens, 3);
+        assert!((all.kld.mean - 0.04 / 3.0).abs() < 1e-15);
+        // Every token moved by the same ln(20.4/20): no spread, SE 0, so the
+        // delta is beyond noise.
+        assert!(report.perplexity.delta_standard_error.unwrap() < 1e-12);
+        assert_eq!(report.perplexity.delta_within_noise, Some(false));
+        let text = report.render_text();
+        assert!(text.contains("2 tokens on a compressed cache"), "{text}");
+        assert!(
+            text.contains("  Mean KLD:                 0.020000 ± 0.010000 nats"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  Same top-1 token:         50.000 ± 50.000 %"),
+            "{text}"
+        );
+        assert!(text.contains("beyond noise"), "{text}");
+    }
+
+    #[test]
+    fn max_kld_is_an_alternative_criterion_and_both_must_hold_when_given() {
+        let (evaluation, mut run) = evaluation(20f64.ln(), 20.4f64.ln());
+        let passed = |criteria: PassCriteria, run: &mut RunDescription| {
+            run.criteria = criteria;
+            ValidationReport::new(run, &evaluation, &evaluation.variants[0])
+        };
+        let kld_only = |max_kld| PassCriteria {
+            threshold: None,
+            max_kld: Some(max_kld),
+        };
+        // Mean KLD on the cache is 0.02; the delta 0.4.
+        let report = passed(kld_only(0.03), &mut run);
+        assert!(report.passed);
+        assert!(report
+            .render_text()
+            .contains("Status: PASSED (mean KLD 0.020000 < max-kld 0.03)"));
+        let report = passed(kld_only(0.02), &mut run);
+        assert!(!report.passed, "equal to the bound fails");
+        let both = PassCriteria {
+            threshold: Some(0.3),
+            max_kld: Some(0.03),
+        };
+        let report = passed(both, &mut run);
+        assert!(!report.passed, "the delta 0.4 misses threshold 0.3");
+        let text = report.render_text();
+        assert!(
+            text.contains("\nThreshold:                  0.3\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nMax KLD:                    0.03 nats"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["max_kld"], 0.03);
+        assert_eq!(json["threshold"], 0.3);
+    }
+
+    #[test]
     fn figures_follow_from_the_nlls() {
         // ln 20 and ln 20.4: perplexities 20 and 20.4, delta 0.4 (2%).
-        let (evaluation, run) = evaluation(20f32.ln(), 20.4f32.ln());
+        let (evaluation, run) = evaluation(20f64.ln(), 20.4f64.ln());
         let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
         assert!((report.perplexity.baseline - 20.0).abs() < 1e-4);
         assert!((report.perplexity.delta - 0.4).abs() < 1e-4);
@@ -355,8 +652,8 @@ mod tests {
 
     #[test]
     fn a_delta_equal_to_the_threshold_fails() {
-        let (evaluation, mut run) = evaluation(2f32.ln(), 2f32.ln());
-        run.threshold = 0.0;
+        let (evaluation, mut run) = evaluation(2f64.ln(), 2f64.ln());
+        run.criteria.threshold = Some(0.0);
         let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
         assert!(!report.passed);
         assert!(report.render_text().contains("Status: FAILED"));

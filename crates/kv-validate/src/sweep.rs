@@ -1,17 +1,20 @@
 //! Issue 5's sweep: many compressor variants scored over the same windows
 //! (one shared prefill per window, see [`crate::evaluate`]), the results as a
-//! table sorted by bits/value with the Pareto front marked, and the
-//! recommendation: the variant with the fewest bits that passes.
+//! table sorted by bits/value with two Pareto fronts marked (bits against
+//! the perplexity delta, and against the mean KL divergence), and the
+//! recommendation: the variant with the fewest bits that passes the run's
+//! criteria (`--threshold` on the delta, `--max-kld` on the KLD, or both).
 //!
 //! A variant is a label and the `kv-compress` flags it runs with, written as
 //! `LABEL=FLAGS` on the command line (`--variant "kivi3=-method kivi -bits 3"`).
 
 use kvformat::CacheDtype;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bridge::CompressSettings;
 use crate::evaluate::Evaluation;
-use crate::report::{field, rule, RunDescription};
+use crate::fidelity::{delta_standard_error, within_noise, TokenFigures};
+use crate::report::{field, noise_note, rule, PassCriteria, RunDescription};
 
 /// The built-in matrix (`--sweep`): issue 5's reference methods, rotation,
 /// kept tokens, then the combinations aimed at its targets (docs/fidelity.md
@@ -115,7 +118,7 @@ pub enum SweepError {
 }
 
 /// One compressor configuration of a sweep.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Variant {
     pub label: String,
     pub settings: CompressSettings,
@@ -207,6 +210,10 @@ pub struct Measurement {
     pub bits_per_value: f64,
     pub compression_ratio: f64,
     pub perplexity: f64,
+    /// Of the delta, from the paired per-token NLL differences.
+    pub delta_standard_error: Option<f64>,
+    /// Over the tokens on a compressed cache.
+    pub fidelity: Option<TokenFigures>,
 }
 
 /// One row of the sweep table.
@@ -219,17 +226,32 @@ pub struct SweepRow {
     pub perplexity: f64,
     /// Perplexity minus the baseline's.
     pub delta: f64,
-    /// delta < threshold.
+    pub delta_standard_error: Option<f64>,
+    /// |delta| < 2 standard errors.
+    pub delta_within_noise: Option<bool>,
+    /// KL(baseline ‖ compressed) over the tokens on a compressed cache, nats.
+    pub kld_mean: Option<f64>,
+    pub kld_standard_error: Option<f64>,
+    pub kld_p99: Option<f64>,
+    pub kld_max: Option<f64>,
+    pub top1_agreement_percent: Option<f64>,
+    /// Mean change of the correct token's probability, percentage points.
+    pub delta_p_mean_percent: Option<f64>,
+    /// Meets the run's criteria.
     pub passed: bool,
     /// No other variant is at least as good on both bits and delta and better on one.
     pub pareto: bool,
+    /// The same front with the mean KLD in place of the delta.
+    pub pareto_kld: bool,
 }
 
 /// The sweep's results, sorted by bits/value (then delta).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SweepTable {
     pub baseline_perplexity: f64,
-    pub threshold: f64,
+    /// The criteria rows pass by: delta < threshold, mean KLD < max_kld.
+    pub threshold: Option<f64>,
+    pub max_kld: Option<f64>,
     pub rows: Vec<SweepRow>,
     /// Label of the passing variant with the fewest bits/value (the lower
     /// delta on a tie); `None` when no variant passes.
@@ -237,11 +259,16 @@ pub struct SweepTable {
 }
 
 impl SweepTable {
-    pub fn new(baseline_perplexity: f64, threshold: f64, measurements: Vec<Measurement>) -> Self {
+    pub fn new(
+        baseline_perplexity: f64,
+        criteria: PassCriteria,
+        measurements: Vec<Measurement>,
+    ) -> Self {
         let mut rows: Vec<SweepRow> = measurements
             .into_iter()
             .map(|m| {
                 let delta = m.perplexity - baseline_perplexity;
+                let kld = m.fidelity.as_ref().map(|f| &f.kld);
                 SweepRow {
                     label: m.label,
                     flags: m.flags,
@@ -249,8 +276,17 @@ impl SweepTable {
                     compression_ratio: m.compression_ratio,
                     perplexity: m.perplexity,
                     delta,
-                    passed: delta < threshold,
+                    delta_standard_error: m.delta_standard_error,
+                    delta_within_noise: within_noise(delta, m.delta_standard_error),
+                    kld_mean: kld.map(|k| k.mean),
+                    kld_standard_error: kld.and_then(|k| k.standard_error),
+                    kld_p99: kld.map(|k| k.p99),
+                    kld_max: kld.map(|k| k.max),
+                    top1_agreement_percent: m.fidelity.as_ref().map(|f| f.top1_agreement_percent),
+                    delta_p_mean_percent: m.fidelity.as_ref().map(|f| f.delta_p.mean_percent),
+                    passed: criteria.passes(delta, kld.map(|k| k.mean)),
                     pareto: false,
+                    pareto_kld: false,
                 }
             })
             .collect();
@@ -259,18 +295,11 @@ impl SweepTable {
                 .total_cmp(&b.bits_per_value)
                 .then(a.delta.total_cmp(&b.delta))
         });
-        let dominated: Vec<bool> = rows
-            .iter()
-            .map(|row| {
-                rows.iter().any(|other| {
-                    other.bits_per_value <= row.bits_per_value
-                        && other.delta <= row.delta
-                        && (other.bits_per_value < row.bits_per_value || other.delta < row.delta)
-                })
-            })
-            .collect();
-        for (row, dominated) in rows.iter_mut().zip(dominated) {
-            row.pareto = !dominated;
+        let front = pareto_front(&rows, |row| Some(row.delta));
+        let kld_front = pareto_front(&rows, |row| row.kld_mean);
+        for ((row, on_front), on_kld_front) in rows.iter_mut().zip(front).zip(kld_front) {
+            row.pareto = on_front;
+            row.pareto_kld = on_kld_front;
         }
         // Sorted by bits then delta: the first passing row is the recommendation.
         let recommendation = rows
@@ -279,9 +308,18 @@ impl SweepTable {
             .map(|row| row.label.clone());
         SweepTable {
             baseline_perplexity,
-            threshold,
+            threshold: criteria.threshold,
+            max_kld: criteria.max_kld,
             rows,
             recommendation,
+        }
+    }
+
+    /// The criteria the rows were judged by.
+    pub fn criteria(&self) -> PassCriteria {
+        PassCriteria {
+            threshold: self.threshold,
+            max_kld: self.max_kld,
         }
     }
 
@@ -293,12 +331,18 @@ impl SweepTable {
 
     /// The table as CSV (RFC 4180: a header line, flags quoted).
     pub fn to_csv(&self) -> String {
+        // The columns before `pareto` are the original table's; new ones follow.
         let mut csv = String::from(
-            "label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto\n",
+            "label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto,\
+             delta_se,within_noise,kld_mean,kld_se,kld_p99,kld_max,top1_percent,\
+             delta_p_mean_percent,pareto_kld\n",
         );
+        let number = |value: Option<f64>, decimals: usize| {
+            value.map_or(String::new(), |v| format!("{v:.decimals$}"))
+        };
         for row in &self.rows {
             csv.push_str(&format!(
-                "{},{},{:.4},{:.4},{:.4},{:.4},{},{}\n",
+                "{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{},{},{},{},{},{},{},{}\n",
                 csv_field(&row.label),
                 csv_field(&row.flags),
                 row.bits_per_value,
@@ -306,7 +350,17 @@ impl SweepTable {
                 row.perplexity,
                 row.delta,
                 row.passed,
-                row.pareto
+                row.pareto,
+                number(row.delta_standard_error, 4),
+                row.delta_within_noise
+                    .map_or(String::new(), |w| w.to_string()),
+                number(row.kld_mean, 6),
+                number(row.kld_standard_error, 6),
+                number(row.kld_p99, 6),
+                number(row.kld_max, 6),
+                number(row.top1_agreement_percent, 3),
+                number(row.delta_p_mean_percent, 4),
+                row.pareto_kld
             ));
         }
         csv
@@ -322,19 +376,35 @@ impl SweepTable {
             .unwrap_or(0)
             .max("method".len());
         let mut lines = vec![format!(
-            "{:<label_width$}  {:>10}  {:>7}  {:>10}  {:>9}  {:<6}  {:<6}  flags",
-            "method", "bits/value", "ratio", "perplexity", "delta", "passed", "pareto"
+            "{:<label_width$}  {:>10}  {:>7}  {:>10}  {:>9}  {:>7}  {:>9}  {:>9}  {:>7}  {:<6}  {:<6}  flags",
+            "method", "bits/value", "ratio", "perplexity", "delta", "±SE", "mean KLD", "KLD p99",
+            "top-1 %", "passed", "pareto"
         )];
+        let number = |value: Option<f64>, width: usize, decimals: usize| {
+            value.map_or(format!("{:>width$}", "-"), |v| {
+                format!("{v:>width$.decimals$}")
+            })
+        };
         lines.extend(self.rows.iter().map(|row| {
+            let front = match (row.pareto, row.pareto_kld) {
+                (true, true) => "*+",
+                (true, false) => "*",
+                (false, true) => "+",
+                (false, false) => "",
+            };
             format!(
-                "{:<label_width$}  {:>10.3}  {:>6.2}x  {:>10.4}  {:>+9.4}  {:<6}  {:<6}  {}",
+                "{:<label_width$}  {:>10.3}  {:>6.2}x  {:>10.4}  {:>+9.4}  {}  {}  {}  {}  {:<6}  {:<6}  {}",
                 row.label,
                 row.bits_per_value,
                 row.compression_ratio,
                 row.perplexity,
                 row.delta,
+                number(row.delta_standard_error, 7, 4),
+                number(row.kld_mean, 9, 6),
+                number(row.kld_p99, 9, 6),
+                number(row.top1_agreement_percent, 7, 2),
                 if row.passed { "yes" } else { "no" },
-                if row.pareto { "*" } else { "" },
+                front,
                 row.flags
             )
         }));
@@ -343,17 +413,39 @@ impl SweepTable {
 
     /// One sentence: the recommendation, or that nothing passed.
     pub fn recommendation_line(&self) -> String {
+        let criteria = self.criteria().describe();
         match self.recommended() {
             Some(row) => format!(
-                "Recommendation: {} ({:.3} bits/value, delta {:+.4} < threshold {})",
-                row.label, row.bits_per_value, row.delta, self.threshold
+                "Recommendation: {} ({:.3} bits/value, delta {:+.4}{}, mean KLD {}; meets {criteria})",
+                row.label,
+                row.bits_per_value,
+                row.delta,
+                noise_note(row.delta_standard_error, row.delta_within_noise),
+                row.kld_mean.map_or("-".to_string(), |k| format!("{k:.6}")),
             ),
-            None => format!(
-                "Recommendation: none; no variant has a delta below the threshold {}",
-                self.threshold
-            ),
+            None => format!("Recommendation: none; no variant meets {criteria}"),
         }
     }
+}
+
+/// Whether each row is on the Pareto front of bits against `metric`: no
+/// other row is at least as good on both and better on one. A row without
+/// the metric is on no front and dominates none.
+fn pareto_front(rows: &[SweepRow], metric: impl Fn(&SweepRow) -> Option<f64>) -> Vec<bool> {
+    rows.iter()
+        .map(|row| {
+            let Some(value) = metric(row) else {
+                return false;
+            };
+            !rows.iter().any(|other| {
+                metric(other).is_some_and(|other_value| {
+                    other.bits_per_value <= row.bits_per_value
+                        && other_value <= value
+                        && (other.bits_per_value < row.bits_per_value || other_value < value)
+                })
+            })
+        })
+        .collect()
 }
 
 /// `value` as one CSV field, quoted when it holds a comma, quote or space.
@@ -401,12 +493,15 @@ impl SweepReport {
                     8.0 * metrics.compressed_size_bytes as f64 * cache_dtype.size_bytes() as f64
                         / metrics.original_size_bytes as f64
                 });
+                let perplexity = outcome.nll.perplexity();
                 Measurement {
                     label: variant.label.clone(),
                     flags: outcome.settings.label(),
                     bits_per_value,
                     compression_ratio: metrics.compression_ratio,
-                    perplexity: outcome.nll.perplexity(),
+                    perplexity,
+                    delta_standard_error: delta_standard_error(perplexity, &outcome.nll_difference),
+                    fidelity: outcome.fidelity.on_compressed_cache.clone(),
                 }
             })
             .collect();
@@ -421,11 +516,7 @@ impl SweepReport {
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
             windows: evaluation.windows,
             wall_seconds: evaluation.timings.total.as_secs_f64(),
-            table: SweepTable::new(
-                evaluation.baseline.perplexity(),
-                run.threshold,
-                measurements,
-            ),
+            table: SweepTable::new(evaluation.baseline.perplexity(), run.criteria, measurements),
         }
     }
 
@@ -453,11 +544,20 @@ impl SweepReport {
                 "Baseline perplexity",
                 &format!("{:.4}", self.table.baseline_perplexity),
             ),
-            field("Threshold", &format!("delta < {}", self.table.threshold)),
+            field("Pass criterion", &self.table.criteria().describe()),
             String::new(),
         ];
         lines.extend(self.table.render_rows());
-        lines.push("(* = Pareto front: no other variant has fewer or equal bits and a lower or equal delta)".into());
+        lines.push(
+            "(* = Pareto front: no other variant has fewer or equal bits and a lower or equal delta; \
+             + = the same with the mean KLD)"
+                .into(),
+        );
+        lines.push(
+            "(±SE: the delta's standard error from paired per-token NLL differences; KLD and \
+             top-1 over the tokens on a compressed cache)"
+                .into(),
+        );
         lines.push(String::new());
         lines.push(self.table.recommendation_line());
         lines.push(rule());
@@ -476,15 +576,22 @@ pub(crate) mod tests {
             bits_per_value,
             compression_ratio: 32.0 / bits_per_value,
             perplexity,
+            delta_standard_error: None,
+            fidelity: None,
         }
     }
+
+    pub(crate) const THRESHOLD: PassCriteria = PassCriteria {
+        threshold: Some(0.5),
+        max_kld: None,
+    };
 
     /// A table at baseline 10 and threshold 0.5 of (label, bits, perplexity) rows.
     pub(crate) fn table_of(rows: &[(&str, f64, f64)]) -> SweepTable {
         let measurements = rows
             .iter()
             .map(|&(label, bits, perplexity)| measurement(label, bits, perplexity));
-        SweepTable::new(10.0, 0.5, measurements.collect())
+        SweepTable::new(10.0, THRESHOLD, measurements.collect())
     }
 
     /// Deltas: a 0.9 @4.25, b 0.3 @4.5, c 0.1 @4.5, d 2.0 @2.5, e 0.0 @8.25,
@@ -537,23 +644,75 @@ pub(crate) mod tests {
         assert!(table.recommendation_line().contains("none"));
     }
 
+    /// `measurement` with a delta SE and these per-token KLDs (top-1
+    /// agreeing on the first token only, Δp 0).
+    fn measured(label: &str, bits: f64, perplexity: f64, se: f64, kld: &[f64]) -> Measurement {
+        let agrees: Vec<bool> = (0..kld.len()).map(|i| i == 0).collect();
+        Measurement {
+            delta_standard_error: Some(se),
+            fidelity: TokenFigures::of(kld, &agrees, &vec![0.0; kld.len()]),
+            ..measurement(label, bits, perplexity)
+        }
+    }
+
     #[test]
     fn csv_has_a_header_quoted_flags_and_one_line_per_row() {
         let table = SweepTable::new(
             20.0,
-            0.5,
+            THRESHOLD,
             vec![
-                measurement("int8", 8.25, 20.002),
+                // KLD 0.001, 0.003: mean 0.002, SE sd/√2 = 0.001, p99 0.00298.
+                measured("int8", 8.25, 20.002, 0.0005, &[0.001, 0.003]),
                 measurement("odd,\"x\"", 2.5, 28.0),
             ],
         );
         let csv = table.to_csv();
         assert_eq!(
             csv,
-            "label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto\n\
-             \"odd,\"\"x\"\"\",\"-flags of odd,\"\"x\"\"\",2.5000,12.8000,28.0000,8.0000,false,true\n\
-             int8,\"-flags of int8\",8.2500,3.8788,20.0020,0.0020,true,true\n"
+            "label,flags,bits_per_value,compression_ratio,perplexity,delta,passed,pareto,\
+             delta_se,within_noise,kld_mean,kld_se,kld_p99,kld_max,top1_percent,\
+             delta_p_mean_percent,pareto_kld\n\
+             \"odd,\"\"x\"\"\",\"-flags of odd,\"\"x\"\"\",2.5000,12.8000,28.0000,8.0000,false,true,\
+             ,,,,,,,,false\n\
+             int8,\"-flags of int8\",8.2500,3.8788,20.0020,0.0020,true,true,\
+             0.0005,false,0.002000,0.001000,0.002980,0.003000,50.000,0.0000,true\n"
         );
+    }
+
+    #[test]
+    fn a_kld_criterion_judges_rows_by_their_mean_kld_and_has_its_own_front() {
+        let kld_only = PassCriteria {
+            threshold: None,
+            max_kld: Some(0.01),
+        };
+        let table = SweepTable::new(
+            10.0,
+            kld_only,
+            vec![
+                // a: fewest bits, large KLD; b: small delta but KLD above the bound;
+                // c: passes; d: no KLD at all (fails a KLD criterion).
+                measured("a", 2.0, 11.0, 0.1, &[0.2, 0.4]),
+                measured("b", 3.0, 10.01, 0.1, &[0.01, 0.03]),
+                measured("c", 4.0, 10.3, 0.1, &[0.004, 0.006]),
+                measurement("d", 5.0, 10.0),
+            ],
+        );
+        let passed: Vec<bool> = table.rows.iter().map(|r| r.passed).collect();
+        assert_eq!(passed, [false, false, true, false]);
+        assert_eq!(table.recommendation.as_deref(), Some("c"));
+        let kld_front: Vec<bool> = table.rows.iter().map(|r| r.pareto_kld).collect();
+        assert_eq!(kld_front, [true, true, true, false]);
+        // On the delta front c (0.3) is dominated by b (0.01 at fewer bits).
+        let front: Vec<bool> = table.rows.iter().map(|r| r.pareto).collect();
+        assert_eq!(front, [true, true, false, true]);
+        let line = table.recommendation_line();
+        assert!(
+            line.contains("mean KLD 0.005000; meets mean KLD < 0.01"),
+            "{line}"
+        );
+        // c's delta 0.3 against SE 0.1: beyond noise; b's 0.01: within.
+        assert!(line.contains("± 0.1000, beyond noise"), "{line}");
+        assert_eq!(table.rows[1].delta_within_noise, Some(true));
     }
 
     #[test]

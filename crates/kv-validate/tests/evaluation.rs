@@ -55,6 +55,7 @@ fn options() -> EvalOptions {
         model_name: "tiny".into(),
         show_progress: false,
         scratch_parent: default_scratch_parent(),
+        slice_start: None,
     }
 }
 
