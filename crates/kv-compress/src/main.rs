@@ -5,26 +5,30 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use kv_compress::flags::{self, Command, USAGE};
+use kv_compress::flags::{self, usage, Command};
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // OS strings: `std::env::args()` panics on an argument that is not UTF-8.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let options = match flags::parse(&args) {
         Ok(Command::Run(options)) => options,
         Ok(Command::Help) => {
-            eprint!("{USAGE}");
+            eprint!("{}", usage());
             return ExitCode::SUCCESS;
         }
         Err(error) => {
             eprintln!("{error}");
-            eprint!("{USAGE}");
+            eprint!("{}", usage());
             return ExitCode::from(2);
         }
     };
     match kv_compress::run(&options) {
         Ok(report) => {
             let mut stdout = std::io::stdout().lock();
-            match stdout.write_all(report.to_json().as_bytes()).and_then(|()| stdout.flush()) {
+            match stdout
+                .write_all(report.to_json().as_bytes())
+                .and_then(|()| stdout.flush())
+            {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("Error: cannot write the report to stdout: {error}");

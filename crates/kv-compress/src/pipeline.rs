@@ -6,14 +6,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use kvformat::cache::KvCache;
-use kvformat::codec::{Axis, CodecParams, Grid};
+use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
+use kvformat::preset::{layer_index, TensorKind};
 use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
 use kvformat::{write_tensor_file_streaming, CacheDtype, TensorSpec};
 use rayon::prelude::*;
 
-use crate::flags::{Method, Options};
+use crate::flags::Options;
 
 /// A failed run; `main` prints it as `Error: {self}` and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -26,40 +27,49 @@ pub enum Error {
     File(#[from] kvformat::Error),
 }
 
-/// The codec settings of one tensor: `*_key` tensors take the key axis, bits,
-/// group size and outliers, every other tensor the value ones; unset flags
-/// take the method's choice (axes) or the shared flag.
+/// The codec settings of one tensor: `*_key` tensors (kvformat's naming
+/// rule) take the key axis, bits, group size and outliers, every other tensor
+/// the value ones; the first `-layer-bits` rule that matches the tensor's
+/// kind and layer sets its bits (and group size); unset flags take the
+/// method's choice (grid, axes) or the shared flag.
 pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
-    let (grid, key_axis, value_axis) = match options.method {
-        Method::Adr002 => (Grid::Symmetric, Axis::Flat, Axis::Flat),
-        Method::Kivi => (Grid::Asymmetric, Axis::Channel, Axis::Token),
+    let kind = TensorKind::of(tensor_name);
+    let (axis, bits, group_size, outliers) = match kind {
+        TensorKind::Key => (
+            options.key_axis,
+            options.key_bits,
+            options.key_group_size,
+            options.key_outliers,
+        ),
+        TensorKind::Value => (
+            options.value_axis,
+            options.value_bits,
+            options.value_group_size,
+            options.value_outliers,
+        ),
     };
-    let (axis, bits, group_size, outliers) = if tensor_name.ends_with("_key") {
-        (
-            options.key_axis.unwrap_or(key_axis),
-            options.key_bits.unwrap_or(options.bits),
-            options.key_group_size.unwrap_or(options.group_size),
-            options.key_outliers.unwrap_or(options.outliers),
-        )
-    } else {
-        (
-            options.value_axis.unwrap_or(value_axis),
-            options.value_bits.unwrap_or(options.bits),
-            options.value_group_size.unwrap_or(options.group_size),
-            options.value_outliers.unwrap_or(options.outliers),
-        )
-    };
+    let mut bits = bits.unwrap_or(options.bits);
+    let mut group_size = group_size.unwrap_or(options.group_size);
+    let layer = layer_index(tensor_name);
+    if let Some(rule) = options
+        .layer_bits
+        .iter()
+        .find(|rule| rule.matches(kind, layer))
+    {
+        bits = rule.bits;
+        group_size = rule.group_size.unwrap_or(group_size);
+    }
     CodecParams {
         bits,
-        grid: options.grid.unwrap_or(grid),
-        axis,
+        grid: options.grid.unwrap_or(options.method.grid()),
+        axis: axis.unwrap_or(options.method.axis(kind)),
         group_size,
         rotation_seed: options.rotate.then_some(options.rotate_seed),
         sink_tokens: options.sink_tokens,
         recent_tokens: options.recent_tokens,
         sparsity: options.sparsity,
         fit: options.fit,
-        outliers,
+        outliers: outliers.unwrap_or(options.outliers),
     }
 }
 
@@ -102,7 +112,10 @@ fn compress_tensor(
     index: usize,
     options: &Options,
 ) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
-    let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
+    let (entry, dtype) = cache
+        .tensors()
+        .nth(index)
+        .expect("index of an existing tensor");
     let path = cache.file().path();
     let values = cache.values(entry, dtype)?;
     let params = params_for(options, &entry.name);
@@ -154,7 +167,10 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
         Some(output) => {
             let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
                 .into_par_iter()
-                .map(|i| compress_tensor(&cache, i, options).map(|(packed, _, outcome)| (packed, outcome)))
+                .map(|i| {
+                    compress_tensor(&cache, i, options)
+                        .map(|(packed, _, outcome)| (packed, outcome))
+                })
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .unzip();
@@ -210,9 +226,18 @@ fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Repo
     let outcomes = write_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
     let restored: Vec<(String, CacheDtype, Vec<usize>)> = names
         .iter()
-        .map(|&name| (name.clone(), manifest.tensors[name].dtype, manifest.tensors[name].shape.clone()))
+        .map(|&name| {
+            (
+                name.clone(),
+                manifest.tensors[name].dtype,
+                manifest.tensors[name].shape.clone(),
+            )
+        })
         .collect();
-    let model_name = manifest.input_metadata.get("model_name").map_or("", String::as_str);
+    let model_name = manifest
+        .input_metadata
+        .get("model_name")
+        .map_or("", String::as_str);
     let sidecar = match Sidecar::read_beside(input)? {
         Some(sidecar) => Some(sidecar),
         None => Sidecar::infer(&restored, model_name),
@@ -224,7 +249,10 @@ fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Repo
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
-    let per_tensor: Vec<(String, TensorMetrics)> = outcomes.iter().map(|o| (o.name.clone(), o.metrics)).collect();
+    let per_tensor: Vec<(String, TensorMetrics)> = outcomes
+        .iter()
+        .map(|o| (o.name.clone(), o.metrics))
+        .collect();
     Report::new(
         outcomes.iter().map(|o| o.original_bytes).sum(),
         outcomes.iter().map(|o| o.stored_bytes).sum(),
@@ -249,15 +277,14 @@ fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
     );
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::flags::{parse, Command};
-    use kvformat::codec::Fit;
+    use kvformat::codec::{Axis, Fit, Grid};
 
     fn options(args: &[&str]) -> Options {
-        match parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+        match parse(args) {
             Ok(Command::Run(options)) => options,
             other => panic!("{other:?}"),
         }
@@ -266,13 +293,37 @@ mod tests {
     #[test]
     fn every_old_invocation_means_adr002_group_64() {
         for args in [
-            &["-input", "a", "-output", "b", "-group-size", "64", "-sparsity", "0.0"][..],
-            &["-input", "a", "-metrics-only", "-group-size", "64", "-verbose"],
+            &[
+                "-input",
+                "a",
+                "-output",
+                "b",
+                "-group-size",
+                "64",
+                "-sparsity",
+                "0.0",
+            ][..],
+            &[
+                "-input",
+                "a",
+                "-metrics-only",
+                "-group-size",
+                "64",
+                "-verbose",
+            ],
             &["-input", "a", "-output", "b"],
         ] {
             let o = options(args);
-            assert_eq!(params_for(&o, "layer_0_key"), CodecParams::adr002(64), "{args:?}");
-            assert_eq!(params_for(&o, "layer_0_value"), CodecParams::adr002(64), "{args:?}");
+            assert_eq!(
+                params_for(&o, "layer_0_key"),
+                CodecParams::adr002(64),
+                "{args:?}"
+            );
+            assert_eq!(
+                params_for(&o, "layer_0_value"),
+                CodecParams::adr002(64),
+                "{args:?}"
+            );
         }
     }
 
@@ -281,12 +332,28 @@ mod tests {
         let o = options(&["-method", "kivi", "-bits", "2", "-group-size", "32"]);
         let key = params_for(&o, "layer_3_key");
         let value = params_for(&o, "layer_3_value");
-        assert_eq!((key.grid, key.axis, key.bits, key.group_size), (Grid::Asymmetric, Axis::Channel, 2, 32));
+        assert_eq!(
+            (key.grid, key.axis, key.bits, key.group_size),
+            (Grid::Asymmetric, Axis::Channel, 2, 32)
+        );
         assert_eq!((value.grid, value.axis), (Grid::Asymmetric, Axis::Token));
         // Explicit flags override the preset, per tensor kind.
-        let o = options(&["-method", "kivi", "-grid", "sym", "-value-axis", "flat", "-rotate", "-sink-tokens", "4"]);
+        let o = options(&[
+            "-method",
+            "kivi",
+            "-grid",
+            "sym",
+            "-value-axis",
+            "flat",
+            "-rotate",
+            "-sink-tokens",
+            "4",
+        ]);
         let value = params_for(&o, "v");
-        assert_eq!((value.grid, value.axis, value.sink_tokens), (Grid::Symmetric, Axis::Flat, 4));
+        assert_eq!(
+            (value.grid, value.axis, value.sink_tokens),
+            (Grid::Symmetric, Axis::Flat, 4)
+        );
         assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
         assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
     }
@@ -294,15 +361,38 @@ mod tests {
     #[test]
     fn key_and_value_flags_override_bits_and_group_size_per_kind() {
         let o = options(&[
-            "-method", "kivi", "-bits", "2", "-group-size", "64", "-key-bits", "3",
-            "-key-group-size", "128", "-value-group-size=256", "-fit", "mse",
+            "-method",
+            "kivi",
+            "-bits",
+            "2",
+            "-group-size",
+            "64",
+            "-key-bits",
+            "3",
+            "-key-group-size",
+            "128",
+            "-value-group-size=256",
+            "-fit",
+            "mse",
         ]);
         let key = params_for(&o, "layer_0_key");
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (3, 128, Fit::Mse));
-        assert_eq!((value.bits, value.group_size, value.fit), (2, 256, Fit::Mse));
+        assert_eq!(
+            (value.bits, value.group_size, value.fit),
+            (2, 256, Fit::Mse)
+        );
         // Each falls back to the shared flag, and the last setting wins.
-        let o = options(&["-bits", "8", "-value-bits", "2", "-value-bits", "4", "-key-group-size", "32"]);
+        let o = options(&[
+            "-bits",
+            "8",
+            "-value-bits",
+            "2",
+            "-value-bits",
+            "4",
+            "-key-group-size",
+            "32",
+        ]);
         let key = params_for(&o, "layer_0_key");
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));
@@ -311,5 +401,27 @@ mod tests {
         assert_eq!(params_for(&o, "layer_0_key").outliers, 0.02);
         assert_eq!(params_for(&o, "layer_0_value").outliers, 0.01);
         assert_eq!(params_for(&options(&[]), "layer_0_key").outliers, 0.0);
+    }
+
+    #[test]
+    fn layer_bits_override_the_kind_flags_for_the_layers_they_name() {
+        let o = options(&[
+            "-bits",
+            "3",
+            "-key-group-size",
+            "32",
+            "-layer-bits",
+            "k:0,29=4;k:*=2/128;v:5=8",
+        ]);
+        let bits_and_group = |name: &str| {
+            let p = params_for(&o, name);
+            (p.bits, p.group_size)
+        };
+        assert_eq!(bits_and_group("layer_0_key"), (4, 32));
+        assert_eq!(bits_and_group("layer_29_key"), (4, 32));
+        assert_eq!(bits_and_group("layer_7_key"), (2, 128));
+        assert_eq!(bits_and_group("layer_5_value"), (8, 64));
+        assert_eq!(bits_and_group("layer_6_value"), (3, 64));
+        assert_eq!(bits_and_group("other"), (3, 64));
     }
 }

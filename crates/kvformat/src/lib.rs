@@ -29,6 +29,7 @@ pub mod dtype;
 pub mod error;
 pub mod metrics;
 pub mod packed;
+pub mod preset;
 pub mod sidecar;
 pub mod tensor_file;
 
@@ -38,4 +39,7 @@ pub use error::{Error, Result, TensorProblem};
 pub use metrics::{Report, TensorMetrics};
 pub use packed::{PackedFile, PackedTensor};
 pub use sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
-pub use tensor_file::{write_tensor_file, write_tensor_file_streaming, OutputTensor, TensorEntry, TensorFile, TensorSpec};
+pub use tensor_file::{
+    write_tensor_file, write_tensor_file_streaming, OutputTensor, TensorEntry, TensorFile,
+    TensorSpec,
+};

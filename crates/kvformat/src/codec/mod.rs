@@ -293,9 +293,15 @@ impl Sections {
     }
 
     fn total(&self) -> Option<usize> {
-        [self.offsets, self.kept_tokens, self.bitmap, self.codes, self.outliers]
-            .iter()
-            .try_fold(self.scales, |total, &len| total.checked_add(len))
+        [
+            self.offsets,
+            self.kept_tokens,
+            self.bitmap,
+            self.codes,
+            self.outliers,
+        ]
+        .iter()
+        .try_fold(self.scales, |total, &len| total.checked_add(len))
     }
 }
 
@@ -413,8 +419,13 @@ fn encode_in_form(
             return Ok(Encoded { payload, layout });
         }
     }
-    let group_params =
-        quantizer::group_params(&grouped, grouped_mask.as_deref(), &plan.geometry, range, params.fit);
+    let group_params = quantizer::group_params(
+        &grouped,
+        grouped_mask.as_deref(),
+        &plan.geometry,
+        range,
+        params.fit,
+    );
     let codes = quantizer::quantize(
         &grouped,
         grouped_mask.as_deref(),
@@ -442,7 +453,14 @@ fn encode_in_form(
     if params.outliers > 0.0 {
         // validate() refuses outliers with sparsity: every value has a code.
         let mut restored = vec![0f32; grouped.len()];
-        quantizer::dequantize(&codes, None, &plan.geometry, range, &group_params, &mut restored);
+        quantizer::dequantize(
+            &codes,
+            None,
+            &plan.geometry,
+            range,
+            &group_params,
+            &mut restored,
+        );
         payload.extend(outliers::encode(&grouped, &restored, params.outliers)?);
     }
     debug_assert_eq!(Some(payload.len()), sections.total());
@@ -913,7 +931,8 @@ mod tests {
             };
             let plan = Plan::new(&shape, &params).unwrap();
             let range = params.code_range();
-            let general = quantizer::group_params(&values, None, &plan.geometry, range, Fit::MinMax);
+            let general =
+                quantizer::group_params(&values, None, &plan.geometry, range, Fit::MinMax);
             let codes = quantizer::quantize(&values, None, &plan.geometry, range, &general);
             let mut expected = Vec::new();
             write_scales(&general.scales, general.dtype, &mut expected);

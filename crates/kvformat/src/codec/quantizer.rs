@@ -221,7 +221,12 @@ impl ExactParams {
         match range.grid {
             Grid::Symmetric => {
                 let (qmin, qmax) = range.symmetric_codes();
-                fit::symmetric(&kept_values, (f64::from(qmin), f64::from(qmax)), start, storage)
+                fit::symmetric(
+                    &kept_values,
+                    (f64::from(qmin), f64::from(qmax)),
+                    start,
+                    storage,
+                )
             }
             Grid::Asymmetric => {
                 fit::asymmetric(&kept_values, range.asymmetric_max(), start, storage)
@@ -298,7 +303,10 @@ pub(crate) fn group_params(
                 Fit::MinMax => exact,
                 Fit::Mse => exact_params(ScaleDtype::F32),
             };
-            (ScaleDtype::F32, exact.par_iter().map(|p| p.stored_f32()).collect())
+            (
+                ScaleDtype::F32,
+                exact.par_iter().map(|p| p.stored_f32()).collect(),
+            )
         }
     };
     let (scales, offsets): (Vec<f32>, Vec<f32>) = stored.into_iter().unzip();
