@@ -458,14 +458,19 @@ pub const FLAGS: &[Flag] = &[
     },
     Flag {
         name: "grid",
-        help: "sym or asym (default: the method's)",
+        help: "sym or asym (uniform grids), or a codebook of 2, 3 or 4 bits: lloyd\n\
+               (Lloyd-Max levels of the Gaussian, for -rotate) or kmeans (levels\n\
+               fitted to each tensor, 2^bits FP16 values stored); a codebook\n\
+               scales each group by its RMS (default: the method's)",
         setter: Setter::Text {
             placeholder: "string",
             apply: |o, v| {
                 o.grid = Some(match v {
                     "sym" => Grid::Symmetric,
                     "asym" => Grid::Asymmetric,
-                    _ => return Err("must be sym or asym".into()),
+                    "lloyd" => Grid::Lloyd,
+                    "kmeans" => Grid::Kmeans,
+                    _ => return Err("must be sym, asym, lloyd or kmeans".into()),
                 });
                 Ok(())
             },

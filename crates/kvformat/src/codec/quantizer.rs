@@ -93,7 +93,8 @@ fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
             let kept_values = values.iter().zip(kept).filter(|(_, &keep)| keep);
             Extremes::MaxAbs(kept_values.fold(0.0, |max, (&x, _)| larger(max, x.abs())))
         }
-        (Grid::Asymmetric, kept) => {
+        // Asymmetric (codebook grids never reach the uniform quantizer).
+        (_, kept) => {
             let (min, max) = match kept {
                 None => min_max(values),
                 Some(kept) => values
@@ -228,9 +229,7 @@ impl ExactParams {
                     storage,
                 )
             }
-            Grid::Asymmetric => {
-                fit::asymmetric(&kept_values, range.asymmetric_max(), start, storage)
-            }
+            _ => fit::asymmetric(&kept_values, range.asymmetric_max(), start, storage),
         }
     }
 
@@ -312,7 +311,7 @@ pub(crate) fn group_params(
     let (scales, offsets): (Vec<f32>, Vec<f32>) = stored.into_iter().unzip();
     let offsets = match range.grid {
         Grid::Symmetric => Vec::new(),
-        Grid::Asymmetric => offsets,
+        _ => offsets,
     };
     GroupParams {
         dtype,
@@ -419,10 +418,8 @@ fn quantize_group(
                 *code = symmetric_code(x, scale, qmin, qmax);
             }
         }
-        (Grid::Asymmetric, None) => {
-            asymmetric_codes(values, scale, offset, range.asymmetric_max() as i64, codes)
-        }
-        (Grid::Asymmetric, Some(kept)) => {
+        (_, None) => asymmetric_codes(values, scale, offset, range.asymmetric_max() as i64, codes),
+        (_, Some(kept)) => {
             let qmax = range.asymmetric_max() as i64;
             let kept_values = values.iter().zip(kept).filter(|(_, &k)| k).map(|(x, _)| x);
             for (code, &x) in codes.iter_mut().zip(kept_values) {
@@ -455,7 +452,7 @@ fn dequantize_group(
                     (Some(&code), Grid::Symmetric) => {
                         symmetric_value(code, scale, range.symmetric_bias())
                     }
-                    (Some(&code), Grid::Asymmetric) => asymmetric_value(code, scale, offset),
+                    (Some(&code), _) => asymmetric_value(code, scale, offset),
                 };
             }
         }
@@ -631,13 +628,54 @@ fn symmetric_value(code: u8, scale: f32, bias: i32) -> f32 {
     ((i32::from(code) - bias) as f32 * scale).clamp(-f32::MAX, f32::MAX)
 }
 
+/// One group quantizer's code <-> value mapping, group by group: the
+/// drivers [`quantize`] and [`dequantize`] handle kept masks' code offsets
+/// and the parallel split once for every quantizer.
+pub(crate) trait GroupMapping: Sync {
+    /// Codes of `group`'s kept values, in order, into `codes`.
+    fn codes(&self, group: usize, values: &[f32], kept: Option<&[bool]>, codes: &mut [u8]);
+    /// Reconstruction of `group`; dropped values become exactly 0.
+    fn values(&self, group: usize, codes: &[u8], kept: Option<&[bool]>, out: &mut [f32]);
+}
+
+/// The uniform grids (symmetric, asymmetric) with their stored parameters.
+pub(crate) struct Uniform<'a> {
+    pub range: CodeRange,
+    pub params: &'a GroupParams,
+}
+
+impl GroupMapping for Uniform<'_> {
+    fn codes(&self, group: usize, values: &[f32], kept: Option<&[bool]>, codes: &mut [u8]) {
+        let offset = self.params.offsets.get(group).copied().unwrap_or(0.0);
+        quantize_group(
+            values,
+            kept,
+            self.range,
+            self.params.scales[group],
+            offset,
+            codes,
+        );
+    }
+
+    fn values(&self, group: usize, codes: &[u8], kept: Option<&[bool]>, out: &mut [f32]) {
+        let offset = self.params.offsets.get(group).copied().unwrap_or(0.0);
+        dequantize_group(
+            codes,
+            kept,
+            self.range,
+            self.params.scales[group],
+            offset,
+            out,
+        );
+    }
+}
+
 /// Unsigned codes of all kept values, group by group.
 pub(crate) fn quantize(
     values: &[f32],
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
-    range: CodeRange,
-    params: &GroupParams,
+    mapping: &impl GroupMapping,
 ) -> Vec<u8> {
     let offsets = code_offsets(kept, geometry);
     let mut codes = vec![0u8; offsets[offsets.len() - 1]];
@@ -651,16 +689,8 @@ pub(crate) fn quantize(
                 let span = geometry.range(group);
                 let codes = &mut task_codes
                     [offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
-                let offset = params.offsets.get(group).copied().unwrap_or(0.0);
                 let kept = kept.map(|kept| &kept[span.clone()]);
-                quantize_group(
-                    &values[span],
-                    kept,
-                    range,
-                    params.scales[group],
-                    offset,
-                    codes,
-                );
+                mapping.codes(group, &values[span], kept, codes);
             }
         });
     codes
@@ -671,8 +701,7 @@ pub(crate) fn dequantize(
     codes: &[u8],
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
-    range: CodeRange,
-    params: &GroupParams,
+    mapping: &impl GroupMapping,
     out: &mut [f32],
 ) {
     let offsets = code_offsets(kept, geometry);
@@ -689,10 +718,9 @@ pub(crate) fn dequantize(
             for group in first..last {
                 let span = geometry.range(group);
                 let out = &mut task_out[span.start - base..span.end - base];
-                let offset = params.offsets.get(group).copied().unwrap_or(0.0);
                 let kept = kept.map(|kept| &kept[span.clone()]);
                 let codes = &codes[offsets[group]..offsets[group + 1]];
-                dequantize_group(codes, kept, range, params.scales[group], offset, out);
+                mapping.values(group, codes, kept, out);
             }
         });
 }
