@@ -23,7 +23,8 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::groups::GroupGeometry;
-use super::quantizer::{ExactParams, GroupMapping, GroupParams, ScaleDtype};
+use super::quantizer::GroupMapping;
+use super::scales::{ExactParams, GroupParams, ScaleDtype};
 use super::{CodecError, Fit, Grid};
 
 /// Positive half of the Lloyd-Max levels of N(0, 1) for 2, 3 and 4 bits,
@@ -349,10 +350,7 @@ pub(crate) fn read_levels(grid: Grid, bits: u8, bytes: &[u8]) -> Result<Codebook
             "codebook levels are not ascending",
         ));
     }
-    Ok(Codebook {
-        boundaries: Vec::new(),
-        levels,
-    })
+    Ok(Codebook::new(levels))
 }
 
 #[cfg(test)]

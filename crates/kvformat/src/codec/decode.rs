@@ -2,7 +2,8 @@
 
 use super::groups::Plan;
 use super::layout::{read_bitmap, read_offsets, read_scales, Sections};
-use super::quantizer::{self, GroupParams};
+use super::quantizer;
+use super::scales::GroupParams;
 use super::{bitpack, codebook, kept_tokens, outliers, rotation};
 use super::{fused_path, Axis, CodecError, CodecParams, Layout};
 

@@ -6,7 +6,8 @@ use rayon::prelude::*;
 
 use super::groups::Plan;
 use super::layout::{packed, write_scales, Sections};
-use super::quantizer::{self, ScaleDtype};
+use super::quantizer;
+use super::scales::ScaleDtype;
 use super::{codebook, kept_tokens, outliers, rotation, sparsity};
 use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
 

@@ -7,7 +7,7 @@ use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
 use super::groups::Plan;
-use super::quantizer::ScaleDtype;
+use super::scales::ScaleDtype;
 use super::{bitpack, codebook, outliers, sparsity};
 use super::{CodecError, CodecParams, Grid, SparseForm};
 

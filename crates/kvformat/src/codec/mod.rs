@@ -25,6 +25,7 @@ mod outliers;
 mod params;
 mod quantizer;
 mod rotation;
+mod scales;
 mod sparsity;
 
 pub use codebook::{gaussian_levels, GAUSSIAN_LEVELS};
@@ -32,8 +33,8 @@ pub use decode::{decode, decode_into};
 pub use encode::encode;
 pub use layout::{payload_len, Encoded, Layout};
 pub use params::{Axis, CodecError, CodecParams, Fit, Grid};
-pub use quantizer::{ScaleDtype, ZERO_GROUP_SCALE};
 pub use rotation::SplitMix64;
+pub use scales::{ScaleDtype, ZERO_GROUP_SCALE};
 pub use sparsity::SparseForm;
 
 /// The one fast-path predicate: a tensor whose groups are on the symmetric

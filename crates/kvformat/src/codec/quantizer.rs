@@ -5,40 +5,16 @@
 //! the original did it); asymmetric math is f64 so that `max - min` and
 //! `q * scale + offset` cannot overflow f32 on huge magnitudes.
 
-use half::f16;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::bitpack;
 use super::fit;
 use super::groups::GroupGeometry;
+use super::scales::{ExactParams, GroupParams, ScaleDtype};
 use super::{Fit, Grid};
-
-/// Scale of a group with nothing to scale (all zeros, constant, or all
-/// dropped): the smallest positive normal f16, 2^-14, so it is never 0.
-pub const ZERO_GROUP_SCALE: f32 = 6.103_515_6e-5;
 
 /// Groups handed to one parallel work item.
 const GROUPS_PER_TASK: usize = 1024;
-
-/// How scales and offsets are stored in the payload, chosen per tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScaleDtype {
-    /// Little-endian IEEE half: every scale a normal f16, every offset 0 or normal.
-    F16,
-    /// Little-endian f32, used when some group's scale or offset does not fit f16.
-    F32,
-}
-
-impl ScaleDtype {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            ScaleDtype::F16 => 2,
-            ScaleDtype::F32 => 4,
-        }
-    }
-}
 
 /// The grid's integer code range for a bit width.
 #[derive(Clone, Copy, Debug)]
@@ -67,15 +43,6 @@ impl CodeRange {
     fn asymmetric_max(self) -> f64 {
         f64::from((1u32 << self.bits) - 1)
     }
-}
-
-/// Scales (and offsets for the asymmetric grid) of every group, as stored.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct GroupParams {
-    pub dtype: ScaleDtype,
-    pub scales: Vec<f32>,
-    /// Empty for the symmetric grid.
-    pub offsets: Vec<f32>,
 }
 
 /// What a group's scale is computed from, over its kept values: `max|x|`
@@ -179,22 +146,6 @@ fn max_abs(values: &[f32]) -> f32 {
         .fold(0.0, |max, &x| larger(x.abs(), max))
 }
 
-/// The f16 a finite f32 rounds to, if that is zero or a normal f16.
-fn to_normal_f16(x: f32, allow_zero: bool) -> Option<f32> {
-    let half = f16::from_f32(x);
-    (half.is_normal() || (allow_zero && half.to_f32() == 0.0)).then(|| half.to_f32())
-}
-
-/// Scale and offset before the storage dtype is applied.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ExactParams {
-    /// `max|x| / qmax` (symmetric) or `(max - min) / (2^b - 1)` (asymmetric),
-    /// unless fitted; 0 for a flat group.
-    pub scale: f32,
-    /// `min` (asymmetric) unless fitted, 0 (symmetric).
-    pub offset: f32,
-}
-
 impl ExactParams {
     /// The parameters `fit` chooses for one group's values (`kept` of them),
     /// for scales stored as `storage`.
@@ -249,26 +200,6 @@ impl ExactParams {
                 ExactParams { scale, offset: min }
             }
         }
-    }
-
-    pub(crate) fn stored_f16(self) -> Option<(f32, f32)> {
-        let scale = if self.scale == 0.0 {
-            ZERO_GROUP_SCALE
-        } else {
-            to_normal_f16(self.scale, false)?
-        };
-        Some((scale, to_normal_f16(self.offset, true)?))
-    }
-
-    pub(crate) fn stored_f32(self) -> (f32, f32) {
-        let scale = if self.scale == 0.0 {
-            ZERO_GROUP_SCALE
-        } else {
-            // A non-zero scale below f32's normal range would lose precision
-            // (or flush to 0); the smallest normal still meets `|err| <= scale/2`.
-            self.scale.max(f32::MIN_POSITIVE)
-        };
-        (scale, self.offset)
     }
 }
 
