@@ -25,10 +25,7 @@ fn main() -> ExitCode {
     match kv_compress::run(&options) {
         Ok(report) => {
             let mut stdout = std::io::stdout().lock();
-            match stdout
-                .write_all(report.to_json().as_bytes())
-                .and_then(|()| stdout.flush())
-            {
+            match stdout.write_all(report.to_json().as_bytes()).and_then(|()| stdout.flush()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
                     eprintln!("Error: cannot write the report to stdout: {error}");

@@ -8,8 +8,8 @@ use std::time::Instant;
 use kvformat::cache::KvCache;
 use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
-use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
 use kvformat::preset::{layer_index, TensorKind};
+use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
 use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
 use kvformat::{write_tensor_file_streaming, CacheDtype, TensorSpec};
 use rayon::prelude::*;
@@ -112,10 +112,7 @@ fn compress_tensor(
     index: usize,
     options: &Options,
 ) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
-    let (entry, dtype) = cache
-        .tensors()
-        .nth(index)
-        .expect("index of an existing tensor");
+    let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
     let path = cache.file().path();
     let values = cache.values(entry, dtype)?;
     let params = params_for(options, &entry.name);
@@ -167,10 +164,7 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
         Some(output) => {
             let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
                 .into_par_iter()
-                .map(|i| {
-                    compress_tensor(&cache, i, options)
-                        .map(|(packed, _, outcome)| (packed, outcome))
-                })
+                .map(|i| compress_tensor(&cache, i, options).map(|(packed, _, outcome)| (packed, outcome)))
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .unzip();
@@ -226,18 +220,9 @@ fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Repo
     let outcomes = write_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
     let restored: Vec<(String, CacheDtype, Vec<usize>)> = names
         .iter()
-        .map(|&name| {
-            (
-                name.clone(),
-                manifest.tensors[name].dtype,
-                manifest.tensors[name].shape.clone(),
-            )
-        })
+        .map(|&name| (name.clone(), manifest.tensors[name].dtype, manifest.tensors[name].shape.clone()))
         .collect();
-    let model_name = manifest
-        .input_metadata
-        .get("model_name")
-        .map_or("", String::as_str);
+    let model_name = manifest.input_metadata.get("model_name").map_or("", String::as_str);
     let sidecar = match Sidecar::read_beside(input)? {
         Some(sidecar) => Some(sidecar),
         None => Sidecar::infer(&restored, model_name),
@@ -249,10 +234,7 @@ fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Repo
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
-    let per_tensor: Vec<(String, TensorMetrics)> = outcomes
-        .iter()
-        .map(|o| (o.name.clone(), o.metrics))
-        .collect();
+    let per_tensor: Vec<(String, TensorMetrics)> = outcomes.iter().map(|o| (o.name.clone(), o.metrics)).collect();
     Report::new(
         outcomes.iter().map(|o| o.original_bytes).sum(),
         outcomes.iter().map(|o| o.stored_bytes).sum(),
@@ -277,6 +259,7 @@ fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
     );
 }
 
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,37 +276,13 @@ mod tests {
     #[test]
     fn every_old_invocation_means_adr002_group_64() {
         for args in [
-            &[
-                "-input",
-                "a",
-                "-output",
-                "b",
-                "-group-size",
-                "64",
-                "-sparsity",
-                "0.0",
-            ][..],
-            &[
-                "-input",
-                "a",
-                "-metrics-only",
-                "-group-size",
-                "64",
-                "-verbose",
-            ],
+            &["-input", "a", "-output", "b", "-group-size", "64", "-sparsity", "0.0"][..],
+            &["-input", "a", "-metrics-only", "-group-size", "64", "-verbose"],
             &["-input", "a", "-output", "b"],
         ] {
             let o = options(args);
-            assert_eq!(
-                params_for(&o, "layer_0_key"),
-                CodecParams::adr002(64),
-                "{args:?}"
-            );
-            assert_eq!(
-                params_for(&o, "layer_0_value"),
-                CodecParams::adr002(64),
-                "{args:?}"
-            );
+            assert_eq!(params_for(&o, "layer_0_key"), CodecParams::adr002(64), "{args:?}");
+            assert_eq!(params_for(&o, "layer_0_value"), CodecParams::adr002(64), "{args:?}");
         }
     }
 
@@ -332,28 +291,12 @@ mod tests {
         let o = options(&["-method", "kivi", "-bits", "2", "-group-size", "32"]);
         let key = params_for(&o, "layer_3_key");
         let value = params_for(&o, "layer_3_value");
-        assert_eq!(
-            (key.grid, key.axis, key.bits, key.group_size),
-            (Grid::Asymmetric, Axis::Channel, 2, 32)
-        );
+        assert_eq!((key.grid, key.axis, key.bits, key.group_size), (Grid::Asymmetric, Axis::Channel, 2, 32));
         assert_eq!((value.grid, value.axis), (Grid::Asymmetric, Axis::Token));
         // Explicit flags override the preset, per tensor kind.
-        let o = options(&[
-            "-method",
-            "kivi",
-            "-grid",
-            "sym",
-            "-value-axis",
-            "flat",
-            "-rotate",
-            "-sink-tokens",
-            "4",
-        ]);
+        let o = options(&["-method", "kivi", "-grid", "sym", "-value-axis", "flat", "-rotate", "-sink-tokens", "4"]);
         let value = params_for(&o, "v");
-        assert_eq!(
-            (value.grid, value.axis, value.sink_tokens),
-            (Grid::Symmetric, Axis::Flat, 4)
-        );
+        assert_eq!((value.grid, value.axis, value.sink_tokens), (Grid::Symmetric, Axis::Flat, 4));
         assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
         assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
     }
@@ -361,38 +304,15 @@ mod tests {
     #[test]
     fn key_and_value_flags_override_bits_and_group_size_per_kind() {
         let o = options(&[
-            "-method",
-            "kivi",
-            "-bits",
-            "2",
-            "-group-size",
-            "64",
-            "-key-bits",
-            "3",
-            "-key-group-size",
-            "128",
-            "-value-group-size=256",
-            "-fit",
-            "mse",
+            "-method", "kivi", "-bits", "2", "-group-size", "64", "-key-bits", "3",
+            "-key-group-size", "128", "-value-group-size=256", "-fit", "mse",
         ]);
         let key = params_for(&o, "layer_0_key");
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (3, 128, Fit::Mse));
-        assert_eq!(
-            (value.bits, value.group_size, value.fit),
-            (2, 256, Fit::Mse)
-        );
+        assert_eq!((value.bits, value.group_size, value.fit), (2, 256, Fit::Mse));
         // Each falls back to the shared flag, and the last setting wins.
-        let o = options(&[
-            "-bits",
-            "8",
-            "-value-bits",
-            "2",
-            "-value-bits",
-            "4",
-            "-key-group-size",
-            "32",
-        ]);
+        let o = options(&["-bits", "8", "-value-bits", "2", "-value-bits", "4", "-key-group-size", "32"]);
         let key = params_for(&o, "layer_0_key");
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));

@@ -8,8 +8,7 @@ use std::process::Command;
 
 #[test]
 fn python_bridge_contract() {
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/test_kv_compress.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/test_kv_compress.py");
     let output = Command::new("python3")
         .arg(&script)
         .env("KV_COMPRESS_BIN", env!("CARGO_BIN_EXE_kv-compress"))
@@ -20,10 +19,6 @@ fn python_bridge_contract() {
     if stderr.contains("ModuleNotFoundError") {
         panic!("the Python test needs numpy and safetensors: `pip install numpy safetensors`\n{stderr}");
     }
-    assert!(
-        output.status.success(),
-        "{} failed:\n{stdout}\n{stderr}",
-        script.display()
-    );
+    assert!(output.status.success(), "{} failed:\n{stdout}\n{stderr}", script.display());
     assert!(stdout.trim_end().ends_with(" passed"), "{stdout}");
 }

@@ -37,9 +37,7 @@ pub fn ensure_distinct(input: &Path, output: &Path) -> Result<()> {
         _ => false,
     };
     if same_path || same_inode(input, output) {
-        return Err(Error::OutputIsInput {
-            path: output.into(),
-        });
+        return Err(Error::OutputIsInput { path: output.into() });
     }
     Ok(())
 }
@@ -84,15 +82,10 @@ where
     {
         let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, temp.as_file());
         fill(&mut writer)?;
-        writer
-            .flush()
-            .map_err(|e| Error::io(temp.path(), "write", e))?;
+        writer.flush().map_err(|e| Error::io(temp.path(), "write", e))?;
     }
-    temp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(temp.path(), "fsync", e))?;
-    temp.persist(path)
-        .map_err(|e| Error::io(path, "rename the finished file onto", e.error))?;
+    temp.as_file().sync_all().map_err(|e| Error::io(temp.path(), "fsync", e))?;
+    temp.persist(path).map_err(|e| Error::io(path, "rename the finished file onto", e.error))?;
     // Make the rename itself durable; a directory that cannot be opened or
     // synced (some file systems) does not make the finished file wrong.
     if let Ok(dir) = File::open(&dir) {
@@ -111,9 +104,7 @@ mod tests {
         let target = dir.path().join("out.bin");
         let result = write_atomically(&target, |w| {
             w.write_all(b"partial").map_err(write_error(&target))?;
-            Err(write_error(&target)(std::io::Error::other(
-                "simulated failure",
-            )))
+            Err(write_error(&target)(std::io::Error::other("simulated failure")))
         });
         assert!(result.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -124,10 +115,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
         std::fs::write(&target, b"old").unwrap();
-        write_atomically(&target, |w| {
-            w.write_all(b"new contents").map_err(write_error(&target))
-        })
-        .unwrap();
+        write_atomically(&target, |w| w.write_all(b"new contents").map_err(write_error(&target))).unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -143,11 +131,7 @@ mod tests {
         write_atomically(&target, |w| w.write_all(b"x").map_err(write_error(&target))).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&target), mode(&reference));
-        assert_ne!(
-            mode(&target),
-            0o600,
-            "the temp file's private mode leaked into the output"
-        );
+        assert_ne!(mode(&target), 0o600, "the temp file's private mode leaked into the output");
     }
 
     #[test]

@@ -25,13 +25,8 @@ impl KvCache {
             .tensors()
             .iter()
             .map(|t| {
-                CacheDtype::from_safetensors(t.dtype).ok_or_else(|| {
-                    Error::tensor(
-                        path,
-                        &t.name,
-                        TensorProblem::UnsupportedDtype(t.dtype.to_string()),
-                    )
-                })
+                CacheDtype::from_safetensors(t.dtype)
+                    .ok_or_else(|| Error::tensor(path, &t.name, TensorProblem::UnsupportedDtype(t.dtype.to_string())))
             })
             .collect::<Result<_>>()?;
         Ok(KvCache { file, dtypes })
@@ -69,22 +64,13 @@ impl KvCache {
 pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
     const EXPONENT_MASK: u32 = 0x7f80_0000;
     const CHUNK: usize = 4096;
-    values
-        .chunks(CHUNK)
-        .enumerate()
-        .find_map(|(chunk_index, chunk)| {
-            let bad = chunk
-                .iter()
-                .map(|v| u32::from(v.to_bits() & EXPONENT_MASK == EXPONENT_MASK))
-                .sum::<u32>();
-            (bad > 0).then(|| {
-                chunk_index * CHUNK
-                    + chunk
-                        .iter()
-                        .position(|v| !v.is_finite())
-                        .expect("counted one")
-            })
-        })
+    values.chunks(CHUNK).enumerate().find_map(|(chunk_index, chunk)| {
+        let bad = chunk
+            .iter()
+            .map(|v| u32::from(v.to_bits() & EXPONENT_MASK == EXPONENT_MASK))
+            .sum::<u32>();
+        (bad > 0).then(|| chunk_index * CHUNK + chunk.iter().position(|v| !v.is_finite()).expect("counted one"))
+    })
 }
 
 /// One tensor of a cache to write, values as `f32`, stored as `dtype`.
@@ -98,11 +84,7 @@ pub struct CacheTensor<'a> {
 
 /// Writes a plain KV cache atomically (tensors sorted by name), converting
 /// to each tensor's dtype a few tensors at a time.
-pub fn write_cache(
-    path: &Path,
-    tensors: &[CacheTensor<'_>],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn write_cache(path: &Path, tensors: &[CacheTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
     let specs: Vec<TensorSpec<'_>> = tensors
         .iter()
         .map(|t| TensorSpec {
@@ -112,9 +94,7 @@ pub fn write_cache(
             byte_len: t.values.len() * t.dtype.size_bytes(),
         })
         .collect();
-    write_tensor_file_streaming(path, &specs, metadata, |i| {
-        Ok((tensors[i].dtype.from_f32(tensors[i].values), ()))
-    })?;
+    write_tensor_file_streaming(path, &specs, metadata, |i| Ok((tensors[i].dtype.from_f32(tensors[i].values), ())))?;
     Ok(())
 }
 
@@ -128,18 +108,8 @@ mod tests {
         let path = dir.path().join("c.safetensors");
         let values = [1.0f32, -2.5, 0.125, 3.0, 4.0, 5.5];
         let tensors = [
-            CacheTensor {
-                name: "b",
-                dtype: CacheDtype::BF16,
-                shape: &[2, 3],
-                values: &values,
-            },
-            CacheTensor {
-                name: "a",
-                dtype: CacheDtype::F32,
-                shape: &[6],
-                values: &values,
-            },
+            CacheTensor { name: "b", dtype: CacheDtype::BF16, shape: &[2, 3], values: &values },
+            CacheTensor { name: "a", dtype: CacheDtype::F32, shape: &[6], values: &values },
         ];
         let metadata = BTreeMap::from([("k".to_string(), "v".to_string())]);
         write_cache(&path, &tensors, &metadata).unwrap();
@@ -147,23 +117,10 @@ mod tests {
         assert_eq!(cache.file().metadata(), &metadata);
         let read: Vec<_> = cache
             .tensors()
-            .map(|(t, d)| {
-                (
-                    t.name.clone(),
-                    d,
-                    t.shape.clone(),
-                    cache.values(t, d).unwrap().into_owned(),
-                )
-            })
+            .map(|(t, d)| (t.name.clone(), d, t.shape.clone(), cache.values(t, d).unwrap().into_owned()))
             .collect();
-        assert_eq!(
-            read[0],
-            ("a".into(), CacheDtype::F32, vec![6], values.to_vec())
-        );
-        assert_eq!(
-            read[1],
-            ("b".into(), CacheDtype::BF16, vec![2, 3], values.to_vec())
-        );
+        assert_eq!(read[0], ("a".into(), CacheDtype::F32, vec![6], values.to_vec()));
+        assert_eq!(read[1], ("b".into(), CacheDtype::BF16, vec![2, 3], values.to_vec()));
     }
 
     #[test]
@@ -173,21 +130,13 @@ mod tests {
         let values = [1.0f32, f32::NAN];
         write_cache(
             &path,
-            &[CacheTensor {
-                name: "layer_0_key",
-                dtype: CacheDtype::F16,
-                shape: &[2],
-                values: &values,
-            }],
+            &[CacheTensor { name: "layer_0_key", dtype: CacheDtype::F16, shape: &[2], values: &values }],
             &BTreeMap::new(),
         )
         .unwrap();
         let cache = KvCache::open(&path).unwrap();
         let (entry, dtype) = cache.tensors().next().unwrap();
         let error = cache.values(entry, dtype).unwrap_err().to_string();
-        assert!(
-            error.contains("layer_0_key") && error.contains("index 1"),
-            "{error}"
-        );
+        assert!(error.contains("layer_0_key") && error.contains("index 1"), "{error}");
     }
 }

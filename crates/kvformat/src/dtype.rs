@@ -120,15 +120,9 @@ where
     halves.convert_from_f32_slice(values);
     let bits: &mut [u16] = bytemuck::cast_slice_mut(&mut halves);
     for chunk in bits.chunks_mut(4096) {
-        let infinities: u32 = chunk
-            .iter()
-            .map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits))
-            .sum();
+        let infinities: u32 = chunk.iter().map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits)).sum();
         if infinities > 0 {
-            for b in chunk
-                .iter_mut()
-                .filter(|b| **b & MAGNITUDE_MASK == infinity_bits)
-            {
+            for b in chunk.iter_mut().filter(|b| **b & MAGNITUDE_MASK == infinity_bits) {
                 *b = (*b & SIGN) | max_bits;
             }
         }
@@ -167,15 +161,9 @@ mod tests {
     #[test]
     fn conversion_saturates_instead_of_overflowing_to_infinity() {
         // 65520 rounds to F16 infinity; 3.4e38 rounds to BF16 infinity.
-        assert_eq!(
-            &*CacheDtype::F16.to_f32(&CacheDtype::F16.from_f32(&[65520.0, -65520.0, 1.0])),
-            &[65504.0, -65504.0, 1.0]
-        );
+        assert_eq!(&*CacheDtype::F16.to_f32(&CacheDtype::F16.from_f32(&[65520.0, -65520.0, 1.0])), &[65504.0, -65504.0, 1.0]);
         let bf16_max = bf16::MAX.to_f32();
-        assert_eq!(
-            &*CacheDtype::BF16.to_f32(&CacheDtype::BF16.from_f32(&[f32::MAX, -f32::MAX])),
-            &[bf16_max, -bf16_max]
-        );
+        assert_eq!(&*CacheDtype::BF16.to_f32(&CacheDtype::BF16.from_f32(&[f32::MAX, -f32::MAX])), &[bf16_max, -bf16_max]);
     }
 
     #[test]

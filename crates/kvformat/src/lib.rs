@@ -39,7 +39,4 @@ pub use error::{Error, Result, TensorProblem};
 pub use metrics::{Report, TensorMetrics};
 pub use packed::{PackedFile, PackedTensor};
 pub use sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
-pub use tensor_file::{
-    write_tensor_file, write_tensor_file_streaming, OutputTensor, TensorEntry, TensorFile,
-    TensorSpec,
-};
+pub use tensor_file::{write_tensor_file, write_tensor_file_streaming, OutputTensor, TensorEntry, TensorFile, TensorSpec};

@@ -60,11 +60,7 @@ impl Sums {
         self.reconstructed_sq[lane] += r * r;
         let err = (o - r).abs();
         self.err_sq[lane] += err * err;
-        self.max_error[lane] = if err > self.max_error[lane] {
-            err
-        } else {
-            self.max_error[lane]
-        };
+        self.max_error[lane] = if err > self.max_error[lane] { err } else { self.max_error[lane] };
     }
 }
 
@@ -73,11 +69,7 @@ impl Sums {
 /// data with a large mean; then `Σo² = Σ(o-k)² + 2kΣ(o-k) + nk²` and
 /// `Σo·r = (Σo² + Σr² - Σ(o-r)²) / 2`.
 pub fn measure(original: &[f32], reconstructed: &[f32]) -> TensorMetrics {
-    assert_eq!(
-        original.len(),
-        reconstructed.len(),
-        "metrics need equal lengths"
-    );
+    assert_eq!(original.len(), reconstructed.len(), "metrics need equal lengths");
     if original.is_empty() {
         return TensorMetrics {
             rmse: 0.0,
@@ -90,10 +82,7 @@ pub fn measure(original: &[f32], reconstructed: &[f32]) -> TensorMetrics {
     let mut sums = Sums::ZERO;
     let original_chunks = original.chunks_exact(LANES);
     let reconstructed_chunks = reconstructed.chunks_exact(LANES);
-    let (original_tail, reconstructed_tail) = (
-        original_chunks.remainder(),
-        reconstructed_chunks.remainder(),
-    );
+    let (original_tail, reconstructed_tail) = (original_chunks.remainder(), reconstructed_chunks.remainder());
     for (o, r) in original_chunks.zip(reconstructed_chunks) {
         for lane in 0..LANES {
             sums.add(lane, shift, o[lane], r[lane]);
@@ -104,11 +93,7 @@ pub fn measure(original: &[f32], reconstructed: &[f32]) -> TensorMetrics {
     }
     let total = |lanes: [f64; LANES]| lanes.iter().sum::<f64>();
     let n = original.len() as f64;
-    let (shifted, shifted_sq, err_sq) = (
-        total(sums.shifted),
-        total(sums.shifted_sq),
-        total(sums.err_sq),
-    );
+    let (shifted, shifted_sq, err_sq) = (total(sums.shifted), total(sums.shifted_sq), total(sums.err_sq));
     let norm_original = (shifted_sq + 2.0 * shift * shifted + n * shift * shift).max(0.0);
     let norm_reconstructed = total(sums.reconstructed_sq);
     let dot = (norm_original + norm_reconstructed - err_sq) / 2.0;
@@ -183,16 +168,10 @@ impl Thresholds {
             found.push(format!("RMSE {:.4} > {:.4}", m.rmse, self.max_rmse));
         }
         if m.max_error > self.max_error {
-            found.push(format!(
-                "MaxError {:.4} > {:.4}",
-                m.max_error, self.max_error
-            ));
+            found.push(format!("MaxError {:.4} > {:.4}", m.max_error, self.max_error));
         }
         if m.cosine < self.min_cosine {
-            found.push(format!(
-                "CosineSim {:.4} < {:.4}",
-                m.cosine, self.min_cosine
-            ));
+            found.push(format!("CosineSim {:.4} < {:.4}", m.cosine, self.min_cosine));
         }
         if m.snr_db < self.min_snr_db {
             found.push(format!("SNR {:.2}dB < {:.2}dB", m.snr_db, self.min_snr_db));
@@ -332,10 +311,7 @@ mod tests {
     #[test]
     fn degenerate_cases_stay_finite() {
         let exact = measure(&[3.0, 3.0], &[3.0, 3.0]);
-        assert_eq!(
-            (exact.snr_db, exact.cosine, exact.rmse),
-            (SNR_CAP_DB, 1.0, 0.0)
-        );
+        assert_eq!((exact.snr_db, exact.cosine, exact.rmse), (SNR_CAP_DB, 1.0, 0.0));
         let constant_wrong = measure(&[3.0, 3.0], &[3.0, 2.0]);
         assert_eq!(constant_wrong.snr_db, -SNR_CAP_DB);
         assert_eq!(measure(&[0.0, 0.0], &[0.0, 0.0]).cosine, 1.0);
@@ -348,11 +324,7 @@ mod tests {
         let reconstructed = [1e6f32 + 0.5, 1e6 + 1.0, 1e6 + 2.0, 1e6 + 3.0];
         // var = 1.25, MSE = 0.0625 -> 10·log10(20)
         let m = measure(&original, &reconstructed);
-        assert!(
-            (m.snr_db - 10.0 * 20f64.log10()).abs() < 1e-9,
-            "{}",
-            m.snr_db
-        );
+        assert!((m.snr_db - 10.0 * 20f64.log10()).abs() < 1e-9, "{}", m.snr_db);
     }
 
     #[test]
@@ -377,14 +349,7 @@ mod tests {
 
     #[test]
     fn quality_levels_follow_the_thresholds() {
-        let at = |rmse, snr_db| {
-            QualityLevel::of(&TensorMetrics {
-                rmse,
-                snr_db,
-                cosine: 1.0,
-                max_error: 0.0,
-            })
-        };
+        let at = |rmse, snr_db| QualityLevel::of(&TensorMetrics { rmse, snr_db, cosine: 1.0, max_error: 0.0 });
         assert_eq!(at(0.005, 41.0), QualityLevel::Excellent);
         assert_eq!(at(0.005, 40.0), QualityLevel::Good);
         assert_eq!(at(0.04, 31.0), QualityLevel::Good);
@@ -396,16 +361,10 @@ mod tests {
     fn report_json_is_indented_and_ends_with_newline() {
         let report = Report::new(64, 17, 32, &[("t".into(), measure(&[1.0], &[1.0]))], true);
         let json = report.to_json();
-        assert!(
-            json.starts_with("{\n  \"compression_ratio\": 3.764"),
-            "{json}"
-        );
+        assert!(json.starts_with("{\n  \"compression_ratio\": 3.764"), "{json}");
         assert!(json.ends_with("}\n"));
         assert!((report.bits_per_value - 8.0 * 17.0 / 32.0).abs() < 1e-12);
-        assert_eq!(
-            report.tensor_metrics.as_ref().unwrap()["t_snr_db"],
-            SNR_CAP_DB
-        );
+        assert_eq!(report.tensor_metrics.as_ref().unwrap()["t_snr_db"], SNR_CAP_DB);
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
     }
 
@@ -416,13 +375,6 @@ mod tests {
             "quality_level": "POOR", "processing_time_ms": 4300.5, "quality_passed": false,
             "violations": ["RMSE 0.2600 > 0.1000"]}"#;
         let report: Report = serde_json::from_str(go).unwrap();
-        assert_eq!(
-            (
-                report.quality_level,
-                report.bits_per_value,
-                report.tensor_metrics
-            ),
-            (QualityLevel::Poor, 0.0, None)
-        );
+        assert_eq!((report.quality_level, report.bits_per_value, report.tensor_metrics), (QualityLevel::Poor, 0.0, None));
     }
 }

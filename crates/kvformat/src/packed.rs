@@ -140,24 +140,14 @@ fn container_metadata(manifest: &Manifest, manifest_json: &str) -> BTreeMap<Stri
     }
     metadata.insert(FORMAT_VERSION_KEY.into(), FORMAT_VERSION.into());
     metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
-    metadata.insert(
-        MANIFEST_CRC_KEY.into(),
-        format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())),
-    );
+    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())));
     metadata
 }
 
 /// Writes the packed file atomically.
-pub fn write_packed(
-    path: &Path,
-    tensors: &[PackedTensor],
-    input_metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn write_packed(path: &Path, tensors: &[PackedTensor], input_metadata: &BTreeMap<String, String>) -> Result<()> {
     let manifest = Manifest {
-        tensors: tensors
-            .iter()
-            .map(|t| (t.name.clone(), t.entry.clone()))
-            .collect(),
+        tensors: tensors.iter().map(|t| (t.name.clone(), t.entry.clone())).collect(),
         input_metadata: input_metadata.clone(),
     };
     let manifest_json = serde_json::to_string(&manifest).expect("manifest serializes");
@@ -197,11 +187,7 @@ impl PackedFile {
         };
         match metadata.get(FORMAT_VERSION_KEY) {
             Some(version) if version == FORMAT_VERSION => {}
-            other => {
-                return Err(manifest_error(format!(
-                    "unsupported {FORMAT_VERSION_KEY} {other:?} (this reads \"{FORMAT_VERSION}\")"
-                )))
-            }
+            other => return Err(manifest_error(format!("unsupported {FORMAT_VERSION_KEY} {other:?} (this reads \"{FORMAT_VERSION}\")"))),
         }
         let actual_crc = format!("{:08x}", crc32fast::hash(manifest_json.as_bytes()));
         if metadata.get(MANIFEST_CRC_KEY) != Some(&actual_crc) {
@@ -210,8 +196,7 @@ impl PackedFile {
                 metadata.get(MANIFEST_CRC_KEY)
             )));
         }
-        let manifest: Manifest = serde_json::from_str(manifest_json)
-            .map_err(|e| manifest_error(format!("not valid JSON: {e}")))?;
+        let manifest: Manifest = serde_json::from_str(manifest_json).map_err(|e| manifest_error(format!("not valid JSON: {e}")))?;
         if &container_metadata(&manifest, manifest_json) != metadata {
             return Err(manifest_error(
                 "__metadata__ does not match the manifest (a carried key was altered): the file is corrupted".into(),
@@ -219,11 +204,7 @@ impl PackedFile {
         }
         for entry in file.tensors() {
             if !manifest.tensors.contains_key(&entry.name) {
-                return Err(Error::tensor(
-                    path,
-                    &entry.name,
-                    TensorProblem::UnlistedTensor,
-                ));
+                return Err(Error::tensor(path, &entry.name, TensorProblem::UnlistedTensor));
             }
         }
         for (name, tensor) in &manifest.tensors {
@@ -241,9 +222,7 @@ impl PackedFile {
                     },
                 ));
             }
-            check_plausible(tensor).map_err(|problem| {
-                Error::tensor(path, name, TensorProblem::BadManifestEntry(problem))
-            })?;
+            check_plausible(tensor).map_err(|problem| Error::tensor(path, name, TensorProblem::BadManifestEntry(problem)))?;
         }
         Ok(PackedFile { file, manifest })
     }
@@ -295,8 +274,7 @@ impl PackedFile {
         };
         let decompressed;
         let payload = if tensor.lz4 {
-            decompressed = lz4_flex::block::decompress(stored, tensor.raw_len)
-                .map_err(|e| lz4_error(e.to_string()))?;
+            decompressed = lz4_flex::block::decompress(stored, tensor.raw_len).map_err(|e| lz4_error(e.to_string()))?;
             if decompressed.len() != tensor.raw_len {
                 return Err(lz4_error(format!("got {} bytes", decompressed.len())));
             }
@@ -314,15 +292,9 @@ impl PackedFile {
 
 /// The file's entry for tensor `name`, by binary search (entries are sorted
 /// by name): a linear search per tensor made files of many tensors quadratic.
-fn entry_named<'a>(
-    file: &'a TensorFile,
-    name: &str,
-) -> Option<&'a crate::tensor_file::TensorEntry> {
+fn entry_named<'a>(file: &'a TensorFile, name: &str) -> Option<&'a crate::tensor_file::TensorEntry> {
     let tensors = file.tensors();
-    tensors
-        .binary_search_by(|t| t.name.as_str().cmp(name))
-        .ok()
-        .map(|i| &tensors[i])
+    tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &tensors[i])
 }
 
 /// Rejects manifest entries whose sizes cannot be right before any allocation.
@@ -337,10 +309,7 @@ fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
         .saturating_mul(MAX_RAW_BYTES_PER_VALUE)
         .saturating_add(MAX_RAW_OVERHEAD_BYTES);
     if tensor.raw_len > max_raw {
-        return Err(format!(
-            "raw_len {} exceeds {max_raw} for {values} values",
-            tensor.raw_len
-        ));
+        return Err(format!("raw_len {} exceeds {max_raw} for {values} values", tensor.raw_len));
     }
     if tensor.lz4 && tensor.raw_len > tensor.stored_len.saturating_mul(LZ4_MAX_EXPANSION) {
         return Err(format!(
@@ -351,10 +320,7 @@ fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
     // Invalid codec params are reported by `unpack`, which names them.
     if let Ok(expected) = codec::payload_len(&tensor.shape, &tensor.codec, &tensor.layout) {
         if tensor.raw_len != expected {
-            return Err(format!(
-                "raw_len {} but the codec payload for this shape is {expected} bytes",
-                tensor.raw_len
-            ));
+            return Err(format!("raw_len {} but the codec payload for this shape is {expected} bytes", tensor.raw_len));
         }
     }
     if !tensor.lz4 && tensor.raw_len != tensor.stored_len {

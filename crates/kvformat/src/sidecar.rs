@@ -36,9 +36,7 @@ impl Sidecar {
             path: path.into(),
             problem,
         };
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::io(path, "stat", e))?
-            .len();
+        let len = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?.len();
         if len > MAX_SIDECAR_BYTES {
             return Err(error(format!("{len} bytes is too large for a sidecar")));
         }
@@ -80,11 +78,8 @@ impl Sidecar {
         let [_, heads, seq, head_dim] = shape[..] else {
             return None;
         };
-        let names: std::collections::HashSet<&str> =
-            tensors.iter().map(|(n, _, _)| n.as_str()).collect();
-        let num_layers = (0..)
-            .take_while(|i| names.contains(format!("layer_{i}_key").as_str()))
-            .count();
+        let names: std::collections::HashSet<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
+        let num_layers = (0..).take_while(|i| names.contains(format!("layer_{i}_key").as_str())).count();
         let sidecar = Sidecar {
             num_layers,
             num_kv_heads: heads,
@@ -98,22 +93,14 @@ impl Sidecar {
 
     /// Every disagreement between this sidecar and the tensors, as text.
     /// Looks names up in a map: a scan per layer made 16384-tensor files take seconds.
-    fn check(
-        &self,
-        tensors: &[(String, CacheDtype, Vec<usize>)],
-    ) -> std::result::Result<(), String> {
-        let by_name: std::collections::HashMap<&str, (&CacheDtype, &Vec<usize>)> = tensors
-            .iter()
-            .map(|(n, dtype, shape)| (n.as_str(), (dtype, shape)))
-            .collect();
+    fn check(&self, tensors: &[(String, CacheDtype, Vec<usize>)]) -> std::result::Result<(), String> {
+        let by_name: std::collections::HashMap<&str, (&CacheDtype, &Vec<usize>)> =
+            tensors.iter().map(|(n, dtype, shape)| (n.as_str(), (dtype, shape))).collect();
         for layer in 0..self.num_layers {
             for kind in ["key", "value"] {
                 let name = format!("layer_{layer}_{kind}");
                 let Some((dtype, shape)) = by_name.get(name.as_str()) else {
-                    return Err(format!(
-                        "{name} is missing (num_layers = {})",
-                        self.num_layers
-                    ));
+                    return Err(format!("{name} is missing (num_layers = {})", self.num_layers));
                 };
                 let fits = matches!(shape[..], [_, h, s, d] if h == self.num_kv_heads && s == self.seq_len && d == self.head_dim);
                 if !fits {
@@ -123,11 +110,7 @@ impl Sidecar {
                     ));
                 }
                 if dtype.torch_name() != self.dtype {
-                    return Err(format!(
-                        "{name} is {}, sidecar says {}",
-                        dtype.torch_name(),
-                        self.dtype
-                    ));
+                    return Err(format!("{name} is {}, sidecar says {}", dtype.torch_name(), self.dtype));
                 }
             }
         }
@@ -137,21 +120,11 @@ impl Sidecar {
 
 /// Fails when the sidecar disagrees with the cache file it describes
 /// (missing layers, other shape or dtype), naming the first disagreement.
-pub fn validate_against_sidecar(
-    cache: &TensorFile,
-    sidecar: &Sidecar,
-    sidecar_path: &Path,
-) -> Result<()> {
+pub fn validate_against_sidecar(cache: &TensorFile, sidecar: &Sidecar, sidecar_path: &Path) -> Result<()> {
     let tensors: Vec<(String, CacheDtype, Vec<usize>)> = cache
         .tensors()
         .iter()
-        .filter_map(|t| {
-            Some((
-                t.name.clone(),
-                CacheDtype::from_safetensors(t.dtype)?,
-                t.shape.clone(),
-            ))
-        })
+        .filter_map(|t| Some((t.name.clone(), CacheDtype::from_safetensors(t.dtype)?, t.shape.clone())))
         .collect();
     sidecar.check(&tensors).map_err(|problem| Error::Sidecar {
         path: sidecar_path.into(),
@@ -174,15 +147,10 @@ mod tests {
     #[test]
     fn infer_and_check_agree_on_a_two_layer_cache() {
         let shape = vec![1, 4, 16, 64];
-        let tensors: Vec<_> = [
-            "layer_0_key",
-            "layer_0_value",
-            "layer_1_key",
-            "layer_1_value",
-        ]
-        .iter()
-        .map(|n| (n.to_string(), CacheDtype::F16, shape.clone()))
-        .collect();
+        let tensors: Vec<_> = ["layer_0_key", "layer_0_value", "layer_1_key", "layer_1_value"]
+            .iter()
+            .map(|n| (n.to_string(), CacheDtype::F16, shape.clone()))
+            .collect();
         let sidecar = Sidecar::infer(&tensors, "m").unwrap();
         assert_eq!(
             sidecar,
@@ -195,10 +163,7 @@ mod tests {
                 model_name: "m".into()
             }
         );
-        let wrong = Sidecar {
-            seq_len: 17,
-            ..sidecar
-        };
+        let wrong = Sidecar { seq_len: 17, ..sidecar };
         assert!(wrong.check(&tensors).unwrap_err().contains("layer_0_key"));
     }
 }

@@ -75,12 +75,7 @@ impl TensorFile {
             })
             .collect();
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let metadata = metadata
-            .metadata()
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        let metadata = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
         Ok(TensorFile {
             path: path.into(),
             map,
@@ -150,11 +145,7 @@ pub struct TensorSpec<'a> {
 /// Writes a safetensors file atomically (see [`crate::atomic`]): tensors in
 /// name order, `__metadata__` only when non-empty, header padded with spaces to
 /// 8 bytes as Python's writer does.
-pub fn write_tensor_file(
-    path: &Path,
-    tensors: &[OutputTensor<'_>],
-    metadata: &BTreeMap<String, String>,
-) -> Result<()> {
+pub fn write_tensor_file(path: &Path, tensors: &[OutputTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut sorted: Vec<&OutputTensor<'_>> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(b.name));
     let specs: Vec<TensorSpec<'_>> = sorted
@@ -168,13 +159,9 @@ pub fn write_tensor_file(
         .collect();
     let header = header_bytes_for(path, &specs, metadata)?;
     crate::atomic::write_atomically(path, |writer| {
-        writer
-            .write_all(&header)
-            .map_err(crate::atomic::write_error(path))?;
+        writer.write_all(&header).map_err(crate::atomic::write_error(path))?;
         for tensor in &sorted {
-            writer
-                .write_all(tensor.data)
-                .map_err(crate::atomic::write_error(path))?;
+            writer.write_all(tensor.data).map_err(crate::atomic::write_error(path))?;
         }
         Ok(())
     })
@@ -201,47 +188,30 @@ where
     let header = header_bytes_for(path, &sorted, metadata)?;
     let mut by_products: Vec<Option<T>> = specs.iter().map(|_| None).collect();
     crate::atomic::write_atomically(path, |writer| {
-        writer
-            .write_all(&header)
-            .map_err(crate::atomic::write_error(path))?;
+        writer.write_all(&header).map_err(crate::atomic::write_error(path))?;
         for batch in order.chunks(rayon::current_num_threads().max(1)) {
-            let produced: Vec<Result<(Vec<u8>, T)>> =
-                batch.par_iter().map(|&i| produce(i)).collect();
+            let produced: Vec<Result<(Vec<u8>, T)>> = batch.par_iter().map(|&i| produce(i)).collect();
             for (&index, result) in batch.iter().zip(produced) {
                 let (bytes, by_product) = result?;
                 let spec = &specs[index];
                 if bytes.len() != spec.byte_len {
                     return Err(Error::Structure {
                         path: path.into(),
-                        problem: format!(
-                            "{}: produced {} bytes for a {}-byte tensor",
-                            spec.name,
-                            bytes.len(),
-                            spec.byte_len
-                        ),
+                        problem: format!("{}: produced {} bytes for a {}-byte tensor", spec.name, bytes.len(), spec.byte_len),
                     });
                 }
-                writer
-                    .write_all(&bytes)
-                    .map_err(crate::atomic::write_error(path))?;
+                writer.write_all(&bytes).map_err(crate::atomic::write_error(path))?;
                 by_products[index] = Some(by_product);
             }
         }
         Ok(())
     })?;
-    Ok(by_products
-        .into_iter()
-        .map(|b| b.expect("every tensor was produced"))
-        .collect())
+    Ok(by_products.into_iter().map(|b| b.expect("every tensor was produced")).collect())
 }
 
 /// Length prefix and header JSON for `specs` (already in file order), checked
 /// by the `safetensors` crate's own validation before anything is written.
-fn header_bytes_for(
-    path: &Path,
-    specs: &[TensorSpec<'_>],
-    metadata: &BTreeMap<String, String>,
-) -> Result<Vec<u8>> {
+fn header_bytes_for(path: &Path, specs: &[TensorSpec<'_>], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
     let mut offset = 0usize;
     let mut infos = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -255,26 +225,17 @@ fn header_bytes_for(
     }
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).expect("string map serializes"),
-        );
+        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serializes"));
     }
     for (name, info) in &infos {
-        header.insert(
-            name.clone(),
-            serde_json::to_value(info).expect("tensor info serializes"),
-        );
+        header.insert(name.clone(), serde_json::to_value(info).expect("tensor info serializes"));
     }
     safetensors::tensor::Metadata::new(None, infos).map_err(|e| Error::Structure {
         path: path.into(),
         problem: format!("refusing to write an invalid header: {e}"),
     })?;
     let mut header_json = serde_json::to_vec(&header).expect("JSON map serializes");
-    header_json.resize(
-        header_json.len().next_multiple_of(HEADER_LENGTH_BYTES),
-        b' ',
-    );
+    header_json.resize(header_json.len().next_multiple_of(HEADER_LENGTH_BYTES), b' ');
     let mut bytes = (header_json.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(&header_json);
     Ok(bytes)
@@ -284,19 +245,12 @@ fn header_bytes_for(
 fn structure_error(path: &Path, header_json: Option<&[u8]>, error: SafeTensorError) -> Error {
     let problem = match error {
         SafeTensorError::HeaderTooSmall => "file shorter than the 8-byte header length".to_string(),
-        SafeTensorError::HeaderTooLarge => {
-            "header length is larger than the 100 MB limit".to_string()
-        }
-        SafeTensorError::InvalidHeaderLength => {
-            "header length runs past the end of the file (truncated?)".to_string()
-        }
+        SafeTensorError::HeaderTooLarge => "header length is larger than the 100 MB limit".to_string(),
+        SafeTensorError::InvalidHeaderLength => "header length runs past the end of the file (truncated?)".to_string(),
         SafeTensorError::InvalidHeader(e) => format!("header is not UTF-8: {e}"),
-        SafeTensorError::InvalidHeaderDeserialization(e) => {
-            format!("header is not valid safetensors JSON: {e}")
-        }
+        SafeTensorError::InvalidHeaderDeserialization(e) => format!("header is not valid safetensors JSON: {e}"),
         SafeTensorError::MetadataIncompleteBuffer => {
-            "tensor data does not end exactly at the end of the file (truncated or trailing bytes)"
-                .to_string()
+            "tensor data does not end exactly at the end of the file (truncated or trailing bytes)".to_string()
         }
         SafeTensorError::InvalidOffset(tensor) => {
             return Error::Tensor {
@@ -315,12 +269,8 @@ fn structure_error(path: &Path, header_json: Option<&[u8]>, error: SafeTensorErr
             }
             None => "a tensor's shape x dtype does not match its byte length".to_string(),
         },
-        SafeTensorError::ValidationOverflow => {
-            "a tensor's shape overflows when multiplied out".to_string()
-        }
-        SafeTensorError::MisalignedSlice => {
-            "a tensor's size is not a whole number of bytes".to_string()
-        }
+        SafeTensorError::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
+        SafeTensorError::MisalignedSlice => "a tensor's size is not a whole number of bytes".to_string(),
         other => other.to_string(),
     };
     Error::Structure {
@@ -345,25 +295,15 @@ fn count_header_entries(json: &[u8]) -> Option<usize> {
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> std::result::Result<usize, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<usize, A::Error> {
             let mut entries = 0;
-            while map
-                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
-                .is_some()
-            {
+            while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {
                 entries += 1;
             }
             Ok(entries)
         }
     }
-    serde::Deserializer::deserialize_map(
-        &mut serde_json::Deserializer::from_slice(json),
-        CountEntries,
-    )
-    .ok()
+    serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_slice(json), CountEntries).ok()
 }
 
 /// The crate reports a shape x dtype / byte-length mismatch without a name;
@@ -377,13 +317,8 @@ fn tensor_with_wrong_size(header_json: Option<&[u8]>) -> Option<String> {
             .map(|(name, value)| Some((name, serde_json::from_value(value).ok()?)))
             .collect::<Option<_>>()?;
     header.into_iter().find_map(|(name, info)| {
-        let elements = info
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let expected = elements
-            .and_then(|n| n.checked_mul(info.dtype.bitsize()))
-            .map(|bits| bits / 8);
+        let elements = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let expected = elements.and_then(|n| n.checked_mul(info.dtype.bitsize())).map(|bits| bits / 8);
         let actual = info.data_offsets.1.checked_sub(info.data_offsets.0);
         (expected != actual).then_some(name)
     })
