@@ -117,3 +117,41 @@ fn a_non_utf8_path_works_and_a_non_utf8_number_is_a_flag_error() {
         "{text}"
     );
 }
+
+/// `-layer-bits` counts what it stores: each tensor takes exactly the bytes
+/// a plain run at its bits (and group size) stores for it, and the JSON's
+/// `compressed_size_bytes` and `bits_per_value` are their sum.
+#[test]
+fn layer_bits_mix_is_counted_byte_for_byte() {
+    let input = golden_dir().join("kv_cache.safetensors");
+    let stored_bytes = |flags: &[&str]| -> (Vec<(String, u64)>, serde_json::Value) {
+        let mut args = vec!["-input", s(&input), "-metrics-only", "-verbose"];
+        args.extend_from_slice(flags);
+        let output = kv_compress(&args);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let per_tensor = stderr(&output)
+            .lines()
+            .filter_map(|line| {
+                let (_, rest) = line.split_once("] ")?;
+                let (name, rest) = rest.split_once(": ")?;
+                let bytes = rest.split(" -> ").nth(1)?.split(' ').next()?.parse().ok()?;
+                Some((name.to_string(), bytes))
+            })
+            .collect();
+        (per_tensor, serde_json::from_slice(&output.stdout).unwrap())
+    };
+    let (four, _) = stored_bytes(&["-bits", "4", "-group-size", "32"]);
+    let (two, _) = stored_bytes(&["-bits", "2"]);
+    let (mixed, json) = stored_bytes(&["-layer-bits", "k:0=4/32;*=2"]);
+    assert_eq!(mixed.len(), 4);
+    let mut total = 0;
+    for (name, bytes) in &mixed {
+        let reference = if name == "layer_0_key" { &four } else { &two };
+        let expected = reference.iter().find(|(n, _)| n == name).unwrap().1;
+        assert_eq!(*bytes, expected, "{name}");
+        total += bytes;
+    }
+    assert_eq!(json["compressed_size_bytes"].as_u64(), Some(total));
+    let values = json["num_values"].as_u64().unwrap() as f64;
+    assert_eq!(json["bits_per_value"].as_f64(), Some(8.0 * total as f64 / values));
+}
