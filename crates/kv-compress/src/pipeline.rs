@@ -5,13 +5,16 @@
 use std::path::Path;
 use std::time::Instant;
 
+use kvformat::atomic::Staged;
 use kvformat::cache::KvCache;
 use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::preset::{layer_index, TensorKind};
-use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
-use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
-use kvformat::{write_tensor_file_streaming, CacheDtype, TensorSpec};
+use kvformat::packed::{ensure_packable, pack_tensor, stage_packed, PackedFile, PackedTensor};
+use kvformat::sidecar::{
+    sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
+};
+use kvformat::{stage_tensor_file_streaming, CacheDtype, TensorSpec};
 use rayon::prelude::*;
 
 use crate::flags::Options;
@@ -73,8 +76,45 @@ pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
     }
 }
 
-/// Runs the command the options describe and reports on it.
+/// Runs the command the options describe, puts its outputs in place and
+/// reports on it.
 pub fn run(options: &Options) -> Result<Report, Error> {
+    let (report, outputs) = prepare(options)?;
+    outputs.commit()?;
+    Ok(report)
+}
+
+/// A run's outputs, written and fsynced but not yet in place: the cache and
+/// its sidecar, committed as a pair (see `kvformat::atomic`). Dropped
+/// uncommitted, they leave the old pair and no temp file.
+#[must_use = "outputs are not in place until committed"]
+pub struct Outputs(Vec<Staged>);
+
+impl Outputs {
+    pub fn commit(self) -> Result<(), Error> {
+        Ok(kvformat::atomic::commit(self.0)?)
+    }
+
+    /// The cache and its sidecar, which is committed first.
+    /// No sidecar is written beside a special file (a FIFO or device has no
+    /// "beside"); without one, a stale sidecar of the old output is removed,
+    /// so the pair left is all from this run.
+    fn pair(output: &Path, cache: Staged, sidecar: Option<&Sidecar>) -> Result<Outputs, Error> {
+        if cache.wrote_through() {
+            return Ok(Outputs(vec![cache]));
+        }
+        let path = sidecar_path(output);
+        let sidecar = match sidecar {
+            Some(sidecar) => sidecar.stage(&path)?,
+            None => Staged::removal(&path)?,
+        };
+        Ok(Outputs(vec![sidecar, cache]))
+    }
+}
+
+/// Everything [`run`] does but the commit, so a caller can put the outputs in
+/// place only once the report is delivered (`main` prints it first).
+pub fn prepare(options: &Options) -> Result<(Report, Outputs), Error> {
     let started = Instant::now();
     let input = options.input.as_deref().ok_or(Error::MissingInput)?;
     let output = match (&options.output, options.metrics_only) {
@@ -84,15 +124,20 @@ pub fn run(options: &Options) -> Result<Report, Error> {
     };
     if let Some(output) = output {
         kvformat::atomic::ensure_output_dir(output)?;
-        kvformat::atomic::ensure_distinct(input, output)?;
+        let (input_sidecar, output_sidecar) = (sidecar_path(input), sidecar_path(output));
+        let mut writes = vec![output];
+        if !kvformat::atomic::writes_through(output) {
+            writes.push(&output_sidecar);
+        }
+        kvformat::atomic::ensure_writes_spare_reads(&[input, &input_sidecar], &writes)?;
     }
-    let mut report = if options.decompress {
+    let (mut report, outputs) = if options.decompress {
         decompress(input, output, options.verbose)?
     } else {
         compress(input, output, options)?
     };
     report.processing_time_ms = started.elapsed().as_secs_f64() * 1e3;
-    Ok(report)
+    Ok((report, outputs.unwrap_or(Outputs(Vec::new()))))
 }
 
 /// What one tensor contributed to the report.
@@ -105,8 +150,8 @@ struct TensorOutcome {
 }
 
 /// Compresses one tensor of the cache; returns the packed form, the
-/// reconstruction and the tensor's line of the report. The input pages are
-/// released as soon as the values have been used.
+/// reconstruction and the tensor's line of the report. The tensor is read
+/// into memory once, so only the tensors in flight are held.
 fn compress_tensor(
     cache: &KvCache,
     index: usize,
@@ -114,26 +159,28 @@ fn compress_tensor(
 ) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
     let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
     let path = cache.file().path();
-    let values = cache.values(entry, dtype)?;
     let params = params_for(options, &entry.name);
-    let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &params)
+    let (packed, reconstruction) = cache
+        .with_values(entry, dtype, |values| pack_tensor(&entry.name, dtype, &entry.shape, values, &params))?
         .map_err(|problem| kvformat::Error::tensor(path, &entry.name, problem))?;
     let outcome = TensorOutcome {
         name: entry.name.clone(),
-        original_bytes: cache.file().data(entry).len() as u64,
+        original_bytes: entry.byte_len() as u64,
         stored_bytes: packed.stored.len() as u64,
-        values: values.len() as u64,
+        values: reconstruction.len() as u64,
         metrics: packed.entry.metrics,
     };
-    drop(values);
-    cache.file().release(entry);
     if options.verbose {
         log_tensor(index, cache.file().tensors().len(), &outcome);
     }
     Ok((packed, reconstruction, outcome))
 }
 
-fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Report, Error> {
+fn compress(
+    input: &Path,
+    output: Option<&Path>,
+    options: &Options,
+) -> Result<(Report, Option<Outputs>), Error> {
     let cache = KvCache::open(input)?;
     let sidecar = Sidecar::read_beside(input)?;
     if let Some(sidecar) = &sidecar {
@@ -141,11 +188,14 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
     }
     let count = cache.file().tensors().len();
     let metadata = cache.file().metadata();
-    let outcomes = match output {
-        None => (0..count)
-            .into_par_iter()
-            .map(|i| compress_tensor(&cache, i, options).map(|(_, _, outcome)| outcome))
-            .collect::<Result<Vec<_>, _>>()?,
+    let (outcomes, staged) = match output {
+        None => {
+            let outcomes = (0..count)
+                .into_par_iter()
+                .map(|i| compress_tensor(&cache, i, options).map(|(_, _, outcome)| outcome))
+                .collect::<Result<Vec<_>, _>>()?;
+            (outcomes, None)
+        }
         Some(output) if options.reconstruct => {
             let specs: Vec<TensorSpec<'_>> = cache
                 .tensors()
@@ -153,39 +203,56 @@ fn compress(input: &Path, output: Option<&Path>, options: &Options) -> Result<Re
                     name: &entry.name,
                     dtype: entry.dtype,
                     shape: &entry.shape,
-                    byte_len: cache.file().data(entry).len(),
+                    byte_len: entry.byte_len(),
                 })
                 .collect();
-            write_tensor_file_streaming(output, &specs, metadata, |i| {
+            let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i| {
                 let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options)?;
-                Ok((packed.entry.dtype.from_f32(&reconstruction), outcome))
-            })?
+                let bytes = packed
+                    .entry
+                    .dtype
+                    .try_from_f32(&reconstruction)
+                    .map_err(|problem| kvformat::Error::tensor(input, &outcome.name, problem))?;
+                Ok((bytes, outcome))
+            })?;
+            (outcomes, Some(staged))
         }
         Some(output) => {
+            ensure_packable(output, count, metadata)?;
             let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
                 .into_par_iter()
-                .map(|i| compress_tensor(&cache, i, options).map(|(packed, _, outcome)| (packed, outcome)))
+                .map(|i| {
+                    compress_tensor(&cache, i, options)
+                        .map(|(packed, _, outcome)| (packed, outcome))
+                })
                 .collect::<Result<Vec<_>, _>>()?
                 .into_iter()
                 .unzip();
-            write_packed(output, &packed, metadata)?;
-            outcomes
+            (outcomes, Some(stage_packed(output, &packed, metadata)?))
         }
     };
-    if let (Some(output), Some(sidecar)) = (output, sidecar) {
-        sidecar.write(&sidecar_path(output))?;
-    }
-    Ok(report_of(&outcomes, options.verbose))
+    let outputs = match (output, staged) {
+        (Some(output), Some(staged)) => Some(Outputs::pair(output, staged, sidecar.as_ref())?),
+        _ => None,
+    };
+    Ok((report_of(&outcomes, options.verbose), outputs))
 }
 
-fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Report, Error> {
+fn decompress(
+    input: &Path,
+    output: Option<&Path>,
+    verbose: bool,
+) -> Result<(Report, Option<Outputs>), Error> {
     let packed = PackedFile::open(input)?;
     let manifest = packed.manifest();
     let names: Vec<&String> = manifest.tensors.keys().collect();
     let restore = |index: usize| -> Result<(Vec<u8>, TensorOutcome), kvformat::Error> {
         let name = names[index];
         let tensor = &manifest.tensors[name];
-        let bytes = tensor.dtype.from_f32(&packed.unpack(name)?);
+        let bytes = tensor
+            .dtype
+            .try_from_f32(&packed.unpack(name)?)
+            .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
         let outcome = TensorOutcome {
             name: name.clone(),
             original_bytes: bytes.len() as u64,
@@ -203,7 +270,31 @@ fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Repo
             .into_par_iter()
             .map(|i| restore(i).map(|(_, outcome)| outcome))
             .collect::<Result<Vec<_>, _>>()?;
-        return Ok(report_of(&outcomes, verbose));
+        return Ok((report_of(&outcomes, verbose), None));
+    };
+    // The sidecar to write is settled before anything is: one beside the
+    // packed file must describe the cache being restored, as compress
+    // insists for its input; without one it is inferred from the layout.
+    let restored: Vec<(String, CacheDtype, Vec<usize>)> = names
+        .iter()
+        .map(|&name| {
+            (
+                name.clone(),
+                manifest.tensors[name].dtype,
+                manifest.tensors[name].shape.clone(),
+            )
+        })
+        .collect();
+    let model_name = manifest
+        .input_metadata
+        .get("model_name")
+        .map_or("", String::as_str);
+    let sidecar = match Sidecar::read_beside(input)? {
+        Some(sidecar) => {
+            validate_tensors_against_sidecar(&restored, input, &sidecar, &sidecar_path(input))?;
+            Some(sidecar)
+        }
+        None => Sidecar::infer(&restored, model_name),
     };
     let specs: Vec<TensorSpec<'_>> = names
         .iter()
@@ -217,20 +308,10 @@ fn decompress(input: &Path, output: Option<&Path>, verbose: bool) -> Result<Repo
             }
         })
         .collect();
-    let outcomes = write_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
-    let restored: Vec<(String, CacheDtype, Vec<usize>)> = names
-        .iter()
-        .map(|&name| (name.clone(), manifest.tensors[name].dtype, manifest.tensors[name].shape.clone()))
-        .collect();
-    let model_name = manifest.input_metadata.get("model_name").map_or("", String::as_str);
-    let sidecar = match Sidecar::read_beside(input)? {
-        Some(sidecar) => Some(sidecar),
-        None => Sidecar::infer(&restored, model_name),
-    };
-    if let Some(sidecar) = sidecar {
-        sidecar.write(&sidecar_path(output))?;
-    }
-    Ok(report_of(&outcomes, verbose))
+    let (outcomes, staged) =
+        stage_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
+    let outputs = Outputs::pair(output, staged, sidecar.as_ref())?;
+    Ok((report_of(&outcomes, verbose), Some(outputs)))
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
@@ -247,7 +328,7 @@ fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
 fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
     let m = &outcome.metrics;
     eprintln!(
-        "kv-compress: [{}/{total}] {}: {} values -> {} bytes, rmse {:.6}, snr {:.2} dB, cosine {:.6}, max error {:.6}",
+        "kv-compress: [{}/{total}] {:?}: {} values -> {} bytes, rmse {:.6}, snr {:.2} dB, cosine {:.6}, max error {:.6}",
         index + 1,
         outcome.name,
         outcome.values,

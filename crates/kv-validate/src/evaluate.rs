@@ -21,6 +21,7 @@ use kvformat::{CacheDtype, Report};
 use serde::Serialize;
 
 use crate::bridge::{BridgeError, CompressSettings, KvCompress};
+use crate::cleanup::ScratchDir;
 use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
 use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
@@ -41,6 +42,15 @@ pub enum EvalError {
     },
     #[error("no compressor variant to evaluate")]
     NoVariants,
+    /// Nothing would be measured, and nothing measured is not a pass.
+    #[error(
+        "none of the {windows} window(s) has a cache for the compressor to change, so \
+         nothing would be measured: a window needs context tokens and at least 2 targets \
+         (the first target is predicted by the prefill alone); use --targets 2 or more, \
+         or more windows (--max-windows 2 or more: the sliding window's first window \
+         has no context)"
+    )]
+    NothingToCompress { windows: usize },
     #[error(
         "window [{begin}, {end}) lies outside the {tokens} tokens of the text or has no target"
     )]
@@ -216,14 +226,18 @@ pub fn evaluate(
             tokens: tokens.len(),
         });
     }
+    if !windows.iter().any(has_compressed_cache) {
+        return Err(EvalError::NothingToCompress {
+            windows: windows.len(),
+        });
+    }
     let started = Instant::now();
-    let scratch = tempfile::Builder::new()
-        .prefix("kv-validate-")
-        .tempdir_in(&options.scratch_parent)
-        .map_err(|source| EvalError::Scratch {
+    let scratch = ScratchDir::new("kv-validate-", &options.scratch_parent).map_err(|source| {
+        EvalError::Scratch {
             parent: options.scratch_parent.clone(),
             source,
-        })?;
+        }
+    })?;
     let progress = progress_bar(
         windows.iter().map(Window::scored_len).sum(),
         options.show_progress,
@@ -330,6 +344,12 @@ pub fn evaluate(
     })
 }
 
+/// Whether a reconstructed cache changes what `window` scores: it has a
+/// context to cache and a target after the one the prefill predicts.
+fn has_compressed_cache(window: &Window) -> bool {
+    window.context_end > window.begin && window.end - window.context_end > 1
+}
+
 /// The cache as the compressor receives it, rounded to the dtype its file
 /// stores: the baseline scores on that, so rounding to F16/BF16 counts
 /// against neither side and the delta is the compression's alone.
@@ -369,8 +389,7 @@ fn round_trip(
 ) -> Result<(Report, std::path::PathBuf), BridgeError> {
     let packed = scratch.join(format!("variant_{index}.kvc.safetensors"));
     let decoded = scratch.join(format!("variant_{index}.decoded.safetensors"));
-    let metrics = compressor.compress(cache_path, &packed, settings)?;
-    compressor.decompress(&packed, &decoded)?;
+    let metrics = compressor.round_trip(cache_path, &packed, &decoded, settings)?;
     Ok((metrics, decoded))
 }
 

@@ -4,10 +4,12 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod cleanup;
 pub mod data;
 pub mod evaluate;
 pub mod kvio;
 pub mod model;
+pub mod output;
 pub mod perplexity;
 pub mod plot;
 pub mod quick_test;

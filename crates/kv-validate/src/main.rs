@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use candle_core::DType;
@@ -11,15 +12,16 @@ use clap::{Parser, ValueEnum};
 use kvformat::CacheDtype;
 
 use kv_validate::bench;
-use kv_validate::bridge::{CompressSettings, KvCompress};
+use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
 use kv_validate::data::{load_text, TextSource};
 use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource, DEFAULT_HUB_REPO};
+use kv_validate::output;
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
-use kv_validate::report::{write_json_atomically, RunDescription, ValidationReport};
-use kv_validate::sweep::{ensure_unique_labels, write_text_atomically, SweepReport, Variant};
+use kv_validate::report::{RunDescription, ValidationReport};
+use kv_validate::sweep::{ensure_unique_labels, SweepReport, Variant};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -49,6 +51,8 @@ Examples:
 Exit status: 0 passed (delta < threshold), 1 failed, 2 error. A sweep exits 0
 when some variant passes (the recommendation exists), 1 when none does.
 kv-compress is found through KV_COMPRESS_PATH, beside this binary, bin/, then PATH.
+It runs in a process group of its own, killed on --compress-timeout, on Ctrl-C
+(SIGINT), SIGTERM or SIGHUP; the scratch directory of caches is removed then too.
 The hub honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE.";
 
 /// Measure the perplexity a compressed KV cache costs, end to end.
@@ -92,6 +96,10 @@ struct Cli {
     /// kv-compress -sparsity.
     #[arg(long, default_value_t = 0.0)]
     sparsity: f64,
+    /// Kill a kv-compress run (compress or decompress) that takes longer than
+    /// this. Default: 600 s plus 1800 s per GiB of the cache file.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    compress_timeout: Option<Duration>,
     /// An extra kv-compress flag, passed through verbatim (repeatable; use
     /// --compress-arg=-flag for values that start with a dash).
     #[arg(long = "compress-arg", value_name = "ARG", allow_hyphen_values = true)]
@@ -201,17 +209,58 @@ impl From<CacheDtypeArg> for CacheDtype {
     }
 }
 
+/// `--compress-timeout`: a positive number of seconds.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds > 0.0)
+        .and_then(|seconds| Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("expected a positive number of seconds, got {text:?}"))
+}
+
 fn main() -> ExitCode {
+    // candle captures a backtrace into every error it makes when
+    // RUST_BACKTRACE is set, and prints it as part of the error's text. Error
+    // values carry none here (panics still get theirs), so every error stays
+    // one line; an explicit RUST_LIB_BACKTRACE still wins. Set before any
+    // thread exists and before the first capture reads it.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
+    if let Err(error) = kv_validate::cleanup::install_signal_handlers() {
+        eprintln!("error: cannot handle SIGINT/SIGTERM: {error}");
+        return ExitCode::from(2);
+    }
     match run(&cli) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(error) => {
-            let message = format!("{error:#}");
-            eprintln!("error: {}", message.lines().collect::<Vec<_>>().join(" | "));
+            eprintln!("error: {}", one_line(&error));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: errors whose
+/// message already shows their source (thiserror's `{source}`) would
+/// otherwise print it twice.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if !message.contains(text.trim()) {
+            if !message.is_empty() {
+                message.push_str(": ");
+            }
+            message.push_str(&text);
+        }
+    }
+    message
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 /// Runs the validation; `Ok(passed)`.
@@ -228,7 +277,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         extra_args: cli.compress_args.clone(),
     };
     let sweep = sweep_variants(cli)?;
-    let compressor = KvCompress::locate()?;
+    let compressor = KvCompress::locate()?.with_timeout(
+        cli.compress_timeout
+            .map_or(CompressTimeout::ScaledWithCache, CompressTimeout::Fixed),
+    );
     let status = |message: &str| {
         if !cli.quiet {
             eprintln!("{message}");
@@ -386,10 +438,10 @@ fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
 fn finish_sweep(cli: &Cli, report: &SweepReport) -> anyhow::Result<bool> {
     print!("{}", report.render_text());
     if let Some(path) = &cli.sweep_csv {
-        write_text_atomically(path, &report.table.to_csv())?;
+        output::write_atomically(path, report.table.to_csv())?;
     }
     if let Some(path) = &cli.sweep_plot {
-        write_text_atomically(path, &kv_validate::plot::render_svg(&report.table))?;
+        output::write_atomically(path, kv_validate::plot::render_svg(&report.table))?;
     }
     write_json(cli, report)?;
     Ok(report.table.recommendation.is_some())
@@ -397,8 +449,7 @@ fn finish_sweep(cli: &Cli, report: &SweepReport) -> anyhow::Result<bool> {
 
 fn write_json(cli: &Cli, report: &impl serde::Serialize) -> anyhow::Result<()> {
     if let Some(path) = &cli.json {
-        write_json_atomically(path, report)
-            .with_context(|| format!("cannot write the JSON report to {}", path.display()))?;
+        output::write_json(path, report).context("cannot write the JSON report")?;
     }
     Ok(())
 }

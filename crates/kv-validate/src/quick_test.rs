@@ -18,6 +18,7 @@ use kvformat::CacheDtype;
 use serde::Serialize;
 
 use crate::bridge::{CompressSettings, KvCompress};
+use crate::cleanup::ScratchDir;
 use crate::evaluate::EvalError;
 use crate::evaluate::MetricsSummary;
 use crate::kvio::{read_kv_cache_like, write_kv_cache};
@@ -182,9 +183,7 @@ pub fn run_quick_test(
 ) -> Result<QuickTestReport, EvalError> {
     let started = Instant::now();
     let parent = std::env::temp_dir();
-    let scratch = tempfile::Builder::new()
-        .prefix("kv-validate-quick-")
-        .tempdir_in(&parent)
+    let scratch = ScratchDir::new("kv-validate-quick-", &parent)
         .map_err(|source| EvalError::Scratch { parent, source })?;
     let cache = synthetic_cache(
         TINYLLAMA_LAYERS,
@@ -199,8 +198,7 @@ pub fn run_quick_test(
     // exactly what the compressor saw (f16 rounding included).
     let layout = write_kv_cache(&input, &cache, cache_dtype, "synthetic-tinyllama")?;
     let (original, _) = crate::kvio::read_kv_cache(&input, &Device::Cpu)?;
-    let metrics = compressor.compress(&input, &packed, settings)?;
-    compressor.decompress(&packed, &decoded)?;
+    let metrics = compressor.round_trip(&input, &packed, &decoded, settings)?;
 
     let mut checks = Vec::new();
     let reconstructed = match read_kv_cache_like(&decoded, &layout, &Device::Cpu) {

@@ -3,9 +3,6 @@
 //! never said (tokens scored, windows, wall time and the compressor's share),
 //! as text for people and as JSON (`--json`) for scripts.
 
-use std::io::Write;
-use std::path::Path;
-
 use serde::Serialize;
 
 use crate::evaluate::{Evaluation, MetricsSummary, Timings, VariantOutcome};
@@ -280,22 +277,6 @@ pub(crate) fn timing_line(timing: &TimingFigures) -> String {
     )
 }
 
-/// Writes `value` as 2-space-indented JSON to `path` atomically: a temporary
-/// file in the same directory, renamed over `path` once complete, so a
-/// reader never sees half a report.
-pub fn write_json_atomically(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    serde_json::to_writer_pretty(&mut file, value)?;
-    file.write_all(b"\n")?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|error| error.error)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -382,22 +363,12 @@ mod tests {
     }
 
     #[test]
-    fn json_is_written_whole_and_replaces_the_old_file() {
+    fn json_names_the_figures_as_scripts_read_them() {
         let (evaluation, run) = evaluation(1.0, 1.5);
         let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("report.json");
-        std::fs::write(&path, "stale").unwrap();
-        write_json_atomically(&path, &report).unwrap();
-        let json: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let json = serde_json::to_value(&report).unwrap();
         assert_eq!(json["passed"], false);
         assert_eq!(json["windows"], 1);
         assert_eq!(json["compression"]["worst_quality_level"], "POOR");
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temp file left behind"
-        );
     }
 }

@@ -6,9 +6,6 @@
 //! A variant is a label and the `kv-compress` flags it runs with, written as
 //! `LABEL=FLAGS` on the command line (`--variant "kivi3=-method kivi -bits 3"`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-
 use kvformat::CacheDtype;
 use serde::Serialize;
 
@@ -115,12 +112,6 @@ pub enum SweepError {
     },
     #[error("two sweep variants are labelled {label:?}")]
     DuplicateLabel { label: String },
-    /// Boxed: kvformat's error is large, and this one is rare.
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        source: Box<kvformat::Error>,
-    },
 }
 
 /// One compressor configuration of a sweep.
@@ -474,19 +465,6 @@ impl SweepReport {
     }
 }
 
-/// Writes `text` to `path` atomically (temporary file, fsync, rename).
-pub fn write_text_atomically(path: &Path, text: &str) -> Result<(), SweepError> {
-    kvformat::atomic::write_atomically(path, |writer| {
-        writer
-            .write_all(text.as_bytes())
-            .map_err(kvformat::atomic::write_error(path))
-    })
-    .map_err(|source| SweepError::Write {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    })
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -629,21 +607,5 @@ pub(crate) mod tests {
             .unwrap_err()
             .to_string()
             .contains("adr002-g64"));
-    }
-
-    #[test]
-    fn text_written_atomically_replaces_the_old_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sweep.csv");
-        std::fs::write(&path, "stale").unwrap();
-        write_text_atomically(&path, "fresh\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "fresh\n");
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temp file left behind"
-        );
-        let missing = dir.path().join("no/such/dir/x.csv");
-        assert!(write_text_atomically(&missing, "x").is_err());
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
+use crate::input::try_resize_zeroed;
 use crate::tensor_file::{write_tensor_file_streaming, TensorEntry, TensorFile, TensorSpec};
 
 /// An open KV cache whose tensors all have a cache dtype.
@@ -41,21 +42,53 @@ impl KvCache {
         self.file.tensors().iter().zip(self.dtypes.iter().copied())
     }
 
-    /// The tensor's values as `f32`; fails on the first NaN or infinity.
+    /// The tensor's values as `f32`, read from the file once into memory
+    /// (allocated fallibly) and checked there: what is returned is what was
+    /// checked. Fails on the first NaN or infinity.
     pub fn values(&self, entry: &TensorEntry, dtype: CacheDtype) -> Result<Cow<'_, [f32]>> {
-        let values = dtype.to_f32(self.file.data(entry));
-        if let Some(index) = first_non_finite(&values) {
-            return Err(Error::tensor(
-                self.file.path(),
-                &entry.name,
-                TensorProblem::NonFinite {
-                    index,
-                    value: values[index],
-                },
-            ));
-        }
-        Ok(values)
+        let (mut values, mut bytes) = (Vec::new(), Vec::new());
+        self.read_values(entry, dtype, &mut values, &mut bytes)?;
+        Ok(Cow::Owned(values))
     }
+
+    /// [`Self::values`] lent to `use_values`, read into buffers this thread
+    /// reuses tensor after tensor: a fresh buffer per tensor costs a page
+    /// fault per 4 KiB (the allocator hands large blocks back to the kernel),
+    /// which doubled the time of a metrics-only run.
+    pub fn with_values<R>(&self, entry: &TensorEntry, dtype: CacheDtype, use_values: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        // Taken, not borrowed: the codec's rayon calls may run another
+        // tensor's read on this thread, which then gets buffers of its own.
+        let (mut values, mut bytes) = SCRATCH.take();
+        let result = self.read_values(entry, dtype, &mut values, &mut bytes).map(|()| use_values(&values));
+        SCRATCH.set((values, bytes));
+        result
+    }
+
+    fn read_values(&self, entry: &TensorEntry, dtype: CacheDtype, values: &mut Vec<f32>, bytes: &mut Vec<u8>) -> Result<()> {
+        let path = self.file.path();
+        let problem = |problem| Error::tensor(path, &entry.name, problem);
+        try_resize_zeroed(values, entry.byte_len() / dtype.size_bytes(), "the tensor's values").map_err(problem)?;
+        match dtype {
+            CacheDtype::F32 => self.file.read_into(entry, bytemuck::cast_slice_mut(values))?,
+            CacheDtype::F16 | CacheDtype::BF16 => {
+                try_resize_zeroed(bytes, entry.byte_len(), "the tensor's bytes").map_err(problem)?;
+                self.file.read_into(entry, bytes)?;
+                dtype.to_f32_into(bytes, values);
+            }
+        }
+        if let Some(index) = first_non_finite(values) {
+            return Err(problem(TensorProblem::NonFinite {
+                index,
+                value: values[index],
+            }));
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// The buffers of [`KvCache::with_values`]: values, and raw bytes for F16/BF16.
+    static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// Index of the first NaN or infinity (all exponent bits set). Chunks are

@@ -9,6 +9,9 @@ use half::{bf16, f16};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::error::TensorProblem;
+use crate::input::try_zeroed;
+
 /// Element type of a KV-cache tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -77,15 +80,40 @@ impl CacheDtype {
         }
     }
 
+    /// Little-endian bytes to `f32` into `out` (`bytes.len() / size_bytes()` long).
+    pub fn to_f32_into(self, bytes: &[u8], out: &mut [f32]) {
+        match self {
+            CacheDtype::F32 => bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes),
+            CacheDtype::F16 => halves_into_f32::<f16>(bytes, out),
+            CacheDtype::BF16 => halves_into_f32::<bf16>(bytes, out),
+        }
+    }
+
     /// Finite `f32` values to little-endian bytes of this dtype: round to
     /// nearest even, saturating at the dtype's largest finite value (a
     /// reconstruction just beyond F16's 65504 must not be restored as infinity).
     pub fn from_f32(self, values: &[f32]) -> Vec<u8> {
+        self.try_from_f32(values).unwrap_or_else(|_| {
+            std::alloc::handle_alloc_error(
+                std::alloc::Layout::array::<u8>(values.len() * self.size_bytes()).expect("fits"),
+            )
+        })
+    }
+
+    /// [`Self::from_f32`], with the output allocated fallibly.
+    pub fn try_from_f32(self, values: &[f32]) -> Result<Vec<u8>, TensorProblem> {
+        let mut out = try_zeroed::<u8>(
+            values.len().saturating_mul(self.size_bytes()),
+            "the restored tensor",
+        )?;
         match self {
-            CacheDtype::F32 => bytemuck::cast_slice(values).to_vec(),
-            CacheDtype::F16 => f32_to_halves::<f16>(values, 0x7C00, f16::MAX.to_bits()),
-            CacheDtype::BF16 => f32_to_halves::<bf16>(values, 0x7F80, bf16::MAX.to_bits()),
+            CacheDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
+            CacheDtype::F16 => f32_to_halves::<f16>(values, &mut out, 0x7C00, f16::MAX.to_bits()),
+            CacheDtype::BF16 => {
+                f32_to_halves::<bf16>(values, &mut out, 0x7F80, bf16::MAX.to_bits())
+            }
         }
+        Ok(out)
     }
 }
 
@@ -95,39 +123,56 @@ where
     [H]: HalfFloatSliceExt,
 {
     let mut out = vec![0f32; bytes.len() / 2];
-    match bytemuck::try_cast_slice::<u8, H>(bytes) {
-        Ok(halves) => halves.convert_to_f32_slice(&mut out),
-        Err(_) => {
-            let mut halves: Vec<H> = vec![H::zeroed(); bytes.len() / 2];
-            bytemuck::cast_slice_mut::<H, u8>(&mut halves).copy_from_slice(bytes);
-            halves.convert_to_f32_slice(&mut out);
-        }
-    }
+    halves_into_f32::<H>(bytes, &mut out);
     out
 }
 
-/// Converts, then replaces any ±infinity (magnitude bits == `infinity_bits`)
-/// with ±`max_bits`. The check is a branch-free count per chunk so the
+fn halves_into_f32<H>(bytes: &[u8], out: &mut [f32])
+where
+    H: bytemuck::Pod,
+    [H]: HalfFloatSliceExt,
+{
+    match bytemuck::try_cast_slice::<u8, H>(bytes) {
+        Ok(halves) => halves.convert_to_f32_slice(out),
+        Err(_) => {
+            let mut halves: Vec<H> = vec![H::zeroed(); bytes.len() / 2];
+            bytemuck::cast_slice_mut::<H, u8>(&mut halves).copy_from_slice(bytes);
+            halves.convert_to_f32_slice(out);
+        }
+    }
+}
+
+/// Converts into `out` (2 bytes per value), replacing any ±infinity
+/// (magnitude bits == `infinity_bits`) with ±`max_bits`. Works a chunk at a
+/// time through a stack buffer, with a branch-free count per chunk so the
 /// common case (nothing to fix) stays vectorized.
-fn f32_to_halves<H>(values: &[f32], infinity_bits: u16, max_bits: u16) -> Vec<u8>
+fn f32_to_halves<H>(values: &[f32], out: &mut [u8], infinity_bits: u16, max_bits: u16)
 where
     H: bytemuck::Pod,
     [H]: HalfFloatSliceExt,
 {
     const MAGNITUDE_MASK: u16 = 0x7FFF;
     const SIGN: u16 = 0x8000;
-    let mut halves: Vec<H> = vec![H::zeroed(); values.len()];
-    halves.convert_from_f32_slice(values);
-    let bits: &mut [u16] = bytemuck::cast_slice_mut(&mut halves);
-    for chunk in bits.chunks_mut(4096) {
-        let infinities: u32 = chunk.iter().map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits)).sum();
+    const CHUNK: usize = 4096;
+    let mut halves = [H::zeroed(); CHUNK];
+    for (values, out) in values.chunks(CHUNK).zip(out.chunks_mut(2 * CHUNK)) {
+        let halves = &mut halves[..values.len()];
+        halves.convert_from_f32_slice(values);
+        let bits: &mut [u16] = bytemuck::cast_slice_mut(halves);
+        let infinities: u32 = bits
+            .iter()
+            .map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits))
+            .sum();
         if infinities > 0 {
-            for b in chunk.iter_mut().filter(|b| **b & MAGNITUDE_MASK == infinity_bits) {
+            for b in bits
+                .iter_mut()
+                .filter(|b| **b & MAGNITUDE_MASK == infinity_bits)
+            {
                 *b = (*b & SIGN) | max_bits;
             }
         }
+        out.copy_from_slice(bytemuck::cast_slice(bits));
     }
-    bytemuck::cast_slice(&halves).to_vec()
 }
 
 #[cfg(test)]

@@ -24,6 +24,12 @@ pub enum TensorProblem {
         shape: Vec<usize>,
         stored_len: usize,
     },
+    #[error(
+        "decoded value {index} is {value}, not finite: the stored scales are corrupt or hostile"
+    )]
+    DecodedNotFinite { index: usize, value: f32 },
+    #[error("cannot allocate {bytes} bytes for it: {what} does not fit in this machine's (or this process's) memory")]
+    OutOfMemory { bytes: usize, what: &'static str },
     #[error("LZ4 payload does not decompress to {raw_len} bytes: {reason}")]
     Lz4 { raw_len: usize, reason: String },
     #[error("data offsets overlap, leave a gap or run out of range")]
@@ -52,7 +58,10 @@ pub enum Error {
     /// The safetensors structure (header length, JSON, offsets, sizes) is invalid.
     #[error("{}: invalid safetensors file: {problem}", path.display())]
     Structure { path: PathBuf, problem: String },
-    #[error("{}: {tensor}: {problem}", path.display())]
+    /// The tensor name is quoted and escaped (`{:?}`): a name is untrusted
+    /// text, and a newline or terminal escape in it must not break the
+    /// one-line error or forge a log line.
+    #[error("{}: {tensor:?}: {problem}", path.display())]
     Tensor {
         path: PathBuf,
         tensor: String,
@@ -68,6 +77,17 @@ pub enum Error {
     OutputDirMissing { dir: PathBuf },
     #[error("{}: -output is the same file as -input", path.display())]
     OutputIsInput { path: PathBuf },
+    /// A path the run writes (the output or its sidecar) is one it reads
+    /// (the input or its sidecar) or writes already.
+    #[error("{}: this run would overwrite it, but it is the same file as {}, which the run also uses", written.display(), read.display())]
+    OverwritesInput { written: PathBuf, read: PathBuf },
+    #[error("{}: is {kind}, not a regular file", path.display())]
+    NotRegularFile { path: PathBuf, kind: &'static str },
+    #[error("{}: the file shrank while being read (truncated or rewritten by another process?): {source}", path.display())]
+    Truncated {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 impl Error {

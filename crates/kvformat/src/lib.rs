@@ -27,6 +27,7 @@ pub mod cache;
 pub mod codec;
 pub mod dtype;
 pub mod error;
+pub mod input;
 pub mod metrics;
 pub mod packed;
 pub mod preset;
@@ -39,4 +40,7 @@ pub use error::{Error, Result, TensorProblem};
 pub use metrics::{Report, TensorMetrics};
 pub use packed::{PackedFile, PackedTensor};
 pub use sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
-pub use tensor_file::{write_tensor_file, write_tensor_file_streaming, OutputTensor, TensorEntry, TensorFile, TensorSpec};
+pub use tensor_file::{
+    stage_tensor_file, stage_tensor_file_streaming, write_tensor_file, write_tensor_file_streaming,
+    OutputTensor, TensorEntry, TensorFile, TensorSpec,
+};

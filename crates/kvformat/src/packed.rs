@@ -9,11 +9,13 @@ use std::path::Path;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
+use crate::atomic::Staged;
 use crate::codec::{self, CodecParams, Layout};
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
-use crate::metrics::{measure, TensorMetrics};
-use crate::tensor_file::{write_tensor_file, OutputTensor, TensorFile};
+use crate::input::try_zeroed;
+use crate::metrics::{measure, TensorMetrics, SNR_CAP_DB};
+use crate::tensor_file::{stage_tensor_file, OutputTensor, TensorFile, MAX_HEADER_BYTES};
 
 /// `__metadata__` key of the container version this code writes and reads.
 pub const FORMAT_VERSION_KEY: &str = "kvformat.format_version";
@@ -144,8 +146,51 @@ fn container_metadata(manifest: &Manifest, manifest_json: &str) -> BTreeMap<Stri
     metadata
 }
 
+/// Fails, before any work, when a packed file of `tensor_count` tensors
+/// carrying `input_metadata` could not be read back: more tensors than a file
+/// may hold, or input metadata whose two copies (as `__metadata__` keys and
+/// inside the manifest) alone exceed the header limit.
+pub fn ensure_packable(
+    path: &Path,
+    tensor_count: usize,
+    input_metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let refuse = |problem: String| Error::Structure {
+        path: path.into(),
+        problem: format!("refusing to write a file the reader would refuse: {problem}"),
+    };
+    if tensor_count > crate::tensor_file::MAX_TENSORS {
+        return Err(refuse(format!(
+            "{tensor_count} tensors, more than the {} a file may hold",
+            crate::tensor_file::MAX_TENSORS
+        )));
+    }
+    let metadata_bytes = serde_json::to_vec(input_metadata)
+        .expect("string map serializes")
+        .len();
+    if metadata_bytes.saturating_mul(2) > MAX_HEADER_BYTES {
+        return Err(refuse(format!(
+            "the input's {metadata_bytes} bytes of __metadata__ are stored twice, more than the {MAX_HEADER_BYTES}-byte header limit"
+        )));
+    }
+    Ok(())
+}
+
 /// Writes the packed file atomically.
-pub fn write_packed(path: &Path, tensors: &[PackedTensor], input_metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_packed(
+    path: &Path,
+    tensors: &[PackedTensor],
+    input_metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    crate::atomic::commit(vec![stage_packed(path, tensors, input_metadata)?])
+}
+
+/// [`write_packed`] up to the commit: the caller commits it with its sidecar.
+pub fn stage_packed(
+    path: &Path,
+    tensors: &[PackedTensor],
+    input_metadata: &BTreeMap<String, String>,
+) -> Result<Staged> {
     let manifest = Manifest {
         tensors: tensors.iter().map(|t| (t.name.clone(), t.entry.clone())).collect(),
         input_metadata: input_metadata.clone(),
@@ -163,7 +208,7 @@ pub fn write_packed(path: &Path, tensors: &[PackedTensor], input_metadata: &BTre
             data: &t.stored,
         })
         .collect();
-    write_tensor_file(path, &outputs, &metadata)
+    stage_tensor_file(path, &outputs, &metadata)
 }
 
 /// An open packed file whose manifest is present, intact and consistent
@@ -250,8 +295,10 @@ impl PackedFile {
         ) else {
             return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
         };
-        let stored = self.file.data(entry);
-        let actual = crc32fast::hash(stored);
+        // Read once: the bytes checksummed are the bytes decoded, whatever
+        // another process does to the file meanwhile.
+        let stored = self.file.read(entry)?;
+        let actual = crc32fast::hash(&stored);
         if actual != tensor.crc32 {
             return Err(Error::tensor(
                 path,
@@ -262,31 +309,49 @@ impl PackedFile {
                 },
             ));
         }
+        let problem = |problem: TensorProblem| Error::tensor(path, name, problem);
         let lz4_error = |reason: String| {
-            Error::tensor(
-                path,
-                name,
-                TensorProblem::Lz4 {
-                    raw_len: tensor.raw_len,
-                    reason,
-                },
-            )
+            problem(TensorProblem::Lz4 {
+                raw_len: tensor.raw_len,
+                reason,
+            })
         };
-        let decompressed;
         let payload = if tensor.lz4 {
-            decompressed = lz4_flex::block::decompress(stored, tensor.raw_len).map_err(|e| lz4_error(e.to_string()))?;
-            if decompressed.len() != tensor.raw_len {
-                return Err(lz4_error(format!("got {} bytes", decompressed.len())));
+            let mut decompressed =
+                try_zeroed::<u8>(tensor.raw_len, "the decompressed payload").map_err(problem)?;
+            let len = lz4_flex::block::decompress_into(&stored, &mut decompressed)
+                .map_err(|e| lz4_error(e.to_string()))?;
+            if len != tensor.raw_len {
+                return Err(lz4_error(format!("got {len} bytes")));
             }
-            &decompressed[..]
+            decompressed
         } else {
             stored
         };
         tensor
             .codec
             .validate(&tensor.shape)
-            .and_then(|()| codec::decode(payload, &tensor.shape, &tensor.codec, &tensor.layout))
-            .map_err(|e| Error::tensor(path, name, e))
+            .map_err(|e| problem(e.into()))?;
+        let count = tensor.shape.iter().product::<usize>();
+        let mut values = try_zeroed::<f32>(count, "the decoded tensor").map_err(problem)?;
+        codec::decode_into(
+            &payload,
+            &tensor.shape,
+            &tensor.codec,
+            &tensor.layout,
+            &mut values,
+        )
+        .map_err(|e| problem(e.into()))?;
+        // A checksum only proves the bytes are the ones written; hostile
+        // scales can still make a valid payload decode past f32's range
+        // (docs/format.md promises finite values).
+        if let Some(index) = crate::cache::first_non_finite(&values) {
+            return Err(problem(TensorProblem::DecodedNotFinite {
+                index,
+                value: values[index],
+            }));
+        }
+        Ok(values)
     }
 }
 
@@ -329,5 +394,30 @@ fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
             tensor.raw_len, tensor.stored_len
         ));
     }
-    Ok(())
+    check_metrics(&tensor.metrics)
+}
+
+/// Largest error two finite f32 values can differ by: every honest RMSE and
+/// max error is at most this, and 16384 tensors of it still sum finitely.
+const MAX_ERROR: f64 = 2.0 * f32::MAX as f64;
+
+/// Rejects metrics no measurement of finite values can produce, so the report
+/// stays finite JSON and means what it says.
+fn check_metrics(m: &TensorMetrics) -> std::result::Result<(), String> {
+    let in_range = |value: f64, low: f64, high: f64| (low..=high).contains(&value);
+    let problem = if !in_range(m.rmse, 0.0, MAX_ERROR) {
+        Some(("rmse", m.rmse))
+    } else if !in_range(m.max_error, 0.0, MAX_ERROR) {
+        Some(("max_error", m.max_error))
+    } else if !in_range(m.cosine, -1.0, 1.0) {
+        Some(("cosine", m.cosine))
+    } else if !in_range(m.snr_db, -SNR_CAP_DB, SNR_CAP_DB) {
+        Some(("snr_db", m.snr_db))
+    } else {
+        None
+    };
+    match problem {
+        Some((field, value)) => Err(format!("metrics.{field} {value:?} is out of range")),
+        None => Ok(()),
+    }
 }

@@ -36,11 +36,13 @@ impl Sidecar {
             path: path.into(),
             problem,
         };
-        let len = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?.len();
-        if len > MAX_SIDECAR_BYTES {
-            return Err(error(format!("{len} bytes is too large for a sidecar")));
-        }
-        let text = std::fs::read(path).map_err(|e| Error::io(path, "read", e))?;
+        // The length a file claims is no bound (a device says 0): at most the
+        // cap is read, from a regular file only.
+        let Some(text) = crate::input::read_capped(path, MAX_SIDECAR_BYTES)? else {
+            return Err(error(format!(
+                "more than {MAX_SIDECAR_BYTES} bytes is too large for a sidecar"
+            )));
+        };
         let sidecar: Sidecar = serde_json::from_slice(&text).map_err(|e| error(e.to_string()))?;
         if CacheDtype::from_torch_name(&sidecar.dtype).is_none() {
             return Err(error(format!(
@@ -63,9 +65,14 @@ impl Sidecar {
 
     /// Writes it (2-space indented JSON) atomically.
     pub fn write(&self, path: &Path) -> Result<()> {
+        crate::atomic::commit(vec![self.stage(path)?])
+    }
+
+    /// [`Self::write`] up to the commit: the caller commits it with its cache.
+    pub fn stage(&self, path: &Path) -> Result<crate::atomic::Staged> {
         let mut json = serde_json::to_vec_pretty(self).expect("sidecar serializes");
         json.push(b'\n');
-        crate::atomic::write_atomically(path, |w| {
+        crate::atomic::stage(path, |w| {
             std::io::Write::write_all(w, &json).map_err(crate::atomic::write_error(path))
         })
     }
@@ -91,26 +98,49 @@ impl Sidecar {
         sidecar.check(tensors).is_ok().then_some(sidecar)
     }
 
-    /// Every disagreement between this sidecar and the tensors, as text.
+    /// The first disagreement between this sidecar and the tensors, as text,
+    /// both ways: every layer it describes is there with its shape and dtype,
+    /// and no `layer_{i}_key`/`_value` lies beyond its `num_layers`.
     /// Looks names up in a map: a scan per layer made 16384-tensor files take seconds.
-    fn check(&self, tensors: &[(String, CacheDtype, Vec<usize>)]) -> std::result::Result<(), String> {
-        let by_name: std::collections::HashMap<&str, (&CacheDtype, &Vec<usize>)> =
-            tensors.iter().map(|(n, dtype, shape)| (n.as_str(), (dtype, shape))).collect();
+    fn check(
+        &self,
+        tensors: &[(String, CacheDtype, Vec<usize>)],
+    ) -> std::result::Result<(), String> {
+        if let Some((name, _, _)) = tensors
+            .iter()
+            .find(|(name, _, _)| layer_of(name).is_some_and(|i| i >= self.num_layers))
+        {
+            return Err(format!(
+                "{name:?} is beyond the sidecar's num_layers = {}",
+                self.num_layers
+            ));
+        }
+        let by_name: std::collections::HashMap<&str, (&CacheDtype, &Vec<usize>)> = tensors
+            .iter()
+            .map(|(n, dtype, shape)| (n.as_str(), (dtype, shape)))
+            .collect();
         for layer in 0..self.num_layers {
             for kind in ["key", "value"] {
                 let name = format!("layer_{layer}_{kind}");
                 let Some((dtype, shape)) = by_name.get(name.as_str()) else {
-                    return Err(format!("{name} is missing (num_layers = {})", self.num_layers));
+                    return Err(format!(
+                        "{name:?} is missing (num_layers = {})",
+                        self.num_layers
+                    ));
                 };
                 let fits = matches!(shape[..], [_, h, s, d] if h == self.num_kv_heads && s == self.seq_len && d == self.head_dim);
                 if !fits {
                     return Err(format!(
-                        "{name} has shape {shape:?}, sidecar says [batch, {}, {}, {}]",
+                        "{name:?} has shape {shape:?}, sidecar says [batch, {}, {}, {}]",
                         self.num_kv_heads, self.seq_len, self.head_dim
                     ));
                 }
                 if dtype.torch_name() != self.dtype {
-                    return Err(format!("{name} is {}, sidecar says {}", dtype.torch_name(), self.dtype));
+                    return Err(format!(
+                        "{name:?} is {}, sidecar says {}",
+                        dtype.torch_name(),
+                        self.dtype
+                    ));
                 }
             }
         }
@@ -118,17 +148,50 @@ impl Sidecar {
     }
 }
 
+/// The layer index of a `layer_{i}_key` / `layer_{i}_value` name.
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("layer_")?;
+    let index = rest
+        .strip_suffix("_key")
+        .or_else(|| rest.strip_suffix("_value"))?;
+    index
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| index.parse().ok())?
+}
+
 /// Fails when the sidecar disagrees with the cache file it describes
-/// (missing layers, other shape or dtype), naming the first disagreement.
-pub fn validate_against_sidecar(cache: &TensorFile, sidecar: &Sidecar, sidecar_path: &Path) -> Result<()> {
+/// (missing or extra layers, other shape or dtype), naming the first disagreement.
+pub fn validate_against_sidecar(
+    cache: &TensorFile,
+    sidecar: &Sidecar,
+    sidecar_path: &Path,
+) -> Result<()> {
     let tensors: Vec<(String, CacheDtype, Vec<usize>)> = cache
         .tensors()
         .iter()
-        .filter_map(|t| Some((t.name.clone(), CacheDtype::from_safetensors(t.dtype)?, t.shape.clone())))
+        .filter_map(|t| {
+            Some((
+                t.name.clone(),
+                CacheDtype::from_safetensors(t.dtype)?,
+                t.shape.clone(),
+            ))
+        })
         .collect();
-    sidecar.check(&tensors).map_err(|problem| Error::Sidecar {
+    validate_tensors_against_sidecar(&tensors, cache.path(), sidecar, sidecar_path)
+}
+
+/// [`validate_against_sidecar`] for tensors described rather than opened
+/// (`(name, dtype, shape)`), e.g. the cache `-decompress` is about to restore.
+pub fn validate_tensors_against_sidecar(
+    tensors: &[(String, CacheDtype, Vec<usize>)],
+    cache_path: &Path,
+    sidecar: &Sidecar,
+    sidecar_path: &Path,
+) -> Result<()> {
+    sidecar.check(tensors).map_err(|problem| Error::Sidecar {
         path: sidecar_path.into(),
-        problem: format!("disagrees with {}: {problem}", cache.path().display()),
+        problem: format!("disagrees with {}: {problem}", cache_path.display()),
     })
 }
 
@@ -163,7 +226,27 @@ mod tests {
                 model_name: "m".into()
             }
         );
-        let wrong = Sidecar { seq_len: 17, ..sidecar };
+        let wrong = Sidecar {
+            seq_len: 17,
+            ..sidecar.clone()
+        };
         assert!(wrong.check(&tensors).unwrap_err().contains("layer_0_key"));
+        // The check is two-way: a sidecar describing fewer layers than the file holds is wrong too.
+        for num_layers in [0, 1] {
+            let fewer = Sidecar {
+                num_layers,
+                ..sidecar.clone()
+            };
+            let problem = fewer.check(&tensors).unwrap_err();
+            assert!(
+                problem.contains(&format!(
+                    "\"layer_{num_layers}_key\" is beyond the sidecar's num_layers = {num_layers}"
+                )),
+                "{problem}"
+            );
+        }
+        assert_eq!(layer_of("layer_12_value"), Some(12));
+        assert_eq!(layer_of("layer_x_value"), None);
+        assert_eq!(layer_of("layer_+1_key"), None);
     }
 }

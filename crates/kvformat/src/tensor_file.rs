@@ -1,26 +1,35 @@
-//! A safetensors file, memory-mapped and validated by the `safetensors` crate
-//! before any tensor byte is touched. Both KV caches and packed files are read
-//! through it; it accepts Python's space-padded headers and Go's unpadded ones.
+//! A safetensors file, validated by the `safetensors` crate before any
+//! tensor byte is touched. Both KV caches and packed files are read through
+//! it; it accepts Python's space-padded headers and Go's unpadded ones.
+//!
+//! The file is read, not memory-mapped: a tensor at a time, into memory that
+//! is then checked and used, so a file truncated or rewritten by another
+//! process mid-run is a clean error (or bytes that were checked), never a
+//! SIGBUS, and what was validated is what gets encoded.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
 use rayon::prelude::*;
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
+use crate::atomic::Staged;
 use crate::error::{Error, Result, TensorProblem};
+use crate::input::{open_regular, try_zeroed};
 
 /// Size of the little-endian u64 that opens every safetensors file.
 const HEADER_LENGTH_BYTES: usize = 8;
+/// Largest header the `safetensors` crate reads (its own private limit);
+/// writers check it too, so nothing is written that the reader refuses.
+pub const MAX_HEADER_BYTES: usize = 100_000_000;
 /// Most tensors a file may hold. A KV cache has two per layer, so this allows
 /// 8192 layers, and keeps a hostile header (millions of empty tensors fit in
 /// the crate's 100 MB header limit) from making the parser build them all.
 pub const MAX_TENSORS: usize = 16_384;
 
-/// One tensor's header entry; `data` is its byte range in the mapped file.
+/// One tensor's header entry; `data` is its byte range in the file.
 #[derive(Clone, Debug)]
 pub struct TensorEntry {
     pub name: String,
@@ -29,11 +38,18 @@ pub struct TensorEntry {
     data: std::ops::Range<usize>,
 }
 
+impl TensorEntry {
+    /// Bytes of this tensor's data in the file.
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
 /// An open, structurally valid safetensors file.
 #[derive(Debug)]
 pub struct TensorFile {
     path: PathBuf,
-    map: Mmap,
+    file: File,
     /// Sorted by name, as the original writer sorts them.
     tensors: Vec<TensorEntry>,
     metadata: BTreeMap<String, String>,
@@ -41,7 +57,7 @@ pub struct TensorFile {
 
 impl TensorFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let file = open_regular(path)?;
         let len = file
             .metadata()
             .map_err(|e| Error::io(path, "stat", e))?
@@ -49,11 +65,23 @@ impl TensorFile {
         if len == 0 {
             return Err(Error::EmptyFile { path: path.into() });
         }
-        // SAFETY: the map is read-only and private to this process; like every
-        // mmap reader (including the safetensors crate's own examples) we rely
-        // on nobody truncating the input while we read it.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, "memory-map", e))?;
-        if let Some(entries) = header_bytes(&map).and_then(count_header_entries) {
+        let structure = |e| structure_error(path, None, e);
+        let mut prefix = [0u8; HEADER_LENGTH_BYTES];
+        if len < HEADER_LENGTH_BYTES as u64 {
+            return Err(structure(SafeTensorError::HeaderTooSmall));
+        }
+        read_exact_at(&file, path, &mut prefix, 0)?;
+        let header_len = u64::from_le_bytes(prefix);
+        if header_len > MAX_HEADER_BYTES as u64 {
+            return Err(structure(SafeTensorError::HeaderTooLarge));
+        }
+        let header_end = HEADER_LENGTH_BYTES + header_len as usize;
+        if header_end as u64 > len {
+            return Err(structure(SafeTensorError::InvalidHeaderLength));
+        }
+        // Counted from the file before the header is read into memory or
+        // parsed: a 56 MB header of a million empty tensors costs neither.
+        if let Some(entries) = count_header_entries_in(&file, header_len) {
             if entries > MAX_TENSORS + 1 {
                 return Err(Error::Structure {
                     path: path.into(),
@@ -61,9 +89,24 @@ impl TensorFile {
                 });
             }
         }
-        let (header_len, metadata) = SafeTensors::read_metadata(&map)
-            .map_err(|e| structure_error(path, header_bytes(&map), e))?;
-        let data_start = HEADER_LENGTH_BYTES + header_len;
+        let mut header = try_zeroed::<u8>(header_end, "the header")
+            .map_err(|p| Error::tensor(path, "(header)", p))?;
+        read_exact_at(&file, path, &mut header, 0)?;
+        // The crate validates a header against a buffer of the whole file, of
+        // which it only reads the header and the length. Given the header
+        // alone, a valid header with data fails with exactly
+        // `MetadataIncompleteBuffer`; then the data length is checked here.
+        let metadata = match SafeTensors::read_metadata(&header) {
+            Ok((_, metadata)) => metadata,
+            Err(SafeTensorError::MetadataIncompleteBuffer) => {
+                serde_json::from_slice::<safetensors::tensor::Metadata>(
+                    &header[HEADER_LENGTH_BYTES..],
+                )
+                .map_err(|e| structure(SafeTensorError::InvalidHeaderDeserialization(e)))?
+            }
+            Err(e) => return Err(structure_error(path, header_bytes(&header), e)),
+        };
+        let data_start = header_end;
         let mut tensors: Vec<TensorEntry> = metadata
             .tensors()
             .into_iter()
@@ -74,11 +117,28 @@ impl TensorFile {
                 data: data_start + info.data_offsets.0..data_start + info.data_offsets.1,
             })
             .collect();
+        let data_end = tensors
+            .iter()
+            .map(|t| t.data.end)
+            .max()
+            .unwrap_or(data_start);
+        if data_end as u64 != len {
+            return Err(structure(SafeTensorError::MetadataIncompleteBuffer));
+        }
+        if tensors.len() > MAX_TENSORS {
+            return Err(Error::Structure {
+                path: path.into(),
+                problem: format!(
+                    "{} tensors, more than the {MAX_TENSORS} a file may hold",
+                    tensors.len()
+                ),
+            });
+        }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let metadata = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
         Ok(TensorFile {
             path: path.into(),
-            map,
+            file,
             tensors,
             metadata,
         })
@@ -97,31 +157,44 @@ impl TensorFile {
         &self.metadata
     }
 
-    pub fn data(&self, entry: &TensorEntry) -> &[u8] {
-        &self.map[entry.data.clone()]
+    /// Reads the tensor's bytes into memory (allocated fallibly).
+    pub fn read(&self, entry: &TensorEntry) -> Result<Vec<u8>> {
+        let mut bytes = try_zeroed::<u8>(entry.byte_len(), "the tensor's bytes")
+            .map_err(|p| Error::tensor(&self.path, &entry.name, p))?;
+        self.read_into(entry, &mut bytes)?;
+        Ok(bytes)
     }
 
-    /// Drops the tensor's pages from this process's memory once it has been
-    /// read, so peak memory tracks the tensors in flight, not the whole file.
-    /// A hint: later reads fault the bytes back in from the file unchanged.
-    pub fn release(&self, entry: &TensorEntry) {
-        #[cfg(unix)]
-        // SAFETY: MADV_DONTNEED on a read-only file mapping that is never
-        // written only discards clean pages; any later access re-reads the
-        // same bytes from the file, so no borrowed slice observes a change.
-        unsafe {
-            let _ = self.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                entry.data.start,
-                entry.data.len(),
-            );
-        }
+    /// Reads the tensor's bytes into `out`, which must be exactly as long.
+    pub fn read_into(&self, entry: &TensorEntry, out: &mut [u8]) -> Result<()> {
+        assert_eq!(out.len(), entry.byte_len(), "buffer of the tensor's length");
+        read_exact_at(&self.file, &self.path, out, entry.data.start as u64)
     }
 
     /// Bytes of tensor data in the file (everything after the header).
     pub fn data_len(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()
     }
+}
+
+/// Fills `out` from `offset`; a file that ends early was truncated under us.
+fn read_exact_at(file: &File, path: &Path, out: &mut [u8], offset: u64) -> Result<()> {
+    #[cfg(unix)]
+    let result = std::os::unix::fs::FileExt::read_exact_at(file, out, offset);
+    #[cfg(not(unix))]
+    let result = {
+        use std::io::{Read, Seek};
+        let mut file = file;
+        file.seek(std::io::SeekFrom::Start(offset))
+            .and_then(|_| file.read_exact(out))
+    };
+    result.map_err(|e| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => Error::Truncated {
+            path: path.into(),
+            source: e,
+        },
+        _ => Error::io(path, "read", e),
+    })
 }
 
 /// One tensor to write: its name, safetensors dtype, shape and little-endian bytes.
@@ -145,7 +218,20 @@ pub struct TensorSpec<'a> {
 /// Writes a safetensors file atomically (see [`crate::atomic`]): tensors in
 /// name order, `__metadata__` only when non-empty, header padded with spaces to
 /// 8 bytes as Python's writer does.
-pub fn write_tensor_file(path: &Path, tensors: &[OutputTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_tensor_file(
+    path: &Path,
+    tensors: &[OutputTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    crate::atomic::commit(vec![stage_tensor_file(path, tensors, metadata)?])
+}
+
+/// [`write_tensor_file`] up to the commit: the caller commits it with others.
+pub fn stage_tensor_file(
+    path: &Path,
+    tensors: &[OutputTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Staged> {
     let mut sorted: Vec<&OutputTensor<'_>> = tensors.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(b.name));
     let specs: Vec<TensorSpec<'_>> = sorted
@@ -158,8 +244,10 @@ pub fn write_tensor_file(path: &Path, tensors: &[OutputTensor<'_>], metadata: &B
         })
         .collect();
     let header = header_bytes_for(path, &specs, metadata)?;
-    crate::atomic::write_atomically(path, |writer| {
-        writer.write_all(&header).map_err(crate::atomic::write_error(path))?;
+    crate::atomic::stage(path, |writer| {
+        writer
+            .write_all(&header)
+            .map_err(crate::atomic::write_error(path))?;
         for tensor in &sorted {
             writer.write_all(tensor.data).map_err(crate::atomic::write_error(path))?;
         }
@@ -182,13 +270,31 @@ where
     T: Send,
     F: Fn(usize) -> Result<(Vec<u8>, T)> + Sync,
 {
+    let (by_products, staged) = stage_tensor_file_streaming(path, specs, metadata, produce)?;
+    crate::atomic::commit(vec![staged])?;
+    Ok(by_products)
+}
+
+/// [`write_tensor_file_streaming`] up to the commit: the caller commits it with others.
+pub fn stage_tensor_file_streaming<T, F>(
+    path: &Path,
+    specs: &[TensorSpec<'_>],
+    metadata: &BTreeMap<String, String>,
+    produce: F,
+) -> Result<(Vec<T>, Staged)>
+where
+    T: Send,
+    F: Fn(usize) -> Result<(Vec<u8>, T)> + Sync,
+{
     let mut order: Vec<usize> = (0..specs.len()).collect();
     order.sort_by(|&a, &b| specs[a].name.cmp(specs[b].name));
     let sorted: Vec<TensorSpec<'_>> = order.iter().map(|&i| specs[i]).collect();
     let header = header_bytes_for(path, &sorted, metadata)?;
     let mut by_products: Vec<Option<T>> = specs.iter().map(|_| None).collect();
-    crate::atomic::write_atomically(path, |writer| {
-        writer.write_all(&header).map_err(crate::atomic::write_error(path))?;
+    let staged = crate::atomic::stage(path, |writer| {
+        writer
+            .write_all(&header)
+            .map_err(crate::atomic::write_error(path))?;
         for batch in order.chunks(rayon::current_num_threads().max(1)) {
             let produced: Vec<Result<(Vec<u8>, T)>> = batch.par_iter().map(|&i| produce(i)).collect();
             for (&index, result) in batch.iter().zip(produced) {
@@ -197,7 +303,12 @@ where
                 if bytes.len() != spec.byte_len {
                     return Err(Error::Structure {
                         path: path.into(),
-                        problem: format!("{}: produced {} bytes for a {}-byte tensor", spec.name, bytes.len(), spec.byte_len),
+                        problem: format!(
+                            "{:?}: produced {} bytes for a {}-byte tensor",
+                            spec.name,
+                            bytes.len(),
+                            spec.byte_len
+                        ),
                     });
                 }
                 writer.write_all(&bytes).map_err(crate::atomic::write_error(path))?;
@@ -206,12 +317,34 @@ where
         }
         Ok(())
     })?;
-    Ok(by_products.into_iter().map(|b| b.expect("every tensor was produced")).collect())
+    Ok((
+        by_products
+            .into_iter()
+            .map(|b| b.expect("every tensor was produced"))
+            .collect(),
+        staged,
+    ))
 }
 
 /// Length prefix and header JSON for `specs` (already in file order), checked
-/// by the `safetensors` crate's own validation before anything is written.
-fn header_bytes_for(path: &Path, specs: &[TensorSpec<'_>], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+/// by the `safetensors` crate's own validation, and against this module's
+/// reader limits, before anything is written: no file is written that
+/// [`TensorFile::open`] would refuse.
+fn header_bytes_for(
+    path: &Path,
+    specs: &[TensorSpec<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<Vec<u8>> {
+    let unreadable = |problem: String| Error::Structure {
+        path: path.into(),
+        problem: format!("refusing to write a file the reader would refuse: {problem}"),
+    };
+    if specs.len() > MAX_TENSORS {
+        return Err(unreadable(format!(
+            "{} tensors, more than the {MAX_TENSORS} a file may hold",
+            specs.len()
+        )));
+    }
     let mut offset = 0usize;
     let mut infos = Vec::with_capacity(specs.len());
     for spec in specs {
@@ -235,7 +368,16 @@ fn header_bytes_for(path: &Path, specs: &[TensorSpec<'_>], metadata: &BTreeMap<S
         problem: format!("refusing to write an invalid header: {e}"),
     })?;
     let mut header_json = serde_json::to_vec(&header).expect("JSON map serializes");
-    header_json.resize(header_json.len().next_multiple_of(HEADER_LENGTH_BYTES), b' ');
+    header_json.resize(
+        header_json.len().next_multiple_of(HEADER_LENGTH_BYTES),
+        b' ',
+    );
+    if header_json.len() > MAX_HEADER_BYTES {
+        return Err(unreadable(format!(
+            "a {}-byte header, more than the {MAX_HEADER_BYTES}-byte limit",
+            header_json.len()
+        )));
+    }
     let mut bytes = (header_json.len() as u64).to_le_bytes().to_vec();
     bytes.extend_from_slice(&header_json);
     Ok(bytes)
@@ -286,9 +428,22 @@ fn header_bytes(map: &[u8]) -> Option<&[u8]> {
     map.get(HEADER_LENGTH_BYTES..end)
 }
 
+/// [`count_header_entries`] of the `header_len`-byte header in `file`, read
+/// through a small buffer (never the whole header at once).
+fn count_header_entries_in(file: &File, header_len: u64) -> Option<usize> {
+    use std::io::{Read, Seek};
+    let mut file = file;
+    file.seek(std::io::SeekFrom::Start(HEADER_LENGTH_BYTES as u64))
+        .ok()?;
+    let reader = std::io::BufReader::with_capacity(16 * 1024, file.take(header_len));
+    count_header_entries(serde_json::Deserializer::from_reader(reader))
+}
+
 /// Number of top-level entries (tensors and `__metadata__`) of a header,
 /// counted without building them; `None` when it is not a JSON object.
-fn count_header_entries(json: &[u8]) -> Option<usize> {
+fn count_header_entries<R: serde_json::de::Read<'static>>(
+    mut json: serde_json::Deserializer<R>,
+) -> Option<usize> {
     struct CountEntries;
     impl<'de> serde::de::Visitor<'de> for CountEntries {
         type Value = usize;
@@ -303,7 +458,7 @@ fn count_header_entries(json: &[u8]) -> Option<usize> {
             Ok(entries)
         }
     }
-    serde::Deserializer::deserialize_map(&mut serde_json::Deserializer::from_slice(json), CountEntries).ok()
+    serde::Deserializer::deserialize_map(&mut json, CountEntries).ok()
 }
 
 /// The crate reports a shape x dtype / byte-length mismatch without a name;

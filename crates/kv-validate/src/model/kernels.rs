@@ -8,9 +8,13 @@
 //! input once, skip the masked part of each score row outright, and use an
 //! `exp` that the compiler vectorizes (AVX-512 or AVX2 where the CPU has it,
 //! chosen at run time). Both are checked against candle's own ops in tests.
-//! They are f32 CPU kernels: for another dtype or device (a GPU, where
-//! candle's ops are kernels already) each function falls back to the same
-//! math in candle's ops, with the softmax in f32.
+//! On the CPU they are f32 kernels. Other dtypes and devices take the same
+//! math in candle's ops, with the softmax in f32: that is what the `cuda`
+//! feature runs, measured on an H200 (docs/benchmarks.md). The
+//! `cuda-kernels` feature adds CUDA twins in `kernels.cu` (one pass each
+//! where candle's ops take about eight kernels, casts and a mask included,
+//! the cost that grows with the context); they are NOT yet run on a GPU, so
+//! they are off unless asked for.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
@@ -53,10 +57,12 @@ pub fn causal_softmax(scores: &Tensor, first_key: usize) -> Result<Tensor> {
     if is_cpu_f32(scores) {
         return scores.apply_op1_no_bwd(&CausalSoftmax { first_key });
     }
-    let (rows, keys) = (scores.dim(D::Minus2)?, scores.dim(D::Minus1)?);
-    if first_key >= keys {
-        candle_core::bail!("causal-softmax: first key {first_key} of {keys}");
+    if scores.device().is_cuda() {
+        return scores
+            .contiguous()?
+            .apply_op1_no_bwd(&CausalSoftmax { first_key });
     }
+    let (rows, keys) = softmax_dims(scores.dims(), first_key)?;
     let device = scores.device();
     // Row r sees key j when j <= first_key + r.
     let last_visible =
@@ -105,14 +111,7 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let scores = contiguous_f32(storage, layout, self.name())?;
-        let dims = layout.shape().dims();
-        let (rows, keys) = match dims {
-            [.., rows, keys] if *keys > 0 => (*rows, *keys),
-            _ => candle_core::bail!("causal-softmax needs [.., rows, keys], got {dims:?}"),
-        };
-        if self.first_key >= keys {
-            candle_core::bail!("causal-softmax: first key {} of {keys}", self.first_key);
-        }
+        let (rows, keys) = softmax_dims(layout.shape().dims(), self.first_key)?;
         let mut probabilities = vec![0f32; scores.len()];
         let rows_per_task = (MIN_VALUES_PER_TASK / keys).max(1);
         probabilities
@@ -129,6 +128,57 @@ impl CustomOp1 for CausalSoftmax {
             });
         Ok((CpuStorage::F32(probabilities), layout.shape().clone()))
     }
+
+    #[cfg(feature = "cuda-kernels")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, keys) = softmax_dims(layout.shape().dims(), self.first_key)?;
+        let count = layout.shape().elem_count();
+        let config = cuda::LaunchConfig {
+            grid_dim: ((count / keys) as u32, 1, 1),
+            block_dim: (cuda::SOFTMAX_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let scalars = [rows, keys, self.first_key].map(|n| n as u32);
+        let out = cuda::launch(
+            storage,
+            layout,
+            "causal_softmax",
+            count,
+            config,
+            &scalars,
+            None,
+        )?;
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// `(rows, keys)` of `[.., rows, keys]` scores whose first row sees key `first_key`.
+fn softmax_dims(dims: &[usize], first_key: usize) -> Result<(usize, usize)> {
+    let (rows, keys) = match dims {
+        [.., rows, keys] if *keys > 0 => (*rows, *keys),
+        _ => candle_core::bail!("causal-softmax needs [.., rows, keys], got {dims:?}"),
+    };
+    if first_key >= keys {
+        candle_core::bail!("causal-softmax: first key {first_key} of {keys}");
+    }
+    Ok((rows, keys))
+}
+
+/// SwiGLU's output dims for `[.., 2 width]`, and `width`.
+fn swiglu_dims(dims: &[usize]) -> Result<(Vec<usize>, usize)> {
+    let mut out = dims.to_vec();
+    match out.last_mut() {
+        Some(last) if *last % 2 == 0 && *last > 0 => {
+            *last /= 2;
+            let width = *last;
+            Ok((out, width))
+        }
+        _ => candle_core::bail!("swiglu needs an even last dimension, got {dims:?}"),
+    }
 }
 
 struct SwiGlu;
@@ -140,14 +190,7 @@ impl CustomOp1 for SwiGlu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let gate_up = contiguous_f32(storage, layout, self.name())?;
-        let mut dims = layout.shape().dims().to_vec();
-        let width = match dims.last_mut() {
-            Some(last) if *last % 2 == 0 && *last > 0 => {
-                *last /= 2;
-                *last
-            }
-            _ => candle_core::bail!("swiglu needs an even last dimension, got {dims:?}"),
-        };
+        let (dims, width) = swiglu_dims(layout.shape().dims())?;
         let mut out = vec![0f32; gate_up.len() / 2];
         let rows_per_task = (MIN_VALUES_PER_TASK / width).max(1);
         out.par_chunks_mut(width * rows_per_task)
@@ -159,6 +202,113 @@ impl CustomOp1 for SwiGlu {
                 }
             });
         Ok((CpuStorage::F32(out), Shape::from_dims(&dims)))
+    }
+
+    #[cfg(feature = "cuda-kernels")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (dims, width) = swiglu_dims(layout.shape().dims())?;
+        let count = layout.shape().elem_count() / 2;
+        let config = cuda::LaunchConfig::for_num_elems(count as u32);
+        let out = cuda::launch(
+            storage,
+            layout,
+            "swiglu",
+            count,
+            config,
+            &[width as u32],
+            Some(count as u64),
+        )?;
+        Ok((out, Shape::from_dims(&dims)))
+    }
+}
+
+/// Launches `src/model/kernels.cu`'s kernels (PTX built by build.rs).
+#[cfg(feature = "cuda-kernels")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    pub use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+    use candle_core::{CudaDevice, CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
+    /// Threads per row of `causal_softmax` (`SOFTMAX_THREADS` in kernels.cu).
+    pub const SOFTMAX_THREADS: u32 = 256;
+
+    /// Runs `{kernel}_{f32,f16,bf16}(input, output, scalars.., tail)` on a
+    /// contiguous input; the output has `out_len` values of the input's dtype.
+    pub fn launch(
+        storage: &CudaStorage,
+        layout: &Layout,
+        kernel: &str,
+        out_len: usize,
+        config: LaunchConfig,
+        scalars: &[u32],
+        tail: Option<u64>,
+    ) -> Result<CudaStorage> {
+        let device = storage.device();
+        let run = |suffix: &str| Call {
+            device,
+            layout,
+            name: format!("{kernel}_{suffix}"),
+            out_len,
+            config,
+            scalars,
+            tail,
+        };
+        let slice = match &storage.slice {
+            CudaStorageSlice::F32(input) => CudaStorageSlice::F32(run("f32").on(input)?),
+            CudaStorageSlice::F16(input) => CudaStorageSlice::F16(run("f16").on(input)?),
+            CudaStorageSlice::BF16(input) => CudaStorageSlice::BF16(run("bf16").on(input)?),
+            _ => candle_core::bail!(
+                "{kernel} supports f32, f16 and bf16, got {:?}",
+                storage.dtype()
+            ),
+        };
+        Ok(CudaStorage {
+            slice,
+            device: device.clone(),
+        })
+    }
+
+    struct Call<'a> {
+        device: &'a CudaDevice,
+        layout: &'a Layout,
+        name: String,
+        out_len: usize,
+        config: LaunchConfig,
+        scalars: &'a [u32],
+        tail: Option<u64>,
+    }
+
+    impl Call<'_> {
+        fn on<T: DeviceRepr>(&self, input: &CudaSlice<T>) -> Result<CudaSlice<T>> {
+            let Some((start, end)) = self.layout.contiguous_offsets() else {
+                candle_core::bail!("{} needs a contiguous input", self.name);
+            };
+            let input = input.slice(start..end);
+            let function =
+                self.device
+                    .get_or_load_custom_func(&self.name, "kv_validate_kernels", PTX)?;
+            // SAFETY: the kernel writes every one of the `out_len` values.
+            let out = unsafe { self.device.alloc::<T>(self.out_len)? };
+            let mut builder = function.builder();
+            builder.arg(&input);
+            builder.arg(&out);
+            for scalar in self.scalars {
+                builder.arg(scalar);
+            }
+            if let Some(tail) = &self.tail {
+                builder.arg(tail);
+            }
+            // SAFETY: the argument list matches the kernel's signature in kernels.cu.
+            unsafe { builder.launch(self.config) }.w()?;
+            Ok(out)
+        }
     }
 }
 

