@@ -135,7 +135,8 @@ fn layer_bits_mix_is_counted_byte_for_byte() {
                 let (_, rest) = line.split_once("] ")?;
                 let (name, rest) = rest.split_once(": ")?;
                 let bytes = rest.split(" -> ").nth(1)?.split(' ').next()?.parse().ok()?;
-                Some((name.to_string(), bytes))
+                // Names may be quoted in log lines.
+                Some((name.trim_matches('"').to_string(), bytes))
             })
             .collect();
         (per_tensor, serde_json::from_slice(&output.stdout).unwrap())
