@@ -97,6 +97,33 @@ class View:
 
 OUTLIER_BLOCK = 1 << 16
 
+# docs/format.md, "Codebook grids": the positive Lloyd-Max levels of N(0, 1), as f32.
+GAUSSIAN_LEVELS = {
+    2: ["0.45278004", "1.5104176"],
+    3: ["0.24509418", "0.7560053", "1.3439093", "2.1519456"],
+    4: ["0.12839504", "0.3880483", "0.65675914", "0.94234043", "1.2562312", "1.6180464", "2.0690172", "2.7325895"],
+}
+
+
+def gaussian_levels(bits):
+    half = np.array([np.float32(level) for level in GAUSSIAN_LEVELS[bits]], dtype=np.float32)
+    return np.concatenate([-half[::-1], half])
+
+
+def check_gaussian_levels():
+    """The table is Lloyd's fixed point on the Gaussian density (math.erfc here,
+    independent of the Rust test's numerical integration)."""
+    density = lambda x: math.exp(-x * x / 2) / math.sqrt(2 * math.pi) if math.isfinite(x) else 0.0
+    cdf = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))
+    for bits, half in GAUSSIAN_LEVELS.items():
+        n = 1 << bits
+        levels = [(i - (n - 1) / 2) * 4 / n for i in range(n)]
+        for _ in range(20000):
+            bounds = [-math.inf] + [(a + b) / 2 for a, b in zip(levels, levels[1:])] + [math.inf]
+            levels = [(density(a) - density(b)) / (cdf(b) - cdf(a)) for a, b in zip(bounds, bounds[1:])]
+        for derived, shipped in zip(levels[n // 2 :], map(float, half)):
+            assert abs(derived - shipped) < 2e-6, f"{bits} bits: Lloyd gives {derived}, table has {shipped}"
+
 
 def decode(payload, shape, params, layout):
     view = View(shape, params)
@@ -120,9 +147,12 @@ def decode(payload, shape, params, layout):
     per_block = [math.floor(length * fraction) for length in block_lengths]
     n_outliers = sum(per_block)
     asymmetric = params["grid"] == "asymmetric"
+    codebook = params["grid"] in ("lloyd", "kmeans")
+    assert params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans"), params["grid"]
     sizes = [
         n_groups * width,
         n_groups * width if asymmetric else 0,
+        2 * (1 << bits) if params["grid"] == "kmeans" else 0,
         2 * kept_values,
         math.ceil(view.n_q / 8) if sparse else 0,
         math.ceil(n_kept * bits / 8),
@@ -135,6 +165,12 @@ def decode(payload, shape, params, layout):
         at += size
     scales = np.frombuffer(sections[0], dtype=dtype).astype(np.float32)
     offsets = np.frombuffer(sections[1], dtype=dtype).astype(np.float32)
+    if params["grid"] == "kmeans":
+        levels = np.frombuffer(sections[2], dtype="<f2").astype(np.float32)
+        assert np.all(np.isfinite(levels)) and np.all(np.diff(levels) >= 0), "bad codebook levels"
+    elif codebook:
+        levels = gaussian_levels(bits)
+    sections.pop(2)
     kept = np.frombuffer(sections[2], dtype="<f2").astype(np.float32)
     if sparse:
         stored = np.unpackbits(np.frombuffer(sections[3], dtype=np.uint8), bitorder="little")[: view.n_q].astype(bool)
@@ -150,7 +186,11 @@ def decode(payload, shape, params, layout):
     group_of_position = (position // run_len) * groups_per_run + (position % run_len) // group_size if run_len else position
     stored_positions = np.flatnonzero(stored[order])
     groups = group_of_position[stored_positions]
-    if asymmetric:
+    if codebook:
+        limit = np.finfo(np.float32).max
+        with np.errstate(over="ignore"):
+            decoded = np.clip(levels[codes] * scales[groups], -limit, limit)
+    elif asymmetric:
         wide = codes.astype(np.float64) * scales[groups].astype(np.float64) + offsets[groups].astype(np.float64)
         limit = float(np.finfo(np.float32).max)
         decoded = np.clip(wide, -limit, limit).astype(np.float32)
@@ -210,6 +250,8 @@ def encode_adr002(values, group_size):
 def main(directory):
     directory = pathlib.Path(directory)
     cases = json.loads((directory / "cases.json").read_text())
+    check_gaussian_levels()
+    print("ok   Gaussian Lloyd-Max table is Lloyd's fixed point")
     failures = []
     squared_errors = {}
     for case in cases:

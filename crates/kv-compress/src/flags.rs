@@ -2,27 +2,55 @@
 //! original's Python bridge makes parses exactly as Go parsed it:
 //! `-name value`, `-name=value`, `--name[=value]`, booleans as `-b` or
 //! `-b=false` (never `-b false`), `--` ends the flags, last setting wins.
-//! Pure: no I/O, so it is unit-tested and fuzzable.
+//!
+//! Every flag is one entry of [`FLAGS`] (name, help, how its value is parsed
+//! and applied); the parser and the `-h` text are derived from that list.
+//! Arguments are OS strings: a path need not be UTF-8, any other value must
+//! be. Pure: no I/O, so it is unit-tested and fuzzable.
 
+use std::ffi::{OsStr, OsString};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
+pub use kvformat::preset::{Preset as Method, TensorKind};
 
 /// Seed of `-rotate` when `-rotate-seed` is not given (documented in docs/format.md).
 pub const DEFAULT_ROTATE_SEED: u64 = 0x6b76_636f_6d70; // "kvcomp"
 
 /// Group sizes accepted by `-group-size`: powers of two in this range
 /// (the contract documents 32, 64 and 128).
-pub const GROUP_SIZE_RANGE: std::ops::RangeInclusive<usize> = 8..=1024;
+pub const GROUP_SIZE_RANGE: RangeInclusive<usize> = 8..=1024;
 
-/// A named set of method flags (`-method`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    /// The original's method: symmetric 4-bit, flat groups (ADR-002).
-    Adr002,
-    /// KIVI: asymmetric, keys grouped per channel along tokens, values per token.
-    Kivi,
+/// One rule of `-layer-bits`: tensors of `kinds` in `layers` take `bits`
+/// (and `group_size` if given).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerRule {
+    pub keys: bool,
+    pub values: bool,
+    /// `None`: every tensor of the kinds, whatever its name.
+    pub layers: Option<Vec<RangeInclusive<usize>>>,
+    pub bits: u8,
+    pub group_size: Option<usize>,
+}
+
+impl LayerRule {
+    /// Whether the rule covers a tensor of `kind` in `layer` (`None`: a name
+    /// outside the `layer_{i}_key` rule, covered only by `*`).
+    pub fn matches(&self, kind: TensorKind, layer: Option<usize>) -> bool {
+        let kind_matches = match kind {
+            TensorKind::Key => self.keys,
+            TensorKind::Value => self.values,
+        };
+        kind_matches
+            && match (&self.layers, layer) {
+                (None, _) => true,
+                (Some(ranges), Some(layer)) => ranges.iter().any(|range| range.contains(&layer)),
+                (Some(_), None) => false,
+            }
+    }
 }
 
 /// Everything the flags say; defaults are the original's.
@@ -44,6 +72,9 @@ pub struct Options {
     /// `None`: `bits`.
     pub key_bits: Option<u8>,
     pub value_bits: Option<u8>,
+    /// `-layer-bits`, in order: the first rule that matches a tensor wins
+    /// over `-bits`, `-key-bits`, `-value-bits` and the group sizes.
+    pub layer_bits: Vec<LayerRule>,
     pub fit: Fit,
     pub outliers: f64,
     /// `None`: `outliers`.
@@ -76,6 +107,7 @@ impl Default for Options {
             bits: 4,
             key_bits: None,
             value_bits: None,
+            layer_bits: Vec::new(),
             fit: Fit::MinMax,
             outliers: 0.0,
             key_outliers: None,
@@ -107,7 +139,11 @@ pub enum FlagError {
     #[error("flag needs an argument: -{0}")]
     MissingValue(String),
     #[error("invalid value {value:?} for flag -{flag}: {reason}")]
-    InvalidValue { flag: String, value: String, reason: String },
+    InvalidValue {
+        flag: String,
+        value: String,
+        reason: String,
+    },
     #[error("invalid boolean value {value:?} for -{flag}: parse error")]
     InvalidBool { flag: String, value: String },
     #[error("{0}")]
@@ -118,8 +154,410 @@ pub enum FlagError {
     Positional(String),
 }
 
-/// Usage text for `-h` and flag errors: mentions `-input` (the bridge probes for it).
-pub const USAGE: &str = "\
+/// How a flag takes its value and what it does with it.
+#[derive(Clone, Copy)]
+pub enum Setter {
+    /// `-name`, `-name=BOOL`.
+    Bool(fn(&mut Options, bool)),
+    /// A path, any OS string.
+    Path(fn(&mut Options, PathBuf)),
+    /// A UTF-8 value shown as `placeholder` in `-h`; `Err` is the reason it is invalid.
+    Text {
+        placeholder: &'static str,
+        apply: fn(&mut Options, &str) -> Result<(), String>,
+    },
+}
+
+/// One command-line flag: everything about it is here and nowhere else.
+pub struct Flag {
+    pub name: &'static str,
+    /// The `-h` text; a line break continues it on the next line.
+    pub help: &'static str,
+    pub setter: Setter,
+}
+
+const PARSE_ERROR: &str = "parse error";
+
+fn group_size(value: &str) -> Result<usize, String> {
+    let size = parse_int(value).ok_or(PARSE_ERROR)?;
+    usize::try_from(size)
+        .ok()
+        .filter(|s| s.is_power_of_two() && GROUP_SIZE_RANGE.contains(s))
+        .ok_or_else(|| "must be a power of two from 8 to 1024 (32, 64 or 128 as documented)".into())
+}
+
+fn fraction(value: &str) -> Result<f64, String> {
+    let fraction = parse_float(value).ok_or(PARSE_ERROR)?;
+    if (0.0..1.0).contains(&fraction) {
+        Ok(fraction)
+    } else {
+        Err("must be in [0, 1)".into())
+    }
+}
+
+fn bits(value: &str) -> Result<u8, String> {
+    match parse_int(value).ok_or(PARSE_ERROR)? {
+        bits @ (2 | 3 | 4 | 8) => Ok(bits as u8),
+        _ => Err("must be 2, 3, 4 or 8".into()),
+    }
+}
+
+fn token_count(value: &str) -> Result<usize, String> {
+    let count = parse_uint(value).ok_or(PARSE_ERROR)?;
+    usize::try_from(count).map_err(|_| "too large".into())
+}
+
+fn axis(value: &str) -> Result<Axis, String> {
+    match value {
+        "flat" => Ok(Axis::Flat),
+        "token" => Ok(Axis::Token),
+        "channel" => Ok(Axis::Channel),
+        _ => Err("must be flat, token or channel".into()),
+    }
+}
+
+/// `-layer-bits`: `RULE[;RULE...]`, `RULE` = `[KINDS:]LAYERS=BITS[/GROUP]`,
+/// `KINDS` one of `k`, `v`, `kv` (default `kv`), `LAYERS` `*` or a comma list
+/// of `N` and `N-M`.
+fn layer_rules(value: &str) -> Result<Vec<LayerRule>, String> {
+    let rule = |text: &str| -> Result<LayerRule, String> {
+        let (selector, setting) = text
+            .split_once('=')
+            .ok_or_else(|| format!("rule {text:?} has no '='"))?;
+        let (kinds, layers) = match selector.split_once(':') {
+            Some((kinds, layers)) => (kinds.trim(), layers.trim()),
+            None => ("kv", selector.trim()),
+        };
+        let (keys, values) = match kinds {
+            "k" => (true, false),
+            "v" => (false, true),
+            "kv" | "vk" => (true, true),
+            _ => return Err(format!("kind {kinds:?} is not k, v or kv")),
+        };
+        let layers = if layers == "*" {
+            None
+        } else {
+            let layer = |n: &str| {
+                n.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("layer {n:?} is not a number"))
+            };
+            let ranges = layers
+                .split(',')
+                .map(|item| match item.split_once('-') {
+                    Some((first, last)) => {
+                        let (first, last) = (layer(first)?, layer(last)?);
+                        if first > last {
+                            return Err(format!("layer range {item:?} is empty"));
+                        }
+                        Ok(first..=last)
+                    }
+                    None => layer(item).map(|n| n..=n),
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            Some(ranges)
+        };
+        let (bits_text, group_text) = match setting.split_once('/') {
+            Some((bits, group)) => (bits, Some(group)),
+            None => (setting, None),
+        };
+        Ok(LayerRule {
+            keys,
+            values,
+            layers,
+            bits: bits(bits_text.trim())
+                .map_err(|reason| format!("bits {bits_text:?}: {reason}"))?,
+            group_size: group_text
+                .map(|g| {
+                    group_size(g.trim()).map_err(|reason| format!("group size {g:?}: {reason}"))
+                })
+                .transpose()?,
+        })
+    };
+    value
+        .split(';')
+        .filter(|text| !text.trim().is_empty())
+        .map(rule)
+        .collect()
+}
+
+/// Every flag, in `-h` order.
+pub const FLAGS: &[Flag] = &[
+    Flag {
+        name: "input",
+        help: "input file (a KV cache, or a packed file with -decompress)",
+        setter: Setter::Path(|o, path| o.input = Some(path)),
+    },
+    Flag {
+        name: "output",
+        help: "output file (required unless -metrics-only)",
+        setter: Setter::Path(|o, path| o.output = Some(path)),
+    },
+    Flag {
+        name: "group-size",
+        help: "values per quantization group: a power of two, 8..1024 (default 64)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.group_size = group_size(v)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "key-group-size",
+        help: "group size of *_key tensors (default: -group-size)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.key_group_size = Some(group_size(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "value-group-size",
+        help: "group size of other tensors (default: -group-size)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.value_group_size = Some(group_size(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "sparsity",
+        help:
+            "fraction in [0, 1) of smallest-magnitude values dropped to 0; shrinks the file above\n\
+               1/bits (0.25 at 4 bits), never grows it on the symmetric grid (default 0)",
+        setter: Setter::Text {
+            placeholder: "float",
+            apply: |o, v| {
+                o.sparsity = fraction(v)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "metrics-only",
+        help: "compress in memory, print metrics, write nothing",
+        setter: Setter::Bool(|o, b| o.metrics_only = b),
+    },
+    Flag {
+        name: "decompress",
+        help: "restore a packed file to a KV cache in its original dtypes",
+        setter: Setter::Bool(|o, b| o.decompress = b),
+    },
+    Flag {
+        name: "reconstruct",
+        help: "write the dequantized cache (input dtype) instead of the packed file",
+        setter: Setter::Bool(|o, b| o.reconstruct = b),
+    },
+    Flag {
+        name: "verbose",
+        help: "per-tensor progress on stderr and tensor_metrics in the JSON",
+        setter: Setter::Bool(|o, b| o.verbose = b),
+    },
+    Flag {
+        name: "method",
+        help: "preset: adr002 (default: 4-bit symmetric flat groups) or kivi\n\
+               (asymmetric, keys per channel along tokens, values per token)",
+        setter: Setter::Text {
+            placeholder: "string",
+            apply: |o, v| {
+                o.method = match v {
+                    "adr002" => Method::Adr002,
+                    "kivi" => Method::Kivi,
+                    _ => return Err("must be adr002 or kivi".into()),
+                };
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "bits",
+        help: "bits per code: 2, 3, 4 or 8 (default 4)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.bits = bits(v)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "key-bits",
+        help: "bits per code of *_key tensors (default: -bits)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.key_bits = Some(bits(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "value-bits",
+        help: "bits per code of other tensors (default: -bits)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.value_bits = Some(bits(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "layer-bits",
+        help: "bits (and group size) per layer and kind, overriding the flags above:\n\
+               RULE;RULE..., RULE = [k|v|kv:]LAYERS=BITS[/GROUP], LAYERS = * or a list\n\
+               of N and N-M; the first rule that matches a tensor wins. Example:\n\
+               \"k:0,29=4;k:*=2\" (keys of layers 0 and 29 at 4 bits, other keys at 2)",
+        setter: Setter::Text {
+            placeholder: "string",
+            apply: |o, v| {
+                o.layer_bits = layer_rules(v)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "outliers",
+        help: "fraction in [0, 1) of values kept in FP16 beside the codes, those\n\
+               whose codes err most (4 bytes each); not with -sparsity (default 0)",
+        setter: Setter::Text {
+            placeholder: "float",
+            apply: |o, v| {
+                o.outliers = fraction(v)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "key-outliers",
+        help: "the same for *_key tensors only (default: -outliers)",
+        setter: Setter::Text {
+            placeholder: "float",
+            apply: |o, v| {
+                o.key_outliers = Some(fraction(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "value-outliers",
+        help: "the same for other tensors (default: -outliers)",
+        setter: Setter::Text {
+            placeholder: "float",
+            apply: |o, v| {
+                o.value_outliers = Some(fraction(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "grid",
+        help: "sym or asym (uniform grids), or a codebook of 2, 3 or 4 bits: lloyd\n\
+               (Lloyd-Max levels of the Gaussian, for -rotate) or kmeans (levels\n\
+               fitted to each tensor, 2^bits FP16 values stored); a codebook\n\
+               scales each group by its RMS (default: the method's)",
+        setter: Setter::Text {
+            placeholder: "string",
+            apply: |o, v| {
+                o.grid = Some(match v {
+                    "sym" => Grid::Symmetric,
+                    "asym" => Grid::Asymmetric,
+                    "lloyd" => Grid::Lloyd,
+                    "kmeans" => Grid::Kmeans,
+                    _ => return Err("must be sym, asym, lloyd or kmeans".into()),
+                });
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "fit",
+        help: "how each group's scale is chosen: minmax (the grid spans the\n\
+               group, as ADR-002 and KIVI do) or mse (least squares, clips\n\
+               outliers where that lowers the error; pays at 2 bits)\n\
+               (default minmax)",
+        setter: Setter::Text {
+            placeholder: "string",
+            apply: |o, v| {
+                o.fit = match v {
+                    "minmax" => Fit::MinMax,
+                    "mse" => Fit::Mse,
+                    _ => return Err("must be minmax or mse".into()),
+                };
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "key-axis",
+        help: "groups of *_key tensors: flat, token or channel (default: the method's)",
+        setter: Setter::Text {
+            placeholder: "string",
+            apply: |o, v| {
+                o.key_axis = Some(axis(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "value-axis",
+        help: "groups of other tensors: flat, token or channel (default: the method's)",
+        setter: Setter::Text {
+            placeholder: "string",
+            apply: |o, v| {
+                o.value_axis = Some(axis(v)?);
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "rotate",
+        help: "randomized Hadamard rotation of each head vector before quantizing",
+        setter: Setter::Bool(|o, b| o.rotate = b),
+    },
+    Flag {
+        name: "rotate-seed",
+        help: "seed of -rotate (default 118156218559856)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.rotate_seed = parse_uint(v).ok_or(PARSE_ERROR)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "sink-tokens",
+        help: "first tokens of each sequence kept in FP16 (default 0)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.sink_tokens = token_count(v)?;
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "recent-tokens",
+        help: "last tokens of each sequence kept in FP16 (default 0)",
+        setter: Setter::Text {
+            placeholder: "int",
+            apply: |o, v| {
+                o.recent_tokens = token_count(v)?;
+                Ok(())
+            },
+        },
+    },
+];
+
+/// The part of the usage text above the flag list.
+const USAGE_HEAD: &str = "\
 Usage of kv-compress:
   kv-compress -input IN -output OUT [-group-size 64] [-sparsity 0.0] [-verbose]
   kv-compress -input IN -metrics-only [-group-size 64] [-verbose]
@@ -140,83 +578,95 @@ Methods measured on SmolLM2-135M (docs/fidelity.md), about 4.3, 3.2 and 2.5 bits
   -method kivi -bits 2 -rotate -fit mse -key-group-size 64 -value-axis flat -value-group-size 256 -sink-tokens 2 -key-outliers 0.005
 
 Flags:
-  -input string        input file (a KV cache, or a packed file with -decompress)
-  -output string       output file (required unless -metrics-only)
-  -group-size int      values per quantization group: a power of two, 8..1024 (default 64)
-  -key-group-size int  group size of *_key tensors (default: -group-size)
-  -value-group-size int  group size of other tensors (default: -group-size)
-  -sparsity float      fraction in [0, 1) of smallest-magnitude values dropped to 0; shrinks the file above 1/bits (0.25 at 4 bits), never grows it on the symmetric grid (default 0)
-  -metrics-only        compress in memory, print metrics, write nothing
-  -decompress          restore a packed file to a KV cache in its original dtypes
-  -reconstruct         write the dequantized cache (input dtype) instead of the packed file
-  -verbose             per-tensor progress on stderr and tensor_metrics in the JSON
-  -method string       preset: adr002 (default: 4-bit symmetric flat groups) or kivi
-                       (asymmetric, keys per channel along tokens, values per token)
-  -bits int            bits per code: 2, 3, 4 or 8 (default 4)
-  -key-bits int        bits per code of *_key tensors (default: -bits)
-  -value-bits int      bits per code of other tensors (default: -bits)
-  -outliers float      fraction in [0, 1) of values kept in FP16 beside the codes, those
-                       whose codes err most (4 bytes each); not with -sparsity (default 0)
-  -key-outliers float  the same for *_key tensors only (default: -outliers)
-  -value-outliers float  the same for other tensors (default: -outliers)
-  -grid string         sym or asym (default: the method's)
-  -fit string          how each group's scale is chosen: minmax (the grid spans the
-                       group, as ADR-002 and KIVI do) or mse (least squares, clips
-                       outliers where that lowers the error; pays at 2 bits)
-                       (default minmax)
-  -key-axis string     groups of *_key tensors: flat, token or channel (default: the method's)
-  -value-axis string   groups of other tensors: flat, token or channel (default: the method's)
-  -rotate              randomized Hadamard rotation of each head vector before quantizing
-  -rotate-seed int     seed of -rotate (default 118156218559856)
-  -sink-tokens int     first tokens of each sequence kept in FP16 (default 0)
-  -recent-tokens int   last tokens of each sequence kept in FP16 (default 0)
-  -h, -help            this text
 ";
 
-/// Parses the arguments after the program name.
-pub fn parse(args: &[String]) -> Result<Command, FlagError> {
+/// Column where flag help starts in the usage text.
+const HELP_COLUMN: usize = 23;
+
+/// Usage text for `-h` and flag errors, derived from [`FLAGS`]; mentions
+/// `-input` (the bridge probes for it).
+pub fn usage() -> &'static str {
+    static USAGE: OnceLock<String> = OnceLock::new();
+    USAGE.get_or_init(|| {
+        let mut text = USAGE_HEAD.to_string();
+        let mut entry = |left: String, help: &str| {
+            let mut lines = help.lines();
+            let first = lines.next().unwrap_or("");
+            if left.len() < HELP_COLUMN {
+                text.push_str(&format!("{left:<HELP_COLUMN$}{first}\n"));
+            } else {
+                text.push_str(&format!("{left}  {first}\n"));
+            }
+            for line in lines {
+                text.push_str(&format!("{:HELP_COLUMN$}{}\n", "", line.trim_start()));
+            }
+        };
+        for flag in FLAGS {
+            let placeholder = match flag.setter {
+                Setter::Bool(_) => "",
+                Setter::Path(_) => " string",
+                Setter::Text { placeholder, .. } => placeholder,
+            };
+            let space = if placeholder.is_empty() || placeholder.starts_with(' ') {
+                ""
+            } else {
+                " "
+            };
+            entry(format!("  -{}{space}{placeholder}", flag.name), flag.help);
+        }
+        entry("  -h, -help".to_string(), "this text");
+        text
+    })
+}
+
+fn lossy(value: &OsStr) -> String {
+    value.to_string_lossy().into_owned()
+}
+
+/// Parses the arguments after the program name (`std::env::args_os()`, or
+/// any strings).
+pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
     let mut options = Options::default();
     let mut i = 0;
     while i < args.len() {
-        let arg = &args[i];
+        let arg = args[i].as_ref();
         i += 1;
-        if arg == "--" {
-            return match args.get(i) {
-                Some(stray) => Err(FlagError::Positional(stray.clone())),
-                None => Ok(Command::Run(options)),
-            };
-        }
-        let body = match arg.strip_prefix("--").or_else(|| arg.strip_prefix('-')) {
-            Some(body) if !arg.is_empty() && arg != "-" => body,
-            _ => return Err(FlagError::Positional(arg.clone())),
+        // A flag's name is UTF-8; an argument that is not is a stray positional
+        // unless it follows `-name=`, where the value may be a path.
+        let (body, inline_value) = match split_flag(arg) {
+            Ok(Some(split)) => split,
+            Ok(None) => {
+                return match args.get(i) {
+                    Some(stray) => Err(FlagError::Positional(lossy(stray.as_ref()))),
+                    None => Ok(Command::Run(options)),
+                };
+            }
+            Err(error) => return Err(error),
         };
-        if body.is_empty() || body.starts_with('-') || body.starts_with('=') {
-            return Err(FlagError::BadSyntax(arg.clone()));
-        }
-        let (name, inline_value) = match body.split_once('=') {
-            Some((name, value)) => (name, Some(value.to_string())),
-            None => (body, None),
-        };
-        let Some(kind) = flag_kind(name) else {
-            if name == "h" || name == "help" {
+        let Some(flag) = FLAGS.iter().find(|flag| flag.name == body) else {
+            if body == "h" || body == "help" {
                 return Ok(Command::Help);
             }
-            return Err(FlagError::Undefined(name.to_string()));
+            return Err(FlagError::Undefined(body));
         };
-        let value = match (kind, inline_value) {
-            (FlagKind::Bool, None) => "true".to_string(),
+        let value: OsString = match (flag.setter, inline_value) {
+            (Setter::Bool(_), None) => "true".into(),
             (_, Some(value)) => value,
-            (FlagKind::Value, None) => match args.get(i) {
+            (_, None) => match args.get(i) {
                 Some(next) => {
                     i += 1;
-                    next.clone()
+                    next.as_ref().to_os_string()
                 }
-                None => return Err(FlagError::MissingValue(name.to_string())),
+                None => return Err(FlagError::MissingValue(body)),
             },
         };
-        set(&mut options, name, &value)?;
+        apply(flag, &mut options, &value)?;
     }
-    let outliers = [Some(options.outliers), options.key_outliers, options.value_outliers];
+    let outliers = [
+        Some(options.outliers),
+        options.key_outliers,
+        options.value_outliers,
+    ];
     if options.sparsity > 0.0 && outliers.iter().flatten().any(|&f| f > 0.0) {
         return Err(FlagError::Conflict(
             "-sparsity and -outliers (or -key-outliers, -value-outliers) cannot be combined; use one".into(),
@@ -225,122 +675,61 @@ pub fn parse(args: &[String]) -> Result<Command, FlagError> {
     Ok(Command::Run(options))
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum FlagKind {
-    Bool,
-    Value,
-}
-
-fn flag_kind(name: &str) -> Option<FlagKind> {
-    match name {
-        "verbose" | "metrics-only" | "decompress" | "reconstruct" | "rotate" => Some(FlagKind::Bool),
-        "input" | "output" | "group-size" | "key-group-size" | "value-group-size" | "sparsity" | "method" | "bits" | "key-bits" | "value-bits" | "fit" | "outliers" | "key-outliers" | "value-outliers" | "grid" | "key-axis" | "value-axis"
-        | "rotate-seed" | "sink-tokens" | "recent-tokens" => Some(FlagKind::Value),
-        _ => None,
+/// A flag argument's name and inline value; `Ok(None)` for `--`, the end of
+/// the flags.
+fn split_flag(arg: &OsStr) -> Result<Option<(String, Option<OsString>)>, FlagError> {
+    let bytes = arg.as_encoded_bytes();
+    if bytes == b"--" {
+        return Ok(None);
     }
+    let body = bytes
+        .strip_prefix(b"--")
+        .or_else(|| bytes.strip_prefix(b"-"));
+    let body = match body {
+        Some(body) if bytes != b"-" => body,
+        _ => return Err(FlagError::Positional(lossy(arg))),
+    };
+    if body.is_empty() || body[0] == b'-' || body[0] == b'=' {
+        return Err(FlagError::BadSyntax(lossy(arg)));
+    }
+    let (name, value) = match body.iter().position(|&b| b == b'=') {
+        Some(at) => (&body[..at], Some(&body[at + 1..])),
+        None => (body, None),
+    };
+    let name = std::str::from_utf8(name)
+        .map_err(|_| FlagError::Undefined(String::from_utf8_lossy(name).into_owned()))?;
+    // SAFETY: `name` and `value` are split from `arg`'s encoded bytes at
+    // ASCII characters (`-`, `=`), which is what `from_encoded_bytes_unchecked` requires.
+    let value =
+        value.map(|value| unsafe { OsStr::from_encoded_bytes_unchecked(value) }.to_os_string());
+    Ok(Some((name.to_string(), value)))
 }
 
-fn set(options: &mut Options, name: &str, value: &str) -> Result<(), FlagError> {
-    let invalid = |reason: &str| FlagError::InvalidValue {
-        flag: name.to_string(),
-        value: value.to_string(),
-        reason: reason.to_string(),
+fn apply(flag: &Flag, options: &mut Options, value: &OsStr) -> Result<(), FlagError> {
+    let invalid = |reason: String| FlagError::InvalidValue {
+        flag: flag.name.to_string(),
+        value: lossy(value),
+        reason,
     };
-    let boolean = || parse_bool(value).ok_or_else(|| FlagError::InvalidBool {
-        flag: name.to_string(),
-        value: value.to_string(),
-    });
-    let count = || parse_uint(value).ok_or_else(|| invalid("parse error"));
-    match name {
-        "input" => options.input = Some(PathBuf::from(value)),
-        "output" => options.output = Some(PathBuf::from(value)),
-        "verbose" => options.verbose = boolean()?,
-        "metrics-only" => options.metrics_only = boolean()?,
-        "decompress" => options.decompress = boolean()?,
-        "reconstruct" => options.reconstruct = boolean()?,
-        "rotate" => options.rotate = boolean()?,
-        "group-size" | "key-group-size" | "value-group-size" => {
-            let size = parse_int(value).ok_or_else(|| invalid("parse error"))?;
-            let size = usize::try_from(size)
-                .ok()
-                .filter(|s| s.is_power_of_two() && GROUP_SIZE_RANGE.contains(s))
-                .ok_or_else(|| invalid("must be a power of two from 8 to 1024 (32, 64 or 128 as documented)"))?;
-            match name {
-                "group-size" => options.group_size = size,
-                "key-group-size" => options.key_group_size = Some(size),
-                _ => options.value_group_size = Some(size),
-            }
+    match flag.setter {
+        Setter::Path(set) => set(options, PathBuf::from(value)),
+        Setter::Bool(set) => {
+            let parsed =
+                value
+                    .to_str()
+                    .and_then(parse_bool)
+                    .ok_or_else(|| FlagError::InvalidBool {
+                        flag: flag.name.to_string(),
+                        value: lossy(value),
+                    })?;
+            set(options, parsed);
         }
-        "sparsity" => {
-            let sparsity: f64 = parse_float(value).ok_or_else(|| invalid("parse error"))?;
-            if !(0.0..1.0).contains(&sparsity) {
-                return Err(invalid("must be in [0, 1)"));
-            }
-            options.sparsity = sparsity;
+        Setter::Text { apply, .. } => {
+            let text = value
+                .to_str()
+                .ok_or_else(|| invalid("not valid UTF-8".into()))?;
+            apply(options, text).map_err(invalid)?;
         }
-        "bits" | "key-bits" | "value-bits" => {
-            let bits = match parse_int(value).ok_or_else(|| invalid("parse error"))? {
-                2 => 2,
-                3 => 3,
-                4 => 4,
-                8 => 8,
-                _ => return Err(invalid("must be 2, 3, 4 or 8")),
-            };
-            match name {
-                "bits" => options.bits = bits,
-                "key-bits" => options.key_bits = Some(bits),
-                _ => options.value_bits = Some(bits),
-            }
-        }
-        "outliers" | "key-outliers" | "value-outliers" => {
-            let fraction: f64 = parse_float(value).ok_or_else(|| invalid("parse error"))?;
-            if !(0.0..1.0).contains(&fraction) {
-                return Err(invalid("must be in [0, 1)"));
-            }
-            match name {
-                "outliers" => options.outliers = fraction,
-                "key-outliers" => options.key_outliers = Some(fraction),
-                _ => options.value_outliers = Some(fraction),
-            }
-        }
-        "fit" => {
-            options.fit = match value {
-                "minmax" => Fit::MinMax,
-                "mse" => Fit::Mse,
-                _ => return Err(invalid("must be minmax or mse")),
-            }
-        }
-        "method" => {
-            options.method = match value {
-                "adr002" => Method::Adr002,
-                "kivi" => Method::Kivi,
-                _ => return Err(invalid("must be adr002 or kivi")),
-            }
-        }
-        "grid" => {
-            options.grid = Some(match value {
-                "sym" => Grid::Symmetric,
-                "asym" => Grid::Asymmetric,
-                _ => return Err(invalid("must be sym or asym")),
-            })
-        }
-        "key-axis" | "value-axis" => {
-            let axis = match value {
-                "flat" => Axis::Flat,
-                "token" => Axis::Token,
-                "channel" => Axis::Channel,
-                _ => return Err(invalid("must be flat, token or channel")),
-            };
-            if name == "key-axis" {
-                options.key_axis = Some(axis);
-            } else {
-                options.value_axis = Some(axis);
-            }
-        }
-        "rotate-seed" => options.rotate_seed = count()?,
-        "sink-tokens" => options.sink_tokens = usize::try_from(count()?).map_err(|_| invalid("too large"))?,
-        "recent-tokens" => options.recent_tokens = usize::try_from(count()?).map_err(|_| invalid("too large"))?,
-        _ => unreachable!("flag_kind() admitted an unhandled flag -{name}"),
     }
     Ok(())
 }
@@ -401,7 +790,9 @@ fn parse_float(value: &str) -> Option<f64> {
     let lower = value.to_ascii_lowercase();
     let unsigned = lower.trim_start_matches(['+', '-']);
     let named = matches!(unsigned, "inf" | "infinity" | "nan");
-    if value.is_empty() || (!named && !unsigned.starts_with(|c: char| c.is_ascii_digit() || c == '.')) {
+    if value.is_empty()
+        || (!named && !unsigned.starts_with(|c: char| c.is_ascii_digit() || c == '.'))
+    {
         return None;
     }
     value.parse().ok()
@@ -424,7 +815,17 @@ mod tests {
 
     #[test]
     fn the_bridge_invocations_parse() {
-        let o = options(&["-input", "in.st", "-output", "out.st", "-group-size", "64", "-sparsity", "0.0", "-verbose"]);
+        let o = options(&[
+            "-input",
+            "in.st",
+            "-output",
+            "out.st",
+            "-group-size",
+            "64",
+            "-sparsity",
+            "0.0",
+            "-verbose",
+        ]);
         assert_eq!(o.input, Some(PathBuf::from("in.st")));
         assert_eq!(o.output, Some(PathBuf::from("out.st")));
         assert_eq!((o.group_size, o.sparsity, o.verbose), (64, 0.0, true));
@@ -455,34 +856,52 @@ mod tests {
             assert!(options(&[&format!("-verbose={value}")]).verbose, "{value}");
         }
         for value in ["0", "f", "F", "FALSE", "false", "False"] {
-            assert!(!options(&["-verbose", &format!("--verbose={value}")]).verbose, "{value}");
+            assert!(
+                !options(&["-verbose", &format!("--verbose={value}")]).verbose,
+                "{value}"
+            );
         }
         assert_eq!(
             run(&["-verbose=yes"]),
-            Err(FlagError::InvalidBool { flag: "verbose".into(), value: "yes".into() })
+            Err(FlagError::InvalidBool {
+                flag: "verbose".into(),
+                value: "yes".into()
+            })
         );
     }
 
     #[test]
     fn a_bool_never_takes_the_next_argument() {
-        assert_eq!(run(&["-verbose", "false"]), Err(FlagError::Positional("false".into())));
+        assert_eq!(
+            run(&["-verbose", "false"]),
+            Err(FlagError::Positional("false".into()))
+        );
     }
 
     #[test]
     fn a_value_flag_takes_the_next_argument_even_if_it_looks_like_a_flag() {
-        assert_eq!(options(&["-input", "-verbose"]).input, Some(PathBuf::from("-verbose")));
+        assert_eq!(
+            options(&["-input", "-verbose"]).input,
+            Some(PathBuf::from("-verbose"))
+        );
         assert_eq!(options(&["-input="]).input, Some(PathBuf::from("")));
     }
 
     #[test]
     fn last_setting_wins() {
-        assert_eq!(options(&["-group-size", "32", "-group-size=128"]).group_size, 128);
+        assert_eq!(
+            options(&["-group-size", "32", "-group-size=128"]).group_size,
+            128
+        );
     }
 
     #[test]
     fn double_dash_ends_the_flags() {
         assert!(options(&["-verbose", "--"]).verbose);
-        assert_eq!(run(&["--", "-verbose"]), Err(FlagError::Positional("-verbose".into())));
+        assert_eq!(
+            run(&["--", "-verbose"]),
+            Err(FlagError::Positional("-verbose".into()))
+        );
     }
 
     #[test]
@@ -494,15 +913,30 @@ mod tests {
 
     #[test]
     fn errors_read_like_go() {
-        assert_eq!(run(&["-x"]).unwrap_err().to_string(), "flag provided but not defined: -x");
-        assert_eq!(run(&["-input"]).unwrap_err().to_string(), "flag needs an argument: -input");
+        assert_eq!(
+            run(&["-x"]).unwrap_err().to_string(),
+            "flag provided but not defined: -x"
+        );
+        assert_eq!(
+            run(&["-input"]).unwrap_err().to_string(),
+            "flag needs an argument: -input"
+        );
         assert_eq!(
             run(&["-group-size", "abc"]).unwrap_err().to_string(),
             "invalid value \"abc\" for flag -group-size: parse error"
         );
-        assert_eq!(run(&["---x"]).unwrap_err(), FlagError::BadSyntax("---x".into()));
-        assert_eq!(run(&["-=x"]).unwrap_err(), FlagError::BadSyntax("-=x".into()));
-        assert_eq!(run(&["stray"]).unwrap_err(), FlagError::Positional("stray".into()));
+        assert_eq!(
+            run(&["---x"]).unwrap_err(),
+            FlagError::BadSyntax("---x".into())
+        );
+        assert_eq!(
+            run(&["-=x"]).unwrap_err(),
+            FlagError::BadSyntax("-=x".into())
+        );
+        assert_eq!(
+            run(&["stray"]).unwrap_err(),
+            FlagError::Positional("stray".into())
+        );
         assert_eq!(run(&["-"]).unwrap_err(), FlagError::Positional("-".into()));
     }
 
@@ -531,7 +965,10 @@ mod tests {
             &["-method", "zip"],
             &["-sink-tokens", "-1"],
         ] {
-            assert!(matches!(run(args), Err(FlagError::InvalidValue { .. })), "{args:?}");
+            assert!(
+                matches!(run(args), Err(FlagError::InvalidValue { .. })),
+                "{args:?}"
+            );
         }
         for args in [
             &["-sparsity", "0.1", "-outliers", "0.01"][..],
@@ -548,12 +985,44 @@ mod tests {
     #[test]
     fn method_flags_parse() {
         let o = options(&[
-            "-method", "kivi", "-bits", "3", "-grid", "asym", "-key-axis", "channel", "-value-axis=token", "-rotate",
-            "-rotate-seed", "7", "-sink-tokens", "4", "-recent-tokens", "16", "-reconstruct",
+            "-method",
+            "kivi",
+            "-bits",
+            "3",
+            "-grid",
+            "asym",
+            "-key-axis",
+            "channel",
+            "-value-axis=token",
+            "-rotate",
+            "-rotate-seed",
+            "7",
+            "-sink-tokens",
+            "4",
+            "-recent-tokens",
+            "16",
+            "-reconstruct",
         ]);
         assert_eq!(o.method, Method::Kivi);
-        assert_eq!((o.bits, o.grid, o.key_axis, o.value_axis), (3, Some(Grid::Asymmetric), Some(Axis::Channel), Some(Axis::Token)));
-        assert_eq!((o.rotate, o.rotate_seed, o.sink_tokens, o.recent_tokens, o.reconstruct), (true, 7, 4, 16, true));
+        assert_eq!(
+            (o.bits, o.grid, o.key_axis, o.value_axis),
+            (
+                3,
+                Some(Grid::Asymmetric),
+                Some(Axis::Channel),
+                Some(Axis::Token)
+            )
+        );
+        assert_eq!(
+            (
+                o.rotate,
+                o.rotate_seed,
+                o.sink_tokens,
+                o.recent_tokens,
+                o.reconstruct
+            ),
+            (true, 7, 4, 16, true)
+        );
     }
 
     #[test]
@@ -565,5 +1034,122 @@ mod tests {
         assert_eq!(parse_int("--1"), None);
         assert_eq!(parse_int(""), None);
         assert_eq!(parse_int("-9223372036854775808"), Some(i64::MIN));
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+    use std::os::unix::ffi::OsStringExt;
+
+    fn options(args: &[OsString]) -> Options {
+        match parse(args) {
+            Ok(Command::Run(options)) => options,
+            other => panic!("{args:?} gave {other:?}"),
+        }
+    }
+
+    fn os(s: &str) -> OsString {
+        s.into()
+    }
+
+    #[test]
+    fn a_path_need_not_be_utf8_but_a_number_must_be() {
+        let name = OsString::from_vec(b"caf\xe9.safetensors".to_vec());
+        let o = options(&[os("-input"), name.clone(), os("-output"), name.clone()]);
+        assert_eq!(o.input, Some(PathBuf::from(&name)));
+        let mut inline = b"-output=".to_vec();
+        inline.extend_from_slice(name.as_encoded_bytes());
+        assert_eq!(
+            options(&[OsString::from_vec(inline)]).output,
+            Some(PathBuf::from(&name))
+        );
+        let bad = OsString::from_vec(b"6\xff4".to_vec());
+        let error = parse(&[os("-group-size"), bad]).unwrap_err();
+        assert!(
+            matches!(&error, FlagError::InvalidValue { flag, reason, .. } if flag == "group-size" && reason == "not valid UTF-8"),
+            "{error:?}"
+        );
+        let error = parse(&[OsString::from_vec(b"-verbose=\xff".to_vec())]).unwrap_err();
+        assert!(matches!(error, FlagError::InvalidBool { .. }), "{error:?}");
+        let error = parse(&[OsString::from_vec(b"-\xff".to_vec())]).unwrap_err();
+        assert!(matches!(error, FlagError::Undefined(_)), "{error:?}");
+        let error = parse(&[OsString::from_vec(b"\xff".to_vec())]).unwrap_err();
+        assert!(matches!(error, FlagError::Positional(_)), "{error:?}");
+    }
+
+    #[test]
+    fn usage_lists_every_flag_once_with_its_help() {
+        let text = usage();
+        let (_, list) = text.split_once("\nFlags:\n").expect("a flag list");
+        for flag in FLAGS {
+            let line = format!("  -{} ", flag.name);
+            let found = list
+                .lines()
+                .filter(|l| l.starts_with(&line) || l.trim_end() == line.trim_end())
+                .count();
+            assert_eq!(found, 1, "-{}", flag.name);
+            let first = flag.help.lines().next().unwrap();
+            assert!(list.contains(first), "-{}", flag.name);
+        }
+        assert!(text.contains("-input string") && text.contains("-group-size 64 -sparsity 0.0"));
+        let names: std::collections::HashSet<_> = FLAGS.iter().map(|f| f.name).collect();
+        assert_eq!(names.len(), FLAGS.len(), "a flag is defined twice");
+    }
+
+    #[test]
+    fn layer_bits_rules_parse_and_match_first_wins() {
+        let o = options(&[os("-layer-bits"), os("k:0,29=4;k:*=2; v:3-5=8/128;1=3")]);
+        let rules = &o.layer_bits;
+        assert_eq!(rules.len(), 4);
+        assert_eq!(
+            rules[0],
+            LayerRule {
+                keys: true,
+                values: false,
+                layers: Some(vec![0..=0, 29..=29]),
+                bits: 4,
+                group_size: None
+            }
+        );
+        assert_eq!(
+            rules[2],
+            LayerRule {
+                keys: false,
+                values: true,
+                layers: Some(vec![3..=5]),
+                bits: 8,
+                group_size: Some(128)
+            }
+        );
+        assert!(rules[3].keys && rules[3].values);
+        let first = |kind, layer| {
+            rules
+                .iter()
+                .find(|r| r.matches(kind, layer))
+                .map(|r| r.bits)
+        };
+        assert_eq!(first(TensorKind::Key, Some(29)), Some(4));
+        assert_eq!(first(TensorKind::Key, Some(1)), Some(2));
+        assert_eq!(
+            first(TensorKind::Key, None),
+            Some(2),
+            "* covers names outside the rule"
+        );
+        assert_eq!(first(TensorKind::Value, Some(4)), Some(8));
+        assert_eq!(first(TensorKind::Value, Some(1)), Some(3));
+        assert_eq!(first(TensorKind::Value, Some(2)), None);
+        assert_eq!(first(TensorKind::Value, None), None);
+        for bad in [
+            "k:0=5", "x:0=4", "k:a=4", "k:3-1=4", "k:0", "k:0=4/48", "k:0=4/",
+        ] {
+            assert!(
+                matches!(
+                    parse(&[os("-layer-bits"), os(bad)]),
+                    Err(FlagError::InvalidValue { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use kv_compress::flags::{self, Command, USAGE};
+use kv_compress::flags::{self, usage, Command};
 
 fn main() -> ExitCode {
     // First, before any thread exists: SIGINT/SIGTERM/SIGHUP then remove
@@ -14,16 +14,17 @@ fn main() -> ExitCode {
         eprintln!("Error: cannot install the signal handler: {error}");
         return ExitCode::FAILURE;
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // OS strings: `std::env::args()` panics on an argument that is not UTF-8.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let options = match flags::parse(&args) {
         Ok(Command::Run(options)) => options,
         Ok(Command::Help) => {
-            eprint!("{USAGE}");
+            eprint!("{}", usage());
             return ExitCode::SUCCESS;
         }
         Err(error) => {
             eprintln!("{error}");
-            eprint!("{USAGE}");
+            eprint!("{}", usage());
             return ExitCode::from(2);
         }
     };

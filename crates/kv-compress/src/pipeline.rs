@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use kvformat::atomic::Staged;
 use kvformat::cache::KvCache;
-use kvformat::codec::{Axis, CodecParams, Grid};
+use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
+use kvformat::preset::{layer_index, TensorKind};
 use kvformat::packed::{ensure_packable, pack_tensor, stage_packed, PackedFile, PackedTensor};
 use kvformat::sidecar::{
     sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
@@ -16,7 +17,7 @@ use kvformat::sidecar::{
 use kvformat::{stage_tensor_file_streaming, CacheDtype, TensorSpec};
 use rayon::prelude::*;
 
-use crate::flags::{Method, Options};
+use crate::flags::Options;
 
 /// A failed run; `main` prints it as `Error: {self}` and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -29,40 +30,49 @@ pub enum Error {
     File(#[from] kvformat::Error),
 }
 
-/// The codec settings of one tensor: `*_key` tensors take the key axis, bits,
-/// group size and outliers, every other tensor the value ones; unset flags
-/// take the method's choice (axes) or the shared flag.
+/// The codec settings of one tensor: `*_key` tensors (kvformat's naming
+/// rule) take the key axis, bits, group size and outliers, every other tensor
+/// the value ones; the first `-layer-bits` rule that matches the tensor's
+/// kind and layer sets its bits (and group size); unset flags take the
+/// method's choice (grid, axes) or the shared flag.
 pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
-    let (grid, key_axis, value_axis) = match options.method {
-        Method::Adr002 => (Grid::Symmetric, Axis::Flat, Axis::Flat),
-        Method::Kivi => (Grid::Asymmetric, Axis::Channel, Axis::Token),
+    let kind = TensorKind::of(tensor_name);
+    let (axis, bits, group_size, outliers) = match kind {
+        TensorKind::Key => (
+            options.key_axis,
+            options.key_bits,
+            options.key_group_size,
+            options.key_outliers,
+        ),
+        TensorKind::Value => (
+            options.value_axis,
+            options.value_bits,
+            options.value_group_size,
+            options.value_outliers,
+        ),
     };
-    let (axis, bits, group_size, outliers) = if tensor_name.ends_with("_key") {
-        (
-            options.key_axis.unwrap_or(key_axis),
-            options.key_bits.unwrap_or(options.bits),
-            options.key_group_size.unwrap_or(options.group_size),
-            options.key_outliers.unwrap_or(options.outliers),
-        )
-    } else {
-        (
-            options.value_axis.unwrap_or(value_axis),
-            options.value_bits.unwrap_or(options.bits),
-            options.value_group_size.unwrap_or(options.group_size),
-            options.value_outliers.unwrap_or(options.outliers),
-        )
-    };
+    let mut bits = bits.unwrap_or(options.bits);
+    let mut group_size = group_size.unwrap_or(options.group_size);
+    let layer = layer_index(tensor_name);
+    if let Some(rule) = options
+        .layer_bits
+        .iter()
+        .find(|rule| rule.matches(kind, layer))
+    {
+        bits = rule.bits;
+        group_size = rule.group_size.unwrap_or(group_size);
+    }
     CodecParams {
         bits,
-        grid: options.grid.unwrap_or(grid),
-        axis,
+        grid: options.grid.unwrap_or(options.method.grid()),
+        axis: axis.unwrap_or(options.method.axis(kind)),
         group_size,
         rotation_seed: options.rotate.then_some(options.rotate_seed),
         sink_tokens: options.sink_tokens,
         recent_tokens: options.recent_tokens,
         sparsity: options.sparsity,
         fit: options.fit,
-        outliers,
+        outliers: outliers.unwrap_or(options.outliers),
     }
 }
 
@@ -335,10 +345,10 @@ fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
 mod tests {
     use super::*;
     use crate::flags::{parse, Command};
-    use kvformat::codec::Fit;
+    use kvformat::codec::{Axis, Fit, Grid};
 
     fn options(args: &[&str]) -> Options {
-        match parse(&args.iter().map(|s| s.to_string()).collect::<Vec<_>>()) {
+        match parse(args) {
             Ok(Command::Run(options)) => options,
             other => panic!("{other:?}"),
         }
@@ -392,5 +402,27 @@ mod tests {
         assert_eq!(params_for(&o, "layer_0_key").outliers, 0.02);
         assert_eq!(params_for(&o, "layer_0_value").outliers, 0.01);
         assert_eq!(params_for(&options(&[]), "layer_0_key").outliers, 0.0);
+    }
+
+    #[test]
+    fn layer_bits_override_the_kind_flags_for_the_layers_they_name() {
+        let o = options(&[
+            "-bits",
+            "3",
+            "-key-group-size",
+            "32",
+            "-layer-bits",
+            "k:0,29=4;k:*=2/128;v:5=8",
+        ]);
+        let bits_and_group = |name: &str| {
+            let p = params_for(&o, name);
+            (p.bits, p.group_size)
+        };
+        assert_eq!(bits_and_group("layer_0_key"), (4, 32));
+        assert_eq!(bits_and_group("layer_29_key"), (4, 32));
+        assert_eq!(bits_and_group("layer_7_key"), (2, 128));
+        assert_eq!(bits_and_group("layer_5_value"), (8, 64));
+        assert_eq!(bits_and_group("layer_6_value"), (3, 64));
+        assert_eq!(bits_and_group("other"), (3, 64));
     }
 }

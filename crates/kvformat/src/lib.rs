@@ -30,6 +30,7 @@ pub mod error;
 pub mod input;
 pub mod metrics;
 pub mod packed;
+pub mod preset;
 pub mod sidecar;
 pub mod tensor_file;
 

@@ -202,6 +202,67 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             },
             sample_values(112, 15),
         ),
+        // Codebook grids: level[code] * group RMS; kmeans stores its levels.
+        (
+            "lloyd2_token_rotation",
+            vec![1, 2, 6, 32],
+            CodecParams {
+                bits: 2,
+                grid: Grid::Lloyd,
+                axis: Axis::Token,
+                rotation_seed: Some(3),
+                ..CodecParams::adr002(32)
+            },
+            sample_values(384, 16),
+        ),
+        (
+            "lloyd3_flat_sinks_outliers_mse",
+            vec![1, 2, 9, 16],
+            CodecParams {
+                bits: 3,
+                grid: Grid::Lloyd,
+                sink_tokens: 1,
+                recent_tokens: 2,
+                outliers: 0.03,
+                fit: Fit::Mse,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(288, 17),
+        ),
+        (
+            "lloyd4_f32_scales",
+            vec![200],
+            CodecParams {
+                grid: Grid::Lloyd,
+                ..CodecParams::adr002(8)
+            },
+            sample_values(200, 18).iter().map(|x| x * 1.0e7).collect(),
+        ),
+        (
+            "kmeans2_channel_sparse",
+            vec![1, 3, 7, 4],
+            CodecParams {
+                bits: 2,
+                grid: Grid::Kmeans,
+                axis: Axis::Channel,
+                sparsity: 0.4,
+                ..CodecParams::adr002(3)
+            },
+            sample_values(84, 19),
+        ),
+        (
+            "kmeans4_token_rotation_outliers",
+            vec![1, 2, 6, 32],
+            CodecParams {
+                grid: Grid::Kmeans,
+                axis: Axis::Token,
+                rotation_seed: Some(9),
+                outliers: 0.02,
+                fit: Fit::Mse,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(384, 20),
+        ),
         (
             "everything",
             vec![1, 2, 9, 16],

@@ -108,6 +108,7 @@ fn bounds(original: &[f32], shape: &[usize], params: &CodecParams) -> Vec<f32> {
             let scale = match params.grid {
                 Grid::Symmetric => magnitude / qmax,
                 Grid::Asymmetric => (max[g] - min[g]) / levels,
+                Grid::Lloyd | Grid::Kmeans => unreachable!("codebook grids: see codebooks_stay_finite_at_the_extremes"),
             };
             // scale/2, the stored scale and offset off by f16's relative
             // rounding (2^-11, doubled for slack), and f32's smallest normal
@@ -239,6 +240,54 @@ proptest! {
                 prop_assert!(
                     within || dropped_to_zero,
                     "{name} {dtype:?} {shape:?} value {i}: {x} restored as {restored}, error {error} > bound {bound} ({params:?})"
+                );
+            }
+        }
+    }
+}
+
+/// Codebook grids at the extremes (f32::MAX, F16's largest, denormals, a
+/// huge value beside tiny ones): encoding succeeds and decoding is finite.
+#[test]
+fn codebooks_stay_finite_at_the_extremes() {
+    use kvformat::codec::{decode, encode, CodecParams, Fit};
+    let cases: [&[f32]; 5] = [
+        &[
+            f32::MAX,
+            -f32::MAX,
+            f32::MAX,
+            1.0,
+            -f32::MAX,
+            0.0,
+            3.0e38,
+            -1.0,
+        ],
+        &[
+            65504.0, -65504.0, 65504.0, 65504.0, -65504.0, 1.0, 0.5, -0.25,
+        ],
+        &[
+            1.0e-40, -1.0e-44, 3.0e-39, 0.0, -2.0e-45, 1.0e-41, 0.0, 7.0e-40,
+        ],
+        &[
+            1.0e30, 1.0e-30, -1.0e-30, 0.0, 2.0e-30, -3.0e-30, 1.0e-30, 0.0,
+        ],
+        &[0.0; 8],
+    ];
+    for values in cases {
+        for grid in [Grid::Lloyd, Grid::Kmeans] {
+            for (bits, fit) in [(2, Fit::MinMax), (3, Fit::Mse), (4, Fit::MinMax)] {
+                let params = CodecParams {
+                    bits,
+                    grid,
+                    fit,
+                    ..CodecParams::adr002(4)
+                };
+                let encoded = encode(values, &[8], &params)
+                    .unwrap_or_else(|e| panic!("{values:?} {params:?}: {e}"));
+                let restored = decode(&encoded.payload, &[8], &params, &encoded.layout).unwrap();
+                assert!(
+                    restored.iter().all(|x| x.is_finite()),
+                    "{values:?} {params:?}: {restored:?}"
                 );
             }
         }

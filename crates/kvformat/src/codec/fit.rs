@@ -16,7 +16,7 @@
 //! Only the encoder searches: the payload is the same `q·scale + offset`
 //! format, so decoding neither knows nor cares how the parameters were found.
 
-use super::quantizer::{ExactParams, ScaleDtype};
+use super::scales::{ExactParams, ScaleDtype};
 
 /// Candidate inverse scales per group, spread evenly over
 /// `[(qmax - 1) / spread, (qmax + 1) / spread]` (plus the min/max one).

@@ -5,40 +5,16 @@
 //! the original did it); asymmetric math is f64 so that `max - min` and
 //! `q * scale + offset` cannot overflow f32 on huge magnitudes.
 
-use half::f16;
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::bitpack;
 use super::fit;
 use super::groups::GroupGeometry;
+use super::scales::{ExactParams, GroupParams, ScaleDtype};
 use super::{Fit, Grid};
-
-/// Scale of a group with nothing to scale (all zeros, constant, or all
-/// dropped): the smallest positive normal f16, 2^-14, so it is never 0.
-pub const ZERO_GROUP_SCALE: f32 = 6.103_515_6e-5;
 
 /// Groups handed to one parallel work item.
 const GROUPS_PER_TASK: usize = 1024;
-
-/// How scales and offsets are stored in the payload, chosen per tensor.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ScaleDtype {
-    /// Little-endian IEEE half: every scale a normal f16, every offset 0 or normal.
-    F16,
-    /// Little-endian f32, used when some group's scale or offset does not fit f16.
-    F32,
-}
-
-impl ScaleDtype {
-    pub fn size_bytes(self) -> usize {
-        match self {
-            ScaleDtype::F16 => 2,
-            ScaleDtype::F32 => 4,
-        }
-    }
-}
 
 /// The grid's integer code range for a bit width.
 #[derive(Clone, Copy, Debug)]
@@ -69,15 +45,6 @@ impl CodeRange {
     }
 }
 
-/// Scales (and offsets for the asymmetric grid) of every group, as stored.
-#[derive(Clone, Debug, PartialEq)]
-pub(crate) struct GroupParams {
-    pub dtype: ScaleDtype,
-    pub scales: Vec<f32>,
-    /// Empty for the symmetric grid.
-    pub offsets: Vec<f32>,
-}
-
 /// What a group's scale is computed from, over its kept values: `max|x|`
 /// (symmetric) or the minimum and maximum (asymmetric); 0 when none is kept.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -93,7 +60,8 @@ fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
             let kept_values = values.iter().zip(kept).filter(|(_, &keep)| keep);
             Extremes::MaxAbs(kept_values.fold(0.0, |max, (&x, _)| larger(max, x.abs())))
         }
-        (Grid::Asymmetric, kept) => {
+        // Asymmetric (codebook grids never reach the uniform quantizer).
+        (_, kept) => {
             let (min, max) = match kept {
                 None => min_max(values),
                 Some(kept) => values
@@ -178,22 +146,6 @@ fn max_abs(values: &[f32]) -> f32 {
         .fold(0.0, |max, &x| larger(x.abs(), max))
 }
 
-/// The f16 a finite f32 rounds to, if that is zero or a normal f16.
-fn to_normal_f16(x: f32, allow_zero: bool) -> Option<f32> {
-    let half = f16::from_f32(x);
-    (half.is_normal() || (allow_zero && half.to_f32() == 0.0)).then(|| half.to_f32())
-}
-
-/// Scale and offset before the storage dtype is applied.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ExactParams {
-    /// `max|x| / qmax` (symmetric) or `(max - min) / (2^b - 1)` (asymmetric),
-    /// unless fitted; 0 for a flat group.
-    pub scale: f32,
-    /// `min` (asymmetric) unless fitted, 0 (symmetric).
-    pub offset: f32,
-}
-
 impl ExactParams {
     /// The parameters `fit` chooses for one group's values (`kept` of them),
     /// for scales stored as `storage`.
@@ -221,11 +173,14 @@ impl ExactParams {
         match range.grid {
             Grid::Symmetric => {
                 let (qmin, qmax) = range.symmetric_codes();
-                fit::symmetric(&kept_values, (f64::from(qmin), f64::from(qmax)), start, storage)
+                fit::symmetric(
+                    &kept_values,
+                    (f64::from(qmin), f64::from(qmax)),
+                    start,
+                    storage,
+                )
             }
-            Grid::Asymmetric => {
-                fit::asymmetric(&kept_values, range.asymmetric_max(), start, storage)
-            }
+            _ => fit::asymmetric(&kept_values, range.asymmetric_max(), start, storage),
         }
     }
 
@@ -245,26 +200,6 @@ impl ExactParams {
                 ExactParams { scale, offset: min }
             }
         }
-    }
-
-    pub(crate) fn stored_f16(self) -> Option<(f32, f32)> {
-        let scale = if self.scale == 0.0 {
-            ZERO_GROUP_SCALE
-        } else {
-            to_normal_f16(self.scale, false)?
-        };
-        Some((scale, to_normal_f16(self.offset, true)?))
-    }
-
-    pub(crate) fn stored_f32(self) -> (f32, f32) {
-        let scale = if self.scale == 0.0 {
-            ZERO_GROUP_SCALE
-        } else {
-            // A non-zero scale below f32's normal range would lose precision
-            // (or flush to 0); the smallest normal still meets `|err| <= scale/2`.
-            self.scale.max(f32::MIN_POSITIVE)
-        };
-        (scale, self.offset)
     }
 }
 
@@ -298,13 +233,16 @@ pub(crate) fn group_params(
                 Fit::MinMax => exact,
                 Fit::Mse => exact_params(ScaleDtype::F32),
             };
-            (ScaleDtype::F32, exact.par_iter().map(|p| p.stored_f32()).collect())
+            (
+                ScaleDtype::F32,
+                exact.par_iter().map(|p| p.stored_f32()).collect(),
+            )
         }
     };
     let (scales, offsets): (Vec<f32>, Vec<f32>) = stored.into_iter().unzip();
     let offsets = match range.grid {
         Grid::Symmetric => Vec::new(),
-        Grid::Asymmetric => offsets,
+        _ => offsets,
     };
     GroupParams {
         dtype,
@@ -411,10 +349,8 @@ fn quantize_group(
                 *code = symmetric_code(x, scale, qmin, qmax);
             }
         }
-        (Grid::Asymmetric, None) => {
-            asymmetric_codes(values, scale, offset, range.asymmetric_max() as i64, codes)
-        }
-        (Grid::Asymmetric, Some(kept)) => {
+        (_, None) => asymmetric_codes(values, scale, offset, range.asymmetric_max() as i64, codes),
+        (_, Some(kept)) => {
             let qmax = range.asymmetric_max() as i64;
             let kept_values = values.iter().zip(kept).filter(|(_, &k)| k).map(|(x, _)| x);
             for (code, &x) in codes.iter_mut().zip(kept_values) {
@@ -447,7 +383,7 @@ fn dequantize_group(
                     (Some(&code), Grid::Symmetric) => {
                         symmetric_value(code, scale, range.symmetric_bias())
                     }
-                    (Some(&code), Grid::Asymmetric) => asymmetric_value(code, scale, offset),
+                    (Some(&code), _) => asymmetric_value(code, scale, offset),
                 };
             }
         }
@@ -623,13 +559,54 @@ fn symmetric_value(code: u8, scale: f32, bias: i32) -> f32 {
     ((i32::from(code) - bias) as f32 * scale).clamp(-f32::MAX, f32::MAX)
 }
 
+/// One group quantizer's code <-> value mapping, group by group: the
+/// drivers [`quantize`] and [`dequantize`] handle kept masks' code offsets
+/// and the parallel split once for every quantizer.
+pub(crate) trait GroupMapping: Sync {
+    /// Codes of `group`'s kept values, in order, into `codes`.
+    fn codes(&self, group: usize, values: &[f32], kept: Option<&[bool]>, codes: &mut [u8]);
+    /// Reconstruction of `group`; dropped values become exactly 0.
+    fn values(&self, group: usize, codes: &[u8], kept: Option<&[bool]>, out: &mut [f32]);
+}
+
+/// The uniform grids (symmetric, asymmetric) with their stored parameters.
+pub(crate) struct Uniform<'a> {
+    pub range: CodeRange,
+    pub params: &'a GroupParams,
+}
+
+impl GroupMapping for Uniform<'_> {
+    fn codes(&self, group: usize, values: &[f32], kept: Option<&[bool]>, codes: &mut [u8]) {
+        let offset = self.params.offsets.get(group).copied().unwrap_or(0.0);
+        quantize_group(
+            values,
+            kept,
+            self.range,
+            self.params.scales[group],
+            offset,
+            codes,
+        );
+    }
+
+    fn values(&self, group: usize, codes: &[u8], kept: Option<&[bool]>, out: &mut [f32]) {
+        let offset = self.params.offsets.get(group).copied().unwrap_or(0.0);
+        dequantize_group(
+            codes,
+            kept,
+            self.range,
+            self.params.scales[group],
+            offset,
+            out,
+        );
+    }
+}
+
 /// Unsigned codes of all kept values, group by group.
 pub(crate) fn quantize(
     values: &[f32],
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
-    range: CodeRange,
-    params: &GroupParams,
+    mapping: &impl GroupMapping,
 ) -> Vec<u8> {
     let offsets = code_offsets(kept, geometry);
     let mut codes = vec![0u8; offsets[offsets.len() - 1]];
@@ -643,16 +620,8 @@ pub(crate) fn quantize(
                 let span = geometry.range(group);
                 let codes = &mut task_codes
                     [offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
-                let offset = params.offsets.get(group).copied().unwrap_or(0.0);
                 let kept = kept.map(|kept| &kept[span.clone()]);
-                quantize_group(
-                    &values[span],
-                    kept,
-                    range,
-                    params.scales[group],
-                    offset,
-                    codes,
-                );
+                mapping.codes(group, &values[span], kept, codes);
             }
         });
     codes
@@ -663,8 +632,7 @@ pub(crate) fn dequantize(
     codes: &[u8],
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
-    range: CodeRange,
-    params: &GroupParams,
+    mapping: &impl GroupMapping,
     out: &mut [f32],
 ) {
     let offsets = code_offsets(kept, geometry);
@@ -681,10 +649,9 @@ pub(crate) fn dequantize(
             for group in first..last {
                 let span = geometry.range(group);
                 let out = &mut task_out[span.start - base..span.end - base];
-                let offset = params.offsets.get(group).copied().unwrap_or(0.0);
                 let kept = kept.map(|kept| &kept[span.clone()]);
                 let codes = &codes[offsets[group]..offsets[group + 1]];
-                dequantize_group(codes, kept, range, params.scales[group], offset, out);
+                mapping.values(group, codes, kept, out);
             }
         });
 }

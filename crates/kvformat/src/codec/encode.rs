@@ -1,0 +1,232 @@
+//! `encode`: values to payload.
+
+use std::borrow::Cow;
+
+use rayon::prelude::*;
+
+use super::groups::Plan;
+use super::layout::{packed, write_scales, Sections};
+use super::quantizer;
+use super::scales::ScaleDtype;
+use super::{codebook, kept_tokens, outliers, rotation, sparsity};
+use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
+
+/// Encodes the row-major `values` of a tensor of `shape`, dropped values in
+/// whichever [`SparseForm`] is smaller.
+pub fn encode(
+    values: &[f32],
+    shape: &[usize],
+    params: &CodecParams,
+) -> Result<Encoded, CodecError> {
+    params.validate(shape)?;
+    let plan = Plan::new(shape, params)?;
+    let form = sparsity::smaller_form(
+        params.grid,
+        params.bits,
+        params.sparsity,
+        plan.quantized_count(),
+    );
+    encode_in_form(values, &plan, params, form)
+}
+
+/// [`encode`] with the sparse form given; `Dense` with `sparsity > 0` needs
+/// the symmetric grid.
+pub(crate) fn encode_in_form(
+    values: &[f32],
+    plan: &Plan,
+    params: &CodecParams,
+    form: SparseForm,
+) -> Result<Encoded, CodecError> {
+    if values.len() != plan.total_count() {
+        return Err(CodecError::ValueCount {
+            expected: plan.total_count(),
+            actual: values.len(),
+        });
+    }
+    if let Some(index) = first_non_finite(values) {
+        return Err(CodecError::NonFinite {
+            index,
+            value: values[index],
+        });
+    }
+
+    let (kept_values, mut quantized) = if plan.keeps_no_tokens() {
+        (Vec::new(), Cow::Borrowed(values))
+    } else {
+        let (kept, quantized) = plan.split(values);
+        (kept, Cow::Owned(quantized))
+    };
+    if let Some(seed) = params.rotation_seed {
+        let quantized = quantized.to_mut();
+        rotation::rotate(quantized, &rotation::signs(seed, plan.head_dim));
+        if quantized.par_iter().any(|x| !x.is_finite()) {
+            return Err(CodecError::RotationOverflow);
+        }
+    }
+    let mut kept_mask =
+        (params.sparsity > 0.0).then(|| sparsity::kept_mask(&quantized, params.sparsity));
+    if form == SparseForm::Dense {
+        if let Some(mask) = kept_mask.take() {
+            // Zeroing what is dropped gives it the code of exactly 0 and
+            // leaves every group's max|x| over kept values as it was, so both
+            // forms reconstruct the same bits.
+            let zeroed = quantized.to_mut();
+            zeroed
+                .par_iter_mut()
+                .zip(&mask)
+                .filter(|(_, &keep)| !keep)
+                .for_each(|(x, _)| *x = 0.0);
+        }
+    }
+    let grouped = if plan.axis == Axis::Channel {
+        Cow::Owned(plan.in_group_order(&quantized))
+    } else {
+        quantized
+    };
+    let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
+
+    if fused_path(params, grouped_mask.is_some(), true) {
+        if let Some(encoded) = encode_fused(&grouped, &kept_values, plan, params, form)? {
+            return Ok(encoded);
+        }
+    }
+    let geometry = &plan.geometry;
+    let mask = grouped_mask.as_deref();
+    let range = params.code_range();
+    let (group_params, codebook) = if codebook::is_codebook(params.grid) {
+        let (group_params, codebook) = codebook::choose(
+            params.grid,
+            params.bits,
+            params.fit,
+            &grouped,
+            mask,
+            geometry,
+        );
+        (group_params, Some(codebook))
+    } else {
+        let group_params = quantizer::group_params(&grouped, mask, geometry, range, params.fit);
+        (group_params, None)
+    };
+    let codes = match &codebook {
+        Some(codebook) => {
+            let mapping = codebook::Scaled {
+                codebook,
+                scales: &group_params.scales,
+            };
+            quantizer::quantize(&grouped, mask, geometry, &mapping)
+        }
+        None => {
+            let mapping = quantizer::Uniform {
+                range,
+                params: &group_params,
+            };
+            quantizer::quantize(&grouped, mask, geometry, &mapping)
+        }
+    };
+
+    let layout = Layout {
+        scale_dtype: group_params.dtype,
+        sparse_form: form,
+    };
+    let sections = Sections::new(plan, params, &layout)?;
+    let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
+    write_scales(&group_params.scales, group_params.dtype, &mut payload);
+    write_scales(&group_params.offsets, group_params.dtype, &mut payload);
+    if let Some(codebook) = &codebook {
+        codebook::write_levels(params.grid, codebook, &mut payload);
+    }
+    kept_tokens::write(&kept_values, &mut payload)?;
+    if let Some(mask) = &kept_mask {
+        payload.extend_from_slice(&packed(
+            &mask.iter().map(|&k| u8::from(k)).collect::<Vec<_>>(),
+            1,
+        ));
+    }
+    payload.extend_from_slice(&packed(&codes, params.bits));
+    if params.outliers > 0.0 {
+        // validate() refuses outliers with sparsity: every value has a code.
+        let mut restored = vec![0f32; grouped.len()];
+        match &codebook {
+            Some(codebook) => {
+                let mapping = codebook::Scaled {
+                    codebook,
+                    scales: &group_params.scales,
+                };
+                quantizer::dequantize(&codes, None, geometry, &mapping, &mut restored);
+            }
+            None => {
+                let mapping = quantizer::Uniform {
+                    range,
+                    params: &group_params,
+                };
+                quantizer::dequantize(&codes, None, geometry, &mapping, &mut restored);
+            }
+        }
+        payload.extend(outliers::encode(&grouped, &restored, params.outliers)?);
+    }
+    debug_assert_eq!(Some(payload.len()), sections.total());
+    Ok(Encoded { payload, layout })
+}
+
+/// The fused symmetric pass (see [`fused_path`]): scales, codes and packed
+/// bytes in one pass; `None` when some scale needs F32 or a task would start
+/// mid-byte, and the general path takes the tensor.
+fn encode_fused(
+    grouped: &[f32],
+    kept_values: &[f32],
+    plan: &Plan,
+    params: &CodecParams,
+    form: SparseForm,
+) -> Result<Option<Encoded>, CodecError> {
+    let layout = Layout {
+        scale_dtype: ScaleDtype::F16,
+        sparse_form: form,
+    };
+    let sections = Sections::new(plan, params, &layout)?;
+    let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];
+    let codes_start = payload.len() - sections.outliers - sections.codes;
+    let codes_end = codes_start + sections.codes;
+    let range = params.code_range();
+    let Some(group_params) = quantizer::quantize_symmetric_f16_packed(
+        grouped,
+        &plan.geometry,
+        range,
+        &mut payload[codes_start..codes_end],
+    ) else {
+        return Ok(None);
+    };
+    let mut head = Vec::with_capacity(codes_start);
+    write_scales(&group_params.scales, ScaleDtype::F16, &mut head);
+    kept_tokens::write(kept_values, &mut head)?;
+    payload[..codes_start].copy_from_slice(&head);
+    if params.outliers > 0.0 {
+        let mut restored = vec![0f32; grouped.len()];
+        let unpacked = quantizer::dequantize_symmetric_packed(
+            &payload[codes_start..codes_end],
+            &plan.geometry,
+            range,
+            &group_params.scales,
+            &mut restored,
+        );
+        debug_assert!(unpacked, "the encoder's tasks are the decoder's");
+        payload[codes_end..].copy_from_slice(&outliers::encode(
+            grouped,
+            &restored,
+            params.outliers,
+        )?);
+    }
+    Ok(Some(Encoded { payload, layout }))
+}
+
+/// Index of the first NaN or infinity, scanning in vectorizable chunks.
+fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const CHUNK: usize = 1 << 14;
+    let chunk = values
+        .par_chunks(CHUNK)
+        .position_first(|chunk| chunk.iter().fold(false, |found, x| found | !x.is_finite()))?;
+    let start = chunk * CHUNK;
+    values[start..]
+        .iter()
+        .position(|x| !x.is_finite())
+        .map(|offset| start + offset)
+}

@@ -1,0 +1,212 @@
+//! The payload layout: which sections a tensor's payload has and how long
+//! each is, the layout facts chosen at encode time, and the section codecs
+//! shared by encoder and decoder (scales, offsets, bitmap, packed codes).
+
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use serde::{Deserialize, Serialize};
+
+use super::groups::Plan;
+use super::scales::ScaleDtype;
+use super::{bitpack, codebook, outliers, sparsity};
+use super::{CodecError, CodecParams, Grid, SparseForm};
+
+/// Codec facts that decoding needs beyond the params and the shape, chosen
+/// by `encode` per tensor. Stored in the file manifest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// Storage type of every scale and offset of the tensor.
+    pub scale_dtype: ScaleDtype,
+    /// How dropped values are marked; absent in manifests written before
+    /// the dense form existed, which all used the bitmap.
+    #[serde(default)]
+    pub sparse_form: SparseForm,
+}
+
+impl Layout {
+    /// Whether the payload has a kept bitmap (and codes of kept values only).
+    pub(crate) fn has_bitmap(&self, params: &CodecParams) -> bool {
+        params.sparsity > 0.0 && self.sparse_form == SparseForm::Bitmap
+    }
+}
+
+/// One tensor's packed payload and the layout needed to decode it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub payload: Vec<u8>,
+    pub layout: Layout,
+}
+
+/// Byte length of each payload section, in payload order.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sections {
+    pub scales: usize,
+    pub offsets: usize,
+    /// Stored codebook levels (`kmeans`).
+    pub levels: usize,
+    pub kept_tokens: usize,
+    pub bitmap: usize,
+    pub codes: usize,
+    pub outliers: usize,
+    /// Number of stored codes (quantized values not dropped).
+    pub code_count: usize,
+}
+
+impl Sections {
+    pub(crate) fn new(
+        plan: &Plan,
+        params: &CodecParams,
+        layout: &Layout,
+    ) -> Result<Self, CodecError> {
+        if params.sparsity > 0.0
+            && params.grid != Grid::Symmetric
+            && layout.sparse_form == SparseForm::Dense
+        {
+            return Err(CodecError::DenseFormNeedsSymmetricGrid);
+        }
+        let overflow = || CodecError::ShapeOverflow;
+        let quantized = plan.quantized_count();
+        let scales = plan
+            .geometry
+            .group_count()
+            .checked_mul(layout.scale_dtype.size_bytes())
+            .ok_or_else(overflow)?;
+        let offsets = match params.grid {
+            Grid::Asymmetric => scales,
+            _ => 0,
+        };
+        let (bitmap, code_count) = if layout.has_bitmap(params) {
+            (
+                quantized.div_ceil(8),
+                quantized - sparsity::dropped_count(params.sparsity, quantized),
+            )
+        } else {
+            (0, quantized)
+        };
+        Ok(Sections {
+            scales,
+            offsets,
+            levels: codebook::levels_section_len(params.grid, params.bits),
+            kept_tokens: plan
+                .kept_token_count()
+                .checked_mul(2)
+                .ok_or_else(overflow)?,
+            bitmap,
+            codes: bitpack::packed_len(code_count, params.bits).ok_or_else(overflow)?,
+            outliers: outliers::section_len(params.outliers, quantized).ok_or_else(overflow)?,
+            code_count,
+        })
+    }
+
+    pub(crate) fn total(&self) -> Option<usize> {
+        [
+            self.offsets,
+            self.levels,
+            self.kept_tokens,
+            self.bitmap,
+            self.codes,
+            self.outliers,
+        ]
+        .iter()
+        .try_fold(self.scales, |total, &len| total.checked_add(len))
+    }
+}
+
+/// Exact payload length of a tensor of `shape` encoded with `params` and `layout`.
+pub fn payload_len(
+    shape: &[usize],
+    params: &CodecParams,
+    layout: &Layout,
+) -> Result<usize, CodecError> {
+    params.validate(shape)?;
+    let plan = Plan::new(shape, params)?;
+    Sections::new(&plan, params, layout)?
+        .total()
+        .ok_or(CodecError::ShapeOverflow)
+}
+
+pub(crate) fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<u8>) {
+    match dtype {
+        ScaleDtype::F16 => {
+            let mut halves = vec![f16::ZERO; values.len()];
+            halves.convert_from_f32_slice(values);
+            halves
+                .iter()
+                .for_each(|half| payload.extend_from_slice(&half.to_le_bytes()));
+        }
+        ScaleDtype::F32 => values
+            .iter()
+            .for_each(|value| payload.extend_from_slice(&value.to_le_bytes())),
+    }
+}
+
+fn read_floats(bytes: &[u8], dtype: ScaleDtype) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(dtype.size_bytes())
+        .map(move |chunk| match dtype {
+            ScaleDtype::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
+            ScaleDtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+        })
+}
+
+/// Scales must be positive normal numbers of their dtype, as `encode` writes them.
+pub(crate) fn read_scales(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> {
+    read_floats(bytes, dtype)
+        .map(|scale| {
+            let normal = match dtype {
+                ScaleDtype::F16 => f16::from_f32(scale).is_normal(),
+                ScaleDtype::F32 => scale.is_normal(),
+            };
+            if normal && scale > 0.0 {
+                Ok(scale)
+            } else {
+                Err(CodecError::CorruptPayload(
+                    "scale is not a positive normal number",
+                ))
+            }
+        })
+        .collect()
+}
+
+pub(crate) fn read_offsets(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> {
+    read_floats(bytes, dtype)
+        .map(|offset| {
+            offset
+                .is_finite()
+                .then_some(offset)
+                .ok_or(CodecError::CorruptPayload("offset is not finite"))
+        })
+        .collect()
+}
+
+/// The kept mask, checked to keep exactly `kept` values with zero padding bits.
+pub(crate) fn read_bitmap(
+    bytes: &[u8],
+    count: usize,
+    kept: usize,
+) -> Result<Vec<bool>, CodecError> {
+    let mut bits = vec![0u8; count];
+    bitpack::unpack(bytes, 1, &mut bits);
+    if bits.iter().filter(|&&bit| bit == 1).count() != kept {
+        return Err(CodecError::CorruptPayload(
+            "sparsity bitmap keeps the wrong number of values",
+        ));
+    }
+    let padding_bits = (8 - count % 8) % 8;
+    if padding_bits > 0 && bytes[bytes.len() - 1] >> (8 - padding_bits) != 0 {
+        return Err(CodecError::CorruptPayload(
+            "sparsity bitmap has non-zero padding bits",
+        ));
+    }
+    Ok(bits.into_iter().map(|bit| bit == 1).collect())
+}
+
+pub(crate) fn packed(codes: &[u8], bits: u8) -> Vec<u8> {
+    let mut packed = vec![
+        0u8;
+        bitpack::packed_len(codes.len(), bits)
+            .expect("length fits: checked by Sections::new")
+    ];
+    bitpack::pack(codes, bits, &mut packed);
+    packed
+}

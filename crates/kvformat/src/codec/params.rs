@@ -1,0 +1,204 @@
+//! The codec's vocabulary: grids, axes, fits, the parameters stored per
+//! tensor in the manifest, their validation, and the codec's errors.
+
+use serde::{Deserialize, Serialize};
+
+use super::codebook;
+use super::groups;
+use super::quantizer::CodeRange;
+
+/// Quantization grid of a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grid {
+    /// `scale = max|x| / qmax`, codes in `[-2^(b-1), 2^(b-1)-1]` (ADR-002 for b = 4).
+    Symmetric,
+    /// `scale = (max - min) / (2^b - 1)` plus an offset, codes in `[0, 2^b - 1]`.
+    Asymmetric,
+    /// Codebook: the Lloyd-Max levels of the unit Gaussian times the group's
+    /// RMS (for rotated values; `codebook.rs`). 2, 3 or 4 bits.
+    Lloyd,
+    /// Codebook: levels fitted to the tensor by k-means, stored in FP16,
+    /// times the group's RMS. 2, 3 or 4 bits.
+    Kmeans,
+}
+
+/// Which consecutive values form a group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Axis {
+    /// ADR-002: the tensor flattened row-major, cut into runs of `group_size`.
+    Flat,
+    /// Per token: runs of `group_size` along head_dim (last axis) of each token.
+    Token,
+    /// Per channel (KIVI keys): runs of `group_size` tokens (axis 2 of
+    /// `[batch, heads, seq, head_dim]`) for each fixed channel.
+    Channel,
+}
+
+/// How the encoder chooses a group's scale (and offset). Decoding does not
+/// depend on it: either way a value is `code·scale + offset`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// The grid spans the group's extremes (ADR-002, KIVI): `|error| <= scale / 2`.
+    #[default]
+    MinMax,
+    /// Least squares: the parameters that minimize the group's squared error,
+    /// clipping outliers where that pays (see `fit.rs`).
+    Mse,
+}
+
+impl Fit {
+    fn is_min_max(&self) -> bool {
+        *self == Fit::MinMax
+    }
+}
+
+/// Everything that decides how a tensor is encoded. Stored per tensor in the
+/// compressed file's manifest, so decoding needs nothing else.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CodecParams {
+    /// Bits per code: 2, 3, 4 or 8.
+    pub bits: u8,
+    pub grid: Grid,
+    pub axis: Axis,
+    pub group_size: usize,
+    /// Seed of the randomized Hadamard rotation of each head vector, if any.
+    pub rotation_seed: Option<u64>,
+    /// First tokens kept in FP16 (attention sinks).
+    pub sink_tokens: usize,
+    /// Last tokens kept in FP16.
+    pub recent_tokens: usize,
+    /// Fraction of smallest-magnitude values dropped (decode to 0; stored as
+    /// the layout's [`SparseForm`] says).
+    pub sparsity: f64,
+    /// Absent from manifests (and so from files) that use the default.
+    #[serde(default, skip_serializing_if = "Fit::is_min_max")]
+    pub fit: Fit,
+    /// Fraction of quantized values kept in FP16 beside the codes, the ones
+    /// whose codes err most (see `outliers.rs`); absent when 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub outliers: f64,
+}
+
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
+}
+
+impl CodecParams {
+    /// The original's method (ADR-002): 4-bit symmetric, flat groups, FP16 scales.
+    pub fn adr002(group_size: usize) -> Self {
+        CodecParams {
+            bits: 4,
+            grid: Grid::Symmetric,
+            axis: Axis::Flat,
+            group_size,
+            rotation_seed: None,
+            sink_tokens: 0,
+            recent_tokens: 0,
+            sparsity: 0.0,
+            fit: Fit::MinMax,
+            outliers: 0.0,
+        }
+    }
+}
+
+/// What is wrong with a tensor, its parameters or its payload. The caller
+/// adds the tensor's name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CodecError {
+    #[error("unsupported bit width {0} (expected 2, 3, 4 or 8)")]
+    UnsupportedBits(u8),
+    #[error("codebook grids take 2, 3 or 4 bits, not {0}")]
+    CodebookBits(u8),
+    #[error("group size must be at least 1")]
+    ZeroGroupSize,
+    #[error("sparsity {0} is outside [0, 1)")]
+    InvalidSparsity(f64),
+    #[error("outlier fraction {0} is outside [0, 1)")]
+    InvalidOutliers(f64),
+    #[error("outliers cannot be combined with sparsity")]
+    OutliersWithSparsity,
+    #[error(
+        "too few values near grouped index {index} fit in FP16 to keep as outliers; \
+         use a smaller outlier fraction"
+    )]
+    OutlierOverflow { index: usize },
+    #[error("the dense sparse form needs the symmetric grid, which has an exact 0")]
+    DenseFormNeedsSymmetricGrid,
+    #[error("{feature} needs a 4-D [batch, heads, seq, head_dim] tensor, got {rank}-D")]
+    NeedsFourDims { feature: &'static str, rank: usize },
+    #[error("rotation needs head_dim to be a power of two, got {0}")]
+    HeadDimNotPowerOfTwo(usize),
+    #[error("shape has too many elements")]
+    ShapeOverflow,
+    #[error("{actual} values given for a shape of {expected} elements")]
+    ValueCount { expected: usize, actual: usize },
+    #[error("value {value} at flat index {index} is not finite")]
+    NonFinite { index: usize, value: f32 },
+    #[error("kept-token value {value} does not fit in FP16")]
+    KeptTokenOverflow { value: f32 },
+    #[error("values too large to rotate: the Hadamard rotation overflows f32")]
+    RotationOverflow,
+    #[error("payload is {actual} bytes, expected {expected}")]
+    PayloadSize { expected: usize, actual: usize },
+    #[error("corrupt payload: {0}")]
+    CorruptPayload(&'static str),
+}
+
+impl CodecParams {
+    /// Checks that these params can encode a tensor of `shape`.
+    pub fn validate(&self, shape: &[usize]) -> Result<(), CodecError> {
+        if !matches!(self.bits, 2 | 3 | 4 | 8) {
+            return Err(CodecError::UnsupportedBits(self.bits));
+        }
+        if codebook::is_codebook(self.grid) && !codebook::supports_bits(self.bits) {
+            return Err(CodecError::CodebookBits(self.bits));
+        }
+        if self.group_size == 0 {
+            return Err(CodecError::ZeroGroupSize);
+        }
+        if !(0.0..1.0).contains(&self.sparsity) {
+            return Err(CodecError::InvalidSparsity(self.sparsity));
+        }
+        if !(0.0..1.0).contains(&self.outliers) {
+            return Err(CodecError::InvalidOutliers(self.outliers));
+        }
+        if self.outliers > 0.0 && self.sparsity > 0.0 {
+            return Err(CodecError::OutliersWithSparsity);
+        }
+        groups::element_count(shape)?;
+        let needs_heads = [
+            (self.axis == Axis::Token, "per-token grouping"),
+            (self.axis == Axis::Channel, "per-channel grouping"),
+            (self.rotation_seed.is_some(), "rotation"),
+            (
+                self.sink_tokens > 0 || self.recent_tokens > 0,
+                "keeping tokens in FP16",
+            ),
+        ];
+        if let Some((_, feature)) = needs_heads.iter().find(|(needed, _)| *needed) {
+            if shape.len() != 4 {
+                return Err(CodecError::NeedsFourDims {
+                    feature,
+                    rank: shape.len(),
+                });
+            }
+        }
+        if self.rotation_seed.is_some() {
+            let head_dim = shape[3];
+            if head_dim != 0 && !head_dim.is_power_of_two() {
+                return Err(CodecError::HeadDimNotPowerOfTwo(head_dim));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn code_range(&self) -> CodeRange {
+        CodeRange {
+            grid: self.grid,
+            bits: self.bits,
+        }
+    }
+}

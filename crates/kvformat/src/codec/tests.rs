@@ -1,0 +1,371 @@
+//! Hand-computed payloads and the paths that must agree.
+
+use super::encode::encode_in_form;
+use super::groups::Plan;
+use super::layout::{packed, write_scales};
+use super::quantizer;
+use super::*;
+
+#[test]
+fn adr002_hand_computed_groups_zero_group_and_ragged_tail() {
+    // g = 4: [1.75, -3.5, 0.25, 0] | [0, 0, 0, 0] | [-0.75]
+    let values = [1.75, -3.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, -0.75];
+    let encoded = encode(&values, &[9], &CodecParams::adr002(4)).unwrap();
+    assert_eq!(
+        encoded.layout,
+        Layout {
+            scale_dtype: ScaleDtype::F16,
+            sparse_form: SparseForm::Dense,
+        }
+    );
+    // Scales: 3.5/7 = 0.5 (f16 0x3800); zero group 2^-14 (0x0400);
+    // 0.75/7 = 0.10714.. -> f16 0x2EDB = 0.0625 * (1 + 731/1024) = 0.107116699.
+    // Codes (q + 8): round(3.5) = 4 -> 12, -7 -> 1, round(0.5) = 1 -> 9, 0 -> 8;
+    // four zeros -> 8; -0.75/0.107116699 = -7.0017 -> -7 -> 1.
+    let expected = [
+        0x00, 0x38, 0x00, 0x04, 0xDB, 0x2E, // scales
+        0x1C, 0x89, 0x88, 0x88, 0x01, // codes, first value in the low nibble
+    ];
+    assert_eq!(encoded.payload, expected);
+    let decoded = decode(
+        &encoded.payload,
+        &[9],
+        &CodecParams::adr002(4),
+        &encoded.layout,
+    )
+    .unwrap();
+    let last_scale = 0.0625f32 * (1.0 + 731.0 / 1024.0);
+    assert_eq!(
+        decoded,
+        [2.0, -3.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, -7.0 * last_scale]
+    );
+}
+
+/// g = 4, 4 bits: [1.75, -3.5, 0.25, 1.0 | 0.5, -7.0, 3.0, 2.0].
+const SPARSE_EXAMPLE: [f32; 8] = [1.75, -3.5, 0.25, 1.0, 0.5, -7.0, 3.0, 2.0];
+
+fn sparse_example(sparsity: f64) -> (CodecParams, Encoded, Vec<f32>) {
+    let params = CodecParams {
+        sparsity,
+        ..CodecParams::adr002(4)
+    };
+    let encoded = encode(&SPARSE_EXAMPLE, &[8], &params).unwrap();
+    let decoded = decode(&encoded.payload, &[8], &params, &encoded.layout).unwrap();
+    (params, encoded, decoded)
+}
+
+#[test]
+fn small_sparsity_stores_the_dense_form_hand_computed() {
+    // floor(0.2 * 8) = 1 dropped (0.25). Bitmap form: 1 + ceil(7 / 2) = 5
+    // code bytes, dense: 4, so dense. Scales over kept values: 3.5/7 = 0.5
+    // (0x3800), 7/7 = 1 (0x3C00). Codes (q + 8): 3.5 -> 4 -> 12, -7 -> 1,
+    // dropped -> 8, 2 -> 10 | 0.5 -> 1 -> 9, -7 -> 1, 3 -> 11, 2 -> 10.
+    let (_, encoded, decoded) = sparse_example(0.2);
+    assert_eq!(encoded.layout.sparse_form, SparseForm::Dense);
+    assert_eq!(
+        encoded.payload,
+        [0x00, 0x38, 0x00, 0x3C, 0x1C, 0xA8, 0x19, 0xAB]
+    );
+    assert_eq!(decoded, [2.0, -3.5, 0.0, 1.0, 1.0, -7.0, 3.0, 2.0]);
+    assert_eq!(decoded[2].to_bits(), 0, "a dropped value is +0.0");
+}
+
+#[test]
+fn large_sparsity_stores_the_bitmap_form_hand_computed() {
+    // floor(0.5 * 8) = 4 dropped: 0.25, 0.5, 1.0, 1.75 (indices 2, 4, 3, 0).
+    // Bitmap 1 + codes 2 = 3 bytes < dense 4. Kept: -3.5 | -7, 3, 2; scales
+    // 0.5 and 1.0. Bitmap bits 0..8 = 0,1,0,0,0,1,1,1 = 0xE2; codes 1, 1, 11, 10.
+    let (_, encoded, decoded) = sparse_example(0.5);
+    assert_eq!(encoded.layout.sparse_form, SparseForm::Bitmap);
+    assert_eq!(encoded.payload, [0x00, 0x38, 0x00, 0x3C, 0xE2, 0x11, 0xAB]);
+    assert_eq!(decoded, [0.0, -3.5, 0.0, 0.0, 0.0, -7.0, 3.0, 2.0]);
+}
+
+/// Whichever form is stored, the reconstruction is the same, bit for bit:
+/// scales come from kept values only in both, dropped values decode to +0.
+#[test]
+fn both_sparse_forms_reconstruct_the_same_bits() {
+    let shape = [1, 2, 9, 16];
+    let values: Vec<f32> = (0..288)
+        .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01)
+        .collect();
+    for (bits, axis, rotation_seed, sink_tokens, group_size) in [
+        (4, Axis::Flat, None, 0, 64),
+        (3, Axis::Token, None, 1, 5),
+        (2, Axis::Channel, Some(7), 2, 4),
+        (8, Axis::Token, Some(1), 0, 16),
+    ] {
+        for sparsity in [0.01, 0.2, 0.5, 0.97] {
+            let params = CodecParams {
+                bits,
+                axis,
+                rotation_seed,
+                sink_tokens,
+                sparsity,
+                ..CodecParams::adr002(group_size)
+            };
+            let plan = Plan::new(&shape, &params).unwrap();
+            let decoded_bits = |form| {
+                let encoded = encode_in_form(&values, &plan, &params, form).unwrap();
+                assert_eq!(encoded.layout.sparse_form, form);
+                let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout);
+                decoded
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(
+                decoded_bits(SparseForm::Bitmap),
+                decoded_bits(SparseForm::Dense),
+                "{params:?}"
+            );
+        }
+    }
+}
+
+/// Just below `1/bits` the dense form keeps the `sparsity = 0` size; just
+/// above it the bitmap form is smaller (4096 values, f16 scales).
+#[test]
+fn form_flips_to_the_bitmap_just_above_one_over_bits() {
+    let values: Vec<f32> = (0..4096).map(|i| (i as f32 * 0.37).sin()).collect();
+    for bits in [2u8, 3, 4, 8] {
+        let params = |sparsity| CodecParams {
+            bits,
+            sparsity,
+            ..CodecParams::adr002(64)
+        };
+        let encoded = |sparsity| encode(&values, &[4096], &params(sparsity)).unwrap();
+        let unsparse = encoded(0.0).payload.len();
+        assert_eq!(unsparse, 64 * 2 + 4096 * usize::from(bits) / 8);
+        let break_even = 1.0 / f64::from(bits);
+        let below = encoded(break_even - 0.01);
+        assert_eq!(below.layout.sparse_form, SparseForm::Dense, "{bits} bits");
+        assert_eq!(below.payload.len(), unsparse, "{bits} bits");
+        let above = encoded(break_even + 0.01);
+        assert_eq!(above.layout.sparse_form, SparseForm::Bitmap, "{bits} bits");
+        assert!(above.payload.len() < unsparse, "{bits} bits");
+    }
+}
+
+#[test]
+fn dense_form_is_refused_for_a_sparse_asymmetric_tensor() {
+    let params = CodecParams {
+        grid: Grid::Asymmetric,
+        sparsity: 0.5,
+        ..CodecParams::adr002(4)
+    };
+    let encoded = encode(&SPARSE_EXAMPLE, &[8], &params).unwrap();
+    assert_eq!(encoded.layout.sparse_form, SparseForm::Bitmap);
+    let dense = Layout {
+        sparse_form: SparseForm::Dense,
+        ..encoded.layout
+    };
+    assert_eq!(
+        decode(&encoded.payload, &[8], &params, &dense),
+        Err(CodecError::DenseFormNeedsSymmetricGrid)
+    );
+    assert_eq!(
+        payload_len(&[8], &params, &dense),
+        Err(CodecError::DenseFormNeedsSymmetricGrid)
+    );
+}
+
+/// Manifests written before the dense form existed have no `sparse_form`
+/// and always stored a bitmap when sparse.
+#[test]
+fn a_layout_without_sparse_form_reads_as_the_bitmap_form() {
+    let old: Layout = serde_json::from_str(r#"{"scale_dtype": "f16"}"#).unwrap();
+    assert_eq!(old.sparse_form, SparseForm::Bitmap);
+    let (params, encoded, decoded) = sparse_example(0.5);
+    assert_eq!(
+        decode(&encoded.payload, &[8], &params, &old).unwrap(),
+        decoded
+    );
+    assert_eq!(
+        serde_json::to_string(&encoded.layout).unwrap(),
+        r#"{"scale_dtype":"f16","sparse_form":"bitmap"}"#
+    );
+}
+
+#[test]
+fn adr002_payload_is_17_bytes_per_64_values() {
+    let values: Vec<f32> = (0..64 * 100).map(|i| (i as f32 * 0.37).sin()).collect();
+    let encoded = encode(&values, &[1, 4, 25, 64], &CodecParams::adr002(64)).unwrap();
+    assert_eq!(encoded.payload.len(), 100 * 34);
+    assert_eq!(
+        payload_len(&[1, 4, 25, 64], &CodecParams::adr002(64), &encoded.layout),
+        Ok(3400)
+    );
+}
+
+#[test]
+fn scales_beyond_f16_switch_the_tensor_to_f32_scales() {
+    // 1e6 / 7 = 142857 > 65504 (f16 max); 1e-7 / 7 is below f16's normal range.
+    for big_or_tiny in [1.0e6f32, 1.0e-7] {
+        let values = [1.0, 2.0, big_or_tiny, -big_or_tiny];
+        let encoded = encode(&values, &[4], &CodecParams::adr002(2)).unwrap();
+        assert_eq!(encoded.layout.scale_dtype, ScaleDtype::F32);
+        assert_eq!(encoded.payload.len(), 2 * 4 + 2);
+        let scale = f32::from_le_bytes(encoded.payload[4..8].try_into().unwrap());
+        assert_eq!(scale, big_or_tiny / 7.0);
+        let decoded = decode(
+            &encoded.payload,
+            &[4],
+            &CodecParams::adr002(2),
+            &encoded.layout,
+        )
+        .unwrap();
+        assert_eq!(&decoded[2..], [7.0 * scale, -7.0 * scale]);
+    }
+}
+
+/// The fused symmetric paths must produce exactly what the general
+/// group-by-group path does, with many tasks, aligned or not (5-value
+/// tokens in groups of 2 put task starts mid-byte at 3 bits).
+#[test]
+fn fused_symmetric_paths_match_the_general_path() {
+    for (bits, axis, head_dim, group_size) in [
+        (4, Axis::Flat, 64, 64),
+        (3, Axis::Token, 5, 2),
+        (2, Axis::Token, 8, 3),
+        (8, Axis::Token, 5, 2),
+    ] {
+        let shape = [1, 2, 700, head_dim];
+        let count = 2 * 700 * head_dim;
+        let values: Vec<f32> = (0..count)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.01)
+            .collect();
+        let params = CodecParams {
+            bits,
+            axis,
+            ..CodecParams::adr002(group_size)
+        };
+        let plan = Plan::new(&shape, &params).unwrap();
+        let range = params.code_range();
+        let general = quantizer::group_params(&values, None, &plan.geometry, range, Fit::MinMax);
+        let mapping = quantizer::Uniform {
+            range,
+            params: &general,
+        };
+        let codes = quantizer::quantize(&values, None, &plan.geometry, &mapping);
+        let mut expected = Vec::new();
+        write_scales(&general.scales, general.dtype, &mut expected);
+        expected.extend_from_slice(&packed(&codes, bits));
+
+        let encoded = encode(&values, &shape, &params).unwrap();
+        assert_eq!(
+            encoded.payload, expected,
+            "{bits} bits, {axis:?}, D {head_dim}, g {group_size}"
+        );
+        let mut expected_values = vec![0f32; count];
+        quantizer::dequantize(&codes, None, &plan.geometry, &mapping, &mut expected_values);
+        assert_eq!(
+            decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap(),
+            expected_values
+        );
+    }
+}
+
+#[test]
+fn decode_rejects_wrong_lengths_and_layouts_without_panicking() {
+    let values: Vec<f32> = (0..10).map(|i| i as f32 - 4.5).collect();
+    let params = CodecParams::adr002(4);
+    let encoded = encode(&values, &[10], &params).unwrap();
+    let payload = &encoded.payload;
+    let short = decode(
+        &payload[..payload.len() - 1],
+        &[10],
+        &params,
+        &encoded.layout,
+    );
+    assert_eq!(
+        short,
+        Err(CodecError::PayloadSize {
+            expected: 11,
+            actual: 10
+        })
+    );
+    let mut long = payload.clone();
+    long.push(0);
+    assert!(matches!(
+        decode(&long, &[10], &params, &encoded.layout),
+        Err(CodecError::PayloadSize { .. })
+    ));
+    let f32_layout = Layout {
+        scale_dtype: ScaleDtype::F32,
+        ..encoded.layout.clone()
+    };
+    assert!(matches!(
+        decode(payload, &[10], &params, &f32_layout),
+        Err(CodecError::PayloadSize { .. })
+    ));
+    let overflowing = [usize::MAX, 2, 1, 1];
+    assert_eq!(
+        decode(payload, &overflowing, &params, &encoded.layout),
+        Err(CodecError::ShapeOverflow)
+    );
+    let mut zero_scale = payload.clone();
+    zero_scale[0..2].copy_from_slice(&[0, 0]);
+    assert!(matches!(
+        decode(&zero_scale, &[10], &params, &encoded.layout),
+        Err(CodecError::CorruptPayload(_))
+    ));
+}
+
+#[test]
+fn encode_rejects_bad_params_and_values() {
+    let values = [1.0f32; 8];
+    let bad_bits = CodecParams {
+        bits: 5,
+        ..CodecParams::adr002(4)
+    };
+    assert_eq!(
+        encode(&values, &[8], &bad_bits),
+        Err(CodecError::UnsupportedBits(5))
+    );
+    assert_eq!(
+        encode(&values, &[8], &CodecParams::adr002(0)),
+        Err(CodecError::ZeroGroupSize)
+    );
+    let token = CodecParams {
+        axis: Axis::Token,
+        ..CodecParams::adr002(4)
+    };
+    assert_eq!(
+        encode(&values, &[2, 4], &token),
+        Err(CodecError::NeedsFourDims {
+            feature: "per-token grouping",
+            rank: 2
+        })
+    );
+    let rotated = CodecParams {
+        rotation_seed: Some(1),
+        ..CodecParams::adr002(4)
+    };
+    assert_eq!(
+        encode(&[0.0; 6], &[1, 1, 2, 3], &rotated),
+        Err(CodecError::HeadDimNotPowerOfTwo(3))
+    );
+    let sparse = CodecParams {
+        sparsity: 1.0,
+        ..CodecParams::adr002(4)
+    };
+    assert_eq!(
+        encode(&values, &[8], &sparse),
+        Err(CodecError::InvalidSparsity(1.0))
+    );
+    assert_eq!(
+        encode(&values, &[9], &CodecParams::adr002(4)),
+        Err(CodecError::ValueCount {
+            expected: 9,
+            actual: 8
+        })
+    );
+    let mut with_nan = values;
+    with_nan[3] = f32::NAN;
+    assert!(matches!(
+        encode(&with_nan, &[8], &CodecParams::adr002(4)),
+        Err(CodecError::NonFinite { index: 3, .. })
+    ));
+}

@@ -1,0 +1,86 @@
+//! The named methods (ADR-002, KIVI) and the naming rule that tells a key
+//! tensor from a value tensor and gives its layer: one definition, so the
+//! CLI, the tests and any other writer agree on what a preset means.
+
+use crate::codec::{Axis, Grid};
+
+/// A tensor's kind by the cache's naming rule (`layer_{i}_key`,
+/// `layer_{i}_value`): a name ending in `_key` is a key, any other a value
+/// (the original compressed every tensor whatever its name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorKind {
+    Key,
+    Value,
+}
+
+impl TensorKind {
+    pub fn of(tensor_name: &str) -> Self {
+        if tensor_name.ends_with("_key") {
+            TensorKind::Key
+        } else {
+            TensorKind::Value
+        }
+    }
+}
+
+/// The `i` of `layer_{i}_key` / `layer_{i}_value` (decimal, no sign or
+/// leading `+`), or `None` for a name outside that rule.
+pub fn layer_index(tensor_name: &str) -> Option<usize> {
+    let rest = tensor_name.strip_prefix("layer_")?;
+    let digits = rest
+        .strip_suffix("_key")
+        .or_else(|| rest.strip_suffix("_value"))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// A named set of codec choices (`-method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// The original's method: symmetric grid, flat groups (4 bits: ADR-002).
+    Adr002,
+    /// KIVI: asymmetric grid, keys grouped per channel along tokens, values per token.
+    Kivi,
+}
+
+impl Preset {
+    pub fn grid(self) -> Grid {
+        match self {
+            Preset::Adr002 => Grid::Symmetric,
+            Preset::Kivi => Grid::Asymmetric,
+        }
+    }
+
+    pub fn axis(self, kind: TensorKind) -> Axis {
+        match (self, kind) {
+            (Preset::Adr002, _) => Axis::Flat,
+            (Preset::Kivi, TensorKind::Key) => Axis::Channel,
+            (Preset::Kivi, TensorKind::Value) => Axis::Token,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_cache_rule() {
+        assert_eq!(TensorKind::of("layer_3_key"), TensorKind::Key);
+        assert_eq!(TensorKind::of("layer_3_value"), TensorKind::Value);
+        assert_eq!(TensorKind::of("anything"), TensorKind::Value);
+        assert_eq!(layer_index("layer_29_key"), Some(29));
+        assert_eq!(layer_index("layer_0_value"), Some(0));
+        for name in [
+            "layer__key",
+            "layer_+1_key",
+            "layer_1_bias",
+            "k_key",
+            "layer_1x_key",
+        ] {
+            assert_eq!(layer_index(name), None, "{name}");
+        }
+    }
+}
