@@ -84,15 +84,42 @@ pub fn rotate(values: &mut [f32], signs: &[f32]) {
     });
 }
 
-/// Undoes [`rotate`] (up to float rounding).
+/// Undoes [`rotate`] (up to float rounding). Decoded values are finite:
+/// a vector whose butterflies could overflow f32 (some |x| above
+/// `f32::MAX / dim`, possible only with stored scales near f32's limit) is
+/// transformed in f64 and saturated to the finite f32 range instead.
 pub fn unrotate(values: &mut [f32], signs: &[f32]) {
     let scale = normalizer(signs.len());
+    let safe = f32::MAX / signs.len().max(1) as f32;
     for_each_vector(values, signs.len(), |vector| {
-        walsh_hadamard(vector);
-        for (x, sign) in vector.iter_mut().zip(signs) {
-            *x = *x * scale * sign;
+        if vector.iter().all(|x| x.abs() <= safe) {
+            walsh_hadamard(vector);
+            for (x, sign) in vector.iter_mut().zip(signs) {
+                *x = *x * scale * sign;
+            }
+        } else {
+            unrotate_saturating(vector, signs, scale);
         }
     });
+}
+
+/// [`unrotate`] of one vector in f64, saturated to finite f32.
+fn unrotate_saturating(vector: &mut [f32], signs: &[f32], scale: f32) {
+    let mut wide: Vec<f64> = vector.iter().map(|&x| f64::from(x)).collect();
+    let mut half = 1;
+    while half < wide.len() {
+        for block in wide.chunks_exact_mut(2 * half) {
+            let (low, high) = block.split_at_mut(half);
+            for (a, b) in low.iter_mut().zip(high.iter_mut()) {
+                (*a, *b) = (*a + *b, *a - *b);
+            }
+        }
+        half *= 2;
+    }
+    for ((x, wide), sign) in vector.iter_mut().zip(wide).zip(signs) {
+        let value = wide * f64::from(scale) * f64::from(*sign);
+        *x = value.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32;
+    }
 }
 
 fn for_each_vector(values: &mut [f32], dim: usize, transform: impl Fn(&mut [f32]) + Sync) {
