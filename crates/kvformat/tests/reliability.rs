@@ -4,7 +4,7 @@
 //! write what the reader refuses.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+
 
 use kvformat::codec::CodecParams;
 use kvformat::packed::{pack_tensor, write_packed, PackedFile, PackedTensor};
@@ -36,14 +36,6 @@ fn crc32fast_hash(bytes: &[u8]) -> u32 {
         }
     }
     !crc
-}
-
-fn unpack_error(path: &Path, tensor: PackedTensor) -> String {
-    write_packed(path, &[tensor], &BTreeMap::new()).unwrap();
-    match PackedFile::open(path).and_then(|packed| packed.unpack("layer_0_key")) {
-        Ok(values) => panic!("decoded to {} values; first {:?}", values.len(), &values[..4]),
-        Err(error) => error.to_string(),
-    }
 }
 
 #[test]
