@@ -5,23 +5,6 @@ mod common;
 
 use common::*;
 
-/// 2 back-to-back windows of 32 context + 16 targets on the prose fixture.
-fn small_run_args<'a>(model_dir: &'a str, prose: &'a str) -> Vec<&'a str> {
-    vec![
-        "--model-dir",
-        model_dir,
-        "--text-file",
-        prose,
-        "--context",
-        "32",
-        "--targets",
-        "16",
-        "--max-windows",
-        "2",
-        "--quiet",
-    ]
-}
-
 #[test]
 fn an_exact_reconstruction_scores_exactly_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
@@ -29,7 +12,7 @@ fn an_exact_reconstruction_scores_exactly_the_baseline() {
     let compressor = identity_compressor(dir.path());
     let json = dir.path().join("report.json");
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
-    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    let mut args = short_run_args(model_dir, prose.to_str().unwrap(), "2");
     args.extend(["--json", json.to_str().unwrap()]);
 
     let output = kv_validate(&args, &compressor);
@@ -65,7 +48,7 @@ fn a_delta_that_reaches_the_threshold_fails_with_exit_1() {
     let model = tiny_model(dir.path());
     let compressor = identity_compressor(dir.path());
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
-    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    let mut args = short_run_args(model_dir, prose.to_str().unwrap(), "2");
     args.extend(["--threshold", "0"]);
     let output = kv_validate(&args, &compressor);
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -262,7 +245,7 @@ printf '{"num_layers": 3, "num_kv_heads": 2, "seq_len": 7, "head_dim": 16, "dtyp
     );
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
     let error = expect_error(&kv_validate(
-        &small_run_args(model_dir, prose.to_str().unwrap()),
+        &short_run_args(model_dir, prose.to_str().unwrap(), "2"),
         &lying,
     ));
     assert!(
@@ -302,7 +285,7 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
         ),
     );
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
-    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    let mut args = short_run_args(model_dir, prose.to_str().unwrap(), "2");
     args.extend(["--group-size", "32", "--sparsity", "0.25"]);
     args.extend(["--compress-arg", "-bits", "--compress-arg=8"]);
     let output = kv_validate(&args, &recording);
@@ -458,7 +441,7 @@ fn the_report_names_the_device_and_the_model_dtype() {
     let compressor = identity_compressor(dir.path());
     let json = dir.path().join("report.json");
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
-    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    let mut args = short_run_args(model_dir, prose.to_str().unwrap(), "2");
     args.extend([
         "--dtype",
         "bf16",
@@ -494,7 +477,7 @@ fn a_gpu_asked_of_a_cpu_build_is_an_error_not_a_cpu_run() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let (model_dir, prose) = (model.hf_dir.to_str().unwrap(), prose_path());
-    let mut args = small_run_args(model_dir, prose.to_str().unwrap());
+    let mut args = short_run_args(model_dir, prose.to_str().unwrap(), "2");
     args.extend(["--device", "cuda:1"]);
     let error = expect_error(&kv_validate(&args, &identity_compressor(dir.path())));
     assert!(

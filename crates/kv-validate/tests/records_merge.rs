@@ -126,24 +126,17 @@ fn a_merged_sweep_gives_the_same_table_csv_and_plots() {
     let prose = prose_path();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
     let base = [
-        "--model-dir",
-        model.hf_dir.to_str().unwrap(),
-        "--text-file",
-        prose.to_str().unwrap(),
-        "--context",
-        "32",
-        "--targets",
-        "16",
-        "--max-windows",
-        "3",
-        "--quiet",
-        "--variant",
-        "int8=-bits 8",
-        "--variant",
-        "kivi2=-method kivi -bits 2",
-        "--max-kld",
-        "1000",
-    ];
+        &short_run_args(model.hf_dir.to_str().unwrap(), prose.to_str().unwrap(), "3")[..],
+        &[
+            "--variant",
+            "int8=-bits 8",
+            "--variant",
+            "kivi2=-method kivi -bits 2",
+            "--max-kld",
+            "1000",
+        ],
+    ]
+    .concat();
     let outputs = |tag: &str| {
         [
             "--json".to_string(),
@@ -241,22 +234,15 @@ fn max_kld_decides_pass_and_fail() {
     let prose = prose_path();
     let json = dir.path().join("report.json");
     let base = [
-        "--model-dir",
-        model.hf_dir.to_str().unwrap(),
-        "--text-file",
-        prose.to_str().unwrap(),
-        "--context",
-        "32",
-        "--targets",
-        "16",
-        "--max-windows",
-        "2",
-        "--quiet",
-        "--compress-arg=-bits",
-        "--compress-arg=2",
-        "--json",
-        json.to_str().unwrap(),
-    ];
+        &short_run_args(model.hf_dir.to_str().unwrap(), prose.to_str().unwrap(), "2")[..],
+        &[
+            "--compress-arg=-bits",
+            "--compress-arg=2",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+    ]
+    .concat();
     let run = |extra: &[&str]| kv_validate(&[base.as_slice(), extra].concat(), &kv_compress());
     let output = run(&["--max-kld", "1000"]);
     expect_success(&output);
@@ -295,20 +281,10 @@ fn an_exact_reconstruction_has_kld_zero_and_full_top1_agreement() {
     let prose = prose_path();
     let json = dir.path().join("report.json");
     let args = [
-        "--model-dir",
-        model.hf_dir.to_str().unwrap(),
-        "--text-file",
-        prose.to_str().unwrap(),
-        "--context",
-        "32",
-        "--targets",
-        "16",
-        "--max-windows",
-        "2",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ];
+        &short_run_args(model.hf_dir.to_str().unwrap(), prose.to_str().unwrap(), "2")[..],
+        &["--json", json.to_str().unwrap()],
+    ]
+    .concat();
     expect_success(&kv_validate(&args, &identity_compressor(dir.path())));
     let report = read_json(&json);
     let on_cache = &report["fidelity"]["on_compressed_cache"];
@@ -326,19 +302,7 @@ fn slices_that_do_not_make_one_run_are_refused() {
     let model = tiny_model(dir.path());
     let prose = prose_path();
     let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
-    let base = [
-        "--model-dir",
-        model.hf_dir.to_str().unwrap(),
-        "--text-file",
-        prose.to_str().unwrap(),
-        "--context",
-        "32",
-        "--targets",
-        "16",
-        "--max-windows",
-        "3",
-        "--quiet",
-    ];
+    let base = short_run_args(model.hf_dir.to_str().unwrap(), prose.to_str().unwrap(), "3");
     let slice = |windows: &str, name: &str, extra: &[&str]| {
         let records = path(name);
         run_ok(

@@ -15,21 +15,11 @@ use common::*;
 
 /// 2 back-to-back windows of 32 context + 16 targets on the prose fixture.
 fn small_run_args(model_dir: &Path) -> Vec<String> {
-    [
-        "--model-dir",
-        model_dir.to_str().unwrap(),
-        "--text-file",
-        prose_path().to_str().unwrap(),
-        "--context",
-        "32",
-        "--targets",
-        "16",
-        "--max-windows",
-        "2",
-        "--quiet",
-    ]
-    .map(String::from)
-    .to_vec()
+    let prose = prose_path();
+    short_run_args(model_dir.to_str().unwrap(), prose.to_str().unwrap(), "2")
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 /// A compressor that records its pid and its child's in `dir/pids`, then

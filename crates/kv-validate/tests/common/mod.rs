@@ -113,6 +113,24 @@ pub fn expect_error(output: &Output) -> String {
     stderr
 }
 
+/// The tiny model's short run: `windows` back-to-back windows of 32 context
+/// + 16 targets on the prose fixture, quiet.
+pub fn short_run_args<'a>(model_dir: &'a str, prose: &'a str, windows: &'a str) -> Vec<&'a str> {
+    vec![
+        "--model-dir",
+        model_dir,
+        "--text-file",
+        prose,
+        "--context",
+        "32",
+        "--targets",
+        "16",
+        "--max-windows",
+        windows,
+        "--quiet",
+    ]
+}
+
 /// Asserts that a run exited 0, showing its output if not.
 pub fn expect_success(output: &Output) {
     assert_eq!(
