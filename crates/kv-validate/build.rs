@@ -1,10 +1,10 @@
-//! With the `cuda-kernels` feature, compiles `src/model/kernels.cu` to PTX with
+//! With the `cuda` feature, compiles `src/model/kernels.cu` to PTX with
 //! nvcc (`NVCC`, else `nvcc` on PATH; `cargo xtask build-cuda` provides it)
 //! for `CUDA_COMPUTE_CAP` (default 90: H100/H200). Without it, nothing.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    if std::env::var_os("CARGO_FEATURE_CUDA_KERNELS").is_none() {
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
     println!("cargo:rerun-if-changed=src/model/kernels.cu");
@@ -21,7 +21,7 @@ fn main() {
         .arg("src/model/kernels.cu")
         .status()
         .unwrap_or_else(|error| {
-            panic!("cannot run {nvcc:?} (needed by the cuda-kernels feature): {error}")
+            panic!("cannot run {nvcc:?} (needed by the cuda feature): {error}")
         });
     assert!(
         status.success(),

@@ -1,9 +1,10 @@
-// The CUDA twins of kernels.rs's two fused CPU ops, for the `cuda-kernels` feature
-// (not yet run on a GPU; see kernels.rs):
+// The CUDA twins of kernels.rs's two fused CPU ops (the `cuda` feature):
 // causal softmax over attention scores and SwiGLU, in f32 arithmetic for
-// f32, f16 and bf16 tensors. Compiled to PTX by build.rs (nvcc), loaded by
-// kernels.rs. Each replaces about eight of candle's kernels (dtype casts,
-// a mask built per call, a strided where, the softmax) with one pass.
+// f32, f16 and bf16 tensors. Compiled to PTX by build.rs (nvcc), loaded and
+// launched by kernels.rs, checked against the CPU kernels by its
+// `cuda_kernels_match_the_cpu_kernels` test on a GPU. Each replaces about
+// eight of candle's kernels (dtype casts, a mask built per call, a strided
+// where, the softmax) with one pass.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
