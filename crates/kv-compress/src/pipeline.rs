@@ -10,7 +10,9 @@ use kvformat::cache::KvCache;
 use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::preset::{layer_index, TensorKind};
-use kvformat::packed::{ensure_packable, pack_tensor, stage_packed, PackedFile, PackedTensor};
+use kvformat::packed::{
+    ensure_packable, pack_tensor, pack_tensor_measured, stage_packed, PackedFile, PackedTensor,
+};
 use kvformat::sidecar::{
     sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
 };
@@ -152,22 +154,33 @@ struct TensorOutcome {
 /// Compresses one tensor of the cache; returns the packed form, the
 /// reconstruction and the tensor's line of the report. The tensor is read
 /// into memory once, so only the tensors in flight are held.
+/// The reconstruction is kept only when `keep_reconstruction` (for
+/// `-reconstruct`): otherwise it is measured as it is made and dropped.
 fn compress_tensor(
     cache: &KvCache,
     index: usize,
     options: &Options,
-) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
+    keep_reconstruction: bool,
+) -> Result<(PackedTensor, Option<Vec<f32>>, TensorOutcome), kvformat::Error> {
     let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
     let path = cache.file().path();
     let params = params_for(options, &entry.name);
     let (packed, reconstruction) = cache
-        .with_values(entry, dtype, |values| pack_tensor(&entry.name, dtype, &entry.shape, values, &params))?
+        .with_values(entry, dtype, |values| {
+            if keep_reconstruction {
+                pack_tensor(&entry.name, dtype, &entry.shape, values, &params)
+                    .map(|(packed, reconstruction)| (packed, Some(reconstruction)))
+            } else {
+                pack_tensor_measured(&entry.name, dtype, &entry.shape, values, &params)
+                    .map(|packed| (packed, None))
+            }
+        })?
         .map_err(|problem| kvformat::Error::tensor(path, &entry.name, problem))?;
     let outcome = TensorOutcome {
         name: entry.name.clone(),
         original_bytes: entry.byte_len() as u64,
         stored_bytes: packed.stored.len() as u64,
-        values: reconstruction.len() as u64,
+        values: entry.shape.iter().product::<usize>() as u64,
         metrics: packed.entry.metrics,
     };
     if options.verbose {
@@ -192,7 +205,7 @@ fn compress(
         None => {
             let outcomes = (0..count)
                 .into_par_iter()
-                .map(|i| compress_tensor(&cache, i, options).map(|(_, _, outcome)| outcome))
+                .map(|i| compress_tensor(&cache, i, options, false).map(|(_, _, outcome)| outcome))
                 .collect::<Result<Vec<_>, _>>()?;
             (outcomes, None)
         }
@@ -207,11 +220,11 @@ fn compress(
                 })
                 .collect();
             let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i| {
-                let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options)?;
+                let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options, true)?;
                 let bytes = packed
                     .entry
                     .dtype
-                    .try_from_f32(&reconstruction)
+                    .try_from_f32(&reconstruction.expect("kept when asked for"))
                     .map_err(|problem| kvformat::Error::tensor(input, &outcome.name, problem))?;
                 Ok((bytes, outcome))
             })?;
@@ -222,7 +235,7 @@ fn compress(
             let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
                 .into_par_iter()
                 .map(|i| {
-                    compress_tensor(&cache, i, options)
+                    compress_tensor(&cache, i, options, false)
                         .map(|(packed, _, outcome)| (packed, outcome))
                 })
                 .collect::<Result<Vec<_>, _>>()?

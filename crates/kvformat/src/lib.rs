@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod packed;
 pub mod preset;
 pub mod sidecar;
+pub mod simd;
 pub mod tensor_file;
 
 pub use cache::{write_cache, CacheTensor, KvCache};

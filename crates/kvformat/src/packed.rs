@@ -14,7 +14,7 @@ use crate::codec::{self, CodecParams, Layout};
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
 use crate::input::try_zeroed;
-use crate::metrics::{measure, TensorMetrics, SNR_CAP_DB};
+use crate::metrics::{Accumulator, TensorMetrics, SNR_CAP_DB};
 use crate::tensor_file::{stage_tensor_file, OutputTensor, TensorFile, MAX_HEADER_BYTES};
 
 /// `__metadata__` key of the container version this code writes and reads.
@@ -83,17 +83,56 @@ pub fn pack_tensor(
     values: &[f32],
     params: &CodecParams,
 ) -> std::result::Result<(PackedTensor, Vec<f32>), TensorProblem> {
-    let encoded = codec::encode(values, shape, params)?;
-    let reconstruction = codec::decode(&encoded.payload, shape, params, &encoded.layout)?;
-    let metrics = measure(values, &reconstruction);
+    let (packed, reconstruction) = pack(name, dtype, shape, values, params, true)?;
+    Ok((packed, reconstruction.expect("kept when asked for")))
+}
+
+/// [`pack_tensor`] without keeping the reconstruction: for the ADR-002 grid
+/// it is then never held whole, only measured block by block as the encoder
+/// makes it (`codec::encode_observed`).
+pub fn pack_tensor_measured(
+    name: &str,
+    dtype: CacheDtype,
+    shape: &[usize],
+    values: &[f32],
+    params: &CodecParams,
+) -> std::result::Result<PackedTensor, TensorProblem> {
+    Ok(pack(name, dtype, shape, values, params, false)?.0)
+}
+
+fn pack(
+    name: &str,
+    dtype: CacheDtype,
+    shape: &[usize],
+    values: &[f32],
+    params: &CodecParams,
+    keep_reconstruction: bool,
+) -> std::result::Result<(PackedTensor, Option<Vec<f32>>), TensorProblem> {
+    let mut accumulator = Accumulator::new();
+    let mut reconstruction = keep_reconstruction.then(|| Vec::with_capacity(values.len()));
+    let encoded = codec::encode_observed(values, shape, params, &mut |original, restored| {
+        accumulator.push(original, restored);
+        if let Some(reconstruction) = &mut reconstruction {
+            reconstruction.extend_from_slice(restored);
+        }
+    })?;
+    let metrics = accumulator.finish();
     // `encode` refused non-finite inputs, so the squared-error sum is finite
     // exactly when every reconstructed value is: the metrics pass doubles as
     // the check, and the scan for the culprit runs only on the error path.
     if !metrics.rmse.is_finite() {
-        if let Some(index) = crate::cache::first_non_finite(&reconstruction) {
+        let decoded;
+        let restored: &[f32] = match &reconstruction {
+            Some(restored) => restored,
+            None => {
+                decoded = codec::decode(&encoded.payload, shape, params, &encoded.layout)?;
+                &decoded
+            }
+        };
+        if let Some(index) = crate::cache::first_non_finite(&restored) {
             return Err(TensorProblem::ReconstructionNotFinite {
                 index,
-                value: reconstruction[index],
+                value: restored[index],
             });
         }
     }

@@ -38,6 +38,7 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
 }
 
 /// [`pack`] on the calling thread, for callers that parallelize themselves.
+#[inline]
 pub fn pack_serial(codes: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
@@ -55,6 +56,7 @@ pub fn pack_serial(codes: &[u8], bits: u8, out: &mut [u8]) {
 }
 
 /// [`unpack`] on the calling thread, for callers that parallelize themselves.
+#[inline]
 pub fn unpack_serial(packed: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(packed),
