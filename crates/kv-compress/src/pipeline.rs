@@ -16,7 +16,7 @@ use kvformat::packed::{
 use kvformat::sidecar::{
     sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
 };
-use kvformat::{stage_tensor_file_streaming, CacheDtype, TensorSpec};
+use kvformat::{stage_tensor_file_streaming, CacheDtype, Emit, TensorSpec};
 use rayon::prelude::*;
 
 use crate::flags::Options;
@@ -219,14 +219,15 @@ fn compress(
                     byte_len: entry.byte_len(),
                 })
                 .collect();
-            let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i| {
+            let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i, emit| {
                 let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options, true)?;
                 let bytes = packed
                     .entry
                     .dtype
                     .try_from_f32(&reconstruction.expect("kept when asked for"))
                     .map_err(|problem| kvformat::Error::tensor(input, &outcome.name, problem))?;
-                Ok((bytes, outcome))
+                emit(&bytes)?;
+                Ok(outcome)
             })?;
             (outcomes, Some(staged))
         }
@@ -259,29 +260,46 @@ fn decompress(
     let packed = PackedFile::open(input)?;
     let manifest = packed.manifest();
     let names: Vec<&String> = manifest.tensors.keys().collect();
-    let restore = |index: usize| -> Result<(Vec<u8>, TensorOutcome), kvformat::Error> {
+    // Decoded straight into a per-thread buffer, whose bytes (F32) or
+    // conversion (F16/BF16) go to the writer as they are.
+    let restore = |index: usize, emit: Option<Emit<'_>>| -> Result<TensorOutcome, kvformat::Error> {
         let name = names[index];
         let tensor = &manifest.tensors[name];
-        let bytes = tensor
-            .dtype
-            .try_from_f32(&packed.unpack(name)?)
-            .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
+        let (mut values, mut bytes) = RESTORE_SCRATCH.take();
+        let result = (|| {
+            packed.unpack_into(name, &mut values)?;
+            let restored: &[u8] = match tensor.dtype {
+                CacheDtype::F32 => bytemuck::cast_slice(&values),
+                dtype => {
+                    dtype
+                        .try_from_f32_into(&values, &mut bytes)
+                        .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
+                    &bytes
+                }
+            };
+            if let Some(emit) = emit {
+                emit(restored)?;
+            }
+            Ok(restored.len())
+        })();
+        RESTORE_SCRATCH.set((values, bytes));
+        let restored_len = result?;
         let outcome = TensorOutcome {
             name: name.clone(),
-            original_bytes: bytes.len() as u64,
+            original_bytes: restored_len as u64,
             stored_bytes: tensor.stored_len as u64,
-            values: (bytes.len() / tensor.dtype.size_bytes()) as u64,
+            values: (restored_len / tensor.dtype.size_bytes()) as u64,
             metrics: tensor.metrics,
         };
         if verbose {
             log_tensor(index, names.len(), &outcome);
         }
-        Ok((bytes, outcome))
+        Ok(outcome)
     };
     let Some(output) = output else {
         let outcomes = (0..names.len())
             .into_par_iter()
-            .map(|i| restore(i).map(|(_, outcome)| outcome))
+            .map(|i| restore(i, None))
             .collect::<Result<Vec<_>, _>>()?;
         return Ok((report_of(&outcomes, verbose), None));
     };
@@ -322,9 +340,17 @@ fn decompress(
         })
         .collect();
     let (outcomes, staged) =
-        stage_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
+        stage_tensor_file_streaming(output, &specs, &manifest.input_metadata, |i, emit| {
+            restore(i, Some(emit))
+        })?;
     let outputs = Outputs::pair(output, staged, sidecar.as_ref())?;
     Ok((report_of(&outcomes, verbose), Some(outputs)))
+}
+
+thread_local! {
+    /// `decompress`'s buffers: the decoded values, and their F16/BF16 bytes.
+    static RESTORE_SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u8>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {

@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TensorProblem;
-use crate::input::try_zeroed;
+use crate::input::try_resize_for_overwrite;
 
 /// Element type of a KV-cache tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -102,18 +102,28 @@ impl CacheDtype {
 
     /// [`Self::from_f32`], with the output allocated fallibly.
     pub fn try_from_f32(self, values: &[f32]) -> Result<Vec<u8>, TensorProblem> {
-        let mut out = try_zeroed::<u8>(
+        let mut out = Vec::new();
+        self.try_from_f32_into(values, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::try_from_f32`] into `out`, resized to fit; its old contents
+    /// are overwritten, never zeroed first, so one buffer serves tensor after tensor.
+    pub fn try_from_f32_into(self, values: &[f32], out: &mut Vec<u8>) -> Result<(), TensorProblem> {
+        try_resize_for_overwrite(
+            out,
             values.len().saturating_mul(self.size_bytes()),
             "the restored tensor",
         )?;
+        let out = out.as_mut_slice();
         match self {
             CacheDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
-            CacheDtype::F16 => f32_to_halves::<f16>(values, &mut out, 0x7C00, f16::MAX.to_bits()),
+            CacheDtype::F16 => f32_to_halves::<f16>(values, out, 0x7C00, f16::MAX.to_bits()),
             CacheDtype::BF16 => {
-                f32_to_halves::<bf16>(values, &mut out, 0x7F80, bf16::MAX.to_bits())
+                f32_to_halves::<bf16>(values, out, 0x7F80, bf16::MAX.to_bits())
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 

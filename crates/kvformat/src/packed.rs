@@ -13,7 +13,7 @@ use crate::atomic::Staged;
 use crate::codec::{self, CodecParams, Layout};
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
-use crate::input::try_zeroed;
+use crate::input::try_resize_for_overwrite;
 use crate::metrics::{Accumulator, TensorMetrics, SNR_CAP_DB};
 use crate::tensor_file::{stage_tensor_file, OutputTensor, TensorFile, MAX_HEADER_BYTES};
 
@@ -327,6 +327,16 @@ impl PackedFile {
     /// Verifies the tensor's checksum, undoes LZ4 and decodes it to `f32`:
     /// bit-identical to the compressor's reconstruction.
     pub fn unpack(&self, name: &str) -> Result<Vec<f32>> {
+        let mut values = Vec::new();
+        self.unpack_into(name, &mut values)?;
+        Ok(values)
+    }
+
+    /// [`Self::unpack`] into `values`, resized to the tensor (its old
+    /// contents are overwritten, never zeroed first): a caller restoring
+    /// tensor after tensor reuses one buffer, and the stored and LZ4 bytes
+    /// live in per-thread buffers, so no tensor costs fresh pages.
+    pub fn unpack_into(&self, name: &str, values: &mut Vec<f32>) -> Result<()> {
         let path = self.file.path();
         let (Some(tensor), Some(entry)) = (
             self.manifest.tensors.get(name),
@@ -334,64 +344,68 @@ impl PackedFile {
         ) else {
             return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
         };
-        // Read once: the bytes checksummed are the bytes decoded, whatever
-        // another process does to the file meanwhile.
-        let stored = self.file.read(entry)?;
-        let actual = crc32fast::hash(&stored);
-        if actual != tensor.crc32 {
-            return Err(Error::tensor(
-                path,
-                name,
-                TensorProblem::ChecksumMismatch {
+        let problem = |problem: TensorProblem| Error::tensor(path, name, problem);
+        // Taken, not borrowed: a rayon call inside may run another tensor's
+        // unpack on this thread, which then gets buffers of its own.
+        let (mut stored, mut decompressed) = UNPACK_SCRATCH.take();
+        let result = (|| {
+            // Read once: the bytes checksummed are the bytes decoded,
+            // whatever another process does to the file meanwhile.
+            try_resize_for_overwrite(&mut stored, entry.byte_len(), "the tensor's bytes")
+                .map_err(problem)?;
+            self.file.read_into(entry, &mut stored)?;
+            let actual = crc32fast::hash(&stored);
+            if actual != tensor.crc32 {
+                return Err(problem(TensorProblem::ChecksumMismatch {
                     expected: tensor.crc32,
                     actual,
-                },
-            ));
-        }
-        let problem = |problem: TensorProblem| Error::tensor(path, name, problem);
-        let lz4_error = |reason: String| {
-            problem(TensorProblem::Lz4 {
-                raw_len: tensor.raw_len,
-                reason,
-            })
-        };
-        let payload = if tensor.lz4 {
-            let mut decompressed =
-                try_zeroed::<u8>(tensor.raw_len, "the decompressed payload").map_err(problem)?;
-            let len = lz4_flex::block::decompress_into(&stored, &mut decompressed)
-                .map_err(|e| lz4_error(e.to_string()))?;
-            if len != tensor.raw_len {
-                return Err(lz4_error(format!("got {len} bytes")));
+                }));
             }
-            decompressed
-        } else {
-            stored
-        };
-        tensor
-            .codec
-            .validate(&tensor.shape)
-            .map_err(|e| problem(e.into()))?;
-        let count = tensor.shape.iter().product::<usize>();
-        let mut values = try_zeroed::<f32>(count, "the decoded tensor").map_err(problem)?;
-        codec::decode_into(
-            &payload,
-            &tensor.shape,
-            &tensor.codec,
-            &tensor.layout,
-            &mut values,
-        )
-        .map_err(|e| problem(e.into()))?;
+            let lz4_error = |reason: String| {
+                problem(TensorProblem::Lz4 {
+                    raw_len: tensor.raw_len,
+                    reason,
+                })
+            };
+            let payload: &[u8] = if tensor.lz4 {
+                try_resize_for_overwrite(&mut decompressed, tensor.raw_len, "the decompressed payload")
+                    .map_err(problem)?;
+                let len = lz4_flex::block::decompress_into(&stored, &mut decompressed)
+                    .map_err(|e| lz4_error(e.to_string()))?;
+                if len != tensor.raw_len {
+                    return Err(lz4_error(format!("got {len} bytes")));
+                }
+                &decompressed
+            } else {
+                &stored
+            };
+            tensor
+                .codec
+                .validate(&tensor.shape)
+                .map_err(|e| problem(e.into()))?;
+            let count = tensor.shape.iter().product::<usize>();
+            try_resize_for_overwrite(values, count, "the decoded tensor").map_err(problem)?;
+            codec::decode_into(payload, &tensor.shape, &tensor.codec, &tensor.layout, values)
+                .map_err(|e| problem(e.into()))
+        })();
+        UNPACK_SCRATCH.set((stored, decompressed));
+        result?;
         // A checksum only proves the bytes are the ones written; hostile
         // scales can still make a valid payload decode past f32's range
         // (docs/format.md promises finite values).
-        if let Some(index) = crate::cache::first_non_finite(&values) {
+        if let Some(index) = crate::cache::first_non_finite(values) {
             return Err(problem(TensorProblem::DecodedNotFinite {
                 index,
                 value: values[index],
             }));
         }
-        Ok(values)
+        Ok(())
     }
+}
+
+thread_local! {
+    /// The buffers of [`PackedFile::unpack_into`]: stored bytes, LZ4 output.
+    static UNPACK_SCRATCH: std::cell::Cell<(Vec<u8>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// The file's entry for tensor `name`, by binary search (entries are sorted
