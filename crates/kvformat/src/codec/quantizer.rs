@@ -634,20 +634,47 @@ pub(crate) fn dequantize_symmetric_packed(
         .zip(scales.par_chunks(GROUPS_PER_TASK))
         .enumerate()
         .for_each(|(task, (task_out, task_scales))| {
-            let task_start = tasks.values[task];
             let mut codes = vec![0u8; task_out.len()];
-            bitpack::unpack_serial(
+            symmetric_unpack(
                 &packed[tasks.bytes[task]..tasks.bytes[task + 1]],
+                geometry,
+                task * GROUPS_PER_TASK,
+                task_scales,
                 range.bits,
+                bias,
                 &mut codes,
+                task_out,
             );
-            for (group, &scale) in (task * GROUPS_PER_TASK..).zip(task_scales) {
-                let span = geometry.range(group);
-                let local = span.start - task_start..span.end - task_start;
-                symmetric_values(&codes[local.clone()], scale, bias, &mut task_out[local]);
-            }
         });
     true
+}
+
+crate::simd::multiversion!(fn symmetric_unpack / symmetric_unpack_at(
+    packed: &[u8], geometry: &GroupGeometry, first_group: usize, scales: &[f32], bits: u8, bias: i32,
+    codes: &mut [u8], out: &mut [f32])
+    => symmetric_unpack_generic);
+
+/// One task of [`dequantize_symmetric_packed`]: the whole groups from
+/// `first_group` (`scales` holds theirs) that `out` covers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn symmetric_unpack_generic(
+    packed: &[u8],
+    geometry: &GroupGeometry,
+    first_group: usize,
+    scales: &[f32],
+    bits: u8,
+    bias: i32,
+    codes: &mut [u8],
+    out: &mut [f32],
+) {
+    bitpack::unpack_serial(packed, bits, codes);
+    let base = geometry.range_start(first_group);
+    for (group, &scale) in (first_group..).zip(scales) {
+        let span = geometry.range(group);
+        let local = span.start - base..span.end - base;
+        symmetric_values(&codes[local.clone()], scale, bias, &mut out[local]);
+    }
 }
 
 /// `(code - bias) * scale` for a run of codes; loop invariants by value so it vectorizes.

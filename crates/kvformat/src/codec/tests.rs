@@ -448,6 +448,10 @@ fn every_simd_level_quantizes_a_block_to_the_same_bits() {
             let mut packed = vec![0u8; packed_len];
             let mut restored = vec![0f32; count];
             quantizer::symmetric_block_at(level, &values, &geometry, 0, &scales, range, &mut codes, &mut packed, &mut restored);
+            // The decoder's kernel at the same level restores the same bits.
+            let mut unpacked = vec![0f32; count];
+            quantizer::symmetric_unpack_at(level, &packed, &geometry, 0, &scales, bits, 1 << (bits - 1), &mut codes, &mut unpacked);
+            assert_eq!(unpacked.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
             (scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), packed, restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
         };
         let scalar = run(Level::Scalar);
