@@ -343,7 +343,8 @@ where
             let file: &std::fs::File = writer.get_ref();
             if file.metadata().is_ok_and(|meta| meta.is_file()) {
                 use std::os::unix::fs::FileExt;
-                let produced: Vec<Result<T>> = order
+                // The first error stops the tensors not yet started.
+                let produced: Vec<(usize, T)> = order
                     .par_iter()
                     .with_max_len(1)
                     .map(|&index| {
@@ -351,10 +352,11 @@ where
                             file.write_all_at(bytes, offsets[index])
                                 .map_err(crate::atomic::write_error(path))
                         })
+                        .map(|by_product| (index, by_product))
                     })
-                    .collect();
-                for (&index, result) in order.iter().zip(produced) {
-                    by_products[index] = Some(result?);
+                    .collect::<Result<_>>()?;
+                for (index, by_product) in produced {
+                    by_products[index] = Some(by_product);
                 }
                 return Ok(());
             }
