@@ -350,7 +350,9 @@ where
                     .map(|&index| {
                         produce_once(index, &mut |bytes: &[u8]| {
                             file.write_all_at(bytes, offsets[index])
-                                .map_err(crate::atomic::write_error(path))
+                                .map_err(crate::atomic::write_error(path))?;
+                            start_writeback(file, offsets[index], bytes.len());
+                            Ok(())
                         })
                         .map(|by_product| (index, by_product))
                     })
@@ -396,6 +398,31 @@ where
             .collect(),
         staged,
     ))
+}
+
+/// Starts writing `len` bytes at `offset` back to disk without waiting, so
+/// that the disk works while the next tensors are decoded and the fsync
+/// before the rename (which still makes the file durable, and reports any
+/// error) waits for little: on the VM disk measured, fsync of a 92 MB
+/// restored cache took 38 ms, a third of the run. A hint: its errors are
+/// ignored.
+#[cfg(unix)]
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Length prefix and header JSON for `specs` (already in file order), checked
