@@ -129,7 +129,7 @@ fn pack(
                 &decoded
             }
         };
-        if let Some(index) = crate::cache::first_non_finite(&restored) {
+        if let Some(index) = crate::cache::first_non_finite(restored) {
             return Err(TensorProblem::ReconstructionNotFinite {
                 index,
                 value: restored[index],

@@ -93,19 +93,22 @@ pub(crate) fn capped(level: Level) -> Level {
 /// A `level` above the CPU's runs at the CPU's.
 macro_rules! multiversion {
     ($vis:vis fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+        #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             $name_at($crate::simd::level(), $($arg),*)
         }
 
-        #[allow(unused_variables)]
+        #[allow(unused_variables, clippy::too_many_arguments)]
         pub(crate) fn $name_at(level: $crate::simd::Level, $($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,f16c")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma,bmi1,bmi2,f16c")]
+                #[allow(clippy::too_many_arguments)]
                 unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     $generic($($arg),*)
                 }
