@@ -63,6 +63,10 @@ impl Options {
     }
 }
 
+/// A command's name, the paths filling its template's empty slots for us
+/// and for the Go original, and the template of its arguments.
+type Case<'a> = (&'a str, Vec<&'a Path>, Vec<&'a Path>, Vec<&'a str>);
+
 /// One measured command: wall times (fastest, median, slowest) and peak
 /// resident memory.
 struct Measurement {
@@ -115,7 +119,7 @@ pub fn run(args: &[String]) -> Result<()> {
         let restored = scratch.join("restored.safetensors");
         let go_packed = scratch.join("go_packed.safetensors");
         let go_restored = scratch.join("go_restored.safetensors");
-        let cases: [(&str, Vec<&Path>, Vec<&Path>, Vec<&str>); 3] = [
+        let cases: [Case<'_>; 3] = [
             (
                 "compress",
                 vec![&input, &packed],
