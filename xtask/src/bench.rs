@@ -26,6 +26,9 @@ struct Options {
     /// A Python with torch + transformers + gguf + accelerate: also time
     /// PyTorch eager on the same model, the speed target's reference.
     torch_python: Option<String>,
+    /// The Go original's binary: run side by side on the same files with
+    /// the same flags, and the ratio printed.
+    go: Option<PathBuf>,
 }
 
 impl Options {
@@ -33,6 +36,7 @@ impl Options {
         let mut options = Options {
             quick: false,
             torch_python: None,
+            go: None,
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -45,8 +49,13 @@ impl Options {
                             .clone(),
                     )
                 }
+                "--go" => {
+                    options.go = Some(PathBuf::from(
+                        args.next().context("--go needs the Go original's binary path")?,
+                    ))
+                }
                 other => {
-                    bail!("unknown bench argument `{other}` (expected --quick or --torch PYTHON)")
+                    bail!("unknown bench argument `{other}` (expected --quick, --torch PYTHON or --go PATH)")
                 }
             }
         }
@@ -54,9 +63,16 @@ impl Options {
     }
 }
 
-/// One measured command: median wall time and peak resident memory.
+/// A command's name, the paths filling its template's empty slots for us
+/// and for the Go original, and the template of its arguments.
+type Case<'a> = (&'a str, Vec<&'a Path>, Vec<&'a Path>, Vec<&'a str>);
+
+/// One measured command: wall times (fastest, median, slowest) and peak
+/// resident memory.
 struct Measurement {
+    min: Duration,
     wall: Duration,
+    max: Duration,
     peak_rss_bytes: u64,
 }
 
@@ -79,52 +95,84 @@ pub fn run(args: &[String]) -> Result<()> {
     writeln!(
         report,
         "TinyLlama-shaped cache: {LAYERS} layers x key/value, [1, {KV_HEADS}, {SEQ_LEN}, {HEAD_DIM}], random normal values. \
-         Median of {repetitions} runs; MB/s is uncompressed cache bytes (10^6) per second of wall time, whole process \
-         (start-up, reading, writing) included; peak RSS is the child's own maximum resident set.\n"
+         {repetitions} runs each; MB/s is uncompressed cache bytes (10^6) per second of the median wall time, whole process \
+         (start-up, reading, writing, fsync) included; peak RSS is the child's own maximum resident set.{}\n",
+        if options.go.is_some() {
+            " The Go original ran on the same files with the same flags, interleaved run by run with ours \
+             (its decompress reads its own packed file); \"Go x\" is its median wall time over ours."
+        } else {
+            ""
+        }
     )?;
+    let go_columns = if options.go.is_some() { " Go median (ms) | Go x |" } else { "" };
+    let go_rule = if options.go.is_some() { "---:|---:|" } else { "" };
     writeln!(
         report,
-        "| input | command | wall (ms) | MB/s | peak RSS (MB) | RSS / input file |"
+        "| input | command | wall min / median / max (ms) | MB/s | peak RSS (MB) | RSS / input file |{go_columns}"
     )?;
-    writeln!(report, "|---|---|---:|---:|---:|---:|")?;
+    writeln!(report, "|---|---|---:|---:|---:|---:|{go_rule}")?;
     for dtype in ["F32", "F16"] {
         let input = scratch.join(format!("cache_{}.safetensors", dtype.to_lowercase()));
         generate_in_child(&input, dtype)?;
         let input_bytes = tensor_bytes(dtype);
         let packed = scratch.join("packed.safetensors");
         let restored = scratch.join("restored.safetensors");
-        let cases: [(&str, Vec<&Path>, Vec<&str>); 3] = [
+        let go_packed = scratch.join("go_packed.safetensors");
+        let go_restored = scratch.join("go_restored.safetensors");
+        let cases: [Case<'_>; 3] = [
             (
                 "compress",
                 vec![&input, &packed],
+                vec![&input, &go_packed],
                 vec!["-input", "", "-output", ""],
             ),
             (
                 "metrics-only",
+                vec![&input],
                 vec![&input],
                 vec!["-input", "", "-metrics-only"],
             ),
             (
                 "decompress",
                 vec![&packed, &restored],
+                vec![&go_packed, &go_restored],
                 vec!["-decompress", "-input", "", "-output", ""],
             ),
         ];
-        for (name, paths, template) in cases {
-            let args = fill_paths(&template, &paths);
-            let m = measure(&kv_compress, &args, repetitions)?;
+        for (name, paths, go_paths, template) in cases {
+            let ours = (kv_compress.as_path(), fill_paths(&template, &paths));
+            let go = options
+                .go
+                .as_deref()
+                .map(|go| (go, fill_paths(&template, &go_paths)));
+            let (m, go_m) = measure_side_by_side(&ours, go.as_ref(), repetitions)?;
             let mb_s = input_bytes as f64 / 1e6 / m.wall.as_secs_f64();
             let rss_mb = m.peak_rss_bytes as f64 / 1e6;
             let file_mb = std::fs::metadata(paths[0])?.len() as f64 / 1e6;
+            let go_cells = match &go_m {
+                Some(go_m) => {
+                    let ratio = go_m.wall.as_secs_f64() / m.wall.as_secs_f64();
+                    eprintln!(
+                        "bench: {dtype} {name}: Go original {:.1} ms, {ratio:.1}x our time",
+                        ms(go_m.wall)
+                    );
+                    format!(" {:.1} | {ratio:.1}x |", ms(go_m.wall))
+                }
+                None => String::new(),
+            };
             eprintln!(
-                "bench: {dtype} {name}: {:.1} ms, {mb_s:.0} MB/s, peak RSS {rss_mb:.1} MB",
-                ms(m.wall)
+                "bench: {dtype} {name}: {:.1} / {:.1} / {:.1} ms, {mb_s:.0} MB/s, peak RSS {rss_mb:.1} MB",
+                ms(m.min),
+                ms(m.wall),
+                ms(m.max)
             );
             writeln!(
                 report,
-                "| {dtype} ({:.0} MB) | {name} | {:.1} | {mb_s:.0} | {rss_mb:.1} | {:.2}x |",
+                "| {dtype} ({:.0} MB) | {name} | {:.1} / {:.1} / {:.1} | {mb_s:.0} | {rss_mb:.1} | {:.2}x |{go_cells}",
                 input_bytes as f64 / 1e6,
+                ms(m.min),
                 ms(m.wall),
+                ms(m.max),
                 rss_mb / file_mb
             )?;
         }
@@ -133,7 +181,9 @@ pub fn run(args: &[String]) -> Result<()> {
     writeln!(
         report,
         "\nFor scale: the Go original takes about 4.3 s on the F32 file (about 22 MB/s) and writes a file as \
-         large as its input. Targets: compress at least 1 GB/s of F32 input; peak memory at most 1.5x the input file."
+         large as its input. Targets (issue 11): compress and decompress F32 at 1,200 MB/s or more, metrics-only at 2,000, \
+         F16 compress and decompress at 600 (the same values/s), at least 45x the Go original's speed; \
+         peak memory at most 0.35x the input file for compress."
     )?;
     if options.quick {
         writeln!(report, "\nModel benchmarks skipped (--quick).")?;
@@ -325,30 +375,55 @@ fn torch_reference(python: &str, model: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&output.stdout).context("parsing the PyTorch reference's JSON")
 }
 
-/// Runs `program args` `repetitions` times; median wall time, max peak RSS.
-fn measure(program: &Path, args: &[String], repetitions: usize) -> Result<Measurement> {
-    let mut walls = Vec::with_capacity(repetitions);
-    let mut peak = 0u64;
+/// Runs `program args` and, when given, the other (program, args)
+/// `repetitions` times each, alternating run by run so that both see the
+/// same machine state; wall times and max peak RSS of each.
+fn measure_side_by_side(
+    ours: &(&Path, Vec<String>),
+    other: Option<&(&Path, Vec<String>)>,
+    repetitions: usize,
+) -> Result<(Measurement, Option<Measurement>)> {
+    let mut ours_runs = Vec::with_capacity(repetitions);
+    let mut other_runs = Vec::with_capacity(repetitions);
     for _ in 0..repetitions {
-        let started = Instant::now();
-        let child = Command::new(program)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", program.display()))?;
-        let (ok, rss) = wait_with_rusage(child)?;
-        walls.push(started.elapsed());
-        if !ok {
-            bail!("{} {} failed", program.display(), args.join(" "));
+        ours_runs.push(run_once(ours.0, &ours.1)?);
+        if let Some((program, args)) = other {
+            other_runs.push(run_once(program, args)?);
         }
-        peak = peak.max(rss);
     }
-    walls.sort();
-    Ok(Measurement {
-        wall: walls[walls.len() / 2],
-        peak_rss_bytes: peak,
-    })
+    let ours = Measurement::of(ours_runs);
+    Ok((ours, other.map(|_| Measurement::of(other_runs))))
+}
+
+impl Measurement {
+    /// From (wall, peak RSS) of each run.
+    fn of(mut runs: Vec<(Duration, u64)>) -> Measurement {
+        let peak_rss_bytes = runs.iter().map(|&(_, rss)| rss).max().unwrap_or(0);
+        runs.sort();
+        Measurement {
+            min: runs[0].0,
+            wall: runs[runs.len() / 2].0,
+            max: runs[runs.len() - 1].0,
+            peak_rss_bytes,
+        }
+    }
+}
+
+/// One run of `program args`: its wall time and its own peak RSS.
+fn run_once(program: &Path, args: &[String]) -> Result<(Duration, u64)> {
+    let started = Instant::now();
+    let child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let (ok, rss) = wait_with_rusage(child)?;
+    let wall = started.elapsed();
+    if !ok {
+        bail!("{} {} failed", program.display(), args.join(" "));
+    }
+    Ok((wall, rss))
 }
 
 /// Waits for `child` with wait4 so that its own peak RSS is known.
@@ -436,7 +511,25 @@ fn machine_description() -> String {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    format!("Machine: {cpu}, {cores} cores available. Commit {commit}, {date}.")
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    let features: Vec<&str> = ["sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl"]
+        .into_iter()
+        .filter(|feature| flags.iter().any(|flag| flag == feature))
+        .collect();
+    let features = if features.is_empty() { "none of note".to_string() } else { features.join(" ") };
+    format!(
+        "Machine: {cpu}, {cores} cores available; CPU features: {features}; kvformat's kernels run at the {} level{}. \
+         Commit {commit}, {date}.",
+        kvformat::simd::level().name(),
+        if std::env::var_os("KVFORMAT_SIMD").is_some() { " (capped by KVFORMAT_SIMD)" } else { "" }
+    )
 }
 
 /// Writes a TinyLlama-shaped cache of seeded random values through kvformat:

@@ -28,11 +28,13 @@ tasks:
                          validation: the default model and WikiText-2 when the Hugging Face
                          hub is reachable, else the fetched SmolLM2 on testdata/prose.txt.
                          ARGS are passed to kv-validate (e.g. --max-windows 2)
-  bench [--quick] [--torch PYTHON]
-                         benchmark kv-compress (MB/s, peak RSS) and the model forward pass;
-                         --torch also times PyTorch eager on the same model with that
-                         Python (needs torch, transformers, gguf, accelerate);
-                         writes docs/benchmarks.md
+  bench [--quick] [--torch PYTHON] [--go PATH]
+                         benchmark kv-compress (min/median/max wall, MB/s, peak RSS; the
+                         CPU's features) and the model forward pass; --torch also times
+                         PyTorch eager on the same model with that Python (needs torch,
+                         transformers, gguf, accelerate); --go runs the Go original at PATH
+                         on the same files with the same flags, run by run, and prints the
+                         ratio; writes docs/benchmarks.md
   build-cuda [--compute-cap N]
                          build kv-validate with candle's CUDA backend into target/cuda/ with a
                          CUDA 13.0 toolkit from PyPI's NVIDIA wheels (.cache/cuda/) and a libcuda

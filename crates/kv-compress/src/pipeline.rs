@@ -10,11 +10,13 @@ use kvformat::cache::KvCache;
 use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::preset::{layer_index, TensorKind};
-use kvformat::packed::{ensure_packable, pack_tensor, stage_packed, PackedFile, PackedTensor};
+use kvformat::packed::{
+    ensure_packable, pack_tensor, pack_tensor_measured, stage_packed, PackedFile, PackedTensor,
+};
 use kvformat::sidecar::{
     sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
 };
-use kvformat::{stage_tensor_file_streaming, CacheDtype, TensorSpec};
+use kvformat::{stage_tensor_file_streaming, CacheDtype, Emit, TensorSpec};
 use rayon::prelude::*;
 
 use crate::flags::Options;
@@ -152,22 +154,33 @@ struct TensorOutcome {
 /// Compresses one tensor of the cache; returns the packed form, the
 /// reconstruction and the tensor's line of the report. The tensor is read
 /// into memory once, so only the tensors in flight are held.
+/// The reconstruction is kept only when `keep_reconstruction` (for
+/// `-reconstruct`): otherwise it is measured as it is made and dropped.
 fn compress_tensor(
     cache: &KvCache,
     index: usize,
     options: &Options,
-) -> Result<(PackedTensor, Vec<f32>, TensorOutcome), kvformat::Error> {
+    keep_reconstruction: bool,
+) -> Result<(PackedTensor, Option<Vec<f32>>, TensorOutcome), kvformat::Error> {
     let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
     let path = cache.file().path();
     let params = params_for(options, &entry.name);
     let (packed, reconstruction) = cache
-        .with_values(entry, dtype, |values| pack_tensor(&entry.name, dtype, &entry.shape, values, &params))?
+        .with_values(entry, dtype, |values| {
+            if keep_reconstruction {
+                pack_tensor(&entry.name, dtype, &entry.shape, values, &params)
+                    .map(|(packed, reconstruction)| (packed, Some(reconstruction)))
+            } else {
+                pack_tensor_measured(&entry.name, dtype, &entry.shape, values, &params)
+                    .map(|packed| (packed, None))
+            }
+        })?
         .map_err(|problem| kvformat::Error::tensor(path, &entry.name, problem))?;
     let outcome = TensorOutcome {
         name: entry.name.clone(),
         original_bytes: entry.byte_len() as u64,
         stored_bytes: packed.stored.len() as u64,
-        values: reconstruction.len() as u64,
+        values: entry.shape.iter().product::<usize>() as u64,
         metrics: packed.entry.metrics,
     };
     if options.verbose {
@@ -192,7 +205,7 @@ fn compress(
         None => {
             let outcomes = (0..count)
                 .into_par_iter()
-                .map(|i| compress_tensor(&cache, i, options).map(|(_, _, outcome)| outcome))
+                .map(|i| compress_tensor(&cache, i, options, false).map(|(_, _, outcome)| outcome))
                 .collect::<Result<Vec<_>, _>>()?;
             (outcomes, None)
         }
@@ -206,14 +219,15 @@ fn compress(
                     byte_len: entry.byte_len(),
                 })
                 .collect();
-            let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i| {
-                let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options)?;
+            let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i, emit| {
+                let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options, true)?;
                 let bytes = packed
                     .entry
                     .dtype
-                    .try_from_f32(&reconstruction)
+                    .try_from_f32(&reconstruction.expect("kept when asked for"))
                     .map_err(|problem| kvformat::Error::tensor(input, &outcome.name, problem))?;
-                Ok((bytes, outcome))
+                emit(&bytes)?;
+                Ok(outcome)
             })?;
             (outcomes, Some(staged))
         }
@@ -222,7 +236,7 @@ fn compress(
             let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
                 .into_par_iter()
                 .map(|i| {
-                    compress_tensor(&cache, i, options)
+                    compress_tensor(&cache, i, options, false)
                         .map(|(packed, _, outcome)| (packed, outcome))
                 })
                 .collect::<Result<Vec<_>, _>>()?
@@ -246,29 +260,46 @@ fn decompress(
     let packed = PackedFile::open(input)?;
     let manifest = packed.manifest();
     let names: Vec<&String> = manifest.tensors.keys().collect();
-    let restore = |index: usize| -> Result<(Vec<u8>, TensorOutcome), kvformat::Error> {
+    // Decoded straight into a per-thread buffer, whose bytes (F32) or
+    // conversion (F16/BF16) go to the writer as they are.
+    let restore = |index: usize, emit: Option<Emit<'_>>| -> Result<TensorOutcome, kvformat::Error> {
         let name = names[index];
         let tensor = &manifest.tensors[name];
-        let bytes = tensor
-            .dtype
-            .try_from_f32(&packed.unpack(name)?)
-            .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
+        let (mut values, mut bytes) = RESTORE_SCRATCH.take();
+        let result = (|| {
+            packed.unpack_into(name, &mut values)?;
+            let restored: &[u8] = match tensor.dtype {
+                CacheDtype::F32 => bytemuck::cast_slice(&values),
+                dtype => {
+                    dtype
+                        .try_from_f32_into(&values, &mut bytes)
+                        .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
+                    &bytes
+                }
+            };
+            if let Some(emit) = emit {
+                emit(restored)?;
+            }
+            Ok(restored.len())
+        })();
+        RESTORE_SCRATCH.set((values, bytes));
+        let restored_len = result?;
         let outcome = TensorOutcome {
             name: name.clone(),
-            original_bytes: bytes.len() as u64,
+            original_bytes: restored_len as u64,
             stored_bytes: tensor.stored_len as u64,
-            values: (bytes.len() / tensor.dtype.size_bytes()) as u64,
+            values: (restored_len / tensor.dtype.size_bytes()) as u64,
             metrics: tensor.metrics,
         };
         if verbose {
             log_tensor(index, names.len(), &outcome);
         }
-        Ok((bytes, outcome))
+        Ok(outcome)
     };
     let Some(output) = output else {
         let outcomes = (0..names.len())
             .into_par_iter()
-            .map(|i| restore(i).map(|(_, outcome)| outcome))
+            .map(|i| restore(i, None))
             .collect::<Result<Vec<_>, _>>()?;
         return Ok((report_of(&outcomes, verbose), None));
     };
@@ -309,9 +340,17 @@ fn decompress(
         })
         .collect();
     let (outcomes, staged) =
-        stage_tensor_file_streaming(output, &specs, &manifest.input_metadata, restore)?;
+        stage_tensor_file_streaming(output, &specs, &manifest.input_metadata, |i, emit| {
+            restore(i, Some(emit))
+        })?;
     let outputs = Outputs::pair(output, staged, sidecar.as_ref())?;
     Ok((report_of(&outcomes, verbose), Some(outputs)))
+}
+
+thread_local! {
+    /// `decompress`'s buffers: the decoded values, and their F16/BF16 bytes.
+    static RESTORE_SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u8>)> =
+        const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {

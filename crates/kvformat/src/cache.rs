@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
-use crate::input::try_resize_zeroed;
+use crate::input::try_resize_for_overwrite;
 use crate::tensor_file::{write_tensor_file_streaming, TensorEntry, TensorFile, TensorSpec};
 
 /// An open KV cache whose tensors all have a cache dtype.
@@ -67,11 +67,12 @@ impl KvCache {
     fn read_values(&self, entry: &TensorEntry, dtype: CacheDtype, values: &mut Vec<f32>, bytes: &mut Vec<u8>) -> Result<()> {
         let path = self.file.path();
         let problem = |problem| Error::tensor(path, &entry.name, problem);
-        try_resize_zeroed(values, entry.byte_len() / dtype.size_bytes(), "the tensor's values").map_err(problem)?;
+        // Both buffers are overwritten whole (read_into, to_f32_into).
+        try_resize_for_overwrite(values, entry.byte_len() / dtype.size_bytes(), "the tensor's values").map_err(problem)?;
         match dtype {
             CacheDtype::F32 => self.file.read_into(entry, bytemuck::cast_slice_mut(values))?,
             CacheDtype::F16 | CacheDtype::BF16 => {
-                try_resize_zeroed(bytes, entry.byte_len(), "the tensor's bytes").map_err(problem)?;
+                try_resize_for_overwrite(bytes, entry.byte_len(), "the tensor's bytes").map_err(problem)?;
                 self.file.read_into(entry, bytes)?;
                 dtype.to_f32_into(bytes, values);
             }
@@ -127,7 +128,7 @@ pub fn write_cache(path: &Path, tensors: &[CacheTensor<'_>], metadata: &BTreeMap
             byte_len: t.values.len() * t.dtype.size_bytes(),
         })
         .collect();
-    write_tensor_file_streaming(path, &specs, metadata, |i| Ok((tensors[i].dtype.from_f32(tensors[i].values), ())))?;
+    write_tensor_file_streaming(path, &specs, metadata, |i, emit| emit(&tensors[i].dtype.from_f32(tensors[i].values)))?;
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TensorProblem;
-use crate::input::try_zeroed;
+use crate::input::try_resize_for_overwrite;
 
 /// Element type of a KV-cache tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -102,18 +102,28 @@ impl CacheDtype {
 
     /// [`Self::from_f32`], with the output allocated fallibly.
     pub fn try_from_f32(self, values: &[f32]) -> Result<Vec<u8>, TensorProblem> {
-        let mut out = try_zeroed::<u8>(
+        let mut out = Vec::new();
+        self.try_from_f32_into(values, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::try_from_f32`] into `out`, resized to fit; its old contents
+    /// are overwritten, never zeroed first, so one buffer serves tensor after tensor.
+    pub fn try_from_f32_into(self, values: &[f32], out: &mut Vec<u8>) -> Result<(), TensorProblem> {
+        try_resize_for_overwrite(
+            out,
             values.len().saturating_mul(self.size_bytes()),
             "the restored tensor",
         )?;
+        let out = out.as_mut_slice();
         match self {
             CacheDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
-            CacheDtype::F16 => f32_to_halves::<f16>(values, &mut out, 0x7C00, f16::MAX.to_bits()),
+            CacheDtype::F16 => f32_to_halves::<f16>(values, out, 0x7C00, f16::MAX.to_bits()),
             CacheDtype::BF16 => {
-                f32_to_halves::<bf16>(values, &mut out, 0x7F80, bf16::MAX.to_bits())
+                f32_to_halves::<bf16>(values, out, 0x7F80, bf16::MAX.to_bits())
             }
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -151,27 +161,44 @@ where
     H: bytemuck::Pod,
     [H]: HalfFloatSliceExt,
 {
+    const CHUNK: usize = 4096;
+    // Straight into `out` when it is aligned for halves (it comes from the
+    // allocator, so it is), else through a stack buffer.
+    if let Ok(direct) = bytemuck::try_cast_slice_mut::<u8, H>(out) {
+        for (values, halves) in values.chunks(CHUNK).zip(direct.chunks_mut(CHUNK)) {
+            halves_saturated(values, halves, infinity_bits, max_bits);
+        }
+        return;
+    }
+    let mut buffer = [H::zeroed(); CHUNK];
+    for (values, out) in values.chunks(CHUNK).zip(out.chunks_mut(2 * CHUNK)) {
+        let halves = &mut buffer[..values.len()];
+        halves_saturated(values, halves, infinity_bits, max_bits);
+        out.copy_from_slice(bytemuck::cast_slice(halves));
+    }
+}
+
+/// One chunk of [`f32_to_halves`]: convert, then replace any ±infinity.
+fn halves_saturated<H>(values: &[f32], halves: &mut [H], infinity_bits: u16, max_bits: u16)
+where
+    H: bytemuck::Pod,
+    [H]: HalfFloatSliceExt,
+{
     const MAGNITUDE_MASK: u16 = 0x7FFF;
     const SIGN: u16 = 0x8000;
-    const CHUNK: usize = 4096;
-    let mut halves = [H::zeroed(); CHUNK];
-    for (values, out) in values.chunks(CHUNK).zip(out.chunks_mut(2 * CHUNK)) {
-        let halves = &mut halves[..values.len()];
-        halves.convert_from_f32_slice(values);
-        let bits: &mut [u16] = bytemuck::cast_slice_mut(halves);
-        let infinities: u32 = bits
-            .iter()
-            .map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits))
-            .sum();
-        if infinities > 0 {
-            for b in bits
-                .iter_mut()
-                .filter(|b| **b & MAGNITUDE_MASK == infinity_bits)
-            {
-                *b = (*b & SIGN) | max_bits;
-            }
+    halves.convert_from_f32_slice(values);
+    let bits: &mut [u16] = bytemuck::cast_slice_mut(halves);
+    let infinities: u32 = bits
+        .iter()
+        .map(|&b| u32::from(b & MAGNITUDE_MASK == infinity_bits))
+        .sum();
+    if infinities > 0 {
+        for b in bits
+            .iter_mut()
+            .filter(|b| **b & MAGNITUDE_MASK == infinity_bits)
+        {
+            *b = (*b & SIGN) | max_bits;
         }
-        out.copy_from_slice(bytemuck::cast_slice(bits));
     }
 }
 
@@ -201,6 +228,18 @@ mod tests {
         buffer[1..5].copy_from_slice(&1.5f32.to_le_bytes());
         buffer[5..9].copy_from_slice(&(-7.25f32).to_le_bytes());
         assert_eq!(&*CacheDtype::F32.to_f32(&buffer[1..]), &[1.5, -7.25]);
+    }
+
+    #[test]
+    fn an_unaligned_output_gets_the_same_halves() {
+        let values: Vec<f32> = (0..10_000).map(|i| (i as f32 - 5000.0) * 17.25).collect();
+        let aligned = CacheDtype::F16.from_f32(&values);
+        let mut storage = vec![0u8; aligned.len() + 1];
+        let unaligned = &mut storage[1..];
+        assert!(bytemuck::try_cast_slice_mut::<u8, f16>(unaligned).is_err(), "the test needs an odd address");
+        f32_to_halves::<f16>(&values, unaligned, 0x7C00, f16::MAX.to_bits());
+        assert_eq!(unaligned, &aligned[..]);
+        assert_eq!(f16::from_le_bytes([aligned[0], aligned[1]]), f16::from_f32(-65504.0), "saturated");
     }
 
     #[test]

@@ -93,6 +93,27 @@ pub(crate) fn try_resize_zeroed<T: bytemuck::Zeroable + Clone>(
     Ok(())
 }
 
+/// Makes `values` `len` long without zeroing what it already holds: for a
+/// buffer the caller then overwrites whole, reused tensor after tensor (a
+/// zero-fill of every value only to overwrite it cost a pass over memory).
+/// Values past the old length are zeroed; the rest keep stale contents.
+pub(crate) fn try_resize_for_overwrite<T: bytemuck::Zeroable + Clone>(
+    values: &mut Vec<T>,
+    len: usize,
+    what: &'static str,
+) -> Result<(), TensorProblem> {
+    if len <= values.len() {
+        values.truncate(len);
+        return Ok(());
+    }
+    let bytes = len.saturating_mul(std::mem::size_of::<T>());
+    values
+        .try_reserve_exact(len - values.len())
+        .map_err(|_| TensorProblem::OutOfMemory { bytes, what })?;
+    values.resize(len, T::zeroed());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

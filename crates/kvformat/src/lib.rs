@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod packed;
 pub mod preset;
 pub mod sidecar;
+pub mod simd;
 pub mod tensor_file;
 
 pub use cache::{write_cache, CacheTensor, KvCache};
@@ -42,5 +43,5 @@ pub use packed::{PackedFile, PackedTensor};
 pub use sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
 pub use tensor_file::{
     stage_tensor_file, stage_tensor_file_streaming, write_tensor_file, write_tensor_file_streaming,
-    OutputTensor, TensorEntry, TensorFile, TensorSpec,
+    Emit, OutputTensor, TensorEntry, TensorFile, TensorSpec,
 };

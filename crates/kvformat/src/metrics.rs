@@ -30,7 +30,7 @@ const LANES: usize = 4;
 /// Running f64 sums of one measurement, one slot per lane. Only five sums per
 /// value: `Σo²` and `Σo·r` follow from them exactly (see [`measure`]).
 #[derive(Clone, Copy)]
-struct Sums {
+pub(crate) struct Sums {
     /// `Σ(o - k)` for the shift `k`.
     shifted: [f64; LANES],
     /// `Σ(o - k)²`.
@@ -69,43 +69,104 @@ impl Sums {
 /// data with a large mean; then `Σo² = Σ(o-k)² + 2kΣ(o-k) + nk²` and
 /// `Σo·r = (Σo² + Σr² - Σ(o-r)²) / 2`.
 pub fn measure(original: &[f32], reconstructed: &[f32]) -> TensorMetrics {
-    assert_eq!(original.len(), reconstructed.len(), "metrics need equal lengths");
-    if original.is_empty() {
-        return TensorMetrics {
-            rmse: 0.0,
-            snr_db: SNR_CAP_DB,
-            cosine: 1.0,
-            max_error: 0.0,
-        };
+    let mut accumulator = Accumulator::new();
+    accumulator.push(original, reconstructed);
+    accumulator.finish()
+}
+
+/// [`measure`] fed in consecutive runs (as the encoder produces them), with
+/// the same bits as one call on the whole: value `i` always goes to lane
+/// `i % LANES`, and each lane sums in order.
+#[derive(Clone, Copy)]
+pub struct Accumulator {
+    shift: f64,
+    sums: Sums,
+    count: usize,
+}
+
+impl Default for Accumulator {
+    fn default() -> Self {
+        Self::new()
     }
-    let shift = f64::from(original[0]);
-    let mut sums = Sums::ZERO;
-    let original_chunks = original.chunks_exact(LANES);
-    let reconstructed_chunks = reconstructed.chunks_exact(LANES);
-    let (original_tail, reconstructed_tail) = (original_chunks.remainder(), reconstructed_chunks.remainder());
-    for (o, r) in original_chunks.zip(reconstructed_chunks) {
+}
+
+impl Accumulator {
+    pub fn new() -> Self {
+        Accumulator {
+            shift: 0.0,
+            sums: Sums::ZERO,
+            count: 0,
+        }
+    }
+
+    /// Adds the next run of values; `original` and `reconstructed` are equally long.
+    pub fn push(&mut self, original: &[f32], reconstructed: &[f32]) {
+        assert_eq!(original.len(), reconstructed.len(), "metrics need equal lengths");
+        if original.is_empty() {
+            return;
+        }
+        if self.count == 0 {
+            self.shift = f64::from(original[0]);
+        }
+        // Up to the next multiple of LANES one at a time, whole chunks in the
+        // kernel, the rest one at a time.
+        let head = ((LANES - self.count % LANES) % LANES).min(original.len());
+        let bulk = (original.len() - head) / LANES * LANES;
+        let (head_o, rest_o) = original.split_at(head);
+        let (head_r, rest_r) = reconstructed.split_at(head);
+        let (bulk_o, tail_o) = rest_o.split_at(bulk);
+        let (bulk_r, tail_r) = rest_r.split_at(bulk);
+        for (&o, &r) in head_o.iter().zip(head_r) {
+            self.sums.add(self.count % LANES, self.shift, o, r);
+            self.count += 1;
+        }
+        self.sums = accumulate(self.sums, self.shift, bulk_o, bulk_r);
+        self.count += bulk;
+        for (&o, &r) in tail_o.iter().zip(tail_r) {
+            self.sums.add(self.count % LANES, self.shift, o, r);
+            self.count += 1;
+        }
+    }
+
+    pub fn finish(&self) -> TensorMetrics {
+        if self.count == 0 {
+            return TensorMetrics {
+                rmse: 0.0,
+                snr_db: SNR_CAP_DB,
+                cosine: 1.0,
+                max_error: 0.0,
+            };
+        }
+        let (shift, sums) = (self.shift, &self.sums);
+        let total = |lanes: [f64; LANES]| lanes.iter().sum::<f64>();
+        let n = self.count as f64;
+        let (shifted, shifted_sq, err_sq) = (total(sums.shifted), total(sums.shifted_sq), total(sums.err_sq));
+        let norm_original = (shifted_sq + 2.0 * shift * shifted + n * shift * shift).max(0.0);
+        let norm_reconstructed = total(sums.reconstructed_sq);
+        let dot = (norm_original + norm_reconstructed - err_sq) / 2.0;
+        let mse = err_sq / n;
+        let mean_shifted = shifted / n;
+        let variance = (shifted_sq / n - mean_shifted * mean_shifted).max(0.0);
+        TensorMetrics {
+            rmse: mse.sqrt(),
+            snr_db: snr_db(variance, mse),
+            cosine: cosine(dot, norm_original, norm_reconstructed),
+            max_error: sums.max_error.iter().fold(0.0, |a: f64, &b| a.max(b)),
+        }
+    }
+}
+
+crate::simd::multiversion!(fn accumulate / accumulate_at(sums: Sums, shift: f64, original: &[f32], reconstructed: &[f32]) -> Sums => accumulate_generic);
+
+/// The sums over whole chunks of `LANES` values, lane `j` of a chunk into lane `j`.
+#[inline(always)]
+fn accumulate_generic(mut sums: Sums, shift: f64, original: &[f32], reconstructed: &[f32]) -> Sums {
+    for (o, r) in original.chunks_exact(LANES).zip(reconstructed.chunks_exact(LANES)) {
         for lane in 0..LANES {
             sums.add(lane, shift, o[lane], r[lane]);
         }
     }
-    for (lane, (&o, &r)) in original_tail.iter().zip(reconstructed_tail).enumerate() {
-        sums.add(lane, shift, o, r);
-    }
-    let total = |lanes: [f64; LANES]| lanes.iter().sum::<f64>();
-    let n = original.len() as f64;
-    let (shifted, shifted_sq, err_sq) = (total(sums.shifted), total(sums.shifted_sq), total(sums.err_sq));
-    let norm_original = (shifted_sq + 2.0 * shift * shifted + n * shift * shift).max(0.0);
-    let norm_reconstructed = total(sums.reconstructed_sq);
-    let dot = (norm_original + norm_reconstructed - err_sq) / 2.0;
-    let mse = err_sq / n;
-    let mean_shifted = shifted / n;
-    let variance = (shifted_sq / n - mean_shifted * mean_shifted).max(0.0);
-    TensorMetrics {
-        rmse: mse.sqrt(),
-        snr_db: snr_db(variance, mse),
-        cosine: cosine(dot, norm_original, norm_reconstructed),
-        max_error: sums.max_error.iter().fold(0.0, |a: f64, &b| a.max(b)),
-    }
+    sums
 }
 
 fn snr_db(variance: f64, mse: f64) -> f64 {
@@ -316,6 +377,55 @@ mod tests {
         assert_eq!(constant_wrong.snr_db, -SNR_CAP_DB);
         assert_eq!(measure(&[0.0, 0.0], &[0.0, 0.0]).cosine, 1.0);
         assert_eq!(measure(&[0.0, 0.0], &[1.0, 0.0]).cosine, 0.0);
+    }
+
+    /// Pseudo-random originals and a coarse reconstruction of them.
+    fn sample(n: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut rng = crate::codec::SplitMix64(7);
+        let original: Vec<f32> = (0..n)
+            .map(|_| (rng.next_u64() >> 40) as f32 / (1u64 << 20) as f32 - 8.0)
+            .collect();
+        let reconstructed = original.iter().map(|x| (x * 3.0).round() / 3.0).collect();
+        (original, reconstructed)
+    }
+
+    #[test]
+    fn value_i_goes_to_lane_i_mod_4_whatever_the_runs_and_simd_level() {
+        let (original, reconstructed) = sample(1003);
+        // The definition, one value at a time: lane i % 4, each lane in order.
+        let shift = f64::from(original[0]);
+        let mut reference = Sums::ZERO;
+        for (i, (&o, &r)) in original.iter().zip(&reconstructed).enumerate() {
+            reference.add(i % LANES, shift, o, r);
+        }
+        let bits = |s: &Sums| {
+            [s.shifted, s.shifted_sq, s.reconstructed_sq, s.err_sq, s.max_error]
+                .map(|lanes| lanes.map(f64::to_bits))
+        };
+        for level in crate::simd::Level::available() {
+            let bulk = original.len() / LANES * LANES;
+            let sums = accumulate_at(level, Sums::ZERO, shift, &original[..bulk], &reconstructed[..bulk]);
+            let mut tail = sums;
+            for i in bulk..original.len() {
+                tail.add(i % LANES, shift, original[i], reconstructed[i]);
+            }
+            assert_eq!(bits(&tail), bits(&reference), "{level:?}");
+        }
+        let whole = measure(&original, &reconstructed);
+        for runs in [&[1usize, 2, 3, 64, 5, 928][..], &[4, 4, 995], &[1003], &[0, 1, 0, 1001, 1]] {
+            let mut accumulator = Accumulator::new();
+            let mut at = 0;
+            for &len in runs {
+                accumulator.push(&original[at..at + len], &reconstructed[at..at + len]);
+                at += len;
+            }
+            assert_eq!(at, original.len());
+            assert_eq!(accumulator.finish(), whole, "{runs:?}");
+        }
+        // And the figures are the plain formulas.
+        let n = original.len() as f64;
+        let mse = original.iter().zip(&reconstructed).map(|(&o, &r)| (f64::from(o) - f64::from(r)).powi(2)).sum::<f64>() / n;
+        assert!((whole.rmse - mse.sqrt()).abs() < 1e-12);
     }
 
     #[test]

@@ -13,8 +13,8 @@ use crate::atomic::Staged;
 use crate::codec::{self, CodecParams, Layout};
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
-use crate::input::try_zeroed;
-use crate::metrics::{measure, TensorMetrics, SNR_CAP_DB};
+use crate::input::try_resize_for_overwrite;
+use crate::metrics::{Accumulator, TensorMetrics, SNR_CAP_DB};
 use crate::tensor_file::{stage_tensor_file, OutputTensor, TensorFile, MAX_HEADER_BYTES};
 
 /// `__metadata__` key of the container version this code writes and reads.
@@ -83,26 +83,66 @@ pub fn pack_tensor(
     values: &[f32],
     params: &CodecParams,
 ) -> std::result::Result<(PackedTensor, Vec<f32>), TensorProblem> {
-    let encoded = codec::encode(values, shape, params)?;
-    let reconstruction = codec::decode(&encoded.payload, shape, params, &encoded.layout)?;
-    let metrics = measure(values, &reconstruction);
+    let (packed, reconstruction) = pack(name, dtype, shape, values, params, true)?;
+    Ok((packed, reconstruction.expect("kept when asked for")))
+}
+
+/// [`pack_tensor`] without keeping the reconstruction: for the ADR-002 grid
+/// it is then never held whole, only measured block by block as the encoder
+/// makes it (`codec::encode_observed`).
+pub fn pack_tensor_measured(
+    name: &str,
+    dtype: CacheDtype,
+    shape: &[usize],
+    values: &[f32],
+    params: &CodecParams,
+) -> std::result::Result<PackedTensor, TensorProblem> {
+    Ok(pack(name, dtype, shape, values, params, false)?.0)
+}
+
+fn pack(
+    name: &str,
+    dtype: CacheDtype,
+    shape: &[usize],
+    values: &[f32],
+    params: &CodecParams,
+    keep_reconstruction: bool,
+) -> std::result::Result<(PackedTensor, Option<Vec<f32>>), TensorProblem> {
+    let mut accumulator = Accumulator::new();
+    let mut reconstruction = keep_reconstruction.then(|| Vec::with_capacity(values.len()));
+    let encoded = codec::encode_observed(values, shape, params, &mut |original, restored| {
+        accumulator.push(original, restored);
+        if let Some(reconstruction) = &mut reconstruction {
+            reconstruction.extend_from_slice(restored);
+        }
+    })?;
+    let metrics = accumulator.finish();
     // `encode` refused non-finite inputs, so the squared-error sum is finite
     // exactly when every reconstructed value is: the metrics pass doubles as
     // the check, and the scan for the culprit runs only on the error path.
     if !metrics.rmse.is_finite() {
-        if let Some(index) = crate::cache::first_non_finite(&reconstruction) {
+        let decoded;
+        let restored: &[f32] = match &reconstruction {
+            Some(restored) => restored,
+            None => {
+                decoded = codec::decode(&encoded.payload, shape, params, &encoded.layout)?;
+                &decoded
+            }
+        };
+        if let Some(index) = crate::cache::first_non_finite(restored) {
             return Err(TensorProblem::ReconstructionNotFinite {
                 index,
-                value: reconstruction[index],
+                value: restored[index],
             });
         }
     }
     let raw_len = encoded.payload.len();
-    let compressed = lz4_flex::block::compress(&encoded.payload);
-    let (lz4, stored) = if compressed.len() < raw_len {
-        (true, compressed)
-    } else {
-        (false, encoded.payload)
+    let compressed = lz4_may_pay(&encoded.payload)
+        .then(|| lz4_flex::block::compress(&encoded.payload))
+        .filter(|compressed| compressed.len() < raw_len);
+    let (lz4, stored) = match compressed {
+        Some(compressed) => (true, compressed),
+        None => (false, encoded.payload),
     };
     let entry = ManifestTensor {
         dtype,
@@ -123,6 +163,33 @@ pub fn pack_tensor(
         },
         reconstruction,
     ))
+}
+
+/// Slices of a payload that LZ4 is tried on before the whole payload.
+const LZ4_TRIAL_SLICES: usize = 32;
+const LZ4_TRIAL_SLICE_BYTES: usize = 1024;
+
+/// Whether LZ4 may make `payload` shorter, judged for the price of a
+/// fraction of compressing it. A payload no longer than the trial is simply
+/// tried whole. A longer one is tried on evenly spaced slices, 1 KiB each
+/// and 1/32 of the way apart: 4-bit codes of real data hardly ever shrink
+/// (about 10% of a compress run went to finding that out), while what LZ4
+/// does shrink, runs and repeats, shows up in any slice it covers. So only a
+/// payload in which no slice shrinks at all is stored without trying the
+/// whole; the decision, not the bytes, is what a trial may get wrong (a
+/// compressible stretch shorter than the gap between slices, all of it
+/// missed), and both forms decode to the same values.
+fn lz4_may_pay(payload: &[u8]) -> bool {
+    if payload.len() <= LZ4_TRIAL_SLICES * LZ4_TRIAL_SLICE_BYTES {
+        return true;
+    }
+    let stride = payload.len() / LZ4_TRIAL_SLICES;
+    let mut trial = vec![0u8; lz4_flex::block::get_maximum_output_size(LZ4_TRIAL_SLICE_BYTES)];
+    (0..LZ4_TRIAL_SLICES).any(|slice| {
+        let start = (slice * stride).min(payload.len() - LZ4_TRIAL_SLICE_BYTES);
+        let slice = &payload[start..start + LZ4_TRIAL_SLICE_BYTES];
+        lz4_flex::block::compress_into(slice, &mut trial).is_ok_and(|len| len < slice.len())
+    })
 }
 
 /// The original's method name for `params`: `int4` for ADR-002.
@@ -288,6 +355,16 @@ impl PackedFile {
     /// Verifies the tensor's checksum, undoes LZ4 and decodes it to `f32`:
     /// bit-identical to the compressor's reconstruction.
     pub fn unpack(&self, name: &str) -> Result<Vec<f32>> {
+        let mut values = Vec::new();
+        self.unpack_into(name, &mut values)?;
+        Ok(values)
+    }
+
+    /// [`Self::unpack`] into `values`, resized to the tensor (its old
+    /// contents are overwritten, never zeroed first): a caller restoring
+    /// tensor after tensor reuses one buffer, and the stored and LZ4 bytes
+    /// live in per-thread buffers, so no tensor costs fresh pages.
+    pub fn unpack_into(&self, name: &str, values: &mut Vec<f32>) -> Result<()> {
         let path = self.file.path();
         let (Some(tensor), Some(entry)) = (
             self.manifest.tensors.get(name),
@@ -295,64 +372,68 @@ impl PackedFile {
         ) else {
             return Err(Error::tensor(path, name, TensorProblem::MissingTensor));
         };
-        // Read once: the bytes checksummed are the bytes decoded, whatever
-        // another process does to the file meanwhile.
-        let stored = self.file.read(entry)?;
-        let actual = crc32fast::hash(&stored);
-        if actual != tensor.crc32 {
-            return Err(Error::tensor(
-                path,
-                name,
-                TensorProblem::ChecksumMismatch {
+        let problem = |problem: TensorProblem| Error::tensor(path, name, problem);
+        // Taken, not borrowed: a rayon call inside may run another tensor's
+        // unpack on this thread, which then gets buffers of its own.
+        let (mut stored, mut decompressed) = UNPACK_SCRATCH.take();
+        let result = (|| {
+            // Read once: the bytes checksummed are the bytes decoded,
+            // whatever another process does to the file meanwhile.
+            try_resize_for_overwrite(&mut stored, entry.byte_len(), "the tensor's bytes")
+                .map_err(problem)?;
+            self.file.read_into(entry, &mut stored)?;
+            let actual = crc32fast::hash(&stored);
+            if actual != tensor.crc32 {
+                return Err(problem(TensorProblem::ChecksumMismatch {
                     expected: tensor.crc32,
                     actual,
-                },
-            ));
-        }
-        let problem = |problem: TensorProblem| Error::tensor(path, name, problem);
-        let lz4_error = |reason: String| {
-            problem(TensorProblem::Lz4 {
-                raw_len: tensor.raw_len,
-                reason,
-            })
-        };
-        let payload = if tensor.lz4 {
-            let mut decompressed =
-                try_zeroed::<u8>(tensor.raw_len, "the decompressed payload").map_err(problem)?;
-            let len = lz4_flex::block::decompress_into(&stored, &mut decompressed)
-                .map_err(|e| lz4_error(e.to_string()))?;
-            if len != tensor.raw_len {
-                return Err(lz4_error(format!("got {len} bytes")));
+                }));
             }
-            decompressed
-        } else {
-            stored
-        };
-        tensor
-            .codec
-            .validate(&tensor.shape)
-            .map_err(|e| problem(e.into()))?;
-        let count = tensor.shape.iter().product::<usize>();
-        let mut values = try_zeroed::<f32>(count, "the decoded tensor").map_err(problem)?;
-        codec::decode_into(
-            &payload,
-            &tensor.shape,
-            &tensor.codec,
-            &tensor.layout,
-            &mut values,
-        )
-        .map_err(|e| problem(e.into()))?;
+            let lz4_error = |reason: String| {
+                problem(TensorProblem::Lz4 {
+                    raw_len: tensor.raw_len,
+                    reason,
+                })
+            };
+            let payload: &[u8] = if tensor.lz4 {
+                try_resize_for_overwrite(&mut decompressed, tensor.raw_len, "the decompressed payload")
+                    .map_err(problem)?;
+                let len = lz4_flex::block::decompress_into(&stored, &mut decompressed)
+                    .map_err(|e| lz4_error(e.to_string()))?;
+                if len != tensor.raw_len {
+                    return Err(lz4_error(format!("got {len} bytes")));
+                }
+                &decompressed
+            } else {
+                &stored
+            };
+            tensor
+                .codec
+                .validate(&tensor.shape)
+                .map_err(|e| problem(e.into()))?;
+            let count = tensor.shape.iter().product::<usize>();
+            try_resize_for_overwrite(values, count, "the decoded tensor").map_err(problem)?;
+            codec::decode_into(payload, &tensor.shape, &tensor.codec, &tensor.layout, values)
+                .map_err(|e| problem(e.into()))
+        })();
+        UNPACK_SCRATCH.set((stored, decompressed));
+        result?;
         // A checksum only proves the bytes are the ones written; hostile
         // scales can still make a valid payload decode past f32's range
         // (docs/format.md promises finite values).
-        if let Some(index) = crate::cache::first_non_finite(&values) {
+        if let Some(index) = crate::cache::first_non_finite(values) {
             return Err(problem(TensorProblem::DecodedNotFinite {
                 index,
                 value: values[index],
             }));
         }
-        Ok(values)
+        Ok(())
     }
+}
+
+thread_local! {
+    /// The buffers of [`PackedFile::unpack_into`]: stored bytes, LZ4 output.
+    static UNPACK_SCRATCH: std::cell::Cell<(Vec<u8>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
 /// The file's entry for tensor `name`, by binary search (entries are sorted
@@ -419,5 +500,39 @@ fn check_metrics(m: &TensorMetrics) -> std::result::Result<(), String> {
     match problem {
         Some((field, value)) => Err(format!("metrics.{field} {value:?} is out of range")),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Seeded bytes LZ4 cannot shrink.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut rng = crate::codec::SplitMix64(3);
+        (0..len).map(|_| (rng.next_u64() >> 56) as u8).collect()
+    }
+
+    #[test]
+    fn the_lz4_trial_skips_noise_and_tries_what_lz4_shrinks() {
+        let len = 280_000;
+        let payload = noise(len);
+        assert!(lz4_flex::block::compress(&payload).len() >= len, "noise does not shrink");
+        assert!(!lz4_may_pay(&payload));
+        // Short payloads are tried whole, whatever they hold.
+        assert!(lz4_may_pay(&payload[..LZ4_TRIAL_SLICES * LZ4_TRIAL_SLICE_BYTES]));
+        // A stretch of zeros (padding tokens) or of one repeated token, a
+        // twentieth of the payload, anywhere: LZ4 shrinks it and the trial sees it.
+        let stretch = len / 20;
+        for start in (0..len - stretch).step_by(997) {
+            for repeated in [false, true] {
+                let mut payload = payload.clone();
+                for (i, byte) in payload[start..start + stretch].iter_mut().enumerate() {
+                    *byte = if repeated { (i % 32) as u8 } else { 0 };
+                }
+                assert!(lz4_flex::block::compress(&payload).len() < len);
+                assert!(lz4_may_pay(&payload), "stretch at {start}, repeated {repeated}");
+            }
+        }
     }
 }

@@ -255,11 +255,18 @@ pub fn stage_tensor_file(
     })
 }
 
+/// Where a tensor's producer hands over its bytes: called once per tensor
+/// with exactly the spec's byte length, from the producer's own buffer.
+pub type Emit<'a> = &'a mut dyn FnMut(&[u8]) -> Result<()>;
+
 /// Like [`write_tensor_file`], but each tensor's bytes come from
-/// `produce(index into specs)`, run in parallel a few tensors at a time and
-/// written in name order, so only the tensors in flight are ever in memory.
-/// Returns each tensor's by-product `T`, in `specs` order. An error from
-/// `produce` aborts the write and leaves no file.
+/// `produce(index into specs, emit)`, which passes them to `emit` once, from
+/// a buffer it may reuse; producers run in parallel, so only the tensors in
+/// flight are ever in memory. Into a regular file each tensor is written at
+/// its offset as soon as it is produced (no thread waits for another's
+/// turn); into a FIFO or device, a few at a time in name order. Returns each
+/// tensor's by-product `T`, in `specs` order. An error from `produce`
+/// aborts the write and leaves no file.
 pub fn write_tensor_file_streaming<T, F>(
     path: &Path,
     specs: &[TensorSpec<'_>],
@@ -268,7 +275,7 @@ pub fn write_tensor_file_streaming<T, F>(
 ) -> Result<Vec<T>>
 where
     T: Send,
-    F: Fn(usize) -> Result<(Vec<u8>, T)> + Sync,
+    F: Fn(usize, Emit<'_>) -> Result<T> + Sync,
 {
     let (by_products, staged) = stage_tensor_file_streaming(path, specs, metadata, produce)?;
     crate::atomic::commit(vec![staged])?;
@@ -284,33 +291,100 @@ pub fn stage_tensor_file_streaming<T, F>(
 ) -> Result<(Vec<T>, Staged)>
 where
     T: Send,
-    F: Fn(usize) -> Result<(Vec<u8>, T)> + Sync,
+    F: Fn(usize, Emit<'_>) -> Result<T> + Sync,
 {
     let mut order: Vec<usize> = (0..specs.len()).collect();
     order.sort_by(|&a, &b| specs[a].name.cmp(specs[b].name));
     let sorted: Vec<TensorSpec<'_>> = order.iter().map(|&i| specs[i]).collect();
     let header = header_bytes_for(path, &sorted, metadata)?;
+    let mut offsets = vec![0u64; specs.len()];
+    let mut at = header.len() as u64;
+    for &index in &order {
+        offsets[index] = at;
+        at += specs[index].byte_len as u64;
+    }
+    let check_len = |index: usize, len: usize| -> Result<()> {
+        let spec = &specs[index];
+        if len == spec.byte_len {
+            return Ok(());
+        }
+        Err(Error::Structure {
+            path: path.into(),
+            problem: format!(
+                "{:?}: produced {len} bytes for a {}-byte tensor",
+                spec.name, spec.byte_len
+            ),
+        })
+    };
+    // Each producer must emit exactly once.
+    let produce_once = |index: usize, emit: Emit<'_>| -> Result<T> {
+        let mut emitted = 0;
+        let by_product = produce(index, &mut |bytes: &[u8]| {
+            emitted += 1;
+            check_len(index, bytes.len())?;
+            emit(bytes)
+        })?;
+        if emitted != 1 {
+            return Err(Error::Structure {
+                path: path.into(),
+                problem: format!("{:?}: produced {emitted} times", specs[index].name),
+            });
+        }
+        Ok(by_product)
+    };
     let mut by_products: Vec<Option<T>> = specs.iter().map(|_| None).collect();
     let staged = crate::atomic::stage(path, |writer| {
         writer
             .write_all(&header)
             .map_err(crate::atomic::write_error(path))?;
+        #[cfg(unix)]
+        {
+            writer.flush().map_err(crate::atomic::write_error(path))?;
+            let file: &std::fs::File = writer.get_ref();
+            if file.metadata().is_ok_and(|meta| meta.is_file()) {
+                use std::os::unix::fs::FileExt;
+                // The first error stops the tensors not yet started.
+                let produced: Vec<(usize, T)> = order
+                    .par_iter()
+                    .with_max_len(1)
+                    .map(|&index| {
+                        produce_once(index, &mut |bytes: &[u8]| {
+                            file.write_all_at(bytes, offsets[index])
+                                .map_err(crate::atomic::write_error(path))?;
+                            start_writeback(file, offsets[index], bytes.len());
+                            Ok(())
+                        })
+                        .map(|by_product| (index, by_product))
+                    })
+                    .collect::<Result<_>>()?;
+                for (index, by_product) in produced {
+                    by_products[index] = Some(by_product);
+                }
+                return Ok(());
+            }
+        }
         for batch in order.chunks(rayon::current_num_threads().max(1)) {
-            let produced: Vec<Result<(Vec<u8>, T)>> = batch.par_iter().map(|&i| produce(i)).collect();
+            let produced: Vec<Result<(Vec<u8>, T)>> = batch
+                .par_iter()
+                .map(|&index| {
+                    let mut copy = Vec::new();
+                    let by_product = produce_once(index, &mut |bytes: &[u8]| {
+                        copy.try_reserve_exact(bytes.len()).map_err(|_| Error::tensor(
+                            path,
+                            specs[index].name,
+                            crate::error::TensorProblem::OutOfMemory {
+                                bytes: bytes.len(),
+                                what: "the tensor's bytes",
+                            },
+                        ))?;
+                        copy.extend_from_slice(bytes);
+                        Ok(())
+                    })?;
+                    Ok((copy, by_product))
+                })
+                .collect();
             for (&index, result) in batch.iter().zip(produced) {
                 let (bytes, by_product) = result?;
-                let spec = &specs[index];
-                if bytes.len() != spec.byte_len {
-                    return Err(Error::Structure {
-                        path: path.into(),
-                        problem: format!(
-                            "{:?}: produced {} bytes for a {}-byte tensor",
-                            spec.name,
-                            bytes.len(),
-                            spec.byte_len
-                        ),
-                    });
-                }
                 writer.write_all(&bytes).map_err(crate::atomic::write_error(path))?;
                 by_products[index] = Some(by_product);
             }
@@ -324,6 +398,31 @@ where
             .collect(),
         staged,
     ))
+}
+
+/// Starts writing `len` bytes at `offset` back to disk without waiting, so
+/// that the disk works while the next tensors are decoded and the fsync
+/// before the rename (which still makes the file durable, and reports any
+/// error) waits for little: on the VM disk measured, fsync of a 92 MB
+/// restored cache took 38 ms, a third of the run. A hint: its errors are
+/// ignored.
+#[cfg(unix)]
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Length prefix and header JSON for `specs` (already in file order), checked

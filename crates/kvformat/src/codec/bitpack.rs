@@ -38,37 +38,73 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
 }
 
 /// [`pack`] on the calling thread, for callers that parallelize themselves.
+/// Inlined so that the callers' SIMD levels (`crate::simd`) apply to it.
+#[inline(always)]
 pub fn pack_serial(codes: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
-        4 => {
-            let pairs = codes.chunks_exact(2);
-            if let [last] = pairs.remainder() {
-                out[codes.len() / 2] = *last;
-            }
-            for (byte, pair) in out.iter_mut().zip(pairs) {
-                *byte = pair[0] | (pair[1] << 4);
-            }
-        }
+        4 => pack_nibbles(codes, out),
         _ => pack_bitwise(codes, bits, out),
     }
 }
 
+/// Values a nibble loop takes at a time: fixed-size arrays, so it vectorizes.
+const NIBBLE_CHUNK: usize = 32;
+
+/// Two 4-bit codes per byte, the first in the low nibble. A pair read as a
+/// little-endian u16 `c0 | c1 << 8` gives the byte as `w | w >> 4` (low 8 bits).
+#[inline(always)]
+fn pack_nibbles(codes: &[u8], out: &mut [u8]) {
+    let chunks = codes.chunks_exact(NIBBLE_CHUNK);
+    let tail = chunks.remainder();
+    let (out_bulk, out_tail) = out.split_at_mut(codes.len() / NIBBLE_CHUNK * (NIBBLE_CHUNK / 2));
+    for (chunk, bytes) in chunks.zip(out_bulk.chunks_exact_mut(NIBBLE_CHUNK / 2)) {
+        let chunk: &[u8; NIBBLE_CHUNK] = chunk.try_into().expect("chunks_exact");
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            let pair = u16::from_le_bytes([chunk[2 * i], chunk[2 * i + 1]]);
+            *byte = (pair | (pair >> 4)) as u8;
+        }
+    }
+    let pairs = tail.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        out_tail[tail.len() / 2] = *last;
+    }
+    for (byte, pair) in out_tail.iter_mut().zip(pairs) {
+        *byte = pair[0] | (pair[1] << 4);
+    }
+}
+
 /// [`unpack`] on the calling thread, for callers that parallelize themselves.
+/// Inlined so that the callers' SIMD levels (`crate::simd`) apply to it.
+#[inline(always)]
 pub fn unpack_serial(packed: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(packed),
-        4 => {
-            let mut pairs = out.chunks_exact_mut(2);
-            for (pair, byte) in pairs.by_ref().zip(packed) {
-                pair[0] = byte & 0x0f;
-                pair[1] = byte >> 4;
-            }
-            if let [last] = pairs.into_remainder() {
-                *last = packed[packed.len() - 1] & 0x0f;
-            }
-        }
+        4 => unpack_nibbles(packed, out),
         _ => unpack_bitwise(packed, bits, out),
+    }
+}
+
+/// [`pack_nibbles`] undone, a fixed-size chunk at a time.
+#[inline(always)]
+fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
+    let bulk = out.len() / NIBBLE_CHUNK;
+    let (out_bulk, out_tail) = out.split_at_mut(bulk * NIBBLE_CHUNK);
+    let (packed_bulk, packed_tail) = packed.split_at(bulk * (NIBBLE_CHUNK / 2));
+    for (codes, bytes) in out_bulk.chunks_exact_mut(NIBBLE_CHUNK).zip(packed_bulk.chunks_exact(NIBBLE_CHUNK / 2)) {
+        let bytes: &[u8; NIBBLE_CHUNK / 2] = bytes.try_into().expect("chunks_exact");
+        for (i, &byte) in bytes.iter().enumerate() {
+            codes[2 * i] = byte & 0x0f;
+            codes[2 * i + 1] = byte >> 4;
+        }
+    }
+    let mut pairs = out_tail.chunks_exact_mut(2);
+    for (pair, byte) in pairs.by_ref().zip(packed_tail) {
+        pair[0] = byte & 0x0f;
+        pair[1] = byte >> 4;
+    }
+    if let [last] = pairs.into_remainder() {
+        *last = packed_tail[packed_tail.len() - 1] & 0x0f;
     }
 }
 
@@ -138,6 +174,21 @@ mod tests {
     fn four_bit_first_code_is_low_nibble_and_odd_tail_is_padded() {
         let packed = round_trip(&[0x1, 0xF, 0x7], 4);
         assert_eq!(packed, [0xF1, 0x07]);
+    }
+
+    #[test]
+    fn nibble_chunks_agree_with_the_bit_accumulator_at_every_length() {
+        for len in 0..100usize {
+            let codes: Vec<u8> = (0..len).map(|i| ((i * 7 + len) % 16) as u8).collect();
+            let packed_len = packed_len(len, 4).unwrap();
+            let (mut fast, mut reference) = (vec![0xAA; packed_len], vec![0; packed_len]);
+            pack_nibbles(&codes, &mut fast);
+            pack_bitwise(&codes, 4, &mut reference);
+            assert_eq!(fast, reference, "{len} codes");
+            let mut unpacked = vec![0xAA; len];
+            unpack_nibbles(&fast, &mut unpacked);
+            assert_eq!(unpacked, codes, "{len} codes");
+        }
     }
 
     #[test]

@@ -29,14 +29,79 @@ pub fn encode(
     encode_in_form(values, &plan, params, form)
 }
 
-/// [`encode`] with the sparse form given; `Dense` with `sparsity > 0` needs
-/// the symmetric grid.
-pub(crate) fn encode_in_form(
+/// [`encode`], handing the reconstruction, `decode` of the result bit for
+/// bit, to `observe(original, reconstructed)` in consecutive row-major runs
+/// that cover the tensor once. For ADR-002-like params (symmetric grid,
+/// min/max fit, flat or per-token groups, nothing dropped, kept, rotated or
+/// kept as outliers) it is one pass on the calling thread: the reconstruction
+/// is made beside the codes, block by block, and never decoded back; any
+/// other params encode, then decode the whole tensor.
+pub fn encode_observed(
+    values: &[f32],
+    shape: &[usize],
+    params: &CodecParams,
+    observe: &mut dyn FnMut(&[f32], &[f32]),
+) -> Result<Encoded, CodecError> {
+    params.validate(shape)?;
+    let plan = Plan::new(shape, params)?;
+    let in_row_major_order = params.rotation_seed.is_none()
+        && plan.keeps_no_tokens()
+        && plan.axis != Axis::Channel;
+    if fused_path(params, false, true)
+        && params.sparsity == 0.0
+        && params.outliers == 0.0
+        && in_row_major_order
+    {
+        check_values(values, &plan)?;
+        if let Some(encoded) = encode_fused_observed(values, &plan, params, observe)? {
+            return Ok(encoded);
+        }
+    }
+    let encoded = encode(values, shape, params)?;
+    let reconstruction = super::decode(&encoded.payload, shape, params, &encoded.layout)?;
+    observe(values, &reconstruction);
+    Ok(encoded)
+}
+
+/// The one-pass branch of [`encode_observed`]; `None` (nothing observed)
+/// where the fused quantizer does not apply.
+fn encode_fused_observed(
     values: &[f32],
     plan: &Plan,
     params: &CodecParams,
-    form: SparseForm,
-) -> Result<Encoded, CodecError> {
+    observe: &mut dyn FnMut(&[f32], &[f32]),
+) -> Result<Option<Encoded>, CodecError> {
+    let layout = Layout {
+        scale_dtype: ScaleDtype::F16,
+        sparse_form: sparsity::smaller_form(
+            params.grid,
+            params.bits,
+            params.sparsity,
+            plan.quantized_count(),
+        ),
+    };
+    let sections = Sections::new(plan, params, &layout)?;
+    let total = sections.total().ok_or(CodecError::ShapeOverflow)?;
+    debug_assert_eq!(total, sections.scales + sections.codes, "only scales and codes");
+    let mut payload = vec![0u8; total];
+    let (scale_bytes, code_bytes) = payload.split_at_mut(sections.scales);
+    let Some(scales) = quantizer::quantize_symmetric_f16_observed(
+        values,
+        &plan.geometry,
+        params.code_range(),
+        code_bytes,
+        observe,
+    ) else {
+        return Ok(None);
+    };
+    let mut head = Vec::with_capacity(sections.scales);
+    write_scales(&scales, ScaleDtype::F16, &mut head);
+    scale_bytes.copy_from_slice(&head);
+    Ok(Some(Encoded { payload, layout }))
+}
+
+/// The value count matches the plan, and every value is finite.
+fn check_values(values: &[f32], plan: &Plan) -> Result<(), CodecError> {
     if values.len() != plan.total_count() {
         return Err(CodecError::ValueCount {
             expected: plan.total_count(),
@@ -49,6 +114,18 @@ pub(crate) fn encode_in_form(
             value: values[index],
         });
     }
+    Ok(())
+}
+
+/// [`encode`] with the sparse form given; `Dense` with `sparsity > 0` needs
+/// the symmetric grid.
+pub(crate) fn encode_in_form(
+    values: &[f32],
+    plan: &Plan,
+    params: &CodecParams,
+    form: SparseForm,
+) -> Result<Encoded, CodecError> {
+    check_values(values, plan)?;
 
     let (kept_values, mut quantized) = if plan.keeps_no_tokens() {
         (Vec::new(), Cow::Borrowed(values))

@@ -30,7 +30,7 @@ mod sparsity;
 
 pub use codebook::{gaussian_levels, GAUSSIAN_LEVELS};
 pub use decode::{decode, decode_into};
-pub use encode::encode;
+pub use encode::{encode, encode_observed};
 pub use layout::{payload_len, Encoded, Layout};
 pub use params::{Axis, CodecError, CodecParams, Fit, Grid};
 pub use rotation::SplitMix64;

@@ -129,6 +129,7 @@ fn larger(a: f32, b: f32) -> f32 {
 
 /// `max|x|` (0 when empty) in eight independent lanes so that the loop
 /// vectorizes without reassociating anything.
+#[inline(always)]
 fn max_abs(values: &[f32]) -> f32 {
     const LANES: usize = 8;
     let mut lanes = [0.0f32; LANES];
@@ -301,6 +302,7 @@ fn symmetric_code(x: f32, scale: f32, qmin: i32, qmax: i32) -> u8 {
 /// Symmetric codes of a whole run of values. A separate function with every
 /// loop invariant passed by value, so the compiler sees they cannot alias
 /// `codes` and vectorizes the loop.
+#[inline(always)]
 fn symmetric_codes(values: &[f32], scale: f32, qmin: i32, qmax: i32, codes: &mut [u8]) {
     for (code, &x) in codes.iter_mut().zip(values) {
         *code = symmetric_code(x, scale, qmin, qmax);
@@ -419,11 +421,11 @@ pub(crate) fn code_offsets(kept: Option<&[bool]>, geometry: &GroupGeometry) -> V
 }
 
 /// Where each task's part of a per-group array starts (and the total), from
-/// that array's per-group offsets: every `GROUPS_PER_TASK`-th entry.
-fn task_bounds(group_offsets: &[usize]) -> Vec<usize> {
+/// that array's per-group offsets: every `groups_per_task`-th entry.
+fn task_bounds(group_offsets: &[usize], groups_per_task: usize) -> Vec<usize> {
     let group_count = group_offsets.len() - 1;
     (0..group_count)
-        .step_by(GROUPS_PER_TASK)
+        .step_by(groups_per_task)
         .map(|group| group_offsets[group])
         .chain([group_offsets[group_count]])
         .collect()
@@ -449,12 +451,12 @@ struct PackedTasks {
 }
 
 impl PackedTasks {
-    fn new(geometry: &GroupGeometry, bits: u8) -> Option<Self> {
+    fn new(geometry: &GroupGeometry, bits: u8, groups_per_task: usize) -> Option<Self> {
         let bits = usize::from(bits);
         let group_starts: Vec<usize> = (0..=geometry.group_count())
             .map(|group| geometry.range_start(group))
             .collect();
-        let values = task_bounds(&group_starts);
+        let values = task_bounds(&group_starts, groups_per_task);
         let (_, starts) = values.split_last().expect("bounds hold at least the total");
         if starts.iter().any(|&start| start * bits % 8 != 0) {
             return None;
@@ -478,7 +480,7 @@ pub(crate) fn quantize_symmetric_f16_packed(
     range: CodeRange,
     packed: &mut [u8],
 ) -> Option<GroupParams> {
-    let tasks = PackedTasks::new(geometry, range.bits)?;
+    let tasks = PackedTasks::new(geometry, range.bits, GROUPS_PER_TASK)?;
     let mut scales = vec![0f32; geometry.group_count()];
     let (qmin, qmax) = range.symmetric_codes();
     let all_fit_f16 = split_at_bounds(packed, &tasks.bytes)
@@ -509,6 +511,109 @@ pub(crate) fn quantize_symmetric_f16_packed(
     })
 }
 
+/// Values per block of [`quantize_symmetric_f16_observed`]: the block's
+/// values, codes and reconstruction stay in L1/L2 between the steps.
+const BLOCK_VALUES: usize = 4096;
+
+/// The ADR-002 hot path of an encoder that also measures (see
+/// `encode::encode_observed`): every group's scale first, so that nothing is
+/// observed of a tensor that then needs F32 scales; then, block by block on
+/// the calling thread while the block is in cache, the codes, the packed
+/// bytes and the reconstruction, which `observe(original, reconstructed)`
+/// sees in order. `values` are in group order, the tensor's own. `None`
+/// (nothing observed) when some scale does not fit f16 or a block would
+/// start mid-byte.
+pub(crate) fn quantize_symmetric_f16_observed(
+    values: &[f32],
+    geometry: &GroupGeometry,
+    range: CodeRange,
+    packed: &mut [u8],
+    observe: &mut dyn FnMut(&[f32], &[f32]),
+) -> Option<Vec<f32>> {
+    let groups_per_block = (BLOCK_VALUES / geometry.group_size.max(1)).max(1);
+    let blocks = PackedTasks::new(geometry, range.bits, groups_per_block)?;
+    let mut scales = vec![0f32; geometry.group_count()];
+    if !symmetric_f16_scales(values, geometry, range, &mut scales) {
+        return None;
+    }
+    let longest = blocks.values.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let mut codes = vec![0u8; longest];
+    let mut reconstructed = vec![0f32; longest];
+    for (block, (span, bytes)) in blocks.values.windows(2).zip(blocks.bytes.windows(2)).enumerate() {
+        let len = span[1] - span[0];
+        let first_group = block * groups_per_block;
+        let block_values = &values[span[0]..span[1]];
+        symmetric_block(
+            block_values,
+            geometry,
+            first_group,
+            &scales[first_group..],
+            range,
+            &mut codes[..len],
+            &mut packed[bytes[0]..bytes[1]],
+            &mut reconstructed[..len],
+        );
+        observe(block_values, &reconstructed[..len]);
+    }
+    Some(scales)
+}
+
+crate::simd::multiversion!(fn symmetric_f16_scales / symmetric_f16_scales_at(
+    values: &[f32], geometry: &GroupGeometry, range: CodeRange, scales: &mut [f32]) -> bool
+    => symmetric_f16_scales_generic);
+
+/// Every group's ADR-002 scale as F16 stores it into `scales`; `false` when one does not fit.
+#[inline(always)]
+fn symmetric_f16_scales_generic(
+    values: &[f32],
+    geometry: &GroupGeometry,
+    range: CodeRange,
+    scales: &mut [f32],
+) -> bool {
+    for (group, slot) in scales.iter_mut().enumerate() {
+        let exact = ExactParams::new(range, Extremes::MaxAbs(max_abs(&values[geometry.range(group)])));
+        match exact.stored_f16() {
+            Some((scale, _)) => *slot = scale,
+            None => return false,
+        }
+    }
+    true
+}
+
+crate::simd::multiversion!(fn symmetric_block / symmetric_block_at(
+    values: &[f32], geometry: &GroupGeometry, first_group: usize, scales: &[f32], range: CodeRange,
+    codes: &mut [u8], packed: &mut [u8], reconstructed: &mut [f32])
+    => symmetric_block_generic);
+
+/// One block of [`quantize_symmetric_f16_observed`]: the whole groups from
+/// `first_group` that `values` holds (`scales` starts at that group).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn symmetric_block_generic(
+    values: &[f32],
+    geometry: &GroupGeometry,
+    first_group: usize,
+    scales: &[f32],
+    range: CodeRange,
+    codes: &mut [u8],
+    packed: &mut [u8],
+    reconstructed: &mut [f32],
+) {
+    let (qmin, qmax) = range.symmetric_codes();
+    let bias = range.symmetric_bias();
+    let base = geometry.range_start(first_group);
+    for (group, &scale) in (first_group..).zip(scales) {
+        let span = geometry.range(group);
+        if span.start - base >= values.len() {
+            break;
+        }
+        let local = span.start - base..span.end - base;
+        symmetric_codes(&values[local.clone()], scale, qmin, qmax, &mut codes[local.clone()]);
+        symmetric_values(&codes[local.clone()], scale, bias, &mut reconstructed[local]);
+    }
+    bitpack::pack_serial(codes, range.bits, packed);
+}
+
 /// Decoding's counterpart of [`quantize_symmetric_f16_packed`] (any scale
 /// dtype): unpacks and scales each task's codes straight into `out`, which is
 /// in group order. Returns `false`, touching nothing, when tasks would start
@@ -520,7 +625,7 @@ pub(crate) fn dequantize_symmetric_packed(
     scales: &[f32],
     out: &mut [f32],
 ) -> bool {
-    let Some(tasks) = PackedTasks::new(geometry, range.bits) else {
+    let Some(tasks) = PackedTasks::new(geometry, range.bits, GROUPS_PER_TASK) else {
         return false;
     };
     let bias = range.symmetric_bias();
@@ -529,23 +634,51 @@ pub(crate) fn dequantize_symmetric_packed(
         .zip(scales.par_chunks(GROUPS_PER_TASK))
         .enumerate()
         .for_each(|(task, (task_out, task_scales))| {
-            let task_start = tasks.values[task];
             let mut codes = vec![0u8; task_out.len()];
-            bitpack::unpack_serial(
+            symmetric_unpack(
                 &packed[tasks.bytes[task]..tasks.bytes[task + 1]],
+                geometry,
+                task * GROUPS_PER_TASK,
+                task_scales,
                 range.bits,
+                bias,
                 &mut codes,
+                task_out,
             );
-            for (group, &scale) in (task * GROUPS_PER_TASK..).zip(task_scales) {
-                let span = geometry.range(group);
-                let local = span.start - task_start..span.end - task_start;
-                symmetric_values(&codes[local.clone()], scale, bias, &mut task_out[local]);
-            }
         });
     true
 }
 
+crate::simd::multiversion!(fn symmetric_unpack / symmetric_unpack_at(
+    packed: &[u8], geometry: &GroupGeometry, first_group: usize, scales: &[f32], bits: u8, bias: i32,
+    codes: &mut [u8], out: &mut [f32])
+    => symmetric_unpack_generic);
+
+/// One task of [`dequantize_symmetric_packed`]: the whole groups from
+/// `first_group` (`scales` holds theirs) that `out` covers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn symmetric_unpack_generic(
+    packed: &[u8],
+    geometry: &GroupGeometry,
+    first_group: usize,
+    scales: &[f32],
+    bits: u8,
+    bias: i32,
+    codes: &mut [u8],
+    out: &mut [f32],
+) {
+    bitpack::unpack_serial(packed, bits, codes);
+    let base = geometry.range_start(first_group);
+    for (group, &scale) in (first_group..).zip(scales) {
+        let span = geometry.range(group);
+        let local = span.start - base..span.end - base;
+        symmetric_values(&codes[local.clone()], scale, bias, &mut out[local]);
+    }
+}
+
 /// `(code - bias) * scale` for a run of codes; loop invariants by value so it vectorizes.
+#[inline(always)]
 fn symmetric_values(codes: &[u8], scale: f32, bias: i32, out: &mut [f32]) {
     for (x, &code) in out.iter_mut().zip(codes) {
         *x = symmetric_value(code, scale, bias);
@@ -554,7 +687,7 @@ fn symmetric_values(codes: &[u8], scale: f32, bias: i32, out: &mut [f32]) {
 
 /// `(code - bias) * scale`, clamped to the finite f32 range: with `|x|` near
 /// f32::MAX, `qmax * (max|x| / qmax)` can round past it to infinity.
-#[inline]
+#[inline(always)]
 fn symmetric_value(code: u8, scale: f32, bias: i32) -> f32 {
     ((i32::from(code) - bias) as f32 * scale).clamp(-f32::MAX, f32::MAX)
 }
@@ -610,7 +743,7 @@ pub(crate) fn quantize(
 ) -> Vec<u8> {
     let offsets = code_offsets(kept, geometry);
     let mut codes = vec![0u8; offsets[offsets.len() - 1]];
-    split_at_bounds(&mut codes, &task_bounds(&offsets))
+    split_at_bounds(&mut codes, &task_bounds(&offsets, GROUPS_PER_TASK))
         .into_par_iter()
         .enumerate()
         .for_each(|(task, task_codes)| {
@@ -639,7 +772,7 @@ pub(crate) fn dequantize(
     let value_offsets: Vec<usize> = (0..=geometry.group_count())
         .map(|group| geometry.range_start(group))
         .collect();
-    split_at_bounds(out, &task_bounds(&value_offsets))
+    split_at_bounds(out, &task_bounds(&value_offsets, GROUPS_PER_TASK))
         .into_par_iter()
         .enumerate()
         .for_each(|(task, task_out)| {

@@ -369,3 +369,101 @@ fn encode_rejects_bad_params_and_values() {
         Err(CodecError::NonFinite { index: 3, .. })
     ));
 }
+
+/// Seeded values with a few large ones, so scales differ group to group.
+fn spread_values(n: usize, seed: u64, magnitude: f32) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    (0..n)
+        .map(|i| {
+            let unit = (rng.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            unit * magnitude * if i % 37 == 5 { 9.0 } else { 1.0 }
+        })
+        .collect()
+}
+
+#[test]
+fn encode_observed_is_encode_and_observes_decode_in_order_once() {
+    let token = |bits, group_size| CodecParams {
+        bits,
+        axis: Axis::Token,
+        ..CodecParams::adr002(group_size)
+    };
+    let cases: Vec<(Vec<usize>, CodecParams, f32)> = vec![
+        (vec![1, 2, 300, 64], CodecParams::adr002(64), 4.0),
+        (vec![1, 2, 33, 64], CodecParams::adr002(7), 4.0),
+        (vec![1, 2, 33, 64], CodecParams { bits: 3, ..CodecParams::adr002(32) }, 4.0),
+        (vec![1, 2, 33, 64], CodecParams { bits: 2, ..CodecParams::adr002(5) }, 4.0),
+        (vec![1, 2, 33, 64], CodecParams { bits: 8, ..CodecParams::adr002(64) }, 4.0),
+        (vec![1, 3, 17, 48], token(4, 32), 4.0),
+        (vec![1, 3, 17, 48], token(3, 48), 4.0),
+        // 3-bit groups of 5 start mid-byte: the general path.
+        (vec![1, 1, 9, 40], CodecParams { bits: 3, ..CodecParams::adr002(5) }, 4.0),
+        // Scales below f16's normal range: F32 scales, the general path.
+        (vec![1, 1, 64, 64], CodecParams::adr002(64), 1e-6),
+        // Not ADR-002-like: the general path.
+        (vec![1, 2, 40, 64], CodecParams { grid: Grid::Asymmetric, axis: Axis::Channel, ..CodecParams::adr002(32) }, 4.0),
+        (vec![1, 2, 40, 64], CodecParams { sink_tokens: 2, ..CodecParams::adr002(64) }, 4.0),
+        (vec![1, 2, 40, 64], CodecParams { outliers: 0.01, ..CodecParams::adr002(64) }, 4.0),
+        (vec![1, 2, 40, 64], CodecParams { sparsity: 0.3, ..CodecParams::adr002(64) }, 4.0),
+        (vec![0], CodecParams::adr002(64), 4.0),
+    ];
+    for (shape, params, magnitude) in cases {
+        let count = shape.iter().product();
+        let values = spread_values(count, count as u64, magnitude);
+        let mut seen_original = Vec::new();
+        let mut seen_restored = Vec::new();
+        let observed = encode_observed(&values, &shape, &params, &mut |original, restored| {
+            seen_original.extend_from_slice(original);
+            seen_restored.extend_from_slice(restored);
+        })
+        .unwrap();
+        let encoded = encode(&values, &shape, &params).unwrap();
+        assert_eq!(observed, encoded, "{shape:?} {params:?}");
+        let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
+        assert_eq!(seen_original, values, "{shape:?} {params:?}");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&seen_restored), bits(&decoded), "{shape:?} {params:?}");
+    }
+}
+
+#[test]
+fn every_simd_level_quantizes_a_block_to_the_same_bits() {
+    use crate::simd::Level;
+    for (bits, group_size, count) in [(4u8, 64usize, 4096usize), (4, 7, 1001), (3, 32, 960), (2, 5, 1000), (8, 64, 700)] {
+        let values = spread_values(count, u64::from(bits), 6.0);
+        let geometry = super::groups::GroupGeometry {
+            segment_len: count,
+            segment_count: 1,
+            group_size,
+        };
+        let range = quantizer::CodeRange {
+            grid: Grid::Symmetric,
+            bits,
+        };
+        let packed_len = bitpack::packed_len(count, bits).unwrap();
+        let run = |level: Level| {
+            let mut scales = vec![0f32; geometry.group_count()];
+            assert!(quantizer::symmetric_f16_scales_at(level, &values, &geometry, range, &mut scales));
+            let mut codes = vec![0u8; count];
+            let mut packed = vec![0u8; packed_len];
+            let mut restored = vec![0f32; count];
+            quantizer::symmetric_block_at(level, &values, &geometry, 0, &scales, range, &mut codes, &mut packed, &mut restored);
+            // The decoder's kernel at the same level restores the same bits.
+            let mut unpacked = vec![0f32; count];
+            quantizer::symmetric_unpack_at(level, &packed, &geometry, 0, &scales, bits, 1 << (bits - 1), &mut codes, &mut unpacked);
+            assert_eq!(unpacked.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            (scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), packed, restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+        };
+        let scalar = run(Level::Scalar);
+        // The scalar path against the codec's own encode and decode.
+        let shape = [count];
+        let params = CodecParams { bits, ..CodecParams::adr002(group_size) };
+        let encoded = encode(&values, &shape, &params).unwrap();
+        assert_eq!(&encoded.payload[encoded.payload.len() - packed_len..], &scalar.1[..], "{bits} bits, g {group_size}");
+        let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
+        assert_eq!(decoded.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), scalar.2);
+        for level in Level::available() {
+            assert_eq!(run(level), scalar, "{level:?}, {bits} bits, g {group_size}");
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Runtime CPU dispatch for the hot loops: each is written once as plain
+//! (auto-vectorizable) Rust and compiled three times, for AVX-512, for AVX2
+//! and for the baseline, by [`multiversion!`]; the best level the CPU has is
+//! picked once per process. Every version does the same IEEE operations in
+//! the same order (no fast-math, no FMA contraction), so all three give the
+//! same bits: the unit tests of each kernel compare them.
+//!
+//! `KVFORMAT_SIMD=scalar|avx2|avx512` caps the level (never above what the
+//! CPU has), so the AVX2 path can be measured on an AVX-512 machine.
+
+use std::sync::OnceLock;
+
+/// An instruction-set level a kernel is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// The build's baseline (SSE2 on x86-64).
+    Scalar,
+    /// AVX2 + FMA + BMI2 + F16C.
+    Avx2,
+    /// AVX-512 F/BW/DQ/VL on top of AVX2.
+    Avx512,
+}
+
+impl Level {
+    /// The levels this CPU can run, lowest first.
+    pub fn available() -> Vec<Level> {
+        let best = detected();
+        [Level::Scalar, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|&level| level <= best)
+            .collect()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+}
+
+/// The best level this CPU supports.
+fn detected() -> Level {
+    static DETECTED: OnceLock<Level> = OnceLock::new();
+    *DETECTED.get_or_init(detect)
+}
+
+fn detect() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let avx2 = is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("bmi2")
+            && is_x86_feature_detected!("f16c");
+        let avx512 = avx2
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+            && is_x86_feature_detected!("avx512vl");
+        if avx512 {
+            return Level::Avx512;
+        }
+        if avx2 {
+            return Level::Avx2;
+        }
+    }
+    Level::Scalar
+}
+
+/// The level the kernels run at: the CPU's best, capped by `KVFORMAT_SIMD`.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let cap = match std::env::var("KVFORMAT_SIMD").as_deref() {
+            Ok("scalar") => Level::Scalar,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512,
+        };
+        detected().min(cap)
+    })
+}
+
+/// `level`, or the CPU's best if that is lower.
+pub(crate) fn capped(level: Level) -> Level {
+    level.min(detected())
+}
+
+/// `multiversion!(fn name / name_at(args) -> R => generic)` defines
+/// `name(args)`, which runs `generic(args)` compiled for [`level()`], and
+/// `name_at(level, args)` for tests; `generic` must be `#[inline(always)]`
+/// (and so must what it calls, for it to be compiled at the level).
+/// A `level` above the CPU's runs at the CPU's.
+macro_rules! multiversion {
+    ($vis:vis fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            $name_at($crate::simd::level(), $($arg),*)
+        }
+
+        #[allow(unused_variables, clippy::too_many_arguments)]
+        pub(crate) fn $name_at(level: $crate::simd::Level, $($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,f16c")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma,bmi1,bmi2,f16c")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $generic($($arg),*)
+                }
+                // SAFETY: capped at what `is_x86_feature_detected!` found.
+                match $crate::simd::capped(level) {
+                    $crate::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::simd::Level::Scalar => {}
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
