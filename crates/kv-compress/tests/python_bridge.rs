@@ -24,7 +24,11 @@ fn run_python_suite(script: &str) {
     if stderr.contains("ModuleNotFoundError") {
         panic!("the Python test needs numpy and safetensors: `pip install numpy safetensors`\n{stderr}");
     }
-    assert!(output.status.success(), "{} failed:\n{stdout}\n{stderr}", script.display());
+    assert!(
+        output.status.success(),
+        "{} failed:\n{stdout}\n{stderr}",
+        script.display()
+    );
     assert!(stdout.trim_end().ends_with(" passed"), "{stdout}");
 }
 
