@@ -12,6 +12,7 @@ mod fetch_text;
 mod fuzz;
 mod util;
 mod validate;
+mod wheel;
 
 use std::process::ExitCode;
 
@@ -39,6 +40,9 @@ tasks:
                          build kv-validate with candle's CUDA backend into target/cuda/ with a
                          CUDA 13.0 toolkit from PyPI's NVIDIA wheels (.cache/cuda/) and a libcuda
                          link stub: no CUDA install or driver needed here (sm_90 by default)
+  wheel                  build the Python wheel (pip install puts kv-compress on PATH, plus
+                         the numpy kvformat reader) with maturin into target/wheels/, tagged
+                         with the oldest manylinux policy this machine's build allows
   fuzz --seconds N [--target NAME]
                          build the libFuzzer targets (stable toolchain) and run each for N s;
                          fails on any crash, hang or over-budget allocation (docs/reliability.md)
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
         "validate" => validate::run(rest),
         "bench" => bench::run(rest).map(|_| ExitCode::SUCCESS),
         "fuzz" => fuzz::run(rest),
+        "wheel" => wheel::run(rest).map(|_| ExitCode::SUCCESS),
         "build-cuda" => build_cuda::run(rest).map(|_| ExitCode::SUCCESS),
         bench::GENERATE_TASK => bench::generate_task(rest).map(|_| ExitCode::SUCCESS),
         "-h" | "--help" | "help" => {

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod bridge;
+pub mod capacity;
 pub mod cleanup;
 pub mod data;
 pub mod evaluate;

@@ -13,12 +13,15 @@ use kvformat::CacheDtype;
 
 use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
+use kv_validate::capacity::{read_sweep_table, CapacityReport, GpuMemory, Method, WeightsDtype};
 use kv_validate::data::{load_text, TextSource};
 use kv_validate::evaluate::{
     default_scratch_parent, ensure_measurable, evaluate, EvalOptions, Evaluation,
 };
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
-use kv_validate::model::load::{load_model, LoadedModel, ModelSource, DEFAULT_HUB_REPO};
+use kv_validate::model::load::{
+    load_model, read_model_config, LoadedModel, ModelSource, DEFAULT_HUB_REPO,
+};
 use kv_validate::output;
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
@@ -82,18 +85,8 @@ The hub honours HF_ENDPOINT, HF_HOME and HF_HUB_OFFLINE.";
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
-    /// Hugging Face model repository to download (or find in the HF cache).
-    #[arg(long, value_name = "REPO", default_value = DEFAULT_HUB_REPO)]
-    model: String,
-    /// Revision (branch, tag or commit) of --model.
-    #[arg(long, default_value = "main")]
-    revision: String,
-    /// A local Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long, value_name = "DIR", conflicts_with = "gguf")]
-    model_dir: Option<PathBuf>,
-    /// A GGUF model file with its embedded tokenizer.
-    #[arg(long, value_name = "FILE")]
-    gguf: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Score this text file (read byte for byte) instead of WikiText-2 raw test.
     #[arg(long, value_name = "FILE")]
     text_file: Option<PathBuf>,
@@ -194,6 +187,36 @@ struct Cli {
     variants: Vec<String>,
 }
 
+/// Which model; shared by a run and `capacity`.
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// Hugging Face model repository to download (or find in the HF cache).
+    #[arg(long, value_name = "REPO", default_value = DEFAULT_HUB_REPO)]
+    model: String,
+    /// Revision (branch, tag or commit) of --model.
+    #[arg(long, default_value = "main")]
+    revision: String,
+    /// A local Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long, value_name = "DIR", conflicts_with = "gguf")]
+    model_dir: Option<PathBuf>,
+    /// A GGUF model file with its embedded tokenizer.
+    #[arg(long, value_name = "FILE")]
+    gguf: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    fn source(&self) -> ModelSource {
+        match (&self.model_dir, &self.gguf) {
+            (Some(dir), _) => ModelSource::LocalDir(dir.clone()),
+            (None, Some(gguf)) => ModelSource::Gguf(gguf.clone()),
+            (None, None) => ModelSource::Hub {
+                repo: self.model.clone(),
+                revision: self.revision.clone(),
+            },
+        }
+    }
+}
+
 /// Where a report goes besides stdout; shared by a run and `merge`.
 #[derive(Debug, Args)]
 struct Outputs {
@@ -230,7 +253,54 @@ enum Command {
         #[command(flatten)]
         outputs: Outputs,
     },
+    /// Serving capacity per KV-cache method, from the model's config alone
+    /// (no weights are loaded): KV bytes per token and per request at FP16
+    /// and at each method's bits/value, and the largest batch of concurrent
+    /// requests that fits in GPU memory after the weights, for the traffic
+    /// profiles 512→256, 1024→1024, 4096→512 and 10240→1536 prompt→output
+    /// tokens (a request's cache holds both). The weights' size is the
+    /// parameter count of the config's Llama (embeddings, attention, SwiGLU
+    /// MLP, norms, the output head unless tied) times --weights-dtype;
+    /// activations and framework overhead are not reserved, so real batches
+    /// are somewhat smaller. Methods: fp16 and kv-compress's 8/4/3/2-bit
+    /// grids at group 64, or fp16 and every row of --sweep-json with its
+    /// measured delta and mean KLD.
+    #[command(after_help = CAPACITY_EXAMPLES)]
+    Capacity {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// GPU memory to plan for, e.g. 80GiB, 141GB or 81559MiB (decimal
+        /// units are powers of 1000, binary ones of 1024; repeatable).
+        /// Default: an H100 80GB (81559 MiB) and an H200 (143771 MiB), as
+        /// nvidia-smi reports their memory.
+        #[arg(long, value_name = "SIZE", value_parser = GpuMemory::parse)]
+        gpu_memory: Vec<GpuMemory>,
+        /// How the weights are held in GPU memory (int8/int4: one byte / half
+        /// a byte per weight, scales not counted).
+        #[arg(long, value_enum, default_value = "bf16")]
+        weights_dtype: WeightsDtype,
+        /// A sweep's JSON report (kv-validate --sweep --json FILE, or merge):
+        /// its methods, their bits/value, delta and mean KLD.
+        #[arg(long, value_name = "FILE")]
+        sweep_json: Option<PathBuf>,
+        /// Also write the report as JSON to FILE (atomically).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write an SVG plot of concurrent requests against bits/value on the
+        /// first GPU, one line per profile, to FILE (atomically).
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+    },
 }
+
+const CAPACITY_EXAMPLES: &str = "\
+Examples:
+  # TinyLlama from the hub (config.json only), on an H100 and an H200
+  kv-validate capacity
+
+  # A local model on a 24 GiB GPU, weights in int4, with a sweep's measured quality
+  kv-validate capacity --model-dir ./SmolLM2 --gpu-memory 24GiB --weights-dtype int4 \\
+      --sweep-json sweep.json --json capacity.json --plot capacity.svg";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum CacheDtypeArg {
@@ -349,8 +419,27 @@ fn pass_criteria(cli: &Cli) -> anyhow::Result<PassCriteria> {
 
 /// Runs the validation (or the merge); `Ok(passed)`.
 fn run(cli: &Cli) -> anyhow::Result<bool> {
-    if let Some(Command::Merge { files, outputs }) = &cli.command {
-        return run_merge(files, outputs);
+    match &cli.command {
+        Some(Command::Merge { files, outputs }) => return run_merge(files, outputs),
+        Some(Command::Capacity {
+            model,
+            gpu_memory,
+            weights_dtype,
+            sweep_json,
+            json,
+            plot,
+        }) => {
+            run_capacity(
+                model,
+                gpu_memory,
+                *weights_dtype,
+                sweep_json.as_deref(),
+                json.as_deref(),
+                plot.as_deref(),
+            )?;
+            return Ok(true);
+        }
+        None => {}
     }
     let criteria = pass_criteria(cli)?;
     if cli.windows.is_some() && (cli.outputs.json.is_some() || cli.outputs.sweep_outputs()) {
@@ -401,14 +490,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let cache_dtype = cli
         .cache_dtype
         .map_or_else(|| cache_dtype_of(dtype), CacheDtype::from);
-    let source = match (&cli.model_dir, &cli.gguf) {
-        (Some(dir), _) => ModelSource::LocalDir(dir.clone()),
-        (None, Some(gguf)) => ModelSource::Gguf(gguf.clone()),
-        (None, None) => ModelSource::Hub {
-            repo: cli.model.clone(),
-            revision: cli.revision.clone(),
-        },
-    };
+    let source = cli.model.source();
     status(&format!(
         "loading the model on {} in {}",
         opened.name,
@@ -630,4 +712,47 @@ fn run_forward_benchmark(cli: &Cli, loaded: &LoadedModel, device: &str) -> anyho
         &serde_json::json!({ "model": loaded.description, "device": device, "forward": speeds }),
     )?;
     Ok(true)
+}
+
+/// `kv-validate capacity`: prints the report, writes its JSON and plot.
+fn run_capacity(
+    model: &ModelArgs,
+    gpu_memory: &[GpuMemory],
+    weights_dtype: WeightsDtype,
+    sweep_json: Option<&std::path::Path>,
+    json: Option<&std::path::Path>,
+    plot: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let source = model.source();
+    let (config, config_file) = read_model_config(&source)?;
+    let methods = match sweep_json {
+        Some(path) => Method::from_sweep(&read_sweep_table(path)?),
+        None => Method::defaults(),
+    };
+    let gpus = if gpu_memory.is_empty() {
+        GpuMemory::defaults()
+    } else {
+        gpu_memory.to_vec()
+    };
+    let name = match &source {
+        ModelSource::Hub { repo, revision } => format!("{repo}@{revision}"),
+        ModelSource::LocalDir(path) | ModelSource::Gguf(path) => path.display().to_string(),
+    };
+    let report = CapacityReport::new(
+        name,
+        &config_file,
+        &config,
+        weights_dtype,
+        &gpus,
+        methods,
+        sweep_json,
+    );
+    print!("{}", report.render_text());
+    if let Some(path) = json {
+        output::write_json(path, &report)?;
+    }
+    if let Some(path) = plot {
+        output::write_atomically(path, report.render_svg())?;
+    }
+    Ok(())
 }

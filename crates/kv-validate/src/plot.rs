@@ -1,7 +1,8 @@
 //! The sweep as SVG charts, written by hand (no plotting dependency): the
 //! perplexity delta, or the mean KL divergence, against bits/value; one
 //! labelled point per variant, that metric's Pareto front as a line and its
-//! pass bound (threshold, max-kld) as a dashed line.
+//! pass bound (threshold, max-kld) as a dashed line. `capacity` draws its
+//! concurrency chart with the same code ([`render_points`]).
 //!
 //! Deltas span four orders of magnitude (INT8 +0.002, 2-bit +8), KLDs six, so
 //! the y axis is symmetric-logarithmic: linear within ±[`Chart::linear`],
@@ -23,16 +24,26 @@ const FAILED_COLOR: &str = "#d1495b";
 const FRONT_COLOR: &str = "#3366cc";
 
 /// What one chart plots against bits/value.
-struct Chart {
-    title: String,
-    y_label: &'static str,
+pub struct Chart {
+    pub title: String,
+    pub y_label: String,
     /// Below this |value| the y axis is linear.
-    linear: f64,
-    /// The row's value; rows without one are left out.
-    value: fn(&SweepRow) -> Option<f64>,
-    on_front: fn(&SweepRow) -> bool,
+    pub linear: f64,
     /// The pass bound and its name.
-    bound: Option<(f64, &'static str)>,
+    pub bound: Option<(f64, &'static str)>,
+    /// What the lines are, for the legend ("Pareto front").
+    pub line_name: &'static str,
+}
+
+/// One point of a chart: a labelled value at a bits/value.
+pub struct Point {
+    /// Drawn beside the point; an empty label is only the point's tooltip.
+    pub label: String,
+    /// The tooltip's name of the point.
+    pub name: String,
+    pub bits_per_value: f64,
+    pub value: f64,
+    pub passed: bool,
 }
 
 /// The symmetric-log transform of `value`, linear within ±`linear`.
@@ -60,7 +71,7 @@ fn tick_label(value: f64) -> String {
 
 /// The perplexity delta against bits/value, as a standalone SVG document.
 pub fn render_svg(table: &SweepTable) -> String {
-    render_chart(
+    render_rows(
         table,
         &Chart {
             title: format!(
@@ -68,40 +79,68 @@ pub fn render_svg(table: &SweepTable) -> String {
                 table.baseline_perplexity,
                 table.rows.len()
             ),
-            y_label: "perplexity delta (symmetric log scale)",
+            y_label: "perplexity delta (symmetric log scale)".into(),
             linear: 0.01,
-            value: |row| Some(row.delta),
-            on_front: |row| row.pareto,
             bound: table.threshold.map(|t| (t, "threshold")),
+            line_name: "Pareto front",
         },
+        |row| Some(row.delta),
+        |row| row.pareto,
     )
 }
 
 /// The mean KL divergence (tokens on a compressed cache) against
 /// bits/value, as a standalone SVG document.
 pub fn render_kld_svg(table: &SweepTable) -> String {
-    render_chart(
+    render_rows(
         table,
         &Chart {
             title: format!(
                 "Mean KL divergence against bits/value ({} variants)",
                 table.rows.len()
             ),
-            y_label: "mean KLD, nats (log scale)",
+            y_label: "mean KLD, nats (log scale)".into(),
             linear: 1e-5,
-            value: |row| row.kld_mean,
-            on_front: |row| row.pareto_kld,
             bound: table.max_kld.map(|k| (k, "max-kld")),
+            line_name: "Pareto front",
         },
+        |row| row.kld_mean,
+        |row| row.pareto_kld,
     )
 }
 
-fn render_chart(table: &SweepTable, chart: &Chart) -> String {
-    let rows: Vec<(&SweepRow, f64)> = table
+/// The sweep's rows that have a `value`, with their front as the one line.
+fn render_rows(
+    table: &SweepTable,
+    chart: &Chart,
+    value: fn(&SweepRow) -> Option<f64>,
+    on_front: fn(&SweepRow) -> bool,
+) -> String {
+    let rows: Vec<&SweepRow> = table
         .rows
         .iter()
-        .filter_map(|row| (chart.value)(row).map(|value| (row, value)))
+        .filter(|row| value(row).is_some())
         .collect();
+    let points: Vec<Point> = rows
+        .iter()
+        .map(|row| Point {
+            label: row.label.clone(),
+            name: row.label.clone(),
+            bits_per_value: row.bits_per_value,
+            value: value(row).expect("filtered"),
+            passed: row.passed,
+        })
+        .collect();
+    // Rows are sorted by bits, so the front is in order.
+    let front = (0..rows.len()).filter(|&i| on_front(rows[i])).collect();
+    render_points(&points, &[front], chart)
+}
+
+/// `points` against bits/value on a symmetric-log y axis, each of `lines`
+/// (indices into `points`, in drawing order) as a polyline.
+pub fn render_points(points: &[Point], lines: &[Vec<usize>], chart: &Chart) -> String {
+    let on_line = |i: usize| lines.iter().any(|line| line.contains(&i));
+    let rows: Vec<(&Point, f64)> = points.iter().map(|p| (p, p.value)).collect();
     let symlog = |value: f64| symlog(value, chart.linear);
     let bits = rows.iter().map(|(r, _)| r.bits_per_value);
     let x_lo = bits.clone().fold(f64::INFINITY, f64::min).floor();
@@ -148,7 +187,7 @@ fn render_chart(table: &SweepTable, chart: &Chart) -> String {
         tick += x_step;
     }
     let lowest_power = chart.linear.log10().round() as i32;
-    let y_ticks = std::iter::once(0.0).chain((lowest_power..=3).flat_map(|power| {
+    let y_ticks = std::iter::once(0.0).chain((lowest_power..=7).flat_map(|power| {
         let magnitude = 10f64.powi(power);
         [magnitude, -magnitude]
     }));
@@ -189,16 +228,22 @@ fn render_chart(table: &SweepTable, chart: &Chart) -> String {
         ));
     }
 
-    // Pareto front: rows are sorted by bits, so the front is in order.
-    let front: Vec<String> = rows
-        .iter()
-        .filter(|(r, _)| (chart.on_front)(r))
-        .map(|&(r, value)| format!("{:.1},{:.1}", px(r.bits_per_value), py(value)))
-        .collect();
-    svg.push(format!(
-        r#"<polyline points="{}" fill="none" stroke="{FRONT_COLOR}" stroke-width="1.5"/>"#,
-        front.join(" ")
-    ));
+    for line in lines {
+        let line: Vec<String> = line
+            .iter()
+            .map(|&i| {
+                format!(
+                    "{:.1},{:.1}",
+                    px(points[i].bits_per_value),
+                    py(points[i].value)
+                )
+            })
+            .collect();
+        svg.push(format!(
+            r#"<polyline points="{}" fill="none" stroke="{FRONT_COLOR}" stroke-width="1.5"/>"#,
+            line.join(" ")
+        ));
+    }
 
     // Points, then labels: each label takes the first free spot (right of
     // its point, then left, then a line further up or down each time) that
@@ -207,20 +252,16 @@ fn render_chart(table: &SweepTable, chart: &Chart) -> String {
         .iter()
         .map(|&(r, value)| (px(r.bits_per_value), py(value)))
         .collect();
-    for (&(row, value), &(x, y)) in rows.iter().zip(&points) {
+    for (index, (&(row, value), &(x, y))) in rows.iter().zip(&points).enumerate() {
         let color = if row.passed {
             PASSED_COLOR
         } else {
             FAILED_COLOR
         };
-        let stroke = if (chart.on_front)(row) {
-            FRONT_COLOR
-        } else {
-            color
-        };
+        let stroke = if on_line(index) { FRONT_COLOR } else { color };
         svg.push(format!(
             r#"<circle cx="{x:.1}" cy="{y:.1}" r="4.5" fill="{color}" stroke="{stroke}" stroke-width="1.5"><title>{}: {:.3} bits/value, {value:+.6}</title></circle>"#,
-            escape(&row.label),
+            escape(&row.name),
             row.bits_per_value,
         ));
     }
@@ -230,6 +271,9 @@ fn render_chart(table: &SweepTable, chart: &Chart) -> String {
         .map(|&(x, y)| (x - 5.0, y - 5.0, x + 5.0, y + 5.0))
         .collect();
     for (&(row, _), &(x, y)) in rows.iter().zip(&points) {
+        if row.label.is_empty() {
+            continue;
+        }
         let width = row.label.len() as f64 * LABEL_CHAR_PX;
         let candidates = (0..30).flat_map(|step| {
             let lines = f64::from((step + 1) / 2);
@@ -261,7 +305,7 @@ fn render_chart(table: &SweepTable, chart: &Chart) -> String {
     // Legend, top right: few variants have many bits and a large delta.
     let legend_x = plot_x.1 - 110.0;
     svg.push(format!(
-        r##"<g font-size="11"><circle cx="{legend_x}" cy="{y0}" r="4.5" fill="{PASSED_COLOR}"/><text x="{tx}" y="{t0}">passed</text><circle cx="{legend_x}" cy="{y1}" r="4.5" fill="{FAILED_COLOR}"/><text x="{tx}" y="{t1}">failed</text><line x1="{lx0}" y1="{y2}" x2="{lx1}" y2="{y2}" stroke="{FRONT_COLOR}" stroke-width="1.5"/><text x="{tx}" y="{t2}">Pareto front</text></g>"##,
+        r##"<g font-size="11"><circle cx="{legend_x}" cy="{y0}" r="4.5" fill="{PASSED_COLOR}"/><text x="{tx}" y="{t0}">passed</text><circle cx="{legend_x}" cy="{y1}" r="4.5" fill="{FAILED_COLOR}"/><text x="{tx}" y="{t1}">failed</text><line x1="{lx0}" y1="{y2}" x2="{lx1}" y2="{y2}" stroke="{FRONT_COLOR}" stroke-width="1.5"/><text x="{tx}" y="{t2}">{line_name}</text></g>"##,
         y0 = plot_y.1 + 14.0,
         t0 = plot_y.1 + 18.0,
         y1 = plot_y.1 + 30.0,
@@ -271,6 +315,7 @@ fn render_chart(table: &SweepTable, chart: &Chart) -> String {
         tx = legend_x + 10.0,
         lx0 = legend_x - 6.0,
         lx1 = legend_x + 6.0,
+        line_name = chart.line_name,
     ));
     svg.push("</svg>".to_string());
     svg.join("\n") + "\n"

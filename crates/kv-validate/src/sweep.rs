@@ -248,8 +248,8 @@ pub struct Measurement {
     pub fidelity: Option<TokenFigures>,
 }
 
-/// One row of the sweep table.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// One row of the sweep table (read back from a sweep's JSON by `capacity`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SweepRow {
     pub label: String,
     pub flags: String,
@@ -278,7 +278,7 @@ pub struct SweepRow {
 }
 
 /// The sweep's results, sorted by bits/value (then delta).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SweepTable {
     pub baseline_perplexity: f64,
     /// The criteria rows pass by: delta < threshold, mean KLD < max_kld.

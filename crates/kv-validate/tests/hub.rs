@@ -258,3 +258,43 @@ fn model_and_wikitext_download_from_the_hub_then_run_offline_from_its_cache() {
     }
     assert_eq!(requests.load(Ordering::SeqCst), served);
 }
+
+#[test]
+fn capacity_fetches_the_config_alone_from_the_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    // Only config.json is served: fetching weights or the tokenizer would fail.
+    let config = std::fs::read(model.hf_dir.join("config.json")).unwrap();
+    let files = HashMap::from([(format!("/{MODEL_REPO}/resolve/main/config.json"), config)]);
+    let (endpoint, requests) = serve(files);
+    let capacity = |args: &[&str], json: &Path| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_kv-validate"))
+            .arg("capacity")
+            .args(args)
+            .args(["--gpu-memory", "1GiB", "--json", json.to_str().unwrap()])
+            .env("HF_ENDPOINT", &endpoint)
+            .env("HF_HOME", dir.path().join("hf-home"))
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        read_json(json)
+    };
+    let from_hub: serde_json::Value =
+        capacity(&["--model", MODEL_REPO], &dir.path().join("hub.json"));
+    assert!(
+        requests.load(Ordering::SeqCst) <= 2,
+        "config.json's metadata and body only"
+    );
+    let from_dir: serde_json::Value = capacity(
+        &["--model-dir", model.hf_dir.to_str().unwrap()],
+        &dir.path().join("dir.json"),
+    );
+    assert_eq!(from_hub["rows"], from_dir["rows"]);
+    assert_eq!(from_hub["model"], format!("{MODEL_REPO}@main"));
+}

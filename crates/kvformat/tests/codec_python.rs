@@ -1,5 +1,6 @@
 //! Checks one packed format of each kind against the independent numpy
-//! implementation in tests/python/test_codecs.py: this test writes payloads,
+//! decoder of the Python reader (crates/kv-compress/python/kvformat, run by
+//! tests/python/test_codecs.py): this test writes payloads,
 //! params, inputs and Rust reconstructions to a temp dir and the Python script
 //! must decode every payload to the same bits (and re-encode ADR-002 to the
 //! same bytes). Python 3 with numpy is required: the test fails without it.
@@ -310,9 +311,12 @@ fn numpy_reference_decodes_every_kind_of_payload_identically() {
     .unwrap();
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/python/test_codecs.py");
+    // The decoder under test is the Python reader the kv-compress wheel ships.
+    let reader = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kv-compress/python");
     let output = Command::new("python3")
         .arg(&script)
         .arg(dir.path())
+        .env("PYTHONPATH", reader)
         .output()
         .expect("python3 must be installed to run the numpy reference");
     let report = format!(

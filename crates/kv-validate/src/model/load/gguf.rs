@@ -232,11 +232,11 @@ fn gguf_weights(
     Ok(weights)
 }
 
-pub(super) fn load_gguf(
+/// Opens a GGUF file and reads its header (metadata and tensor infos, no
+/// tensor data): the reader positioned for the data, the content, the config.
+fn read_gguf_header(
     path: &Path,
-    device: &Device,
-    dtype: DType,
-) -> Result<LoadedModel, LoadError> {
+) -> Result<(BufReader<File>, gguf_file::Content, LlamaConfig), LoadError> {
     let file = File::open(path).map_err(|source| io_error(path, source))?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(|source| LoadError::Gguf {
@@ -256,6 +256,20 @@ pub(super) fn load_gguf(
         });
     }
     let config = gguf_config(&content, path)?;
+    Ok((reader, content, config))
+}
+
+/// The model config of a GGUF file, from its metadata alone.
+pub(super) fn read_gguf_config(path: &Path) -> Result<LlamaConfig, LoadError> {
+    read_gguf_header(path).map(|(_, _, config)| config)
+}
+
+pub(super) fn load_gguf(
+    path: &Path,
+    device: &Device,
+    dtype: DType,
+) -> Result<LoadedModel, LoadError> {
+    let (mut reader, content, config) = read_gguf_header(path)?;
     let tokenizer = gguf_tokenizer(&content, path)?;
     check_vocab(&tokenizer, &config, path)?;
     let weights_error = |source| LoadError::Weights {

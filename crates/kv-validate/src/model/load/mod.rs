@@ -21,8 +21,8 @@ mod hf_config;
 mod hf_dir;
 mod hf_hub;
 
-use gguf::load_gguf;
 pub(crate) use gguf::GGUF_LAYER_TENSORS;
+use gguf::{load_gguf, read_gguf_config};
 pub use hf_config::read_hf_config;
 use hf_dir::load_hf_files;
 pub use hf_hub::fetch_hub_model;
@@ -149,6 +149,25 @@ pub fn load_model(
         }
         ModelSource::Gguf(path) => load_gguf(path, device, dtype),
     }
+}
+
+/// The model's config alone, from wherever `source` keeps it: `config.json`
+/// (fetched alone from the hub, or in the directory) or the GGUF's metadata;
+/// no weights are read. Returns the config and the file it came from.
+pub fn read_model_config(source: &ModelSource) -> Result<(LlamaConfig, PathBuf), LoadError> {
+    let config_path = match source {
+        ModelSource::Hub { repo, revision } => {
+            let hub_repo = ::hf_hub::Repo::with_revision(
+                repo.clone(),
+                ::hf_hub::RepoType::Model,
+                revision.clone(),
+            );
+            super::hub::hub_file(&hub_repo, "config.json", false)?
+        }
+        ModelSource::LocalDir(dir) => dir.join("config.json"),
+        ModelSource::Gguf(path) => return Ok((read_gguf_config(path)?, path.clone())),
+    };
+    Ok((read_hf_config(&config_path)?, config_path))
 }
 
 fn validated(config: LlamaConfig, path: &Path) -> Result<LlamaConfig, LoadError> {

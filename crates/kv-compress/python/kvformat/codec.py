@@ -1,0 +1,217 @@
+"""Decoding one codec payload to float32, written from docs/format.md
+("Codecs"), not from the Rust code: the independent reference the Rust tests
+check kv-compress's codec against, bit for bit."""
+
+import math
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+
+# docs/format.md, "Codebook grids": the positive Lloyd-Max levels of N(0, 1), as f32.
+GAUSSIAN_LEVELS = {
+    2: ["0.45278004", "1.5104176"],
+    3: ["0.24509418", "0.7560053", "1.3439093", "2.1519456"],
+    4: ["0.12839504", "0.3880483", "0.65675914", "0.94234043", "1.2562312", "1.6180464", "2.0690172", "2.7325895"],
+}
+
+# Outliers are counted per block of this many grouped values.
+OUTLIER_BLOCK = 1 << 16
+
+
+class PayloadError(ValueError):
+    """A payload that does not decode: wrong length or invalid contents."""
+
+
+def _require(condition, problem):
+    if not condition:
+        raise PayloadError(problem)
+
+
+def splitmix64(seed):
+    state = seed
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        yield z ^ (z >> 31)
+
+
+def rotation_signs(seed, dim):
+    generator = splitmix64(seed)
+    words = [next(generator) for _ in range(math.ceil(dim / 64))]
+    return np.array([-1.0 if (words[j // 64] >> (j % 64)) & 1 else 1.0 for j in range(dim)], dtype=np.float32)
+
+
+def walsh_hadamard(vectors):
+    """Unnormalized fast Walsh-Hadamard transform along the last axis, in float32."""
+    v = np.array(vectors, dtype=np.float32)
+    dim = v.shape[-1]
+    lead = v.shape[:-1]
+    h = 1
+    while h < dim:
+        blocks = v.reshape(lead + (dim // (2 * h), 2, h))
+        low = blocks[..., 0, :].copy()
+        high = blocks[..., 1, :].copy()
+        blocks[..., 0, :] = low + high
+        blocks[..., 1, :] = low - high
+        v = blocks.reshape(lead + (dim,))
+        h *= 2
+    return v
+
+
+def unrotate(rotated, seed):
+    dim = rotated.shape[-1]
+    r = np.float32(1.0 / math.sqrt(dim))
+    return (walsh_hadamard(rotated) * r) * rotation_signs(seed, dim)
+
+
+def unpack_codes(data, count, bits):
+    stream = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")
+    fields = stream[: count * bits].reshape(count, bits).astype(np.int64)
+    return (fields << np.arange(bits)).sum(axis=1)
+
+
+def gaussian_levels(bits):
+    half = np.array([np.float32(level) for level in GAUSSIAN_LEVELS[bits]], dtype=np.float32)
+    return np.concatenate([-half[::-1], half])
+
+
+class View:
+    """The tensor as heads x seq x head_dim with kept tokens split off."""
+
+    def __init__(self, shape, params):
+        if len(shape) == 4:
+            b, h, s, d = shape
+            self.heads, self.seq, self.head_dim = b * h, s, d
+        else:
+            self.heads, self.seq, self.head_dim = 1, 1, int(np.prod(shape, dtype=np.int64))
+        sink, recent = params["sink_tokens"], params["recent_tokens"]
+        if (sink or recent) and sink + recent >= self.seq:
+            self.mid_start, self.mid_len = self.seq, 0
+        else:
+            self.mid_start, self.mid_len = sink, self.seq - sink - recent
+        self.kept_tokens = [t for t in range(self.seq) if t < self.mid_start or t >= self.mid_start + self.mid_len]
+        self.n_q = self.heads * self.mid_len * self.head_dim
+
+    def group_order(self, axis):
+        """Row-major indices of Q listed in group order, and the run length."""
+        q = np.arange(self.n_q).reshape(self.heads, self.mid_len, self.head_dim)
+        if axis == "channel":
+            return q.transpose(0, 2, 1).reshape(-1), self.mid_len
+        if axis == "token":
+            return q.reshape(-1), self.head_dim
+        return q.reshape(-1), self.n_q
+
+
+def _positive_normal(scales, dtype):
+    tiny = np.finfo(np.float16 if dtype == "<f2" else np.float32).tiny
+    return bool(np.all(np.isfinite(scales) & (scales >= tiny)))
+
+
+def decode(payload, shape, params, layout):
+    """One tensor's reconstruction, row-major float32, from its payload and
+    the manifest's `codec` (params) and `layout` entries."""
+    view = View(shape, params)
+    bits, group_size = params["bits"], params["group_size"]
+    _require(bits in (2, 3, 4, 8), f"bits {bits} is not 2, 3, 4 or 8")
+    _require(params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans"), f"unknown grid {params['grid']}")
+    _require(params["axis"] in ("flat", "token", "channel"), f"unknown axis {params['axis']}")
+    _require(isinstance(group_size, int) and group_size >= 1, f"group_size {group_size} is not a positive integer")
+    order, run_len = view.group_order(params["axis"])
+    groups_per_run = math.ceil(run_len / group_size) if run_len else 0
+    n_groups = (view.n_q // run_len) * groups_per_run if run_len else 0
+    _require(layout["scale_dtype"] in ("f16", "f32"), f"unknown scale_dtype {layout['scale_dtype']}")
+    width, dtype = (2, "<f2") if layout["scale_dtype"] == "f16" else (4, "<f4")
+    # Manifests written before the dense form existed have no sparse_form: bitmap.
+    form = layout.get("sparse_form", "bitmap")
+    _require(form in ("bitmap", "dense"), f"unknown sparse_form {form}")
+    dropped = math.floor(params["sparsity"] * view.n_q)
+    sparse = params["sparsity"] > 0 and form == "bitmap"
+    if params["sparsity"] > 0 and form == "dense":
+        _require(params["grid"] == "symmetric", "dense sparse form on a grid without an exact zero")
+    n_kept = view.n_q - dropped if sparse else view.n_q
+    kept_values = view.heads * len(view.kept_tokens) * view.head_dim
+    # Outliers: floor(F * block length) per block of 65536 grouped values.
+    fraction = params.get("outliers", 0.0)
+    block_lengths = [min(OUTLIER_BLOCK, view.n_q - start) for start in range(0, view.n_q, OUTLIER_BLOCK)]
+    per_block = [math.floor(length * fraction) for length in block_lengths]
+    n_outliers = sum(per_block)
+    asymmetric = params["grid"] == "asymmetric"
+    codebook = params["grid"] in ("lloyd", "kmeans")
+    _require(not codebook or bits <= 4, f"the {params['grid']} grid has no {bits}-bit codebook")
+    sizes = [
+        n_groups * width,
+        n_groups * width if asymmetric else 0,
+        2 * (1 << bits) if params["grid"] == "kmeans" else 0,
+        2 * kept_values,
+        math.ceil(view.n_q / 8) if sparse else 0,
+        math.ceil(n_kept * bits / 8),
+        4 * n_outliers,
+    ]
+    _require(len(payload) == sum(sizes), f"payload is {len(payload)} bytes, the codec needs {sum(sizes)}")
+    sections, at = [], 0
+    for size in sizes:
+        sections.append(payload[at : at + size])
+        at += size
+    scales = np.frombuffer(sections[0], dtype=dtype).astype(np.float32)
+    _require(_positive_normal(scales, dtype), "a scale is not a positive normal number")
+    offsets = np.frombuffer(sections[1], dtype=dtype).astype(np.float32)
+    _require(bool(np.all(np.isfinite(offsets))), "an offset is not finite")
+    if params["grid"] == "kmeans":
+        levels = np.frombuffer(sections[2], dtype="<f2").astype(np.float32)
+        _require(bool(np.all(np.isfinite(levels)) and np.all(np.diff(levels) >= 0)), "codebook levels not finite and ascending")
+    elif codebook:
+        levels = gaussian_levels(bits)
+    sections.pop(2)
+    kept = np.frombuffer(sections[2], dtype="<f2").astype(np.float32)
+    _require(bool(np.all(np.isfinite(kept))), "a kept-token value is not finite")
+    if sparse:
+        bitmap = np.unpackbits(np.frombuffer(sections[3], dtype=np.uint8), bitorder="little")
+        _require(not bitmap[view.n_q :].any(), "bitmap padding bits are not zero")
+        stored = bitmap[: view.n_q].astype(bool)
+    else:
+        stored = np.ones(view.n_q, dtype=bool)
+    _require(int(stored.sum()) == n_kept, f"bitmap keeps {int(stored.sum())} values, the sparsity keeps {n_kept}")
+    codes = unpack_codes(sections[4], n_kept, bits)
+    if params["sparsity"] > 0 and not sparse:
+        # Dense form: dropped values hold the code of 0, so at least that many do.
+        _require(np.count_nonzero(codes == 1 << (bits - 1)) >= dropped, "too few zero codes for the dropped values")
+
+    position = np.arange(view.n_q)
+    group_of_position = (position // run_len) * groups_per_run + (position % run_len) // group_size if run_len else position
+    stored_positions = np.flatnonzero(stored[order])
+    groups = group_of_position[stored_positions]
+    limit = np.finfo(np.float32).max
+    if codebook:
+        with np.errstate(over="ignore"):
+            decoded = np.clip(levels[codes] * scales[groups], -limit, limit)
+    elif asymmetric:
+        wide = codes.astype(np.float64) * scales[groups].astype(np.float64) + offsets[groups].astype(np.float64)
+        decoded = np.clip(wide, -float(limit), float(limit)).astype(np.float32)
+    else:
+        with np.errstate(over="ignore"):
+            decoded = np.clip((codes - (1 << (bits - 1))).astype(np.float32) * scales[groups], -limit, limit)
+    in_group_order = np.zeros(view.n_q, dtype=np.float32)
+    in_group_order[stored_positions] = decoded
+    if n_outliers:
+        outlier_offsets = np.frombuffer(sections[5][: 2 * n_outliers], dtype="<u2").astype(np.int64)
+        values = np.frombuffer(sections[5][2 * n_outliers :], dtype="<f2").astype(np.float32)
+        _require(bool(np.all(np.isfinite(values))), "an outlier value is not finite")
+        bounds = np.cumsum([0] + per_block)
+        for block, length in enumerate(block_lengths):
+            within = outlier_offsets[bounds[block] : bounds[block + 1]]
+            _require(bool(np.all(within < length) and np.all(np.diff(within) > 0)), "outlier offsets out of their block or not ascending")
+        block_starts = np.repeat(np.arange(len(per_block)) * OUTLIER_BLOCK, per_block)
+        in_group_order[block_starts + outlier_offsets] = values
+    q = np.zeros(view.n_q, dtype=np.float32)
+    q[order] = in_group_order
+    q = q.reshape(view.heads, view.mid_len, view.head_dim)
+    if params["rotation_seed"] is not None and q.size:
+        q = unrotate(q, params["rotation_seed"])
+    out = np.zeros((view.heads, view.seq, view.head_dim), dtype=np.float32)
+    out[:, view.mid_start : view.mid_start + view.mid_len, :] = q
+    if view.kept_tokens:
+        out[:, view.kept_tokens, :] = kept.reshape(view.heads, len(view.kept_tokens), view.head_dim)
+    return out.reshape(-1)

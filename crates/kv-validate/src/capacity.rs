@@ -1,0 +1,557 @@
+//! `kv-validate capacity`: what each KV-cache method buys in serving
+//! capacity. From a model's config alone: KV bytes per token and per request
+//! at FP16 and at each method's bits/value, and the largest batch of
+//! concurrent requests that fits in a GPU's memory after the weights, for the
+//! four traffic profiles the Compass recommender plans with. Pure arithmetic,
+//! so the tests check it against hand-computed figures.
+
+use std::path::{Path, PathBuf};
+
+use kvformat::codec::{payload_len, CodecParams, Layout, ScaleDtype, SparseForm};
+use serde::{Deserialize, Serialize};
+
+use crate::model::LlamaConfig;
+use crate::plot::{render_points, Chart, Point};
+use crate::sweep::SweepTable;
+
+/// Prompt -> output tokens: the Compass recommender's four standard profiles.
+pub const PROFILES: [Profile; 4] = [
+    Profile {
+        prompt_tokens: 512,
+        output_tokens: 256,
+    },
+    Profile {
+        prompt_tokens: 1024,
+        output_tokens: 1024,
+    },
+    Profile {
+        prompt_tokens: 4096,
+        output_tokens: 512,
+    },
+    Profile {
+        prompt_tokens: 10240,
+        output_tokens: 1536,
+    },
+];
+
+/// GPU memory sizes used when none is given: `memory.total` as nvidia-smi
+/// reports it for an H100 80GB (81,559 MiB) and an H200 (143,771 MiB).
+pub const DEFAULT_GPUS: [(&str, u64); 2] =
+    [("H100 80GB", 81_559 << 20), ("H200 141GB", 143_771 << 20)];
+
+/// Bits of the codes of the uniform methods reported without a sweep.
+const CODEC_BITS: [u8; 4] = [8, 4, 3, 2];
+/// Their group size: the default of kv-compress (ADR-002).
+const CODEC_GROUP_SIZE: usize = 64;
+
+/// One request: its prompt and the tokens it generates; at its end the
+/// cache holds both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Profile {
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl Profile {
+    pub fn tokens(&self) -> u64 {
+        self.prompt_tokens + self.output_tokens
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}→{}", self.prompt_tokens, self.output_tokens)
+    }
+}
+
+/// A GPU's memory: a name for the report and its size in bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GpuMemory {
+    pub name: String,
+    pub bytes: u64,
+}
+
+impl GpuMemory {
+    /// `--gpu-memory`: a size with a unit, `80GiB`, `141GB`, `81559MiB`, or
+    /// bytes; decimal units are powers of 1000, binary ones of 1024.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(trimmed.len());
+        let (number, unit) = trimmed.split_at(split);
+        let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1.0,
+            "kb" => 1e3,
+            "mb" => 1e6,
+            "gb" => 1e9,
+            "tb" => 1e12,
+            "kib" => 1024.0,
+            "mib" => 1024f64.powi(2),
+            "gib" => 1024f64.powi(3),
+            "tib" => 1024f64.powi(4),
+            other => {
+                return Err(format!(
+                    "{text:?}: unknown unit {other:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)"
+                ))
+            }
+        };
+        let value: f64 = number
+            .parse()
+            .map_err(|_| format!("{text:?}: expected a size such as 80GiB"))?;
+        let bytes = value * scale;
+        if !(bytes >= 1.0 && bytes < 2f64.powi(63)) {
+            return Err(format!("{text:?}: not a plausible memory size"));
+        }
+        Ok(GpuMemory {
+            name: trimmed.to_string(),
+            bytes: bytes.round() as u64,
+        })
+    }
+
+    pub fn defaults() -> Vec<Self> {
+        DEFAULT_GPUS
+            .iter()
+            .map(|&(name, bytes)| GpuMemory {
+                name: name.into(),
+                bytes,
+            })
+            .collect()
+    }
+}
+
+/// `--weights-dtype`: the bytes each weight takes in GPU memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightsDtype {
+    F32,
+    F16,
+    Bf16,
+    /// One byte a weight; scales not counted.
+    Int8,
+    /// Half a byte a weight; scales not counted.
+    Int4,
+}
+
+impl WeightsDtype {
+    pub fn bits(self) -> u64 {
+        match self {
+            WeightsDtype::F32 => 32,
+            WeightsDtype::F16 | WeightsDtype::Bf16 => 16,
+            WeightsDtype::Int8 => 8,
+            WeightsDtype::Int4 => 4,
+        }
+    }
+}
+
+/// A KV-cache method: its bits per cached value and, from a sweep, what it cost.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Method {
+    pub label: String,
+    pub bits_per_value: f64,
+    /// Perplexity delta measured by a sweep.
+    pub delta: Option<f64>,
+    /// Mean KL divergence (nats) measured by a sweep.
+    pub kld_mean: Option<f64>,
+}
+
+impl Method {
+    /// FP16, the uncompressed reference, then kv-compress's symmetric grids
+    /// at 8, 4 (ADR-002), 3 and 2 bits with one FP16 scale per 64 values,
+    /// their bits/value computed by the codec's own payload length.
+    pub fn defaults() -> Vec<Self> {
+        let layout = Layout {
+            scale_dtype: ScaleDtype::F16,
+            sparse_form: SparseForm::Dense,
+        };
+        let shape = [1, 1, CODEC_GROUP_SIZE, CODEC_GROUP_SIZE];
+        let values = (CODEC_GROUP_SIZE * CODEC_GROUP_SIZE) as f64;
+        let mut methods = vec![Method::fp16()];
+        for bits in CODEC_BITS {
+            let params = CodecParams {
+                bits,
+                ..CodecParams::adr002(CODEC_GROUP_SIZE)
+            };
+            let bytes = payload_len(&shape, &params, &layout).expect("a valid codec and shape");
+            methods.push(Method {
+                label: if bits == 4 {
+                    "adr002-g64".into()
+                } else {
+                    format!("int{bits}-g64")
+                },
+                bits_per_value: 8.0 * bytes as f64 / values,
+                delta: None,
+                kld_mean: None,
+            });
+        }
+        methods
+    }
+
+    fn fp16() -> Self {
+        Method {
+            label: "fp16".into(),
+            bits_per_value: 16.0,
+            delta: None,
+            kld_mean: None,
+        }
+    }
+
+    /// FP16, then every row of a sweep's table with its measured delta and KLD.
+    pub fn from_sweep(table: &SweepTable) -> Vec<Self> {
+        std::iter::once(Method::fp16())
+            .chain(table.rows.iter().map(|row| Method {
+                label: row.label.clone(),
+                bits_per_value: row.bits_per_value,
+                delta: Some(row.delta),
+                kld_mean: row.kld_mean,
+            }))
+            .collect()
+    }
+}
+
+/// Why the capacity report could not be made; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CapacityError {
+    #[error("{}: cannot read the sweep JSON: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a kv-validate sweep JSON (--sweep --json): {source}", path.display())]
+    NotSweep {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The sweep table of a sweep's JSON report (`--sweep --json` or `merge`).
+pub fn read_sweep_table(path: &Path) -> Result<SweepTable, CapacityError> {
+    #[derive(Deserialize)]
+    struct SweepJson {
+        table: SweepTable,
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| CapacityError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str::<SweepJson>(&text)
+        .map(|json| json.table)
+        .map_err(|source| CapacityError::NotSweep {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Parameters of a Llama with this config: embeddings, per layer the Q, K,
+/// V, O projections, the SwiGLU MLP and two RMSNorms, the final norm, and
+/// the output head unless it is tied to the embeddings.
+pub fn parameter_count(config: &LlamaConfig) -> u64 {
+    let [hidden, intermediate, heads, kv_heads, head_dim, vocab, layers] = [
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.vocab_size,
+        config.num_hidden_layers,
+    ]
+    .map(|n| n as u64);
+    let attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim;
+    let mlp = 3 * hidden * intermediate;
+    let per_layer = attention + mlp + 2 * hidden;
+    let embeddings = vocab * hidden;
+    let head = if config.tie_word_embeddings {
+        0
+    } else {
+        vocab * hidden
+    };
+    embeddings + layers * per_layer + hidden + head
+}
+
+/// Keys and values cached per token: layers x 2 x KV heads x head_dim.
+pub fn kv_values_per_token(config: &LlamaConfig) -> u64 {
+    (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim) as u64
+}
+
+/// One method's capacity on one GPU for one profile.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CapacityRow {
+    pub gpu: String,
+    pub method: String,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    pub kv_bytes_per_request: f64,
+    /// Requests whose whole cache (prompt + output) fits at once.
+    pub max_concurrent_requests: u64,
+}
+
+/// One method on one GPU: the tokens of cache that fit after the weights.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuMethodFit {
+    pub gpu: String,
+    pub method: String,
+    pub max_cached_tokens: u64,
+}
+
+/// A GPU and what the weights leave of it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GpuBudget {
+    pub name: String,
+    pub bytes: u64,
+    /// Bytes left for the KV cache (0 when the weights do not fit).
+    pub free_bytes: u64,
+}
+
+/// A method with its cache bytes per token.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct MethodCost {
+    #[serde(flatten)]
+    pub method: Method,
+    pub kv_bytes_per_token: f64,
+}
+
+/// The whole report, in the shape of its JSON (`--json`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CapacityReport {
+    pub model: String,
+    pub config_file: String,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub kv_values_per_token: u64,
+    /// Counted from the config (`parameter_count`).
+    pub parameters: u64,
+    pub weights_dtype: WeightsDtype,
+    pub weights_bytes: u64,
+    pub gpus: Vec<GpuBudget>,
+    pub profiles: Vec<Profile>,
+    pub methods: Vec<MethodCost>,
+    pub fits: Vec<GpuMethodFit>,
+    pub rows: Vec<CapacityRow>,
+    /// The sweep whose methods these are, if any.
+    pub sweep_json: Option<String>,
+}
+
+impl CapacityReport {
+    pub fn new(
+        model: String,
+        config_file: &Path,
+        config: &LlamaConfig,
+        weights_dtype: WeightsDtype,
+        gpus: &[GpuMemory],
+        methods: Vec<Method>,
+        sweep_json: Option<&Path>,
+    ) -> Self {
+        let values = kv_values_per_token(config);
+        let parameters = parameter_count(config);
+        let weights_bytes = (parameters * weights_dtype.bits()).div_ceil(8);
+        let methods: Vec<MethodCost> = methods
+            .into_iter()
+            .map(|method| MethodCost {
+                kv_bytes_per_token: values as f64 * method.bits_per_value / 8.0,
+                method,
+            })
+            .collect();
+        let budgets: Vec<GpuBudget> = gpus
+            .iter()
+            .map(|gpu| GpuBudget {
+                name: gpu.name.clone(),
+                bytes: gpu.bytes,
+                free_bytes: gpu.bytes.saturating_sub(weights_bytes),
+            })
+            .collect();
+        let fits_in = |free: u64, bytes: f64| (free as f64 / bytes).floor() as u64;
+        let mut rows = Vec::new();
+        let mut fits = Vec::new();
+        for gpu in &budgets {
+            for cost in &methods {
+                fits.push(GpuMethodFit {
+                    gpu: gpu.name.clone(),
+                    method: cost.method.label.clone(),
+                    max_cached_tokens: fits_in(gpu.free_bytes, cost.kv_bytes_per_token),
+                });
+                for profile in PROFILES {
+                    let per_request = cost.kv_bytes_per_token * profile.tokens() as f64;
+                    rows.push(CapacityRow {
+                        gpu: gpu.name.clone(),
+                        method: cost.method.label.clone(),
+                        prompt_tokens: profile.prompt_tokens,
+                        output_tokens: profile.output_tokens,
+                        kv_bytes_per_request: per_request,
+                        max_concurrent_requests: fits_in(gpu.free_bytes, per_request),
+                    });
+                }
+            }
+        }
+        CapacityReport {
+            model,
+            config_file: config_file.display().to_string(),
+            num_layers: config.num_hidden_layers,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+            kv_values_per_token: values,
+            parameters,
+            weights_dtype,
+            weights_bytes,
+            gpus: budgets,
+            profiles: PROFILES.to_vec(),
+            methods,
+            fits,
+            rows,
+            sweep_json: sweep_json.map(|p| p.display().to_string()),
+        }
+    }
+
+    fn row(&self, gpu: &str, method: &str, profile: &Profile) -> &CapacityRow {
+        self.rows
+            .iter()
+            .find(|r| {
+                r.gpu == gpu
+                    && r.method == method
+                    && r.prompt_tokens == profile.prompt_tokens
+                    && r.output_tokens == profile.output_tokens
+            })
+            .expect("a row per gpu, method and profile")
+    }
+
+    /// The text report: the model's cache cost per method, then per GPU the
+    /// largest batch of each profile.
+    pub fn render_text(&self) -> String {
+        let gib = |bytes: f64| bytes / 1024f64.powi(3);
+        let mib = |bytes: f64| bytes / 1024f64.powi(2);
+        let mut out = format!(
+            "{}: {} layers x 2 x {} KV heads x {} = {} cached values per token\n\
+             weights: {} parameters (counted from the config) x {} bits = {} bytes ({:.2} GiB)\n\n",
+            self.model,
+            self.num_layers,
+            self.num_kv_heads,
+            self.head_dim,
+            self.kv_values_per_token,
+            self.parameters,
+            self.weights_dtype.bits(),
+            self.weights_bytes,
+            gib(self.weights_bytes as f64),
+        );
+        let profile_names: Vec<String> = self.profiles.iter().map(Profile::name).collect();
+        out += &format!("{:<32} {:>10} {:>12}", "method", "bits/value", "KV B/token");
+        for name in &profile_names {
+            out += &format!(" {:>14}", format!("MiB {name}"));
+        }
+        out += &format!(" {:>10} {:>10}\n", "delta", "mean KLD");
+        for cost in &self.methods {
+            out += &format!(
+                "{:<32} {:>10.3} {:>12}",
+                cost.method.label,
+                cost.method.bits_per_value,
+                trim_number(cost.kv_bytes_per_token)
+            );
+            for profile in &self.profiles {
+                out += &format!(
+                    " {:>14.2}",
+                    mib(cost.kv_bytes_per_token * profile.tokens() as f64)
+                );
+            }
+            let optional =
+                |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:+.digits$}"));
+            out += &format!(
+                " {:>10} {:>10}\n",
+                optional(cost.method.delta, 4),
+                cost.method
+                    .kld_mean
+                    .map_or("-".into(), |v| format!("{v:.5}"))
+            );
+        }
+        for gpu in &self.gpus {
+            out += &format!(
+                "\n{}: {} bytes ({:.2} GiB), {:.2} GiB after the weights; largest batch of concurrent requests\n",
+                gpu.name,
+                gpu.bytes,
+                gib(gpu.bytes as f64),
+                gib(gpu.free_bytes as f64)
+            );
+            out += &format!("{:<32}", "method");
+            for name in &profile_names {
+                out += &format!(" {name:>11}");
+            }
+            out += &format!(" {:>14}\n", "cached tokens");
+            for cost in &self.methods {
+                out += &format!("{:<32}", cost.method.label);
+                for profile in &self.profiles {
+                    let row = self.row(&gpu.name, &cost.method.label, profile);
+                    out += &format!(" {:>11}", row.max_concurrent_requests);
+                }
+                let fit = self
+                    .fits
+                    .iter()
+                    .find(|f| f.gpu == gpu.name && f.method == cost.method.label)
+                    .expect("a fit per gpu and method");
+                out += &format!(" {:>14}\n", fit.max_cached_tokens);
+            }
+        }
+        out
+    }
+
+    /// Concurrency against bits/value on the first GPU: one line per profile.
+    pub fn render_svg(&self) -> String {
+        let gpu = &self.gpus[0];
+        let mut points = Vec::new();
+        let mut lines = Vec::new();
+        let mut by_bits: Vec<&MethodCost> = self.methods.iter().collect();
+        by_bits.sort_by(|a, b| a.method.bits_per_value.total_cmp(&b.method.bits_per_value));
+        for profile in &self.profiles {
+            let mut line = Vec::new();
+            for (i, cost) in by_bits.iter().enumerate() {
+                let row = self.row(&gpu.name, &cost.method.label, profile);
+                line.push(points.len());
+                points.push(Point {
+                    // The profile names its line at the lowest bits, the largest batch.
+                    label: if i == 0 {
+                        profile.name()
+                    } else {
+                        String::new()
+                    },
+                    name: format!("{} {}", cost.method.label, profile.name()),
+                    bits_per_value: cost.method.bits_per_value,
+                    value: row.max_concurrent_requests as f64,
+                    passed: true,
+                });
+            }
+            lines.push(line);
+        }
+        render_points(
+            &points,
+            &lines,
+            &Chart {
+                title: format!(
+                    "{}: concurrent requests in {} after {} weights",
+                    self.model,
+                    gpu.name,
+                    self.weights_dtype.name()
+                ),
+                y_label: "largest batch (log scale)".into(),
+                linear: 1.0,
+                bound: None,
+                line_name: "one profile",
+            },
+        )
+    }
+}
+
+impl WeightsDtype {
+    fn name(self) -> &'static str {
+        match self {
+            WeightsDtype::F32 => "f32",
+            WeightsDtype::F16 => "f16",
+            WeightsDtype::Bf16 => "bf16",
+            WeightsDtype::Int8 => "int8",
+            WeightsDtype::Int4 => "int4",
+        }
+    }
+}
+
+/// `22528`, `5984.5`: integers without a fraction, others to 0.1 byte.
+fn trim_number(value: f64) -> String {
+    if value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
