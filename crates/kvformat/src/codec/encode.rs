@@ -20,13 +20,17 @@ pub fn encode(
 ) -> Result<Encoded, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
-    let form = sparsity::smaller_form(
+    encode_in_form(values, &plan, params, smaller_form(&plan, params))
+}
+
+/// The [`SparseForm`] that stores `plan`'s dropped values in fewer bytes.
+fn smaller_form(plan: &Plan, params: &CodecParams) -> SparseForm {
+    sparsity::smaller_form(
         params.grid,
         params.bits,
         params.sparsity,
         plan.quantized_count(),
-    );
-    encode_in_form(values, &plan, params, form)
+    )
 }
 
 /// [`encode`], handing the reconstruction, `decode` of the result bit for
@@ -57,7 +61,7 @@ pub fn encode_observed(
             return Ok(encoded);
         }
     }
-    let encoded = encode(values, shape, params)?;
+    let encoded = encode_in_form(values, &plan, params, smaller_form(&plan, params))?;
     let reconstruction = super::decode(&encoded.payload, shape, params, &encoded.layout)?;
     observe(values, &reconstruction);
     Ok(encoded)
@@ -73,12 +77,7 @@ fn encode_fused_observed(
 ) -> Result<Option<Encoded>, CodecError> {
     let layout = Layout {
         scale_dtype: ScaleDtype::F16,
-        sparse_form: sparsity::smaller_form(
-            params.grid,
-            params.bits,
-            params.sparsity,
-            plan.quantized_count(),
-        ),
+        sparse_form: smaller_form(plan, params),
     };
     let sections = Sections::new(plan, params, &layout)?;
     let total = sections.total().ok_or(CodecError::ShapeOverflow)?;
