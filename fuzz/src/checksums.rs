@@ -17,17 +17,31 @@ fn fix_checksums(bytes: &[u8]) -> Option<Vec<u8>> {
     let header_end = header_len.checked_add(8)?;
     let mut header: Value = serde_json::from_slice(bytes.get(8..header_end)?).ok()?;
     let data = &bytes[header_end..];
-    let mut manifest: Value = serde_json::from_str(header.get("__metadata__")?.get(MANIFEST_KEY)?.as_str()?).ok()?;
+    let mut manifest: Value =
+        serde_json::from_str(header.get("__metadata__")?.get(MANIFEST_KEY)?.as_str()?).ok()?;
     for (name, entry) in manifest.get_mut("tensors")?.as_object_mut()? {
-        let offsets = header.get(name).and_then(|t| t.get("data_offsets")).and_then(Value::as_array);
-        let range = offsets.and_then(|o| Some(usize::try_from(o.first()?.as_u64()?).ok()?..usize::try_from(o.get(1)?.as_u64()?).ok()?));
-        if let (Some(stored), Some(entry)) = (range.and_then(|r| data.get(r)), entry.as_object_mut()) {
+        let offsets = header
+            .get(name)
+            .and_then(|t| t.get("data_offsets"))
+            .and_then(Value::as_array);
+        let range = offsets.and_then(|o| {
+            Some(
+                usize::try_from(o.first()?.as_u64()?).ok()?
+                    ..usize::try_from(o.get(1)?.as_u64()?).ok()?,
+            )
+        });
+        if let (Some(stored), Some(entry)) =
+            (range.and_then(|r| data.get(r)), entry.as_object_mut())
+        {
             entry.insert("crc32".into(), crc32(stored).into());
         }
     }
     let manifest_json = serde_json::to_string(&manifest).ok()?;
     let metadata = header.get_mut("__metadata__")?.as_object_mut()?;
-    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32(manifest_json.as_bytes())).into());
+    metadata.insert(
+        MANIFEST_CRC_KEY.into(),
+        format!("{:08x}", crc32(manifest_json.as_bytes())).into(),
+    );
     metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
     let header_json = serde_json::to_vec(&header).ok()?;
     let mut fixed = (header_json.len() as u64).to_le_bytes().to_vec();
@@ -40,6 +54,8 @@ fn fix_checksums(bytes: &[u8]) -> Option<Vec<u8>> {
 /// harness free of dependencies its includers lack.
 pub fn crc32(bytes: &[u8]) -> u32 {
     !bytes.iter().fold(!0u32, |crc, &byte| {
-        (0..8).fold(crc ^ u32::from(byte), |crc, _| (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg()))
+        (0..8).fold(crc ^ u32::from(byte), |crc, _| {
+            (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg())
+        })
     })
 }

@@ -24,7 +24,8 @@ pub fn decompress(bytes: &[u8]) -> Result<Report, kv_compress::Error> {
     };
     let report = kv_compress::run(&options)?;
     let json = report.to_json();
-    let parsed: Report = serde_json::from_str(&json).unwrap_or_else(|e| panic!("report is not valid JSON ({e}): {json}"));
+    let parsed: Report = serde_json::from_str(&json)
+        .unwrap_or_else(|e| panic!("report is not valid JSON ({e}): {json}"));
     assert_eq!(parsed.num_tensors, report.num_tensors, "{json}");
     let restored = KvCache::open(&output).expect("the restored file is a KV cache");
     assert_eq!(restored.tensors().count(), report.num_tensors);
@@ -36,10 +37,17 @@ pub fn decompress(bytes: &[u8]) -> Result<Report, kv_compress::Error> {
 /// ranges: out-of-range values are errors, never silently accepted.
 pub fn parse_flags(bytes: &[u8]) -> Result<Command, flags::FlagError> {
     let text = String::from_utf8_lossy(bytes);
-    let args: Vec<String> = if text.is_empty() { Vec::new() } else { text.split('\0').map(String::from).collect() };
+    let args: Vec<String> = if text.is_empty() {
+        Vec::new()
+    } else {
+        text.split('\0').map(String::from).collect()
+    };
     let command = flags::parse(&args)?;
     if let Command::Run(options) = &command {
-        assert!(GROUP_SIZE_RANGE.contains(&options.group_size) && options.group_size.is_power_of_two(), "{options:?}");
+        assert!(
+            GROUP_SIZE_RANGE.contains(&options.group_size) && options.group_size.is_power_of_two(),
+            "{options:?}"
+        );
         assert!((0.0..1.0).contains(&options.sparsity), "{options:?}");
         assert!(matches!(options.bits, 2 | 3 | 4 | 8), "{options:?}");
     }

@@ -19,9 +19,20 @@ pub fn read_cache(bytes: &[u8]) -> kvformat::Result<usize> {
     for (entry, dtype) in cache.tensors() {
         let values = cache.values(entry, dtype)?;
         let count = entry.shape.iter().product::<usize>();
-        assert_eq!(values.len(), count, "{}: values do not fill the shape", entry.name);
-        let (packed, reconstruction) = pack_tensor(&entry.name, dtype, &entry.shape, &values, &CodecParams::adr002(64))
-            .unwrap_or_else(|e| panic!("{}: a finite cache tensor must compress: {e}", entry.name));
+        assert_eq!(
+            values.len(),
+            count,
+            "{}: values do not fill the shape",
+            entry.name
+        );
+        let (packed, reconstruction) = pack_tensor(
+            &entry.name,
+            dtype,
+            &entry.shape,
+            &values,
+            &CodecParams::adr002(64),
+        )
+        .unwrap_or_else(|e| panic!("{}: a finite cache tensor must compress: {e}", entry.name));
         assert_eq!(reconstruction.len(), count);
         assert_eq!(packed.entry.stored_len, packed.stored.len());
     }
@@ -34,8 +45,13 @@ pub fn read_sidecar(bytes: &[u8]) -> kvformat::Result<Sidecar> {
     let scratch = ScratchDir::new();
     let sidecar = Sidecar::read(&scratch.file("input.metadata.json", bytes))?;
     let copy = scratch.path("copy.metadata.json");
-    sidecar.write(&copy).expect("a parsed sidecar can be written");
-    assert_eq!(Sidecar::read(&copy).expect("a written sidecar reads back"), sidecar);
+    sidecar
+        .write(&copy)
+        .expect("a parsed sidecar can be written");
+    assert_eq!(
+        Sidecar::read(&copy).expect("a written sidecar reads back"),
+        sidecar
+    );
     Ok(sidecar)
 }
 
@@ -44,10 +60,15 @@ pub fn read_sidecar(bytes: &[u8]) -> kvformat::Result<Sidecar> {
 /// its manifest shape. Returns the number of tensors.
 pub fn read_packed(bytes: &[u8]) -> kvformat::Result<usize> {
     let scratch = ScratchDir::new();
-    let packed = PackedFile::open(&scratch.file("input.safetensors", &with_fixed_checksums(bytes)))?;
+    let packed =
+        PackedFile::open(&scratch.file("input.safetensors", &with_fixed_checksums(bytes)))?;
     for (name, tensor) in &packed.manifest().tensors {
         let values = packed.unpack(name)?;
-        assert_eq!(values.len(), tensor.shape.iter().product::<usize>(), "{name}: values do not fill the shape");
+        assert_eq!(
+            values.len(),
+            tensor.shape.iter().product::<usize>(),
+            "{name}: values do not fill the shape"
+        );
     }
     Ok(packed.manifest().tensors.len())
 }

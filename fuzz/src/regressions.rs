@@ -36,7 +36,12 @@ pub fn replay(regressions: &Path, target: &str, harness: impl Fn(&[u8]) -> Resul
         let outcome = harness(&bytes);
         if let Some(expected) = expected {
             let error = outcome.expect_err(&format!("{} must be rejected", input.display()));
-            assert!(error.contains(expected.trim()), "{}: error {error:?} lacks {:?}", input.display(), expected.trim());
+            assert!(
+                error.contains(expected.trim()),
+                "{}: error {error:?} lacks {:?}",
+                input.display(),
+                expected.trim()
+            );
         }
     }
 }

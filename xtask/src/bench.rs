@@ -51,7 +51,8 @@ impl Options {
                 }
                 "--go" => {
                     options.go = Some(PathBuf::from(
-                        args.next().context("--go needs the Go original's binary path")?,
+                        args.next()
+                            .context("--go needs the Go original's binary path")?,
                     ))
                 }
                 other => {
@@ -104,8 +105,16 @@ pub fn run(args: &[String]) -> Result<()> {
             ""
         }
     )?;
-    let go_columns = if options.go.is_some() { " Go median (ms) | Go x |" } else { "" };
-    let go_rule = if options.go.is_some() { "---:|---:|" } else { "" };
+    let go_columns = if options.go.is_some() {
+        " Go median (ms) | Go x |"
+    } else {
+        ""
+    };
+    let go_rule = if options.go.is_some() {
+        "---:|---:|"
+    } else {
+        ""
+    };
     writeln!(
         report,
         "| input | command | wall min / median / max (ms) | MB/s | peak RSS (MB) | RSS / input file |{go_columns}"
@@ -514,16 +523,28 @@ fn machine_description() -> String {
     let flags = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("flags"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            s.lines().find(|l| l.starts_with("flags")).map(|l| {
+                l.split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
         })
         .unwrap_or_default();
-    let features: Vec<&str> = ["sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl"]
-        .into_iter()
-        .filter(|feature| flags.iter().any(|flag| flag == feature))
-        .collect();
-    let features = if features.is_empty() { "none of note".to_string() } else { features.join(" ") };
+    let features: Vec<&str> = [
+        "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq",
+        "avx512vl",
+    ]
+    .into_iter()
+    .filter(|feature| flags.iter().any(|flag| flag == feature))
+    .collect();
+    let features = if features.is_empty() {
+        "none of note".to_string()
+    } else {
+        features.join(" ")
+    };
     format!(
         "Machine: {cpu}, {cores} cores available; CPU features: {features}; kvformat's kernels run at the {} level{}. \
          Commit {commit}, {date}.",

@@ -9,10 +9,10 @@ use kvformat::atomic::Staged;
 use kvformat::cache::KvCache;
 use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
-use kvformat::preset::{layer_index, TensorKind};
 use kvformat::packed::{
     ensure_packable, pack_tensor, pack_tensor_measured, stage_packed, PackedFile, PackedTensor,
 };
+use kvformat::preset::{layer_index, TensorKind};
 use kvformat::sidecar::{
     sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
 };
@@ -162,7 +162,10 @@ fn compress_tensor(
     options: &Options,
     keep_reconstruction: bool,
 ) -> Result<(PackedTensor, Option<Vec<f32>>, TensorOutcome), kvformat::Error> {
-    let (entry, dtype) = cache.tensors().nth(index).expect("index of an existing tensor");
+    let (entry, dtype) = cache
+        .tensors()
+        .nth(index)
+        .expect("index of an existing tensor");
     let path = cache.file().path();
     let params = params_for(options, &entry.name);
     let (packed, reconstruction) = cache
@@ -219,16 +222,20 @@ fn compress(
                     byte_len: entry.byte_len(),
                 })
                 .collect();
-            let (outcomes, staged) = stage_tensor_file_streaming(output, &specs, metadata, |i, emit| {
-                let (packed, reconstruction, outcome) = compress_tensor(&cache, i, options, true)?;
-                let bytes = packed
-                    .entry
-                    .dtype
-                    .try_from_f32(&reconstruction.expect("kept when asked for"))
-                    .map_err(|problem| kvformat::Error::tensor(input, &outcome.name, problem))?;
-                emit(&bytes)?;
-                Ok(outcome)
-            })?;
+            let (outcomes, staged) =
+                stage_tensor_file_streaming(output, &specs, metadata, |i, emit| {
+                    let (packed, reconstruction, outcome) =
+                        compress_tensor(&cache, i, options, true)?;
+                    let bytes = packed
+                        .entry
+                        .dtype
+                        .try_from_f32(&reconstruction.expect("kept when asked for"))
+                        .map_err(|problem| {
+                            kvformat::Error::tensor(input, &outcome.name, problem)
+                        })?;
+                    emit(&bytes)?;
+                    Ok(outcome)
+                })?;
             (outcomes, Some(staged))
         }
         Some(output) => {
@@ -262,40 +269,41 @@ fn decompress(
     let names: Vec<&String> = manifest.tensors.keys().collect();
     // Decoded straight into a per-thread buffer, whose bytes (F32) or
     // conversion (F16/BF16) go to the writer as they are.
-    let restore = |index: usize, emit: Option<Emit<'_>>| -> Result<TensorOutcome, kvformat::Error> {
-        let name = names[index];
-        let tensor = &manifest.tensors[name];
-        let (mut values, mut bytes) = RESTORE_SCRATCH.take();
-        let result = (|| {
-            packed.unpack_into(name, &mut values)?;
-            let restored: &[u8] = match tensor.dtype {
-                CacheDtype::F32 => bytemuck::cast_slice(&values),
-                dtype => {
-                    dtype
-                        .try_from_f32_into(&values, &mut bytes)
-                        .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
-                    &bytes
+    let restore =
+        |index: usize, emit: Option<Emit<'_>>| -> Result<TensorOutcome, kvformat::Error> {
+            let name = names[index];
+            let tensor = &manifest.tensors[name];
+            let (mut values, mut bytes) = RESTORE_SCRATCH.take();
+            let result = (|| {
+                packed.unpack_into(name, &mut values)?;
+                let restored: &[u8] = match tensor.dtype {
+                    CacheDtype::F32 => bytemuck::cast_slice(&values),
+                    dtype => {
+                        dtype
+                            .try_from_f32_into(&values, &mut bytes)
+                            .map_err(|problem| kvformat::Error::tensor(input, name, problem))?;
+                        &bytes
+                    }
+                };
+                if let Some(emit) = emit {
+                    emit(restored)?;
                 }
+                Ok(restored.len())
+            })();
+            RESTORE_SCRATCH.set((values, bytes));
+            let restored_len = result?;
+            let outcome = TensorOutcome {
+                name: name.clone(),
+                original_bytes: restored_len as u64,
+                stored_bytes: tensor.stored_len as u64,
+                values: (restored_len / tensor.dtype.size_bytes()) as u64,
+                metrics: tensor.metrics,
             };
-            if let Some(emit) = emit {
-                emit(restored)?;
+            if verbose {
+                log_tensor(index, names.len(), &outcome);
             }
-            Ok(restored.len())
-        })();
-        RESTORE_SCRATCH.set((values, bytes));
-        let restored_len = result?;
-        let outcome = TensorOutcome {
-            name: name.clone(),
-            original_bytes: restored_len as u64,
-            stored_bytes: tensor.stored_len as u64,
-            values: (restored_len / tensor.dtype.size_bytes()) as u64,
-            metrics: tensor.metrics,
+            Ok(outcome)
         };
-        if verbose {
-            log_tensor(index, names.len(), &outcome);
-        }
-        Ok(outcome)
-    };
     let Some(output) = output else {
         let outcomes = (0..names.len())
             .into_par_iter()
@@ -354,7 +362,10 @@ thread_local! {
 }
 
 fn report_of(outcomes: &[TensorOutcome], with_tensor_metrics: bool) -> Report {
-    let per_tensor: Vec<(String, TensorMetrics)> = outcomes.iter().map(|o| (o.name.clone(), o.metrics)).collect();
+    let per_tensor: Vec<(String, TensorMetrics)> = outcomes
+        .iter()
+        .map(|o| (o.name.clone(), o.metrics))
+        .collect();
     Report::new(
         outcomes.iter().map(|o| o.original_bytes).sum(),
         outcomes.iter().map(|o| o.stored_bytes).sum(),
@@ -379,7 +390,6 @@ fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
     );
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,13 +406,37 @@ mod tests {
     #[test]
     fn every_old_invocation_means_adr002_group_64() {
         for args in [
-            &["-input", "a", "-output", "b", "-group-size", "64", "-sparsity", "0.0"][..],
-            &["-input", "a", "-metrics-only", "-group-size", "64", "-verbose"],
+            &[
+                "-input",
+                "a",
+                "-output",
+                "b",
+                "-group-size",
+                "64",
+                "-sparsity",
+                "0.0",
+            ][..],
+            &[
+                "-input",
+                "a",
+                "-metrics-only",
+                "-group-size",
+                "64",
+                "-verbose",
+            ],
             &["-input", "a", "-output", "b"],
         ] {
             let o = options(args);
-            assert_eq!(params_for(&o, "layer_0_key"), CodecParams::adr002(64), "{args:?}");
-            assert_eq!(params_for(&o, "layer_0_value"), CodecParams::adr002(64), "{args:?}");
+            assert_eq!(
+                params_for(&o, "layer_0_key"),
+                CodecParams::adr002(64),
+                "{args:?}"
+            );
+            assert_eq!(
+                params_for(&o, "layer_0_value"),
+                CodecParams::adr002(64),
+                "{args:?}"
+            );
         }
     }
 
@@ -411,12 +445,28 @@ mod tests {
         let o = options(&["-method", "kivi", "-bits", "2", "-group-size", "32"]);
         let key = params_for(&o, "layer_3_key");
         let value = params_for(&o, "layer_3_value");
-        assert_eq!((key.grid, key.axis, key.bits, key.group_size), (Grid::Asymmetric, Axis::Channel, 2, 32));
+        assert_eq!(
+            (key.grid, key.axis, key.bits, key.group_size),
+            (Grid::Asymmetric, Axis::Channel, 2, 32)
+        );
         assert_eq!((value.grid, value.axis), (Grid::Asymmetric, Axis::Token));
         // Explicit flags override the preset, per tensor kind.
-        let o = options(&["-method", "kivi", "-grid", "sym", "-value-axis", "flat", "-rotate", "-sink-tokens", "4"]);
+        let o = options(&[
+            "-method",
+            "kivi",
+            "-grid",
+            "sym",
+            "-value-axis",
+            "flat",
+            "-rotate",
+            "-sink-tokens",
+            "4",
+        ]);
         let value = params_for(&o, "v");
-        assert_eq!((value.grid, value.axis, value.sink_tokens), (Grid::Symmetric, Axis::Flat, 4));
+        assert_eq!(
+            (value.grid, value.axis, value.sink_tokens),
+            (Grid::Symmetric, Axis::Flat, 4)
+        );
         assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
         assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
     }
@@ -424,15 +474,38 @@ mod tests {
     #[test]
     fn key_and_value_flags_override_bits_and_group_size_per_kind() {
         let o = options(&[
-            "-method", "kivi", "-bits", "2", "-group-size", "64", "-key-bits", "3",
-            "-key-group-size", "128", "-value-group-size=256", "-fit", "mse",
+            "-method",
+            "kivi",
+            "-bits",
+            "2",
+            "-group-size",
+            "64",
+            "-key-bits",
+            "3",
+            "-key-group-size",
+            "128",
+            "-value-group-size=256",
+            "-fit",
+            "mse",
         ]);
         let key = params_for(&o, "layer_0_key");
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (3, 128, Fit::Mse));
-        assert_eq!((value.bits, value.group_size, value.fit), (2, 256, Fit::Mse));
+        assert_eq!(
+            (value.bits, value.group_size, value.fit),
+            (2, 256, Fit::Mse)
+        );
         // Each falls back to the shared flag, and the last setting wins.
-        let o = options(&["-bits", "8", "-value-bits", "2", "-value-bits", "4", "-key-group-size", "32"]);
+        let o = options(&[
+            "-bits",
+            "8",
+            "-value-bits",
+            "2",
+            "-value-bits",
+            "4",
+            "-key-group-size",
+            "32",
+        ]);
         let key = params_for(&o, "layer_0_key");
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));

@@ -16,7 +16,10 @@ fn assert_fails(dir: &Path, args: &[&str], needles: &[&str]) {
     let text = stderr(&output);
     assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
     assert!(output.stdout.is_empty(), "{args:?}");
-    assert!(text.starts_with("Error: ") && text.ends_with('\n') && text.lines().count() == 1, "{args:?}: {text:?}");
+    assert!(
+        text.starts_with("Error: ") && text.ends_with('\n') && text.lines().count() == 1,
+        "{args:?}: {text:?}"
+    );
     for needle in needles {
         assert!(text.contains(needle), "{args:?}: {text:?} lacks {needle:?}");
     }
@@ -31,7 +34,11 @@ fn assert_bad_cache(name: &str, bytes: &[u8], needles: &[&str]) {
     let output = dir.path().join("out.safetensors");
     let mut all = vec![name];
     all.extend_from_slice(needles);
-    assert_fails(dir.path(), &["-input", s(&input), "-output", s(&output)], &all);
+    assert_fails(
+        dir.path(),
+        &["-input", s(&input), "-output", s(&output)],
+        &all,
+    );
 }
 
 const F32_PAIR: &str = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
@@ -63,24 +70,44 @@ fn empty_file() {
 
 #[test]
 fn truncated_header() {
-    assert_bad_cache("short.safetensors", &[5, 0, 0], &["shorter than the 8-byte header length"]);
+    assert_bad_cache(
+        "short.safetensors",
+        &[5, 0, 0],
+        &["shorter than the 8-byte header length"],
+    );
     let full = raw_safetensors(F32_PAIR, &[0; 8]);
-    assert_bad_cache("cut.safetensors", &full[..20], &["header length runs past the end of the file"]);
+    assert_bad_cache(
+        "cut.safetensors",
+        &full[..20],
+        &["header length runs past the end of the file"],
+    );
 }
 
 #[test]
 fn header_length_beyond_the_file() {
     let mut bytes = raw_safetensors(F32_PAIR, &[0; 8]);
     bytes[..8].copy_from_slice(&1000u64.to_le_bytes());
-    assert_bad_cache("long.safetensors", &bytes, &["header length runs past the end"]);
+    assert_bad_cache(
+        "long.safetensors",
+        &bytes,
+        &["header length runs past the end"],
+    );
     bytes[..8].copy_from_slice(&u64::MAX.to_le_bytes());
     assert_bad_cache("huge.safetensors", &bytes, &["header length"]);
 }
 
 #[test]
 fn header_not_json() {
-    assert_bad_cache("text.safetensors", &raw_safetensors("this is not json", &[]), &["header is not valid safetensors JSON"]);
-    assert_bad_cache("binary.safetensors", &raw_safetensors("\u{0}\u{1}", &[]), &["header"]);
+    assert_bad_cache(
+        "text.safetensors",
+        &raw_safetensors("this is not json", &[]),
+        &["header is not valid safetensors JSON"],
+    );
+    assert_bad_cache(
+        "binary.safetensors",
+        &raw_safetensors("\u{0}\u{1}", &[]),
+        &["header"],
+    );
     let mut bytes = raw_safetensors("{}xx", &[]);
     bytes[9] = 0xFF;
     assert_bad_cache("utf8.safetensors", &bytes, &["header is not UTF-8"]);
@@ -89,7 +116,11 @@ fn header_not_json() {
 #[test]
 fn truncated_data() {
     let bytes = raw_safetensors(F32_PAIR, &[0; 8]);
-    assert_bad_cache("trunc.safetensors", &bytes[..bytes.len() - 3], &["tensor data does not end exactly at the end of the file"]);
+    assert_bad_cache(
+        "trunc.safetensors",
+        &bytes[..bytes.len() - 3],
+        &["tensor data does not end exactly at the end of the file"],
+    );
     let mut trailing = bytes.clone();
     trailing.push(0);
     assert_bad_cache("trailing.safetensors", &trailing, &["does not end exactly"]);
@@ -98,9 +129,17 @@ fn truncated_data() {
 #[test]
 fn overlapping_or_out_of_range_offsets() {
     let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
-    assert_bad_cache("overlap.safetensors", &raw_safetensors(overlap, &[0; 12]), &["data offsets overlap"]);
+    assert_bad_cache(
+        "overlap.safetensors",
+        &raw_safetensors(overlap, &[0; 12]),
+        &["data offsets overlap"],
+    );
     let out_of_range = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#;
-    assert_bad_cache("range.safetensors", &raw_safetensors(out_of_range, &[0; 12]), &["does not end exactly"]);
+    assert_bad_cache(
+        "range.safetensors",
+        &raw_safetensors(out_of_range, &[0; 12]),
+        &["does not end exactly"],
+    );
     let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
     assert_bad_cache(
         "gap.safetensors",
@@ -112,27 +151,51 @@ fn overlapping_or_out_of_range_offsets() {
 #[test]
 fn shape_and_byte_length_disagree() {
     let header = r#"{"layer_0_key":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}"#;
-    assert_bad_cache("size.safetensors", &raw_safetensors(header, &[0; 8]), &["layer_0_key", "shape x dtype"]);
-    let overflow = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#;
-    assert_bad_cache("overflow.safetensors", &raw_safetensors(overflow, &[0; 8]), &["overflows"]);
+    assert_bad_cache(
+        "size.safetensors",
+        &raw_safetensors(header, &[0; 8]),
+        &["layer_0_key", "shape x dtype"],
+    );
+    let overflow =
+        r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#;
+    assert_bad_cache(
+        "overflow.safetensors",
+        &raw_safetensors(overflow, &[0; 8]),
+        &["overflows"],
+    );
 }
 
 #[test]
 fn unsupported_dtype() {
     let header = r#"{"layer_3_value":{"dtype":"I32","shape":[2],"data_offsets":[0,8]}}"#;
-    assert_bad_cache("int.safetensors", &raw_safetensors(header, &[0; 8]), &["layer_3_value", "unsupported dtype I32"]);
+    assert_bad_cache(
+        "int.safetensors",
+        &raw_safetensors(header, &[0; 8]),
+        &["layer_3_value", "unsupported dtype I32"],
+    );
 }
 
 #[test]
 fn nan_or_infinity_in_a_tensor() {
-    for (name, bad) in [("nan.safetensors", f32::NAN), ("inf.safetensors", f32::NEG_INFINITY)] {
+    for (name, bad) in [
+        ("nan.safetensors", f32::NAN),
+        ("inf.safetensors", f32::NEG_INFINITY),
+    ] {
         let header = r#"{"layer_1_key":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
         let data: Vec<u8> = [1.0f32, bad].iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_bad_cache(name, &raw_safetensors(header, &data), &["layer_1_key", "non-finite value", "index 1"]);
+        assert_bad_cache(
+            name,
+            &raw_safetensors(header, &data),
+            &["layer_1_key", "non-finite value", "index 1"],
+        );
     }
     // F16 infinity (0x7C00) too.
     let header = r#"{"layer_0_value":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}}"#;
-    assert_bad_cache("inf16.safetensors", &raw_safetensors(header, &[0x00, 0x7C]), &["layer_0_value", "non-finite value inf"]);
+    assert_bad_cache(
+        "inf16.safetensors",
+        &raw_safetensors(header, &[0x00, 0x7C]),
+        &["layer_0_value", "non-finite value inf"],
+    );
 }
 
 #[test]
@@ -141,7 +204,11 @@ fn output_directory_missing() {
     let input = dir.path().join("kv.safetensors");
     write_kv_cache(&input, CacheDtype::F16, 1, &[1, 1, 4, 64]);
     let output = dir.path().join("no_such_dir").join("out.safetensors");
-    assert_fails(dir.path(), &["-input", s(&input), "-output", s(&output)], &["no_such_dir", "output directory does not exist"]);
+    assert_fails(
+        dir.path(),
+        &["-input", s(&input), "-output", s(&output)],
+        &["no_such_dir", "output directory does not exist"],
+    );
 }
 
 #[test]
@@ -152,7 +219,11 @@ fn output_same_as_input() {
     let before = std::fs::read(&input).unwrap();
     let dotted = dir.path().join(".").join("kv.safetensors");
     for output in [&input, &dotted] {
-        assert_fails(dir.path(), &["-input", s(&input), "-output", s(output)], &["kv.safetensors", "same file as -input"]);
+        assert_fails(
+            dir.path(),
+            &["-input", s(&input), "-output", s(output)],
+            &["kv.safetensors", "same file as -input"],
+        );
     }
     assert_eq!(std::fs::read(&input).unwrap(), before);
 }
@@ -166,7 +237,10 @@ fn decompress_of_a_plain_cache() {
     assert_fails(
         dir.path(),
         &["-decompress", "-input", s(&input), "-output", s(&output)],
-        &["plain.safetensors", "not a kv-compress packed file (no kvformat.manifest)"],
+        &[
+            "plain.safetensors",
+            "not a kv-compress packed file (no kvformat.manifest)",
+        ],
     );
 }
 

@@ -16,7 +16,10 @@ fn help_exits_zero_with_usage_on_stderr() {
         assert_eq!(output.status.code(), Some(0), "{flag}");
         assert!(output.stdout.is_empty());
         let usage = stderr(&output);
-        assert!(usage.contains("-input") && usage.contains("-group-size 64 -sparsity 0.0"), "{usage}");
+        assert!(
+            usage.contains("-input") && usage.contains("-group-size 64 -sparsity 0.0"),
+            "{usage}"
+        );
     }
 }
 
@@ -24,9 +27,18 @@ fn help_exits_zero_with_usage_on_stderr() {
 fn flag_errors_exit_two_like_go() {
     let cases: [(&[&str], &str); 5] = [
         (&["-x"], "flag provided but not defined: -x"),
-        (&["-input", "a", "-group-size", "abc"], "invalid value \"abc\" for flag -group-size: parse error"),
-        (&["-input", "a", "-group-size", "48"], "invalid value \"48\" for flag -group-size"),
-        (&["-input", "a", "-metrics-only", "-verbose", "false"], "unexpected argument \"false\""),
+        (
+            &["-input", "a", "-group-size", "abc"],
+            "invalid value \"abc\" for flag -group-size: parse error",
+        ),
+        (
+            &["-input", "a", "-group-size", "48"],
+            "invalid value \"48\" for flag -group-size",
+        ),
+        (
+            &["-input", "a", "-metrics-only", "-verbose", "false"],
+            "unexpected argument \"false\"",
+        ),
         (&["-input"], "flag needs an argument: -input"),
     ];
     for (args, message) in cases {
@@ -46,21 +58,40 @@ fn missing_input_and_output_exit_one_with_the_original_messages() {
     assert_eq!(stderr(&output), "Error: -input is required\n");
     let output = kv_compress(&["-input", "x"]);
     assert_eq!(output.status.code(), Some(1));
-    assert_eq!(stderr(&output), "Error: -output is required (use -metrics-only for dry run)\n");
+    assert_eq!(
+        stderr(&output),
+        "Error: -output is required (use -metrics-only for dry run)\n"
+    );
 }
 
 #[test]
 fn measured_ratios_are_the_adr002_figures() {
     let dir = tempfile::tempdir().unwrap();
-    for (dtype, ratio) in [(CacheDtype::F16, 64.0 / 17.0), (CacheDtype::F32, 128.0 / 17.0), (CacheDtype::BF16, 64.0 / 17.0)] {
+    for (dtype, ratio) in [
+        (CacheDtype::F16, 64.0 / 17.0),
+        (CacheDtype::F32, 128.0 / 17.0),
+        (CacheDtype::BF16, 64.0 / 17.0),
+    ] {
         let input = dir.path().join(format!("{dtype:?}.safetensors"));
         write_kv_cache(&input, dtype, 2, &SHAPE);
         let output = dir.path().join(format!("{dtype:?}.int4.safetensors"));
-        let json = run_json(&["-input", s(&input), "-output", s(&output), "-group-size", "64", "-sparsity", "0.0"]);
+        let json = run_json(&[
+            "-input",
+            s(&input),
+            "-output",
+            s(&output),
+            "-group-size",
+            "64",
+            "-sparsity",
+            "0.0",
+        ]);
         let values = 2 * 2 * SHAPE.iter().product::<usize>();
         assert_eq!(json["original_size_bytes"], values * dtype.size_bytes());
         assert_eq!(json["compressed_size_bytes"], values / 64 * 34);
-        assert!((json["compression_ratio"].as_f64().unwrap() - ratio).abs() < 1e-12, "{dtype:?}: {json}");
+        assert!(
+            (json["compression_ratio"].as_f64().unwrap() - ratio).abs() < 1e-12,
+            "{dtype:?}: {json}"
+        );
         assert!((json["bits_per_value"].as_f64().unwrap() - 4.25).abs() < 1e-12);
     }
 }
@@ -71,8 +102,18 @@ fn json_has_the_bridge_fields_with_their_types() {
     let input = dir.path().join("kv.safetensors");
     write_kv_cache(&input, CacheDtype::F16, 2, &SHAPE);
     let json = run_json(&["-input", s(&input), "-metrics-only", "-group-size", "64"]);
-    for field in ["compression_ratio", "rmse", "snr_db", "cosine_similarity", "max_error", "processing_time_ms"] {
-        assert!(json[field].as_f64().is_some_and(f64::is_finite), "{field}: {json}");
+    for field in [
+        "compression_ratio",
+        "rmse",
+        "snr_db",
+        "cosine_similarity",
+        "max_error",
+        "processing_time_ms",
+    ] {
+        assert!(
+            json[field].as_f64().is_some_and(f64::is_finite),
+            "{field}: {json}"
+        );
     }
     for field in ["original_size_bytes", "compressed_size_bytes"] {
         assert!(json[field].as_u64().is_some(), "{field}");
@@ -99,7 +140,11 @@ fn verbose_adds_tensor_metrics_and_keeps_stdout_pure() {
     let per_tensor = json["tensor_metrics"].as_object().unwrap();
     assert!(per_tensor["layer_0_key_rmse"].as_f64().unwrap() > 0.0);
     assert!(per_tensor.contains_key("layer_0_value_snr_db"));
-    assert!(stderr(&output).contains("layer_0_value"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("layer_0_value"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 #[test]
@@ -108,7 +153,13 @@ fn metrics_only_writes_nothing() {
     let input = dir.path().join("kv.safetensors");
     write_kv_cache(&input, CacheDtype::F16, 1, &SHAPE);
     let before = files_in(dir.path());
-    run_json(&["-input", s(&input), "-metrics-only", "-output", s(&dir.path().join("ignored"))]);
+    run_json(&[
+        "-input",
+        s(&input),
+        "-metrics-only",
+        "-output",
+        s(&dir.path().join("ignored")),
+    ]);
     assert_eq!(files_in(dir.path()), before);
 }
 
@@ -136,21 +187,54 @@ fn decompress_and_reconstruct_equal_the_codec_reconstruction() {
         let reconstructed = dir.path().join("kv.reconstructed.safetensors");
         let originals = write_kv_cache(&input, dtype, 2, &SHAPE);
         let compressed = run_json(&["-input", s(&input), "-output", s(&packed)]);
-        let decompressed = run_json(&["-decompress", "-input", s(&packed), "-output", s(&restored)]);
-        run_json(&["-input", s(&input), "-output", s(&reconstructed), "-reconstruct"]);
-        for field in ["compressed_size_bytes", "original_size_bytes", "rmse", "snr_db", "max_error", "quality_level"] {
+        let decompressed =
+            run_json(&["-decompress", "-input", s(&packed), "-output", s(&restored)]);
+        run_json(&[
+            "-input",
+            s(&input),
+            "-output",
+            s(&reconstructed),
+            "-reconstruct",
+        ]);
+        for field in [
+            "compressed_size_bytes",
+            "original_size_bytes",
+            "rmse",
+            "snr_db",
+            "max_error",
+            "quality_level",
+        ] {
             assert_eq!(compressed[field], decompressed[field], "{field}");
         }
-        assert_eq!(std::fs::read(&restored).unwrap(), std::fs::read(&reconstructed).unwrap());
+        assert_eq!(
+            std::fs::read(&restored).unwrap(),
+            std::fs::read(&reconstructed).unwrap()
+        );
         let cache = KvCache::open(&restored).unwrap();
         assert_eq!(cache.file().metadata()["model_name"], "test-model");
-        let restored: Vec<_> = cache.tensors().map(|(e, d)| (e.name.clone(), d, e.shape.clone(), cache.values(e, d).unwrap().into_owned())).collect();
+        let restored: Vec<_> = cache
+            .tensors()
+            .map(|(e, d)| {
+                (
+                    e.name.clone(),
+                    d,
+                    e.shape.clone(),
+                    cache.values(e, d).unwrap().into_owned(),
+                )
+            })
+            .collect();
         assert_eq!(restored.len(), originals.len());
-        for ((name, values), (restored_name, restored_dtype, shape, restored_values)) in originals.iter().zip(&restored) {
-            assert_eq!((name, *restored_dtype, &shape[..]), (restored_name, dtype, &SHAPE[..]));
+        for ((name, values), (restored_name, restored_dtype, shape, restored_values)) in
+            originals.iter().zip(&restored)
+        {
+            assert_eq!(
+                (name, *restored_dtype, &shape[..]),
+                (restored_name, dtype, &SHAPE[..])
+            );
             let params = CodecParams::adr002(64);
             let encoded = codec::encode(values, &SHAPE, &params).unwrap();
-            let expected = codec::decode(&encoded.payload, &SHAPE, &params, &encoded.layout).unwrap();
+            let expected =
+                codec::decode(&encoded.payload, &SHAPE, &params, &encoded.layout).unwrap();
             let expected = dtype.to_f32(&dtype.from_f32(&expected)).into_owned();
             assert_eq!(&expected, restored_values, "{name} {dtype:?}");
         }
@@ -168,7 +252,10 @@ fn go_style_unpadded_header_with_unaligned_data_reads_like_the_padded_one() {
         let start = data.len();
         data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
         let sep = if i == 0 { "" } else { "," };
-        header += &format!(r#"{sep}"{name}":{{"dtype":"F32","shape":[1,1,2,64],"data_offsets":[{start},{}]}}"#, data.len());
+        header += &format!(
+            r#"{sep}"{name}":{{"dtype":"F32","shape":[1,1,2,64],"data_offsets":[{start},{}]}}"#,
+            data.len()
+        );
     }
     header += r#","__metadata__":{"model_name":"test-model"}}"#;
     if header.len() % 4 == 0 {
@@ -180,7 +267,13 @@ fn go_style_unpadded_header_with_unaligned_data_reads_like_the_padded_one() {
     std::fs::write(&unpadded, raw_safetensors(&header, &data)).unwrap();
     let a = run_json(&["-input", s(&padded), "-metrics-only"]);
     let b = run_json(&["-input", s(&unpadded), "-metrics-only"]);
-    for field in ["rmse", "snr_db", "max_error", "compressed_size_bytes", "original_size_bytes"] {
+    for field in [
+        "rmse",
+        "snr_db",
+        "max_error",
+        "compressed_size_bytes",
+        "original_size_bytes",
+    ] {
         assert_eq!(a[field], b[field], "{field}");
     }
 }
@@ -195,17 +288,39 @@ fn sidecar_is_copied_and_written_beside_decompressed_output() {
     let packed = dir.path().join("kv.int4.safetensors");
     run_json(&["-input", s(&input), "-output", s(&packed)]);
     let copied = kvformat::Sidecar::read(&dir.path().join("kv.int4.metadata.json")).unwrap();
-    assert_eq!((copied.num_layers, copied.seq_len, copied.model_name.as_str()), (2, 32, "m"));
+    assert_eq!(
+        (
+            copied.num_layers,
+            copied.seq_len,
+            copied.model_name.as_str()
+        ),
+        (2, 32, "m")
+    );
     std::fs::remove_file(dir.path().join("kv.int4.metadata.json")).unwrap();
     let restored = dir.path().join("out.safetensors");
     run_json(&["-decompress", "-input", s(&packed), "-output", s(&restored)]);
     let derived = kvformat::Sidecar::read(&dir.path().join("out.metadata.json")).unwrap();
-    assert_eq!((derived.num_kv_heads, derived.head_dim, derived.dtype.as_str()), (4, 64, "float16"));
+    assert_eq!(
+        (
+            derived.num_kv_heads,
+            derived.head_dim,
+            derived.dtype.as_str()
+        ),
+        (4, 64, "float16")
+    );
     // A sidecar that disagrees with the tensors is an error.
-    std::fs::write(dir.path().join("kv.metadata.json"), sidecar.replace("32", "33")).unwrap();
+    std::fs::write(
+        dir.path().join("kv.metadata.json"),
+        sidecar.replace("32", "33"),
+    )
+    .unwrap();
     let output = kv_compress(&["-input", s(&input), "-metrics-only"]);
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("kv.metadata.json") && stderr(&output).contains("layer_0_key"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("kv.metadata.json") && stderr(&output).contains("layer_0_key"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// Every codec option goes through the container: the packed form is smaller
@@ -224,18 +339,41 @@ fn every_method_round_trips_through_the_packed_file() {
         &["-bits", "3", "-grid", "asym", "-key-axis", "token"],
         &["-bits", "8"],
         &["-rotate", "-rotate-seed", "7"],
-        &["-sink-tokens", "4", "-recent-tokens", "8", "-method", "kivi"],
+        &[
+            "-sink-tokens",
+            "4",
+            "-recent-tokens",
+            "8",
+            "-method",
+            "kivi",
+        ],
         &["-sparsity", "0.5", "-value-axis", "token"],
     ];
     for method in methods {
-        let with = |extra: &[&str]| -> Vec<String> { extra.iter().chain(method).map(|s| s.to_string()).collect() };
+        let with = |extra: &[&str]| -> Vec<String> {
+            extra.iter().chain(method).map(|s| s.to_string()).collect()
+        };
         let args = with(&["-input", s(&input), "-output", s(&packed)]);
         let compressed = run_json(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        assert!(compressed["compression_ratio"].as_f64().unwrap() > 1.0, "{method:?}: {compressed}");
-        let args = with(&["-input", s(&input), "-output", s(&reconstructed), "-reconstruct"]);
+        assert!(
+            compressed["compression_ratio"].as_f64().unwrap() > 1.0,
+            "{method:?}: {compressed}"
+        );
+        let args = with(&[
+            "-input",
+            s(&input),
+            "-output",
+            s(&reconstructed),
+            "-reconstruct",
+        ]);
         run_json(&args.iter().map(String::as_str).collect::<Vec<_>>());
-        let decompressed = run_json(&["-decompress", "-input", s(&packed), "-output", s(&restored)]);
+        let decompressed =
+            run_json(&["-decompress", "-input", s(&packed), "-output", s(&restored)]);
         assert_eq!(compressed["rmse"], decompressed["rmse"], "{method:?}");
-        assert_eq!(std::fs::read(&restored).unwrap(), std::fs::read(&reconstructed).unwrap(), "{method:?}");
+        assert_eq!(
+            std::fs::read(&restored).unwrap(),
+            std::fs::read(&reconstructed).unwrap(),
+            "{method:?}"
+        );
     }
 }

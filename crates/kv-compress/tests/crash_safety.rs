@@ -31,16 +31,28 @@ const WRITE_WINDOW: Duration = Duration::from_millis(15);
 
 fn compress_command(input: &Path, output: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_kv-compress"));
-    command.args(["-input", s(input), "-output", s(output)]).stdout(Stdio::null()).stderr(Stdio::null());
+    command
+        .args(["-input", s(input), "-output", s(output)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     command
 }
 
 /// The complete output of compressing `input` (deterministic), made apart.
 fn reference_output(input: &Path, scratch: &Path) -> Vec<u8> {
     let reference = scratch.join("reference.safetensors");
-    assert!(compress_command(input, &reference).status().unwrap().success());
+    assert!(compress_command(input, &reference)
+        .status()
+        .unwrap()
+        .success());
     let restored = scratch.join("reference.restored.safetensors");
-    run_json(&["-decompress", "-input", s(&reference), "-output", s(&restored)]);
+    run_json(&[
+        "-decompress",
+        "-input",
+        s(&reference),
+        "-output",
+        s(&restored),
+    ]);
     std::fs::read(&reference).unwrap()
 }
 
@@ -61,7 +73,10 @@ fn delays(seed: u64, limit: Duration) -> impl Iterator<Item = Duration> {
 }
 
 fn names_in(dir: &Path) -> Vec<String> {
-    files_in(dir).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
+    files_in(dir)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
 }
 
 #[test]
@@ -75,25 +90,43 @@ fn kill_9_at_random_moments_leaves_the_old_or_the_complete_new_output() {
     // The previous output: the same cache packed with another group size.
     let work = tempfile::tempdir().unwrap();
     let output = work.path().join("packed.safetensors");
-    let mut previous = kv_compress(&["-input", s(&input), "-output", s(&output), "-group-size", "32"]);
+    let mut previous = kv_compress(&[
+        "-input",
+        s(&input),
+        "-output",
+        s(&output),
+        "-group-size",
+        "32",
+    ]);
     assert!(previous.status.success(), "{}", stderr(&previous));
     previous.stdout = std::fs::read(&output).unwrap();
     assert_ne!(previous.stdout, new_output);
 
     let started = Instant::now();
-    assert!(compress_command(&input, &work.path().join("timing.safetensors")).status().unwrap().success());
+    assert!(
+        compress_command(&input, &work.path().join("timing.safetensors"))
+            .status()
+            .unwrap()
+            .success()
+    );
     let full_run = started.elapsed();
     std::fs::remove_file(work.path().join("timing.safetensors")).unwrap();
 
     // Half the kills at random moments of the whole run; half at random
     // moments after the temp file appears, so some surely land mid-write.
-    let from_start = delays(0x6b69_6c6c, full_run.mul_f64(1.2)).take(KILLS as usize / 2).map(|d| (false, d));
-    let mid_write = delays(0x7772_6974, WRITE_WINDOW).take(KILLS as usize / 2).map(|d| (true, d));
+    let from_start = delays(0x6b69_6c6c, full_run.mul_f64(1.2))
+        .take(KILLS as usize / 2)
+        .map(|d| (false, d));
+    let mid_write = delays(0x7772_6974, WRITE_WINDOW)
+        .take(KILLS as usize / 2)
+        .map(|d| (true, d));
     let (mut kept_old, mut got_new, mut temp_files) = (0, 0, 0);
     for (after_temp_file, delay) in from_start.chain(mid_write) {
         let mut child = compress_command(&input, &output).spawn().unwrap();
         if after_temp_file {
-            while !names_in(work.path()).iter().any(|n| is_writer_temp_file(n)) && child.try_wait().unwrap().is_none() {
+            while !names_in(work.path()).iter().any(|n| is_writer_temp_file(n))
+                && child.try_wait().unwrap().is_none()
+            {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }
@@ -102,7 +135,10 @@ fn kill_9_at_random_moments_leaves_the_old_or_the_complete_new_output() {
         child.wait().unwrap();
 
         let now = std::fs::read(&output).unwrap();
-        assert!(now == previous.stdout || now == new_output, "killed after {delay:?}: output is neither old nor new");
+        assert!(
+            now == previous.stdout || now == new_output,
+            "killed after {delay:?}: output is neither old nor new"
+        );
         if now == new_output {
             got_new += 1;
             // Back to the old file, so later kills can tell old from new.
@@ -118,10 +154,16 @@ fn kill_9_at_random_moments_leaves_the_old_or_the_complete_new_output() {
                 assert_eq!(name, "packed.safetensors", "unexpected file left behind");
             }
         }
-        assert!(std::fs::read(&input).unwrap() == input_bytes, "the input was modified");
+        assert!(
+            std::fs::read(&input).unwrap() == input_bytes,
+            "the input was modified"
+        );
     }
     eprintln!("{KILLS} kills (run takes {full_run:?}): {kept_old} kept the old output, {got_new} completed, {temp_files} left a temp file");
-    assert!(temp_files > 0, "no kill landed while the output was being written");
+    assert!(
+        temp_files > 0,
+        "no kill landed while the output was being written"
+    );
 }
 
 #[test]
@@ -142,8 +184,15 @@ fn two_writers_to_one_output_leave_one_complete_file() {
         let mut b = compress_command(&input_b, &output).spawn().unwrap();
         assert!(a.wait().unwrap().success() && b.wait().unwrap().success());
         let written = std::fs::read(&output).unwrap();
-        assert!(written == expected_a || written == expected_b, "the output is neither complete file");
-        assert_eq!(names_in(work.path()), ["shared.safetensors"], "a writer left a file behind");
+        assert!(
+            written == expected_a || written == expected_b,
+            "the output is neither complete file"
+        );
+        assert_eq!(
+            names_in(work.path()),
+            ["shared.safetensors"],
+            "a writer left a file behind"
+        );
         std::fs::remove_file(&output).unwrap();
     }
 }
@@ -157,7 +206,13 @@ fn scratch_dir(parent: &Path, name: &str) -> PathBuf {
 /// Runs `kv-compress ARGS` with its address space limited to `limit_kib`.
 fn kv_compress_limited(limit_kib: u64, args: &[&str]) -> std::process::Output {
     let script = format!("ulimit -v {limit_kib}; exec \"$0\" \"$@\"");
-    Command::new("sh").arg("-c").arg(script).arg(env!("CARGO_BIN_EXE_kv-compress")).args(args).output().unwrap()
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg(env!("CARGO_BIN_EXE_kv-compress"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -168,22 +223,39 @@ fn files_claiming_terabytes_fail_cleanly_in_256_mib_of_address_space() {
     write_kv_cache(&valid, CacheDtype::F32, 4, &SHAPE);
     let out = dir.path().join("out.safetensors");
     let control = kv_compress_limited(LIMIT_KIB, &["-input", s(&valid), "-output", s(&out)]);
-    assert!(control.status.success(), "a valid cache must compress within the limit: {}", stderr(&control));
+    assert!(
+        control.status.success(),
+        "a valid cache must compress within the limit: {}",
+        stderr(&control)
+    );
 
     // The LZ4 bomb kept as a fuzz regression, with its checksums made valid.
     let bomb = dir.path().join("bomb.safetensors");
-    let regression = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/fuzz-regressions/packed_decoder/lz4-bomb-raw-len-8TB")).unwrap();
+    let regression = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../testdata/fuzz-regressions/packed_decoder/lz4-bomb-raw-len-8TB"
+    ))
+    .unwrap();
     std::fs::write(&bomb, checksums::with_fixed_checksums(&regression)).unwrap();
     let header = dir.path().join("header.safetensors");
     std::fs::write(&header, [&(1u64 << 40).to_le_bytes()[..], b"{}"].concat()).unwrap();
     let cases: [(&[&str], &str); 2] = [
-        (&["-decompress", "-input", s(&bomb), "-output", s(&out)], "more than LZ4 can expand"),
-        (&["-input", s(&header), "-output", s(&out)], "header length is larger than"),
+        (
+            &["-decompress", "-input", s(&bomb), "-output", s(&out)],
+            "more than LZ4 can expand",
+        ),
+        (
+            &["-input", s(&header), "-output", s(&out)],
+            "header length is larger than",
+        ),
     ];
     for (args, needle) in cases {
         let output = kv_compress_limited(LIMIT_KIB, args);
         let text = stderr(&output);
         assert_eq!(output.status.code(), Some(1), "{args:?}: {text}");
-        assert!(text.lines().count() == 1 && text.contains(needle), "{args:?}: {text}");
+        assert!(
+            text.lines().count() == 1 && text.contains(needle),
+            "{args:?}: {text}"
+        );
     }
 }

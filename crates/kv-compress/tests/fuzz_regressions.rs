@@ -15,14 +15,26 @@ use regressions::{regressions_dir, replay};
 
 #[test]
 fn packed_decoder_regressions() {
-    replay(&regressions_dir(env!("CARGO_MANIFEST_DIR")), "packed_decoder", |bytes| {
-        cli_inputs::decompress(bytes).map(drop).map_err(|e| e.to_string())
-    });
+    replay(
+        &regressions_dir(env!("CARGO_MANIFEST_DIR")),
+        "packed_decoder",
+        |bytes| {
+            cli_inputs::decompress(bytes)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    );
 }
 
 #[test]
 fn flag_parser_regressions() {
-    replay(&regressions_dir(env!("CARGO_MANIFEST_DIR")), "flag_parser", |bytes| {
-        cli_inputs::parse_flags(bytes).map(drop).map_err(|e| e.to_string())
-    });
+    replay(
+        &regressions_dir(env!("CARGO_MANIFEST_DIR")),
+        "flag_parser",
+        |bytes| {
+            cli_inputs::parse_flags(bytes)
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    );
 }

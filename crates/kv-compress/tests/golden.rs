@@ -154,5 +154,8 @@ fn layer_bits_mix_is_counted_byte_for_byte() {
     }
     assert_eq!(json["compressed_size_bytes"].as_u64(), Some(total));
     let values = json["num_values"].as_u64().unwrap() as f64;
-    assert_eq!(json["bits_per_value"].as_f64(), Some(8.0 * total as f64 / values));
+    assert_eq!(
+        json["bits_per_value"].as_f64(),
+        Some(8.0 * total as f64 / values)
+    );
 }

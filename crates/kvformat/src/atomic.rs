@@ -420,7 +420,9 @@ mod tests {
         let target = dir.path().join("out.bin");
         let result = write_atomically(&target, |w| {
             w.write_all(b"partial").map_err(write_error(&target))?;
-            Err(write_error(&target)(std::io::Error::other("simulated failure")))
+            Err(write_error(&target)(std::io::Error::other(
+                "simulated failure",
+            )))
         });
         assert!(result.is_err());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
@@ -431,7 +433,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
         std::fs::write(&target, b"old").unwrap();
-        write_atomically(&target, |w| w.write_all(b"new contents").map_err(write_error(&target))).unwrap();
+        write_atomically(&target, |w| {
+            w.write_all(b"new contents").map_err(write_error(&target))
+        })
+        .unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new contents");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -447,7 +452,11 @@ mod tests {
         write_atomically(&target, |w| w.write_all(b"x").map_err(write_error(&target))).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&target), mode(&reference));
-        assert_ne!(mode(&target), 0o600, "the temp file's private mode leaked into the output");
+        assert_ne!(
+            mode(&target),
+            0o600,
+            "the temp file's private mode leaked into the output"
+        );
     }
 
     #[test]
@@ -469,7 +478,6 @@ mod tests {
         assert!(ensure_distinct(&input, &link).is_err());
         assert!(ensure_distinct(&input, &dir.path().join("other")).is_ok());
     }
-
 
     #[test]
     fn a_write_may_not_name_any_read_even_before_it_exists() {

@@ -26,8 +26,13 @@ impl KvCache {
             .tensors()
             .iter()
             .map(|t| {
-                CacheDtype::from_safetensors(t.dtype)
-                    .ok_or_else(|| Error::tensor(path, &t.name, TensorProblem::UnsupportedDtype(t.dtype.to_string())))
+                CacheDtype::from_safetensors(t.dtype).ok_or_else(|| {
+                    Error::tensor(
+                        path,
+                        &t.name,
+                        TensorProblem::UnsupportedDtype(t.dtype.to_string()),
+                    )
+                })
             })
             .collect::<Result<_>>()?;
         Ok(KvCache { file, dtypes })
@@ -55,24 +60,45 @@ impl KvCache {
     /// reuses tensor after tensor: a fresh buffer per tensor costs a page
     /// fault per 4 KiB (the allocator hands large blocks back to the kernel),
     /// which doubled the time of a metrics-only run.
-    pub fn with_values<R>(&self, entry: &TensorEntry, dtype: CacheDtype, use_values: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    pub fn with_values<R>(
+        &self,
+        entry: &TensorEntry,
+        dtype: CacheDtype,
+        use_values: impl FnOnce(&[f32]) -> R,
+    ) -> Result<R> {
         // Taken, not borrowed: the codec's rayon calls may run another
         // tensor's read on this thread, which then gets buffers of its own.
         let (mut values, mut bytes) = SCRATCH.take();
-        let result = self.read_values(entry, dtype, &mut values, &mut bytes).map(|()| use_values(&values));
+        let result = self
+            .read_values(entry, dtype, &mut values, &mut bytes)
+            .map(|()| use_values(&values));
         SCRATCH.set((values, bytes));
         result
     }
 
-    fn read_values(&self, entry: &TensorEntry, dtype: CacheDtype, values: &mut Vec<f32>, bytes: &mut Vec<u8>) -> Result<()> {
+    fn read_values(
+        &self,
+        entry: &TensorEntry,
+        dtype: CacheDtype,
+        values: &mut Vec<f32>,
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
         let path = self.file.path();
         let problem = |problem| Error::tensor(path, &entry.name, problem);
         // Both buffers are overwritten whole (read_into, to_f32_into).
-        try_resize_for_overwrite(values, entry.byte_len() / dtype.size_bytes(), "the tensor's values").map_err(problem)?;
+        try_resize_for_overwrite(
+            values,
+            entry.byte_len() / dtype.size_bytes(),
+            "the tensor's values",
+        )
+        .map_err(problem)?;
         match dtype {
-            CacheDtype::F32 => self.file.read_into(entry, bytemuck::cast_slice_mut(values))?,
+            CacheDtype::F32 => self
+                .file
+                .read_into(entry, bytemuck::cast_slice_mut(values))?,
             CacheDtype::F16 | CacheDtype::BF16 => {
-                try_resize_for_overwrite(bytes, entry.byte_len(), "the tensor's bytes").map_err(problem)?;
+                try_resize_for_overwrite(bytes, entry.byte_len(), "the tensor's bytes")
+                    .map_err(problem)?;
                 self.file.read_into(entry, bytes)?;
                 dtype.to_f32_into(bytes, values);
             }
@@ -98,13 +124,22 @@ thread_local! {
 pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
     const EXPONENT_MASK: u32 = 0x7f80_0000;
     const CHUNK: usize = 4096;
-    values.chunks(CHUNK).enumerate().find_map(|(chunk_index, chunk)| {
-        let bad = chunk
-            .iter()
-            .map(|v| u32::from(v.to_bits() & EXPONENT_MASK == EXPONENT_MASK))
-            .sum::<u32>();
-        (bad > 0).then(|| chunk_index * CHUNK + chunk.iter().position(|v| !v.is_finite()).expect("counted one"))
-    })
+    values
+        .chunks(CHUNK)
+        .enumerate()
+        .find_map(|(chunk_index, chunk)| {
+            let bad = chunk
+                .iter()
+                .map(|v| u32::from(v.to_bits() & EXPONENT_MASK == EXPONENT_MASK))
+                .sum::<u32>();
+            (bad > 0).then(|| {
+                chunk_index * CHUNK
+                    + chunk
+                        .iter()
+                        .position(|v| !v.is_finite())
+                        .expect("counted one")
+            })
+        })
 }
 
 /// One tensor of a cache to write, values as `f32`, stored as `dtype`.
@@ -118,7 +153,11 @@ pub struct CacheTensor<'a> {
 
 /// Writes a plain KV cache atomically (tensors sorted by name), converting
 /// to each tensor's dtype a few tensors at a time.
-pub fn write_cache(path: &Path, tensors: &[CacheTensor<'_>], metadata: &BTreeMap<String, String>) -> Result<()> {
+pub fn write_cache(
+    path: &Path,
+    tensors: &[CacheTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
     let specs: Vec<TensorSpec<'_>> = tensors
         .iter()
         .map(|t| TensorSpec {
@@ -128,7 +167,9 @@ pub fn write_cache(path: &Path, tensors: &[CacheTensor<'_>], metadata: &BTreeMap
             byte_len: t.values.len() * t.dtype.size_bytes(),
         })
         .collect();
-    write_tensor_file_streaming(path, &specs, metadata, |i, emit| emit(&tensors[i].dtype.from_f32(tensors[i].values)))?;
+    write_tensor_file_streaming(path, &specs, metadata, |i, emit| {
+        emit(&tensors[i].dtype.from_f32(tensors[i].values))
+    })?;
     Ok(())
 }
 
@@ -142,8 +183,18 @@ mod tests {
         let path = dir.path().join("c.safetensors");
         let values = [1.0f32, -2.5, 0.125, 3.0, 4.0, 5.5];
         let tensors = [
-            CacheTensor { name: "b", dtype: CacheDtype::BF16, shape: &[2, 3], values: &values },
-            CacheTensor { name: "a", dtype: CacheDtype::F32, shape: &[6], values: &values },
+            CacheTensor {
+                name: "b",
+                dtype: CacheDtype::BF16,
+                shape: &[2, 3],
+                values: &values,
+            },
+            CacheTensor {
+                name: "a",
+                dtype: CacheDtype::F32,
+                shape: &[6],
+                values: &values,
+            },
         ];
         let metadata = BTreeMap::from([("k".to_string(), "v".to_string())]);
         write_cache(&path, &tensors, &metadata).unwrap();
@@ -151,10 +202,23 @@ mod tests {
         assert_eq!(cache.file().metadata(), &metadata);
         let read: Vec<_> = cache
             .tensors()
-            .map(|(t, d)| (t.name.clone(), d, t.shape.clone(), cache.values(t, d).unwrap().into_owned()))
+            .map(|(t, d)| {
+                (
+                    t.name.clone(),
+                    d,
+                    t.shape.clone(),
+                    cache.values(t, d).unwrap().into_owned(),
+                )
+            })
             .collect();
-        assert_eq!(read[0], ("a".into(), CacheDtype::F32, vec![6], values.to_vec()));
-        assert_eq!(read[1], ("b".into(), CacheDtype::BF16, vec![2, 3], values.to_vec()));
+        assert_eq!(
+            read[0],
+            ("a".into(), CacheDtype::F32, vec![6], values.to_vec())
+        );
+        assert_eq!(
+            read[1],
+            ("b".into(), CacheDtype::BF16, vec![2, 3], values.to_vec())
+        );
     }
 
     #[test]
@@ -164,13 +228,21 @@ mod tests {
         let values = [1.0f32, f32::NAN];
         write_cache(
             &path,
-            &[CacheTensor { name: "layer_0_key", dtype: CacheDtype::F16, shape: &[2], values: &values }],
+            &[CacheTensor {
+                name: "layer_0_key",
+                dtype: CacheDtype::F16,
+                shape: &[2],
+                values: &values,
+            }],
             &BTreeMap::new(),
         )
         .unwrap();
         let cache = KvCache::open(&path).unwrap();
         let (entry, dtype) = cache.tensors().next().unwrap();
         let error = cache.values(entry, dtype).unwrap_err().to_string();
-        assert!(error.contains("layer_0_key") && error.contains("index 1"), "{error}");
+        assert!(
+            error.contains("layer_0_key") && error.contains("index 1"),
+            "{error}"
+        );
     }
 }

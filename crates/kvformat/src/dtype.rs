@@ -119,9 +119,7 @@ impl CacheDtype {
         match self {
             CacheDtype::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
             CacheDtype::F16 => f32_to_halves::<f16>(values, out, 0x7C00, f16::MAX.to_bits()),
-            CacheDtype::BF16 => {
-                f32_to_halves::<bf16>(values, out, 0x7F80, bf16::MAX.to_bits())
-            }
+            CacheDtype::BF16 => f32_to_halves::<bf16>(values, out, 0x7F80, bf16::MAX.to_bits()),
         }
         Ok(())
     }
@@ -236,18 +234,31 @@ mod tests {
         let aligned = CacheDtype::F16.from_f32(&values);
         let mut storage = vec![0u8; aligned.len() + 1];
         let unaligned = &mut storage[1..];
-        assert!(bytemuck::try_cast_slice_mut::<u8, f16>(unaligned).is_err(), "the test needs an odd address");
+        assert!(
+            bytemuck::try_cast_slice_mut::<u8, f16>(unaligned).is_err(),
+            "the test needs an odd address"
+        );
         f32_to_halves::<f16>(&values, unaligned, 0x7C00, f16::MAX.to_bits());
         assert_eq!(unaligned, &aligned[..]);
-        assert_eq!(f16::from_le_bytes([aligned[0], aligned[1]]), f16::from_f32(-65504.0), "saturated");
+        assert_eq!(
+            f16::from_le_bytes([aligned[0], aligned[1]]),
+            f16::from_f32(-65504.0),
+            "saturated"
+        );
     }
 
     #[test]
     fn conversion_saturates_instead_of_overflowing_to_infinity() {
         // 65520 rounds to F16 infinity; 3.4e38 rounds to BF16 infinity.
-        assert_eq!(&*CacheDtype::F16.to_f32(&CacheDtype::F16.from_f32(&[65520.0, -65520.0, 1.0])), &[65504.0, -65504.0, 1.0]);
+        assert_eq!(
+            &*CacheDtype::F16.to_f32(&CacheDtype::F16.from_f32(&[65520.0, -65520.0, 1.0])),
+            &[65504.0, -65504.0, 1.0]
+        );
         let bf16_max = bf16::MAX.to_f32();
-        assert_eq!(&*CacheDtype::BF16.to_f32(&CacheDtype::BF16.from_f32(&[f32::MAX, -f32::MAX])), &[bf16_max, -bf16_max]);
+        assert_eq!(
+            &*CacheDtype::BF16.to_f32(&CacheDtype::BF16.from_f32(&[f32::MAX, -f32::MAX])),
+            &[bf16_max, -bf16_max]
+        );
     }
 
     #[test]

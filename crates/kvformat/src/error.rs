@@ -99,7 +99,11 @@ impl Error {
         }
     }
 
-    pub fn tensor(path: impl Into<PathBuf>, tensor: &str, problem: impl Into<TensorProblem>) -> Self {
+    pub fn tensor(
+        path: impl Into<PathBuf>,
+        tensor: &str,
+        problem: impl Into<TensorProblem>,
+    ) -> Self {
         Error::Tensor {
             path: path.into(),
             tensor: tensor.to_string(),

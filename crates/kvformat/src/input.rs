@@ -74,7 +74,10 @@ pub fn read_capped(path: &Path, cap: u64) -> Result<Option<Vec<u8>>> {
 }
 
 /// `len` zeroed values, or the error naming the bytes that could not be had.
-pub(crate) fn try_zeroed<T: bytemuck::Zeroable + Clone>(len: usize, what: &'static str) -> Result<Vec<T>, TensorProblem> {
+pub(crate) fn try_zeroed<T: bytemuck::Zeroable + Clone>(
+    len: usize,
+    what: &'static str,
+) -> Result<Vec<T>, TensorProblem> {
     let mut values = Vec::new();
     try_resize_zeroed(&mut values, len, what)?;
     Ok(values)
@@ -88,7 +91,9 @@ pub(crate) fn try_resize_zeroed<T: bytemuck::Zeroable + Clone>(
 ) -> Result<(), TensorProblem> {
     values.clear();
     let bytes = len.saturating_mul(std::mem::size_of::<T>());
-    values.try_reserve_exact(len).map_err(|_| TensorProblem::OutOfMemory { bytes, what })?;
+    values
+        .try_reserve_exact(len)
+        .map_err(|_| TensorProblem::OutOfMemory { bytes, what })?;
     values.resize(len, T::zeroed());
     Ok(())
 }

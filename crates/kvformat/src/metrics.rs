@@ -60,7 +60,11 @@ impl Sums {
         self.reconstructed_sq[lane] += r * r;
         let err = (o - r).abs();
         self.err_sq[lane] += err * err;
-        self.max_error[lane] = if err > self.max_error[lane] { err } else { self.max_error[lane] };
+        self.max_error[lane] = if err > self.max_error[lane] {
+            err
+        } else {
+            self.max_error[lane]
+        };
     }
 }
 
@@ -101,7 +105,11 @@ impl Accumulator {
 
     /// Adds the next run of values; `original` and `reconstructed` are equally long.
     pub fn push(&mut self, original: &[f32], reconstructed: &[f32]) {
-        assert_eq!(original.len(), reconstructed.len(), "metrics need equal lengths");
+        assert_eq!(
+            original.len(),
+            reconstructed.len(),
+            "metrics need equal lengths"
+        );
         if original.is_empty() {
             return;
         }
@@ -140,7 +148,11 @@ impl Accumulator {
         let (shift, sums) = (self.shift, &self.sums);
         let total = |lanes: [f64; LANES]| lanes.iter().sum::<f64>();
         let n = self.count as f64;
-        let (shifted, shifted_sq, err_sq) = (total(sums.shifted), total(sums.shifted_sq), total(sums.err_sq));
+        let (shifted, shifted_sq, err_sq) = (
+            total(sums.shifted),
+            total(sums.shifted_sq),
+            total(sums.err_sq),
+        );
         let norm_original = (shifted_sq + 2.0 * shift * shifted + n * shift * shift).max(0.0);
         let norm_reconstructed = total(sums.reconstructed_sq);
         let dot = (norm_original + norm_reconstructed - err_sq) / 2.0;
@@ -161,7 +173,10 @@ crate::simd::multiversion!(fn accumulate / accumulate_at(sums: Sums, shift: f64,
 /// The sums over whole chunks of `LANES` values, lane `j` of a chunk into lane `j`.
 #[inline(always)]
 fn accumulate_generic(mut sums: Sums, shift: f64, original: &[f32], reconstructed: &[f32]) -> Sums {
-    for (o, r) in original.chunks_exact(LANES).zip(reconstructed.chunks_exact(LANES)) {
+    for (o, r) in original
+        .chunks_exact(LANES)
+        .zip(reconstructed.chunks_exact(LANES))
+    {
         for lane in 0..LANES {
             sums.add(lane, shift, o[lane], r[lane]);
         }
@@ -229,10 +244,16 @@ impl Thresholds {
             found.push(format!("RMSE {:.4} > {:.4}", m.rmse, self.max_rmse));
         }
         if m.max_error > self.max_error {
-            found.push(format!("MaxError {:.4} > {:.4}", m.max_error, self.max_error));
+            found.push(format!(
+                "MaxError {:.4} > {:.4}",
+                m.max_error, self.max_error
+            ));
         }
         if m.cosine < self.min_cosine {
-            found.push(format!("CosineSim {:.4} < {:.4}", m.cosine, self.min_cosine));
+            found.push(format!(
+                "CosineSim {:.4} < {:.4}",
+                m.cosine, self.min_cosine
+            ));
         }
         if m.snr_db < self.min_snr_db {
             found.push(format!("SNR {:.2}dB < {:.2}dB", m.snr_db, self.min_snr_db));
@@ -372,7 +393,10 @@ mod tests {
     #[test]
     fn degenerate_cases_stay_finite() {
         let exact = measure(&[3.0, 3.0], &[3.0, 3.0]);
-        assert_eq!((exact.snr_db, exact.cosine, exact.rmse), (SNR_CAP_DB, 1.0, 0.0));
+        assert_eq!(
+            (exact.snr_db, exact.cosine, exact.rmse),
+            (SNR_CAP_DB, 1.0, 0.0)
+        );
         let constant_wrong = measure(&[3.0, 3.0], &[3.0, 2.0]);
         assert_eq!(constant_wrong.snr_db, -SNR_CAP_DB);
         assert_eq!(measure(&[0.0, 0.0], &[0.0, 0.0]).cosine, 1.0);
@@ -399,12 +423,24 @@ mod tests {
             reference.add(i % LANES, shift, o, r);
         }
         let bits = |s: &Sums| {
-            [s.shifted, s.shifted_sq, s.reconstructed_sq, s.err_sq, s.max_error]
-                .map(|lanes| lanes.map(f64::to_bits))
+            [
+                s.shifted,
+                s.shifted_sq,
+                s.reconstructed_sq,
+                s.err_sq,
+                s.max_error,
+            ]
+            .map(|lanes| lanes.map(f64::to_bits))
         };
         for level in crate::simd::Level::available() {
             let bulk = original.len() / LANES * LANES;
-            let sums = accumulate_at(level, Sums::ZERO, shift, &original[..bulk], &reconstructed[..bulk]);
+            let sums = accumulate_at(
+                level,
+                Sums::ZERO,
+                shift,
+                &original[..bulk],
+                &reconstructed[..bulk],
+            );
             let mut tail = sums;
             for i in bulk..original.len() {
                 tail.add(i % LANES, shift, original[i], reconstructed[i]);
@@ -412,7 +448,12 @@ mod tests {
             assert_eq!(bits(&tail), bits(&reference), "{level:?}");
         }
         let whole = measure(&original, &reconstructed);
-        for runs in [&[1usize, 2, 3, 64, 5, 928][..], &[4, 4, 995], &[1003], &[0, 1, 0, 1001, 1]] {
+        for runs in [
+            &[1usize, 2, 3, 64, 5, 928][..],
+            &[4, 4, 995],
+            &[1003],
+            &[0, 1, 0, 1001, 1],
+        ] {
             let mut accumulator = Accumulator::new();
             let mut at = 0;
             for &len in runs {
@@ -424,7 +465,12 @@ mod tests {
         }
         // And the figures are the plain formulas.
         let n = original.len() as f64;
-        let mse = original.iter().zip(&reconstructed).map(|(&o, &r)| (f64::from(o) - f64::from(r)).powi(2)).sum::<f64>() / n;
+        let mse = original
+            .iter()
+            .zip(&reconstructed)
+            .map(|(&o, &r)| (f64::from(o) - f64::from(r)).powi(2))
+            .sum::<f64>()
+            / n;
         assert!((whole.rmse - mse.sqrt()).abs() < 1e-12);
     }
 
@@ -434,7 +480,11 @@ mod tests {
         let reconstructed = [1e6f32 + 0.5, 1e6 + 1.0, 1e6 + 2.0, 1e6 + 3.0];
         // var = 1.25, MSE = 0.0625 -> 10·log10(20)
         let m = measure(&original, &reconstructed);
-        assert!((m.snr_db - 10.0 * 20f64.log10()).abs() < 1e-9, "{}", m.snr_db);
+        assert!(
+            (m.snr_db - 10.0 * 20f64.log10()).abs() < 1e-9,
+            "{}",
+            m.snr_db
+        );
     }
 
     #[test]
@@ -459,7 +509,14 @@ mod tests {
 
     #[test]
     fn quality_levels_follow_the_thresholds() {
-        let at = |rmse, snr_db| QualityLevel::of(&TensorMetrics { rmse, snr_db, cosine: 1.0, max_error: 0.0 });
+        let at = |rmse, snr_db| {
+            QualityLevel::of(&TensorMetrics {
+                rmse,
+                snr_db,
+                cosine: 1.0,
+                max_error: 0.0,
+            })
+        };
         assert_eq!(at(0.005, 41.0), QualityLevel::Excellent);
         assert_eq!(at(0.005, 40.0), QualityLevel::Good);
         assert_eq!(at(0.04, 31.0), QualityLevel::Good);
@@ -471,10 +528,16 @@ mod tests {
     fn report_json_is_indented_and_ends_with_newline() {
         let report = Report::new(64, 17, 32, &[("t".into(), measure(&[1.0], &[1.0]))], true);
         let json = report.to_json();
-        assert!(json.starts_with("{\n  \"compression_ratio\": 3.764"), "{json}");
+        assert!(
+            json.starts_with("{\n  \"compression_ratio\": 3.764"),
+            "{json}"
+        );
         assert!(json.ends_with("}\n"));
         assert!((report.bits_per_value - 8.0 * 17.0 / 32.0).abs() < 1e-12);
-        assert_eq!(report.tensor_metrics.as_ref().unwrap()["t_snr_db"], SNR_CAP_DB);
+        assert_eq!(
+            report.tensor_metrics.as_ref().unwrap()["t_snr_db"],
+            SNR_CAP_DB
+        );
         assert_eq!(serde_json::from_str::<Report>(&json).unwrap(), report);
     }
 
@@ -485,6 +548,13 @@ mod tests {
             "quality_level": "POOR", "processing_time_ms": 4300.5, "quality_passed": false,
             "violations": ["RMSE 0.2600 > 0.1000"]}"#;
         let report: Report = serde_json::from_str(go).unwrap();
-        assert_eq!((report.quality_level, report.bits_per_value, report.tensor_metrics), (QualityLevel::Poor, 0.0, None));
+        assert_eq!(
+            (
+                report.quality_level,
+                report.bits_per_value,
+                report.tensor_metrics
+            ),
+            (QualityLevel::Poor, 0.0, None)
+        );
     }
 }

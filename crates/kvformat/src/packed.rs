@@ -209,7 +209,10 @@ fn container_metadata(manifest: &Manifest, manifest_json: &str) -> BTreeMap<Stri
     }
     metadata.insert(FORMAT_VERSION_KEY.into(), FORMAT_VERSION.into());
     metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
-    metadata.insert(MANIFEST_CRC_KEY.into(), format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())));
+    metadata.insert(
+        MANIFEST_CRC_KEY.into(),
+        format!("{:08x}", crc32fast::hash(manifest_json.as_bytes())),
+    );
     metadata
 }
 
@@ -259,7 +262,10 @@ pub fn stage_packed(
     input_metadata: &BTreeMap<String, String>,
 ) -> Result<Staged> {
     let manifest = Manifest {
-        tensors: tensors.iter().map(|t| (t.name.clone(), t.entry.clone())).collect(),
+        tensors: tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.entry.clone()))
+            .collect(),
         input_metadata: input_metadata.clone(),
     };
     let manifest_json = serde_json::to_string(&manifest).expect("manifest serializes");
@@ -299,7 +305,11 @@ impl PackedFile {
         };
         match metadata.get(FORMAT_VERSION_KEY) {
             Some(version) if version == FORMAT_VERSION => {}
-            other => return Err(manifest_error(format!("unsupported {FORMAT_VERSION_KEY} {other:?} (this reads \"{FORMAT_VERSION}\")"))),
+            other => {
+                return Err(manifest_error(format!(
+                    "unsupported {FORMAT_VERSION_KEY} {other:?} (this reads \"{FORMAT_VERSION}\")"
+                )))
+            }
         }
         let actual_crc = format!("{:08x}", crc32fast::hash(manifest_json.as_bytes()));
         if metadata.get(MANIFEST_CRC_KEY) != Some(&actual_crc) {
@@ -308,7 +318,8 @@ impl PackedFile {
                 metadata.get(MANIFEST_CRC_KEY)
             )));
         }
-        let manifest: Manifest = serde_json::from_str(manifest_json).map_err(|e| manifest_error(format!("not valid JSON: {e}")))?;
+        let manifest: Manifest = serde_json::from_str(manifest_json)
+            .map_err(|e| manifest_error(format!("not valid JSON: {e}")))?;
         if &container_metadata(&manifest, manifest_json) != metadata {
             return Err(manifest_error(
                 "__metadata__ does not match the manifest (a carried key was altered): the file is corrupted".into(),
@@ -316,7 +327,11 @@ impl PackedFile {
         }
         for entry in file.tensors() {
             if !manifest.tensors.contains_key(&entry.name) {
-                return Err(Error::tensor(path, &entry.name, TensorProblem::UnlistedTensor));
+                return Err(Error::tensor(
+                    path,
+                    &entry.name,
+                    TensorProblem::UnlistedTensor,
+                ));
             }
         }
         for (name, tensor) in &manifest.tensors {
@@ -334,7 +349,9 @@ impl PackedFile {
                     },
                 ));
             }
-            check_plausible(tensor).map_err(|problem| Error::tensor(path, name, TensorProblem::BadManifestEntry(problem)))?;
+            check_plausible(tensor).map_err(|problem| {
+                Error::tensor(path, name, TensorProblem::BadManifestEntry(problem))
+            })?;
         }
         Ok(PackedFile { file, manifest })
     }
@@ -396,8 +413,12 @@ impl PackedFile {
                 })
             };
             let payload: &[u8] = if tensor.lz4 {
-                try_resize_for_overwrite(&mut decompressed, tensor.raw_len, "the decompressed payload")
-                    .map_err(problem)?;
+                try_resize_for_overwrite(
+                    &mut decompressed,
+                    tensor.raw_len,
+                    "the decompressed payload",
+                )
+                .map_err(problem)?;
                 let len = lz4_flex::block::decompress_into(&stored, &mut decompressed)
                     .map_err(|e| lz4_error(e.to_string()))?;
                 if len != tensor.raw_len {
@@ -413,8 +434,14 @@ impl PackedFile {
                 .map_err(|e| problem(e.into()))?;
             let count = tensor.shape.iter().product::<usize>();
             try_resize_for_overwrite(values, count, "the decoded tensor").map_err(problem)?;
-            codec::decode_into(payload, &tensor.shape, &tensor.codec, &tensor.layout, values)
-                .map_err(|e| problem(e.into()))
+            codec::decode_into(
+                payload,
+                &tensor.shape,
+                &tensor.codec,
+                &tensor.layout,
+                values,
+            )
+            .map_err(|e| problem(e.into()))
         })();
         UNPACK_SCRATCH.set((stored, decompressed));
         result?;
@@ -438,9 +465,15 @@ thread_local! {
 
 /// The file's entry for tensor `name`, by binary search (entries are sorted
 /// by name): a linear search per tensor made files of many tensors quadratic.
-fn entry_named<'a>(file: &'a TensorFile, name: &str) -> Option<&'a crate::tensor_file::TensorEntry> {
+fn entry_named<'a>(
+    file: &'a TensorFile,
+    name: &str,
+) -> Option<&'a crate::tensor_file::TensorEntry> {
     let tensors = file.tensors();
-    tensors.binary_search_by(|t| t.name.as_str().cmp(name)).ok().map(|i| &tensors[i])
+    tensors
+        .binary_search_by(|t| t.name.as_str().cmp(name))
+        .ok()
+        .map(|i| &tensors[i])
 }
 
 /// Rejects manifest entries whose sizes cannot be right before any allocation.
@@ -455,7 +488,10 @@ fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
         .saturating_mul(MAX_RAW_BYTES_PER_VALUE)
         .saturating_add(MAX_RAW_OVERHEAD_BYTES);
     if tensor.raw_len > max_raw {
-        return Err(format!("raw_len {} exceeds {max_raw} for {values} values", tensor.raw_len));
+        return Err(format!(
+            "raw_len {} exceeds {max_raw} for {values} values",
+            tensor.raw_len
+        ));
     }
     if tensor.lz4 && tensor.raw_len > tensor.stored_len.saturating_mul(LZ4_MAX_EXPANSION) {
         return Err(format!(
@@ -466,7 +502,10 @@ fn check_plausible(tensor: &ManifestTensor) -> std::result::Result<(), String> {
     // Invalid codec params are reported by `unpack`, which names them.
     if let Ok(expected) = codec::payload_len(&tensor.shape, &tensor.codec, &tensor.layout) {
         if tensor.raw_len != expected {
-            return Err(format!("raw_len {} but the codec payload for this shape is {expected} bytes", tensor.raw_len));
+            return Err(format!(
+                "raw_len {} but the codec payload for this shape is {expected} bytes",
+                tensor.raw_len
+            ));
         }
     }
     if !tensor.lz4 && tensor.raw_len != tensor.stored_len {
@@ -517,10 +556,15 @@ mod tests {
     fn the_lz4_trial_skips_noise_and_tries_what_lz4_shrinks() {
         let len = 280_000;
         let payload = noise(len);
-        assert!(lz4_flex::block::compress(&payload).len() >= len, "noise does not shrink");
+        assert!(
+            lz4_flex::block::compress(&payload).len() >= len,
+            "noise does not shrink"
+        );
         assert!(!lz4_may_pay(&payload));
         // Short payloads are tried whole, whatever they hold.
-        assert!(lz4_may_pay(&payload[..LZ4_TRIAL_SLICES * LZ4_TRIAL_SLICE_BYTES]));
+        assert!(lz4_may_pay(
+            &payload[..LZ4_TRIAL_SLICES * LZ4_TRIAL_SLICE_BYTES]
+        ));
         // A stretch of zeros (padding tokens) or of one repeated token, a
         // twentieth of the payload, anywhere: LZ4 shrinks it and the trial sees it.
         let stretch = len / 20;
@@ -531,7 +575,10 @@ mod tests {
                     *byte = if repeated { (i % 32) as u8 } else { 0 };
                 }
                 assert!(lz4_flex::block::compress(&payload).len() < len);
-                assert!(lz4_may_pay(&payload), "stretch at {start}, repeated {repeated}");
+                assert!(
+                    lz4_may_pay(&payload),
+                    "stretch at {start}, repeated {repeated}"
+                );
             }
         }
     }

@@ -85,8 +85,11 @@ impl Sidecar {
         let [_, heads, seq, head_dim] = shape[..] else {
             return None;
         };
-        let names: std::collections::HashSet<&str> = tensors.iter().map(|(n, _, _)| n.as_str()).collect();
-        let num_layers = (0..).take_while(|i| names.contains(format!("layer_{i}_key").as_str())).count();
+        let names: std::collections::HashSet<&str> =
+            tensors.iter().map(|(n, _, _)| n.as_str()).collect();
+        let num_layers = (0..)
+            .take_while(|i| names.contains(format!("layer_{i}_key").as_str()))
+            .count();
         let sidecar = Sidecar {
             num_layers,
             num_kv_heads: heads,
@@ -210,10 +213,15 @@ mod tests {
     #[test]
     fn infer_and_check_agree_on_a_two_layer_cache() {
         let shape = vec![1, 4, 16, 64];
-        let tensors: Vec<_> = ["layer_0_key", "layer_0_value", "layer_1_key", "layer_1_value"]
-            .iter()
-            .map(|n| (n.to_string(), CacheDtype::F16, shape.clone()))
-            .collect();
+        let tensors: Vec<_> = [
+            "layer_0_key",
+            "layer_0_value",
+            "layer_1_key",
+            "layer_1_value",
+        ]
+        .iter()
+        .map(|n| (n.to_string(), CacheDtype::F16, shape.clone()))
+        .collect();
         let sidecar = Sidecar::infer(&tensors, "m").unwrap();
         assert_eq!(
             sidecar,

@@ -135,7 +135,12 @@ impl TensorFile {
             });
         }
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
-        let metadata = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
+        let metadata = metadata
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         Ok(TensorFile {
             path: path.into(),
             file,
@@ -249,7 +254,9 @@ pub fn stage_tensor_file(
             .write_all(&header)
             .map_err(crate::atomic::write_error(path))?;
         for tensor in &sorted {
-            writer.write_all(tensor.data).map_err(crate::atomic::write_error(path))?;
+            writer
+                .write_all(tensor.data)
+                .map_err(crate::atomic::write_error(path))?;
         }
         Ok(())
     })
@@ -369,14 +376,16 @@ where
                 .map(|&index| {
                     let mut copy = Vec::new();
                     let by_product = produce_once(index, &mut |bytes: &[u8]| {
-                        copy.try_reserve_exact(bytes.len()).map_err(|_| Error::tensor(
-                            path,
-                            specs[index].name,
-                            crate::error::TensorProblem::OutOfMemory {
-                                bytes: bytes.len(),
-                                what: "the tensor's bytes",
-                            },
-                        ))?;
+                        copy.try_reserve_exact(bytes.len()).map_err(|_| {
+                            Error::tensor(
+                                path,
+                                specs[index].name,
+                                crate::error::TensorProblem::OutOfMemory {
+                                    bytes: bytes.len(),
+                                    what: "the tensor's bytes",
+                                },
+                            )
+                        })?;
                         copy.extend_from_slice(bytes);
                         Ok(())
                     })?;
@@ -385,7 +394,9 @@ where
                 .collect();
             for (&index, result) in batch.iter().zip(produced) {
                 let (bytes, by_product) = result?;
-                writer.write_all(&bytes).map_err(crate::atomic::write_error(path))?;
+                writer
+                    .write_all(&bytes)
+                    .map_err(crate::atomic::write_error(path))?;
                 by_products[index] = Some(by_product);
             }
         }
@@ -457,10 +468,16 @@ fn header_bytes_for(
     }
     let mut header = serde_json::Map::new();
     if !metadata.is_empty() {
-        header.insert("__metadata__".into(), serde_json::to_value(metadata).expect("string map serializes"));
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(metadata).expect("string map serializes"),
+        );
     }
     for (name, info) in &infos {
-        header.insert(name.clone(), serde_json::to_value(info).expect("tensor info serializes"));
+        header.insert(
+            name.clone(),
+            serde_json::to_value(info).expect("tensor info serializes"),
+        );
     }
     safetensors::tensor::Metadata::new(None, infos).map_err(|e| Error::Structure {
         path: path.into(),
@@ -486,12 +503,19 @@ fn header_bytes_for(
 fn structure_error(path: &Path, header_json: Option<&[u8]>, error: SafeTensorError) -> Error {
     let problem = match error {
         SafeTensorError::HeaderTooSmall => "file shorter than the 8-byte header length".to_string(),
-        SafeTensorError::HeaderTooLarge => "header length is larger than the 100 MB limit".to_string(),
-        SafeTensorError::InvalidHeaderLength => "header length runs past the end of the file (truncated?)".to_string(),
+        SafeTensorError::HeaderTooLarge => {
+            "header length is larger than the 100 MB limit".to_string()
+        }
+        SafeTensorError::InvalidHeaderLength => {
+            "header length runs past the end of the file (truncated?)".to_string()
+        }
         SafeTensorError::InvalidHeader(e) => format!("header is not UTF-8: {e}"),
-        SafeTensorError::InvalidHeaderDeserialization(e) => format!("header is not valid safetensors JSON: {e}"),
+        SafeTensorError::InvalidHeaderDeserialization(e) => {
+            format!("header is not valid safetensors JSON: {e}")
+        }
         SafeTensorError::MetadataIncompleteBuffer => {
-            "tensor data does not end exactly at the end of the file (truncated or trailing bytes)".to_string()
+            "tensor data does not end exactly at the end of the file (truncated or trailing bytes)"
+                .to_string()
         }
         SafeTensorError::InvalidOffset(tensor) => {
             return Error::Tensor {
@@ -510,8 +534,12 @@ fn structure_error(path: &Path, header_json: Option<&[u8]>, error: SafeTensorErr
             }
             None => "a tensor's shape x dtype does not match its byte length".to_string(),
         },
-        SafeTensorError::ValidationOverflow => "a tensor's shape overflows when multiplied out".to_string(),
-        SafeTensorError::MisalignedSlice => "a tensor's size is not a whole number of bytes".to_string(),
+        SafeTensorError::ValidationOverflow => {
+            "a tensor's shape overflows when multiplied out".to_string()
+        }
+        SafeTensorError::MisalignedSlice => {
+            "a tensor's size is not a whole number of bytes".to_string()
+        }
         other => other.to_string(),
     };
     Error::Structure {
@@ -549,9 +577,15 @@ fn count_header_entries<R: serde_json::de::Read<'static>>(
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<usize, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> std::result::Result<usize, A::Error> {
             let mut entries = 0;
-            while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {
+            while map
+                .next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?
+                .is_some()
+            {
                 entries += 1;
             }
             Ok(entries)
@@ -571,8 +605,13 @@ fn tensor_with_wrong_size(header_json: Option<&[u8]>) -> Option<String> {
             .map(|(name, value)| Some((name, serde_json::from_value(value).ok()?)))
             .collect::<Option<_>>()?;
     header.into_iter().find_map(|(name, info)| {
-        let elements = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let expected = elements.and_then(|n| n.checked_mul(info.dtype.bitsize())).map(|bits| bits / 8);
+        let elements = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let expected = elements
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+            .map(|bits| bits / 8);
         let actual = info.data_offsets.1.checked_sub(info.data_offsets.0);
         (expected != actual).then_some(name)
     })

@@ -67,7 +67,10 @@ fn measure<T>(f: impl FnOnce() -> T) -> (T, Allocations) {
     PEAK.with(|p| p.set(base));
     LARGEST.with(|l| l.set(0));
     let result = f();
-    let allocations = Allocations { peak: PEAK.with(Cell::get) - base, largest: LARGEST.with(Cell::get) };
+    let allocations = Allocations {
+        peak: PEAK.with(Cell::get) - base,
+        largest: LARGEST.with(Cell::get),
+    };
     (result, allocations)
 }
 
@@ -80,7 +83,12 @@ fn open_cache_error(bytes: &[u8]) -> (String, Allocations) {
     let path = dir.path().join("hostile.safetensors");
     std::fs::write(&path, bytes).unwrap();
     let (result, allocations) = measure(|| KvCache::open(&path).map(|_| ()));
-    (result.expect_err("a hostile cache must be rejected").to_string(), allocations)
+    (
+        result
+            .expect_err("a hostile cache must be rejected")
+            .to_string(),
+        allocations,
+    )
 }
 
 #[test]
@@ -88,8 +96,15 @@ fn header_length_of_a_terabyte_is_rejected_before_reading_it() {
     let mut bytes = (1u64 << 40).to_le_bytes().to_vec();
     bytes.extend_from_slice(b"{}");
     let (error, allocations) = open_cache_error(&bytes);
-    assert!(error.contains("hostile.safetensors") && error.contains("header length is larger than"), "{error}");
-    assert!(allocations.peak < 64 * KIB, "allocated {} bytes", allocations.peak);
+    assert!(
+        error.contains("hostile.safetensors") && error.contains("header length is larger than"),
+        "{error}"
+    );
+    assert!(
+        allocations.peak < 64 * KIB,
+        "allocated {} bytes",
+        allocations.peak
+    );
 }
 
 #[test]
@@ -98,7 +113,11 @@ fn header_length_past_the_end_of_the_file_is_rejected() {
     bytes.extend_from_slice(b"{}");
     let (error, allocations) = open_cache_error(&bytes);
     assert!(error.contains("runs past the end of the file"), "{error}");
-    assert!(allocations.peak < 64 * KIB, "allocated {} bytes", allocations.peak);
+    assert!(
+        allocations.peak < 64 * KIB,
+        "allocated {} bytes",
+        allocations.peak
+    );
 }
 
 #[test]
@@ -107,15 +126,26 @@ fn shape_whose_product_overflows_usize_is_rejected() {
     let header = r#"{"layer_0_key":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}}"#;
     let (error, allocations) = open_cache_error(&safetensors_bytes(header, &[0; 4]));
     assert!(error.contains("overflows"), "{error}");
-    assert!(allocations.peak < 64 * KIB, "allocated {} bytes", allocations.peak);
+    assert!(
+        allocations.peak < 64 * KIB,
+        "allocated {} bytes",
+        allocations.peak
+    );
 }
 
 #[test]
 fn offsets_claiming_a_petabyte_of_data_are_rejected() {
     let header = r#"{"layer_0_key":{"dtype":"U8","shape":[1000000000000000],"data_offsets":[0,1000000000000000]}}"#;
     let (error, allocations) = open_cache_error(&safetensors_bytes(header, &[0; 16]));
-    assert!(error.contains("does not end exactly at the end of the file"), "{error}");
-    assert!(allocations.peak < 64 * KIB, "allocated {} bytes", allocations.peak);
+    assert!(
+        error.contains("does not end exactly at the end of the file"),
+        "{error}"
+    );
+    assert!(
+        allocations.peak < 64 * KIB,
+        "allocated {} bytes",
+        allocations.peak
+    );
 }
 
 #[test]
@@ -124,23 +154,48 @@ fn a_million_tiny_tensors_are_rejected_before_parsing_them() {
     let (error, allocations) = open_cache_error(&bytes);
     assert!(error.contains("tensors"), "{error}");
     // The header is ~56 MB; parsing it into a million entries would take far more.
-    assert!(allocations.peak < 4 * MIB, "allocated {} bytes for a {} byte file", allocations.peak, bytes.len());
+    assert!(
+        allocations.peak < 4 * MIB,
+        "allocated {} bytes for a {} byte file",
+        allocations.peak,
+        bytes.len()
+    );
 }
 
 /// Packs one small tensor, applies `edit` to its manifest entry (checksums
 /// recomputed), and checks opening and unpacking it fails naming the tensor
 /// and `needle` without any allocation near the claimed size.
-fn assert_edited_manifest_rejected(edit: impl FnOnce(&mut serde_json::Map<String, Value>), needle: &str) {
+fn assert_edited_manifest_rejected(
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+    needle: &str,
+) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edited.safetensors");
     let values: Vec<f32> = (0..256).map(|i| (i as f32 * 0.1).sin()).collect();
-    let (tensor, _) = pack_tensor("layer_0_key", CacheDtype::F16, &[1, 1, 4, 64], &values, &CodecParams::adr002(64)).unwrap();
+    let (tensor, _) = pack_tensor(
+        "layer_0_key",
+        CacheDtype::F16,
+        &[1, 1, 4, 64],
+        &values,
+        &CodecParams::adr002(64),
+    )
+    .unwrap();
     write_packed(&path, &[tensor], &BTreeMap::new()).unwrap();
     edit_first_manifest_entry(&path, edit);
-    let (result, allocations) = measure(|| PackedFile::open(&path).and_then(|packed| packed.unpack("layer_0_key")));
-    let error = result.expect_err("a hostile packed file must be rejected").to_string();
-    assert!(error.contains("layer_0_key") && error.contains(needle), "{error}");
-    assert!(allocations.largest < MIB, "largest allocation {} bytes", allocations.largest);
+    let (result, allocations) =
+        measure(|| PackedFile::open(&path).and_then(|packed| packed.unpack("layer_0_key")));
+    let error = result
+        .expect_err("a hostile packed file must be rejected")
+        .to_string();
+    assert!(
+        error.contains("layer_0_key") && error.contains(needle),
+        "{error}"
+    );
+    assert!(
+        allocations.largest < MIB,
+        "largest allocation {} bytes",
+        allocations.largest
+    );
 }
 
 #[test]
@@ -173,9 +228,21 @@ fn sidecar_larger_than_a_mebibyte_is_refused_unread() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("kv_cache.metadata.json");
     // Sparse: claims 1 TB without using the disk.
-    std::fs::File::create(&path).unwrap().set_len(1 << 40).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 40)
+        .unwrap();
     let (result, allocations) = measure(|| kvformat::Sidecar::read(&path));
-    let error = result.expect_err("a 1 TB sidecar must be refused").to_string();
-    assert!(error.contains("kv_cache.metadata.json") && error.contains("too large for a sidecar"), "{error}");
-    assert!(allocations.peak < 64 * KIB, "allocated {} bytes", allocations.peak);
+    let error = result
+        .expect_err("a 1 TB sidecar must be refused")
+        .to_string();
+    assert!(
+        error.contains("kv_cache.metadata.json") && error.contains("too large for a sidecar"),
+        "{error}"
+    );
+    assert!(
+        allocations.peak < 64 * KIB,
+        "allocated {} bytes",
+        allocations.peak
+    );
 }

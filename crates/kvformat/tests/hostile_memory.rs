@@ -25,20 +25,31 @@ const SLACK_BYTES: u64 = 16 << 20;
 /// cache or packed file, then prints this process's peak RSS.
 #[test]
 fn probe() {
-    let Ok(spec) = std::env::var(PROBE_ENV) else { return };
+    let Ok(spec) = std::env::var(PROBE_ENV) else {
+        return;
+    };
     let (kind, path) = spec.split_once(':').expect("kind:path");
     let path = Path::new(path);
     let outcome = match kind {
         "cache" => KvCache::open(path).map(drop),
         "packed" => PackedFile::open(path).and_then(|packed| {
             let names: Vec<String> = packed.manifest().tensors.keys().cloned().collect();
-            names.iter().try_for_each(|name| packed.unpack(name).map(drop))
+            names
+                .iter()
+                .try_for_each(|name| packed.unpack(name).map(drop))
         }),
         other => panic!("unknown probe kind {other}"),
     };
     let status = std::fs::read_to_string("/proc/self/status").expect("Linux /proc");
-    let hwm_kb = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).expect("VmHWM line");
-    println!("PROBE ok={} vmhwm_kb={}", outcome.is_ok(), hwm_kb.trim().trim_end_matches(" kB"));
+    let hwm_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("VmHWM line");
+    println!(
+        "PROBE ok={} vmhwm_kb={}",
+        outcome.is_ok(),
+        hwm_kb.trim().trim_end_matches(" kB")
+    );
 }
 
 /// Peak RSS in bytes of a child reading `path` as `kind`, and whether it read it.
@@ -52,14 +63,32 @@ fn peak_rss(kind: &str, path: &Path) -> (u64, bool) {
     let line = stdout
         .lines()
         .find_map(|l| l.split_once("PROBE ").map(|(_, probe)| probe))
-        .unwrap_or_else(|| panic!("no probe line: {stdout}{}", String::from_utf8_lossy(&output.stderr)));
-    let field = |key: &str| line.split(' ').find_map(|f| f.strip_prefix(key)).unwrap().to_string();
-    (field("vmhwm_kb=").parse::<u64>().unwrap() * 1024, field("ok=") == "true")
+        .unwrap_or_else(|| {
+            panic!(
+                "no probe line: {stdout}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    let field = |key: &str| {
+        line.split(' ')
+            .find_map(|f| f.strip_prefix(key))
+            .unwrap()
+            .to_string()
+    };
+    (
+        field("vmhwm_kb=").parse::<u64>().unwrap() * 1024,
+        field("ok=") == "true",
+    )
 }
 
 fn small_cache(path: &Path) {
     let values = [0.5f32; 64];
-    let tensor = CacheTensor { name: "layer_0_key", dtype: CacheDtype::F16, shape: &[1, 1, 1, 64], values: &values };
+    let tensor = CacheTensor {
+        name: "layer_0_key",
+        dtype: CacheDtype::F16,
+        shape: &[1, 1, 1, 64],
+        values: &values,
+    };
     write_cache(path, &[tensor], &BTreeMap::new()).unwrap();
 }
 
@@ -85,7 +114,14 @@ fn files_claiming_terabytes_stay_within_the_memory_bound() {
     // A packed tensor of 2^40 values whose LZ4 payload claims 8 TB.
     let bomb = dir.path().join("bomb.safetensors");
     let values: Vec<f32> = vec![0.0; 4096];
-    let (tensor, _) = pack_tensor("layer_0_key", CacheDtype::F16, &[1, 1, 64, 64], &values, &CodecParams::adr002(64)).unwrap();
+    let (tensor, _) = pack_tensor(
+        "layer_0_key",
+        CacheDtype::F16,
+        &[1, 1, 64, 64],
+        &values,
+        &CodecParams::adr002(64),
+    )
+    .unwrap();
     assert!(tensor.entry.lz4);
     write_packed(&bomb, &[tensor], &BTreeMap::new()).unwrap();
     edit_first_manifest_entry(&bomb, |entry| {

@@ -94,7 +94,10 @@ fn group_of(shape: &[usize], params: &CodecParams) -> Vec<usize> {
 fn bounds(original: &[f32], shape: &[usize], params: &CodecParams) -> Vec<f32> {
     let groups = group_of(shape, params);
     let group_count = groups.iter().max().map_or(0, |g| g + 1);
-    let (mut min, mut max) = (vec![f64::INFINITY; group_count], vec![f64::NEG_INFINITY; group_count]);
+    let (mut min, mut max) = (
+        vec![f64::INFINITY; group_count],
+        vec![f64::NEG_INFINITY; group_count],
+    );
     for (&x, &g) in original.iter().zip(&groups) {
         min[g] = min[g].min(f64::from(x));
         max[g] = max[g].max(f64::from(x));
@@ -108,12 +111,17 @@ fn bounds(original: &[f32], shape: &[usize], params: &CodecParams) -> Vec<f32> {
             let scale = match params.grid {
                 Grid::Symmetric => magnitude / qmax,
                 Grid::Asymmetric => (max[g] - min[g]) / levels,
-                Grid::Lloyd | Grid::Kmeans => unreachable!("codebook grids: see codebooks_stay_finite_at_the_extremes"),
+                Grid::Lloyd | Grid::Kmeans => {
+                    unreachable!("codebook grids: see codebooks_stay_finite_at_the_extremes")
+                }
             };
             // scale/2, the stored scale and offset off by f16's relative
             // rounding (2^-11, doubled for slack), and f32's smallest normal
             // for scales clamped up to it.
-            let bound = scale / 2.0 + levels * scale * 2f64.powi(-10) + magnitude * 2f64.powi(-10) + 2f64.powi(-126);
+            let bound = scale / 2.0
+                + levels * scale * 2f64.powi(-10)
+                + magnitude * 2f64.powi(-10)
+                + 2f64.powi(-126);
             bound as f32
         })
         .collect()
@@ -121,7 +129,12 @@ fn bounds(original: &[f32], shape: &[usize], params: &CodecParams) -> Vec<f32> {
 
 fn shapes() -> impl Strategy<Value = Vec<usize>> {
     prop_oneof![
-        (1usize..3, 1usize..4, 1usize..20, prop::sample::select(vec![1usize, 4, 16, 64]))
+        (
+            1usize..3,
+            1usize..4,
+            1usize..20,
+            prop::sample::select(vec![1usize, 4, 16, 64])
+        )
             .prop_map(|(b, h, s, d)| vec![b, h, s, d]),
         prop::collection::vec(1usize..50, 1..3),
     ]
@@ -139,7 +152,11 @@ fn distributions() -> impl Strategy<Value = Distribution> {
 }
 
 fn params(four_d: bool) -> impl Strategy<Value = CodecParams> {
-    let axes = if four_d { vec![Axis::Flat, Axis::Token, Axis::Channel] } else { vec![Axis::Flat] };
+    let axes = if four_d {
+        vec![Axis::Flat, Axis::Token, Axis::Channel]
+    } else {
+        vec![Axis::Flat]
+    };
     (
         prop::sample::select(vec![2u8, 3, 4, 4, 8]),
         prop::sample::select(vec![Grid::Symmetric, Grid::Symmetric, Grid::Asymmetric]),
@@ -159,17 +176,30 @@ fn params(four_d: bool) -> impl Strategy<Value = CodecParams> {
 
 /// Cache -> packed file -> restored cache file, as `kv-compress` and
 /// `kv-compress -decompress` do it; returns the restored file's tensors.
-fn round_trip(dir: &Path, tensors: &[(String, CacheDtype, Vec<usize>, Vec<f32>)], params: &CodecParams) -> Vec<(String, CacheDtype, Vec<usize>, Vec<f32>)> {
+fn round_trip(
+    dir: &Path,
+    tensors: &[(String, CacheDtype, Vec<usize>, Vec<f32>)],
+    params: &CodecParams,
+) -> Vec<(String, CacheDtype, Vec<usize>, Vec<f32>)> {
     let input = dir.join("cache.safetensors");
-    let views: Vec<CacheTensor<'_>> =
-        tensors.iter().map(|(name, dtype, shape, values)| CacheTensor { name, dtype: *dtype, shape, values }).collect();
+    let views: Vec<CacheTensor<'_>> = tensors
+        .iter()
+        .map(|(name, dtype, shape, values)| CacheTensor {
+            name,
+            dtype: *dtype,
+            shape,
+            values,
+        })
+        .collect();
     write_cache(&input, &views, &BTreeMap::new()).unwrap();
     let cache = KvCache::open(&input).unwrap();
     let packed: Vec<_> = cache
         .tensors()
         .map(|(entry, dtype)| {
             let values = cache.values(entry, dtype).unwrap();
-            pack_tensor(&entry.name, dtype, &entry.shape, &values, params).unwrap().0
+            pack_tensor(&entry.name, dtype, &entry.shape, &values, params)
+                .unwrap()
+                .0
         })
         .collect();
     let packed_path = dir.join("packed.safetensors");
@@ -180,34 +210,62 @@ fn round_trip(dir: &Path, tensors: &[(String, CacheDtype, Vec<usize>, Vec<f32>)]
         .manifest()
         .tensors
         .iter()
-        .map(|(name, t)| (name.clone(), t.dtype, t.shape.clone(), opened.unpack(name).unwrap()))
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                t.dtype,
+                t.shape.clone(),
+                opened.unpack(name).unwrap(),
+            )
+        })
         .collect();
     let restored_path = dir.join("restored.safetensors");
-    let views: Vec<CacheTensor<'_>> =
-        unpacked.iter().map(|(name, dtype, shape, values)| CacheTensor { name, dtype: *dtype, shape, values }).collect();
+    let views: Vec<CacheTensor<'_>> = unpacked
+        .iter()
+        .map(|(name, dtype, shape, values)| CacheTensor {
+            name,
+            dtype: *dtype,
+            shape,
+            values,
+        })
+        .collect();
     write_cache(&restored_path, &views, &opened.manifest().input_metadata).unwrap();
     let restored = KvCache::open(&restored_path).unwrap();
     restored
         .tensors()
         .map(|(entry, dtype)| {
-            let values = restored.values(entry, dtype).unwrap_or_else(|e| panic!("restored file: {e}"));
-            (entry.name.clone(), dtype, entry.shape.clone(), values.into_owned())
+            let values = restored
+                .values(entry, dtype)
+                .unwrap_or_else(|e| panic!("restored file: {e}"));
+            (
+                entry.name.clone(),
+                dtype,
+                entry.shape.clone(),
+                values.into_owned(),
+            )
         })
         .collect()
 }
 
 fn tensors() -> impl Strategy<Value = Vec<(String, CacheDtype, Vec<usize>, Vec<f32>)>> {
     let dtype = prop::sample::select(vec![CacheDtype::F32, CacheDtype::F16, CacheDtype::BF16]);
-    prop::collection::vec((dtype, shapes(), distributions(), any::<u64>()), 1..4).prop_map(|specs| {
-        specs
-            .into_iter()
-            .enumerate()
-            .map(|(i, (dtype, shape, distribution, seed))| {
-                let count = shape.iter().product();
-                (format!("layer_{}_{}", i / 2, ["key", "value"][i % 2]), dtype, shape, values(count, dtype, distribution, seed))
-            })
-            .collect()
-    })
+    prop::collection::vec((dtype, shapes(), distributions(), any::<u64>()), 1..4).prop_map(
+        |specs| {
+            specs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (dtype, shape, distribution, seed))| {
+                    let count = shape.iter().product();
+                    (
+                        format!("layer_{}_{}", i / 2, ["key", "value"][i % 2]),
+                        dtype,
+                        shape,
+                        values(count, dtype, distribution, seed),
+                    )
+                })
+                .collect()
+        },
+    )
 }
 
 proptest! {

@@ -11,7 +11,11 @@ use kvformat::{CacheDtype, TensorFile};
 use proptest::prelude::*;
 
 fn dtype() -> impl Strategy<Value = CacheDtype> {
-    prop_oneof![Just(CacheDtype::F32), Just(CacheDtype::F16), Just(CacheDtype::BF16)]
+    prop_oneof![
+        Just(CacheDtype::F32),
+        Just(CacheDtype::F16),
+        Just(CacheDtype::BF16)
+    ]
 }
 
 /// A tensor: shape of rank 1 to 4, values from a mix of distributions
@@ -33,13 +37,22 @@ fn tensor(dtype: CacheDtype) -> impl Strategy<Value = (Vec<usize>, Vec<f32>)> {
 }
 
 fn cache() -> impl Strategy<Value = Vec<(String, CacheDtype, Vec<usize>, Vec<f32>)>> {
-    prop::collection::vec(dtype().prop_flat_map(|d| (Just(d), tensor(d))), 1..5).prop_map(|tensors| {
-        tensors
-            .into_iter()
-            .enumerate()
-            .map(|(i, (dtype, (shape, values)))| (format!("layer_{}_{}", i / 2, ["key", "value"][i % 2]), dtype, shape, values))
-            .collect()
-    })
+    prop::collection::vec(dtype().prop_flat_map(|d| (Just(d), tensor(d))), 1..5).prop_map(
+        |tensors| {
+            tensors
+                .into_iter()
+                .enumerate()
+                .map(|(i, (dtype, (shape, values)))| {
+                    (
+                        format!("layer_{}_{}", i / 2, ["key", "value"][i % 2]),
+                        dtype,
+                        shape,
+                        values,
+                    )
+                })
+                .collect()
+        },
+    )
 }
 
 proptest! {
@@ -92,11 +105,21 @@ fn lz4_is_used_where_it_shrinks_and_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zeros.safetensors");
     let values = vec![0.0f32; 4096];
-    let (tensor, reconstruction) = pack_tensor("z", CacheDtype::F16, &[1, 1, 64, 64], &values, &CodecParams::adr002(64)).unwrap();
+    let (tensor, reconstruction) = pack_tensor(
+        "z",
+        CacheDtype::F16,
+        &[1, 1, 64, 64],
+        &values,
+        &CodecParams::adr002(64),
+    )
+    .unwrap();
     assert!(tensor.entry.lz4);
     assert!(tensor.entry.stored_len < tensor.entry.raw_len);
     write_packed(&path, &[tensor], &BTreeMap::new()).unwrap();
-    assert_eq!(PackedFile::open(&path).unwrap().unpack("z").unwrap(), reconstruction);
+    assert_eq!(
+        PackedFile::open(&path).unwrap().unpack("z").unwrap(),
+        reconstruction
+    );
     assert!(reconstruction.iter().all(|&v| v == 0.0));
 }
 
@@ -107,11 +130,26 @@ fn lz4_is_used_where_it_shrinks_and_round_trips() {
 fn an_edge_of_f32_value_packs_to_a_finite_reconstruction() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("edge.safetensors");
-    let params = CodecParams { bits: 8, ..CodecParams::adr002(8) };
-    let (tensor, reconstruction) = pack_tensor("edge", CacheDtype::F32, &[1], &[-f32::MAX], &params).unwrap();
-    assert!(reconstruction[0].is_finite() && reconstruction[0] < -3.0e38, "{reconstruction:?}");
+    let params = CodecParams {
+        bits: 8,
+        ..CodecParams::adr002(8)
+    };
+    let (tensor, reconstruction) =
+        pack_tensor("edge", CacheDtype::F32, &[1], &[-f32::MAX], &params).unwrap();
+    assert!(
+        reconstruction[0].is_finite() && reconstruction[0] < -3.0e38,
+        "{reconstruction:?}"
+    );
     let m = tensor.entry.metrics;
-    assert!([m.rmse, m.snr_db, m.cosine, m.max_error].iter().all(|v| v.is_finite()), "{m:?}");
+    assert!(
+        [m.rmse, m.snr_db, m.cosine, m.max_error]
+            .iter()
+            .all(|v| v.is_finite()),
+        "{m:?}"
+    );
     write_packed(&path, &[tensor], &BTreeMap::new()).unwrap();
-    assert_eq!(PackedFile::open(&path).unwrap().unpack("edge").unwrap(), reconstruction);
+    assert_eq!(
+        PackedFile::open(&path).unwrap().unpack("edge").unwrap(),
+        reconstruction
+    );
 }

@@ -18,12 +18,19 @@ pub fn normal_values(count: usize, seed: u64) -> Vec<f32> {
         ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     };
     (0..count)
-        .map(|_| ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32)
+        .map(|_| {
+            ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32
+        })
         .collect()
 }
 
 /// A KV cache of `layers` x key/value tensors of `shape`, values ~ N(0, 1).
-pub fn write_kv_cache(path: &Path, dtype: CacheDtype, layers: usize, shape: &[usize]) -> Vec<(String, Vec<f32>)> {
+pub fn write_kv_cache(
+    path: &Path,
+    dtype: CacheDtype,
+    layers: usize,
+    shape: &[usize],
+) -> Vec<(String, Vec<f32>)> {
     let count: usize = shape.iter().product();
     let tensors: Vec<(String, Vec<f32>)> = (0..layers)
         .flat_map(|i| ["key", "value"].map(|kind| format!("layer_{i}_{kind}")))
@@ -37,7 +44,12 @@ pub fn write_kv_cache(path: &Path, dtype: CacheDtype, layers: usize, shape: &[us
         .collect();
     let views: Vec<CacheTensor<'_>> = tensors
         .iter()
-        .map(|(name, values)| CacheTensor { name, dtype, shape, values })
+        .map(|(name, values)| CacheTensor {
+            name,
+            dtype,
+            shape,
+            values,
+        })
         .collect();
     let metadata = BTreeMap::from([("model_name".to_string(), "test-model".to_string())]);
     write_cache(path, &views, &metadata).unwrap();
@@ -66,9 +78,17 @@ pub fn stderr(output: &Output) -> String {
 /// Runs the binary expecting success and parses its single JSON object.
 pub fn run_json(args: &[&str]) -> serde_json::Value {
     let output = kv_compress(args);
-    assert_eq!(output.status.code(), Some(0), "{args:?}: {}", stderr(&output));
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{args:?}: {}",
+        stderr(&output)
+    );
     let stdout = String::from_utf8(output.stdout).unwrap();
-    assert!(stdout.ends_with("}\n"), "stdout must be one JSON object: {stdout}");
+    assert!(
+        stdout.ends_with("}\n"),
+        "stdout must be one JSON object: {stdout}"
+    );
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
@@ -77,7 +97,10 @@ pub fn s(path: &Path) -> &str {
 }
 
 pub fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     files
 }

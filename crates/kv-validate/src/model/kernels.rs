@@ -623,9 +623,16 @@ mod tests {
                     causal_softmax(&scores.to_dtype(DType::F32).unwrap(), first_key).unwrap();
                 let on_gpu = causal_softmax(&scores.to_device(&gpu).unwrap(), first_key).unwrap();
                 assert_eq!(on_gpu.dtype(), dtype);
-                let on_gpu = on_gpu.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+                let on_gpu = on_gpu
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
                 let difference = max_abs_difference(&on_gpu, &exact);
-                assert!(difference < tolerance, "{dtype:?} {shape:?} softmax off by {difference}");
+                assert!(
+                    difference < tolerance,
+                    "{dtype:?} {shape:?} softmax off by {difference}"
+                );
                 // Masked keys are exactly 0 on the GPU too.
                 let masked = on_gpu.i((0, 0, 0, 0, first_key + 1)).unwrap();
                 assert_eq!(masked.to_scalar::<f32>().unwrap(), 0.0);
@@ -634,10 +641,17 @@ mod tests {
             let exact = swiglu(&gate_up.to_dtype(DType::F32).unwrap()).unwrap();
             let on_gpu = swiglu(&gate_up.to_device(&gpu).unwrap()).unwrap();
             assert_eq!(on_gpu.dims(), &[2, 37, 300]);
-            let on_gpu = on_gpu.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+            let on_gpu = on_gpu
+                .to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
             let scale = exact.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             let relative = max_abs_difference(&on_gpu, &exact) / scale.to_scalar::<f32>().unwrap();
-            assert!(relative < 2.0 * tolerance, "{dtype:?} swiglu off by {relative} (relative)");
+            assert!(
+                relative < 2.0 * tolerance,
+                "{dtype:?} swiglu off by {relative} (relative)"
+            );
         }
     }
 

@@ -91,7 +91,10 @@ fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
     let bulk = out.len() / NIBBLE_CHUNK;
     let (out_bulk, out_tail) = out.split_at_mut(bulk * NIBBLE_CHUNK);
     let (packed_bulk, packed_tail) = packed.split_at(bulk * (NIBBLE_CHUNK / 2));
-    for (codes, bytes) in out_bulk.chunks_exact_mut(NIBBLE_CHUNK).zip(packed_bulk.chunks_exact(NIBBLE_CHUNK / 2)) {
+    for (codes, bytes) in out_bulk
+        .chunks_exact_mut(NIBBLE_CHUNK)
+        .zip(packed_bulk.chunks_exact(NIBBLE_CHUNK / 2))
+    {
         let bytes: &[u8; NIBBLE_CHUNK / 2] = bytes.try_into().expect("chunks_exact");
         for (i, &byte) in bytes.iter().enumerate() {
             codes[2 * i] = byte & 0x0f;

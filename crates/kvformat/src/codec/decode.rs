@@ -97,7 +97,7 @@ fn decode_checked(
     dequantize_grouped(&stored, plan, sections, params, layout, &mut grouped)?;
     let mut quantized = plan.in_row_major_order(grouped);
     if let Some(seed) = params.rotation_seed {
-        rotation::unrotate(&mut quantized, &rotation::signs(seed, plan.head_dim));
+        rotation::unrotate(&mut quantized, seed, plan.head_dim);
     }
     if plan.keeps_no_tokens() {
         out.copy_from_slice(&quantized);

@@ -48,9 +48,8 @@ pub fn encode_observed(
 ) -> Result<Encoded, CodecError> {
     params.validate(shape)?;
     let plan = Plan::new(shape, params)?;
-    let in_row_major_order = params.rotation_seed.is_none()
-        && plan.keeps_no_tokens()
-        && plan.axis != Axis::Channel;
+    let in_row_major_order =
+        params.rotation_seed.is_none() && plan.keeps_no_tokens() && plan.axis != Axis::Channel;
     if fused_path(params, false, true)
         && params.sparsity == 0.0
         && params.outliers == 0.0
@@ -81,7 +80,11 @@ fn encode_fused_observed(
     };
     let sections = Sections::new(plan, params, &layout)?;
     let total = sections.total().ok_or(CodecError::ShapeOverflow)?;
-    debug_assert_eq!(total, sections.scales + sections.codes, "only scales and codes");
+    debug_assert_eq!(
+        total,
+        sections.scales + sections.codes,
+        "only scales and codes"
+    );
     let mut payload = vec![0u8; total];
     let (scale_bytes, code_bytes) = payload.split_at_mut(sections.scales);
     let Some(scales) = quantizer::quantize_symmetric_f16_observed(
@@ -134,7 +137,7 @@ pub(crate) fn encode_in_form(
     };
     if let Some(seed) = params.rotation_seed {
         let quantized = quantized.to_mut();
-        rotation::rotate(quantized, &rotation::signs(seed, plan.head_dim));
+        rotation::rotate(quantized, seed, plan.head_dim);
         if quantized.par_iter().any(|x| !x.is_finite()) {
             return Err(CodecError::RotationOverflow);
         }

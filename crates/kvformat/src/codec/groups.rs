@@ -142,6 +142,10 @@ impl Plan {
         let row = self.head_dim;
         let mut kept = Vec::with_capacity(self.kept_token_count());
         let mut quantized = Vec::with_capacity(self.quantized_count());
+        // An empty tensor may have dims whose product wraps (`[0, 3, 2^33, 2^33]`).
+        if values.is_empty() {
+            return (kept, quantized);
+        }
         for head in values.chunks_exact(self.seq * row).take(self.heads) {
             for token in self.kept_tokens() {
                 kept.extend_from_slice(&head[token * row..(token + 1) * row]);
@@ -156,7 +160,8 @@ impl Plan {
     /// Inverse of [`Plan::split`].
     pub fn join(&self, kept: &[f32], quantized: &[f32], out: &mut [f32]) {
         let row = self.head_dim;
-        if row == 0 || self.seq == 0 {
+        // As in `split`: an empty tensor's dims may not multiply.
+        if out.is_empty() {
             return;
         }
         let kept_per_head = (self.seq - self.mid_len) * row;

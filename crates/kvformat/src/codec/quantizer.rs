@@ -536,10 +536,20 @@ pub(crate) fn quantize_symmetric_f16_observed(
     if !symmetric_f16_scales(values, geometry, range, &mut scales) {
         return None;
     }
-    let longest = blocks.values.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let longest = blocks
+        .values
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(0);
     let mut codes = vec![0u8; longest];
     let mut reconstructed = vec![0f32; longest];
-    for (block, (span, bytes)) in blocks.values.windows(2).zip(blocks.bytes.windows(2)).enumerate() {
+    for (block, (span, bytes)) in blocks
+        .values
+        .windows(2)
+        .zip(blocks.bytes.windows(2))
+        .enumerate()
+    {
         let len = span[1] - span[0];
         let first_group = block * groups_per_block;
         let block_values = &values[span[0]..span[1]];
@@ -571,7 +581,10 @@ fn symmetric_f16_scales_generic(
     scales: &mut [f32],
 ) -> bool {
     for (group, slot) in scales.iter_mut().enumerate() {
-        let exact = ExactParams::new(range, Extremes::MaxAbs(max_abs(&values[geometry.range(group)])));
+        let exact = ExactParams::new(
+            range,
+            Extremes::MaxAbs(max_abs(&values[geometry.range(group)])),
+        );
         match exact.stored_f16() {
             Some((scale, _)) => *slot = scale,
             None => return false,
@@ -608,8 +621,19 @@ fn symmetric_block_generic(
             break;
         }
         let local = span.start - base..span.end - base;
-        symmetric_codes(&values[local.clone()], scale, qmin, qmax, &mut codes[local.clone()]);
-        symmetric_values(&codes[local.clone()], scale, bias, &mut reconstructed[local]);
+        symmetric_codes(
+            &values[local.clone()],
+            scale,
+            qmin,
+            qmax,
+            &mut codes[local.clone()],
+        );
+        symmetric_values(
+            &codes[local.clone()],
+            scale,
+            bias,
+            &mut reconstructed[local],
+        );
     }
     bitpack::pack_serial(codes, range.bits, packed);
 }

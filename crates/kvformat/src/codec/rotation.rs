@@ -70,8 +70,26 @@ fn walsh_hadamard(vector: &mut [f32]) {
     }
 }
 
+/// Rotates every `dim`-long vector of `values` in place with the signs of
+/// `seed`. The signs are made only for values that exist: a hostile shape
+/// such as `[0, 1, 1, 2^33]` must not allocate a 32 GiB sign vector.
+pub fn rotate(values: &mut [f32], seed: u64, dim: usize) {
+    if values.is_empty() {
+        return;
+    }
+    rotate_with(values, &signs(seed, dim));
+}
+
+/// Undoes [`rotate`] (up to float rounding); see [`unrotate_with`].
+pub fn unrotate(values: &mut [f32], seed: u64, dim: usize) {
+    if values.is_empty() {
+        return;
+    }
+    unrotate_with(values, &signs(seed, dim));
+}
+
 /// Rotates every `signs.len()`-long vector of `values` in place.
-pub fn rotate(values: &mut [f32], signs: &[f32]) {
+fn rotate_with(values: &mut [f32], signs: &[f32]) {
     let scale = normalizer(signs.len());
     for_each_vector(values, signs.len(), |vector| {
         for (x, sign) in vector.iter_mut().zip(signs) {
@@ -84,11 +102,11 @@ pub fn rotate(values: &mut [f32], signs: &[f32]) {
     });
 }
 
-/// Undoes [`rotate`] (up to float rounding). Decoded values are finite:
+/// Undoes [`rotate_with`] (up to float rounding). Decoded values are finite:
 /// a vector whose butterflies could overflow f32 (some |x| above
 /// `f32::MAX / dim`, possible only with stored scales near f32's limit) is
 /// transformed in f64 and saturated to the finite f32 range instead.
-pub fn unrotate(values: &mut [f32], signs: &[f32]) {
+fn unrotate_with(values: &mut [f32], signs: &[f32]) {
     let scale = normalizer(signs.len());
     let safe = f32::MAX / signs.len().max(1) as f32;
     for_each_vector(values, signs.len(), |vector| {
@@ -168,9 +186,9 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
             .collect();
         let mut values = original.clone();
-        rotate(&mut values, &signs);
+        rotate_with(&mut values, &signs);
         assert_ne!(values, original);
-        unrotate(&mut values, &signs);
+        unrotate_with(&mut values, &signs);
         for (x, y) in original.iter().zip(&values) {
             assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
         }
@@ -180,7 +198,7 @@ mod tests {
     fn rotation_spreads_a_single_outlier_channel_evenly() {
         let mut vector = vec![0.0f32; 64];
         vector[17] = 8.0;
-        rotate(&mut vector, &signs(7, 64));
+        rotate(&mut vector, 7, 64);
         // Every output is ±8/sqrt(64) = ±1.
         for y in &vector {
             assert!((y.abs() - 1.0).abs() < 1e-6, "{y}");
@@ -191,7 +209,7 @@ mod tests {
     fn rotation_preserves_the_norm() {
         let mut vector: Vec<f32> = (0..128).map(|i| (i as f32).sin()).collect();
         let before: f32 = vector.iter().map(|x| x * x).sum();
-        rotate(&mut vector, &signs(1, 128));
+        rotate(&mut vector, 1, 128);
         let after: f32 = vector.iter().map(|x| x * x).sum();
         assert!((before - after).abs() < 1e-4 * before);
     }

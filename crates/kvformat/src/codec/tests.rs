@@ -391,20 +391,77 @@ fn encode_observed_is_encode_and_observes_decode_in_order_once() {
     let cases: Vec<(Vec<usize>, CodecParams, f32)> = vec![
         (vec![1, 2, 300, 64], CodecParams::adr002(64), 4.0),
         (vec![1, 2, 33, 64], CodecParams::adr002(7), 4.0),
-        (vec![1, 2, 33, 64], CodecParams { bits: 3, ..CodecParams::adr002(32) }, 4.0),
-        (vec![1, 2, 33, 64], CodecParams { bits: 2, ..CodecParams::adr002(5) }, 4.0),
-        (vec![1, 2, 33, 64], CodecParams { bits: 8, ..CodecParams::adr002(64) }, 4.0),
+        (
+            vec![1, 2, 33, 64],
+            CodecParams {
+                bits: 3,
+                ..CodecParams::adr002(32)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 33, 64],
+            CodecParams {
+                bits: 2,
+                ..CodecParams::adr002(5)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 33, 64],
+            CodecParams {
+                bits: 8,
+                ..CodecParams::adr002(64)
+            },
+            4.0,
+        ),
         (vec![1, 3, 17, 48], token(4, 32), 4.0),
         (vec![1, 3, 17, 48], token(3, 48), 4.0),
         // 3-bit groups of 5 start mid-byte: the general path.
-        (vec![1, 1, 9, 40], CodecParams { bits: 3, ..CodecParams::adr002(5) }, 4.0),
+        (
+            vec![1, 1, 9, 40],
+            CodecParams {
+                bits: 3,
+                ..CodecParams::adr002(5)
+            },
+            4.0,
+        ),
         // Scales below f16's normal range: F32 scales, the general path.
         (vec![1, 1, 64, 64], CodecParams::adr002(64), 1e-6),
         // Not ADR-002-like: the general path.
-        (vec![1, 2, 40, 64], CodecParams { grid: Grid::Asymmetric, axis: Axis::Channel, ..CodecParams::adr002(32) }, 4.0),
-        (vec![1, 2, 40, 64], CodecParams { sink_tokens: 2, ..CodecParams::adr002(64) }, 4.0),
-        (vec![1, 2, 40, 64], CodecParams { outliers: 0.01, ..CodecParams::adr002(64) }, 4.0),
-        (vec![1, 2, 40, 64], CodecParams { sparsity: 0.3, ..CodecParams::adr002(64) }, 4.0),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                grid: Grid::Asymmetric,
+                axis: Axis::Channel,
+                ..CodecParams::adr002(32)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                sink_tokens: 2,
+                ..CodecParams::adr002(64)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                outliers: 0.01,
+                ..CodecParams::adr002(64)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                sparsity: 0.3,
+                ..CodecParams::adr002(64)
+            },
+            4.0,
+        ),
         (vec![0], CodecParams::adr002(64), 4.0),
     ];
     for (shape, params, magnitude) in cases {
@@ -429,7 +486,13 @@ fn encode_observed_is_encode_and_observes_decode_in_order_once() {
 #[test]
 fn every_simd_level_quantizes_a_block_to_the_same_bits() {
     use crate::simd::Level;
-    for (bits, group_size, count) in [(4u8, 64usize, 4096usize), (4, 7, 1001), (3, 32, 960), (2, 5, 1000), (8, 64, 700)] {
+    for (bits, group_size, count) in [
+        (4u8, 64usize, 4096usize),
+        (4, 7, 1001),
+        (3, 32, 960),
+        (2, 5, 1000),
+        (8, 64, 700),
+    ] {
         let values = spread_values(count, u64::from(bits), 6.0);
         let geometry = super::groups::GroupGeometry {
             segment_len: count,
@@ -443,27 +506,111 @@ fn every_simd_level_quantizes_a_block_to_the_same_bits() {
         let packed_len = bitpack::packed_len(count, bits).unwrap();
         let run = |level: Level| {
             let mut scales = vec![0f32; geometry.group_count()];
-            assert!(quantizer::symmetric_f16_scales_at(level, &values, &geometry, range, &mut scales));
+            assert!(quantizer::symmetric_f16_scales_at(
+                level,
+                &values,
+                &geometry,
+                range,
+                &mut scales
+            ));
             let mut codes = vec![0u8; count];
             let mut packed = vec![0u8; packed_len];
             let mut restored = vec![0f32; count];
-            quantizer::symmetric_block_at(level, &values, &geometry, 0, &scales, range, &mut codes, &mut packed, &mut restored);
+            quantizer::symmetric_block_at(
+                level,
+                &values,
+                &geometry,
+                0,
+                &scales,
+                range,
+                &mut codes,
+                &mut packed,
+                &mut restored,
+            );
             // The decoder's kernel at the same level restores the same bits.
             let mut unpacked = vec![0f32; count];
-            quantizer::symmetric_unpack_at(level, &packed, &geometry, 0, &scales, bits, 1 << (bits - 1), &mut codes, &mut unpacked);
-            assert_eq!(unpacked.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-            (scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(), packed, restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+            quantizer::symmetric_unpack_at(
+                level,
+                &packed,
+                &geometry,
+                0,
+                &scales,
+                bits,
+                1 << (bits - 1),
+                &mut codes,
+                &mut unpacked,
+            );
+            assert_eq!(
+                unpacked.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            (
+                scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>(),
+                packed,
+                restored.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            )
         };
         let scalar = run(Level::Scalar);
         // The scalar path against the codec's own encode and decode.
         let shape = [count];
-        let params = CodecParams { bits, ..CodecParams::adr002(group_size) };
+        let params = CodecParams {
+            bits,
+            ..CodecParams::adr002(group_size)
+        };
         let encoded = encode(&values, &shape, &params).unwrap();
-        assert_eq!(&encoded.payload[encoded.payload.len() - packed_len..], &scalar.1[..], "{bits} bits, g {group_size}");
+        assert_eq!(
+            &encoded.payload[encoded.payload.len() - packed_len..],
+            &scalar.1[..],
+            "{bits} bits, g {group_size}"
+        );
         let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
-        assert_eq!(decoded.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), scalar.2);
+        assert_eq!(
+            decoded.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            scalar.2
+        );
         for level in Level::available() {
             assert_eq!(run(level), scalar, "{level:?}, {bits} bits, g {group_size}");
         }
+    }
+}
+
+/// An empty tensor's other dims are not backed by data: they must not size
+/// an allocation (a `2^33`-wide head's rotation signs are 32 GiB) or be
+/// multiplied (`2^33 * 2^33` wraps to a zero chunk length). CI's proptest
+/// once drew the first of these shapes and aborted on the allocation.
+#[test]
+fn empty_tensors_with_huge_dims_round_trip_without_using_those_dims() {
+    let huge = 1usize << 33;
+    let cases = [
+        (
+            vec![0, 3, 3, huge],
+            CodecParams {
+                rotation_seed: Some(7),
+                axis: Axis::Channel,
+                ..CodecParams::adr002(4)
+            },
+        ),
+        (
+            vec![0, 3, huge, huge],
+            CodecParams {
+                sink_tokens: 1,
+                ..CodecParams::adr002(8)
+            },
+        ),
+        (
+            vec![2, 2, 1, 0],
+            CodecParams {
+                sink_tokens: 1,
+                axis: Axis::Token,
+                sparsity: 0.5,
+                ..CodecParams::adr002(4)
+            },
+        ),
+    ];
+    for (shape, params) in cases {
+        let encoded = encode(&[], &shape, &params)
+            .unwrap_or_else(|error| panic!("{shape:?} {params:?}: {error}"));
+        let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
+        assert!(decoded.is_empty(), "{shape:?}");
     }
 }
