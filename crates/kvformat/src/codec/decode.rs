@@ -1,10 +1,11 @@
 //! `decode`: payload to values, checking every byte it reads.
 
+use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::layout::{read_bitmap, read_offsets, read_scales, Sections};
 use super::quantizer;
 use super::scales::GroupParams;
-use super::{bitpack, codebook, kept_tokens, outliers, rotation};
+use super::{bitpack, kept_tokens, outliers, rotation};
 use super::{fused_path, Axis, CodecError, CodecParams, Layout};
 
 /// Decodes a payload written by [`encode`] back to row-major f32 values.
@@ -150,20 +151,13 @@ fn dequantize_grouped(
         bitpack::unpack(stored.code_bytes, params.bits, &mut codes);
         let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
         let mask = grouped_mask.as_deref();
-        if codebook::is_codebook(params.grid) {
-            let codebook = codebook::read_levels(params.grid, params.bits, stored.level_bytes)?;
-            let mapping = codebook::Scaled {
-                codebook: &codebook,
-                scales: &stored.group_params.scales,
-            };
-            quantizer::dequantize(&codes, mask, geometry, &mapping, grouped);
-        } else {
-            let mapping = quantizer::Uniform {
-                range,
-                params: &stored.group_params,
-            };
-            quantizer::dequantize(&codes, mask, geometry, &mapping, grouped);
-        }
+        GroupQuantizer::read(params, stored.level_bytes)?.dequantize(
+            &stored.group_params,
+            &codes,
+            mask,
+            geometry,
+            grouped,
+        );
     }
     if params.outliers > 0.0 {
         outliers::apply(stored.outlier_bytes, params.outliers, grouped)?;

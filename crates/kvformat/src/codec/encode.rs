@@ -4,12 +4,13 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::layout::{packed, write_scales, Sections};
 use super::quantizer;
 use super::scales::ScaleDtype;
-use super::{codebook, kept_tokens, outliers, rotation, sparsity};
 use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
+use super::{kept_tokens, outliers, rotation, sparsity};
 
 /// Encodes the row-major `values` of a tensor of `shape`, dropped values in
 /// whichever [`SparseForm`] is smaller.
@@ -171,37 +172,8 @@ pub(crate) fn encode_in_form(
     }
     let geometry = &plan.geometry;
     let mask = grouped_mask.as_deref();
-    let range = params.code_range();
-    let (group_params, codebook) = if codebook::is_codebook(params.grid) {
-        let (group_params, codebook) = codebook::choose(
-            params.grid,
-            params.bits,
-            params.fit,
-            &grouped,
-            mask,
-            geometry,
-        );
-        (group_params, Some(codebook))
-    } else {
-        let group_params = quantizer::group_params(&grouped, mask, geometry, range, params.fit);
-        (group_params, None)
-    };
-    let codes = match &codebook {
-        Some(codebook) => {
-            let mapping = codebook::Scaled {
-                codebook,
-                scales: &group_params.scales,
-            };
-            quantizer::quantize(&grouped, mask, geometry, &mapping)
-        }
-        None => {
-            let mapping = quantizer::Uniform {
-                range,
-                params: &group_params,
-            };
-            quantizer::quantize(&grouped, mask, geometry, &mapping)
-        }
-    };
+    let (group_params, quantizer) = GroupQuantizer::choose(params, &grouped, mask, geometry);
+    let codes = quantizer.quantize(&group_params, &grouped, mask, geometry);
 
     let layout = Layout {
         scale_dtype: group_params.dtype,
@@ -211,9 +183,7 @@ pub(crate) fn encode_in_form(
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
     write_scales(&group_params.scales, group_params.dtype, &mut payload);
     write_scales(&group_params.offsets, group_params.dtype, &mut payload);
-    if let Some(codebook) = &codebook {
-        codebook::write_levels(params.grid, codebook, &mut payload);
-    }
+    quantizer.write_levels(&mut payload);
     kept_tokens::write(&kept_values, &mut payload)?;
     if let Some(mask) = &kept_mask {
         payload.extend_from_slice(&packed(
@@ -225,22 +195,7 @@ pub(crate) fn encode_in_form(
     if params.outliers > 0.0 {
         // validate() refuses outliers with sparsity: every value has a code.
         let mut restored = vec![0f32; grouped.len()];
-        match &codebook {
-            Some(codebook) => {
-                let mapping = codebook::Scaled {
-                    codebook,
-                    scales: &group_params.scales,
-                };
-                quantizer::dequantize(&codes, None, geometry, &mapping, &mut restored);
-            }
-            None => {
-                let mapping = quantizer::Uniform {
-                    range,
-                    params: &group_params,
-                };
-                quantizer::dequantize(&codes, None, geometry, &mapping, &mut restored);
-            }
-        }
+        quantizer.dequantize(&group_params, &codes, None, geometry, &mut restored);
         payload.extend(outliers::encode(&grouped, &restored, params.outliers)?);
     }
     debug_assert_eq!(Some(payload.len()), sections.total());

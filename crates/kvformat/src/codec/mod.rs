@@ -9,6 +9,8 @@
 //! - `layout`: payload sections and their lengths, [`Layout`];
 //! - `encode` / `decode`: the orchestration (kept tokens, rotation,
 //!   sparsity, group order, quantizer, outliers);
+//! - `group_quantizer`: the one dispatch from a [`Grid`] to its group
+//!   quantizer (parameter choice, levels section, code <-> value mapping);
 //! - one file per group quantizer: `quantizer` (uniform grids; `fit` chooses
 //!   least-squares parameters for it) and `codebook` (non-uniform levels),
 //!   both behind `quantizer::GroupMapping`.
@@ -18,6 +20,7 @@ mod codebook;
 mod decode;
 mod encode;
 mod fit;
+mod group_quantizer;
 mod groups;
 mod kept_tokens;
 mod layout;
