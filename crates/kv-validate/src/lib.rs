@@ -2,6 +2,7 @@
 //! model in perplexity, by running the model on the reconstructed cache that
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
+pub mod allocation;
 pub mod bench;
 pub mod bridge;
 pub mod capacity;

@@ -11,6 +11,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvformat::CacheDtype;
 
+use kv_validate::allocation::{allocate, probe_variants, DEFAULT_PROBE_FLAGS};
 use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
 use kv_validate::capacity::{read_sweep_table, CapacityReport, GpuMemory, Method, WeightsDtype};
@@ -185,6 +186,22 @@ struct Cli {
         allow_hyphen_values = true
     )]
     variants: Vec<String>,
+    /// Sweep the per-layer sensitivity probes instead of a matrix: each
+    /// layer's keys, then its values, at 2, 3 and 4 bits with every other
+    /// tensor at 8 bits, and the all-8-bit "reference" (6 variants per layer
+    /// and one). `kv-validate allocate` turns the sweep's --json into the
+    /// bits of every layer and kind for a bits/value budget.
+    #[arg(long, conflicts_with_all = ["sweep", "variants"])]
+    sensitivity: bool,
+    /// The kv-compress flags every probe (and so the allocation) shares; no
+    /// -bits, -key-bits, -value-bits or -layer-bits.
+    #[arg(
+        long,
+        value_name = "FLAGS",
+        default_value = DEFAULT_PROBE_FLAGS,
+        allow_hyphen_values = true
+    )]
+    sensitivity_flags: String,
 }
 
 /// Which model; shared by a run and `capacity`.
@@ -265,6 +282,24 @@ enum Command {
     /// are somewhat smaller. Methods: fp16 and kv-compress's 8/4/3/2-bit
     /// grids at group 64, or fp16 and every row of --sweep-json with its
     /// measured delta and mean KLD.
+    /// Per-layer bits for a bits/value budget from a sensitivity sweep
+    /// (kv-validate --sensitivity --json FILE): the bits of every layer's
+    /// keys and values that minimize the sum of the probes' measured KLD
+    /// increases within the budget (exactly, by dynamic programming), with
+    /// the predicted bits/value and mean KLD, and the kv-compress flags.
+    /// Measure the flags on other windows or text before trusting them.
+    #[command(after_help = ALLOCATE_EXAMPLES)]
+    Allocate {
+        /// The sensitivity sweep's JSON report.
+        #[arg(long, value_name = "FILE")]
+        sweep_json: PathBuf,
+        /// The budget: largest bits/value the allocation may take.
+        #[arg(long, value_name = "BITS")]
+        bits: f64,
+        /// Also write the allocation as JSON to FILE (atomically).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     #[command(after_help = CAPACITY_EXAMPLES)]
     Capacity {
         #[command(flatten)]
@@ -292,6 +327,16 @@ enum Command {
         plot: Option<PathBuf>,
     },
 }
+
+const ALLOCATE_EXAMPLES: &str = "\
+Examples:
+  # Probe every layer on 12 windows, then allocate for 3.35 bits/value
+  kv-validate --gguf model.gguf --text-file calibration.txt --context 384 --targets 128 \\
+      --max-windows 12 --sensitivity --json sensitivity.json
+  kv-validate allocate --sweep-json sensitivity.json --bits 3.35
+  # Check the printed flags on windows the probes did not see
+  kv-validate --gguf model.gguf --text-file held-out.txt --context 384 --targets 128 \\
+      --variant \"allocated=FLAGS\"";
 
 const CAPACITY_EXAMPLES: &str = "\
 Examples:
@@ -421,6 +466,19 @@ fn pass_criteria(cli: &Cli) -> anyhow::Result<PassCriteria> {
 fn run(cli: &Cli) -> anyhow::Result<bool> {
     match &cli.command {
         Some(Command::Merge { files, outputs }) => return run_merge(files, outputs),
+        Some(Command::Allocate {
+            sweep_json,
+            bits,
+            json,
+        }) => {
+            let allocation = allocate(&read_sweep_table(sweep_json)?, *bits)
+                .with_context(|| format!("cannot allocate from {}", sweep_json.display()))?;
+            print!("{}", allocation.render_text());
+            if let Some(path) = json {
+                output::write_json(path, &allocation)?;
+            }
+            return Ok(true);
+        }
         Some(Command::Capacity {
             model,
             gpu_memory,
@@ -453,7 +511,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         sparsity: cli.sparsity,
         extra_args: cli.compress_args.clone(),
     };
-    let sweep = sweep_variants(cli)?;
+    let mut sweep = sweep_variants(cli)?;
     let compressor = KvCompress::locate()?.with_timeout(
         cli.compress_timeout
             .map_or(CompressTimeout::ScaledWithCache, CompressTimeout::Fixed),
@@ -499,6 +557,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let loaded = load_model(&source, &opened.device, dtype, !cli.quiet)?;
     if !cli.bench_forward.is_empty() {
         return run_forward_benchmark(cli, &loaded, &opened.name);
+    }
+    if cli.sensitivity {
+        let layers = loaded.model.config().num_hidden_layers;
+        sweep = Some(probe_variants(layers, &cli.sensitivity_flags)?);
     }
     let text_source = match &cli.text_file {
         Some(path) => TextSource::File(path.clone()),
@@ -646,6 +708,20 @@ fn report(
 /// The sweep's variants (`--variant`s, else the built-in matrix with
 /// `--sweep`), or `None` for a single-variant validation.
 fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
+    if cli.sensitivity {
+        // The probes need the model's layer count; checked here, made after loading.
+        if let Some(word) = cli.sensitivity_flags.split_whitespace().find(|word| {
+            let name = word.trim_start_matches('-');
+            let name = name.split_once('=').map_or(name, |(name, _)| name);
+            matches!(name, "bits" | "key-bits" | "value-bits" | "layer-bits")
+        }) {
+            bail!("--sensitivity-flags must not set bits ({word}): the probes choose them");
+        }
+        if cli.quick_test || !cli.bench_forward.is_empty() {
+            bail!("--sensitivity needs a model and text: it cannot run with --quick-test or --bench-forward");
+        }
+        return Ok(None);
+    }
     if !cli.sweep && cli.variants.is_empty() {
         if cli.outputs.sweep_outputs() {
             bail!("--sweep-csv, --sweep-plot and --sweep-kld-plot need --sweep or --variant");
