@@ -49,7 +49,10 @@ pub fn parse_flags(bytes: &[u8]) -> Result<Command, flags::FlagError> {
             "{options:?}"
         );
         assert!((0.0..1.0).contains(&options.sparsity), "{options:?}");
-        assert!(matches!(options.bits, 2 | 3 | 4 | 8), "{options:?}");
+        assert!(
+            kvformat::codec::SUPPORTED_BITS.contains(&options.bits),
+            "{options:?}"
+        );
     }
     Ok(command)
 }

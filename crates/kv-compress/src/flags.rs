@@ -13,6 +13,7 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use kvformat::codec::SUPPORTED_BITS;
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
 pub use kvformat::preset::{Preset as Method, TensorKind};
@@ -196,10 +197,11 @@ fn fraction(value: &str) -> Result<f64, String> {
 }
 
 fn bits(value: &str) -> Result<u8, String> {
-    match parse_int(value).ok_or(PARSE_ERROR)? {
-        bits @ (2 | 3 | 4 | 8) => Ok(bits as u8),
-        _ => Err("must be 2, 3, 4 or 8".into()),
-    }
+    let bits = parse_int(value).ok_or(PARSE_ERROR)?;
+    u8::try_from(bits)
+        .ok()
+        .filter(|bits| SUPPORTED_BITS.contains(bits))
+        .ok_or_else(|| "must be 2, 3, 4, 5, 6 or 8".into())
 }
 
 fn token_count(value: &str) -> Result<usize, String> {
@@ -377,7 +379,7 @@ pub const FLAGS: &[Flag] = &[
     },
     Flag {
         name: "bits",
-        help: "bits per code: 2, 3, 4 or 8 (default 4)",
+        help: "bits per code: 2, 3, 4, 5, 6 or 8 (default 4)",
         setter: Setter::Text {
             placeholder: "int",
             apply: |o, v| {
@@ -951,7 +953,7 @@ mod tests {
             &["-sparsity", "-0.1"],
             &["-sparsity", "nan"],
             &["-sparsity", "inf"],
-            &["-bits", "5"],
+            &["-bits", "7"],
             &["-key-bits", "1"],
             &["-value-bits", "16"],
             &["-key-group-size", "100"],
@@ -1141,7 +1143,7 @@ mod more_tests {
         assert_eq!(first(TensorKind::Value, Some(2)), None);
         assert_eq!(first(TensorKind::Value, None), None);
         for bad in [
-            "k:0=5", "x:0=4", "k:a=4", "k:3-1=4", "k:0", "k:0=4/48", "k:0=4/",
+            "k:0=7", "x:0=4", "k:a=4", "k:3-1=4", "k:0", "k:0=4/48", "k:0=4/",
         ] {
             assert!(
                 matches!(

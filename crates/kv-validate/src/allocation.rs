@@ -1,6 +1,6 @@
 //! Per-layer bit allocation (issue 9's "where the bits go"), measured
 //! rather than guessed: a sensitivity sweep (`--sensitivity`) quantizes one
-//! layer's keys or values at a time at 2, 3 and 4 bits with every other
+//! layer's keys or values at a time at 2 to 6 bits with every other
 //! tensor at 8 bits, so each probe's mean KLD above the all-8-bit reference
 //! is that tensor's own damage at that width. Damages of separate tensors
 //! add up closely (on SmolLM2, keys alone at 2 bits plus values alone sum to
@@ -18,8 +18,9 @@ use serde::Serialize;
 
 use crate::sweep::{SweepError, SweepRow, SweepTable, Variant};
 
-/// Widths a probe quantizes its tensor at.
-pub const PROBE_BITS: [u8; 3] = [2, 3, 4];
+/// Widths a probe quantizes its tensor at unless `--sensitivity-bits` says
+/// otherwise: every width below the reference's.
+pub const PROBE_BITS: [u8; 5] = [2, 3, 4, 5, 6];
 /// The width of every other tensor, and of the reference variant.
 pub const REFERENCE_BITS: u8 = 8;
 /// The label of the all-8-bit variant.
@@ -35,6 +36,7 @@ const STEP: f64 = 1e-4;
 
 /// Keys or values: the `-layer-bits` kind prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Kind {
     Key,
     Value,
@@ -78,15 +80,19 @@ impl Probe {
     }
 }
 
-/// The sensitivity sweep of a model with `layers` layers: every probe, then
-/// the reference. `flags` are the kv-compress flags they share; each variant
-/// appends ` -bits 8` (and its `-layer-bits` rule), so `flags` must not set
-/// bits themselves.
-pub fn probe_variants(layers: usize, flags: &str) -> Result<Vec<Variant>, SweepError> {
-    let mut variants = Vec::with_capacity(layers * 2 * PROBE_BITS.len() + 1);
+/// The sensitivity sweep of a model with `layers` layers: every probe at
+/// each of `widths`, then the reference. `flags` are the kv-compress flags
+/// they share; each variant appends ` -bits 8` (and its `-layer-bits` rule),
+/// so `flags` must not set bits themselves.
+pub fn probe_variants(
+    layers: usize,
+    widths: &[u8],
+    flags: &str,
+) -> Result<Vec<Variant>, SweepError> {
+    let mut variants = Vec::with_capacity(layers * 2 * widths.len() + 1);
     for layer in 0..layers {
         for kind in [Kind::Key, Kind::Value] {
-            for bits in PROBE_BITS {
+            for &bits in widths {
                 let probe = Probe { kind, layer, bits };
                 variants.push(Variant::parse(&format!(
                     "{}={flags} -bits {REFERENCE_BITS} -layer-bits {}:{layer}={bits}",
@@ -114,7 +120,7 @@ pub enum AllocationError {
     NoProbes,
     #[error("row {label:?} has no mean KLD (no token was scored on a compressed cache)")]
     NoKld { label: String },
-    #[error("the sweep lacks probe {label:?}, which a --sensitivity sweep has")]
+    #[error("the sweep lacks probe {label:?}: every tensor needs the same probed widths")]
     MissingProbe { label: String },
     #[error("the reference row's flags {flags:?} do not end in -bits {REFERENCE_BITS}")]
     ReferenceFlags { flags: String },
@@ -131,7 +137,7 @@ pub enum AllocationError {
 pub struct Allocation {
     pub budget: f64,
     /// `(kind, layer) -> bits`.
-    #[serde(skip)]
+    #[serde(serialize_with = "serialize_tensor_bits")]
     pub bits: BTreeMap<(Kind, usize), u8>,
     /// The reference's bits/value minus the chosen probes' savings.
     pub predicted_bits_per_value: f64,
@@ -142,6 +148,24 @@ pub struct Allocation {
     pub uniform: Option<UniformFigures>,
     /// kv-compress flags of the allocation.
     pub flags: String,
+}
+
+/// `bits` as a JSON list of `{kind, layer, bits}` (JSON keys are strings).
+fn serialize_tensor_bits<S: serde::Serializer>(
+    bits: &BTreeMap<(Kind, usize), u8>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    #[derive(Serialize)]
+    struct TensorBits {
+        kind: Kind,
+        layer: usize,
+        bits: u8,
+    }
+    serializer.collect_seq(bits.iter().map(|(&(kind, layer), &bits)| TensorBits {
+        kind,
+        layer,
+        bits,
+    }))
 }
 
 /// Predicted figures of one width for every tensor.
@@ -187,10 +211,17 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
     if probes.is_empty() {
         return Err(AllocationError::NoProbes);
     }
+    // Every width probed anywhere, which every tensor must have.
+    let widths: Vec<u8> = probes
+        .values()
+        .flat_map(|rows| rows.keys().copied())
+        .collect::<std::collections::BTreeSet<u8>>()
+        .into_iter()
+        .collect();
     let mut tensors = Vec::with_capacity(probes.len());
     for (&tensor, rows) in &probes {
         let mut options = vec![(REFERENCE_BITS, 0.0, 0.0)];
-        for bits in PROBE_BITS {
+        for &bits in &widths {
             let label = Probe {
                 kind: tensor.0,
                 layer: tensor.1,
@@ -231,8 +262,8 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
     };
     let (saving, damage) = chosen(&picks);
     let uniform_bits = budget.floor() as u8;
-    let uniform = PROBE_BITS.contains(&uniform_bits).then(|| {
-        let index = 1 + PROBE_BITS.iter().position(|&b| b == uniform_bits).unwrap();
+    let uniform = widths.contains(&uniform_bits).then(|| {
+        let index = 1 + widths.iter().position(|&b| b == uniform_bits).unwrap();
         let (saving, damage) = chosen(&vec![index; tensors.len()]);
         UniformFigures {
             bits: uniform_bits,
@@ -371,7 +402,7 @@ mod tests {
         damage: impl Fn(usize, u8) -> f64,
     ) -> SweepTable {
         let reference_kld = 0.001;
-        let variants = probe_variants(layers, "-method kivi").unwrap();
+        let variants = probe_variants(layers, &[2, 3, 4], "-method kivi").unwrap();
         let measurements = variants
             .iter()
             .map(|variant| {
@@ -491,7 +522,7 @@ mod tests {
 
     #[test]
     fn probes_round_trip_their_labels_and_flags() {
-        let variants = probe_variants(2, "-method kivi").unwrap();
+        let variants = probe_variants(2, &[2, 3, 4], "-method kivi").unwrap();
         assert_eq!(variants.len(), 2 * 2 * 3 + 1);
         assert_eq!(variants[0].label, "k0@2");
         assert_eq!(
@@ -508,6 +539,14 @@ mod tests {
         );
         assert_eq!(Probe::parse(REFERENCE_LABEL), None);
         assert_eq!(variants.last().unwrap().label, REFERENCE_LABEL);
+        let mut partial = table(2, 8.3, |_, bits| (8 - bits) as f64 * 0.1, |_, _| 1e-3);
+        partial.rows.retain(|row| row.label != "k0@3");
+        assert_eq!(
+            allocate(&partial, 5.0),
+            Err(AllocationError::MissingProbe {
+                label: "k0@3".into()
+            })
+        );
         let empty = SweepTable::new(
             1.0,
             PassCriteria {

@@ -11,7 +11,7 @@ use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvformat::CacheDtype;
 
-use kv_validate::allocation::{allocate, probe_variants, DEFAULT_PROBE_FLAGS};
+use kv_validate::allocation::{allocate, probe_variants, DEFAULT_PROBE_FLAGS, PROBE_BITS};
 use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
 use kv_validate::capacity::{read_sweep_table, CapacityReport, GpuMemory, Method, WeightsDtype};
@@ -187,12 +187,21 @@ struct Cli {
     )]
     variants: Vec<String>,
     /// Sweep the per-layer sensitivity probes instead of a matrix: each
-    /// layer's keys, then its values, at 2, 3 and 4 bits with every other
-    /// tensor at 8 bits, and the all-8-bit "reference" (6 variants per layer
-    /// and one). `kv-validate allocate` turns the sweep's --json into the
+    /// layer's keys, then its values, at each of --sensitivity-bits with
+    /// every other tensor at 8 bits, and the all-8-bit "reference". `kv-validate allocate` turns the sweep's --json into the
     /// bits of every layer and kind for a bits/value budget.
     #[arg(long, conflicts_with_all = ["sweep", "variants"])]
     sensitivity: bool,
+    /// The widths each probe quantizes its tensor at (comma-separated; fewer
+    /// widths, fewer probes: 2 per layer and width, plus one).
+    #[arg(
+        long,
+        value_name = "BITS,BITS,...",
+        value_delimiter = ',',
+        default_values_t = PROBE_BITS,
+        value_parser = parse_probe_bits
+    )]
+    sensitivity_bits: Vec<u8>,
     /// The kv-compress flags every probe (and so the allocation) shares; no
     /// -bits, -key-bits, -value-bits or -layer-bits.
     #[arg(
@@ -444,6 +453,15 @@ fn one_line(error: &anyhow::Error) -> String {
         .join(" | ")
 }
 
+/// A `--sensitivity-bits` width: one kv-compress takes, below the reference's 8.
+fn parse_probe_bits(text: &str) -> Result<u8, String> {
+    text.trim()
+        .parse::<u8>()
+        .ok()
+        .filter(|bits| *bits < 8 && kvformat::codec::SUPPORTED_BITS.contains(bits))
+        .ok_or_else(|| format!("{text:?} is not one of 2, 3, 4, 5, 6"))
+}
+
 /// The delta threshold when no criterion is given.
 const DEFAULT_THRESHOLD: f64 = 0.5;
 
@@ -560,7 +578,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     }
     if cli.sensitivity {
         let layers = loaded.model.config().num_hidden_layers;
-        sweep = Some(probe_variants(layers, &cli.sensitivity_flags)?);
+        sweep = Some(probe_variants(
+            layers,
+            &cli.sensitivity_bits,
+            &cli.sensitivity_flags,
+        )?);
     }
     let text_source = match &cli.text_file {
         Some(path) => TextSource::File(path.clone()),

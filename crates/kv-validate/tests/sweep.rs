@@ -260,13 +260,13 @@ fn bad_sweep_flags_are_one_line_errors_with_exit_2() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
     // A flag kv-compress refuses fails the sweep with its message.
-    let (output, _) = run_sweep(dir.path(), &["--variant", "bad=-bits 5"]);
+    let (output, _) = run_sweep(dir.path(), &["--variant", "bad=-bits 7"]);
     let stderr = expect_error(&output);
-    assert!(stderr.contains("-bits 5"), "{stderr}");
+    assert!(stderr.contains("-bits 7"), "{stderr}");
 }
 
 /// `--sensitivity` probes every layer's keys and values of the tiny model (3
-/// layers) at 2, 3 and 4 bits, and `allocate` turns its JSON into flags
+/// layers) at 2 to 6 bits, and `allocate` turns its JSON into flags
 /// whose measured bits/value is exactly the predicted one: stored bits add
 /// up tensor by tensor, which the allocation relies on.
 #[test]
@@ -279,10 +279,13 @@ fn sensitivity_probes_allocate_flags_whose_measured_size_is_the_predicted_one() 
         String::from_utf8_lossy(&output.stderr)
     );
     let rows = report["table"]["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3 * 2 * 3 + 1);
+    assert_eq!(rows.len(), 3 * 2 * 5 + 1);
     let reference = row(&report, "reference");
     let k1_2 = row(&report, "k1@2");
-    assert!(k1_2["flags"].as_str().unwrap().ends_with("-bits 8 -layer-bits k:1=2"));
+    assert!(k1_2["flags"]
+        .as_str()
+        .unwrap()
+        .ends_with("-bits 8 -layer-bits k:1=2"));
     assert!(k1_2["bits_per_value"].as_f64() < reference["bits_per_value"].as_f64());
 
     let sweep_json = dir.path().join("sweep.json");
@@ -302,18 +305,31 @@ fn sensitivity_probes_allocate_flags_whose_measured_size_is_the_predicted_one() 
         )
     };
     let output = allocate("3.4");
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let allocation: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&allocation_json).unwrap()).unwrap();
     let predicted = allocation["predicted_bits_per_value"].as_f64().unwrap();
     assert!(predicted <= 3.4, "{allocation}");
     let flags = allocation["flags"].as_str().unwrap().to_string();
+    let tensors = allocation["bits"].as_array().unwrap();
+    assert_eq!(tensors.len(), 3 * 2);
+    assert_eq!(tensors[0]["kind"], "key");
+    assert_eq!(tensors[3]["kind"], "value");
 
     let check = tempfile::tempdir().unwrap();
     let (output, measured) = run_sweep(check.path(), &["--variant", &format!("allocated={flags}")]);
     assert!(output.status.code().is_some_and(|code| code <= 1));
-    let measured_bits = row(&measured, "allocated")["bits_per_value"].as_f64().unwrap();
-    assert!((measured_bits - predicted).abs() < 1e-9, "{measured_bits} against {predicted}");
+    let measured_bits = row(&measured, "allocated")["bits_per_value"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (measured_bits - predicted).abs() < 1e-9,
+        "{measured_bits} against {predicted}"
+    );
 
     let error = expect_error(&allocate("0.5"));
     assert!(error.contains("below the"), "{error}");

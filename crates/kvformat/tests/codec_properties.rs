@@ -68,7 +68,7 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
         vec![Axis::Flat]
     };
     (
-        prop::sample::select(vec![2u8, 3, 4, 8]),
+        prop::sample::select(vec![2u8, 3, 4, 5, 6, 8]),
         prop::sample::select(vec![Grid::Symmetric, Grid::Asymmetric]),
         prop::sample::select(axes),
         prop::sample::select(vec![1usize, 2, 3, 4, 7, 16, 32, 64, 128]),

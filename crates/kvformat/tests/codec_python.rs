@@ -71,6 +71,29 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             sample_values(192, 3),
         ),
         (
+            "sym5_flat",
+            vec![1, 2, 6, 16],
+            CodecParams {
+                bits: 5,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(192, 17),
+        ),
+        (
+            "asym6_channel_rotated_mse",
+            vec![1, 2, 12, 16],
+            CodecParams {
+                bits: 6,
+                grid: Grid::Asymmetric,
+                axis: Axis::Channel,
+                rotation_seed: Some(5),
+                sink_tokens: 1,
+                fit: Fit::Mse,
+                ..CodecParams::adr002(8)
+            },
+            sample_values(384, 19),
+        ),
+        (
             "sym2_token",
             vec![1, 2, 5, 16],
             CodecParams {

@@ -158,7 +158,7 @@ fn params(four_d: bool) -> impl Strategy<Value = CodecParams> {
         vec![Axis::Flat]
     };
     (
-        prop::sample::select(vec![2u8, 3, 4, 4, 8]),
+        prop::sample::select(vec![2u8, 3, 4, 4, 5, 6, 8]),
         prop::sample::select(vec![Grid::Symmetric, Grid::Symmetric, Grid::Asymmetric]),
         prop::sample::select(axes),
         prop::sample::select(vec![8usize, 32, 64, 128]),

@@ -115,7 +115,7 @@ def decode(payload, shape, params, layout):
     the manifest's `codec` (params) and `layout` entries."""
     view = View(shape, params)
     bits, group_size = params["bits"], params["group_size"]
-    _require(bits in (2, 3, 4, 8), f"bits {bits} is not 2, 3, 4 or 8")
+    _require(bits in (2, 3, 4, 5, 6, 8), f"bits {bits} is not 2, 3, 4, 5, 6 or 8")
     _require(params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans"), f"unknown grid {params['grid']}")
     _require(params["axis"] in ("flat", "token", "channel"), f"unknown axis {params['axis']}")
     _require(isinstance(group_size, int) and group_size >= 1, f"group_size {group_size} is not a positive integer")

@@ -1,4 +1,4 @@
-//! Dense packing of unsigned b-bit codes (b in {2, 3, 4, 8}).
+//! Dense packing of unsigned b-bit codes (b in 1..=8; the codec uses 2, 3, 4, 5, 6, 8).
 //!
 //! Code `i` occupies stream bits `[i*b, (i+1)*b)`, and stream bit `k` is bit
 //! `k % 8` of byte `k / 8`: for 4 bits the first code is the low nibble, and

@@ -35,7 +35,7 @@ pub use codebook::{gaussian_levels, GAUSSIAN_LEVELS};
 pub use decode::{decode, decode_into};
 pub use encode::{encode, encode_observed};
 pub use layout::{payload_len, Encoded, Layout};
-pub use params::{Axis, CodecError, CodecParams, Fit, Grid};
+pub use params::{Axis, CodecError, CodecParams, Fit, Grid, SUPPORTED_BITS};
 pub use rotation::SplitMix64;
 pub use scales::{ScaleDtype, ZERO_GROUP_SCALE};
 pub use sparsity::SparseForm;

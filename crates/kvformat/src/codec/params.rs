@@ -7,6 +7,10 @@ use super::codebook;
 use super::groups;
 use super::quantizer::CodeRange;
 
+/// The code widths every uniform grid supports: 5 and 6 bits give a
+/// per-layer allocation steps between 4 and 8 (kv-validate's `allocate`).
+pub const SUPPORTED_BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
+
 /// Quantization grid of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,7 +63,7 @@ impl Fit {
 /// compressed file's manifest, so decoding needs nothing else.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CodecParams {
-    /// Bits per code: 2, 3, 4 or 8.
+    /// Bits per code: one of [`SUPPORTED_BITS`].
     pub bits: u8,
     pub grid: Grid,
     pub axis: Axis,
@@ -108,7 +112,7 @@ impl CodecParams {
 /// adds the tensor's name.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum CodecError {
-    #[error("unsupported bit width {0} (expected 2, 3, 4 or 8)")]
+    #[error("unsupported bit width {0} (expected 2, 3, 4, 5, 6 or 8)")]
     UnsupportedBits(u8),
     #[error("codebook grids take 2, 3 or 4 bits, not {0}")]
     CodebookBits(u8),
@@ -150,7 +154,7 @@ pub enum CodecError {
 impl CodecParams {
     /// Checks that these params can encode a tensor of `shape`.
     pub fn validate(&self, shape: &[usize]) -> Result<(), CodecError> {
-        if !matches!(self.bits, 2 | 3 | 4 | 8) {
+        if !SUPPORTED_BITS.contains(&self.bits) {
             return Err(CodecError::UnsupportedBits(self.bits));
         }
         if codebook::is_codebook(self.grid) && !codebook::supports_bits(self.bits) {

@@ -317,12 +317,12 @@ fn decode_rejects_wrong_lengths_and_layouts_without_panicking() {
 fn encode_rejects_bad_params_and_values() {
     let values = [1.0f32; 8];
     let bad_bits = CodecParams {
-        bits: 5,
+        bits: 7,
         ..CodecParams::adr002(4)
     };
     assert_eq!(
         encode(&values, &[8], &bad_bits),
-        Err(CodecError::UnsupportedBits(5))
+        Err(CodecError::UnsupportedBits(7))
     );
     assert_eq!(
         encode(&values, &[8], &CodecParams::adr002(0)),
