@@ -279,18 +279,6 @@ enum Command {
         #[command(flatten)]
         outputs: Outputs,
     },
-    /// Serving capacity per KV-cache method, from the model's config alone
-    /// (no weights are loaded): KV bytes per token and per request at FP16
-    /// and at each method's bits/value, and the largest batch of concurrent
-    /// requests that fits in GPU memory after the weights, for the traffic
-    /// profiles 512→256, 1024→1024, 4096→512 and 10240→1536 prompt→output
-    /// tokens (a request's cache holds both). The weights' size is the
-    /// parameter count of the config's Llama (embeddings, attention, SwiGLU
-    /// MLP, norms, the output head unless tied) times --weights-dtype;
-    /// activations and framework overhead are not reserved, so real batches
-    /// are somewhat smaller. Methods: fp16 and kv-compress's 8/4/3/2-bit
-    /// grids at group 64, or fp16 and every row of --sweep-json with its
-    /// measured delta and mean KLD.
     /// Per-layer bits for a bits/value budget from a sensitivity sweep
     /// (kv-validate --sensitivity --json FILE): the bits of every layer's
     /// keys and values that minimize the sum of the probes' measured KLD
@@ -309,6 +297,18 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// Serving capacity per KV-cache method, from the model's config alone
+    /// (no weights are loaded): KV bytes per token and per request at FP16
+    /// and at each method's bits/value, and the largest batch of concurrent
+    /// requests that fits in GPU memory after the weights, for the traffic
+    /// profiles 512→256, 1024→1024, 4096→512 and 10240→1536 prompt→output
+    /// tokens (a request's cache holds both). The weights' size is the
+    /// parameter count of the config's Llama (embeddings, attention, SwiGLU
+    /// MLP, norms, the output head unless tied) times --weights-dtype;
+    /// activations and framework overhead are not reserved, so real batches
+    /// are somewhat smaller. Methods: fp16 and kv-compress's 8/4/3/2-bit
+    /// grids at group 64, or fp16 and every row of --sweep-json with its
+    /// measured delta and mean KLD.
     #[command(after_help = CAPACITY_EXAMPLES)]
     Capacity {
         #[command(flatten)]
