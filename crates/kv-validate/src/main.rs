@@ -188,8 +188,9 @@ struct Cli {
     variants: Vec<String>,
     /// Sweep the per-layer sensitivity probes instead of a matrix: each
     /// layer's keys, then its values, at each of --sensitivity-bits with
-    /// every other tensor at 8 bits, and the all-8-bit "reference". `kv-validate allocate` turns the sweep's --json into the
-    /// bits of every layer and kind for a bits/value budget.
+    /// every other tensor at 8 bits, and the all-8-bit "reference".
+    /// `kv-validate allocate` turns the sweep's --json into the bits of
+    /// every layer and kind for a bits/value budget.
     #[arg(long, conflicts_with_all = ["sweep", "variants"])]
     sensitivity: bool,
     /// The widths each probe quantizes its tensor at (comma-separated; fewer
