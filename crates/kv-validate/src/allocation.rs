@@ -125,7 +125,7 @@ pub enum AllocationError {
     #[error("the reference row's flags {flags:?} do not end in -bits {REFERENCE_BITS}")]
     ReferenceFlags { flags: String },
     #[error(
-        "budget {budget} bits/value is below the {lowest:.4} that every tensor at 2 bits takes"
+        "budget {budget} bits/value is below the {lowest:.4} that every tensor at its narrowest probed width takes; raise --bits or probe narrower widths (--sensitivity-bits)"
     )]
     Unreachable { budget: f64, lowest: f64 },
     #[error("budget {0} bits/value is not a positive number")]
