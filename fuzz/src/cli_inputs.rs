@@ -53,6 +53,9 @@ pub fn parse_flags(bytes: &[u8]) -> Result<Command, flags::FlagError> {
             kvformat::codec::SUPPORTED_BITS.contains(&options.bits),
             "{options:?}"
         );
+        if let Some(rate) = options.rate {
+            assert!(kvformat::codec::RATE_RANGE.contains(&rate), "{options:?}");
+        }
     }
     Ok(command)
 }

@@ -353,6 +353,16 @@ fn seed_codecs() -> Vec<(&'static str, CodecParams)> {
             },
         ),
         (
+            "ecsq",
+            CodecParams {
+                grid: Grid::Ecsq,
+                axis: Axis::Channel,
+                sink_tokens: 1,
+                rate: Some(2.5),
+                ..CodecParams::adr002(1024)
+            },
+        ),
+        (
             "sparse",
             CodecParams {
                 sparsity: 0.5,
@@ -461,6 +471,7 @@ fn flag_seeds(corpus: &Path) -> Result<()> {
             "x",
         ],
         &["-input", "a", "-output"],
+        &["-grid", "ecsq", "-rate", "2.35", "-key-group-size", "1024"],
     ];
     for (i, line) in lines.iter().enumerate() {
         std::fs::write(corpus.join(format!("seed-flags-{i}")), line.join("\0"))?;

@@ -13,9 +13,9 @@ use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use kvformat::codec::SUPPORTED_BITS;
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
+use kvformat::codec::{RATE_RANGE, SUPPORTED_BITS};
 pub use kvformat::preset::{Preset as Method, TensorKind};
 
 /// Seed of `-rotate` when `-rotate-seed` is not given (documented in docs/format.md).
@@ -89,6 +89,8 @@ pub struct Options {
     pub rotate_seed: u64,
     pub sink_tokens: usize,
     pub recent_tokens: usize,
+    /// `-rate`: the bits per value of every `ecsq` tensor's step.
+    pub rate: Option<f64>,
 }
 
 impl Default for Options {
@@ -120,6 +122,7 @@ impl Default for Options {
             rotate_seed: DEFAULT_ROTATE_SEED,
             sink_tokens: 0,
             recent_tokens: 0,
+            rate: None,
         }
     }
 }
@@ -129,7 +132,8 @@ impl Default for Options {
 pub enum Command {
     /// `-h`, `-help`, `--help`: print usage, exit 0.
     Help,
-    Run(Options),
+    /// Boxed: the options are large beside `Help`.
+    Run(Box<Options>),
 }
 
 /// A command-line error; `main` prints it with the usage and exits 2, as Go does.
@@ -463,7 +467,11 @@ pub const FLAGS: &[Flag] = &[
         help: "sym or asym (uniform grids), or a codebook of 2, 3 or 4 bits: lloyd\n\
                (Lloyd-Max levels of the Gaussian, for -rotate) or kmeans (levels\n\
                fitted to each tensor, 2^bits FP16 values stored); a codebook\n\
-               scales each group by its RMS (default: the method's)",
+               scales each group by its RMS; or ecsq: one uniform step per\n\
+               tensor around each group's mean, the codes entropy coded, so\n\
+               -bits sets the step and the size follows the data (about -bits\n\
+               bits/value; use channel groups of 1024, no -rotate) (default:\n\
+               the method's)",
         setter: Setter::Text {
             placeholder: "string",
             apply: |o, v| {
@@ -472,8 +480,26 @@ pub const FLAGS: &[Flag] = &[
                     "asym" => Grid::Asymmetric,
                     "lloyd" => Grid::Lloyd,
                     "kmeans" => Grid::Kmeans,
-                    _ => return Err("must be sym, asym, lloyd or kmeans".into()),
+                    "ecsq" => Grid::Ecsq,
+                    _ => return Err("must be sym, asym, lloyd, kmeans or ecsq".into()),
                 });
+                Ok(())
+            },
+        },
+    },
+    Flag {
+        name: "rate",
+        help: "with -grid ecsq: the bits/value every tensor's step aims at, a\n\
+               fraction from 0.5 to 16 such as 2.35 (default: each tensor's\n\
+               -bits); not with -layer-bits",
+        setter: Setter::Text {
+            placeholder: "float",
+            apply: |o, v| {
+                let rate = parse_float(v).ok_or(PARSE_ERROR)?;
+                if !RATE_RANGE.contains(&rate) {
+                    return Err("must be from 0.5 to 16".into());
+                }
+                o.rate = Some(rate);
                 Ok(())
             },
         },
@@ -640,7 +666,7 @@ pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
             Ok(None) => {
                 return match args.get(i) {
                     Some(stray) => Err(FlagError::Positional(lossy(stray.as_ref()))),
-                    None => Ok(Command::Run(options)),
+                    None => Ok(Command::Run(Box::new(options))),
                 };
             }
             Err(error) => return Err(error),
@@ -674,7 +700,15 @@ pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
             "-sparsity and -outliers (or -key-outliers, -value-outliers) cannot be combined; use one".into(),
         ));
     }
-    Ok(Command::Run(options))
+    if options.rate.is_some() && options.grid != Some(Grid::Ecsq) {
+        return Err(FlagError::Conflict("-rate needs -grid ecsq".into()));
+    }
+    if options.rate.is_some() && !options.layer_bits.is_empty() {
+        return Err(FlagError::Conflict(
+            "-rate sets every tensor's step and -layer-bits each layer's bits; use one".into(),
+        ));
+    }
+    Ok(Command::Run(Box::new(options)))
 }
 
 /// A flag argument's name and inline value; `Ok(None)` for `--`, the end of
@@ -810,7 +844,7 @@ mod tests {
 
     fn options(args: &[&str]) -> Options {
         match run(args) {
-            Ok(Command::Run(options)) => options,
+            Ok(Command::Run(options)) => *options,
             other => panic!("{args:?} gave {other:?}"),
         }
     }
@@ -966,6 +1000,8 @@ mod tests {
             &["-key-axis", "row"],
             &["-method", "zip"],
             &["-sink-tokens", "-1"],
+            &["-grid", "ecsq", "-rate", "0.4"],
+            &["-grid", "ecsq", "-rate", "inf"],
         ] {
             assert!(
                 matches!(run(args), Err(FlagError::InvalidValue { .. })),
@@ -975,10 +1011,15 @@ mod tests {
         for args in [
             &["-sparsity", "0.1", "-outliers", "0.01"][..],
             &["-key-outliers=0.01", "-sparsity", "0.5"],
+            &["-rate", "2.5"],
+            &["-grid", "asym", "-rate", "2.5"],
+            &["-grid", "ecsq", "-rate", "2.5", "-layer-bits", "k:0=4"],
         ] {
             assert!(matches!(run(args), Err(FlagError::Conflict(_))), "{args:?}");
         }
         assert!(run(&["-sparsity", "0.1", "-outliers", "0"]).is_ok());
+        let ecsq = options(&["-rate=2.35", "-grid", "ecsq"]);
+        assert_eq!((ecsq.grid, ecsq.rate), (Some(Grid::Ecsq), Some(2.35)));
         assert_eq!(options(&["-sparsity", "0.999"]).sparsity, 0.999);
         assert_eq!(options(&["-sparsity", ".5"]).sparsity, 0.5);
         assert_eq!(options(&["-sparsity", "5e-1"]).sparsity, 0.5);
@@ -1046,7 +1087,7 @@ mod more_tests {
 
     fn options(args: &[OsString]) -> Options {
         match parse(args) {
-            Ok(Command::Run(options)) => options,
+            Ok(Command::Run(options)) => *options,
             other => panic!("{args:?} gave {other:?}"),
         }
     }

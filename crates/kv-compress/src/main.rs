@@ -17,7 +17,7 @@ fn main() -> ExitCode {
     // OS strings: `std::env::args()` panics on an argument that is not UTF-8.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let options = match flags::parse(&args) {
-        Ok(Command::Run(options)) => options,
+        Ok(Command::Run(options)) => *options,
         Ok(Command::Help) => {
             eprint!("{}", usage());
             return ExitCode::SUCCESS;

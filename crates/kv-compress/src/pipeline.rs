@@ -75,6 +75,7 @@ pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
         sparsity: options.sparsity,
         fit: options.fit,
         outliers: outliers.unwrap_or(options.outliers),
+        rate: options.rate,
     }
 }
 
@@ -398,7 +399,7 @@ mod tests {
 
     fn options(args: &[&str]) -> Options {
         match parse(args) {
-            Ok(Command::Run(options)) => options,
+            Ok(Command::Run(options)) => *options,
             other => panic!("{other:?}"),
         }
     }

@@ -161,6 +161,7 @@ impl Method {
         let layout = Layout {
             scale_dtype: ScaleDtype::F16,
             sparse_form: SparseForm::Dense,
+            coded_bytes: None,
         };
         let shape = [1, 1, CODEC_GROUP_SIZE, CODEC_GROUP_SIZE];
         let values = (CODEC_GROUP_SIZE * CODEC_GROUP_SIZE) as f64;

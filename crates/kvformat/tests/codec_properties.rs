@@ -89,6 +89,7 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
                 sparsity,
                 fit: Fit::MinMax,
                 outliers: 0.0,
+                rate: None,
             },
         )
 }
@@ -290,8 +291,8 @@ fn bound(params: &CodecParams, scale: f64, offset: f64, exact: (f64, f64), magni
             };
             scale / 2.0 + offset_error + levels * scale_error + float_slop
         }
-        Grid::Lloyd | Grid::Kmeans => {
-            unreachable!("codebook grids have their own checks (mod codebook)")
+        Grid::Lloyd | Grid::Kmeans | Grid::Ecsq => {
+            unreachable!("codebook and ecsq grids have their own checks")
         }
     }
 }
@@ -528,8 +529,8 @@ fn check_rotated(quantized: &Quantized) -> Result<(), TestCaseError> {
                             + 2.0f64.powi(-25)
                             + levels * scale * 2.0f64.powi(-10)
                     }
-                    Grid::Lloyd | Grid::Kmeans => {
-                        unreachable!("codebook grids have their own checks")
+                    Grid::Lloyd | Grid::Kmeans | Grid::Ecsq => {
+                        unreachable!("codebook and ecsq grids have their own checks")
                     }
                 }
             };
@@ -642,6 +643,7 @@ proptest! {
         let layout = Layout {
             scale_dtype: if f32_scales { ScaleDtype::F32 } else { ScaleDtype::F16 },
             sparse_form: if dense { SparseForm::Dense } else { SparseForm::Bitmap },
+            coded_bytes: None,
         };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
@@ -657,7 +659,11 @@ proptest! {
         params in params_for(&[1, 1, 1, 64]),
         payload in prop::collection::vec(any::<u8>(), 0..64),
     ) {
-        let layout = Layout { scale_dtype: ScaleDtype::F16, sparse_form: SparseForm::Bitmap };
+        let layout = Layout {
+            scale_dtype: ScaleDtype::F16,
+            sparse_form: SparseForm::Bitmap,
+            coded_bytes: None,
+        };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
         }
@@ -709,6 +715,7 @@ fn decode_rejects_shapes_whose_size_overflows_before_allocating() {
     let layout = Layout {
         scale_dtype: ScaleDtype::F16,
         sparse_form: SparseForm::Dense,
+        coded_bytes: None,
     };
     for shape in [vec![usize::MAX, 2], vec![1 << 40, 1 << 30], vec![1 << 62]] {
         assert_eq!(
@@ -1036,6 +1043,116 @@ mod codebook {
                 (relative - expected).abs() < 0.04 * expected,
                 "{bits} bits: MSE/σ² {relative}, expected {expected}"
             );
+        }
+    }
+}
+
+/// The entropy-coded grid (`-grid ecsq`) over every shape, axis, group
+/// size, kept-token count and magnitude: every value within half a step of
+/// its original (1.5 beside f32's limits) where nothing is rotated, kept
+/// tokens as FP16, and arbitrary payloads decoding to values or errors.
+mod ecsq {
+    use super::*;
+
+    fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
+        let four_d = shape.len() == 4;
+        let axes = if four_d {
+            vec![Axis::Flat, Axis::Token, Axis::Channel]
+        } else {
+            vec![Axis::Flat]
+        };
+        (
+            prop::sample::select(vec![2u8, 3, 4, 8]),
+            prop::option::of(0.5f64..16.0),
+            prop::sample::select(axes),
+            prop::sample::select(vec![1usize, 3, 16, 1024]),
+            0usize..3,
+        )
+            .prop_map(move |(bits, rate, axis, group_size, sink)| CodecParams {
+                bits,
+                grid: Grid::Ecsq,
+                axis,
+                rate,
+                sink_tokens: if four_d { sink } else { 0 },
+                ..CodecParams::adr002(group_size)
+            })
+    }
+
+    fn case() -> impl Strategy<Value = (Vec<usize>, CodecParams, Vec<f32>)> {
+        shapes().prop_flat_map(|shape| {
+            let count = shape.iter().product();
+            (Just(shape.clone()), params_for(&shape), values(count))
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        #[test]
+        fn ecsq_values_stay_within_a_step(
+            (shape, params, values) in case(),
+        ) {
+            let encoded = match encode(&values, &shape, &params) {
+                Ok(encoded) => encoded,
+                Err(CodecError::KeptTokenOverflow { value }) => {
+                    prop_assert!(f16::from_f32(value).is_infinite());
+                    return Ok(());
+                }
+                Err(error) => return Err(TestCaseError::fail(format!("{error}"))),
+            };
+            let coded = encoded.layout.coded_bytes.expect("ecsq stores its codes' length");
+            let view = View::new(&shape, &params);
+            let kept_values = view.heads * view.seq * view.head_dim - view.quantized_count();
+            let step_at = encoded.payload.len() - coded - 2 * kept_values - 4;
+            let step = f32::from_le_bytes(encoded.payload[step_at..step_at + 4].try_into().unwrap());
+            prop_assert!(step.is_normal() && step > 0.0);
+            let decoded = decode(&encoded.payload, &shape, &params, &encoded.layout).unwrap();
+            prop_assert_eq!(decoded.len(), values.len());
+            for (i, (&x, &y)) in values.iter().zip(&decoded).enumerate() {
+                prop_assert!(y.is_finite());
+                let token = (i / view.head_dim.max(1)) % view.seq.max(1);
+                if view.is_kept_token(token) {
+                    prop_assert_eq!(y, f16::from_f32(x).to_f32());
+                } else {
+                    let error = (f64::from(x) - f64::from(y)).abs();
+                    let slop = f64::from(x).abs() * 1.0e-6 + 1.0e-37;
+                    // Beside f32's limits the nearest level may not exist:
+                    // the one before it is within 1.5 steps.
+                    let steps = if f64::from(y).abs() + 2.0 * f64::from(step) > f64::from(f32::MAX) {
+                        1.5
+                    } else {
+                        0.5
+                    };
+                    prop_assert!(
+                        error <= f64::from(step) * steps * 1.000_001 + slop,
+                        "value {} = {} decoded {} with step {}", i, x, y, step
+                    );
+                }
+            }
+            let rotated = CodecParams { rotation_seed: Some(3), ..params };
+            if shape.len() == 4 && shape[3].is_power_of_two() {
+                if let Ok(encoded) = encode(&values, &shape, &rotated) {
+                    let decoded = decode(&encoded.payload, &shape, &rotated, &encoded.layout).unwrap();
+                    prop_assert_eq!(decoded.len(), values.len());
+                }
+            }
+        }
+
+        #[test]
+        fn ecsq_decode_never_panics_on_arbitrary_payloads(
+            (shape, params, _values) in case(),
+            payload in prop::collection::vec(any::<u8>(), 0..400),
+            coded in 0usize..400,
+            f32_offsets in any::<bool>(),
+        ) {
+            let layout = Layout {
+                scale_dtype: if f32_offsets { ScaleDtype::F32 } else { ScaleDtype::F16 },
+                sparse_form: SparseForm::Dense,
+                coded_bytes: Some(coded),
+            };
+            if let Ok(values) = decode(&payload, &shape, &params, &layout) {
+                prop_assert_eq!(values.len(), shape.iter().product::<usize>());
+            }
         }
     }
 }

@@ -288,6 +288,43 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             sample_values(384, 20),
         ),
         (
+            "ecsq2_channel_sink",
+            vec![1, 2, 9, 16],
+            CodecParams {
+                bits: 2,
+                grid: Grid::Ecsq,
+                axis: Axis::Channel,
+                sink_tokens: 1,
+                ..CodecParams::adr002(1024)
+            },
+            sample_values(288, 21),
+        ),
+        (
+            "ecsq_rate_flat_rotated",
+            vec![1, 2, 6, 32],
+            CodecParams {
+                grid: Grid::Ecsq,
+                rotation_seed: Some(5),
+                rate: Some(5.5),
+                ..CodecParams::adr002(40)
+            },
+            sample_values(384, 22),
+        ),
+        (
+            "ecsq3_token_f32_offsets",
+            vec![1, 1, 4, 50],
+            CodecParams {
+                bits: 3,
+                grid: Grid::Ecsq,
+                axis: Axis::Token,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(200, 23)
+                .iter()
+                .map(|x| x * 1.0e7 + 1.0e6)
+                .collect(),
+        ),
+        (
             "everything",
             vec![1, 2, 9, 16],
             CodecParams {

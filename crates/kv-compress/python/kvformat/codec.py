@@ -73,6 +73,72 @@ def unpack_codes(data, count, bits):
     return (fields << np.arange(bits)).sum(axis=1)
 
 
+class RangeDecoder:
+    """docs/format.md, "Entropy-coded codes": LZMA's binary range decoder
+    without its first byte, over models with Krichevsky-Trofimov counts."""
+
+    def __init__(self, data):
+        _require(len(data) >= 4, "entropy-coded codes end early")
+        self.data, self.position = data, 4
+        self.range, self.code = 0xFFFFFFFF, int.from_bytes(data[:4], "big")
+
+    def bit(self, model):
+        zeros, ones = model
+        p_zero = min(max(((2 * zeros + 1) << 12) // (2 * (zeros + ones) + 2), 1), 4095)
+        bound = (self.range >> 12) * p_zero
+        bit = self.code >= bound
+        if bit:
+            self.code -= bound
+            self.range -= bound
+            ones += 1
+        else:
+            self.range = bound
+            zeros += 1
+        if zeros + ones >= 1024:
+            zeros, ones = (zeros + 1) // 2, (ones + 1) // 2
+        model[0], model[1] = zeros, ones
+        while self.range < 1 << 24:
+            _require(self.position < len(self.data), "entropy-coded codes end early")
+            self.range = (self.range << 8) & 0xFFFFFFFF
+            self.code = ((self.code << 8) | self.data[self.position]) & 0xFFFFFFFF
+            self.position += 1
+        return bit
+
+    def integer(self, models):
+        """One signed code through one group's models (a dict of [zeros, ones])."""
+        get = lambda key: models.setdefault(key, [0, 0])
+        if not self.bit(get("nonzero")):
+            return 0
+        negative = self.bit(get("negative"))
+        bucket = 0
+        while self.bit(get(("bucket", min(bucket, 15)))):
+            bucket += 1
+            _require(bucket <= 29, "an entropy-coded code is 2^30 or larger")
+        magnitude, node = 1, 1
+        for depth in range(bucket):
+            if depth < 2:
+                bit = self.bit(get(("top", min(bucket, 15), node)))
+                node = 2 + bit
+            else:
+                bit = self.bit(get("low"))
+            magnitude = (magnitude << 1) | bit
+        return -magnitude if negative else magnitude
+
+
+def decode_ecsq(data, step, offsets, groups):
+    """Values in group order: offset + q * step in float64, rounded to
+    float32; one model per group."""
+    decoder = RangeDecoder(data)
+    models = {}
+    codes = np.array([decoder.integer(models.setdefault(int(group), {})) for group in groups], dtype=np.float64)
+    wide = offsets[groups].astype(np.float64) + codes * np.float64(step)
+    with np.errstate(over="ignore"):
+        decoded = wide.astype(np.float32)
+    _require(bool(np.all(np.isfinite(decoded))), "an ecsq value overflows f32")
+    _require(decoder.position == len(data), "entropy-coded codes have trailing bytes")
+    return decoded
+
+
 def gaussian_levels(bits):
     half = np.array([np.float32(level) for level in GAUSSIAN_LEVELS[bits]], dtype=np.float32)
     return np.concatenate([-half[::-1], half])
@@ -116,7 +182,7 @@ def decode(payload, shape, params, layout):
     view = View(shape, params)
     bits, group_size = params["bits"], params["group_size"]
     _require(bits in (2, 3, 4, 5, 6, 8), f"bits {bits} is not 2, 3, 4, 5, 6 or 8")
-    _require(params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans"), f"unknown grid {params['grid']}")
+    _require(params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans", "ecsq"), f"unknown grid {params['grid']}")
     _require(params["axis"] in ("flat", "token", "channel"), f"unknown axis {params['axis']}")
     _require(isinstance(group_size, int) and group_size >= 1, f"group_size {group_size} is not a positive integer")
     order, run_len = view.group_order(params["axis"])
@@ -140,14 +206,18 @@ def decode(payload, shape, params, layout):
     n_outliers = sum(per_block)
     asymmetric = params["grid"] == "asymmetric"
     codebook = params["grid"] in ("lloyd", "kmeans")
+    ecsq = params["grid"] == "ecsq"
     _require(not codebook or bits <= 4, f"the {params['grid']} grid has no {bits}-bit codebook")
+    _require(not ecsq or (params["sparsity"] == 0 and fraction == 0), "ecsq with sparsity or outliers")
+    coded_bytes = layout.get("coded_bytes")
+    _require((coded_bytes is not None) == ecsq, "coded_bytes is for the ecsq grid, and only it")
     sizes = [
-        n_groups * width,
-        n_groups * width if asymmetric else 0,
-        2 * (1 << bits) if params["grid"] == "kmeans" else 0,
+        0 if ecsq else n_groups * width,
+        n_groups * width if asymmetric or ecsq else 0,
+        2 * (1 << bits) if params["grid"] == "kmeans" else 4 if ecsq else 0,
         2 * kept_values,
         math.ceil(view.n_q / 8) if sparse else 0,
-        math.ceil(n_kept * bits / 8),
+        coded_bytes if ecsq else math.ceil(n_kept * bits / 8),
         4 * n_outliers,
     ]
     _require(len(payload) == sum(sizes), f"payload is {len(payload)} bytes, the codec needs {sum(sizes)}")
@@ -164,6 +234,9 @@ def decode(payload, shape, params, layout):
         _require(bool(np.all(np.isfinite(levels)) and np.all(np.diff(levels) >= 0)), "codebook levels not finite and ascending")
     elif codebook:
         levels = gaussian_levels(bits)
+    elif ecsq:
+        step = np.frombuffer(sections[2], dtype="<f4")[0]
+        _require(bool(np.isfinite(step) and step >= np.finfo(np.float32).tiny), "the ecsq step is not a positive normal number")
     sections.pop(2)
     kept = np.frombuffer(sections[2], dtype="<f2").astype(np.float32)
     _require(bool(np.all(np.isfinite(kept))), "a kept-token value is not finite")
@@ -174,7 +247,7 @@ def decode(payload, shape, params, layout):
     else:
         stored = np.ones(view.n_q, dtype=bool)
     _require(int(stored.sum()) == n_kept, f"bitmap keeps {int(stored.sum())} values, the sparsity keeps {n_kept}")
-    codes = unpack_codes(sections[4], n_kept, bits)
+    codes = None if ecsq else unpack_codes(sections[4], n_kept, bits)
     if params["sparsity"] > 0 and not sparse:
         # Dense form: dropped values hold the code of 0, so at least that many do.
         _require(np.count_nonzero(codes == 1 << (bits - 1)) >= dropped, "too few zero codes for the dropped values")
@@ -184,7 +257,9 @@ def decode(payload, shape, params, layout):
     stored_positions = np.flatnonzero(stored[order])
     groups = group_of_position[stored_positions]
     limit = np.finfo(np.float32).max
-    if codebook:
+    if ecsq:
+        decoded = decode_ecsq(sections[4], step, offsets, groups)
+    elif codebook:
         with np.errstate(over="ignore"):
             decoded = np.clip(levels[codes] * scales[groups], -limit, limit)
     elif asymmetric:

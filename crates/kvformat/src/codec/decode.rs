@@ -5,8 +5,8 @@ use super::groups::Plan;
 use super::layout::{read_bitmap, read_offsets, read_scales, Sections};
 use super::quantizer;
 use super::scales::GroupParams;
-use super::{bitpack, kept_tokens, outliers, rotation};
 use super::{fused_path, Axis, CodecError, CodecParams, Layout};
+use super::{kept_tokens, outliers, rotation};
 
 /// Decodes a payload written by [`encode`] back to row-major f32 values.
 /// Any payload, shape or layout gives a value or an error, never a panic,
@@ -147,17 +147,16 @@ fn dequantize_grouped(
                 )
             })
             .transpose()?;
-        let mut codes = vec![0u8; sections.code_count];
-        bitpack::unpack(stored.code_bytes, params.bits, &mut codes);
         let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
         let mask = grouped_mask.as_deref();
-        GroupQuantizer::read(params, stored.level_bytes)?.dequantize(
+        GroupQuantizer::read(params, stored.level_bytes)?.dequantize_section(
             &stored.group_params,
-            &codes,
+            stored.code_bytes,
+            sections.code_count,
             mask,
             geometry,
             grouped,
-        );
+        )?;
     }
     if params.outliers > 0.0 {
         outliers::apply(stored.outlier_bytes, params.outliers, grouped)?;

@@ -78,6 +78,7 @@ fn encode_fused_observed(
     let layout = Layout {
         scale_dtype: ScaleDtype::F16,
         sparse_form: smaller_form(plan, params),
+        coded_bytes: None,
     };
     let sections = Sections::new(plan, params, &layout)?;
     let total = sections.total().ok_or(CodecError::ShapeOverflow)?;
@@ -172,12 +173,13 @@ pub(crate) fn encode_in_form(
     }
     let geometry = &plan.geometry;
     let mask = grouped_mask.as_deref();
-    let (group_params, quantizer) = GroupQuantizer::choose(params, &grouped, mask, geometry);
-    let codes = quantizer.quantize(&group_params, &grouped, mask, geometry);
+    let (group_params, quantizer) = GroupQuantizer::choose(params, &grouped, mask, plan);
+    let codes = quantizer.code_section(&group_params, &grouped, mask, geometry);
 
     let layout = Layout {
         scale_dtype: group_params.dtype,
         sparse_form: form,
+        coded_bytes: quantizer.is_entropy_coded().then_some(codes.len()),
     };
     let sections = Sections::new(plan, params, &layout)?;
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
@@ -191,11 +193,18 @@ pub(crate) fn encode_in_form(
             1,
         ));
     }
-    payload.extend_from_slice(&packed(&codes, params.bits));
+    payload.extend_from_slice(&codes);
     if params.outliers > 0.0 {
         // validate() refuses outliers with sparsity: every value has a code.
         let mut restored = vec![0f32; grouped.len()];
-        quantizer.dequantize(&group_params, &codes, None, geometry, &mut restored);
+        quantizer.dequantize_section(
+            &group_params,
+            &codes,
+            grouped.len(),
+            None,
+            geometry,
+            &mut restored,
+        )?;
         payload.extend(outliers::encode(&grouped, &restored, params.outliers)?);
     }
     debug_assert_eq!(Some(payload.len()), sections.total());
@@ -215,6 +224,7 @@ fn encode_fused(
     let layout = Layout {
         scale_dtype: ScaleDtype::F16,
         sparse_form: form,
+        coded_bytes: None,
     };
     let sections = Sections::new(plan, params, &layout)?;
     let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];

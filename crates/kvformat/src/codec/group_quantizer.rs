@@ -1,33 +1,42 @@
 //! The one dispatch over group quantizers: which quantizer a tensor's
 //! [`Grid`] selects, how it chooses every group's parameters, what it stores
-//! in the payload's levels section, and its code <-> value mapping. The
-//! encoder and decoder call only this; a new quantizer is a file of its own
-//! (like `quantizer` or `codebook`) plus a variant here.
+//! in the payload's levels and codes sections, and its code <-> value
+//! mapping. The encoder and decoder call only this; a new quantizer is a
+//! file of its own (like `quantizer`, `codebook` or `ecsq`) plus a variant here.
 
 use super::codebook::{self, Codebook};
-use super::groups::GroupGeometry;
-use super::quantizer::{self, CodeRange};
+use super::groups::{GroupGeometry, Plan};
+use super::layout::packed;
+use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
-use super::{CodecError, CodecParams, Grid};
+use super::{bitpack, ecsq, CodecError, CodecParams, Grid};
 
 /// A tensor's group quantizer, with whatever it shares across groups.
 pub(crate) enum GroupQuantizer {
     /// The uniform grids (`sym`, `asym`): a scale (and offset) per group.
     Uniform(CodeRange),
     /// The codebook grids (`lloyd`, `kmeans`): levels times a scale per group.
-    Codebook { grid: Grid, codebook: Codebook },
+    Codebook {
+        grid: Grid,
+        bits: u8,
+        codebook: Codebook,
+    },
+    /// Entropy-coded uniform codes (`ecsq`): one step, an offset per group,
+    /// and (when chosen, not read) the codes section the choice coded.
+    Ecsq { step: f32, coded: Option<Vec<u8>> },
 }
 
 impl GroupQuantizer {
     /// Fits the quantizer to `grouped` (values in group order, `kept` the
-    /// values a sparsity mask keeps): every group's stored parameters, and
-    /// for a codebook its levels.
+    /// values a sparsity mask keeps, `plan` the tensor's): every group's
+    /// stored parameters, and for a codebook its levels.
     pub fn choose(
         params: &CodecParams,
         grouped: &[f32],
         kept: Option<&[bool]>,
-        geometry: &GroupGeometry,
+        plan: &Plan,
     ) -> (GroupParams, Self) {
+        let geometry = &plan.geometry;
         match params.grid {
             Grid::Symmetric | Grid::Asymmetric => {
                 let range = params.code_range();
@@ -44,8 +53,28 @@ impl GroupQuantizer {
                     kept,
                     geometry,
                 );
-                let grid = params.grid;
-                (group_params, GroupQuantizer::Codebook { grid, codebook })
+                let quantizer = GroupQuantizer::Codebook {
+                    grid: params.grid,
+                    bits: params.bits,
+                    codebook,
+                };
+                (group_params, quantizer)
+            }
+            Grid::Ecsq => {
+                // validate() refuses sparsity with ecsq: nothing is dropped.
+                let target = match params.rate {
+                    Some(rate) => ecsq::Target::PayloadBits {
+                        budget: rate * plan.total_count() as f64,
+                        fixed_bits: 16.0 * plan.kept_token_count() as f64,
+                    },
+                    None => ecsq::Target::Gaussian(f64::from(params.bits)),
+                };
+                let choice = ecsq::choose(target, grouped, geometry);
+                let quantizer = GroupQuantizer::Ecsq {
+                    step: choice.step,
+                    coded: Some(choice.coded),
+                };
+                (choice.params, quantizer)
             }
         }
     }
@@ -56,20 +85,36 @@ impl GroupQuantizer {
             Grid::Symmetric | Grid::Asymmetric => GroupQuantizer::Uniform(params.code_range()),
             Grid::Lloyd | Grid::Kmeans => GroupQuantizer::Codebook {
                 grid: params.grid,
+                bits: params.bits,
                 codebook: codebook::read_levels(params.grid, params.bits, level_bytes)?,
+            },
+            Grid::Ecsq => GroupQuantizer::Ecsq {
+                step: ecsq::read_levels(level_bytes)?,
+                coded: None,
             },
         })
     }
 
-    /// Appends the levels section (empty unless the levels were fitted).
+    /// Appends the levels section (empty unless the quantizer stores one).
     pub fn write_levels(&self, payload: &mut Vec<u8>) {
-        if let GroupQuantizer::Codebook { grid, codebook } = self {
-            codebook::write_levels(*grid, codebook, payload);
+        match self {
+            GroupQuantizer::Uniform(_) => {}
+            GroupQuantizer::Codebook { grid, codebook, .. } => {
+                codebook::write_levels(*grid, codebook, payload)
+            }
+            GroupQuantizer::Ecsq { step, .. } => ecsq::write_levels(*step, payload),
         }
     }
 
-    /// Unsigned codes of all kept values, group by group.
-    pub fn quantize(
+    /// Whether the codes section's length depends on the values (and is
+    /// stored in the layout) rather than on the shape alone.
+    pub fn is_entropy_coded(&self) -> bool {
+        matches!(self, GroupQuantizer::Ecsq { .. })
+    }
+
+    /// The codes section of all kept values, group by group: packed
+    /// fixed-width codes, or the range-coded stream.
+    pub fn code_section(
         &self,
         group_params: &GroupParams,
         grouped: &[f32],
@@ -77,47 +122,64 @@ impl GroupQuantizer {
         geometry: &GroupGeometry,
     ) -> Vec<u8> {
         match self {
-            GroupQuantizer::Uniform(range) => {
-                let mapping = quantizer::Uniform {
-                    range: *range,
-                    params: group_params,
-                };
-                quantizer::quantize(grouped, kept, geometry, &mapping)
-            }
-            GroupQuantizer::Codebook { codebook, .. } => {
-                let mapping = codebook::Scaled {
-                    codebook,
-                    scales: &group_params.scales,
-                };
-                quantizer::quantize(grouped, kept, geometry, &mapping)
-            }
+            GroupQuantizer::Ecsq { step, coded } => match coded {
+                Some(coded) => coded.clone(),
+                None => ecsq::encode_codes(group_params, *step, grouped, geometry),
+            },
+            _ => self.with_mapping(group_params, |mapping| {
+                let codes = quantizer::quantize(grouped, kept, geometry, mapping);
+                packed(&codes, self.code_bits())
+            }),
         }
     }
 
-    /// Reconstructs all values in group order from one code per kept value.
-    pub fn dequantize(
+    /// Reconstructs all values in group order from the codes section, which
+    /// holds `code_count` codes.
+    pub fn dequantize_section(
         &self,
         group_params: &GroupParams,
-        codes: &[u8],
+        code_bytes: &[u8],
+        code_count: usize,
         kept: Option<&[bool]>,
         geometry: &GroupGeometry,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), CodecError> {
+        if let GroupQuantizer::Ecsq { step, .. } = self {
+            return ecsq::decode_codes(group_params, *step, code_bytes, geometry, out);
+        }
+        let mut codes = vec![0u8; code_count];
+        bitpack::unpack(code_bytes, self.code_bits(), &mut codes);
+        self.with_mapping(group_params, |mapping| {
+            quantizer::dequantize(&codes, kept, geometry, mapping, out)
+        });
+        Ok(())
+    }
+
+    /// Width of a fixed-width code.
+    fn code_bits(&self) -> u8 {
         match self {
-            GroupQuantizer::Uniform(range) => {
-                let mapping = quantizer::Uniform {
-                    range: *range,
-                    params: group_params,
-                };
-                quantizer::dequantize(codes, kept, geometry, &mapping, out);
-            }
-            GroupQuantizer::Codebook { codebook, .. } => {
-                let mapping = codebook::Scaled {
-                    codebook,
-                    scales: &group_params.scales,
-                };
-                quantizer::dequantize(codes, kept, geometry, &mapping, out);
-            }
+            GroupQuantizer::Uniform(range) => range.bits,
+            GroupQuantizer::Codebook { bits, .. } => *bits,
+            GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),
+        }
+    }
+
+    /// Runs `body` with the fixed-width quantizer's code <-> value mapping.
+    fn with_mapping<R>(
+        &self,
+        group_params: &GroupParams,
+        body: impl FnOnce(&dyn GroupMapping) -> R,
+    ) -> R {
+        match self {
+            GroupQuantizer::Uniform(range) => body(&quantizer::Uniform {
+                range: *range,
+                params: group_params,
+            }),
+            GroupQuantizer::Codebook { codebook, .. } => body(&codebook::Scaled {
+                codebook,
+                scales: &group_params.scales,
+            }),
+            GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),
         }
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::groups::Plan;
 use super::scales::ScaleDtype;
-use super::{bitpack, codebook, outliers, sparsity};
+use super::{bitpack, codebook, ecsq, outliers, sparsity};
 use super::{CodecError, CodecParams, Grid, SparseForm};
 
 /// Codec facts that decoding needs beyond the params and the shape, chosen
@@ -21,6 +21,10 @@ pub struct Layout {
     /// the dense form existed, which all used the bitmap.
     #[serde(default)]
     pub sparse_form: SparseForm,
+    /// Length of the codes section when its codes are entropy coded
+    /// (`ecsq`), which the shape alone does not give; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coded_bytes: Option<usize>,
 }
 
 impl Layout {
@@ -71,30 +75,43 @@ impl Sections {
             .group_count()
             .checked_mul(layout.scale_dtype.size_bytes())
             .ok_or_else(overflow)?;
-        let offsets = match params.grid {
-            Grid::Asymmetric => scales,
-            _ => 0,
+        let offset_bytes = plan
+            .geometry
+            .group_count()
+            .checked_mul(layout.scale_dtype.size_bytes())
+            .ok_or_else(overflow)?;
+        let (scales, offsets) = match params.grid {
+            Grid::Asymmetric => (scales, offset_bytes),
+            Grid::Ecsq => (0, offset_bytes),
+            _ => (scales, 0),
         };
-        let (bitmap, code_count) = if layout.has_bitmap(params) {
-            (
-                quantized.div_ceil(8),
-                quantized - sparsity::dropped_count(params.sparsity, quantized),
-            )
+        let codes = match (params.grid, layout.coded_bytes) {
+            (Grid::Ecsq, Some(coded)) => coded,
+            (Grid::Ecsq, None) => return Err(CodecError::CodedBytes("missing")),
+            (_, Some(_)) => return Err(CodecError::CodedBytes("given")),
+            (_, None) => bitpack::packed_len(code_count_of(plan, params, layout), params.bits)
+                .ok_or_else(overflow)?,
+        };
+        let bitmap = if layout.has_bitmap(params) {
+            quantized.div_ceil(8)
         } else {
-            (0, quantized)
+            0
         };
         Ok(Sections {
             scales,
             offsets,
-            levels: codebook::levels_section_len(params.grid, params.bits),
+            levels: match params.grid {
+                Grid::Ecsq => ecsq::LEVELS_LEN,
+                grid => codebook::levels_section_len(grid, params.bits),
+            },
             kept_tokens: plan
                 .kept_token_count()
                 .checked_mul(2)
                 .ok_or_else(overflow)?,
             bitmap,
-            codes: bitpack::packed_len(code_count, params.bits).ok_or_else(overflow)?,
+            codes,
             outliers: outliers::section_len(params.outliers, quantized).ok_or_else(overflow)?,
-            code_count,
+            code_count: code_count_of(plan, params, layout),
         })
     }
 
@@ -112,7 +129,18 @@ impl Sections {
     }
 }
 
-/// Exact payload length of a tensor of `shape` encoded with `params` and `layout`.
+/// Number of stored codes: the quantized values a bitmap does not drop.
+fn code_count_of(plan: &Plan, params: &CodecParams, layout: &Layout) -> usize {
+    let quantized = plan.quantized_count();
+    if layout.has_bitmap(params) {
+        quantized - sparsity::dropped_count(params.sparsity, quantized)
+    } else {
+        quantized
+    }
+}
+
+/// Exact payload length of a tensor of `shape` encoded with `params` and
+/// `layout` (whose `coded_bytes` gives an entropy-coded codes section's).
 pub fn payload_len(
     shape: &[usize],
     params: &CodecParams,

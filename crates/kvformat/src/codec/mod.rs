@@ -13,11 +13,13 @@
 //!   quantizer (parameter choice, levels section, code <-> value mapping);
 //! - one file per group quantizer: `quantizer` (uniform grids; `fit` chooses
 //!   least-squares parameters for it) and `codebook` (non-uniform levels),
-//!   both behind `quantizer::GroupMapping`.
+//!   both behind `quantizer::GroupMapping`, and `ecsq` (entropy-coded
+//!   uniform codes, through `range_coder`).
 
 mod bitpack;
 mod codebook;
 mod decode;
+mod ecsq;
 mod encode;
 mod fit;
 mod group_quantizer;
@@ -27,6 +29,7 @@ mod layout;
 mod outliers;
 mod params;
 mod quantizer;
+mod range_coder;
 mod rotation;
 mod scales;
 mod sparsity;
@@ -35,7 +38,7 @@ pub use codebook::{gaussian_levels, GAUSSIAN_LEVELS};
 pub use decode::{decode, decode_into};
 pub use encode::{encode, encode_observed};
 pub use layout::{payload_len, Encoded, Layout};
-pub use params::{Axis, CodecError, CodecParams, Fit, Grid, SUPPORTED_BITS};
+pub use params::{Axis, CodecError, CodecParams, Fit, Grid, RATE_RANGE, SUPPORTED_BITS};
 pub use rotation::SplitMix64;
 pub use scales::{ScaleDtype, ZERO_GROUP_SCALE};
 pub use sparsity::SparseForm;

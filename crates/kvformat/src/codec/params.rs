@@ -11,6 +11,9 @@ use super::quantizer::CodeRange;
 /// per-layer allocation steps between 4 and 8 (kv-validate's `allocate`).
 pub const SUPPORTED_BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
 
+/// The bits per value an `ecsq` step may aim at (`CodecParams::rate`).
+pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.5..=16.0;
+
 /// Quantization grid of a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -25,6 +28,10 @@ pub enum Grid {
     /// Codebook: levels fitted to the tensor by k-means, stored in FP16,
     /// times the group's RMS. 2, 3 or 4 bits.
     Kmeans,
+    /// Entropy-coded uniform quantization (`ecsq.rs`): one step per tensor,
+    /// an offset (the mean) per group, codes range coded; `bits` sets the
+    /// step, and the stored bits per value come out near it.
+    Ecsq,
 }
 
 /// Which consecutive values form a group.
@@ -84,6 +91,12 @@ pub struct CodecParams {
     /// whose codes err most (see `outliers.rs`); absent when 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub outliers: f64,
+    /// `ecsq` only: the payload's size in bits per value (kept tokens
+    /// included), a fraction such as 2.35; the encoder searches the largest
+    /// step that fits it. Without it the step is the Gaussian estimate for
+    /// `bits`. Decoding does not need it: the step is in the payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<f64>,
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -104,6 +117,7 @@ impl CodecParams {
             sparsity: 0.0,
             fit: Fit::MinMax,
             outliers: 0.0,
+            rate: None,
         }
     }
 }
@@ -122,6 +136,12 @@ pub enum CodecError {
     InvalidSparsity(f64),
     #[error("outlier fraction {0} is outside [0, 1)")]
     InvalidOutliers(f64),
+    #[error("a rate ({0}) is for the ecsq grid only, from {min} to {max} bits", min = RATE_RANGE.start(), max = RATE_RANGE.end())]
+    InvalidRate(f64),
+    #[error("the ecsq grid does not combine with {0}")]
+    EcsqWith(&'static str),
+    #[error("the layout's coded_bytes is {0}, which the grid does not match")]
+    CodedBytes(&'static str),
     #[error("outliers cannot be combined with sparsity")]
     OutliersWithSparsity,
     #[error(
@@ -171,6 +191,21 @@ impl CodecParams {
         }
         if self.outliers > 0.0 && self.sparsity > 0.0 {
             return Err(CodecError::OutliersWithSparsity);
+        }
+        if let Some(rate) = self.rate {
+            if self.grid != Grid::Ecsq || !RATE_RANGE.contains(&rate) {
+                return Err(CodecError::InvalidRate(rate));
+            }
+        }
+        if self.grid == Grid::Ecsq {
+            // A value the ecsq grid stores is never clipped, so nothing
+            // needs keeping beside it; dropping values would need a mask.
+            if self.sparsity > 0.0 {
+                return Err(CodecError::EcsqWith("sparsity"));
+            }
+            if self.outliers > 0.0 {
+                return Err(CodecError::EcsqWith("outliers"));
+            }
         }
         groups::element_count(shape)?;
         let needs_heads = [

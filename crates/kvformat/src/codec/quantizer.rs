@@ -763,7 +763,7 @@ pub(crate) fn quantize(
     values: &[f32],
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
-    mapping: &impl GroupMapping,
+    mapping: &(impl GroupMapping + ?Sized),
 ) -> Vec<u8> {
     let offsets = code_offsets(kept, geometry);
     let mut codes = vec![0u8; offsets[offsets.len() - 1]];
@@ -789,7 +789,7 @@ pub(crate) fn dequantize(
     codes: &[u8],
     kept: Option<&[bool]>,
     geometry: &GroupGeometry,
-    mapping: &impl GroupMapping,
+    mapping: &(impl GroupMapping + ?Sized),
     out: &mut [f32],
 ) {
     let offsets = code_offsets(kept, geometry);
