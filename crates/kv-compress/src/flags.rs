@@ -26,14 +26,17 @@ pub const DEFAULT_ROTATE_SEED: u64 = 0x6b76_636f_6d70; // "kvcomp"
 pub const GROUP_SIZE_RANGE: RangeInclusive<usize> = 8..=1024;
 
 /// One rule of `-layer-bits`: tensors of `kinds` in `layers` take `bits`
-/// (and `group_size` if given).
+/// (and `group_size` if given), or with a fractional BITS the `ecsq` rate.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LayerRule {
     pub keys: bool,
     pub values: bool,
     /// `None`: every tensor of the kinds, whatever its name.
     pub layers: Option<Vec<RangeInclusive<usize>>>,
+    /// The rule's width; for a fractional BITS the supported width nearest it.
     pub bits: u8,
+    /// A fractional BITS (`-grid ecsq` only): the tensors' `-rate`.
+    pub rate: Option<f64>,
     pub group_size: Option<usize>,
 }
 
@@ -222,6 +225,32 @@ fn axis(value: &str) -> Result<Axis, String> {
     }
 }
 
+/// A rule's BITS: a supported width, or a fraction in [`RATE_RANGE`] (an
+/// `ecsq` rate, with the width nearest it).
+fn rule_bits(text: &str) -> Result<(u8, Option<f64>), String> {
+    if let Ok(width) = bits(text) {
+        return Ok((width, None));
+    }
+    match parse_float(text) {
+        Some(rate) if RATE_RANGE.contains(&rate) && text.contains('.') => {
+            let nearest = SUPPORTED_BITS
+                .iter()
+                .copied()
+                .min_by(|a, b| {
+                    (f64::from(*a) - rate)
+                        .abs()
+                        .total_cmp(&(f64::from(*b) - rate).abs())
+                })
+                .expect("widths are listed");
+            Ok((nearest, Some(rate)))
+        }
+        _ => Err(
+            "must be 2, 3, 4, 5, 6 or 8, or with -grid ecsq a rate from 0.5 to 16 such as 2.71"
+                .into(),
+        ),
+    }
+}
+
 /// `-layer-bits`: `RULE[;RULE...]`, `RULE` = `[KINDS:]LAYERS=BITS[/GROUP]`,
 /// `KINDS` one of `k`, `v`, `kv` (default `kv`), `LAYERS` `*` or a comma list
 /// of `N` and `N-M`.
@@ -267,12 +296,14 @@ fn layer_rules(value: &str) -> Result<Vec<LayerRule>, String> {
             Some((bits, group)) => (bits, Some(group)),
             None => (setting, None),
         };
+        let (bits, rate) = rule_bits(bits_text.trim())
+            .map_err(|reason| format!("bits {bits_text:?}: {reason}"))?;
         Ok(LayerRule {
             keys,
             values,
             layers,
-            bits: bits(bits_text.trim())
-                .map_err(|reason| format!("bits {bits_text:?}: {reason}"))?,
+            bits,
+            rate,
             group_size: group_text
                 .map(|g| {
                     group_size(g.trim()).map_err(|reason| format!("group size {g:?}: {reason}"))
@@ -419,7 +450,9 @@ pub const FLAGS: &[Flag] = &[
         help: "bits (and group size) per layer and kind, overriding the flags above:\n\
                RULE;RULE..., RULE = [k|v|kv:]LAYERS=BITS[/GROUP], LAYERS = * or a list\n\
                of N and N-M; the first rule that matches a tensor wins. Example:\n\
-               \"k:0,29=4;k:*=2\" (keys of layers 0 and 29 at 4 bits, other keys at 2)",
+               \"k:0,29=4;k:*=2\" (keys of layers 0 and 29 at 4 bits, other keys at 2).\n\
+               With -grid ecsq, BITS may be a fraction: that tensor's -rate\n\
+               (\"k:3=2.71\"); with -rate given, every BITS is a rate",
         setter: Setter::Text {
             placeholder: "string",
             apply: |o, v| {
@@ -489,9 +522,9 @@ pub const FLAGS: &[Flag] = &[
     },
     Flag {
         name: "rate",
-        help: "with -grid ecsq: the bits/value every tensor's step aims at, a\n\
-               fraction from 0.5 to 16 such as 2.35 (default: each tensor's\n\
-               -bits); not with -layer-bits",
+        help: "with -grid ecsq: each tensor's stored size in bits/value, a\n\
+               fraction from 0.5 to 16 such as 2.35; the encoder searches the\n\
+               largest step that fits it (default: the Gaussian step of -bits)",
         setter: Setter::Text {
             placeholder: "float",
             apply: |o, v| {
@@ -700,12 +733,10 @@ pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
             "-sparsity and -outliers (or -key-outliers, -value-outliers) cannot be combined; use one".into(),
         ));
     }
-    if options.rate.is_some() && options.grid != Some(Grid::Ecsq) {
-        return Err(FlagError::Conflict("-rate needs -grid ecsq".into()));
-    }
-    if options.rate.is_some() && !options.layer_bits.is_empty() {
+    let fractional_rule = options.layer_bits.iter().any(|rule| rule.rate.is_some());
+    if (options.rate.is_some() || fractional_rule) && options.grid != Some(Grid::Ecsq) {
         return Err(FlagError::Conflict(
-            "-rate sets every tensor's step and -layer-bits each layer's bits; use one".into(),
+            "-rate and fractional -layer-bits need -grid ecsq".into(),
         ));
     }
     Ok(Command::Run(Box::new(options)))
@@ -1013,13 +1044,30 @@ mod tests {
             &["-key-outliers=0.01", "-sparsity", "0.5"],
             &["-rate", "2.5"],
             &["-grid", "asym", "-rate", "2.5"],
-            &["-grid", "ecsq", "-rate", "2.5", "-layer-bits", "k:0=4"],
+            &["-layer-bits", "k:0=2.5"],
         ] {
             assert!(matches!(run(args), Err(FlagError::Conflict(_))), "{args:?}");
         }
         assert!(run(&["-sparsity", "0.1", "-outliers", "0"]).is_ok());
-        let ecsq = options(&["-rate=2.35", "-grid", "ecsq"]);
+        let ecsq = options(&[
+            "-rate=2.35",
+            "-grid",
+            "ecsq",
+            "-layer-bits",
+            "k:1=2.71;v:*=4",
+        ]);
         assert_eq!((ecsq.grid, ecsq.rate), (Some(Grid::Ecsq), Some(2.35)));
+        let rules: Vec<_> = ecsq.layer_bits.iter().map(|r| (r.bits, r.rate)).collect();
+        assert_eq!(rules, [(3, Some(2.71)), (4, None)]);
+        for text in ["k:1=2.5x", "k:1=0.4", "k:1=7"] {
+            assert!(
+                matches!(
+                    run(&["-grid", "ecsq", "-layer-bits", text]),
+                    Err(FlagError::InvalidValue { .. })
+                ),
+                "{text}"
+            );
+        }
         assert_eq!(options(&["-sparsity", "0.999"]).sparsity, 0.999);
         assert_eq!(options(&["-sparsity", ".5"]).sparsity, 0.5);
         assert_eq!(options(&["-sparsity", "5e-1"]).sparsity, 0.5);
@@ -1152,6 +1200,7 @@ mod more_tests {
                 values: false,
                 layers: Some(vec![0..=0, 29..=29]),
                 bits: 4,
+                rate: None,
                 group_size: None
             }
         );
@@ -1162,6 +1211,7 @@ mod more_tests {
                 values: true,
                 layers: Some(vec![3..=5]),
                 bits: 8,
+                rate: None,
                 group_size: Some(128)
             }
         );

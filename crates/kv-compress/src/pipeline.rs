@@ -35,8 +35,9 @@ pub enum Error {
 /// The codec settings of one tensor: `*_key` tensors (kvformat's naming
 /// rule) take the key axis, bits, group size and outliers, every other tensor
 /// the value ones; the first `-layer-bits` rule that matches the tensor's
-/// kind and layer sets its bits (and group size); unset flags take the
-/// method's choice (grid, axes) or the shared flag.
+/// kind and layer sets its bits (and group size, and its `ecsq` rate where
+/// BITS is fractional or `-rate` is given); unset flags take the method's
+/// choice (grid, axes) or the shared flag.
 pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
     let kind = TensorKind::of(tensor_name);
     let (axis, bits, group_size, outliers) = match kind {
@@ -55,6 +56,7 @@ pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
     };
     let mut bits = bits.unwrap_or(options.bits);
     let mut group_size = group_size.unwrap_or(options.group_size);
+    let mut rate = options.rate;
     let layer = layer_index(tensor_name);
     if let Some(rule) = options
         .layer_bits
@@ -62,6 +64,8 @@ pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
         .find(|rule| rule.matches(kind, layer))
     {
         bits = rule.bits;
+        // Under -rate every rule's BITS is a rate.
+        rate = rule.rate.or(rate.map(|_| f64::from(rule.bits)));
         group_size = rule.group_size.unwrap_or(group_size);
     }
     CodecParams {
@@ -75,7 +79,7 @@ pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
         sparsity: options.sparsity,
         fit: options.fit,
         outliers: outliers.unwrap_or(options.outliers),
-        rate: options.rate,
+        rate,
     }
 }
 
@@ -511,6 +515,17 @@ mod tests {
         let value = params_for(&o, "layer_0_value");
         assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));
         assert_eq!((value.bits, value.group_size), (4, 64));
+        // ecsq rates: a fractional rule is a rate; under -rate every rule is.
+        let rates = |args: &[&str]| -> Vec<Option<f64>> {
+            let o = options(args);
+            ["layer_0_key", "layer_1_key", "layer_0_value"]
+                .map(|name| params_for(&o, name).rate)
+                .to_vec()
+        };
+        let rules = ["-grid", "ecsq", "-layer-bits", "k:0=2.71;k:1=4"];
+        assert_eq!(rates(&rules), [Some(2.71), None, None]);
+        let with_rate = [&rules[..], &["-rate", "3.3"]].concat();
+        assert_eq!(rates(&with_rate), [Some(2.71), Some(4.0), Some(3.3)]);
         let o = options(&["-outliers", "0.01", "-key-outliers=0.02"]);
         assert_eq!(params_for(&o, "layer_0_key").outliers, 0.02);
         assert_eq!(params_for(&o, "layer_0_value").outliers, 0.01);
