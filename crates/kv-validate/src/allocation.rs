@@ -136,9 +136,9 @@ pub enum AllocationError {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Allocation {
     pub budget: f64,
-    /// `(kind, layer) -> bits`.
+    /// `(kind, layer) -> bits` (for an ecsq sweep, the fractional rate).
     #[serde(serialize_with = "serialize_tensor_bits")]
-    pub bits: BTreeMap<(Kind, usize), u8>,
+    pub bits: BTreeMap<(Kind, usize), f64>,
     /// The reference's bits/value minus the chosen probes' savings.
     pub predicted_bits_per_value: f64,
     /// The reference's mean KLD plus the chosen probes' damages.
@@ -152,14 +152,14 @@ pub struct Allocation {
 
 /// `bits` as a JSON list of `{kind, layer, bits}` (JSON keys are strings).
 fn serialize_tensor_bits<S: serde::Serializer>(
-    bits: &BTreeMap<(Kind, usize), u8>,
+    bits: &BTreeMap<(Kind, usize), f64>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     #[derive(Serialize)]
     struct TensorBits {
         kind: Kind,
         layer: usize,
-        bits: u8,
+        bits: f64,
     }
     serializer.collect_seq(bits.iter().map(|(&(kind, layer), &bits)| TensorBits {
         kind,
@@ -168,10 +168,10 @@ fn serialize_tensor_bits<S: serde::Serializer>(
     }))
 }
 
-/// Predicted figures of one width for every tensor.
+/// Predicted figures of one width (or ecsq rate) for every tensor.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct UniformFigures {
-    pub bits: u8,
+    pub bits: f64,
     pub predicted_bits_per_value: f64,
     pub predicted_kld: f64,
 }
@@ -183,22 +183,31 @@ struct Choices {
     options: Vec<(u8, f64, f64)>,
 }
 
-/// Minimizes the predicted mean KLD within `budget` bits/value.
+fn kld(row: &SweepRow) -> Result<f64, AllocationError> {
+    row.kld_mean.ok_or_else(|| AllocationError::NoKld {
+        label: row.label.clone(),
+    })
+}
+
+/// Minimizes the predicted mean KLD within `budget` bits/value: over the
+/// probed widths for fixed-width grids, over fractional rates for an
+/// ecsq sweep (see [`water_fill`]).
 pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, AllocationError> {
     if !(budget.is_finite() && budget > 0.0) {
         return Err(AllocationError::BadBudget(budget));
     }
-    let kld = |row: &SweepRow| {
-        row.kld_mean.ok_or_else(|| AllocationError::NoKld {
-            label: row.label.clone(),
-        })
-    };
     let reference = table
         .rows
         .iter()
         .find(|row| row.label == REFERENCE_LABEL)
         .ok_or(AllocationError::NoReference)?;
     let reference_kld = kld(reference)?;
+    let shared = reference
+        .flags
+        .strip_suffix(&format!(" -bits {REFERENCE_BITS}"))
+        .ok_or_else(|| AllocationError::ReferenceFlags {
+            flags: reference.flags.clone(),
+        })?;
     let mut probes: BTreeMap<(Kind, usize), BTreeMap<u8, &SweepRow>> = BTreeMap::new();
     for row in &table.rows {
         if let Some(probe) = Probe::parse(&row.label) {
@@ -237,6 +246,9 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         }
         tensors.push(Choices { tensor, options });
     }
+    if selects_ecsq(shared) {
+        return water_fill(&tensors, reference, budget, shared);
+    }
     let lowest = reference.bits_per_value
         - tensors
             .iter()
@@ -247,10 +259,10 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         return Err(AllocationError::Unreachable { budget, lowest });
     }
     let picks = cheapest_damage(&tensors, needed);
-    let bits: BTreeMap<(Kind, usize), u8> = tensors
+    let bits: BTreeMap<(Kind, usize), f64> = tensors
         .iter()
         .zip(&picks)
-        .map(|(t, &pick)| (t.tensor, t.options[pick].0))
+        .map(|(t, &pick)| (t.tensor, f64::from(t.options[pick].0)))
         .collect();
     let chosen = |picks: &[usize]| {
         tensors
@@ -266,17 +278,11 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         let index = 1 + widths.iter().position(|&b| b == uniform_bits).unwrap();
         let (saving, damage) = chosen(&vec![index; tensors.len()]);
         UniformFigures {
-            bits: uniform_bits,
+            bits: f64::from(uniform_bits),
             predicted_bits_per_value: reference.bits_per_value - saving,
             predicted_kld: reference_kld + damage,
         }
     });
-    let shared = reference
-        .flags
-        .strip_suffix(&format!(" -bits {REFERENCE_BITS}"))
-        .ok_or_else(|| AllocationError::ReferenceFlags {
-            flags: reference.flags.clone(),
-        })?;
     Ok(Allocation {
         budget,
         flags: format!("{shared} {}", BitsFlags(&bits)),
@@ -332,13 +338,13 @@ fn cheapest_damage(tensors: &[Choices], needed: f64) -> Vec<usize> {
 
 /// `-bits B -layer-bits RULE`: B the commonest width (the lower on a tie),
 /// RULE every tensor at another width, e.g. `-bits 2 -layer-bits k:8,18=3;v:3=4`.
-struct BitsFlags<'a>(&'a BTreeMap<(Kind, usize), u8>);
+struct BitsFlags<'a>(&'a BTreeMap<(Kind, usize), f64>);
 
 impl fmt::Display for BitsFlags<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut counts: BTreeMap<u8, usize> = BTreeMap::new();
         for &bits in self.0.values() {
-            *counts.entry(bits).or_default() += 1;
+            *counts.entry(bits as u8).or_default() += 1;
         }
         let common = counts
             .iter()
@@ -351,7 +357,7 @@ impl fmt::Display for BitsFlags<'_> {
                 let layers: Vec<String> = self
                     .0
                     .iter()
-                    .filter(|(&(k, _), &b)| k == kind && b == bits)
+                    .filter(|(&(k, _), &b)| k == kind && b as u8 == bits)
                     .map(|(&(_, layer), _)| layer.to_string())
                     .collect();
                 if !layers.is_empty() {
@@ -366,6 +372,133 @@ impl fmt::Display for BitsFlags<'_> {
     }
 }
 
+/// Whether kv-compress `flags` select the entropy-coded grid (`-grid ecsq`).
+fn selects_ecsq(flags: &str) -> bool {
+    let words: Vec<&str> = flags.split_whitespace().collect();
+    words.iter().enumerate().any(|(i, word)| {
+        let name = word.trim_start_matches('-');
+        name == "grid=ecsq" || (name == "grid" && words.get(i + 1) == Some(&"ecsq"))
+    })
+}
+
+/// Lowest and highest code rate the water filling gives a tensor, beyond
+/// what its means and kept tokens take: below one bit the ecsq step is
+/// wider than the values, above 8 the reference's width.
+const RATE_BOUNDS: (f64, f64) = (1.0, REFERENCE_BITS as f64);
+
+/// Fractional ecsq rates: an entropy-coded tensor's squared error falls by
+/// 4x per bit of rate (`step^2 / 12`, the step halving per bit), so its
+/// damage at rate `R` is modelled as `d * 4^(p - R)` from its probe's damage
+/// `d` at rate `p`. Minimizing the summed damage at a mean rate (each
+/// tensor holding a share `w` of the values, equal in a Llama-family cache)
+/// gives every tensor `R = p + log2(d / w) / 2 - theta` (reverse
+/// water filling), clamped to [`RATE_BOUNDS`], with `theta` set by
+/// bisection so the rates use the budget. Rates are cut to hundredths,
+/// down, so the budget holds. Uses the probes at the width nearest the budget.
+fn water_fill(
+    tensors: &[Choices],
+    reference: &SweepRow,
+    budget: f64,
+    shared: &str,
+) -> Result<Allocation, AllocationError> {
+    let reference_kld = kld(reference)?;
+    let widths: Vec<u8> = tensors[0].options[1..].iter().map(|o| o.0).collect();
+    let probe = widths
+        .iter()
+        .position(|&w| {
+            (f64::from(w) - budget).abs()
+                <= widths
+                    .iter()
+                    .map(|&v| (f64::from(v) - budget).abs())
+                    .fold(f64::INFINITY, f64::min)
+        })
+        .expect("probes exist")
+        + 1;
+    let probe_bits = f64::from(tensors[0].options[probe].0);
+    // Every layer's keys and values have one shape in a Llama-family
+    // cache, so each tensor holds the same share of the values.
+    let shares = vec![1.0 / tensors.len() as f64; tensors.len()];
+    // The reference's stored bits beyond its nominal width (means, kept
+    // tokens) are every tensor's at the probe too.
+    let overhead = reference.bits_per_value - f64::from(REFERENCE_BITS);
+    let probe_rate = probe_bits + overhead;
+    let damages: Vec<f64> = tensors
+        .iter()
+        .map(|t| t.options[probe].2.max(1e-12))
+        .collect();
+    let (lowest, highest) = (RATE_BOUNDS.0 + overhead, RATE_BOUNDS.1 + overhead);
+    let rates_at = |theta: f64| -> Vec<f64> {
+        damages
+            .iter()
+            .zip(&shares)
+            .map(|(&d, &w)| (probe_rate + (d / w).log2() / 2.0 - theta).clamp(lowest, highest))
+            .collect()
+    };
+    let mean = |rates: &[f64]| rates.iter().zip(&shares).map(|(r, w)| r * w).sum::<f64>();
+    if budget < lowest {
+        return Err(AllocationError::Unreachable { budget, lowest });
+    }
+    let (mut low, mut high) = (-64.0, 64.0);
+    for _ in 0..200 {
+        let theta = (low + high) / 2.0;
+        if mean(&rates_at(theta)) > budget {
+            low = theta;
+        } else {
+            high = theta;
+        }
+    }
+    let rates: Vec<f64> = rates_at(high)
+        .iter()
+        .map(|r| (r * 100.0 + 1e-6).floor() / 100.0)
+        .collect();
+    let damage_at = |rates: &[f64]| {
+        reference_kld
+            + damages
+                .iter()
+                .zip(rates)
+                .map(|(&d, &r)| d * 4f64.powf(probe_rate - r))
+                .sum::<f64>()
+    };
+    let uniform = UniformFigures {
+        bits: budget,
+        predicted_bits_per_value: budget,
+        predicted_kld: damage_at(&vec![budget; rates.len()]),
+    };
+    let bits: BTreeMap<(Kind, usize), f64> = tensors
+        .iter()
+        .zip(&rates)
+        .map(|(t, &r)| (t.tensor, r))
+        .collect();
+    Ok(Allocation {
+        budget,
+        flags: format!("{shared} -rate {budget} {}", RateFlags(&bits)),
+        predicted_bits_per_value: mean(&rates),
+        predicted_kld: damage_at(&rates),
+        bits,
+        uniform: Some(uniform),
+    })
+}
+
+/// `-layer-bits` with one rule per rate, e.g. `k:0,5=2.71;v:3=3.40`.
+struct RateFlags<'a>(&'a BTreeMap<(Kind, usize), f64>);
+
+impl fmt::Display for RateFlags<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rules: BTreeMap<(Kind, String), Vec<String>> = BTreeMap::new();
+        for (&(kind, layer), &rate) in self.0 {
+            rules
+                .entry((kind, format!("{rate:.2}")))
+                .or_default()
+                .push(layer.to_string());
+        }
+        let rules: Vec<String> = rules
+            .iter()
+            .map(|((kind, rate), layers)| format!("{}:{}={rate}", kind.prefix(), layers.join(",")))
+            .collect();
+        write!(f, "-layer-bits {}", rules.join(";"))
+    }
+}
+
 impl Allocation {
     pub fn render_text(&self) -> String {
         let mut lines = vec![format!(
@@ -374,7 +507,7 @@ impl Allocation {
         )];
         if let Some(uniform) = &self.uniform {
             lines.push(format!(
-                "(every tensor at {} bits: predicted {:.4} bits/value, mean KLD {:.6})",
+                "(every tensor at {} bits/value: predicted {:.4} bits/value, mean KLD {:.6})",
                 uniform.bits, uniform.predicted_bits_per_value, uniform.predicted_kld
             ));
         }
@@ -401,8 +534,27 @@ mod tests {
         saving: impl Fn(usize, u8) -> f64,
         damage: impl Fn(usize, u8) -> f64,
     ) -> SweepTable {
+        probe_table(
+            layers,
+            &[2, 3, 4],
+            "-method kivi",
+            reference_bpv,
+            saving,
+            damage,
+        )
+    }
+
+    /// [`table`] with the probed widths and shared flags given.
+    fn probe_table(
+        layers: usize,
+        widths: &[u8],
+        flags: &str,
+        reference_bpv: f64,
+        saving: impl Fn(usize, u8) -> f64,
+        damage: impl Fn(usize, u8) -> f64,
+    ) -> SweepTable {
         let reference_kld = 0.001;
-        let variants = probe_variants(layers, &[2, 3, 4], "-method kivi").unwrap();
+        let variants = probe_variants(layers, widths, flags).unwrap();
         let measurements = variants
             .iter()
             .map(|variant| {
@@ -503,7 +655,7 @@ mod tests {
         // a budget of 0.5 buys exactly one tensor at 3 bits.
         let sweep = table(3, 9.0 + 0.25, saving, damage);
         let allocation = allocate(&sweep, 0.25 + 0.25).unwrap();
-        assert_eq!(allocation.bits[&(Kind::Key, 1)], 3);
+        assert_eq!(allocation.bits[&(Kind::Key, 1)], 3.0);
         assert!(
             allocation
                 .flags
@@ -556,5 +708,63 @@ mod tests {
             vec![],
         );
         assert_eq!(allocate(&empty, 3.0), Err(AllocationError::NoReference));
+    }
+
+    #[test]
+    fn ecsq_rates_fill_the_budget_by_reverse_water_filling() {
+        // Six tensors of equal size probed at 3 bits; tensors 1 and 2 are 4x
+        // and 16x as sensitive. Reference: 8 bits plus 0.1 of means and sinks.
+        let sensitivity = [1.0, 4.0, 16.0, 1.0, 1.0, 1.0];
+        let sweep = probe_table(
+            3,
+            &[3],
+            "-grid ecsq -sink-tokens 1",
+            8.1,
+            |_, bits| (8 - bits) as f64 / 6.0,
+            |t, _| sensitivity[t] * 1e-3,
+        );
+        let allocation = allocate(&sweep, 3.1).unwrap();
+        let rate =
+            |t: usize| allocation.bits[&(if t % 2 == 0 { Kind::Key } else { Kind::Value }, t / 2)];
+        // 4x the damage buys log2(4) / 2 = 1 bit more, 16x two; the
+        // marginal damages 4^-R * d are then equal (the optimum).
+        assert!(
+            (rate(1) - rate(0) - 1.0).abs() <= 0.011,
+            "{:?}",
+            allocation.bits
+        );
+        assert!(
+            (rate(2) - rate(0) - 2.0).abs() <= 0.011,
+            "{:?}",
+            allocation.bits
+        );
+        let mean = (0..6).map(rate).sum::<f64>() / 6.0;
+        assert!((3.09 - 1e-9..=3.1 + 1e-9).contains(&mean), "{mean}");
+        assert!((allocation.predicted_bits_per_value - mean).abs() < 1e-12);
+        // Uniform 3.1 everywhere: damage 24e-3 at the probe's 3.1; filled:
+        // 6 equal marginal damages summing less.
+        let uniform = allocation.uniform.as_ref().unwrap();
+        assert!((uniform.predicted_kld - 0.001 - 24e-3).abs() < 1e-9);
+        assert!(allocation.predicted_kld < uniform.predicted_kld * 0.8);
+        assert!(
+            allocation
+                .flags
+                .ends_with("-grid ecsq -sink-tokens 1 -rate 3.1 -layer-bits k:0,2=2.60;k:1=4.60;v:1,2=2.60;v:0=3.60"),
+            "{}",
+            allocation.flags
+        );
+        assert!(
+            allocation.flags.contains(&format!("v:0={:.2}", rate(1))),
+            "{}",
+            allocation.flags
+        );
+        // A budget at the lower bound (one bit of codes beside the
+        // reference's 0.1 of means and sinks) clamps every tensor to it.
+        let low = allocate(&sweep, 1.1).unwrap();
+        assert!(low.bits.values().all(|&r| r == 1.1), "{:?}", low.bits);
+        assert!(matches!(
+            allocate(&sweep, 1.0),
+            Err(AllocationError::Unreachable { .. })
+        ));
     }
 }

@@ -26,9 +26,9 @@ use kv_validate::model::load::{
 use kv_validate::output;
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
-use kv_validate::records::{merge, RunRecords, WindowRange};
+use kv_validate::records::{combine, merge, RunRecords, WindowRange};
 use kv_validate::report::{PassCriteria, RunDescription, ValidationReport};
-use kv_validate::sweep::{ensure_unique_labels, SweepReport, Variant};
+use kv_validate::sweep::{ensure_unique_labels, SweepReport, SweepTable, Variant};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -289,8 +289,18 @@ enum Command {
     #[command(after_help = ALLOCATE_EXAMPLES)]
     Allocate {
         /// The sensitivity sweep's JSON report.
-        #[arg(long, value_name = "FILE")]
-        sweep_json: PathBuf,
+        #[arg(
+            long,
+            value_name = "FILE",
+            required_unless_present = "records",
+            conflicts_with = "records"
+        )]
+        sweep_json: Option<PathBuf>,
+        /// Or the records of the sweep's slices (`--sensitivity --windows
+        /// A..B --records FILE`), which need not cover the text: probes run
+        /// on a few windows the evaluation does not use.
+        #[arg(long, value_name = "FILE", num_args = 1..)]
+        records: Vec<PathBuf>,
         /// The budget: largest bits/value the allocation may take.
         #[arg(long, value_name = "BITS")]
         bits: f64,
@@ -487,11 +497,19 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         Some(Command::Merge { files, outputs }) => return run_merge(files, outputs),
         Some(Command::Allocate {
             sweep_json,
+            records,
             bits,
             json,
         }) => {
-            let allocation = allocate(&read_sweep_table(sweep_json)?, *bits)
-                .with_context(|| format!("cannot allocate from {}", sweep_json.display()))?;
+            let (table, source) = match sweep_json {
+                Some(path) => (read_sweep_table(path)?, path.display().to_string()),
+                None => (
+                    sweep_table_of(records)?,
+                    format!("{} records files", records.len()),
+                ),
+            };
+            let allocation = allocate(&table, *bits)
+                .with_context(|| format!("cannot allocate from {source}"))?;
             print!("{}", allocation.render_text());
             if let Some(path) = json {
                 output::write_json(path, &allocation)?;
@@ -697,14 +715,29 @@ fn run_merge(files: &[PathBuf], outputs: &Outputs) -> anyhow::Result<bool> {
     if !records.sweep && outputs.sweep_outputs() {
         bail!("--sweep-csv, --sweep-plot and --sweep-kld-plot need the records of a sweep");
     }
+    report(outputs, &records, &evaluation_of(&records))
+}
+
+/// The figures of every variant over the windows `records` hold.
+fn evaluation_of(records: &RunRecords) -> Evaluation {
     let settings: Vec<CompressSettings> = records
         .variants
         .iter()
         .map(|v| v.settings.clone())
         .collect();
-    let evaluation =
-        Evaluation::from_records(&settings, records.windows.clone(), records.timings.clone());
-    report(outputs, &records, &evaluation)
+    Evaluation::from_records(&settings, records.windows.clone(), records.timings.clone())
+}
+
+/// The sweep table of the windows that slices' records hold (`allocate --records`).
+fn sweep_table_of(files: &[PathBuf]) -> anyhow::Result<SweepTable> {
+    let records = combine(files)?;
+    if !records.sweep {
+        bail!("allocate --records needs the records of a --sensitivity sweep");
+    }
+    let cache_dtype = CacheDtype::from_torch_name(&records.run.cache_dtype)
+        .with_context(|| format!("unknown cache dtype {:?}", records.run.cache_dtype))?;
+    let evaluation = evaluation_of(&records);
+    Ok(SweepReport::new(&records.run, &evaluation, &records.variants, cache_dtype).table)
 }
 
 /// Prints and writes the report of `evaluation` (computed from `records`),

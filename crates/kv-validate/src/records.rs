@@ -300,6 +300,23 @@ fn window_problem(window: &WindowRecord, variants: usize, planned: usize) -> Opt
 /// run description and variants, disjoint windows that together cover the
 /// plan. Timings are summed.
 pub fn merge(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
+    let merged = combine(paths)?;
+    let missing = missing_ranges(
+        merged.windows.iter().map(|w| w.index),
+        merged.windows_planned,
+    );
+    if !missing.is_empty() {
+        return Err(RecordsError::Missing {
+            missing,
+            planned: merged.windows_planned,
+        });
+    }
+    Ok(merged)
+}
+
+/// [`merge`] without the plan's coverage: the records of the windows the
+/// slices hold, such as a sensitivity sweep run on a few held-out windows.
+pub fn combine(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
     let (first_path, rest) = paths.split_first().ok_or(RecordsError::NoFiles)?;
     let mut merged = RunRecords::read(first_path)?;
     let mut owner: BTreeMap<usize, &PathBuf> = merged
@@ -342,13 +359,6 @@ pub fn merge(paths: &[PathBuf]) -> Result<RunRecords, RecordsError> {
         }
         merged.windows.extend(slice.windows);
         merged.timings.add(&slice.timings);
-    }
-    let missing = missing_ranges(owner.keys().copied(), merged.windows_planned);
-    if !missing.is_empty() {
-        return Err(RecordsError::Missing {
-            missing,
-            planned: merged.windows_planned,
-        });
     }
     merged.windows.sort_by_key(|w| w.index);
     Ok(merged)

@@ -334,3 +334,117 @@ fn sensitivity_probes_allocate_flags_whose_measured_size_is_the_predicted_one() 
     let error = expect_error(&allocate("0.5"));
     assert!(error.contains("below the"), "{error}");
 }
+
+/// ecsq probes at one width on a slice of the windows (`--windows 1..2
+/// --records`), `allocate --records` gives every tensor a fractional rate
+/// by water filling, and those flags, measured on both windows, stay within
+/// the budget: each tensor's `-rate` bounds its stored size.
+#[test]
+fn ecsq_probes_on_a_slice_allocate_rates_that_keep_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let prose = prose_path();
+    let records = dir.path().join("probes.json");
+    let flags = "-method kivi -grid ecsq -key-group-size 1024 -value-axis channel \
+                 -value-group-size 1024 -sink-tokens 1";
+    let output = kv_validate(
+        &[
+            "--model-dir",
+            model.hf_dir.to_str().unwrap(),
+            "--text-file",
+            prose.to_str().unwrap(),
+            "--context",
+            CONTEXT,
+            "--targets",
+            "16",
+            "--max-windows",
+            "2",
+            "--quiet",
+            "--windows",
+            "1..2",
+            "--records",
+            records.to_str().unwrap(),
+            "--sensitivity",
+            "--sensitivity-bits",
+            "3",
+            "--sensitivity-flags",
+            flags,
+        ],
+        &kv_compress(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let allocation_json = dir.path().join("allocation.json");
+    let budget = 3.3;
+    let output = kv_validate(
+        &[
+            "allocate",
+            "--records",
+            records.to_str().unwrap(),
+            "--bits",
+            &budget.to_string(),
+            "--json",
+            allocation_json.to_str().unwrap(),
+        ],
+        &kv_compress(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let allocation: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&allocation_json).unwrap()).unwrap();
+    let allocated = allocation["flags"].as_str().unwrap().to_string();
+    assert!(
+        allocated.contains(&format!("{flags} -rate 3.3 -layer-bits ")),
+        "{allocated}"
+    );
+    let rates: Vec<f64> = allocation["bits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|tensor| tensor["bits"].as_f64().unwrap())
+        .collect();
+    assert_eq!(rates.len(), 3 * 2);
+    assert!(
+        rates.iter().any(|&r| r != rates[0]),
+        "equal damages everywhere? {rates:?}"
+    );
+    let predicted = allocation["predicted_bits_per_value"].as_f64().unwrap();
+    assert!(
+        predicted <= budget + 1e-6 && predicted > budget - 0.01,
+        "{allocation}"
+    );
+
+    let check = tempfile::tempdir().unwrap();
+    let (output, measured) = run_sweep(
+        check.path(),
+        &["--variant", &format!("allocated={allocated}")],
+    );
+    assert!(output.status.code().is_some_and(|code| code <= 1));
+    let measured_bits = row(&measured, "allocated")["bits_per_value"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        measured_bits <= predicted + 1e-6 && measured_bits > predicted - 0.1,
+        "{measured_bits} against {predicted}"
+    );
+    // A sweep JSON and records at once are refused.
+    let both = kv_validate(
+        &[
+            "allocate",
+            "--records",
+            "a.json",
+            "--sweep-json",
+            "b.json",
+            "--bits",
+            "3",
+        ],
+        &kv_compress(),
+    );
+    assert_eq!(both.status.code(), Some(2));
+}
