@@ -402,36 +402,37 @@ fn water_fill(
     shared: &str,
 ) -> Result<Allocation, AllocationError> {
     let reference_kld = kld(reference)?;
-    let widths: Vec<u8> = tensors[0].options[1..].iter().map(|o| o.0).collect();
-    let probe = widths
-        .iter()
-        .position(|&w| {
-            (f64::from(w) - budget).abs()
-                <= widths
-                    .iter()
-                    .map(|&v| (f64::from(v) - budget).abs())
-                    .fold(f64::INFINITY, f64::min)
+    // The probes at the width nearest the budget (options[0] is the reference).
+    let probe = (1..tensors[0].options.len())
+        .min_by(|&a, &b| {
+            let gap = |i: usize| (f64::from(tensors[0].options[i].0) - budget).abs();
+            gap(a).total_cmp(&gap(b))
         })
-        .expect("probes exist")
-        + 1;
-    let probe_bits = f64::from(tensors[0].options[probe].0);
+        .expect("probes exist");
     // Every layer's keys and values have one shape in a Llama-family
-    // cache, so each tensor holds the same share of the values.
+    // cache, so each tensor holds the same share of the values, and a
+    // probe's saving against the reference is its tensor's whole change of
+    // rate: its stored rate at the probe is the reference's less saving / w.
     let shares = vec![1.0 / tensors.len() as f64; tensors.len()];
-    // The reference's stored bits beyond its nominal width (means, kept
-    // tokens) are every tensor's at the probe too.
-    let overhead = reference.bits_per_value - f64::from(REFERENCE_BITS);
-    let probe_rate = probe_bits + overhead;
+    let probe_rates: Vec<f64> = tensors
+        .iter()
+        .zip(&shares)
+        .map(|(t, &w)| reference.bits_per_value - t.options[probe].1 / w)
+        .collect();
     let damages: Vec<f64> = tensors
         .iter()
         .map(|t| t.options[probe].2.max(1e-12))
         .collect();
+    // The reference's stored bits beyond its nominal width (means, kept
+    // tokens) bound every tensor's rate from below and above.
+    let overhead = reference.bits_per_value - f64::from(REFERENCE_BITS);
     let (lowest, highest) = (RATE_BOUNDS.0 + overhead, RATE_BOUNDS.1 + overhead);
     let rates_at = |theta: f64| -> Vec<f64> {
         damages
             .iter()
             .zip(&shares)
-            .map(|(&d, &w)| (probe_rate + (d / w).log2() / 2.0 - theta).clamp(lowest, highest))
+            .zip(&probe_rates)
+            .map(|((&d, &w), &p)| (p + (d / w).log2() / 2.0 - theta).clamp(lowest, highest))
             .collect()
     };
     let mean = |rates: &[f64]| rates.iter().zip(&shares).map(|(r, w)| r * w).sum::<f64>();
@@ -455,8 +456,9 @@ fn water_fill(
         reference_kld
             + damages
                 .iter()
+                .zip(&probe_rates)
                 .zip(rates)
-                .map(|(&d, &r)| d * 4f64.powf(probe_rate - r))
+                .map(|((&d, &p), &r)| d * 4f64.powf(p - r))
                 .sum::<f64>()
     };
     let uniform = UniformFigures {

@@ -119,6 +119,20 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
         "kmeans2-rot-kch-sink4",
         "-grid kmeans -bits 2 -rotate -key-axis channel -value-axis token -sink-tokens 4",
     ),
+    // Entropy-coded uniform codes (ecsq): one step per tensor around each
+    // channel's mean, sized by -rate to the budgets.
+    (
+        "ecsq-r4.35-sink1",
+        "-method kivi -grid ecsq -rate 4.35 -key-group-size 1024 -value-axis channel -value-group-size 1024 -sink-tokens 1",
+    ),
+    (
+        "ecsq-r3.35-sink1",
+        "-method kivi -grid ecsq -rate 3.35 -key-group-size 1024 -value-axis channel -value-group-size 1024 -sink-tokens 1",
+    ),
+    (
+        "ecsq-r2.35-sink1",
+        "-method kivi -grid ecsq -rate 2.35 -key-group-size 1024 -value-axis channel -value-group-size 1024 -sink-tokens 1",
+    ),
     // Per-layer bits: the first layer's keys at 4 bits, the rest at 2.
     (
         "kivi2-rot-sink4-k0at4",
