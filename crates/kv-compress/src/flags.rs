@@ -633,7 +633,10 @@ Examples (as the original's scripts call it):
   kv-compress -input kv_cache.safetensors -metrics-only -group-size 64 -verbose
   kv-compress -decompress -input kv_cache.int4.safetensors -output kv_cache.restored.safetensors
 
-Methods measured on SmolLM2-135M (docs/fidelity.md), about 4.3, 3.2 and 2.5 bits per value:
+Methods measured on SmolLM2-135M (docs/fidelity.md): entropy-coded codes at
+any budget in bits per value (here 3.35), then fixed-width codes at about
+4.3, 3.2 and 2.5:
+  -method kivi -grid ecsq -rate 3.35 -key-group-size 1024 -value-axis channel -value-group-size 1024 -sink-tokens 1
   -method kivi -bits 4 -rotate -grid sym -sink-tokens 4
   -method kivi -bits 3 -rotate -fit mse -key-group-size 128 -value-axis flat -value-group-size 256 -sink-tokens 1
   -method kivi -bits 2 -rotate -fit mse -key-group-size 64 -value-axis flat -value-group-size 256 -sink-tokens 2 -key-outliers 0.005
