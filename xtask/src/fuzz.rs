@@ -412,7 +412,7 @@ fn sidecar_seeds(corpus: &Path) -> Result<()> {
 }
 
 fn flag_seeds(corpus: &Path) -> Result<()> {
-    let lines: [&[&str]; 7] = [
+    let lines: [&[&str]; 8] = [
         &[
             "-input",
             "in.safetensors",
