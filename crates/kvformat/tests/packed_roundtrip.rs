@@ -153,3 +153,36 @@ fn an_edge_of_f32_value_packs_to_a_finite_reconstruction() {
         reconstruction
     );
 }
+
+/// The ecsq grid's payload has no fixed length; at its widest (rate 16,
+/// groups of two with f32 means, heavy-tailed values beyond f16) it stays
+/// within the reader's bound on a payload's size and round trips.
+#[test]
+fn an_ecsq_payload_at_its_widest_is_within_the_readers_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ecsq.safetensors");
+    let values: Vec<f32> = (0..4096u32)
+        .map(|i| {
+            let hashed = i.wrapping_mul(2_654_435_761) >> 8;
+            let unit = hashed as f32 / 16_777_216.0 - 0.5;
+            unit * if i % 97 == 0 { 1.0e30 } else { 1.0e20 }
+        })
+        .collect();
+    let params = CodecParams {
+        grid: kvformat::codec::Grid::Ecsq,
+        rate: Some(16.0),
+        ..CodecParams::adr002(2)
+    };
+    let (tensor, reconstruction) =
+        pack_tensor("wide", CacheDtype::F32, &[1, 1, 64, 64], &values, &params).unwrap();
+    assert!(
+        tensor.entry.raw_len <= 8 * values.len(),
+        "{} bytes",
+        tensor.entry.raw_len
+    );
+    write_packed(&path, &[tensor], &BTreeMap::new()).unwrap();
+    assert_eq!(
+        PackedFile::open(&path).unwrap().unpack("wide").unwrap(),
+        reconstruction
+    );
+}
