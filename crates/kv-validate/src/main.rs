@@ -204,7 +204,7 @@ struct Cli {
     )]
     sensitivity_bits: Vec<u8>,
     /// The kv-compress flags every probe (and so the allocation) shares; no
-    /// -bits, -key-bits, -value-bits or -layer-bits.
+    /// -bits, -key-bits, -value-bits, -layer-bits or -rate.
     #[arg(
         long,
         value_name = "FLAGS",
@@ -769,7 +769,10 @@ fn sweep_variants(cli: &Cli) -> anyhow::Result<Option<Vec<Variant>>> {
         if let Some(word) = cli.sensitivity_flags.split_whitespace().find(|word| {
             let name = word.trim_start_matches('-');
             let name = name.split_once('=').map_or(name, |(name, _)| name);
-            matches!(name, "bits" | "key-bits" | "value-bits" | "layer-bits")
+            matches!(
+                name,
+                "bits" | "key-bits" | "value-bits" | "layer-bits" | "rate"
+            )
         }) {
             bail!("--sensitivity-flags must not set bits ({word}): the probes choose them");
         }

@@ -255,6 +255,23 @@ fn bad_sweep_flags_are_one_line_errors_with_exit_2() {
             vec!["--sweep", "--quick-test", "--quiet"],
             "cannot run with --quick-test",
         ),
+        (
+            vec![
+                "--sensitivity",
+                "--sensitivity-flags",
+                "-grid ecsq -rate 2.5",
+                "--quiet",
+            ],
+            "must not set bits (-rate)",
+        ),
+        (
+            vec![
+                "--sensitivity",
+                "--sensitivity-flags=-method kivi -layer-bits=k:0=2",
+                "--quiet",
+            ],
+            "must not set bits (-layer-bits=k:0=2)",
+        ),
     ] {
         let stderr = expect_error(&kv_validate(&args, &compressor));
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
