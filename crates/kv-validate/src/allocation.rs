@@ -473,7 +473,12 @@ fn water_fill(
         .collect();
     Ok(Allocation {
         budget,
-        flags: format!("{shared} -rate {budget} {}", RateFlags(&bits)),
+        // -rate covers tensors outside the naming rule, which no rule names.
+        flags: format!(
+            "{shared} -rate {} {}",
+            budget.min(highest),
+            RateFlags(&bits)
+        ),
         predicted_bits_per_value: mean(&rates),
         predicted_kld: damage_at(&rates),
         bits,

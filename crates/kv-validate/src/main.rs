@@ -285,6 +285,8 @@ enum Command {
     /// keys and values that minimize the sum of the probes' measured KLD
     /// increases within the budget (exactly, by dynamic programming), with
     /// the predicted bits/value and mean KLD, and the kv-compress flags.
+    /// For probes with -grid ecsq, a fractional rate per tensor instead
+    /// (reverse water filling from one probed width; -rate/-layer-bits).
     /// Measure the flags on other windows or text before trusting them.
     #[command(after_help = ALLOCATE_EXAMPLES)]
     Allocate {
@@ -354,6 +356,11 @@ Examples:
   kv-validate --gguf model.gguf --text-file calibration.txt --context 384 --targets 128 \\
       --max-windows 12 --sensitivity --json sensitivity.json
   kv-validate allocate --sweep-json sensitivity.json --bits 3.35
+  # ecsq: one probe per tensor on a slice of held-out windows, rates by water filling
+  kv-validate --gguf model.gguf --text-file calibration.txt --context 384 --targets 128 \\
+      --windows 100..112 --records probes.json --sensitivity --sensitivity-bits 3 \\
+      --sensitivity-flags \"-method kivi -grid ecsq -key-group-size 1024 -value-axis channel -value-group-size 1024 -sink-tokens 1\"
+  kv-validate allocate --records probes.json --bits 3.35
   # Check the printed flags on windows the probes did not see
   kv-validate --gguf model.gguf --text-file held-out.txt --context 384 --targets 128 \\
       --variant \"allocated=FLAGS\"";

@@ -26,8 +26,9 @@ use super::CodecError;
 pub(crate) const LEVELS_LEN: usize = 4;
 
 /// Largest code magnitude (`2^30 - 1`): values further than this many steps
-/// from their group's mean (which a tensor's RMS rules out for under 2^60
-/// values) are clipped.
+/// from their group's mean are clipped, which the step's tie to the RMS
+/// rules out for tensors under 2^32 values (a value is at most `sqrt(n)`
+/// RMS from the mean, and the step at rate 16 is RMS / 15,858).
 const MAX_CODE: f64 = ((1u64 << (MAX_BUCKET + 1)) - 1) as f64;
 
 /// `sqrt(2 pi e)`: a Gaussian of deviation `s` has differential entropy `log2(s * this)`.
@@ -54,6 +55,8 @@ pub(crate) struct Choice {
 /// Passes of the rate search: each codes the tensor once.
 const RATE_PASSES: usize = 8;
 
+/// Chooses a tensor's means and step for `target` from its values in
+/// group order, and codes them.
 pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) -> Choice {
     let means: Vec<f64> = (0..geometry.group_count())
         .map(|group| {

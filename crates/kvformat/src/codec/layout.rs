@@ -70,20 +70,15 @@ impl Sections {
         }
         let overflow = || CodecError::ShapeOverflow;
         let quantized = plan.quantized_count();
-        let scales = plan
-            .geometry
-            .group_count()
-            .checked_mul(layout.scale_dtype.size_bytes())
-            .ok_or_else(overflow)?;
-        let offset_bytes = plan
+        let per_group = plan
             .geometry
             .group_count()
             .checked_mul(layout.scale_dtype.size_bytes())
             .ok_or_else(overflow)?;
         let (scales, offsets) = match params.grid {
-            Grid::Asymmetric => (scales, offset_bytes),
-            Grid::Ecsq => (0, offset_bytes),
-            _ => (scales, 0),
+            Grid::Asymmetric => (per_group, per_group),
+            Grid::Ecsq => (0, per_group),
+            _ => (per_group, 0),
         };
         let codes = match (params.grid, layout.coded_bytes) {
             (Grid::Ecsq, Some(coded)) => coded,

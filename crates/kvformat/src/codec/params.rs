@@ -140,7 +140,7 @@ pub enum CodecError {
     InvalidRate(f64),
     #[error("the ecsq grid does not combine with {0}")]
     EcsqWith(&'static str),
-    #[error("the layout's coded_bytes is {0}, which the grid does not match")]
+    #[error("the layout's coded_bytes is {0}: the ecsq grid needs it, no other grid has it")]
     CodedBytes(&'static str),
     #[error("outliers cannot be combined with sparsity")]
     OutliersWithSparsity,
