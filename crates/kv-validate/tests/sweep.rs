@@ -65,14 +65,11 @@ fn run_sweep(dir: &Path, extra: &[&str]) -> (std::process::Output, serde_json::V
     run_sweep_with(dir, extra, &kv_compress())
 }
 
-fn run_sweep_with(
-    dir: &Path,
-    extra: &[&str],
-    compressor: &Path,
-) -> (std::process::Output, serde_json::Value) {
+/// kv-validate on the tiny model over the first two windows of the prose
+/// fixture (`--quiet`), with `extra` appended.
+fn run_tiny(dir: &Path, extra: &[&str], compressor: &Path) -> std::process::Output {
     let model = tiny_model(dir);
     let prose = prose_path();
-    let json = dir.join("sweep.json");
     let mut args = vec![
         "--model-dir",
         model.hf_dir.to_str().unwrap(),
@@ -85,11 +82,20 @@ fn run_sweep_with(
         "--max-windows",
         "2",
         "--quiet",
-        "--json",
-        json.to_str().unwrap(),
     ];
     args.extend(extra);
-    let output = kv_validate(&args, compressor);
+    kv_validate(&args, compressor)
+}
+
+fn run_sweep_with(
+    dir: &Path,
+    extra: &[&str],
+    compressor: &Path,
+) -> (std::process::Output, serde_json::Value) {
+    let json = dir.join("sweep.json");
+    let mut args = vec!["--json", json.to_str().unwrap()];
+    args.extend(extra);
+    let output = run_tiny(dir, &args, compressor);
     let report = std::fs::read_to_string(&json)
         .map(|text| serde_json::from_str(&text).unwrap())
         .unwrap_or(serde_json::Value::Null);
@@ -359,24 +365,12 @@ fn sensitivity_probes_allocate_flags_whose_measured_size_is_the_predicted_one() 
 #[test]
 fn ecsq_probes_on_a_slice_allocate_rates_that_keep_the_budget() {
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let prose = prose_path();
     let records = dir.path().join("probes.json");
     let flags = "-method kivi -grid ecsq -key-group-size 1024 -value-axis channel \
                  -value-group-size 1024 -sink-tokens 1";
-    let output = kv_validate(
+    let output = run_tiny(
+        dir.path(),
         &[
-            "--model-dir",
-            model.hf_dir.to_str().unwrap(),
-            "--text-file",
-            prose.to_str().unwrap(),
-            "--context",
-            CONTEXT,
-            "--targets",
-            "16",
-            "--max-windows",
-            "2",
-            "--quiet",
             "--windows",
             "1..2",
             "--records",

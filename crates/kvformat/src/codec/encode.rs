@@ -173,7 +173,7 @@ pub(crate) fn encode_in_form(
     }
     let geometry = &plan.geometry;
     let mask = grouped_mask.as_deref();
-    let (group_params, quantizer) = GroupQuantizer::choose(params, &grouped, mask, plan);
+    let (group_params, mut quantizer) = GroupQuantizer::choose(params, &grouped, mask, plan);
     let codes = quantizer.code_section(&group_params, &grouped, mask, geometry);
 
     let layout = Layout {

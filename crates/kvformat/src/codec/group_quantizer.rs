@@ -115,15 +115,16 @@ impl GroupQuantizer {
     /// The codes section of all kept values, group by group: packed
     /// fixed-width codes, or the range-coded stream.
     pub fn code_section(
-        &self,
+        &mut self,
         group_params: &GroupParams,
         grouped: &[f32],
         kept: Option<&[bool]>,
         geometry: &GroupGeometry,
     ) -> Vec<u8> {
         match self {
-            GroupQuantizer::Ecsq { step, coded } => match coded {
-                Some(coded) => coded.clone(),
+            // The codes the step search made, moved out once.
+            GroupQuantizer::Ecsq { step, coded } => match coded.take() {
+                Some(coded) => coded,
                 None => ecsq::encode_codes(group_params, *step, grouped, geometry),
             },
             _ => self.with_mapping(group_params, |mapping| {
