@@ -47,15 +47,6 @@ const KMEANS_ITERATIONS: usize = 16;
 /// (and the levels) do not depend on the thread count.
 const SUM_CHUNK: usize = 1 << 14;
 
-pub(crate) fn is_codebook(grid: Grid) -> bool {
-    matches!(grid, Grid::Lloyd | Grid::Kmeans)
-}
-
-/// Whether a codebook grid supports `bits` (2, 3, 4).
-pub(crate) fn supports_bits(bits: u8) -> bool {
-    matches!(bits, 2..=4)
-}
-
 /// All 2^bits Gaussian levels, ascending.
 pub fn gaussian_levels(bits: u8) -> Vec<f32> {
     let half = GAUSSIAN_LEVELS[usize::from(bits) - 2];

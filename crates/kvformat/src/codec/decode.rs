@@ -1,9 +1,9 @@
 //! `decode`: payload to values, checking every byte it reads.
 
+use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::layout::{read_bitmap, read_offsets, read_scales, Sections};
-use super::quantizer;
 use super::scales::GroupParams;
 use super::{fused_path, Axis, CodecError, CodecParams, Layout};
 use super::{kept_tokens, outliers, rotation};
@@ -130,7 +130,7 @@ fn dequantize_grouped(
     let range = params.code_range();
     let has_bitmap = layout.has_bitmap(params);
     let fused = fused_path(params, has_bitmap, false)
-        && quantizer::dequantize_symmetric_packed(
+        && fused::dequantize_symmetric_packed(
             stored.code_bytes,
             geometry,
             range,

@@ -395,14 +395,20 @@ mod tests {
                     sparsity: 0.5,
                     ..params.clone()
                 },
-                CodecError::EcsqWith("sparsity"),
+                CodecError::GridWith {
+                    grid: Grid::Ecsq,
+                    feature: "sparsity",
+                },
             ),
             (
                 CodecParams {
                     outliers: 0.01,
                     ..params.clone()
                 },
-                CodecError::EcsqWith("outliers"),
+                CodecError::GridWith {
+                    grid: Grid::Ecsq,
+                    feature: "outliers",
+                },
             ),
             (
                 CodecParams {

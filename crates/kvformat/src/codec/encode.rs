@@ -4,10 +4,10 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::layout::{packed, write_scales, Sections};
-use super::quantizer;
 use super::scales::ScaleDtype;
 use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
 use super::{kept_tokens, outliers, rotation, sparsity};
@@ -89,7 +89,7 @@ fn encode_fused_observed(
     );
     let mut payload = vec![0u8; total];
     let (scale_bytes, code_bytes) = payload.split_at_mut(sections.scales);
-    let Some(scales) = quantizer::quantize_symmetric_f16_observed(
+    let Some(scales) = fused::quantize_symmetric_f16_observed(
         values,
         &plan.geometry,
         params.code_range(),
@@ -231,7 +231,7 @@ fn encode_fused(
     let codes_start = payload.len() - sections.outliers - sections.codes;
     let codes_end = codes_start + sections.codes;
     let range = params.code_range();
-    let Some(group_params) = quantizer::quantize_symmetric_f16_packed(
+    let Some(group_params) = fused::quantize_symmetric_f16_packed(
         grouped,
         &plan.geometry,
         range,
@@ -245,7 +245,7 @@ fn encode_fused(
     payload[..codes_start].copy_from_slice(&head);
     if params.outliers > 0.0 {
         let mut restored = vec![0f32; grouped.len()];
-        let unpacked = quantizer::dequantize_symmetric_packed(
+        let unpacked = fused::dequantize_symmetric_packed(
             &payload[codes_start..codes_end],
             &plan.geometry,
             range,

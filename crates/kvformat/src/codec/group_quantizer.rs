@@ -95,6 +95,15 @@ impl GroupQuantizer {
         })
     }
 
+    /// Byte length of the levels section a tensor of `params` stores.
+    pub fn levels_len(params: &CodecParams) -> usize {
+        match params.grid {
+            Grid::Symmetric | Grid::Asymmetric => 0,
+            Grid::Lloyd | Grid::Kmeans => codebook::levels_section_len(params.grid, params.bits),
+            Grid::Ecsq => ecsq::LEVELS_LEN,
+        }
+    }
+
     /// Appends the levels section (empty unless the quantizer stores one).
     pub fn write_levels(&self, payload: &mut Vec<u8>) {
         match self {

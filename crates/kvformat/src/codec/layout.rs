@@ -6,10 +6,11 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
+use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::scales::ScaleDtype;
-use super::{bitpack, codebook, ecsq, outliers, sparsity};
-use super::{CodecError, CodecParams, Grid, SparseForm};
+use super::{bitpack, outliers, sparsity};
+use super::{CodecError, CodecParams, SparseForm};
 
 /// Codec facts that decoding needs beyond the params and the shape, chosen
 /// by `encode` per tensor. Stored in the file manifest.
@@ -63,7 +64,7 @@ impl Sections {
         layout: &Layout,
     ) -> Result<Self, CodecError> {
         if params.sparsity > 0.0
-            && params.grid != Grid::Symmetric
+            && !params.grid.spec().exact_zero
             && layout.sparse_form == SparseForm::Dense
         {
             return Err(CodecError::DenseFormNeedsSymmetricGrid);
@@ -75,16 +76,14 @@ impl Sections {
             .group_count()
             .checked_mul(layout.scale_dtype.size_bytes())
             .ok_or_else(overflow)?;
-        let (scales, offsets) = match params.grid {
-            Grid::Asymmetric => (per_group, per_group),
-            Grid::Ecsq => (0, per_group),
-            _ => (per_group, 0),
-        };
-        let codes = match (params.grid, layout.coded_bytes) {
-            (Grid::Ecsq, Some(coded)) => coded,
-            (Grid::Ecsq, None) => return Err(CodecError::CodedBytes("missing")),
-            (_, Some(_)) => return Err(CodecError::CodedBytes("given")),
-            (_, None) => bitpack::packed_len(code_count_of(plan, params, layout), params.bits)
+        let grid = params.grid.spec();
+        let section = |stored: bool| if stored { per_group } else { 0 };
+        let (scales, offsets) = (section(grid.scales), section(grid.offsets));
+        let codes = match (grid.entropy_coded, layout.coded_bytes) {
+            (true, Some(coded)) => coded,
+            (true, None) => return Err(CodecError::CodedBytes("missing")),
+            (false, Some(_)) => return Err(CodecError::CodedBytes("given")),
+            (false, None) => bitpack::packed_len(code_count_of(plan, params, layout), params.bits)
                 .ok_or_else(overflow)?,
         };
         let bitmap = if layout.has_bitmap(params) {
@@ -95,10 +94,7 @@ impl Sections {
         Ok(Sections {
             scales,
             offsets,
-            levels: match params.grid {
-                Grid::Ecsq => ecsq::LEVELS_LEN,
-                grid => codebook::levels_section_len(grid, params.bits),
-            },
+            levels: GroupQuantizer::levels_len(params),
             kept_tokens: plan
                 .kept_token_count()
                 .checked_mul(2)

@@ -3,36 +3,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::codebook;
+use super::grid::{spoken_list, Grid, SUPPORTED_BITS};
 use super::groups;
 use super::quantizer::CodeRange;
 
-/// The code widths every uniform grid supports: 5 and 6 bits give a
-/// per-layer allocation steps between 4 and 8 (kv-validate's `allocate`).
-pub const SUPPORTED_BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
-
 /// The bits per value an `ecsq` step may aim at (`CodecParams::rate`).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.5..=16.0;
-
-/// Quantization grid of a group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Grid {
-    /// `scale = max|x| / qmax`, codes in `[-2^(b-1), 2^(b-1)-1]` (ADR-002 for b = 4).
-    Symmetric,
-    /// `scale = (max - min) / (2^b - 1)` plus an offset, codes in `[0, 2^b - 1]`.
-    Asymmetric,
-    /// Codebook: the Lloyd-Max levels of the unit Gaussian times the group's
-    /// RMS (for rotated values; `codebook.rs`). 2, 3 or 4 bits.
-    Lloyd,
-    /// Codebook: levels fitted to the tensor by k-means, stored in FP16,
-    /// times the group's RMS. 2, 3 or 4 bits.
-    Kmeans,
-    /// Entropy-coded uniform quantization (`ecsq.rs`): one step per tensor,
-    /// an offset (the mean) per group, codes range coded; `bits` sets the
-    /// step, and the stored bits per value come out near it.
-    Ecsq,
-}
 
 /// Which consecutive values form a group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,8 +104,8 @@ impl CodecParams {
 pub enum CodecError {
     #[error("unsupported bit width {0} (expected 2, 3, 4, 5, 6 or 8)")]
     UnsupportedBits(u8),
-    #[error("codebook grids take 2, 3 or 4 bits, not {0}")]
-    CodebookBits(u8),
+    #[error("the {grid} grid takes {} bits, not {bits}", spoken_list(grid.spec().bits))]
+    GridBits { grid: Grid, bits: u8 },
     #[error("group size must be at least 1")]
     ZeroGroupSize,
     #[error("sparsity {0} is outside [0, 1)")]
@@ -138,8 +114,8 @@ pub enum CodecError {
     InvalidOutliers(f64),
     #[error("a rate ({0}) is for the ecsq grid only, from {min} to {max} bits", min = RATE_RANGE.start(), max = RATE_RANGE.end())]
     InvalidRate(f64),
-    #[error("the ecsq grid does not combine with {0}")]
-    EcsqWith(&'static str),
+    #[error("the {grid} grid does not combine with {feature}")]
+    GridWith { grid: Grid, feature: &'static str },
     #[error("the layout's coded_bytes is {0}: the ecsq grid needs it, no other grid has it")]
     CodedBytes(&'static str),
     #[error("outliers cannot be combined with sparsity")]
@@ -172,13 +148,27 @@ pub enum CodecError {
 }
 
 impl CodecParams {
-    /// Checks that these params can encode a tensor of `shape`.
+    /// Checks that these params can encode a tensor of `shape`: the
+    /// settings ([`CodecParams::check_settings`]), then the shape
+    /// ([`CodecParams::check_shape`]).
     pub fn validate(&self, shape: &[usize]) -> Result<(), CodecError> {
+        self.check_settings()?;
+        self.check_shape(shape)
+    }
+
+    /// The rules between the settings themselves, whatever the tensor: the
+    /// one rule set, which `kv-compress` applies once per run to every
+    /// combination its flags can give a tensor and reports as flag errors.
+    pub fn check_settings(&self) -> Result<(), CodecError> {
         if !SUPPORTED_BITS.contains(&self.bits) {
             return Err(CodecError::UnsupportedBits(self.bits));
         }
-        if codebook::is_codebook(self.grid) && !codebook::supports_bits(self.bits) {
-            return Err(CodecError::CodebookBits(self.bits));
+        let grid = self.grid.spec();
+        if !grid.bits.contains(&self.bits) {
+            return Err(CodecError::GridBits {
+                grid: self.grid,
+                bits: self.bits,
+            });
         }
         if self.group_size == 0 {
             return Err(CodecError::ZeroGroupSize);
@@ -193,20 +183,28 @@ impl CodecParams {
             return Err(CodecError::OutliersWithSparsity);
         }
         if let Some(rate) = self.rate {
-            if self.grid != Grid::Ecsq || !RATE_RANGE.contains(&rate) {
+            if !grid.rate || !RATE_RANGE.contains(&rate) {
                 return Err(CodecError::InvalidRate(rate));
             }
         }
-        if self.grid == Grid::Ecsq {
-            // A value the ecsq grid stores is never clipped, so nothing
-            // needs keeping beside it; dropping values would need a mask.
-            if self.sparsity > 0.0 {
-                return Err(CodecError::EcsqWith("sparsity"));
-            }
-            if self.outliers > 0.0 {
-                return Err(CodecError::EcsqWith("outliers"));
-            }
+        // A grid that never clips (ecsq) needs nothing kept beside its
+        // codes; dropping values would need a mask it does not have.
+        let unsupported = [
+            (self.sparsity > 0.0 && !grid.sparsity, "sparsity"),
+            (self.outliers > 0.0 && !grid.outliers, "outliers"),
+        ];
+        if let Some((_, feature)) = unsupported.iter().find(|(refused, _)| *refused) {
+            return Err(CodecError::GridWith {
+                grid: self.grid,
+                feature,
+            });
         }
+        Ok(())
+    }
+
+    /// The rules between the settings and a tensor's shape: the only check
+    /// left per tensor once the settings are checked.
+    pub fn check_shape(&self, shape: &[usize]) -> Result<(), CodecError> {
         groups::element_count(shape)?;
         let needs_heads = [
             (self.axis == Axis::Token, "per-token grouping"),

@@ -36,7 +36,7 @@ pub fn smaller_form(grid: Grid, bits: u8, sparsity: f64, count: usize) -> Sparse
     if sparsity == 0.0 {
         return SparseForm::Dense;
     }
-    if grid != Grid::Symmetric {
+    if !grid.spec().exact_zero {
         return SparseForm::Bitmap;
     }
     let bits = usize::from(bits);

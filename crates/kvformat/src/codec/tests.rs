@@ -507,7 +507,7 @@ fn every_simd_level_quantizes_a_block_to_the_same_bits() {
         let packed_len = bitpack::packed_len(count, bits).unwrap();
         let run = |level: Level| {
             let mut scales = vec![0f32; geometry.group_count()];
-            assert!(quantizer::symmetric_f16_scales_at(
+            assert!(fused::symmetric_f16_scales_at(
                 level,
                 &values,
                 &geometry,
@@ -517,7 +517,7 @@ fn every_simd_level_quantizes_a_block_to_the_same_bits() {
             let mut codes = vec![0u8; count];
             let mut packed = vec![0u8; packed_len];
             let mut restored = vec![0f32; count];
-            quantizer::symmetric_block_at(
+            fused::symmetric_block_at(
                 level,
                 &values,
                 &geometry,
@@ -530,7 +530,7 @@ fn every_simd_level_quantizes_a_block_to_the_same_bits() {
             );
             // The decoder's kernel at the same level restores the same bits.
             let mut unpacked = vec![0f32; count];
-            quantizer::symmetric_unpack_at(
+            fused::symmetric_unpack_at(
                 level,
                 &packed,
                 &geometry,
