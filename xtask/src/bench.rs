@@ -10,6 +10,7 @@ use crate::fetch_model::ensure_model;
 use crate::util::{build_release_binaries, repo_root};
 use anyhow::{bail, Context, Result};
 use kvformat::codec::SplitMix64;
+use kvformat::preset::{tensor_name, TensorKind};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -567,14 +568,14 @@ fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
     let mut names = Vec::new();
     let mut data = Vec::new();
     for layer in 0..LAYERS {
-        for kind in ["key", "value"] {
+        for kind in TensorKind::BOTH {
             let values: Vec<f32> = (0..per_tensor)
                 .map(|i| {
-                    let outlier = kind == "key" && (i % HEAD_DIM) % 16 == 3;
+                    let outlier = kind == TensorKind::Key && (i % HEAD_DIM) % 16 == 3;
                     normal(&mut rng) * if outlier { 6.0 } else { 1.0 }
                 })
                 .collect();
-            names.push(format!("layer_{layer}_{kind}"));
+            names.push(tensor_name(layer, kind));
             data.push(values);
         }
     }

@@ -1,6 +1,8 @@
-//! The named methods (ADR-002, KIVI) and the naming rule that tells a key
-//! tensor from a value tensor and gives its layer: one definition, so the
-//! CLI, the tests and any other writer agree on what a preset means.
+//! The named methods (ADR-002, KIVI), their default group size, and the
+//! naming rule of a cache's tensors (`layer_{i}_key`, `layer_{i}_value`),
+//! built by [`tensor_name`] and read by [`TensorKind::of`] and
+//! [`layer_index`]: one definition, so the CLI, the validator, the tests and
+//! any other writer agree on what a preset and a name mean.
 
 use crate::codec::{Axis, Grid};
 
@@ -13,7 +15,28 @@ pub enum TensorKind {
     Value,
 }
 
+/// Values per quantization group unless told otherwise: the original's
+/// `-group-size` default, and what its Python bridge passed.
+pub const DEFAULT_GROUP_SIZE: usize = 64;
+
+/// The name of `kind`'s tensor of layer `layer`: `layer_{layer}_key` or
+/// `layer_{layer}_value`.
+pub fn tensor_name(layer: usize, kind: TensorKind) -> String {
+    format!("layer_{layer}_{}", kind.suffix())
+}
+
 impl TensorKind {
+    /// Both kinds, in a layer's order (keys first).
+    pub const BOTH: [TensorKind; 2] = [TensorKind::Key, TensorKind::Value];
+
+    /// `key` or `value`, as the name ends.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            TensorKind::Key => "key",
+            TensorKind::Value => "value",
+        }
+    }
+
     pub fn of(tensor_name: &str) -> Self {
         if tensor_name.ends_with("_key") {
             TensorKind::Key
@@ -73,6 +96,12 @@ mod tests {
         assert_eq!(TensorKind::of("anything"), TensorKind::Value);
         assert_eq!(layer_index("layer_29_key"), Some(29));
         assert_eq!(layer_index("layer_0_value"), Some(0));
+        for kind in TensorKind::BOTH {
+            let name = tensor_name(7, kind);
+            assert_eq!(TensorKind::of(&name), kind);
+            assert_eq!(layer_index(&name), Some(7));
+        }
+        assert_eq!(tensor_name(12, TensorKind::Value), "layer_12_value");
         for name in [
             "layer__key",
             "layer_+1_key",

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result};
+use crate::preset::{layer_index, tensor_name, TensorKind};
 use crate::tensor_file::TensorFile;
 
 /// Largest sidecar we read: it is six small fields, anything bigger is hostile.
@@ -81,14 +82,16 @@ impl Sidecar {
     /// `layer_{i}_value` of shape `[batch, heads, seq, head_dim]`. `None` when
     /// the file does not follow that layout.
     pub fn infer(tensors: &[(String, CacheDtype, Vec<usize>)], model_name: &str) -> Option<Self> {
-        let (_, dtype, shape) = tensors.iter().find(|(name, _, _)| name == "layer_0_key")?;
+        let (_, dtype, shape) = tensors
+            .iter()
+            .find(|(name, _, _)| *name == tensor_name(0, TensorKind::Key))?;
         let [_, heads, seq, head_dim] = shape[..] else {
             return None;
         };
         let names: std::collections::HashSet<&str> =
             tensors.iter().map(|(n, _, _)| n.as_str()).collect();
         let num_layers = (0..)
-            .take_while(|i| names.contains(format!("layer_{i}_key").as_str()))
+            .take_while(|&i| names.contains(tensor_name(i, TensorKind::Key).as_str()))
             .count();
         let sidecar = Sidecar {
             num_layers,
@@ -111,7 +114,7 @@ impl Sidecar {
     ) -> std::result::Result<(), String> {
         if let Some((name, _, _)) = tensors
             .iter()
-            .find(|(name, _, _)| layer_of(name).is_some_and(|i| i >= self.num_layers))
+            .find(|(name, _, _)| layer_index(name).is_some_and(|i| i >= self.num_layers))
         {
             return Err(format!(
                 "{name:?} is beyond the sidecar's num_layers = {}",
@@ -123,8 +126,8 @@ impl Sidecar {
             .map(|(n, dtype, shape)| (n.as_str(), (dtype, shape)))
             .collect();
         for layer in 0..self.num_layers {
-            for kind in ["key", "value"] {
-                let name = format!("layer_{layer}_{kind}");
+            for kind in TensorKind::BOTH {
+                let name = tensor_name(layer, kind);
                 let Some((dtype, shape)) = by_name.get(name.as_str()) else {
                     return Err(format!(
                         "{name:?} is missing (num_layers = {})",
@@ -149,18 +152,6 @@ impl Sidecar {
         }
         Ok(())
     }
-}
-
-/// The layer index of a `layer_{i}_key` / `layer_{i}_value` name.
-fn layer_of(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("layer_")?;
-    let index = rest
-        .strip_suffix("_key")
-        .or_else(|| rest.strip_suffix("_value"))?;
-    index
-        .bytes()
-        .all(|b| b.is_ascii_digit())
-        .then(|| index.parse().ok())?
 }
 
 /// Fails when the sidecar disagrees with the cache file it describes
@@ -253,8 +244,5 @@ mod tests {
                 "{problem}"
             );
         }
-        assert_eq!(layer_of("layer_12_value"), Some(12));
-        assert_eq!(layer_of("layer_x_value"), None);
-        assert_eq!(layer_of("layer_+1_key"), None);
     }
 }
