@@ -15,8 +15,9 @@
 //! lives beside the target); a FIFO, character device or socket is written
 //! through, since renaming over it would replace the device with a file.
 //!
-//! Temp files in flight are registered, so [`remove_temp_files_on_termination`]
-//! can delete them when SIGINT, SIGTERM or SIGHUP ends the process.
+//! Temp files in flight are registered, so [`on_termination`], the one
+//! signal handler of both binaries, can delete them when SIGINT, SIGTERM or
+//! SIGHUP ends the process.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -359,13 +360,24 @@ where
 }
 
 /// Removes this process's temp files when SIGINT, SIGTERM or SIGHUP arrives,
-/// then lets the signal end the process as it would have (exit status
-/// 128 + signal). Call it first thing in `main`, before any thread starts:
-/// the signals are blocked in every thread and taken by one thread of ours
-/// (`sigwait`), so the cleanup runs as ordinary code, not in a signal
-/// handler. `kill -9` cannot be caught: it may leave a temp file.
-#[cfg(unix)]
+/// then lets the signal end the process: [`on_termination`] with nothing
+/// else to undo (kv-compress).
 pub fn remove_temp_files_on_termination() -> std::io::Result<()> {
+    on_termination(|_| {})
+}
+
+/// The one handler of SIGINT, SIGTERM and SIGHUP, for both binaries: on the
+/// first, `cleanup(signal)` undoes what only the caller knows of (kv-validate
+/// kills its children and removes its scratch directories), then this
+/// process's temp files are removed, then the signal ends the process as it
+/// would have (exit status 128 + signal). Call it first thing in `main`,
+/// before any thread starts: the signals are blocked in every thread and
+/// taken by one thread of ours (`sigwait`), so the cleanup runs as ordinary
+/// code, not in a signal handler. `kill -9` cannot be caught: it may leave a
+/// temp file. Children started with `std::process` begin with no signal
+/// blocked.
+#[cfg(unix)]
+pub fn on_termination(cleanup: impl FnOnce(libc::c_int) + Send + 'static) -> std::io::Result<()> {
     const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
     // SAFETY: plain libc calls on a sigset_t we own.
     let set = unsafe {
@@ -388,6 +400,7 @@ pub fn remove_temp_files_on_termination() -> std::io::Result<()> {
             if unsafe { libc::sigwait(&set, &mut signal) } != 0 {
                 return;
             }
+            cleanup(signal);
             let registry = in_flight();
             for path in registry.iter() {
                 let _ = std::fs::remove_file(path);
@@ -406,7 +419,7 @@ pub fn remove_temp_files_on_termination() -> std::io::Result<()> {
 }
 
 #[cfg(not(unix))]
-pub fn remove_temp_files_on_termination() -> std::io::Result<()> {
+pub fn on_termination(_cleanup: impl FnOnce(i32) + Send + 'static) -> std::io::Result<()> {
     Ok(())
 }
 
