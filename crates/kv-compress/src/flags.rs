@@ -4,19 +4,25 @@
 //! `-b=false` (never `-b false`), `--` ends the flags, last setting wins.
 //!
 //! Every flag is one entry of [`FLAGS`] (name, help, how its value is parsed
-//! and applied); the parser and the `-h` text are derived from that list.
+//! and applied, its default as `Options::default` holds it); a per-kind
+//! setting is one line that generates `-NAME`, `-key-NAME` and `-value-NAME`.
+//! The parser and the `-h` text are derived from that list; conflicting
+//! codec settings are found by the codec's rules (`crate::settings`).
 //! Arguments are OS strings: a path need not be UTF-8, any other value must
 //! be. Pure: no I/O, so it is unit-tested and fuzzable.
 
 use std::ffi::{OsStr, OsString};
-use std::ops::RangeInclusive;
+use std::ops::{Range, RangeInclusive};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 
+use kvformat::codec::{spoken_list, GRIDS, RATE_RANGE, SUPPORTED_BITS};
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
-use kvformat::codec::{RATE_RANGE, SUPPORTED_BITS};
+use kvformat::preset::DEFAULT_GROUP_SIZE;
 pub use kvformat::preset::{Preset as Method, TensorKind};
+
+use crate::settings::CodecSettings;
 
 /// Seed of `-rotate` when `-rotate-seed` is not given (documented in docs/format.md).
 pub const DEFAULT_ROTATE_SEED: u64 = 0x6b76_636f_6d70; // "kvcomp"
@@ -41,14 +47,18 @@ pub struct LayerRule {
 }
 
 impl LayerRule {
+    /// Whether the rule covers some tensor of `kind`.
+    pub fn applies_to(&self, kind: TensorKind) -> bool {
+        match kind {
+            TensorKind::Key => self.keys,
+            TensorKind::Value => self.values,
+        }
+    }
+
     /// Whether the rule covers a tensor of `kind` in `layer` (`None`: a name
     /// outside the `layer_{i}_key` rule, covered only by `*`).
     pub fn matches(&self, kind: TensorKind, layer: Option<usize>) -> bool {
-        let kind_matches = match kind {
-            TensorKind::Key => self.keys,
-            TensorKind::Value => self.values,
-        };
-        kind_matches
+        self.applies_to(kind)
             && match (&self.layers, layer) {
                 (None, _) => true,
                 (Some(ranges), Some(layer)) => ranges.iter().any(|range| range.contains(&layer)),
@@ -101,7 +111,7 @@ impl Default for Options {
         Options {
             input: None,
             output: None,
-            group_size: 64,
+            group_size: DEFAULT_GROUP_SIZE,
             key_group_size: None,
             value_group_size: None,
             sparsity: 0.0,
@@ -140,7 +150,7 @@ pub enum Command {
 }
 
 /// A command-line error; `main` prints it with the usage and exits 2, as Go does.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FlagError {
     #[error("flag provided but not defined: -{0}")]
     Undefined(String),
@@ -154,8 +164,13 @@ pub enum FlagError {
     },
     #[error("invalid boolean value {value:?} for -{flag}: parse error")]
     InvalidBool { flag: String, value: String },
-    #[error("{0}")]
-    Conflict(String),
+    /// The codec settings the flags give some tensors break one of the
+    /// codec's rules (`kvformat::codec::CodecParams::check_settings`).
+    #[error("invalid codec settings for {tensors}: {source}")]
+    Settings {
+        tensors: String,
+        source: kvformat::codec::CodecError,
+    },
     #[error("bad flag syntax: {0}")]
     BadSyntax(String),
     #[error("unexpected argument {0:?} (every option is a -flag; booleans take -flag=false, not -flag false)")]
@@ -177,11 +192,28 @@ pub enum Setter {
 }
 
 /// One command-line flag: everything about it is here and nowhere else.
+#[derive(Clone, Copy)]
 pub struct Flag {
     pub name: &'static str,
     /// The `-h` text; a line break continues it on the next line.
+    /// `{default}` stands for [`Flag::default`]'s text.
     pub help: &'static str,
     pub setter: Setter,
+    /// The default as `-h` shows it, read from [`Options::default`], so
+    /// the help cannot drift from the value.
+    pub default: Option<fn(&Options) -> String>,
+}
+
+impl Flag {
+    /// The help with its default filled in.
+    fn help_text(&self) -> String {
+        match self.default {
+            Some(default) => self
+                .help
+                .replace("{default}", &default(&Options::default())),
+            None => self.help.to_string(),
+        }
+    }
 }
 
 const PARSE_ERROR: &str = "parse error";
@@ -208,7 +240,7 @@ fn bits(value: &str) -> Result<u8, String> {
     u8::try_from(bits)
         .ok()
         .filter(|bits| SUPPORTED_BITS.contains(bits))
-        .ok_or_else(|| "must be 2, 3, 4, 5, 6 or 8".into())
+        .ok_or_else(|| format!("must be {}", spoken_list(&SUPPORTED_BITS)))
 }
 
 fn token_count(value: &str) -> Result<usize, String> {
@@ -318,304 +350,296 @@ fn layer_rules(value: &str) -> Result<Vec<LayerRule>, String> {
         .collect()
 }
 
+/// The `-key-NAME` and `-value-NAME` flags of a per-kind setting (and with
+/// a `shared` help, `-NAME` itself first): the names, the help and where each
+/// stores its value derive from one line of [`FLAGS`]. A kind's flag
+/// defaults to `-NAME` (or, without a shared flag, to `$default`).
+macro_rules! per_kind_flags {
+    (
+        $name:literal, $placeholder:literal, $parse:expr,
+        shared: $shared_field:ident, $shared_help:literal,
+        kinds: $key_field:ident, $value_field:ident, $what:literal
+        $(, key_note: $key_note:literal)?
+    ) => {
+        [
+            Flag {
+                name: $name,
+                help: $shared_help,
+                setter: Setter::Text {
+                    placeholder: $placeholder,
+                    apply: |o, v| {
+                        o.$shared_field = $parse(v)?;
+                        Ok(())
+                    },
+                },
+                default: Some(|o| o.$shared_field.to_string()),
+            },
+            per_kind_flags!(@one concat!("key-", $name), $placeholder, $parse, $key_field,
+                concat!($what, " *_key tensors", $($key_note,)? " (default: -", $name, ")")),
+            per_kind_flags!(@one concat!("value-", $name), $placeholder, $parse, $value_field,
+                concat!($what, " other tensors (default: -", $name, ")")),
+        ]
+    };
+    (
+        $name:literal, $placeholder:literal, $parse:expr,
+        kinds: $key_field:ident, $value_field:ident, $what:literal, $detail:literal,
+        default: $default:literal
+    ) => {
+        [
+            per_kind_flags!(@one concat!("key-", $name), $placeholder, $parse, $key_field,
+                concat!($what, " *_key tensors", $detail, " (default: ", $default, ")")),
+            per_kind_flags!(@one concat!("value-", $name), $placeholder, $parse, $value_field,
+                concat!($what, " other tensors", $detail, " (default: ", $default, ")")),
+        ]
+    };
+    (@one $name:expr, $placeholder:literal, $parse:expr, $field:ident, $help:expr) => {
+        Flag {
+            name: $name,
+            help: $help,
+            setter: Setter::Text {
+                placeholder: $placeholder,
+                apply: |o, v| {
+                    o.$field = Some($parse(v)?);
+                    Ok(())
+                },
+            },
+            default: None,
+        }
+    };
+}
+
 /// Every flag, in `-h` order.
-pub const FLAGS: &[Flag] = &[
-    Flag {
-        name: "input",
-        help: "input file (a KV cache, or a packed file with -decompress)",
-        setter: Setter::Path(|o, path| o.input = Some(path)),
-    },
-    Flag {
-        name: "output",
-        help: "output file (required unless -metrics-only)",
-        setter: Setter::Path(|o, path| o.output = Some(path)),
-    },
-    Flag {
-        name: "group-size",
-        help: "values per quantization group: a power of two, 8..1024 (default 64)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.group_size = group_size(v)?;
-                Ok(())
+pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
+    [
+        &[
+            Flag {
+                name: "input",
+                help: "input file (a KV cache, or a packed file with -decompress)",
+                setter: Setter::Path(|o, path| o.input = Some(path)),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "key-group-size",
-        help: "group size of *_key tensors (default: -group-size)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.key_group_size = Some(group_size(v)?);
-                Ok(())
+            Flag {
+                name: "output",
+                help: "output file (required unless -metrics-only)",
+                setter: Setter::Path(|o, path| o.output = Some(path)),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "value-group-size",
-        help: "group size of other tensors (default: -group-size)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.value_group_size = Some(group_size(v)?);
-                Ok(())
+        ][..],
+        &per_kind_flags!(
+            "group-size", "int", group_size,
+            shared: group_size,
+            "values per quantization group: a power of two, 8..1024 (default {default})",
+            kinds: key_group_size, value_group_size, "group size of"
+        ),
+        &[
+            Flag {
+                name: "sparsity",
+                help:
+                    "fraction in [0, 1) of smallest-magnitude values dropped to 0; shrinks the file above\n\
+                     1/bits (0.25 at 4 bits), never grows it on the symmetric grid (default {default})",
+                setter: Setter::Text {
+                    placeholder: "float",
+                    apply: |o, v| {
+                        o.sparsity = fraction(v)?;
+                        Ok(())
+                    },
+                },
+                default: Some(|o| o.sparsity.to_string()),
             },
-        },
-    },
-    Flag {
-        name: "sparsity",
-        help:
-            "fraction in [0, 1) of smallest-magnitude values dropped to 0; shrinks the file above\n\
-               1/bits (0.25 at 4 bits), never grows it on the symmetric grid (default 0)",
-        setter: Setter::Text {
-            placeholder: "float",
-            apply: |o, v| {
-                o.sparsity = fraction(v)?;
-                Ok(())
+            Flag {
+                name: "metrics-only",
+                help: "compress in memory, print metrics, write nothing",
+                setter: Setter::Bool(|o, b| o.metrics_only = b),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "metrics-only",
-        help: "compress in memory, print metrics, write nothing",
-        setter: Setter::Bool(|o, b| o.metrics_only = b),
-    },
-    Flag {
-        name: "decompress",
-        help: "restore a packed file to a KV cache in its original dtypes",
-        setter: Setter::Bool(|o, b| o.decompress = b),
-    },
-    Flag {
-        name: "reconstruct",
-        help: "write the dequantized cache (input dtype) instead of the packed file",
-        setter: Setter::Bool(|o, b| o.reconstruct = b),
-    },
-    Flag {
-        name: "verbose",
-        help: "per-tensor progress on stderr and tensor_metrics in the JSON",
-        setter: Setter::Bool(|o, b| o.verbose = b),
-    },
-    Flag {
-        name: "method",
-        help: "preset: adr002 (default: 4-bit symmetric flat groups) or kivi\n\
-               (asymmetric, keys per channel along tokens, values per token)",
-        setter: Setter::Text {
-            placeholder: "string",
-            apply: |o, v| {
-                o.method = match v {
-                    "adr002" => Method::Adr002,
-                    "kivi" => Method::Kivi,
-                    _ => return Err("must be adr002 or kivi".into()),
-                };
-                Ok(())
+            Flag {
+                name: "decompress",
+                help: "restore a packed file to a KV cache in its original dtypes",
+                setter: Setter::Bool(|o, b| o.decompress = b),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "bits",
-        help: "bits per code: 2, 3, 4, 5, 6 or 8 (default 4)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.bits = bits(v)?;
-                Ok(())
+            Flag {
+                name: "reconstruct",
+                help: "write the dequantized cache (input dtype) instead of the packed file",
+                setter: Setter::Bool(|o, b| o.reconstruct = b),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "key-bits",
-        help: "bits per code of *_key tensors (default: -bits)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.key_bits = Some(bits(v)?);
-                Ok(())
+            Flag {
+                name: "verbose",
+                help: "per-tensor progress on stderr and tensor_metrics in the JSON",
+                setter: Setter::Bool(|o, b| o.verbose = b),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "value-bits",
-        help: "bits per code of other tensors (default: -bits)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.value_bits = Some(bits(v)?);
-                Ok(())
+            Flag {
+                name: "method",
+                help: "preset: adr002 (default: 4-bit symmetric flat groups) or kivi\n\
+                       (asymmetric, keys per channel along tokens, values per token)",
+                setter: Setter::Text {
+                    placeholder: "string",
+                    apply: |o, v| {
+                        o.method = match v {
+                            "adr002" => Method::Adr002,
+                            "kivi" => Method::Kivi,
+                            _ => return Err("must be adr002 or kivi".into()),
+                        };
+                        Ok(())
+                    },
+                },
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "layer-bits",
-        help: "bits (and group size) per layer and kind, overriding the flags above:\n\
-               RULE;RULE..., RULE = [k|v|kv:]LAYERS=BITS[/GROUP], LAYERS = * or a list\n\
-               of N and N-M; the first rule that matches a tensor wins. Example:\n\
-               \"k:0,29=4;k:*=2\" (keys of layers 0 and 29 at 4 bits, other keys at 2).\n\
-               With -grid ecsq, BITS may be a fraction: that tensor's -rate\n\
-               (\"k:3=2.71\"); with -rate given, every BITS is a rate",
-        setter: Setter::Text {
-            placeholder: "string",
-            apply: |o, v| {
-                o.layer_bits = layer_rules(v)?;
-                Ok(())
+        ],
+        &per_kind_flags!(
+            "bits", "int", bits,
+            shared: bits,
+            "bits per code: 2, 3, 4, 5, 6 or 8 (default {default})",
+            kinds: key_bits, value_bits, "bits per code of"
+        ),
+        &[Flag {
+            name: "layer-bits",
+            help: "bits (and group size) per layer and kind, overriding the flags above:\n\
+                   RULE;RULE..., RULE = [k|v|kv:]LAYERS=BITS[/GROUP], LAYERS = * or a list\n\
+                   of N and N-M; the first rule that matches a tensor wins. Example:\n\
+                   \"k:0,29=4;k:*=2\" (keys of layers 0 and 29 at 4 bits, other keys at 2).\n\
+                   With -grid ecsq, BITS may be a fraction: that tensor's -rate\n\
+                   (\"k:3=2.71\"); with -rate given, every BITS is a rate",
+            setter: Setter::Text {
+                placeholder: "string",
+                apply: |o, v| {
+                    o.layer_bits = layer_rules(v)?;
+                    Ok(())
+                },
             },
-        },
-    },
-    Flag {
-        name: "outliers",
-        help: "fraction in [0, 1) of values kept in FP16 beside the codes, those\n\
-               whose codes err most (4 bytes each); not with -sparsity (default 0)",
-        setter: Setter::Text {
-            placeholder: "float",
-            apply: |o, v| {
-                o.outliers = fraction(v)?;
-                Ok(())
+            default: None,
+        }],
+        &per_kind_flags!(
+            "outliers", "float", fraction,
+            shared: outliers,
+            "fraction in [0, 1) of values kept in FP16 beside the codes, those\n\
+             whose codes err most (4 bytes each); not with -sparsity (default {default})",
+            kinds: key_outliers, value_outliers, "the same for", key_note: " only"
+        ),
+        &[
+            Flag {
+                name: "grid",
+                help: "sym or asym (uniform grids), or a codebook of 2, 3 or 4 bits: lloyd\n\
+                       (Lloyd-Max levels of the Gaussian, for -rotate) or kmeans (levels\n\
+                       fitted to each tensor, 2^bits FP16 values stored); a codebook\n\
+                       scales each group by its RMS; or ecsq: one uniform step per\n\
+                       tensor around each group's mean, the codes entropy coded, so\n\
+                       -bits sets the step and the size follows the data (about -bits\n\
+                       bits/value; use channel groups of 1024, no -rotate) (default:\n\
+                       the method's)",
+                setter: Setter::Text {
+                    placeholder: "string",
+                    apply: |o, v| {
+                        let grid = Grid::from_flag(v).ok_or_else(|| {
+                            let names: Vec<&str> = GRIDS.iter().map(|spec| spec.flag).collect();
+                            format!("must be {}", spoken_list(&names))
+                        })?;
+                        o.grid = Some(grid);
+                        Ok(())
+                    },
+                },
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "key-outliers",
-        help: "the same for *_key tensors only (default: -outliers)",
-        setter: Setter::Text {
-            placeholder: "float",
-            apply: |o, v| {
-                o.key_outliers = Some(fraction(v)?);
-                Ok(())
+            Flag {
+                name: "rate",
+                help: "with -grid ecsq: each tensor's stored size in bits/value, a\n\
+                       fraction from 0.5 to 16 such as 2.35; the encoder searches the\n\
+                       largest step that fits it (default: the Gaussian step of -bits)",
+                setter: Setter::Text {
+                    placeholder: "float",
+                    apply: |o, v| {
+                        let rate = parse_float(v).ok_or(PARSE_ERROR)?;
+                        if !RATE_RANGE.contains(&rate) {
+                            return Err("must be from 0.5 to 16".into());
+                        }
+                        o.rate = Some(rate);
+                        Ok(())
+                    },
+                },
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "value-outliers",
-        help: "the same for other tensors (default: -outliers)",
-        setter: Setter::Text {
-            placeholder: "float",
-            apply: |o, v| {
-                o.value_outliers = Some(fraction(v)?);
-                Ok(())
+            Flag {
+                name: "fit",
+                help: "how each group's scale is chosen: minmax (the grid spans the\n\
+                       group, as ADR-002 and KIVI do) or mse (least squares, clips\n\
+                       outliers where that lowers the error; pays at 2 bits)\n\
+                       (default {default})",
+                setter: Setter::Text {
+                    placeholder: "string",
+                    apply: |o, v| {
+                        o.fit = FITS
+                            .iter()
+                            .find(|(name, _)| *name == v)
+                            .map(|&(_, fit)| fit)
+                            .ok_or("must be minmax or mse")?;
+                        Ok(())
+                    },
+                },
+                default: Some(|o| {
+                    FITS.iter()
+                        .find(|(_, fit)| *fit == o.fit)
+                        .map_or("", |(name, _)| name)
+                        .to_string()
+                }),
             },
-        },
-    },
-    Flag {
-        name: "grid",
-        help: "sym or asym (uniform grids), or a codebook of 2, 3 or 4 bits: lloyd\n\
-               (Lloyd-Max levels of the Gaussian, for -rotate) or kmeans (levels\n\
-               fitted to each tensor, 2^bits FP16 values stored); a codebook\n\
-               scales each group by its RMS; or ecsq: one uniform step per\n\
-               tensor around each group's mean, the codes entropy coded, so\n\
-               -bits sets the step and the size follows the data (about -bits\n\
-               bits/value; use channel groups of 1024, no -rotate) (default:\n\
-               the method's)",
-        setter: Setter::Text {
-            placeholder: "string",
-            apply: |o, v| {
-                o.grid = Some(match v {
-                    "sym" => Grid::Symmetric,
-                    "asym" => Grid::Asymmetric,
-                    "lloyd" => Grid::Lloyd,
-                    "kmeans" => Grid::Kmeans,
-                    "ecsq" => Grid::Ecsq,
-                    _ => return Err("must be sym, asym, lloyd, kmeans or ecsq".into()),
-                });
-                Ok(())
+        ],
+        &per_kind_flags!(
+            "axis", "string", axis,
+            kinds: key_axis, value_axis, "groups of", ": flat, token or channel",
+            default: "the method's"
+        ),
+        &[
+            Flag {
+                name: "rotate",
+                help: "randomized Hadamard rotation of each head vector before quantizing",
+                setter: Setter::Bool(|o, b| o.rotate = b),
+                default: None,
             },
-        },
-    },
-    Flag {
-        name: "rate",
-        help: "with -grid ecsq: each tensor's stored size in bits/value, a\n\
-               fraction from 0.5 to 16 such as 2.35; the encoder searches the\n\
-               largest step that fits it (default: the Gaussian step of -bits)",
-        setter: Setter::Text {
-            placeholder: "float",
-            apply: |o, v| {
-                let rate = parse_float(v).ok_or(PARSE_ERROR)?;
-                if !RATE_RANGE.contains(&rate) {
-                    return Err("must be from 0.5 to 16".into());
-                }
-                o.rate = Some(rate);
-                Ok(())
+            Flag {
+                name: "rotate-seed",
+                help: "seed of -rotate (default {default})",
+                setter: Setter::Text {
+                    placeholder: "int",
+                    apply: |o, v| {
+                        o.rotate_seed = parse_uint(v).ok_or(PARSE_ERROR)?;
+                        Ok(())
+                    },
+                },
+                default: Some(|o| o.rotate_seed.to_string()),
             },
-        },
-    },
-    Flag {
-        name: "fit",
-        help: "how each group's scale is chosen: minmax (the grid spans the\n\
-               group, as ADR-002 and KIVI do) or mse (least squares, clips\n\
-               outliers where that lowers the error; pays at 2 bits)\n\
-               (default minmax)",
-        setter: Setter::Text {
-            placeholder: "string",
-            apply: |o, v| {
-                o.fit = match v {
-                    "minmax" => Fit::MinMax,
-                    "mse" => Fit::Mse,
-                    _ => return Err("must be minmax or mse".into()),
-                };
-                Ok(())
+            Flag {
+                name: "sink-tokens",
+                help: "first tokens of each sequence kept in FP16 (default {default})",
+                setter: Setter::Text {
+                    placeholder: "int",
+                    apply: |o, v| {
+                        o.sink_tokens = token_count(v)?;
+                        Ok(())
+                    },
+                },
+                default: Some(|o| o.sink_tokens.to_string()),
             },
-        },
-    },
-    Flag {
-        name: "key-axis",
-        help: "groups of *_key tensors: flat, token or channel (default: the method's)",
-        setter: Setter::Text {
-            placeholder: "string",
-            apply: |o, v| {
-                o.key_axis = Some(axis(v)?);
-                Ok(())
+            Flag {
+                name: "recent-tokens",
+                help: "last tokens of each sequence kept in FP16 (default {default})",
+                setter: Setter::Text {
+                    placeholder: "int",
+                    apply: |o, v| {
+                        o.recent_tokens = token_count(v)?;
+                        Ok(())
+                    },
+                },
+                default: Some(|o| o.recent_tokens.to_string()),
             },
-        },
-    },
-    Flag {
-        name: "value-axis",
-        help: "groups of other tensors: flat, token or channel (default: the method's)",
-        setter: Setter::Text {
-            placeholder: "string",
-            apply: |o, v| {
-                o.value_axis = Some(axis(v)?);
-                Ok(())
-            },
-        },
-    },
-    Flag {
-        name: "rotate",
-        help: "randomized Hadamard rotation of each head vector before quantizing",
-        setter: Setter::Bool(|o, b| o.rotate = b),
-    },
-    Flag {
-        name: "rotate-seed",
-        help: "seed of -rotate (default 118156218559856)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.rotate_seed = parse_uint(v).ok_or(PARSE_ERROR)?;
-                Ok(())
-            },
-        },
-    },
-    Flag {
-        name: "sink-tokens",
-        help: "first tokens of each sequence kept in FP16 (default 0)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.sink_tokens = token_count(v)?;
-                Ok(())
-            },
-        },
-    },
-    Flag {
-        name: "recent-tokens",
-        help: "last tokens of each sequence kept in FP16 (default 0)",
-        setter: Setter::Text {
-            placeholder: "int",
-            apply: |o, v| {
-                o.recent_tokens = token_count(v)?;
-                Ok(())
-            },
-        },
-    },
-];
+        ],
+    ]
+    .concat()
+});
+
+/// `-fit`'s spellings.
+const FITS: [(&str, Fit); 2] = [("minmax", Fit::MinMax), ("mse", Fit::Mse)];
 
 /// The part of the usage text above the flag list.
 const USAGE_HEAD: &str = "\
@@ -665,7 +689,7 @@ pub fn usage() -> &'static str {
                 text.push_str(&format!("{:HELP_COLUMN$}{}\n", "", line.trim_start()));
             }
         };
-        for flag in FLAGS {
+        for flag in FLAGS.iter() {
             let placeholder = match flag.setter {
                 Setter::Bool(_) => "",
                 Setter::Path(_) => " string",
@@ -676,7 +700,10 @@ pub fn usage() -> &'static str {
             } else {
                 " "
             };
-            entry(format!("  -{}{space}{placeholder}", flag.name), flag.help);
+            entry(
+                format!("  -{}{space}{placeholder}", flag.name),
+                &flag.help_text(),
+            );
         }
         entry("  -h, -help".to_string(), "this text");
         text
@@ -691,25 +718,76 @@ fn lossy(value: &OsStr) -> String {
 /// any strings).
 pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
     let mut options = Options::default();
+    if let Scan::Help = scan(args, |flag, value, _| apply(flag, &mut options, value))? {
+        return Ok(Command::Help);
+    }
+    // Conflicting codec settings are flag errors, found by the codec's own rules.
+    CodecSettings::resolve(&options)?;
+    Ok(Command::Run(Box::new(options)))
+}
+
+/// One flag of a `kv-compress` command line, as it was written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WrittenFlag {
+    pub name: &'static str,
+    /// Its value (`true` for a bare boolean).
+    pub value: String,
+    /// The words it took: `-name value`, `-name=value` or `-name`.
+    pub words: Vec<String>,
+}
+
+/// Splits `words`, flags for `kv-compress` written elsewhere (kv-validate's
+/// `--variant` and `--sensitivity-flags`), into the flags [`parse`] would
+/// read, each value and the settings between them checked as `parse` checks
+/// them; with the options they set. `-h` among them is an undefined flag.
+pub fn split_words(words: &[&str]) -> Result<(Vec<WrittenFlag>, Options), FlagError> {
+    let mut options = Options::default();
+    let mut written = Vec::new();
+    let scanned = scan(words, |flag, value, taken| {
+        apply(flag, &mut options, value)?;
+        written.push(WrittenFlag {
+            name: flag.name,
+            value: lossy(value),
+            words: words[taken].iter().map(|word| word.to_string()).collect(),
+        });
+        Ok(())
+    })?;
+    if let Scan::Help = scanned {
+        return Err(FlagError::Undefined("h".into()));
+    }
+    CodecSettings::resolve(&options)?;
+    Ok((written, options))
+}
+
+/// Whether [`scan`] met `-h` (and stopped there) or read every flag.
+enum Scan {
+    Help,
+    Flags,
+}
+
+/// Reads `args` flag by flag in Go's syntax, handing each flag, its value
+/// and the range of `args` it took to `visit` in order; stops at the first
+/// error (the visitor's included), as Go does.
+fn scan<S: AsRef<OsStr>>(
+    args: &[S],
+    mut visit: impl FnMut(&'static Flag, &OsStr, Range<usize>) -> Result<(), FlagError>,
+) -> Result<Scan, FlagError> {
     let mut i = 0;
     while i < args.len() {
+        let start = i;
         let arg = args[i].as_ref();
         i += 1;
         // A flag's name is UTF-8; an argument that is not is a stray positional
         // unless it follows `-name=`, where the value may be a path.
-        let (body, inline_value) = match split_flag(arg) {
-            Ok(Some(split)) => split,
-            Ok(None) => {
-                return match args.get(i) {
-                    Some(stray) => Err(FlagError::Positional(lossy(stray.as_ref()))),
-                    None => Ok(Command::Run(Box::new(options))),
-                };
-            }
-            Err(error) => return Err(error),
+        let Some((body, inline_value)) = split_flag(arg)? else {
+            return match args.get(i) {
+                Some(stray) => Err(FlagError::Positional(lossy(stray.as_ref()))),
+                None => Ok(Scan::Flags),
+            };
         };
         let Some(flag) = FLAGS.iter().find(|flag| flag.name == body) else {
             if body == "h" || body == "help" {
-                return Ok(Command::Help);
+                return Ok(Scan::Help);
             }
             return Err(FlagError::Undefined(body));
         };
@@ -724,25 +802,9 @@ pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
                 None => return Err(FlagError::MissingValue(body)),
             },
         };
-        apply(flag, &mut options, &value)?;
+        visit(flag, &value, start..i)?;
     }
-    let outliers = [
-        Some(options.outliers),
-        options.key_outliers,
-        options.value_outliers,
-    ];
-    if options.sparsity > 0.0 && outliers.iter().flatten().any(|&f| f > 0.0) {
-        return Err(FlagError::Conflict(
-            "-sparsity and -outliers (or -key-outliers, -value-outliers) cannot be combined; use one".into(),
-        ));
-    }
-    let fractional_rule = options.layer_bits.iter().any(|rule| rule.rate.is_some());
-    if (options.rate.is_some() || fractional_rule) && options.grid != Some(Grid::Ecsq) {
-        return Err(FlagError::Conflict(
-            "-rate and fractional -layer-bits need -grid ecsq".into(),
-        ));
-    }
-    Ok(Command::Run(Box::new(options)))
+    Ok(Scan::Flags)
 }
 
 /// A flag argument's name and inline value; `Ok(None)` for `--`, the end of
@@ -1049,7 +1111,10 @@ mod tests {
             &["-grid", "asym", "-rate", "2.5"],
             &["-layer-bits", "k:0=2.5"],
         ] {
-            assert!(matches!(run(args), Err(FlagError::Conflict(_))), "{args:?}");
+            assert!(
+                matches!(run(args), Err(FlagError::Settings { .. })),
+                "{args:?}"
+            );
         }
         assert!(run(&["-sparsity", "0.1", "-outliers", "0"]).is_ok());
         let ecsq = options(&[
@@ -1176,16 +1241,29 @@ mod more_tests {
     fn usage_lists_every_flag_once_with_its_help() {
         let text = usage();
         let (_, list) = text.split_once("\nFlags:\n").expect("a flag list");
-        for flag in FLAGS {
+        for flag in FLAGS.iter() {
             let line = format!("  -{} ", flag.name);
             let found = list
                 .lines()
                 .filter(|l| l.starts_with(&line) || l.trim_end() == line.trim_end())
                 .count();
             assert_eq!(found, 1, "-{}", flag.name);
-            let first = flag.help.lines().next().unwrap();
+            let help = flag.help_text();
+            let first = help.lines().next().unwrap();
             assert!(list.contains(first), "-{}", flag.name);
+            assert!(!help.contains("{default}"), "-{}", flag.name);
         }
+        // Defaults come from the options' own defaults.
+        assert!(list.contains("8..1024 (default 64)\n"), "{list}");
+        assert!(list.contains("(default 118156218559856)\n"), "{list}");
+        assert!(
+            list.contains("\n                       (default minmax)\n"),
+            "{list}"
+        );
+        assert!(
+            list.contains("bits per code of *_key tensors (default: -bits)\n"),
+            "{list}"
+        );
         assert!(text.contains("-input string") && text.contains("-group-size 64 -sparsity 0.0"));
         let names: std::collections::HashSet<_> = FLAGS.iter().map(|f| f.name).collect();
         assert_eq!(names.len(), FLAGS.len(), "a flag is defined twice");
@@ -1246,6 +1324,47 @@ mod more_tests {
                 ),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn written_flags_keep_their_words_and_are_checked_like_the_command_line() {
+        let words = [
+            "-method",
+            "kivi",
+            "--group-size=32",
+            "-rotate",
+            "-bits",
+            "3",
+        ];
+        let (written, options) = split_words(&words).unwrap();
+        let taken: Vec<(&str, &str, Vec<String>)> = written
+            .iter()
+            .map(|w| (w.name, w.value.as_str(), w.words.clone()))
+            .collect();
+        let owned = |words: &[&str]| words.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            taken,
+            [
+                ("method", "kivi", owned(&["-method", "kivi"])),
+                ("group-size", "32", owned(&["--group-size=32"])),
+                ("rotate", "true", owned(&["-rotate"])),
+                ("bits", "3", owned(&["-bits", "3"])),
+            ]
+        );
+        assert_eq!((options.group_size, options.bits), (32, 3));
+        for (bad, error) in [
+            (&["-bits", "7"][..], "invalid value \"7\" for flag -bits"),
+            (&["-group-size"], "flag needs an argument: -group-size"),
+            (&["-nope"], "flag provided but not defined: -nope"),
+            (&["-h"], "flag provided but not defined: -h"),
+            (
+                &["-sparsity", "0.1", "-outliers", "0.1"],
+                "invalid codec settings",
+            ),
+        ] {
+            let message = split_words(bad).unwrap_err().to_string();
+            assert!(message.starts_with(error), "{bad:?}: {message}");
         }
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod flags;
 pub mod pipeline;
+pub mod settings;
 
 pub use flags::{parse, Command, FlagError, Options};
 pub use pipeline::{run, Error};

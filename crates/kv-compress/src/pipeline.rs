@@ -7,19 +7,18 @@ use std::time::Instant;
 
 use kvformat::atomic::Staged;
 use kvformat::cache::KvCache;
-use kvformat::codec::CodecParams;
 use kvformat::metrics::{Report, TensorMetrics};
 use kvformat::packed::{
     ensure_packable, pack_tensor, pack_tensor_measured, stage_packed, PackedFile, PackedTensor,
 };
-use kvformat::preset::{layer_index, TensorKind};
 use kvformat::sidecar::{
     sidecar_path, validate_against_sidecar, validate_tensors_against_sidecar, Sidecar,
 };
 use kvformat::{stage_tensor_file_streaming, CacheDtype, Emit, TensorSpec};
 use rayon::prelude::*;
 
-use crate::flags::Options;
+use crate::flags::{FlagError, Options};
+use crate::settings::CodecSettings;
 
 /// A failed run; `main` prints it as `Error: {self}` and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -30,57 +29,10 @@ pub enum Error {
     MissingOutput,
     #[error("{0}")]
     File(#[from] kvformat::Error),
-}
-
-/// The codec settings of one tensor: `*_key` tensors (kvformat's naming
-/// rule) take the key axis, bits, group size and outliers, every other tensor
-/// the value ones; the first `-layer-bits` rule that matches the tensor's
-/// kind and layer sets its bits (and group size, and its `ecsq` rate where
-/// BITS is fractional or `-rate` is given); unset flags take the method's
-/// choice (grid, axes) or the shared flag.
-pub fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
-    let kind = TensorKind::of(tensor_name);
-    let (axis, bits, group_size, outliers) = match kind {
-        TensorKind::Key => (
-            options.key_axis,
-            options.key_bits,
-            options.key_group_size,
-            options.key_outliers,
-        ),
-        TensorKind::Value => (
-            options.value_axis,
-            options.value_bits,
-            options.value_group_size,
-            options.value_outliers,
-        ),
-    };
-    let mut bits = bits.unwrap_or(options.bits);
-    let mut group_size = group_size.unwrap_or(options.group_size);
-    let mut rate = options.rate;
-    let layer = layer_index(tensor_name);
-    if let Some(rule) = options
-        .layer_bits
-        .iter()
-        .find(|rule| rule.matches(kind, layer))
-    {
-        bits = rule.bits;
-        // Under -rate every rule's BITS is a rate.
-        rate = rule.rate.or(rate.map(|_| f64::from(rule.bits)));
-        group_size = rule.group_size.unwrap_or(group_size);
-    }
-    CodecParams {
-        bits,
-        grid: options.grid.unwrap_or(options.method.grid()),
-        axis: axis.unwrap_or(options.method.axis(kind)),
-        group_size,
-        rotation_seed: options.rotate.then_some(options.rotate_seed),
-        sink_tokens: options.sink_tokens,
-        recent_tokens: options.recent_tokens,
-        sparsity: options.sparsity,
-        fit: options.fit,
-        outliers: outliers.unwrap_or(options.outliers),
-        rate,
-    }
+    /// Options built by hand whose codec settings conflict (the flag
+    /// parser refuses these before a run).
+    #[error("{0}")]
+    Settings(#[from] FlagError),
 }
 
 /// Runs the command the options describe, puts its outputs in place and
@@ -164,7 +116,8 @@ struct TensorOutcome {
 fn compress_tensor(
     cache: &KvCache,
     index: usize,
-    options: &Options,
+    codec: &CodecSettings,
+    verbose: bool,
     keep_reconstruction: bool,
 ) -> Result<(PackedTensor, Option<Vec<f32>>, TensorOutcome), kvformat::Error> {
     let (entry, dtype) = cache
@@ -172,7 +125,7 @@ fn compress_tensor(
         .nth(index)
         .expect("index of an existing tensor");
     let path = cache.file().path();
-    let params = params_for(options, &entry.name);
+    let params = codec.params_for(&entry.name);
     let (packed, reconstruction) = cache
         .with_values(entry, dtype, |values| {
             if keep_reconstruction {
@@ -191,7 +144,7 @@ fn compress_tensor(
         values: entry.shape.iter().product::<usize>() as u64,
         metrics: packed.entry.metrics,
     };
-    if options.verbose {
+    if verbose {
         log_tensor(index, cache.file().tensors().len(), &outcome);
     }
     Ok((packed, reconstruction, outcome))
@@ -202,6 +155,8 @@ fn compress(
     output: Option<&Path>,
     options: &Options,
 ) -> Result<(Report, Option<Outputs>), Error> {
+    let codec = CodecSettings::resolve(options)?;
+    let verbose = options.verbose;
     let cache = KvCache::open(input)?;
     let sidecar = Sidecar::read_beside(input)?;
     if let Some(sidecar) = &sidecar {
@@ -213,7 +168,10 @@ fn compress(
         None => {
             let outcomes = (0..count)
                 .into_par_iter()
-                .map(|i| compress_tensor(&cache, i, options, false).map(|(_, _, outcome)| outcome))
+                .map(|i| {
+                    compress_tensor(&cache, i, &codec, verbose, false)
+                        .map(|(_, _, outcome)| outcome)
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             (outcomes, None)
         }
@@ -230,7 +188,7 @@ fn compress(
             let (outcomes, staged) =
                 stage_tensor_file_streaming(output, &specs, metadata, |i, emit| {
                     let (packed, reconstruction, outcome) =
-                        compress_tensor(&cache, i, options, true)?;
+                        compress_tensor(&cache, i, &codec, verbose, true)?;
                     let bytes = packed
                         .entry
                         .dtype
@@ -248,7 +206,7 @@ fn compress(
             let (packed, outcomes): (Vec<PackedTensor>, Vec<TensorOutcome>) = (0..count)
                 .into_par_iter()
                 .map(|i| {
-                    compress_tensor(&cache, i, options, false)
+                    compress_tensor(&cache, i, &codec, verbose, false)
                         .map(|(packed, _, outcome)| (packed, outcome))
                 })
                 .collect::<Result<Vec<_>, _>>()?
@@ -393,164 +351,4 @@ fn log_tensor(index: usize, total: usize, outcome: &TensorOutcome) {
         m.cosine,
         m.max_error
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::flags::{parse, Command};
-    use kvformat::codec::{Axis, Fit, Grid};
-
-    fn options(args: &[&str]) -> Options {
-        match parse(args) {
-            Ok(Command::Run(options)) => *options,
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn every_old_invocation_means_adr002_group_64() {
-        for args in [
-            &[
-                "-input",
-                "a",
-                "-output",
-                "b",
-                "-group-size",
-                "64",
-                "-sparsity",
-                "0.0",
-            ][..],
-            &[
-                "-input",
-                "a",
-                "-metrics-only",
-                "-group-size",
-                "64",
-                "-verbose",
-            ],
-            &["-input", "a", "-output", "b"],
-        ] {
-            let o = options(args);
-            assert_eq!(
-                params_for(&o, "layer_0_key"),
-                CodecParams::adr002(64),
-                "{args:?}"
-            );
-            assert_eq!(
-                params_for(&o, "layer_0_value"),
-                CodecParams::adr002(64),
-                "{args:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn kivi_groups_keys_per_channel_and_values_per_token() {
-        let o = options(&["-method", "kivi", "-bits", "2", "-group-size", "32"]);
-        let key = params_for(&o, "layer_3_key");
-        let value = params_for(&o, "layer_3_value");
-        assert_eq!(
-            (key.grid, key.axis, key.bits, key.group_size),
-            (Grid::Asymmetric, Axis::Channel, 2, 32)
-        );
-        assert_eq!((value.grid, value.axis), (Grid::Asymmetric, Axis::Token));
-        // Explicit flags override the preset, per tensor kind.
-        let o = options(&[
-            "-method",
-            "kivi",
-            "-grid",
-            "sym",
-            "-value-axis",
-            "flat",
-            "-rotate",
-            "-sink-tokens",
-            "4",
-        ]);
-        let value = params_for(&o, "v");
-        assert_eq!(
-            (value.grid, value.axis, value.sink_tokens),
-            (Grid::Symmetric, Axis::Flat, 4)
-        );
-        assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
-        assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
-    }
-
-    #[test]
-    fn key_and_value_flags_override_bits_and_group_size_per_kind() {
-        let o = options(&[
-            "-method",
-            "kivi",
-            "-bits",
-            "2",
-            "-group-size",
-            "64",
-            "-key-bits",
-            "3",
-            "-key-group-size",
-            "128",
-            "-value-group-size=256",
-            "-fit",
-            "mse",
-        ]);
-        let key = params_for(&o, "layer_0_key");
-        let value = params_for(&o, "layer_0_value");
-        assert_eq!((key.bits, key.group_size, key.fit), (3, 128, Fit::Mse));
-        assert_eq!(
-            (value.bits, value.group_size, value.fit),
-            (2, 256, Fit::Mse)
-        );
-        // Each falls back to the shared flag, and the last setting wins.
-        let o = options(&[
-            "-bits",
-            "8",
-            "-value-bits",
-            "2",
-            "-value-bits",
-            "4",
-            "-key-group-size",
-            "32",
-        ]);
-        let key = params_for(&o, "layer_0_key");
-        let value = params_for(&o, "layer_0_value");
-        assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));
-        assert_eq!((value.bits, value.group_size), (4, 64));
-        // ecsq rates: a fractional rule is a rate; under -rate every rule is.
-        let rates = |args: &[&str]| -> Vec<Option<f64>> {
-            let o = options(args);
-            ["layer_0_key", "layer_1_key", "layer_0_value"]
-                .map(|name| params_for(&o, name).rate)
-                .to_vec()
-        };
-        let rules = ["-grid", "ecsq", "-layer-bits", "k:0=2.71;k:1=4"];
-        assert_eq!(rates(&rules), [Some(2.71), None, None]);
-        let with_rate = [&rules[..], &["-rate", "3.3"]].concat();
-        assert_eq!(rates(&with_rate), [Some(2.71), Some(4.0), Some(3.3)]);
-        let o = options(&["-outliers", "0.01", "-key-outliers=0.02"]);
-        assert_eq!(params_for(&o, "layer_0_key").outliers, 0.02);
-        assert_eq!(params_for(&o, "layer_0_value").outliers, 0.01);
-        assert_eq!(params_for(&options(&[]), "layer_0_key").outliers, 0.0);
-    }
-
-    #[test]
-    fn layer_bits_override_the_kind_flags_for_the_layers_they_name() {
-        let o = options(&[
-            "-bits",
-            "3",
-            "-key-group-size",
-            "32",
-            "-layer-bits",
-            "k:0,29=4;k:*=2/128;v:5=8",
-        ]);
-        let bits_and_group = |name: &str| {
-            let p = params_for(&o, name);
-            (p.bits, p.group_size)
-        };
-        assert_eq!(bits_and_group("layer_0_key"), (4, 32));
-        assert_eq!(bits_and_group("layer_29_key"), (4, 32));
-        assert_eq!(bits_and_group("layer_7_key"), (2, 128));
-        assert_eq!(bits_and_group("layer_5_value"), (8, 64));
-        assert_eq!(bits_and_group("layer_6_value"), (3, 64));
-        assert_eq!(bits_and_group("other"), (3, 64));
-    }
 }
