@@ -14,15 +14,21 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use kvformat::codec::Grid;
 use serde::Serialize;
 
-use crate::sweep::{SweepError, SweepRow, SweepTable, Variant};
+use crate::run_types::Variant;
+use crate::sweep::{SweepError, SweepRow, SweepTable};
 
 /// Widths a probe quantizes its tensor at unless `--sensitivity-bits` says
 /// otherwise: every width below the reference's.
 pub const PROBE_BITS: [u8; 5] = [2, 3, 4, 5, 6];
 /// The width of every other tensor, and of the reference variant.
 pub const REFERENCE_BITS: u8 = 8;
+/// The kv-compress flags that set a width or rate: the probes' own, which
+/// `--sensitivity-flags` must leave to them.
+pub const SENSITIVITY_BITS_FLAGS: [&str; 5] =
+    ["bits", "key-bits", "value-bits", "layer-bits", "rate"];
 /// The label of the all-8-bit variant.
 pub const REFERENCE_LABEL: &str = "reference";
 /// The flags probes and the allocation share when `--sensitivity-flags` is
@@ -124,6 +130,8 @@ pub enum AllocationError {
     MissingProbe { label: String },
     #[error("the reference row's flags {flags:?} do not end in -bits {REFERENCE_BITS}")]
     ReferenceFlags { flags: String },
+    #[error("the reference row's flags {flags:?} are not kv-compress flags: {reason}")]
+    BadFlags { flags: String, reason: String },
     #[error(
         "budget {budget} bits/value is below the {lowest:.4} that every tensor at its narrowest probed width takes; raise --bits or probe narrower widths (--sensitivity-bits)"
     )]
@@ -208,6 +216,12 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         .ok_or_else(|| AllocationError::ReferenceFlags {
             flags: reference.flags.clone(),
         })?;
+    let words: Vec<&str> = shared.split_whitespace().collect();
+    let (_, shared_options) =
+        kv_compress::flags::split_words(&words).map_err(|error| AllocationError::BadFlags {
+            flags: shared.to_string(),
+            reason: error.to_string(),
+        })?;
     let mut probes: BTreeMap<(Kind, usize), BTreeMap<u8, &SweepRow>> = BTreeMap::new();
     for row in &table.rows {
         if let Some(probe) = Probe::parse(&row.label) {
@@ -246,7 +260,8 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         }
         tensors.push(Choices { tensor, options });
     }
-    if selects_ecsq(shared) {
+    // The entropy-coded grid takes fractional rates, which water filling sets.
+    if shared_options.grid == Some(Grid::Ecsq) {
         return water_fill(&tensors, reference, budget, shared);
     }
     let lowest = reference.bits_per_value
@@ -370,15 +385,6 @@ impl fmt::Display for BitsFlags<'_> {
         }
         Ok(())
     }
-}
-
-/// Whether kv-compress `flags` select the entropy-coded grid (`-grid ecsq`).
-fn selects_ecsq(flags: &str) -> bool {
-    let words: Vec<&str> = flags.split_whitespace().collect();
-    words.iter().enumerate().any(|(i, word)| {
-        let name = word.trim_start_matches('-');
-        name == "grid=ecsq" || (name == "grid" && words.get(i + 1) == Some(&"ecsq"))
-    })
 }
 
 /// Lowest and highest code rate the water filling gives a tensor, beyond
@@ -530,7 +536,7 @@ impl Allocation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::PassCriteria;
+    use crate::run_types::PassCriteria;
     use crate::sweep::Measurement;
 
     /// A sensitivity sweep's table with `layers` layers: tensor `t` (keys,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use kvformat::Report;
 
 use crate::cleanup::{self, GroupChild};
+use crate::run_types::CompressSettings;
 
 /// Environment variable that names the `kv-compress` binary explicitly.
 pub const KV_COMPRESS_PATH_VAR: &str = "KV_COMPRESS_PATH";
@@ -51,41 +52,6 @@ impl CompressTimeout {
                 Self::BASE + Self::PER_GIB.mul_f64(cache_bytes as f64 / (1u64 << 30) as f64)
             }
         }
-    }
-}
-
-/// The flags one compression variant passes to `kv-compress`.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct CompressSettings {
-    pub group_size: u32,
-    pub sparsity: f64,
-    /// Further flags, passed through verbatim after the standard ones.
-    pub extra_args: Vec<String>,
-}
-
-impl Default for CompressSettings {
-    /// What the original bridge passed: group 64, no sparsification.
-    fn default() -> Self {
-        CompressSettings {
-            group_size: 64,
-            sparsity: 0.0,
-            extra_args: Vec::new(),
-        }
-    }
-}
-
-impl CompressSettings {
-    /// A short human name for reports: `-group-size 64 -sparsity 0.0 -bits 8`.
-    pub fn label(&self) -> String {
-        let mut label = format!(
-            "-group-size {} -sparsity {:?}",
-            self.group_size, self.sparsity
-        );
-        for arg in &self.extra_args {
-            label.push(' ');
-            label.push_str(arg);
-        }
-        label
     }
 }
 

@@ -3,10 +3,12 @@
 //!
 //! `kv-compress` runs in a process group of its own ([`GroupChild`]), so
 //! everything it starts can be killed at once, and the terminal's Ctrl-C
-//! reaches kv-validate alone. [`install_signal_handlers`] handles SIGINT,
-//! SIGTERM and SIGHUP on an ordinary thread: it kills every registered group,
-//! removes every registered [`ScratchDir`], then dies of the signal as if it
-//! had not been handled (so a calling shell sees the signal). `kill -9`
+//! reaches kv-validate alone. [`install_signal_handlers`] adds to the one
+//! handler both binaries share (`kvformat::atomic::on_termination`, on an
+//! ordinary thread): it kills every registered group and removes every
+//! registered [`ScratchDir`]; the handler then removes the temp files of
+//! outputs in flight and dies of the signal as if it had not been handled
+//! (so a calling shell sees the signal). `kill -9`
 //! cannot be handled: it may leave a `kv-validate-*` directory (in
 //! `--scratch-dir`) and an orphaned compressor.
 
@@ -216,24 +218,28 @@ fn stop_everything() {
     std::mem::forget(registry);
 }
 
-/// Handles SIGINT, SIGTERM and SIGHUP for the rest of the process: on the
-/// first, stop everything (`stop_everything`), say so on stderr, then die
-/// of that signal.
+/// Handles SIGINT, SIGTERM and SIGHUP for the rest of the process, through
+/// kvformat's one handler ([`kvformat::atomic::on_termination`]): on the
+/// first, stop everything (`stop_everything`), say so on stderr; the handler
+/// then removes the temp files of outputs being written and dies of that signal.
 pub fn install_signal_handlers() -> io::Result<()> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
-    std::thread::Builder::new()
-        .name("kv-validate-signals".into())
-        .spawn(move || {
-            if let Some(signal) = signals.forever().next() {
-                stop_everything();
-                let name = signal_hook::low_level::signal_name(signal).unwrap_or("a signal");
-                eprintln!("error: stopped by {name}; kv-compress killed, scratch files removed");
-                let _ = signal_hook::low_level::emulate_default_handler(signal);
-                std::process::exit(128 + signal);
-            }
-        })?;
-    Ok(())
+    kvformat::atomic::on_termination(|signal| {
+        stop_everything();
+        eprintln!(
+            "error: stopped by {}; kv-compress killed, scratch files removed",
+            signal_name(signal)
+        );
+    })
+}
+
+/// `SIGINT`, `SIGTERM`, `SIGHUP`: the signals the handler takes.
+fn signal_name(signal: libc::c_int) -> &'static str {
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
+        _ => "a signal",
+    }
 }
 
 #[cfg(test)]

@@ -18,21 +18,22 @@
 //! `kv-validate merge` calls on slices.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvformat::metrics::QualityLevel;
 use kvformat::{CacheDtype, Report};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::bridge::{BridgeError, CompressSettings, KvCompress};
+use crate::bridge::{BridgeError, KvCompress};
 use crate::cleanup::ScratchDir;
 use crate::fidelity::{delta_p, BaselineRows, FidelityFigures, MeanWithError, TokenFigures};
 use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
+use crate::model::device::dtype_of_cache;
 use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
-use crate::records::{VariantRecord, WindowRecord};
+use crate::run_types::{CompressSettings, Timings, VariantRecord, WindowRecord};
 
 /// Why an evaluation stopped.
 #[derive(Debug, thiserror::Error)]
@@ -233,38 +234,6 @@ impl VariantOutcome {
                 all_tokens: TokenFigures::of(&kld, &top1, &dp),
             },
         }
-    }
-}
-
-/// Where the wall time went.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Timings {
-    pub total: Duration,
-    /// Prefills and scoring passes.
-    pub model: Duration,
-    /// Writing each window's cache (with its sidecar).
-    pub cache_write: Duration,
-    /// Reading the reconstructions back.
-    pub cache_read: Duration,
-    /// Inside `kv-compress` subprocesses.
-    pub compressor: Duration,
-}
-
-impl Timings {
-    /// Adds another slice's times (merged slices report the sum).
-    pub fn add(&mut self, other: &Timings) {
-        self.total += other.total;
-        self.model += other.model;
-        self.cache_write += other.cache_write;
-        self.cache_read += other.cache_read;
-        self.compressor += other.compressor;
-    }
-
-    /// Share of the wall time spent on caches outside the model: writing,
-    /// compressing, decompressing and reading them (the "compressor share").
-    pub fn compressor_share(&self) -> f64 {
-        (self.cache_write + self.cache_read + self.compressor).as_secs_f64()
-            / self.total.as_secs_f64().max(f64::MIN_POSITIVE)
     }
 }
 
@@ -470,11 +439,7 @@ fn has_compressed_cache(window: &Window) -> bool {
 /// stores: the baseline scores on that, so rounding to F16/BF16 counts
 /// against neither side and the delta is the compression's alone.
 fn rounded_to(cache: &KvCache, dtype: CacheDtype) -> candle_core::Result<KvCache> {
-    let stored = match dtype {
-        CacheDtype::F32 => DType::F32,
-        CacheDtype::F16 => DType::F16,
-        CacheDtype::BF16 => DType::BF16,
-    };
+    let stored = dtype_of_cache(dtype);
     let model_dtype = cache.layers.first().map(|layer| layer.key.dtype());
     if stored == DType::F32 || model_dtype == Some(stored) {
         // Exact: every model dtype fits in f32, and a file in the model's own dtype is lossless.
@@ -543,6 +508,7 @@ fn progress_bar(total_tokens: usize, visible: bool) -> ProgressBar {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn metrics(rmse: f64, level: QualityLevel, passed: bool, bits_per_value: f64) -> Report {
         Report {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use kvformat::cache::{write_cache, CacheTensor};
+use kvformat::preset::{tensor_name, TensorKind};
 use kvformat::sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
 use kvformat::CacheDtype;
 
@@ -42,13 +43,6 @@ pub enum KvIoError {
     Candle(#[from] candle_core::Error),
 }
 
-/// The name of layer `layer`'s key or value tensor in a cache file.
-pub fn tensor_name(layer: usize, kind: &str) -> String {
-    format!("layer_{layer}_{kind}")
-}
-
-const KINDS: [&str; 2] = ["key", "value"];
-
 /// The sidecar that describes `cache` stored as `dtype`. Every layer must
 /// have the shape of layer 0's key, `[1, kv_heads, seq, head_dim]`.
 pub fn describe(
@@ -59,11 +53,11 @@ pub fn describe(
     let first = cache.layers.first().ok_or(KvIoError::EmptyCache)?;
     let expected = first.key.dims().to_vec();
     for (layer, kv) in cache.layers.iter().enumerate() {
-        for (kind, tensor) in KINDS.into_iter().zip([&kv.key, &kv.value]) {
+        for (kind, tensor) in TensorKind::BOTH.into_iter().zip([&kv.key, &kv.value]) {
             if tensor.dims() != expected.as_slice() || expected.len() != 4 || expected[0] != 1 {
                 return Err(KvIoError::InconsistentLayers {
                     layer,
-                    kind,
+                    kind: kind.suffix(),
                     found: tensor.dims().to_vec(),
                     expected: expected.clone(),
                 });
@@ -92,7 +86,7 @@ pub fn write_kv_cache(
     let mut names = Vec::with_capacity(2 * cache.layers.len());
     let mut values = Vec::with_capacity(2 * cache.layers.len());
     for (layer, kv) in cache.layers.iter().enumerate() {
-        for (kind, tensor) in KINDS.into_iter().zip([&kv.key, &kv.value]) {
+        for (kind, tensor) in TensorKind::BOTH.into_iter().zip([&kv.key, &kv.value]) {
             names.push(tensor_name(layer, kind));
             values.push(
                 tensor
@@ -177,8 +171,8 @@ fn read_layers(
     let layers = (0..layout.num_layers)
         .map(|layer| {
             Ok(LayerKv {
-                key: read(tensor_name(layer, "key"))?,
-                value: read(tensor_name(layer, "value"))?,
+                key: read(tensor_name(layer, TensorKind::Key))?,
+                value: read(tensor_name(layer, TensorKind::Value))?,
             })
         })
         .collect::<Result<Vec<_>, KvIoError>>()?;

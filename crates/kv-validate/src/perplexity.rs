@@ -66,6 +66,18 @@ impl Protocol {
         }
     }
 
+    /// How reports name it: `sliding window of 2048 tokens, stride 512`.
+    pub fn describe(&self) -> String {
+        match *self {
+            Protocol::Sliding { max_len, stride } => {
+                format!("sliding window of {max_len} tokens, stride {stride}")
+            }
+            Protocol::ContextTargets { context, targets } => {
+                format!("back-to-back windows of {context} context + {targets} scored tokens")
+            }
+        }
+    }
+
     /// Tokens of one full window.
     pub fn window_len(&self) -> usize {
         match *self {

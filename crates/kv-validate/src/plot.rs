@@ -380,7 +380,7 @@ mod tests {
     #[test]
     fn kld_svg_plots_the_rows_with_a_kld_against_max_kld_and_their_front() {
         use crate::fidelity::TokenFigures;
-        use crate::report::PassCriteria;
+        use crate::run_types::PassCriteria;
         use crate::sweep::Measurement;
         let measured = |label: &str, bits: f64, kld: Option<f64>| Measurement {
             label: label.into(),

@@ -17,13 +17,14 @@ use candle_core::{Device, Tensor};
 use kvformat::CacheDtype;
 use serde::Serialize;
 
-use crate::bridge::{CompressSettings, KvCompress};
+use crate::bridge::KvCompress;
 use crate::cleanup::ScratchDir;
 use crate::evaluate::EvalError;
 use crate::evaluate::MetricsSummary;
 use crate::kvio::{read_kv_cache_like, write_kv_cache};
 use crate::model::{KvCache, LayerKv};
 use crate::report::{compression_lines, field, rule, status};
+use crate::run_types::CompressSettings;
 
 /// TinyLlama-1.1B's cache dimensions (the original's default model).
 pub const TINYLLAMA_LAYERS: usize = 22;

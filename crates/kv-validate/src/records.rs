@@ -14,70 +14,12 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kvformat::Report;
-use serde::{Deserialize, Serialize};
-
-use crate::evaluate::Timings;
-use crate::report::RunDescription;
-use crate::sweep::Variant;
+use crate::run_types::{RunDescription, RunRecords, Timings, Variant, WindowRecord};
 
 /// `format` of a records file.
 pub const RECORDS_FORMAT: &str = "kv-validate records";
 /// `version` of the layout this build writes and reads.
 pub const RECORDS_VERSION: u32 = 1;
-
-/// One window's scores.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WindowRecord {
-    /// Position in the run's window plan (0-based).
-    pub index: usize,
-    pub begin: usize,
-    pub context_end: usize,
-    pub end: usize,
-    /// The baseline's NLL of every scored token (nats).
-    pub baseline_nll: Vec<f64>,
-    /// One per variant, in the run's order, when the window had a compressed
-    /// cache; empty when it had none (no context, or a single target that
-    /// the prefill predicts): then every variant scored exactly the baseline.
-    pub variants: Vec<VariantRecord>,
-}
-
-impl WindowRecord {
-    /// Whether a reconstructed cache changed what was scored.
-    pub fn compressed(&self) -> bool {
-        !self.variants.is_empty()
-    }
-}
-
-/// One variant's scores in one window, token for token with `baseline_nll`.
-/// The first token comes from the uncompressed prefill: its NLL is the
-/// baseline's, its KLD 0 and its top-1 the same.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VariantRecord {
-    pub nll: Vec<f64>,
-    /// KL(baseline ‖ compressed) over the vocabulary, nats.
-    pub kld: Vec<f64>,
-    pub top1_agrees: Vec<bool>,
-    /// kv-compress's report on this window's cache.
-    pub metrics: Report,
-}
-
-/// A records file: one run's, or one slice's, windows.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunRecords {
-    pub format: String,
-    pub version: u32,
-    pub run: RunDescription,
-    /// A sweep (table and recommendation) or a single validation (one variant).
-    pub sweep: bool,
-    pub variants: Vec<Variant>,
-    /// Windows in the whole run's plan; a slice evaluates some of them.
-    pub windows_planned: usize,
-    /// Sorted by index.
-    pub windows: Vec<WindowRecord>,
-    /// Summed over slices when merged.
-    pub timings: Timings,
-}
 
 /// Why records could not be read or merged.
 #[derive(Debug, thiserror::Error)]

@@ -4,12 +4,13 @@
 //! and Δp against the baseline, tokens scored, windows, wall time and the
 //! compressor's share), as text for people and as JSON (`--json`) for scripts.
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::evaluate::{Evaluation, MetricsSummary, Timings, VariantOutcome};
+use crate::evaluate::{Evaluation, MetricsSummary, VariantOutcome};
 use crate::fidelity::{
     delta_standard_error, within_noise, FidelityFigures, MeanWithError, TokenFigures,
 };
+use crate::run_types::{RunDescription, Timings};
 
 /// Everything a validation run measured, in the shape of its JSON.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -106,52 +107,6 @@ impl From<&Timings> for TimingFigures {
             cache_read_seconds: timings.cache_read.as_secs_f64(),
             compressor_share: timings.compressor_share(),
         }
-    }
-}
-
-/// Where the run's inputs came from and how it is judged: the report's
-/// header, and what merged slices must agree on.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct RunDescription {
-    pub model: String,
-    pub data: String,
-    pub protocol: String,
-    pub compressor: String,
-    /// Where the model ran, with the device's name.
-    pub device: String,
-    pub cache_dtype: String,
-    pub criteria: PassCriteria,
-}
-
-/// What a variant must meet to pass; each criterion that is set applies.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PassCriteria {
-    /// delta < threshold.
-    pub threshold: Option<f64>,
-    /// Mean KLD over the tokens on a compressed cache < max_kld (nats).
-    pub max_kld: Option<f64>,
-}
-
-impl PassCriteria {
-    /// Whether `delta` and the mean KLD on a compressed cache (`None`: no
-    /// token was on one) pass. Equal to a bound fails.
-    pub fn passes(&self, delta: f64, mean_kld: Option<f64>) -> bool {
-        self.threshold.is_none_or(|threshold| delta < threshold)
-            && self
-                .max_kld
-                .is_none_or(|max| mean_kld.is_some_and(|kld| kld < max))
-    }
-
-    /// `delta < 0.5`, `mean KLD < 0.01`, or both joined by `and`.
-    pub fn describe(&self) -> String {
-        let parts: Vec<String> = [
-            self.threshold.map(|t| format!("delta < {t}")),
-            self.max_kld.map(|k| format!("mean KLD < {k}")),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        parts.join(" and ")
     }
 }
 
@@ -498,8 +453,7 @@ pub(crate) fn timing_line(timing: &TimingFigures) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bridge::CompressSettings;
-    use crate::records::{VariantRecord, WindowRecord};
+    use crate::run_types::{CompressSettings, PassCriteria, VariantRecord, WindowRecord};
     use std::time::Duration;
 
     fn compressor_report() -> kvformat::Report {

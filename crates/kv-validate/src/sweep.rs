@@ -11,10 +11,10 @@
 use kvformat::CacheDtype;
 use serde::{Deserialize, Serialize};
 
-use crate::bridge::CompressSettings;
 use crate::evaluate::Evaluation;
 use crate::fidelity::{delta_standard_error, within_noise, TokenFigures};
-use crate::report::{field, noise_note, rule, PassCriteria, RunDescription};
+use crate::report::{field, noise_note, rule};
+use crate::run_types::{CompressSettings, PassCriteria, RunDescription, Variant};
 
 /// The built-in matrix (`--sweep`): issue 5's reference methods, rotation,
 /// kept tokens, then the combinations aimed at its targets (docs/fidelity.md
@@ -144,6 +144,9 @@ pub const DEFAULT_MATRIX: &[(&str, &str)] = &[
     ),
 ];
 
+/// The flags the bridge passes on every run ([`CompressSettings`]'s own).
+const BRIDGE_FLAGS: [&str; 2] = ["group-size", "sparsity"];
+
 /// Why a sweep could not be set up or its outputs written.
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
@@ -151,29 +154,21 @@ pub enum SweepError {
     MissingEquals { spec: String },
     #[error("--variant {spec:?}: the label is empty")]
     EmptyLabel { spec: String },
-    #[error("--variant {spec:?}: {flag} needs a value")]
-    MissingValue { spec: String, flag: String },
-    #[error("--variant {spec:?}: {flag} {value:?} is not a valid number")]
-    BadNumber {
+    /// kv-compress's own parser refused the flags.
+    #[error("--variant {spec:?}: {source}")]
+    Flags {
         spec: String,
-        flag: String,
-        value: String,
+        source: kv_compress::FlagError,
     },
     #[error("two sweep variants are labelled {label:?}")]
     DuplicateLabel { label: String },
 }
 
-/// One compressor configuration of a sweep.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Variant {
-    pub label: String,
-    pub settings: CompressSettings,
-}
-
 impl Variant {
     /// Parses `LABEL=FLAGS`; FLAGS are whitespace-separated `kv-compress`
-    /// flags, `-group-size` and `-sparsity` (in any Go spelling) becoming the
-    /// settings the bridge always passes, everything else passed verbatim.
+    /// flags, read and checked by kv-compress's own parser: `-group-size`
+    /// and `-sparsity` (in any Go spelling) become the settings the bridge
+    /// always passes, every other flag is passed on as it was written.
     pub fn parse(spec: &str) -> Result<Self, SweepError> {
         let (label, flags) = spec
             .split_once('=')
@@ -186,35 +181,21 @@ impl Variant {
                 spec: spec.to_string(),
             });
         }
-        let mut settings = CompressSettings::default();
-        let mut words = flags.split_whitespace();
-        while let Some(word) = words.next() {
-            let (name, inline_value) = match word.split_once('=') {
-                Some((name, value)) => (name, Some(value.to_string())),
-                None => (word, None),
-            };
-            let bare = name.trim_start_matches('-');
-            if !(name.starts_with('-') && matches!(bare, "group-size" | "sparsity")) {
-                settings.extra_args.push(word.to_string());
-                continue;
-            }
-            let value = inline_value
-                .or_else(|| words.next().map(str::to_string))
-                .ok_or_else(|| SweepError::MissingValue {
-                    spec: spec.to_string(),
-                    flag: name.to_string(),
-                })?;
-            let bad_number = || SweepError::BadNumber {
+        let words: Vec<&str> = flags.split_whitespace().collect();
+        let (written, options) =
+            kv_compress::flags::split_words(&words).map_err(|source| SweepError::Flags {
                 spec: spec.to_string(),
-                flag: name.to_string(),
-                value: value.clone(),
-            };
-            if bare == "group-size" {
-                settings.group_size = value.parse().map_err(|_| bad_number())?;
-            } else {
-                settings.sparsity = value.parse().map_err(|_| bad_number())?;
-            }
-        }
+                source,
+            })?;
+        let settings = CompressSettings {
+            group_size: u32::try_from(options.group_size).expect("group sizes are at most 1024"),
+            sparsity: options.sparsity,
+            extra_args: written
+                .into_iter()
+                .filter(|flag| !BRIDGE_FLAGS.contains(&flag.name))
+                .flat_map(|flag| flag.words)
+                .collect(),
+        };
         Ok(Variant {
             label: label.to_string(),
             settings,
@@ -789,9 +770,14 @@ pub(crate) mod tests {
         let message = |spec: &str| Variant::parse(spec).unwrap_err().to_string();
         assert!(message("kivi3").contains("expected LABEL=FLAGS"));
         assert!(message(" =-bits 3").contains("the label is empty"));
-        assert!(message("x=-bits 3 -group-size").contains("-group-size needs a value"));
-        assert!(message("x=-sparsity half").contains("-sparsity \"half\" is not a valid number"));
-        assert!(message("x=-group-size -64").contains("is not a valid number"));
+        assert!(message("x=-bits 3 -group-size").contains("flag needs an argument: -group-size"));
+        assert!(message("x=-sparsity half")
+            .contains("invalid value \"half\" for flag -sparsity: parse error"));
+        assert!(
+            message("x=-group-size -64").contains("for flag -group-size: must be a power of two")
+        );
+        assert!(message("x=-bitz 3").contains("flag provided but not defined: -bitz"));
+        assert!(message("x=-grid lloyd -bits 8").contains("the lloyd grid takes 2, 3 or 4 bits"));
     }
 
     #[test]

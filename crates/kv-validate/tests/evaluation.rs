@@ -8,11 +8,12 @@ mod common;
 use std::process::Command;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use kv_validate::bridge::{CompressSettings, KvCompress};
+use kv_validate::bridge::KvCompress;
 use kv_validate::evaluate::{default_scratch_parent, evaluate, EvalOptions};
 use kv_validate::kvio::{read_kv_cache, write_kv_cache};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 use kv_validate::perplexity::{plan_windows, Protocol, Window};
+use kv_validate::run_types::CompressSettings;
 use kvformat::CacheDtype;
 
 use common::*;

@@ -9,10 +9,12 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kv_validate::bridge::CompressSettings;
-use kv_validate::evaluate::{Evaluation, Timings};
-use kv_validate::records::{VariantRecord, WindowRecord};
-use kv_validate::report::{PassCriteria, RunDescription, ValidationReport};
+use kv_validate::evaluate::Evaluation;
+use kv_validate::report::ValidationReport;
+use kv_validate::run_types::CompressSettings;
+use kv_validate::run_types::Timings;
+use kv_validate::run_types::{PassCriteria, RunDescription};
+use kv_validate::run_types::{VariantRecord, WindowRecord};
 
 const NUMPY_REFERENCE: &str = r#"
 import json, sys

@@ -1,4 +1,5 @@
-//! Where the model runs and in which element type: `--device` and `--dtype`.
+//! Where the model runs and in which element type: `--device` and `--dtype`,
+//! and the one mapping between model dtypes and cache file dtypes.
 //!
 //! A GPU is used when kv-validate is built with the `cuda` feature and one
 //! opens; asked for explicitly (`--device cuda:N`) but unavailable, it is an
@@ -9,6 +10,7 @@
 use std::str::FromStr;
 
 use candle_core::{DType, Device};
+use kvformat::CacheDtype;
 
 /// The device the user asked for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,6 +140,42 @@ fn first_line(text: &str) -> String {
     text.lines().next().unwrap_or_default().to_string()
 }
 
+/// `--dtype`: the element types a model runs in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<ModelDtype> for DType {
+    fn from(dtype: ModelDtype) -> Self {
+        match dtype {
+            ModelDtype::F32 => DType::F32,
+            ModelDtype::F16 => DType::F16,
+            ModelDtype::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The cache file dtype that stores a model dtype exactly.
+pub fn cache_dtype_storing(dtype: DType) -> CacheDtype {
+    match dtype {
+        DType::F16 => CacheDtype::F16,
+        DType::BF16 => CacheDtype::BF16,
+        _ => CacheDtype::F32,
+    }
+}
+
+/// The model dtype whose values a cache file of `dtype` holds.
+pub fn dtype_of_cache(dtype: CacheDtype) -> DType {
+    match dtype {
+        CacheDtype::F32 => DType::F32,
+        CacheDtype::F16 => DType::F16,
+        CacheDtype::BF16 => DType::BF16,
+    }
+}
+
 /// The spelling of a model dtype in reports: `f32`, `f16`, `bf16`.
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {
@@ -161,6 +199,15 @@ mod tests {
         assert!("cuda:x".parse::<DeviceRequest>().is_err());
         assert!("gpu".parse::<DeviceRequest>().is_err());
         assert!("cuda:-1".parse::<DeviceRequest>().is_err());
+    }
+
+    #[test]
+    fn every_cache_dtype_stores_its_model_dtype_exactly() {
+        for dtype in [CacheDtype::F32, CacheDtype::F16, CacheDtype::BF16] {
+            assert_eq!(cache_dtype_storing(dtype_of_cache(dtype)), dtype);
+        }
+        assert_eq!(cache_dtype_storing(DType::F64), CacheDtype::F32);
+        assert_eq!(DType::from(ModelDtype::Bf16), DType::BF16);
     }
 
     #[test]

@@ -1,0 +1,326 @@
+//! One step from a command line to what to do: every flag resolved and
+//! every flag combination checked before a model, a text or a cache is
+//! touched, so a bad combination is an error at once, not after a model
+//! load. What depends on the model (the dtype's default, the windows, the
+//! probes of a sensitivity sweep) is resolved by [`crate::run`] from what
+//! this plan says.
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use kvformat::CacheDtype;
+
+use crate::allocation::SENSITIVITY_BITS_FLAGS;
+use crate::bridge::{BridgeError, CompressTimeout, KvCompress};
+use crate::capacity::{GpuMemory, WeightsDtype};
+use crate::cli::{Cli, Command, Outputs};
+use crate::data::TextSource;
+use crate::evaluate::default_scratch_parent;
+use crate::model::device::DeviceRequest;
+use crate::model::load::ModelSource;
+use crate::records::WindowRange;
+use crate::run_types::{CompressSettings, PassCriteria, Variant};
+use crate::sweep::{ensure_unique_labels, SweepError};
+
+/// The delta threshold when no criterion is given.
+pub const DEFAULT_THRESHOLD: f64 = 0.5;
+
+/// A flag combination that cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{flag} must be a non-negative number, got {value}")]
+    BadCriterion { flag: &'static str, value: f64 },
+    #[error(
+        "--windows writes a slice's records only (--records); the report, JSON, CSV and \
+         plots come from `kv-validate merge`"
+    )]
+    ReportOfSlice,
+    #[error("--sensitivity-flags: {0}")]
+    SensitivityFlags(kv_compress::FlagError),
+    #[error("--sensitivity-flags must not set bits ({word}): the probes choose them")]
+    SensitivitySetsBits { word: String },
+    #[error(
+        "--sensitivity needs a model and text: it cannot run with --quick-test or --bench-forward"
+    )]
+    SensitivityWithoutModel,
+    #[error("--sweep-csv, --sweep-plot and --sweep-kld-plot need --sweep or --variant")]
+    SweepOutputsWithoutSweep,
+    #[error("a sweep needs a model and text: it cannot run with --quick-test or --bench-forward")]
+    SweepWithoutModel,
+    #[error(transparent)]
+    Sweep(#[from] SweepError),
+    #[error(transparent)]
+    Compressor(#[from] BridgeError),
+}
+
+/// What a command line asks for.
+#[derive(Debug)]
+pub enum Plan {
+    /// `kv-validate merge`.
+    Merge {
+        files: Vec<PathBuf>,
+        outputs: Outputs,
+    },
+    /// `kv-validate allocate`.
+    Allocate {
+        source: AllocationSource,
+        budget: f64,
+        json: Option<PathBuf>,
+    },
+    /// `kv-validate capacity`.
+    Capacity(CapacityPlan),
+    /// `--quick-test`: the file contract without a model.
+    QuickTest {
+        compressor: KvCompress,
+        settings: CompressSettings,
+        cache_dtype: CacheDtype,
+        json: Option<PathBuf>,
+    },
+    /// Everything that runs the model.
+    Model(ModelPlan),
+}
+
+/// Where `allocate` reads the probes' figures.
+#[derive(Debug)]
+pub enum AllocationSource {
+    SweepJson(PathBuf),
+    Records(Vec<PathBuf>),
+}
+
+/// `kv-validate capacity`'s inputs.
+#[derive(Debug)]
+pub struct CapacityPlan {
+    pub model: ModelSource,
+    /// Never empty: the default GPUs when none was named.
+    pub gpus: Vec<GpuMemory>,
+    pub weights_dtype: WeightsDtype,
+    pub sweep_json: Option<PathBuf>,
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+}
+
+/// A run of the model: which, where, in which element types, doing what.
+#[derive(Debug)]
+pub struct ModelPlan {
+    pub model: ModelSource,
+    pub device: DeviceRequest,
+    /// `None`: the device's default ([`crate::model::device::OpenedDevice::default_dtype`]).
+    pub dtype: Option<DType>,
+    /// `None`: the dtype that stores the model's exactly.
+    pub cache_dtype: Option<CacheDtype>,
+    /// Progress bars and status lines on stderr.
+    pub show_progress: bool,
+    pub work: ModelWork,
+}
+
+/// What a model run does.
+#[derive(Debug)]
+pub enum ModelWork {
+    /// `--bench-forward`: forward tokens/s at these context lengths.
+    Bench {
+        lengths: Vec<usize>,
+        json: Option<PathBuf>,
+    },
+    /// A validation or a sweep over the text's windows.
+    Evaluate(EvaluationPlan),
+}
+
+/// A validation or a sweep, all but what the model decides.
+#[derive(Debug)]
+pub struct EvaluationPlan {
+    pub text: TextSource,
+    /// `--context C --targets T`: fixed windows; `None`: the original's sliding window.
+    pub context_targets: Option<(usize, usize)>,
+    pub max_windows: Option<usize>,
+    /// `--windows`: a slice of the plan, whose records are its only output.
+    pub slice: Option<WindowRange>,
+    pub compressor: KvCompress,
+    pub variants: VariantsPlan,
+    pub criteria: PassCriteria,
+    pub scratch_parent: PathBuf,
+    pub records: Option<PathBuf>,
+    pub outputs: Outputs,
+}
+
+/// The compressor variants a run scores.
+#[derive(Debug)]
+pub enum VariantsPlan {
+    /// A validation of one setting.
+    Single(CompressSettings),
+    /// A sweep of these variants.
+    Sweep(Vec<Variant>),
+    /// A sensitivity sweep: its probes need the model's layer count.
+    Sensitivity { widths: Vec<u8>, flags: String },
+}
+
+impl Plan {
+    /// Resolves `cli`, checking every flag combination; locates kv-compress
+    /// for the commands that run it.
+    pub fn from_cli(cli: &Cli) -> Result<Plan, CliError> {
+        match &cli.command {
+            Some(Command::Merge { files, outputs }) => {
+                return Ok(Plan::Merge {
+                    files: files.clone(),
+                    outputs: outputs.clone(),
+                })
+            }
+            Some(Command::Allocate {
+                sweep_json,
+                records,
+                bits,
+                json,
+            }) => {
+                let source = match sweep_json {
+                    Some(path) => AllocationSource::SweepJson(path.clone()),
+                    None => AllocationSource::Records(records.clone()),
+                };
+                return Ok(Plan::Allocate {
+                    source,
+                    budget: *bits,
+                    json: json.clone(),
+                });
+            }
+            Some(Command::Capacity {
+                model,
+                gpu_memory,
+                weights_dtype,
+                sweep_json,
+                json,
+                plot,
+            }) => {
+                return Ok(Plan::Capacity(CapacityPlan {
+                    model: model.source(),
+                    gpus: if gpu_memory.is_empty() {
+                        GpuMemory::defaults()
+                    } else {
+                        gpu_memory.clone()
+                    },
+                    weights_dtype: *weights_dtype,
+                    sweep_json: sweep_json.clone(),
+                    json: json.clone(),
+                    plot: plot.clone(),
+                }))
+            }
+            None => {}
+        }
+        let criteria = pass_criteria(cli)?;
+        if cli.windows.is_some() && (cli.outputs.json.is_some() || cli.outputs.sweep_outputs()) {
+            return Err(CliError::ReportOfSlice);
+        }
+        let settings = CompressSettings {
+            group_size: cli.group_size,
+            sparsity: cli.sparsity,
+            extra_args: cli.compress_args.clone(),
+        };
+        let variants = variants_plan(cli, &settings)?;
+        let compressor = KvCompress::locate()?.with_timeout(
+            cli.compress_timeout
+                .map_or(CompressTimeout::ScaledWithCache, CompressTimeout::Fixed),
+        );
+        if cli.quick_test {
+            return Ok(Plan::QuickTest {
+                compressor,
+                settings,
+                cache_dtype: cli.cache_dtype.map_or(CacheDtype::F32, CacheDtype::from),
+                json: cli.outputs.json.clone(),
+            });
+        }
+        let work = if cli.bench_forward.is_empty() {
+            ModelWork::Evaluate(EvaluationPlan {
+                text: match &cli.text_file {
+                    Some(path) => TextSource::File(path.clone()),
+                    None => TextSource::default(),
+                },
+                context_targets: cli.context.zip(cli.targets),
+                max_windows: cli.max_windows,
+                slice: cli.windows,
+                compressor,
+                variants,
+                criteria,
+                scratch_parent: cli
+                    .scratch_dir
+                    .clone()
+                    .unwrap_or_else(default_scratch_parent),
+                records: cli.records.clone(),
+                outputs: cli.outputs.clone(),
+            })
+        } else {
+            ModelWork::Bench {
+                lengths: cli.bench_forward.clone(),
+                json: cli.outputs.json.clone(),
+            }
+        };
+        Ok(Plan::Model(ModelPlan {
+            model: cli.model.source(),
+            device: if cli.cpu {
+                DeviceRequest::Cpu
+            } else {
+                cli.device
+            },
+            dtype: cli.dtype.map(DType::from),
+            cache_dtype: cli.cache_dtype.map(CacheDtype::from),
+            show_progress: !cli.quiet,
+            work,
+        }))
+    }
+}
+
+/// `--threshold` and `--max-kld`, checked; the default threshold unless `--max-kld` is alone.
+fn pass_criteria(cli: &Cli) -> Result<PassCriteria, CliError> {
+    for (flag, value) in [("--threshold", cli.threshold), ("--max-kld", cli.max_kld)] {
+        if let Some(value) = value.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            return Err(CliError::BadCriterion { flag, value });
+        }
+    }
+    Ok(PassCriteria {
+        threshold: cli
+            .threshold
+            .or(cli.max_kld.is_none().then_some(DEFAULT_THRESHOLD)),
+        max_kld: cli.max_kld,
+    })
+}
+
+/// The variants: `--sensitivity`'s probes (made once the model is loaded),
+/// the `--variant`s, the built-in matrix with `--sweep`, or `settings` alone.
+fn variants_plan(cli: &Cli, settings: &CompressSettings) -> Result<VariantsPlan, CliError> {
+    let needs_model = cli.quick_test || !cli.bench_forward.is_empty();
+    if cli.sensitivity {
+        let words: Vec<&str> = cli.sensitivity_flags.split_whitespace().collect();
+        let (flags, _) =
+            kv_compress::flags::split_words(&words).map_err(CliError::SensitivityFlags)?;
+        if let Some(flag) = flags
+            .iter()
+            .find(|flag| SENSITIVITY_BITS_FLAGS.contains(&flag.name))
+        {
+            return Err(CliError::SensitivitySetsBits {
+                word: flag.words[0].clone(),
+            });
+        }
+        if needs_model {
+            return Err(CliError::SensitivityWithoutModel);
+        }
+        return Ok(VariantsPlan::Sensitivity {
+            widths: cli.sensitivity_bits.clone(),
+            flags: cli.sensitivity_flags.clone(),
+        });
+    }
+    if !cli.sweep && cli.variants.is_empty() {
+        if cli.outputs.sweep_outputs() {
+            return Err(CliError::SweepOutputsWithoutSweep);
+        }
+        return Ok(VariantsPlan::Single(settings.clone()));
+    }
+    if needs_model {
+        return Err(CliError::SweepWithoutModel);
+    }
+    let variants = if cli.variants.is_empty() {
+        Variant::default_matrix()
+    } else {
+        cli.variants
+            .iter()
+            .map(|spec| Variant::parse(spec))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    ensure_unique_labels(&variants)?;
+    Ok(VariantsPlan::Sweep(variants))
+}
