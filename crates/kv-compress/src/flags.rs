@@ -16,13 +16,14 @@ use std::ops::{Range, RangeInclusive};
 use std::path::PathBuf;
 use std::sync::{LazyLock, OnceLock};
 
-use kvformat::codec::{spoken_list, GRIDS, RATE_RANGE, SUPPORTED_BITS};
+use kvformat::codec::{spoken_list, CodecParams, GRIDS, RATE_RANGE, SUPPORTED_BITS};
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
 use kvformat::preset::DEFAULT_GROUP_SIZE;
 pub use kvformat::preset::{Preset as Method, TensorKind};
 
-use crate::settings::CodecSettings;
+pub use crate::settings::LayerRule;
+use crate::settings::{CodecSettings, SettingsError};
 
 /// Seed of `-rotate` when `-rotate-seed` is not given (documented in docs/format.md).
 pub const DEFAULT_ROTATE_SEED: u64 = 0x6b76_636f_6d70; // "kvcomp"
@@ -30,42 +31,6 @@ pub const DEFAULT_ROTATE_SEED: u64 = 0x6b76_636f_6d70; // "kvcomp"
 /// Group sizes accepted by `-group-size`: powers of two in this range
 /// (the contract documents 32, 64 and 128).
 pub const GROUP_SIZE_RANGE: RangeInclusive<usize> = 8..=1024;
-
-/// One rule of `-layer-bits`: tensors of `kinds` in `layers` take `bits`
-/// (and `group_size` if given), or with a fractional BITS the `ecsq` rate.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LayerRule {
-    pub keys: bool,
-    pub values: bool,
-    /// `None`: every tensor of the kinds, whatever its name.
-    pub layers: Option<Vec<RangeInclusive<usize>>>,
-    /// The rule's width; for a fractional BITS the supported width nearest it.
-    pub bits: u8,
-    /// A fractional BITS (`-grid ecsq` only): the tensors' `-rate`.
-    pub rate: Option<f64>,
-    pub group_size: Option<usize>,
-}
-
-impl LayerRule {
-    /// Whether the rule covers some tensor of `kind`.
-    pub fn applies_to(&self, kind: TensorKind) -> bool {
-        match kind {
-            TensorKind::Key => self.keys,
-            TensorKind::Value => self.values,
-        }
-    }
-
-    /// Whether the rule covers a tensor of `kind` in `layer` (`None`: a name
-    /// outside the `layer_{i}_key` rule, covered only by `*`).
-    pub fn matches(&self, kind: TensorKind, layer: Option<usize>) -> bool {
-        self.applies_to(kind)
-            && match (&self.layers, layer) {
-                (None, _) => true,
-                (Some(ranges), Some(layer)) => ranges.iter().any(|range| range.contains(&layer)),
-                (Some(_), None) => false,
-            }
-    }
-}
 
 /// Everything the flags say; defaults are the original's.
 #[derive(Clone, Debug, PartialEq)]
@@ -140,6 +105,52 @@ impl Default for Options {
     }
 }
 
+impl Options {
+    /// The codec settings these options give every tensor, resolved once
+    /// and checked by the codec's rules.
+    pub fn codec_settings(&self) -> Result<CodecSettings, SettingsError> {
+        CodecSettings::new(
+            base_params(self, TensorKind::Key),
+            base_params(self, TensorKind::Value),
+            self.layer_bits.clone(),
+        )
+    }
+}
+
+/// The parameters of a `kind` tensor outside every `-layer-bits` rule:
+/// `*_key` tensors (kvformat's naming rule) take the key axis, bits, group
+/// size and outliers, every other tensor the value ones; unset flags take
+/// the method's choice (grid, axes) or the shared flag.
+fn base_params(options: &Options, kind: TensorKind) -> CodecParams {
+    let (axis, bits, group_size, outliers) = match kind {
+        TensorKind::Key => (
+            options.key_axis,
+            options.key_bits,
+            options.key_group_size,
+            options.key_outliers,
+        ),
+        TensorKind::Value => (
+            options.value_axis,
+            options.value_bits,
+            options.value_group_size,
+            options.value_outliers,
+        ),
+    };
+    CodecParams {
+        bits: bits.unwrap_or(options.bits),
+        grid: options.grid.unwrap_or(options.method.grid()),
+        axis: axis.unwrap_or(options.method.axis(kind)),
+        group_size: group_size.unwrap_or(options.group_size),
+        rotation_seed: options.rotate.then_some(options.rotate_seed),
+        sink_tokens: options.sink_tokens,
+        recent_tokens: options.recent_tokens,
+        sparsity: options.sparsity,
+        fit: options.fit,
+        outliers: outliers.unwrap_or(options.outliers),
+        rate: options.rate,
+    }
+}
+
 /// What the command line asks for.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -166,11 +177,8 @@ pub enum FlagError {
     InvalidBool { flag: String, value: String },
     /// The codec settings the flags give some tensors break one of the
     /// codec's rules (`kvformat::codec::CodecParams::check_settings`).
-    #[error("invalid codec settings for {tensors}: {source}")]
-    Settings {
-        tensors: String,
-        source: kvformat::codec::CodecError,
-    },
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     #[error("bad flag syntax: {0}")]
     BadSyntax(String),
     #[error("unexpected argument {0:?} (every option is a -flag; booleans take -flag=false, not -flag false)")]
@@ -722,7 +730,7 @@ pub fn parse<S: AsRef<OsStr>>(args: &[S]) -> Result<Command, FlagError> {
         return Ok(Command::Help);
     }
     // Conflicting codec settings are flag errors, found by the codec's own rules.
-    CodecSettings::resolve(&options)?;
+    options.codec_settings()?;
     Ok(Command::Run(Box::new(options)))
 }
 
@@ -755,7 +763,7 @@ pub fn split_words(words: &[&str]) -> Result<(Vec<WrittenFlag>, Options), FlagEr
     if let Scan::Help = scanned {
         return Err(FlagError::Undefined("h".into()));
     }
-    CodecSettings::resolve(&options)?;
+    options.codec_settings()?;
     Ok((written, options))
 }
 
@@ -1111,10 +1119,7 @@ mod tests {
             &["-grid", "asym", "-rate", "2.5"],
             &["-layer-bits", "k:0=2.5"],
         ] {
-            assert!(
-                matches!(run(args), Err(FlagError::Settings { .. })),
-                "{args:?}"
-            );
+            assert!(matches!(run(args), Err(FlagError::Settings(_))), "{args:?}");
         }
         assert!(run(&["-sparsity", "0.1", "-outliers", "0"]).is_ok());
         let ecsq = options(&[
@@ -1366,5 +1371,196 @@ mod more_tests {
             let message = split_words(bad).unwrap_err().to_string();
             assert!(message.starts_with(error), "{bad:?}: {message}");
         }
+    }
+}
+
+/// What the flags make of each tensor's codec settings.
+#[cfg(test)]
+mod codec_settings_tests {
+    use super::*;
+
+    fn options(args: &[&str]) -> Options {
+        match parse(args) {
+            Ok(Command::Run(options)) => *options,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn params_for(options: &Options, tensor_name: &str) -> CodecParams {
+        options.codec_settings().unwrap().params_for(tensor_name)
+    }
+
+    #[test]
+    fn every_old_invocation_means_adr002_group_64() {
+        for args in [
+            &[
+                "-input",
+                "a",
+                "-output",
+                "b",
+                "-group-size",
+                "64",
+                "-sparsity",
+                "0.0",
+            ][..],
+            &[
+                "-input",
+                "a",
+                "-metrics-only",
+                "-group-size",
+                "64",
+                "-verbose",
+            ],
+            &["-input", "a", "-output", "b"],
+        ] {
+            let o = options(args);
+            assert_eq!(
+                params_for(&o, "layer_0_key"),
+                CodecParams::adr002(64),
+                "{args:?}"
+            );
+            assert_eq!(
+                params_for(&o, "layer_0_value"),
+                CodecParams::adr002(64),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn kivi_groups_keys_per_channel_and_values_per_token() {
+        let o = options(&["-method", "kivi", "-bits", "2", "-group-size", "32"]);
+        let key = params_for(&o, "layer_3_key");
+        let value = params_for(&o, "layer_3_value");
+        assert_eq!(
+            (key.grid, key.axis, key.bits, key.group_size),
+            (Grid::Asymmetric, Axis::Channel, 2, 32)
+        );
+        assert_eq!((value.grid, value.axis), (Grid::Asymmetric, Axis::Token));
+        // Explicit flags override the preset, per tensor kind.
+        let o = options(&[
+            "-method",
+            "kivi",
+            "-grid",
+            "sym",
+            "-value-axis",
+            "flat",
+            "-rotate",
+            "-sink-tokens",
+            "4",
+        ]);
+        let value = params_for(&o, "v");
+        assert_eq!(
+            (value.grid, value.axis, value.sink_tokens),
+            (Grid::Symmetric, Axis::Flat, 4)
+        );
+        assert_eq!(value.rotation_seed, Some(crate::flags::DEFAULT_ROTATE_SEED));
+        assert_eq!(params_for(&o, "k_key").axis, Axis::Channel);
+    }
+
+    #[test]
+    fn key_and_value_flags_override_bits_and_group_size_per_kind() {
+        let o = options(&[
+            "-method",
+            "kivi",
+            "-bits",
+            "2",
+            "-group-size",
+            "64",
+            "-key-bits",
+            "3",
+            "-key-group-size",
+            "128",
+            "-value-group-size=256",
+            "-fit",
+            "mse",
+        ]);
+        let key = params_for(&o, "layer_0_key");
+        let value = params_for(&o, "layer_0_value");
+        assert_eq!((key.bits, key.group_size, key.fit), (3, 128, Fit::Mse));
+        assert_eq!(
+            (value.bits, value.group_size, value.fit),
+            (2, 256, Fit::Mse)
+        );
+        // Each falls back to the shared flag, and the last setting wins.
+        let o = options(&[
+            "-bits",
+            "8",
+            "-value-bits",
+            "2",
+            "-value-bits",
+            "4",
+            "-key-group-size",
+            "32",
+        ]);
+        let key = params_for(&o, "layer_0_key");
+        let value = params_for(&o, "layer_0_value");
+        assert_eq!((key.bits, key.group_size, key.fit), (8, 32, Fit::MinMax));
+        assert_eq!((value.bits, value.group_size), (4, 64));
+        // ecsq rates: a fractional rule is a rate; under -rate every rule is.
+        let rates = |args: &[&str]| -> Vec<Option<f64>> {
+            let o = options(args);
+            ["layer_0_key", "layer_1_key", "layer_0_value"]
+                .map(|name| params_for(&o, name).rate)
+                .to_vec()
+        };
+        let rules = ["-grid", "ecsq", "-layer-bits", "k:0=2.71;k:1=4"];
+        assert_eq!(rates(&rules), [Some(2.71), None, None]);
+        let with_rate = [&rules[..], &["-rate", "3.3"]].concat();
+        assert_eq!(rates(&with_rate), [Some(2.71), Some(4.0), Some(3.3)]);
+        let o = options(&["-outliers", "0.01", "-key-outliers=0.02"]);
+        assert_eq!(params_for(&o, "layer_0_key").outliers, 0.02);
+        assert_eq!(params_for(&o, "layer_0_value").outliers, 0.01);
+        assert_eq!(params_for(&options(&[]), "layer_0_key").outliers, 0.0);
+    }
+
+    #[test]
+    fn layer_bits_override_the_kind_flags_for_the_layers_they_name() {
+        let o = options(&[
+            "-bits",
+            "3",
+            "-key-group-size",
+            "32",
+            "-layer-bits",
+            "k:0,29=4;k:*=2/128;v:5=8",
+        ]);
+        let bits_and_group = |name: &str| {
+            let p = params_for(&o, name);
+            (p.bits, p.group_size)
+        };
+        assert_eq!(bits_and_group("layer_0_key"), (4, 32));
+        assert_eq!(bits_and_group("layer_29_key"), (4, 32));
+        assert_eq!(bits_and_group("layer_7_key"), (2, 128));
+        assert_eq!(bits_and_group("layer_5_value"), (8, 64));
+        assert_eq!(bits_and_group("layer_6_value"), (3, 64));
+        assert_eq!(bits_and_group("other"), (3, 64));
+    }
+
+    #[test]
+    fn conflicting_settings_are_flag_errors_naming_the_tensors() {
+        let message = |args: &[&str]| match parse(args) {
+            Err(error @ FlagError::Settings(_)) => error.to_string(),
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(
+            message(&["-sparsity", "0.1", "-outliers", "0.01"]),
+            "invalid codec settings for key tensors: outliers cannot be combined with sparsity"
+        );
+        assert_eq!(
+            message(&["-value-outliers", "0.01", "-sparsity", "0.1"]),
+            "invalid codec settings for value tensors: outliers cannot be combined with sparsity"
+        );
+        assert!(message(&["-rate", "2.5"]).contains("is for the ecsq grid only"));
+        assert_eq!(
+            message(&["-grid", "lloyd", "-bits", "3", "-layer-bits", "k:1=2;v:0=8"]),
+            "invalid codec settings for value tensors under -layer-bits rule 2: \
+             the lloyd grid takes 2, 3 or 4 bits, not 8"
+        );
+        assert_eq!(
+            message(&["-grid", "ecsq", "-outliers", "0.01"]),
+            "invalid codec settings for key tensors: the ecsq grid does not combine with outliers"
+        );
+        // A rule for the other kind only is not held against this one.
+        assert!(parse(&["-grid", "lloyd", "-bits", "3", "-layer-bits", "k:1=2"]).is_ok());
     }
 }

@@ -17,8 +17,8 @@ use kvformat::sidecar::{
 use kvformat::{stage_tensor_file_streaming, CacheDtype, Emit, TensorSpec};
 use rayon::prelude::*;
 
-use crate::flags::{FlagError, Options};
-use crate::settings::CodecSettings;
+use crate::flags::Options;
+use crate::settings::{CodecSettings, SettingsError};
 
 /// A failed run; `main` prints it as `Error: {self}` and exits 1.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum Error {
     /// Options built by hand whose codec settings conflict (the flag
     /// parser refuses these before a run).
     #[error("{0}")]
-    Settings(#[from] FlagError),
+    Settings(#[from] SettingsError),
 }
 
 /// Runs the command the options describe, puts its outputs in place and
@@ -155,7 +155,7 @@ fn compress(
     output: Option<&Path>,
     options: &Options,
 ) -> Result<(Report, Option<Outputs>), Error> {
-    let codec = CodecSettings::resolve(options)?;
+    let codec = options.codec_settings()?;
     let verbose = options.verbose;
     let cache = KvCache::open(input)?;
     let sidecar = Sidecar::read_beside(input)?;

@@ -149,6 +149,17 @@ fn unpack_bitwise(packed: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
+/// `codes` packed at `bits` bits each into a fresh buffer.
+pub(crate) fn packed(codes: &[u8], bits: u8) -> Vec<u8> {
+    let mut packed = vec![
+        0u8;
+        packed_len(codes.len(), bits)
+            .expect("length fits: checked by layout::Sections::new")
+    ];
+    pack(codes, bits, &mut packed);
+    packed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

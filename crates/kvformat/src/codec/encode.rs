@@ -4,10 +4,11 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
+use super::bitpack::packed;
 use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
-use super::layout::{packed, write_scales, Sections};
+use super::layout::{write_scales, Sections};
 use super::scales::ScaleDtype;
 use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
 use super::{kept_tokens, outliers, rotation, sparsity};

@@ -6,7 +6,6 @@
 
 use super::codebook::{self, Codebook};
 use super::groups::{GroupGeometry, Plan};
-use super::layout::packed;
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
 use super::{bitpack, ecsq, CodecError, CodecParams, Grid};
@@ -138,7 +137,7 @@ impl GroupQuantizer {
             },
             _ => self.with_mapping(group_params, |mapping| {
                 let codes = quantizer::quantize(grouped, kept, geometry, mapping);
-                packed(&codes, self.code_bits())
+                bitpack::packed(&codes, self.code_bits())
             }),
         }
     }

@@ -219,13 +219,3 @@ pub(crate) fn read_bitmap(
     }
     Ok(bits.into_iter().map(|bit| bit == 1).collect())
 }
-
-pub(crate) fn packed(codes: &[u8], bits: u8) -> Vec<u8> {
-    let mut packed = vec![
-        0u8;
-        bitpack::packed_len(codes.len(), bits)
-            .expect("length fits: checked by Sections::new")
-    ];
-    bitpack::pack(codes, bits, &mut packed);
-    packed
-}

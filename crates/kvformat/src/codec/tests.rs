@@ -1,8 +1,9 @@
 //! Hand-computed payloads and the paths that must agree.
 
+use super::bitpack::packed;
 use super::encode::encode_in_form;
 use super::groups::Plan;
-use super::layout::{packed, write_scales};
+use super::layout::write_scales;
 use super::quantizer;
 use super::*;
 
