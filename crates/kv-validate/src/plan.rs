@@ -324,3 +324,115 @@ fn variants_plan(cli: &Cli, settings: &CompressSettings) -> Result<VariantsPlan,
     ensure_unique_labels(&variants)?;
     Ok(VariantsPlan::Sweep(variants))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The plan of `args` (after the program name), or its error's text.
+    fn plan(args: &[&str]) -> Result<Plan, String> {
+        let cli = Cli::try_parse_from(std::iter::once("kv-validate").chain(args.iter().copied()))
+            .map_err(|error| error.to_string())?;
+        Plan::from_cli(&cli).map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn flag_combinations_are_refused_before_anything_loads() {
+        for (args, expected) in [
+            (
+                &["--threshold", "-1"][..],
+                "--threshold must be a non-negative number, got -1",
+            ),
+            (
+                &["--max-kld", "NaN"],
+                "--max-kld must be a non-negative number",
+            ),
+            (
+                &[
+                    "--windows",
+                    "0..2",
+                    "--records",
+                    "r.json",
+                    "--json",
+                    "x.json",
+                ],
+                "--windows writes a slice's records only",
+            ),
+            (&["--sweep-plot", "x.svg"], "need --sweep or --variant"),
+            (
+                &["--sweep", "--quick-test"],
+                "a sweep needs a model and text",
+            ),
+            (
+                &["--variant", "a=-method kivi", "--variant", "a=-bits 8"],
+                "two sweep variants are labelled \"a\"",
+            ),
+            (
+                &["--variant", "bad=-grid kmeans -bits 8"],
+                "the kmeans grid takes 2, 3 or 4 bits, not 8",
+            ),
+            (
+                &[
+                    "--sensitivity",
+                    "--sensitivity-flags",
+                    "-method kivi -key-bits 3",
+                ],
+                "must not set bits (-key-bits)",
+            ),
+            (
+                &["--sensitivity", "--sensitivity-flags", "-methd kivi"],
+                "--sensitivity-flags: flag provided but not defined: -methd",
+            ),
+            (
+                &["--sensitivity", "--bench-forward", "8"],
+                "--sensitivity needs a model",
+            ),
+        ] {
+            let error = plan(args).expect_err(&format!("{args:?} planned"));
+            assert!(error.contains(expected), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn subcommands_plan_without_a_compressor() {
+        match plan(&["merge", "a.json", "b.json", "--json", "m.json"]).unwrap() {
+            Plan::Merge { files, outputs } => {
+                assert_eq!(files, [PathBuf::from("a.json"), PathBuf::from("b.json")]);
+                assert_eq!(outputs.json, Some(PathBuf::from("m.json")));
+            }
+            other => panic!("{other:?}"),
+        }
+        match plan(&["capacity", "--model-dir", "m"]).unwrap() {
+            Plan::Capacity(capacity) => {
+                assert_eq!(capacity.model, ModelSource::LocalDir("m".into()));
+                assert_eq!(capacity.gpus, GpuMemory::defaults(), "the default GPUs");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn criteria_default_to_the_threshold_unless_max_kld_is_alone() {
+        let cli = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("kv-validate").chain(args.iter().copied())).unwrap()
+        };
+        let criteria = |args: &[&str]| pass_criteria(&cli(args)).unwrap();
+        assert_eq!(
+            criteria(&[]),
+            PassCriteria {
+                threshold: Some(DEFAULT_THRESHOLD),
+                max_kld: None
+            }
+        );
+        assert_eq!(criteria(&["--max-kld", "0.01"]).threshold, None);
+        assert_eq!(
+            criteria(&["--max-kld", "0.01", "--threshold", "0.2"]),
+            PassCriteria {
+                threshold: Some(0.2),
+                max_kld: Some(0.01)
+            }
+        );
+    }
+}
