@@ -291,6 +291,14 @@ fn rule_bits(text: &str) -> Result<(u8, Option<f64>), String> {
     }
 }
 
+/// The letter of a tensor kind in `-layer-bits` rules (`k:0=4`, `v:*=2`).
+pub fn kind_letter(kind: TensorKind) -> char {
+    match kind {
+        TensorKind::Key => 'k',
+        TensorKind::Value => 'v',
+    }
+}
+
 /// `-layer-bits`: `RULE[;RULE...]`, `RULE` = `[KINDS:]LAYERS=BITS[/GROUP]`,
 /// `KINDS` one of `k`, `v`, `kv` (default `kv`), `LAYERS` `*` or a comma list
 /// of `N` and `N-M`.

@@ -14,7 +14,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use kv_compress::flags::kind_letter;
 use kvformat::codec::Grid;
+use kvformat::preset::TensorKind;
 use serde::Serialize;
 
 use crate::run_types::Variant;
@@ -40,27 +42,10 @@ pub const DEFAULT_PROBE_FLAGS: &str = "-method kivi -rotate -fit mse -key-group-
 /// Budget steps of the dynamic program, bits/value.
 const STEP: f64 = 1e-4;
 
-/// Keys or values: the `-layer-bits` kind prefix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Kind {
-    Key,
-    Value,
-}
-
-impl Kind {
-    fn prefix(self) -> char {
-        match self {
-            Kind::Key => 'k',
-            Kind::Value => 'v',
-        }
-    }
-}
-
 /// One probe: `kind` of `layer` at `bits`, the rest at [`REFERENCE_BITS`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Probe {
-    pub kind: Kind,
+    pub kind: TensorKind,
     pub layer: usize,
     pub bits: u8,
 }
@@ -68,16 +53,15 @@ pub struct Probe {
 impl Probe {
     /// `k3@2`: layer 3's keys at 2 bits.
     fn label(self) -> String {
-        format!("{}{}@{}", self.kind.prefix(), self.layer, self.bits)
+        format!("{}{}@{}", kind_letter(self.kind), self.layer, self.bits)
     }
 
     fn parse(label: &str) -> Option<Probe> {
         let (tensor, bits) = label.split_once('@')?;
-        let kind = match tensor.chars().next()? {
-            'k' => Kind::Key,
-            'v' => Kind::Value,
-            _ => return None,
-        };
+        let letter = tensor.chars().next()?;
+        let kind = TensorKind::BOTH
+            .into_iter()
+            .find(|&kind| kind_letter(kind) == letter)?;
         Some(Probe {
             kind,
             layer: tensor[1..].parse().ok()?,
@@ -97,13 +81,13 @@ pub fn probe_variants(
 ) -> Result<Vec<Variant>, SweepError> {
     let mut variants = Vec::with_capacity(layers * 2 * widths.len() + 1);
     for layer in 0..layers {
-        for kind in [Kind::Key, Kind::Value] {
+        for kind in TensorKind::BOTH {
             for &bits in widths {
                 let probe = Probe { kind, layer, bits };
                 variants.push(Variant::parse(&format!(
                     "{}={flags} -bits {REFERENCE_BITS} -layer-bits {}:{layer}={bits}",
                     probe.label(),
-                    kind.prefix()
+                    kind_letter(kind)
                 ))?);
             }
         }
@@ -146,7 +130,7 @@ pub struct Allocation {
     pub budget: f64,
     /// `(kind, layer) -> bits` (for an ecsq sweep, the fractional rate).
     #[serde(serialize_with = "serialize_tensor_bits")]
-    pub bits: BTreeMap<(Kind, usize), f64>,
+    pub bits: BTreeMap<(TensorKind, usize), f64>,
     /// The reference's bits/value minus the chosen probes' savings.
     pub predicted_bits_per_value: f64,
     /// The reference's mean KLD plus the chosen probes' damages.
@@ -160,12 +144,12 @@ pub struct Allocation {
 
 /// `bits` as a JSON list of `{kind, layer, bits}` (JSON keys are strings).
 fn serialize_tensor_bits<S: serde::Serializer>(
-    bits: &BTreeMap<(Kind, usize), f64>,
+    bits: &BTreeMap<(TensorKind, usize), f64>,
     serializer: S,
 ) -> Result<S::Ok, S::Error> {
     #[derive(Serialize)]
     struct TensorBits {
-        kind: Kind,
+        kind: TensorKind,
         layer: usize,
         bits: f64,
     }
@@ -186,7 +170,7 @@ pub struct UniformFigures {
 
 /// Per tensor: bits/value saved against the reference and KLD added, per width.
 struct Choices {
-    tensor: (Kind, usize),
+    tensor: (TensorKind, usize),
     /// `(bits, saving, damage)`, the reference width first (0, 0).
     options: Vec<(u8, f64, f64)>,
 }
@@ -222,7 +206,7 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
             flags: shared.to_string(),
             reason: error.to_string(),
         })?;
-    let mut probes: BTreeMap<(Kind, usize), BTreeMap<u8, &SweepRow>> = BTreeMap::new();
+    let mut probes: BTreeMap<(TensorKind, usize), BTreeMap<u8, &SweepRow>> = BTreeMap::new();
     for row in &table.rows {
         if let Some(probe) = Probe::parse(&row.label) {
             probes
@@ -274,7 +258,7 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         return Err(AllocationError::Unreachable { budget, lowest });
     }
     let picks = cheapest_damage(&tensors, needed);
-    let bits: BTreeMap<(Kind, usize), f64> = tensors
+    let bits: BTreeMap<(TensorKind, usize), f64> = tensors
         .iter()
         .zip(&picks)
         .map(|(t, &pick)| (t.tensor, f64::from(t.options[pick].0)))
@@ -353,7 +337,7 @@ fn cheapest_damage(tensors: &[Choices], needed: f64) -> Vec<usize> {
 
 /// `-bits B -layer-bits RULE`: B the commonest width (the lower on a tie),
 /// RULE every tensor at another width, e.g. `-bits 2 -layer-bits k:8,18=3;v:3=4`.
-struct BitsFlags<'a>(&'a BTreeMap<(Kind, usize), f64>);
+struct BitsFlags<'a>(&'a BTreeMap<(TensorKind, usize), f64>);
 
 impl fmt::Display for BitsFlags<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -367,7 +351,7 @@ impl fmt::Display for BitsFlags<'_> {
             .map_or(REFERENCE_BITS, |(&bits, _)| bits);
         write!(f, "-bits {common}")?;
         let mut rules = Vec::new();
-        for kind in [Kind::Key, Kind::Value] {
+        for kind in TensorKind::BOTH {
             for (&bits, _) in counts.iter().filter(|(&bits, _)| bits != common) {
                 let layers: Vec<String> = self
                     .0
@@ -376,7 +360,7 @@ impl fmt::Display for BitsFlags<'_> {
                     .map(|(&(_, layer), _)| layer.to_string())
                     .collect();
                 if !layers.is_empty() {
-                    rules.push(format!("{}:{}={bits}", kind.prefix(), layers.join(",")));
+                    rules.push(format!("{}:{}={bits}", kind_letter(kind), layers.join(",")));
                 }
             }
         }
@@ -472,7 +456,7 @@ fn water_fill(
         predicted_bits_per_value: budget,
         predicted_kld: damage_at(&vec![budget; rates.len()]),
     };
-    let bits: BTreeMap<(Kind, usize), f64> = tensors
+    let bits: BTreeMap<(TensorKind, usize), f64> = tensors
         .iter()
         .zip(&rates)
         .map(|(t, &r)| (t.tensor, r))
@@ -493,11 +477,11 @@ fn water_fill(
 }
 
 /// `-layer-bits` with one rule per rate, e.g. `k:0,5=2.71;v:3=3.40`.
-struct RateFlags<'a>(&'a BTreeMap<(Kind, usize), f64>);
+struct RateFlags<'a>(&'a BTreeMap<(TensorKind, usize), f64>);
 
 impl fmt::Display for RateFlags<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut rules: BTreeMap<(Kind, String), Vec<String>> = BTreeMap::new();
+        let mut rules: BTreeMap<(TensorKind, String), Vec<String>> = BTreeMap::new();
         for (&(kind, layer), &rate) in self.0 {
             rules
                 .entry((kind, format!("{rate:.2}")))
@@ -506,7 +490,9 @@ impl fmt::Display for RateFlags<'_> {
         }
         let rules: Vec<String> = rules
             .iter()
-            .map(|((kind, rate), layers)| format!("{}:{}={rate}", kind.prefix(), layers.join(",")))
+            .map(|((kind, rate), layers)| {
+                format!("{}:{}={rate}", kind_letter(*kind), layers.join(","))
+            })
             .collect();
         write!(f, "-layer-bits {}", rules.join(";"))
     }
@@ -573,7 +559,7 @@ mod tests {
             .map(|variant| {
                 let (bpv, kld) = match Probe::parse(&variant.label) {
                     Some(probe) => {
-                        let t = 2 * probe.layer + usize::from(probe.kind == Kind::Value);
+                        let t = 2 * probe.layer + usize::from(probe.kind == TensorKind::Value);
                         (
                             reference_bpv - saving(t, probe.bits),
                             reference_kld + damage(t, probe.bits),
@@ -668,7 +654,7 @@ mod tests {
         // a budget of 0.5 buys exactly one tensor at 3 bits.
         let sweep = table(3, 9.0 + 0.25, saving, damage);
         let allocation = allocate(&sweep, 0.25 + 0.25).unwrap();
-        assert_eq!(allocation.bits[&(Kind::Key, 1)], 3.0);
+        assert_eq!(allocation.bits[&(TensorKind::Key, 1)], 3.0);
         assert!(
             allocation
                 .flags
@@ -697,7 +683,7 @@ mod tests {
         assert_eq!(
             Probe::parse("v1@4"),
             Some(Probe {
-                kind: Kind::Value,
+                kind: TensorKind::Value,
                 layer: 1,
                 bits: 4
             })
@@ -737,8 +723,16 @@ mod tests {
             |t, _| sensitivity[t] * 1e-3,
         );
         let allocation = allocate(&sweep, 3.1).unwrap();
-        let rate =
-            |t: usize| allocation.bits[&(if t % 2 == 0 { Kind::Key } else { Kind::Value }, t / 2)];
+        let rate = |t: usize| {
+            allocation.bits[&(
+                if t % 2 == 0 {
+                    TensorKind::Key
+                } else {
+                    TensorKind::Value
+                },
+                t / 2,
+            )]
+        };
         // 4x the damage buys log2(4) / 2 = 1 bit more, 16x two; the
         // marginal damages 4^-R * d are then equal (the optimum).
         assert!(

@@ -4,12 +4,15 @@
 //! [`layer_index`]: one definition, so the CLI, the validator, the tests and
 //! any other writer agree on what a preset and a name mean.
 
+use serde::Serialize;
+
 use crate::codec::{Axis, Grid};
 
 /// A tensor's kind by the cache's naming rule (`layer_{i}_key`,
 /// `layer_{i}_value`): a name ending in `_key` is a key, any other a value
 /// (the original compressed every tensor whatever its name).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TensorKind {
     Key,
     Value,
