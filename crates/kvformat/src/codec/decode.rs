@@ -4,6 +4,7 @@ use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::layout::{read_bitmap, read_offsets, read_scales, Sections};
+use super::quantizer::CodeRange;
 use super::scales::GroupParams;
 use super::{fused_path, Axis, CodecError, CodecParams, Layout};
 use super::{kept_tokens, outliers, rotation};
@@ -127,7 +128,7 @@ fn dequantize_grouped(
     grouped: &mut [f32],
 ) -> Result<(), CodecError> {
     let geometry = &plan.geometry;
-    let range = params.code_range();
+    let range = CodeRange::of(params);
     let has_bitmap = layout.has_bitmap(params);
     let fused = fused_path(params, has_bitmap, false)
         && fused::dequantize_symmetric_packed(

@@ -9,6 +9,7 @@ use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::layout::{write_scales, Sections};
+use super::quantizer::CodeRange;
 use super::scales::ScaleDtype;
 use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
 use super::{kept_tokens, outliers, rotation, sparsity};
@@ -93,7 +94,7 @@ fn encode_fused_observed(
     let Some(scales) = fused::quantize_symmetric_f16_observed(
         values,
         &plan.geometry,
-        params.code_range(),
+        CodeRange::of(params),
         code_bytes,
         observe,
     ) else {
@@ -231,7 +232,7 @@ fn encode_fused(
     let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];
     let codes_start = payload.len() - sections.outliers - sections.codes;
     let codes_end = codes_start + sections.codes;
-    let range = params.code_range();
+    let range = CodeRange::of(params);
     let Some(group_params) = fused::quantize_symmetric_f16_packed(
         grouped,
         &plan.geometry,

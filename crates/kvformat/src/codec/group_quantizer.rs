@@ -38,7 +38,7 @@ impl GroupQuantizer {
         let geometry = &plan.geometry;
         match params.grid {
             Grid::Symmetric | Grid::Asymmetric => {
-                let range = params.code_range();
+                let range = CodeRange::of(params);
                 let group_params =
                     quantizer::group_params(grouped, kept, geometry, range, params.fit);
                 (group_params, GroupQuantizer::Uniform(range))
@@ -81,7 +81,7 @@ impl GroupQuantizer {
     /// The quantizer a payload was written with, from its levels section.
     pub fn read(params: &CodecParams, level_bytes: &[u8]) -> Result<Self, CodecError> {
         Ok(match params.grid {
-            Grid::Symmetric | Grid::Asymmetric => GroupQuantizer::Uniform(params.code_range()),
+            Grid::Symmetric | Grid::Asymmetric => GroupQuantizer::Uniform(CodeRange::of(params)),
             Grid::Lloyd | Grid::Kmeans => GroupQuantizer::Codebook {
                 grid: params.grid,
                 bits: params.bits,

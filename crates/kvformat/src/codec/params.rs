@@ -5,7 +5,6 @@ use serde::{Deserialize, Serialize};
 
 use super::grid::{spoken_list, Grid, SUPPORTED_BITS};
 use super::groups;
-use super::quantizer::CodeRange;
 
 /// The bits per value an `ecsq` step may aim at (`CodecParams::rate`).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.5..=16.0;
@@ -230,12 +229,5 @@ impl CodecParams {
             }
         }
         Ok(())
-    }
-
-    pub(crate) fn code_range(&self) -> CodeRange {
-        CodeRange {
-            grid: self.grid,
-            bits: self.bits,
-        }
     }
 }

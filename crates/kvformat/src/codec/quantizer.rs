@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::fit;
 use super::groups::GroupGeometry;
 use super::scales::{ExactParams, GroupParams, ScaleDtype};
-use super::{Fit, Grid};
+use super::{CodecParams, Fit, Grid};
 
 /// Groups handed to one parallel work item.
 pub(super) const GROUPS_PER_TASK: usize = 1024;
@@ -23,6 +23,14 @@ pub(crate) struct CodeRange {
 }
 
 impl CodeRange {
+    /// The code range of a uniform grid's `params`.
+    pub(crate) fn of(params: &CodecParams) -> Self {
+        CodeRange {
+            grid: params.grid,
+            bits: params.bits,
+        }
+    }
+
     /// Largest symmetric code, `2^(b-1) - 1`.
     fn symmetric_max(self) -> f32 {
         ((1u32 << (self.bits - 1)) - 1) as f32

@@ -244,7 +244,7 @@ fn fused_symmetric_paths_match_the_general_path() {
             ..CodecParams::adr002(group_size)
         };
         let plan = Plan::new(&shape, &params).unwrap();
-        let range = params.code_range();
+        let range = quantizer::CodeRange::of(&params);
         let general = quantizer::group_params(&values, None, &plan.geometry, range, Fit::MinMax);
         let mapping = quantizer::Uniform {
             range,
