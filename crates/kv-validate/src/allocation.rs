@@ -15,7 +15,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use kv_compress::flags::kind_letter;
-use kvformat::codec::Grid;
 use kvformat::preset::TensorKind;
 use serde::Serialize;
 
@@ -244,8 +243,11 @@ pub fn allocate(table: &SweepTable, budget: f64) -> Result<Allocation, Allocatio
         }
         tensors.push(Choices { tensor, options });
     }
-    // The entropy-coded grid takes fractional rates, which water filling sets.
-    if shared_options.grid == Some(Grid::Ecsq) {
+    // A grid sized by a rate (ecsq) takes fractional ones: water filling sets them.
+    let grid = shared_options
+        .grid
+        .unwrap_or_else(|| shared_options.method.grid());
+    if grid.spec().rate {
         return water_fill(&tensors, reference, budget, shared);
     }
     let lowest = reference.bits_per_value
