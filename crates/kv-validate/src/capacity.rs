@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use kvformat::codec::{payload_len, CodecParams, Layout, ScaleDtype, SparseForm};
+use kvformat::preset::DEFAULT_GROUP_SIZE;
 use serde::{Deserialize, Serialize};
 
 use crate::model::LlamaConfig;
@@ -42,7 +43,7 @@ pub const DEFAULT_GPUS: [(&str, u64); 2] =
 /// Bits of the codes of the uniform methods reported without a sweep.
 const CODEC_BITS: [u8; 4] = [8, 4, 3, 2];
 /// Their group size: the default of kv-compress (ADR-002).
-const CODEC_GROUP_SIZE: usize = 64;
+const CODEC_GROUP_SIZE: usize = DEFAULT_GROUP_SIZE;
 
 /// One request: its prompt and the tokens it generates; at its end the
 /// cache holds both.
