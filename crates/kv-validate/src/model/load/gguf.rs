@@ -8,15 +8,16 @@ use std::path::Path;
 use candle_core::quantized::gguf_file;
 use candle_core::quantized::tokenizer::TokenizerFromGguf;
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
+use super::used_tensors::load_every_tensor;
 use super::{check_vocab, io_error, validated, LoadError, LoadedModel};
+use crate::model::architecture::{Architecture, RopeScaling};
 use crate::model::device::dtype_name;
-use crate::model::{Llama, LlamaConfig};
+use crate::model::LlamaConfig;
 
 /// GGUF tensor names inside `blk.{i}` and their Hugging Face names inside
 /// `model.layers.{i}` (llama.cpp's `convert_hf_to_gguf.py` mapping).
@@ -106,16 +107,21 @@ fn metadata_string(content: &gguf_file::Content, key: &str) -> Option<String> {
 fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig, LoadError> {
     let usize_key = |key: &str| metadata_usize(content, key, path);
     let optional = |key: &str| content.metadata.contains_key(key);
-    if let Some(scaling) =
-        metadata_string(content, "llama.rope.scaling.type").filter(|s| s != "none")
-    {
-        return Err(LoadError::Unsupported {
-            path: path.to_path_buf(),
-            reason: format!(
-                "llama.rope.scaling.type is {scaling:?}; only plain RoPE is implemented"
-            ),
-        });
-    }
+    let scaling = match metadata_string(content, "llama.rope.scaling.type").as_deref() {
+        None | Some("none") => RopeScaling::None,
+        Some("linear") => RopeScaling::Linear {
+            factor: metadata_f64(content, "llama.rope.scaling.factor", path)?,
+        },
+        Some(other) => {
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "llama.rope.scaling.type is {other:?}; implemented in GGUF: none, linear \
+                     (and Llama 3's rope_freqs.weight)"
+                ),
+            })
+        }
+    };
     let hidden_size = usize_key("llama.embedding_length")?;
     let num_attention_heads = usize_key("llama.attention.head_count")?;
     let head_dim = if optional("llama.rope.dimension_count") {
@@ -141,10 +147,13 @@ fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig,
         10_000.0
     };
     let token_id = |key: &str| usize_key(key).ok().map(|id| id as u32);
+    let num_hidden_layers = usize_key("llama.block_count")?;
+    let mut architecture = Architecture::llama(num_hidden_layers, head_dim, rope_theta);
+    architecture.ropes[0].scaling = scaling;
     let config = LlamaConfig {
         hidden_size,
         intermediate_size: usize_key("llama.feed_forward_length")?,
-        num_hidden_layers: usize_key("llama.block_count")?,
+        num_hidden_layers,
         num_attention_heads,
         num_key_value_heads: if optional("llama.attention.head_count_kv") {
             usize_key("llama.attention.head_count_kv")?
@@ -152,13 +161,13 @@ fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig,
             num_attention_heads
         },
         head_dim,
-        rope_theta,
         rms_norm_eps: metadata_f64(content, "llama.attention.layer_norm_rms_epsilon", path)?,
         vocab_size,
         max_position_embeddings: usize_key("llama.context_length")?,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         bos_token_id: token_id("tokenizer.ggml.bos_token_id"),
         eos_token_id: token_id("tokenizer.ggml.eos_token_id"),
+        architecture,
     };
     validated(config, path)
 }
@@ -194,40 +203,69 @@ fn gguf_tokenizer(content: &gguf_file::Content, path: &Path) -> Result<Tokenizer
     Ok(tokenizer)
 }
 
-/// Reads every tensor, dequantized to `dtype` (through f32, one tensor at a
-/// time) and renamed to Hugging Face names.
+/// llama.cpp's Llama 3.x RoPE scaling: one divisor per frequency.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// Reads every tensor the model uses, dequantized to `dtype` (through f32,
+/// one tensor at a time) and renamed to Hugging Face names; a GGUF tensor
+/// left unread is an error, as in a Hugging Face checkpoint.
 fn gguf_weights(
     content: &gguf_file::Content,
     reader: &mut BufReader<File>,
     config: &LlamaConfig,
     device: &Device,
     dtype: DType,
-) -> candle_core::Result<HashMap<String, Tensor>> {
+    path: &Path,
+) -> Result<HashMap<String, Tensor>, LoadError> {
+    let mut names_read = std::collections::BTreeSet::new();
     let mut read = |name: &str| {
+        names_read.insert(name.to_string());
         content
             .tensor(reader, name, &Device::Cpu)?
             .dequantize(device)?
             .to_dtype(dtype)
     };
     let mut weights = HashMap::new();
-    weights.insert(
-        "model.embed_tokens.weight".to_string(),
-        read("token_embd.weight")?,
-    );
-    weights.insert("model.norm.weight".to_string(), read("output_norm.weight")?);
-    if !config.tie_word_embeddings {
-        weights.insert("lm_head.weight".to_string(), read("output.weight")?);
-    }
-    for i in 0..config.num_hidden_layers {
-        for (gguf_name, hf_name) in GGUF_LAYER_TENSORS {
-            let tensor = read(&format!("blk.{i}.{gguf_name}.weight"))?;
-            let tensor = match gguf_name {
-                "attn_q" => unpermute_from_gguf(&tensor, config.num_attention_heads)?,
-                "attn_k" => unpermute_from_gguf(&tensor, config.num_key_value_heads)?,
-                _ => tensor,
-            };
-            weights.insert(format!("model.layers.{i}.{hf_name}.weight"), tensor);
+    let mut read_all = || -> candle_core::Result<()> {
+        weights.insert(
+            "model.embed_tokens.weight".to_string(),
+            read("token_embd.weight")?,
+        );
+        weights.insert("model.norm.weight".to_string(), read("output_norm.weight")?);
+        if !config.tie_word_embeddings {
+            weights.insert("lm_head.weight".to_string(), read("output.weight")?);
         }
+        for i in 0..config.num_hidden_layers {
+            for (gguf_name, hf_name) in GGUF_LAYER_TENSORS {
+                let tensor = read(&format!("blk.{i}.{gguf_name}.weight"))?;
+                let tensor = match gguf_name {
+                    "attn_q" => unpermute_from_gguf(&tensor, config.num_attention_heads)?,
+                    "attn_k" => unpermute_from_gguf(&tensor, config.num_key_value_heads)?,
+                    _ => tensor,
+                };
+                weights.insert(format!("model.layers.{i}.{hf_name}.weight"), tensor);
+            }
+        }
+        Ok(())
+    };
+    read_all().map_err(|source| LoadError::Weights {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    names_read.insert(ROPE_FREQS.to_string()); // read with the header
+    let mut unread: Vec<&String> = content
+        .tensor_infos
+        .keys()
+        .filter(|name| !names_read.contains(*name))
+        .collect();
+    unread.sort();
+    if let Some(tensor) = unread.first() {
+        return Err(LoadError::UnusedTensor {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            more: unread.len() - 1,
+            model_type: "llama",
+        });
     }
     Ok(weights)
 }
@@ -255,7 +293,24 @@ fn read_gguf_header(
             architecture,
         });
     }
-    let config = gguf_config(&content, path)?;
+    let mut config = gguf_config(&content, path)?;
+    if content.tensor_infos.contains_key(ROPE_FREQS) {
+        let divisors = content
+            .tensor(&mut reader, ROPE_FREQS, &Device::Cpu)
+            .and_then(|t| t.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>())
+            .map_err(|source| LoadError::Weights {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if config.architecture.ropes[0].scaling != RopeScaling::None {
+            return Err(LoadError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!("both llama.rope.scaling.type and {ROPE_FREQS} scale RoPE"),
+            });
+        }
+        config.architecture.ropes[0].scaling = RopeScaling::FrequencyDivisors(divisors);
+        config = validated(config, path)?;
+    }
     Ok((reader, content, config))
 }
 
@@ -272,14 +327,9 @@ pub(super) fn load_gguf(
     let (mut reader, content, config) = read_gguf_header(path)?;
     let tokenizer = gguf_tokenizer(&content, path)?;
     check_vocab(&tokenizer, &config, path)?;
-    let weights_error = |source| LoadError::Weights {
-        path: path.to_path_buf(),
-        source,
-    };
-    let weights =
-        gguf_weights(&content, &mut reader, &config, device, dtype).map_err(weights_error)?;
-    let vb = VarBuilder::from_tensors(weights, dtype, device);
-    let model = Llama::load(vb, &config).map_err(weights_error)?;
+    let weights = gguf_weights(&content, &mut reader, &config, device, dtype, path)?;
+    let names: Vec<String> = weights.keys().cloned().collect();
+    let model = load_every_tensor(Box::new(weights), names, &config, dtype, device, path)?;
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
