@@ -1,0 +1,544 @@
+"""Tiny random models of every family kv-validate supports, with what
+transformers computes for them, recorded under testdata/families/<case>/.
+
+kv-validate's tests load each case through kv-validate's own loaders and
+compare against the recording; CI never needs torch, because the recordings
+are committed. Each case is a Hugging Face directory plus the reference:
+
+  config.json             the family's config, in the form real checkpoints
+                          have it (classic: top-level rope_theta, rope_scaling);
+                          the cases named *-rope-parameters hold the same model
+                          with the config as transformers 5 writes it
+                          (rope_theta and scaling under rope_parameters)
+  model.safetensors       f32 weights under the checkpoint's names
+  tokenizer.json          a byte-level BPE trained on testdata/prose.txt, its
+  tokenizer_config.json   BOS added (or not) as the family's checkpoints do
+  reference.safetensors   input_ids I64 [T]; logits F32 [T, vocab] of one fresh
+                          prefill; layer_{i}_key / layer_{i}_value F32
+                          [1, kv_heads, S_i, head_dim]: what transformers'
+                          cache holds after that prefill (post-RoPE keys; a
+                          sliding-window layer keeps its last window-1 tokens)
+  reference.json          versions, seed, T, the text, features, per-layer S_i
+  model.gguf              (cases with a llama.cpp arch) the same weights as
+                          llama.cpp's convert_hf_to_gguf.py writes them
+
+Why the models look the way they do: weights are drawn with std 0.2 (not
+transformers' 0.02) and norm weights and biases are random, so attention is
+far from uniform and every feature changes the logits; windows, original
+context lengths and RoPE bases are chosen so that the window drops tokens and
+the scaled-RoPE regime is reached within T. The script checks that on each
+run: a second prefill gives the same logits bit for bit, the directory loaded
+back through transformers (classic config) gives the same logits, and turning
+each feature off (window, RoPE scaling, soft-caps) changes them.
+
+Regenerate (needs torch, transformers, tokenizers, safetensors, gguf; the
+recordings depend on the transformers/torch versions in reference.json):
+
+  python xtask/python/family_fixtures.py [--out testdata/families] [CASE ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+PROSE = ROOT / "testdata" / "prose.txt"
+SEED = 24
+WEIGHT_STD = 0.2
+TOKENIZER_VOCAB = 288
+
+# Shapes every case shares unless it says otherwise: 4 query heads over 2 KV
+# heads (GQA), head_dim 8 = hidden/heads as in real Llama, Mistral, Qwen2 and
+# Phi-3 checkpoints (Qwen3 and Gemma cases set head_dim 16 != hidden/heads).
+# Small enough that a case is a few hundred KiB.
+BASE = dict(
+    vocab_size=TOKENIZER_VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+)
+
+
+@dataclass
+class Special:
+    """A family's special tokens (ids 0.. in this order) and whether its
+    tokenizer puts BOS in front of every text, as its checkpoints do."""
+
+    tokens: list[str]
+    bos: str | None
+    eos: str
+    add_bos: bool
+    config_bos: str | None = None  # config.json's bos_token_id where it differs
+
+
+LLAMA2_SPECIAL = Special(["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>", add_bos=True)
+LLAMA3_SPECIAL = Special(
+    ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"],
+    bos="<|begin_of_text|>", eos="<|end_of_text|>", add_bos=True,
+)
+# Qwen's tokenizer adds no BOS, although config.json names <|endoftext|> as bos_token_id.
+QWEN_SPECIAL = Special(
+    ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    bos=None, eos="<|endoftext|>", add_bos=False, config_bos="<|endoftext|>",
+)
+GEMMA_SPECIAL = Special(["<pad>", "<eos>", "<bos>", "<unk>"], bos="<bos>", eos="<eos>", add_bos=True)
+# Phi-3's tokenizer.json adds no BOS (add_bos_token false), though <s> exists.
+PHI3_SPECIAL = Special(["<unk>", "<s>", "</s>", "<|endoftext|>"], bos="<s>", eos="<|endoftext|>", add_bos=False)
+
+
+@dataclass
+class Case:
+    """One recorded model: a family, its config on top of BASE, the sequence
+    length, and how to turn each feature off for the self-checks."""
+
+    name: str
+    model_type: str
+    config: dict
+    special: Special
+    seq_len: int = 40
+    features: list[str] = field(default_factory=list)
+    # Config changes that switch one feature off; each must change the logits.
+    ablations: dict[str, dict] = field(default_factory=dict)
+    # classic: the config as checkpoints published before transformers 5 have
+    # it; rope_parameters: as transformers 5 writes it.
+    config_form: str = "classic"
+    # Keys of the classic rope_scaling spelled as some checkpoints spell them.
+    classic_rope_type_key: str = "rope_type"
+    classic_rope_type_alias: str | None = None
+    # Extra config.json keys, classic form only (e.g. Qwen2's unused sliding_window).
+    classic_extra: dict = field(default_factory=dict)
+    # Keys transformers 5 writes that the family's published configs lack, so
+    # a loader must derive them (head_dim = hidden/heads, layer_types from
+    # the window settings); classic form only.
+    classic_omit: tuple = ()
+    notes: list[str] = field(default_factory=list)
+
+
+PLAIN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+def llama_cases() -> list[Case]:
+    llama3_rope = {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+    }
+    llama3_config = dict(rope_parameters=llama3_rope, tie_word_embeddings=True)
+    llama3_notes = [
+        "llama3 scaling with original_max_position_embeddings 64 over head_dim 8 and theta 1e4: "
+        "frequency 0 (wavelength 6.3) is kept, 1 (63) is smoothed, 2-3 (628, 6283) are divided by 8",
+        "tied embeddings: model.safetensors has no lm_head.weight",
+    ]
+    return [
+        Case("llama", "llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                    attention_bias=False, mlp_bias=False),
+             LLAMA2_SPECIAL, features=["plain RoPE", "GQA", "untied lm_head", "no head_dim key (Llama 2 style)"],
+             classic_omit=("head_dim",)),
+        Case("llama3", "llama", llama3_config, LLAMA3_SPECIAL,
+             features=["rope_scaling llama3", "tied embeddings"],
+             ablations={"rope scaling off": PLAIN_ROPE}, notes=llama3_notes),
+        Case("llama3-rope-parameters", "llama", llama3_config, LLAMA3_SPECIAL,
+             features=["rope_scaling llama3 under rope_parameters (transformers 5 form)", "tied embeddings"],
+             ablations={"rope scaling off": PLAIN_ROPE}, config_form="rope_parameters",
+             notes=["the same model as the llama3 case; only config.json's form differs"] + llama3_notes),
+        Case("llama-linear", "llama",
+             dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
+             LLAMA2_SPECIAL, features=["rope_scaling linear (spelled with 'type')"],
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type"),
+        Case("llama-dynamic", "llama",
+             dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+                  max_position_embeddings=32),
+             LLAMA2_SPECIAL, features=["rope_scaling dynamic (spelled with 'type')", "T > max_position_embeddings"],
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
+             notes=["dynamic NTK: transformers recomputes the base from the prefill's length T (40) "
+                    "since T > max_position_embeddings (32): base * (factor*T/max_pos - (factor-1))^(d/(d-2)), "
+                    "for every position of the prefill"]),
+        Case("llama-yarn", "llama",
+             dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 256},
+                  max_position_embeddings=1024),
+             LLAMA2_SPECIAL, features=["rope_scaling yarn (default beta_fast 32, beta_slow 1, truncate)"],
+             ablations={"rope scaling off": PLAIN_ROPE},
+             notes=["yarn with original_max_position_embeddings 256: correction range [0, 2] of the 4 "
+                    "frequencies (0 kept, 1 half, 2-3 interpolated); attention_factor 0.1*ln(4)+1 multiplies cos and sin"]),
+    ]
+
+
+def other_cases() -> list[Case]:
+    gemma3_rope = {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    gemma3_layers = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    gemma3_config = dict(
+        hidden_size=32, head_dim=16, num_hidden_layers=4, layer_types=gemma3_layers, sliding_window=16,
+        rope_parameters=gemma3_rope, query_pre_attn_scalar=24, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+    )
+    gemma3_ablations = {
+        "window off": dict(sliding_window=4096),
+        "rope scaling off": dict(rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+        "one rope base": dict(rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000000.0}}),
+    }
+    gemma3_notes = [
+        "layers 0, 1, 3 slide over 16 tokens with rope_theta 1e4 (classic: rope_local_base_freq); "
+        "layer 2 is global with rope_theta 1e6 and linear scaling 8 (classic: rope_scaling), as Gemma 3 4B+",
+        "sliding layers' cache holds the last sliding_window-1 = 15 tokens",
+        "hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads",
+    ]
+    phi3_factors_short = [1.0, 1.1, 1.4, 2.2]
+    phi3_factors_long = [1.0, 1.8, 4.0, 16.0]
+    phi3_config = dict(
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": phi3_factors_short, "long_factor": phi3_factors_long},
+        original_max_position_embeddings=32, max_position_embeddings=128,
+        sliding_window=None, pad_token_id=3,
+    )
+    phi3_notes = [
+        "longrope: factors per frequency; transformers uses long_factor when the prefill's "
+        "length T > original_max_position_embeddings (32), short_factor otherwise, for all positions; "
+        "attention_factor sqrt(1 + ln(128/32)/ln(32)) multiplies cos and sin either way",
+    ]
+    return [
+        Case("mistral", "mistral", dict(sliding_window=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             LLAMA2_SPECIAL, features=["sliding_window 16 < T on every layer"],
+             ablations={"window off": dict(sliding_window=None)},
+             notes=["every layer slides: its cache holds the last sliding_window-1 = 15 tokens"]),
+        Case("qwen2", "qwen2",
+             dict(use_sliding_window=False, max_window_layers=2, tie_word_embeddings=True,
+                  vocab_size=304, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+                  rms_norm_eps=1e-6),
+             QWEN_SPECIAL, features=["q/k/v biases", "tied embeddings", "vocab_size 304 > tokenizer's 288",
+                                    "use_sliding_window false with a sliding_window < T in config.json"],
+             classic_extra=dict(sliding_window=32),
+             notes=["config.json has sliding_window 32 < T but use_sliding_window false, as Qwen2.5 "
+                    "checkpoints have it (sliding_window 32768/131072, unused): no layer slides",
+                    "the tokenizer adds no BOS although config.json has bos_token_id"]),
+        Case("qwen3", "qwen3",
+             dict(head_dim=16, use_sliding_window=False, tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
+                  attention_bias=False),
+             QWEN_SPECIAL, features=["q/k RMSNorm per head", "head_dim != hidden/heads", "tied embeddings"],
+             notes=["hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads"]),
+        Case("gemma2", "gemma2",
+             dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
+                  attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
+                  hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             GEMMA_SPECIAL,
+             features=["(1 + w) RMSNorm, pre and post norms", "GeGLU (gelu tanh)", "embedding * sqrt(hidden)",
+                       "attention soft-cap 4", "final logit soft-cap 2.5", "query_pre_attn_scalar 24 != head_dim",
+                       "sliding_window 16 < T on layers 0 and 2", "tied embeddings"],
+             ablations={"window off": dict(sliding_window=4096),
+                        "attention soft-cap off": dict(attn_logit_softcapping=None),
+                        "final soft-cap off": dict(final_logit_softcapping=None)},
+             notes=["even layers slide (cache holds the last sliding_window-1 = 15 tokens), odd layers are global",
+                    "the embedding scale sqrt(hidden) is rounded to the activations' dtype as transformers does"]),
+        Case("gemma3_text", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
+             features=["q/k (1 + w) RMSNorm", "sliding and global layers with their own rope bases",
+                       "linear rope scaling on global layers", "query_pre_attn_scalar 24 != head_dim",
+                       "sliding_window 16 < T", "tied embeddings"],
+             ablations=gemma3_ablations, notes=gemma3_notes),
+        Case("gemma3_text-rope-parameters", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
+             features=["as gemma3_text, config.json in transformers 5 form (rope_parameters per layer type)"],
+             ablations=gemma3_ablations, config_form="rope_parameters",
+             notes=["the same model as the gemma3_text case; only config.json's form differs"] + gemma3_notes),
+        Case("phi3", "phi3", phi3_config, PHI3_SPECIAL,
+             features=["fused qkv_proj and gate_up_proj", "longrope, T > original_max_position_embeddings: long factors"],
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type", notes=phi3_notes),
+        Case("phi3-short", "phi3", phi3_config, PHI3_SPECIAL, seq_len=24,
+             features=["fused qkv_proj and gate_up_proj",
+                       "longrope spelled 'su' (early Phi-3 checkpoints), T <= original_max_position_embeddings: short factors"],
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
+             classic_rope_type_alias="su", notes=phi3_notes),
+    ]
+
+
+def all_cases() -> list[Case]:
+    return llama_cases() + other_cases()
+
+
+# --- tokenizer ---------------------------------------------------------------
+
+def train_tokenizer(special: Special) -> Tokenizer:
+    """A byte-level BPE of TOKENIZER_VOCAB tokens trained on prose.txt, with the
+    family's special tokens first and BOS added by the post-processor where
+    the family's tokenizer adds it."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=special.tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(PROSE)], trainer)
+    assert tokenizer.get_vocab_size() == TOKENIZER_VOCAB
+    if special.add_bos:
+        bos_id = tokenizer.token_to_id(special.bos)
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{special.bos} $A", pair=f"{special.bos} $A {special.bos} $B",
+            special_tokens=[(special.bos, bos_id)],
+        )
+    return tokenizer
+
+
+def tokenizer_config(special: Special) -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": special.bos,
+        "eos_token": special.eos,
+        "add_bos_token": special.add_bos,
+        "add_eos_token": False,
+        "model_max_length": 1 << 20,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def token_prefix(tokenizer: Tokenizer, text: str, length: int) -> str:
+    """The shortest prefix of `text` that encodes (with special tokens) to
+    exactly `length` tokens."""
+    for end in range(1, len(text) + 1):
+        n = len(tokenizer.encode(text[:end]).ids)
+        if n == length:
+            return text[:end]
+        if n > length:
+            break
+    raise ValueError(f"no prefix of the text encodes to {length} tokens")
+
+
+# --- model -------------------------------------------------------------------
+
+def build_config(case: Case, special: Special, tokenizer: Tokenizer, overrides: dict | None = None):
+    kwargs = {**BASE, **copy.deepcopy(case.config), **copy.deepcopy(overrides or {})}
+    token_id = tokenizer.token_to_id
+    kwargs["bos_token_id"] = token_id(special.config_bos or special.bos) if (special.config_bos or special.bos) else None
+    kwargs["eos_token_id"] = token_id(special.eos)
+    if "pad_token_id" not in kwargs and "<pad>" in special.tokens:
+        kwargs["pad_token_id"] = token_id("<pad>")
+    return AutoConfig.for_model(case.model_type, **kwargs)
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Re-draws every parameter from a seeded generator, in name order: matrices
+    and biases N(0, WEIGHT_STD^2); norm weights around their identity (1 for
+    x*w norms, 0 for Gemma's x*(1+w)) with the same spread, so no norm is
+    trivial."""
+    generator = torch.Generator().manual_seed(seed)
+    gemma_norm = model.config.model_type.startswith("gemma")
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * WEIGHT_STD
+            if "norm" in name and param.dim() == 1:
+                centre = 0.0 if gemma_norm else 1.0
+                param.copy_(centre + noise)
+            else:
+                param.copy_(noise)
+
+
+def make_model(config, seed: int):
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    randomize(model, seed)
+    return model.eval()
+
+
+def prefill(model, input_ids: torch.Tensor):
+    """Logits [T, vocab] and the cache's (keys, values) per layer after one
+    fresh prefill."""
+    with torch.no_grad():
+        out = model(input_ids=input_ids[None, :], use_cache=True)
+    cache = out.cache
+    layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    return out.logits[0].clone(), layers
+
+
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+# --- config forms ------------------------------------------------------------
+
+def classic_form(config: dict, case: Case) -> dict:
+    """config.json as checkpoints written before transformers 5 have it:
+    rope_theta (and Gemma 3's rope_local_base_freq) at the top level, the
+    scaling under rope_scaling (null when plain)."""
+    config = copy.deepcopy(config)
+    rope = config.pop("rope_parameters")
+    if "full_attention" in rope:  # Gemma 3: one dict per layer type
+        full, sliding = rope["full_attention"], rope["sliding_attention"]
+        config["rope_theta"] = full.pop("rope_theta")
+        config["rope_local_base_freq"] = sliding.pop("rope_theta")
+        assert sliding == {"rope_type": "default"}, sliding
+        config["rope_scaling"] = None if full == {"rope_type": "default"} else full
+        if "layer_types" in config:
+            full_layers = [i for i, t in enumerate(config["layer_types"]) if t == "full_attention"]
+            config["sliding_window_pattern"] = full_layers[0] + 1
+        config.pop("_sliding_window_pattern", None)
+    else:
+        config["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            config["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        rope.pop("partial_rotary_factor", None)
+        if case.model_type == "phi3":  # Phi-3 keeps it at the top level only
+            rope.pop("original_max_position_embeddings", None)
+        if rope == {"rope_type": "default"}:
+            config["rope_scaling"] = None
+        else:
+            rope_type = rope.pop("rope_type")
+            config["rope_scaling"] = {case.classic_rope_type_key: case.classic_rope_type_alias or rope_type, **rope}
+    config["torch_dtype"] = config.pop("dtype")  # the name before transformers 5
+    for key in case.classic_omit:
+        config.pop(key)
+    config.update(case.classic_extra)
+    return dict(sorted(config.items()))
+
+
+# --- recording ---------------------------------------------------------------
+
+def record(case: Case, out_dir: Path) -> dict:
+    torch.manual_seed(SEED)
+    special = case.special
+    tokenizer = train_tokenizer(special)
+    text = token_prefix(tokenizer, PROSE.read_text(encoding="utf-8"), case.seq_len)
+    config = build_config(case, special, tokenizer)
+    model = make_model(config, SEED)
+
+    case_dir = out_dir / case.name
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    case_dir.mkdir(parents=True)
+    model.save_pretrained(case_dir, safe_serialization=True)
+    (case_dir / "generation_config.json").unlink(missing_ok=True)
+    native = json.loads((case_dir / "config.json").read_text())
+    written = native if case.config_form == "rope_parameters" else classic_form(native, case)
+    (case_dir / "config.json").write_text(json.dumps(written, indent=2) + "\n")
+    tokenizer.save(str(case_dir / "tokenizer.json"))
+    (case_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(special), indent=2) + "\n")
+
+    # The ids transformers' own tokenizer gives for the text must be the raw tokenizer's.
+    hf_tokenizer = AutoTokenizer.from_pretrained(case_dir)
+    ids = hf_tokenizer(text)["input_ids"]
+    assert ids == tokenizer.encode(text).ids, (ids, tokenizer.encode(text).ids)
+    assert len(ids) == case.seq_len
+    bos_id = tokenizer.token_to_id(special.bos) if special.bos else None
+    assert (ids[0] == bos_id) == special.add_bos, "BOS is added exactly when the family adds it"
+    input_ids = torch.tensor(ids, dtype=torch.int64)
+
+    logits, layers = prefill(model, input_ids)
+    checks = self_checks(case, special, tokenizer, model, case_dir, input_ids, logits, layers)
+
+    tensors = {"input_ids": input_ids, "logits": logits.contiguous()}
+    for i, (keys, values) in enumerate(layers):
+        tensors[f"layer_{i}_key"] = keys.contiguous()
+        tensors[f"layer_{i}_value"] = values.contiguous()
+    save_file(tensors, str(case_dir / "reference.safetensors"))
+
+    layer_types = getattr(model.config, "layer_types", None)
+    reference = {
+        "case": case.name,
+        "model_type": case.model_type,
+        "config_form": case.config_form,
+        "features": case.features,
+        "notes": case.notes,
+        "seq_len": case.seq_len,
+        "text": text,
+        "add_bos": special.add_bos,
+        "bos_token_id": bos_id,
+        "cache_seq_len": [int(k.shape[2]) for k, _ in layers],
+        "layer_types": layer_types,
+        "sliding_window": getattr(model.config, "sliding_window", None),
+        "attn_implementation": "eager",
+        "dtype": "float32",
+        "seed": SEED,
+        "weight_std": WEIGHT_STD,
+        "checks": checks,
+        "versions": {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+            "python": platform.python_version(),
+        },
+    }
+    (case_dir / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
+    return reference
+
+
+def self_checks(case, special, tokenizer, model, case_dir, input_ids, logits, layers) -> dict:
+    """What must hold for the recording to prove anything; fails loudly."""
+    checks = {}
+    again, _ = prefill(model, input_ids)
+    assert torch.equal(again, logits), "a second prefill differs"
+    checks["second_prefill_identical"] = True
+
+    loaded = AutoModelForCausalLM.from_pretrained(case_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    reloaded, reloaded_layers = prefill(loaded, input_ids)
+    assert torch.equal(reloaded, logits), f"{case.name}: config.json as written loads a different model"
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(layers, reloaded_layers))
+    checks["directory_reloaded_identical"] = True
+
+    logit_std = float(logits.std())
+    position_spread = float((logits - logits.mean(0)).std())
+    assert position_spread > 0.3 * logit_std, "logits barely differ by position"
+    checks["logits_std"] = round(logit_std, 4)
+
+    for what, overrides in case.ablations.items():
+        off = make_model(build_config(case, special, tokenizer, overrides), SEED)
+        off_logits, _ = prefill(off, input_ids)
+        diff = max_rel_diff(logits, off_logits)
+        assert diff > 1e-2, f"{case.name}: {what} changes the logits by only {diff:.2e} of their scale"
+        checks[f"{what}: max |diff| / max |logits|"] = round(diff, 4)
+
+    if getattr(model.config, "sliding_window", None):
+        window = model.config.sliding_window
+        for i, (keys, _) in enumerate(layers):
+            sliding = (getattr(model.config, "layer_types", None) or ["sliding_attention"] * len(layers))[i]
+            expected = min(case.seq_len, window - 1) if sliding == "sliding_attention" else case.seq_len
+            assert keys.shape[2] == expected, (i, keys.shape, expected)
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("cases", nargs="*", help="case names (default: all)")
+    parser.add_argument("--out", default=str(ROOT / "testdata" / "families"))
+    args = parser.parse_args()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1)
+    cases = {case.name: case for case in all_cases()}
+    unknown = [name for name in args.cases if name not in cases]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; known: {sorted(cases)}")
+    out_dir = Path(args.out)
+    for name in args.cases or cases:
+        reference = record(cases[name], out_dir)
+        size = sum(f.stat().st_size for f in (out_dir / name).iterdir())
+        print(f"{name}: T={reference['seq_len']} cache {reference['cache_seq_len']} "
+              f"{size / 1024:.0f} KiB {reference['checks']}")
+
+
+if __name__ == "__main__":
+    main()
