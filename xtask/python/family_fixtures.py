@@ -163,12 +163,12 @@ def llama_cases() -> list[Case]:
         Case("llama-linear", "llama",
              dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
              LLAMA2_SPECIAL, features=["rope_scaling linear (spelled with 'type')"],
-             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type"),
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type", classic_omit=("head_dim",)),
         Case("llama-dynamic", "llama",
              dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
                   max_position_embeddings=32),
              LLAMA2_SPECIAL, features=["rope_scaling dynamic (spelled with 'type')", "T > max_position_embeddings"],
-             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type", classic_omit=("head_dim",),
              notes=["dynamic NTK: transformers recomputes the base from the prefill's length T (40) "
                     "since T > max_position_embeddings (32): base * (factor*T/max_pos - (factor-1))^(d/(d-2)), "
                     "for every position of the prefill"]),
@@ -217,6 +217,8 @@ def other_cases() -> list[Case]:
         original_max_position_embeddings=32, max_position_embeddings=128,
         sliding_window=None, pad_token_id=3,
     )
+    phi3_short_only = copy.deepcopy(phi3_config)
+    phi3_short_only["rope_parameters"]["long_factor"] = phi3_factors_short
     phi3_notes = [
         "longrope: factors per frequency; transformers uses long_factor when the prefill's "
         "length T > original_max_position_embeddings (32), short_factor otherwise, for all positions; "
@@ -225,7 +227,7 @@ def other_cases() -> list[Case]:
     return [
         Case("mistral", "mistral", dict(sliding_window=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
              LLAMA2_SPECIAL, features=["sliding_window 16 < T on every layer"],
-             ablations={"window off": dict(sliding_window=None)},
+             ablations={"window off": dict(sliding_window=None)}, classic_omit=("head_dim",),
              notes=["every layer slides: its cache holds the last sliding_window-1 = 15 tokens"]),
         Case("qwen2", "qwen2",
              dict(use_sliding_window=False, max_window_layers=2, tie_word_embeddings=True,
@@ -233,7 +235,7 @@ def other_cases() -> list[Case]:
                   rms_norm_eps=1e-6),
              QWEN_SPECIAL, features=["q/k/v biases", "tied embeddings", "vocab_size 304 > tokenizer's 288",
                                     "use_sliding_window false with a sliding_window < T in config.json"],
-             classic_extra=dict(sliding_window=32),
+             classic_extra=dict(sliding_window=32), classic_omit=("head_dim", "layer_types"),
              notes=["config.json has sliding_window 32 < T but use_sliding_window false, as Qwen2.5 "
                     "checkpoints have it (sliding_window 32768/131072, unused): no layer slides",
                     "the tokenizer adds no BOS although config.json has bos_token_id"]),
@@ -242,6 +244,7 @@ def other_cases() -> list[Case]:
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
                   attention_bias=False),
              QWEN_SPECIAL, features=["q/k RMSNorm per head", "head_dim != hidden/heads", "tied embeddings"],
+             classic_omit=("layer_types",),
              notes=["hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads"]),
         Case("gemma2", "gemma2",
              dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
@@ -255,25 +258,27 @@ def other_cases() -> list[Case]:
              ablations={"window off": dict(sliding_window=4096),
                         "attention soft-cap off": dict(attn_logit_softcapping=None),
                         "final soft-cap off": dict(final_logit_softcapping=None)},
+             classic_omit=("layer_types",),
              notes=["even layers slide (cache holds the last sliding_window-1 = 15 tokens), odd layers are global",
                     "the embedding scale sqrt(hidden) is rounded to the activations' dtype as transformers does"]),
         Case("gemma3_text", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
              features=["q/k (1 + w) RMSNorm", "sliding and global layers with their own rope bases",
                        "linear rope scaling on global layers", "query_pre_attn_scalar 24 != head_dim",
                        "sliding_window 16 < T", "tied embeddings"],
-             ablations=gemma3_ablations, notes=gemma3_notes),
+             ablations=gemma3_ablations, notes=gemma3_notes, classic_omit=("layer_types",)),
         Case("gemma3_text-rope-parameters", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
              features=["as gemma3_text, config.json in transformers 5 form (rope_parameters per layer type)"],
              ablations=gemma3_ablations, config_form="rope_parameters",
              notes=["the same model as the gemma3_text case; only config.json's form differs"] + gemma3_notes),
         Case("phi3", "phi3", phi3_config, PHI3_SPECIAL,
              features=["fused qkv_proj and gate_up_proj", "longrope, T > original_max_position_embeddings: long factors"],
-             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type", notes=phi3_notes),
+             ablations={"rope scaling off": PLAIN_ROPE, "long factors = short factors": phi3_short_only},
+             classic_rope_type_key="type", classic_omit=("head_dim",), notes=phi3_notes),
         Case("phi3-short", "phi3", phi3_config, PHI3_SPECIAL, seq_len=24,
              features=["fused qkv_proj and gate_up_proj",
                        "longrope spelled 'su' (early Phi-3 checkpoints), T <= original_max_position_embeddings: short factors"],
              ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
-             classic_rope_type_alias="su", notes=phi3_notes),
+             classic_rope_type_alias="su", classic_omit=("head_dim",), notes=phi3_notes),
     ]
 
 
