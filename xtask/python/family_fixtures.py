@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import shutil
@@ -49,6 +50,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
+import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
@@ -132,6 +135,9 @@ class Case:
     # the window settings); classic form only.
     classic_omit: tuple = ()
     notes: list[str] = field(default_factory=list)
+    # llama.cpp's arch name when a model.gguf is written: only where the GGUF
+    # that convert_hf_to_gguf.py writes describes this same model.
+    gguf_arch: str | None = None
 
 
 PLAIN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
@@ -152,10 +158,10 @@ def llama_cases() -> list[Case]:
         Case("llama", "llama", dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                                     attention_bias=False, mlp_bias=False),
              LLAMA2_SPECIAL, features=["plain RoPE", "GQA", "untied lm_head", "no head_dim key (Llama 2 style)"],
-             classic_omit=("head_dim",)),
+             classic_omit=("head_dim",), gguf_arch="llama"),
         Case("llama3", "llama", llama3_config, LLAMA3_SPECIAL,
              features=["rope_scaling llama3", "tied embeddings"],
-             ablations={"rope scaling off": PLAIN_ROPE}, notes=llama3_notes),
+             ablations={"rope scaling off": PLAIN_ROPE}, notes=llama3_notes, gguf_arch="llama"),
         Case("llama3-rope-parameters", "llama", llama3_config, LLAMA3_SPECIAL,
              features=["rope_scaling llama3 under rope_parameters (transformers 5 form)", "tied embeddings"],
              ablations={"rope scaling off": PLAIN_ROPE}, config_form="rope_parameters",
@@ -163,7 +169,8 @@ def llama_cases() -> list[Case]:
         Case("llama-linear", "llama",
              dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
              LLAMA2_SPECIAL, features=["rope_scaling linear (spelled with 'type')"],
-             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type", classic_omit=("head_dim",)),
+             ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type", classic_omit=("head_dim",),
+             gguf_arch="llama"),
         Case("llama-dynamic", "llama",
              dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
                   max_position_embeddings=32),
@@ -177,7 +184,7 @@ def llama_cases() -> list[Case]:
                                    "original_max_position_embeddings": 256},
                   max_position_embeddings=1024),
              LLAMA2_SPECIAL, features=["rope_scaling yarn (default beta_fast 32, beta_slow 1, truncate)"],
-             ablations={"rope scaling off": PLAIN_ROPE},
+             ablations={"rope scaling off": PLAIN_ROPE}, gguf_arch="llama",
              notes=["yarn with original_max_position_embeddings 256: correction range [0, 2] of the 4 "
                     "frequencies (0 kept, 1 half, 2-3 interpolated); attention_factor 0.1*ln(4)+1 multiplies cos and sin"]),
     ]
@@ -235,7 +242,7 @@ def other_cases() -> list[Case]:
                   rms_norm_eps=1e-6),
              QWEN_SPECIAL, features=["q/k/v biases", "tied embeddings", "vocab_size 304 > tokenizer's 288",
                                     "use_sliding_window false with a sliding_window < T in config.json"],
-             classic_extra=dict(sliding_window=32), classic_omit=("head_dim", "layer_types"),
+             classic_extra=dict(sliding_window=32), classic_omit=("head_dim", "layer_types"), gguf_arch="qwen2",
              notes=["config.json has sliding_window 32 < T but use_sliding_window false, as Qwen2.5 "
                     "checkpoints have it (sliding_window 32768/131072, unused): no layer slides",
                     "the tokenizer adds no BOS although config.json has bos_token_id"]),
@@ -244,7 +251,7 @@ def other_cases() -> list[Case]:
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
                   attention_bias=False),
              QWEN_SPECIAL, features=["q/k RMSNorm per head", "head_dim != hidden/heads", "tied embeddings"],
-             classic_omit=("layer_types",),
+             classic_omit=("layer_types",), gguf_arch="qwen3",
              notes=["hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads"]),
         Case("gemma2", "gemma2",
              dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
@@ -273,12 +280,12 @@ def other_cases() -> list[Case]:
         Case("phi3", "phi3", phi3_config, PHI3_SPECIAL,
              features=["fused qkv_proj and gate_up_proj", "longrope, T > original_max_position_embeddings: long factors"],
              ablations={"rope scaling off": PLAIN_ROPE, "long factors = short factors": phi3_short_only},
-             classic_rope_type_key="type", classic_omit=("head_dim",), notes=phi3_notes),
+             classic_rope_type_key="type", classic_omit=("head_dim",), notes=phi3_notes, gguf_arch="phi3"),
         Case("phi3-short", "phi3", phi3_config, PHI3_SPECIAL, seq_len=24,
              features=["fused qkv_proj and gate_up_proj",
                        "longrope spelled 'su' (early Phi-3 checkpoints), T <= original_max_position_embeddings: short factors"],
              ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
-             classic_rope_type_alias="su", classic_omit=("head_dim",), notes=phi3_notes),
+             classic_rope_type_alias="su", classic_omit=("head_dim",), notes=phi3_notes, gguf_arch="phi3"),
     ]
 
 
@@ -422,6 +429,176 @@ def classic_form(config: dict, case: Case) -> dict:
     return dict(sorted(config.items()))
 
 
+# --- GGUF --------------------------------------------------------------------
+# What llama.cpp's convert_hf_to_gguf.py writes for these architectures (read
+# from its LlamaModel, Qwen2Model, Qwen3Model, Phi3MiniModel and TextModel;
+# none of its code is copied here): tensor names from gguf-py's map, Q/K rows
+# permuted for llama (its RoPE rotates adjacent pairs, transformers' rotates
+# halves), Llama 3 scaling as a rope_freqs tensor, Phi-3's longrope as
+# rope_factors_long/short tensors, f32 throughout.
+
+GGUF_NOTES = {
+    "llama": [
+        "Q/K rows permuted as convert_hf_to_gguf.py does for llama (pairs instead of halves): a loader "
+        "either un-permutes them or rotates adjacent pairs; the cache of the latter holds each head's "
+        "channels in the permuted order",
+        "rope_freqs.weight (llama3 only) holds the converter's per-frequency divisors; it reads "
+        "original_max_position_embeddings from the config's top level (default 8192, rope_scaling's "
+        "value in published Llama 3.x); here rope_scaling's 64 is used so the GGUF is the same model",
+    ],
+    "qwen2": ["no Q/K permutation (llama.cpp rotates halves for qwen2)"],
+    "qwen3": ["no Q/K permutation (llama.cpp rotates halves for qwen3)"],
+    "phi3": [
+        "qkv_proj and gate_up_proj stay fused (attn_qkv, ffn_up holds gate then up); no permutation",
+        "tokenizer written the gpt2 way, as the converter does for Phi-4-mini (tokenizer_class "
+        "GPT2Tokenizer); Phi-3's own checkpoints carry a sentencepiece tokenizer.model",
+    ],
+}
+
+
+def permute_rows(weights: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of each head reordered from halves [x0..x(d/2-1), y0..] to pairs
+    [x0, y0, x1, y1, ...], as the converter's LlamaModel.permute does."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def llama3_rope_freqs(rope: dict, head_dim: int) -> torch.Tensor:
+    base = rope["rope_theta"]
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context_len = rope["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    divisors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < high_freq_wavelen:
+            divisors.append(1)
+        elif wavelen > low_freq_wavelen:
+            divisors.append(factor)
+        else:
+            smooth = (old_context_len / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(divisors, dtype=torch.float32)
+
+
+def gguf_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
+    """The converter's hyperparameter keys for `arch` (TextModel's common ones
+    plus the family's own)."""
+    rope = config.rope_parameters
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if arch == "phi3":  # Phi3MiniModel writes its own set, then longrope's attention factor
+        writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+        writer.add_sliding_window(config.sliding_window or 0)
+        scale = config.max_position_embeddings / config.original_max_position_embeddings
+        writer.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(scale) / math.log(config.original_max_position_embeddings)) if scale > 1 else 1.0)
+    else:
+        head_dim = config.to_dict().get("head_dim")  # written only where the config has it
+        if head_dim is not None:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        if rope["rope_type"] == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+        elif rope["rope_type"] == "yarn":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(rope["factor"])
+            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        else:
+            assert rope["rope_type"] in ("default", "llama3"), rope
+        if arch == "llama":
+            writer.add_vocab_size(config.vocab_size)
+            writer.add_rope_dimension_count(head_dim or config.hidden_size // config.num_attention_heads)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def gguf_vocab(writer: gguf.GGUFWriter, case_dir: Path, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """The converter's byte-level BPE ("gpt2") vocabulary: every id up to the
+    model's vocab_size, special tokens as CONTROL, ids past the tokenizer as
+    UNUSED [PADi]; merges, BOS/EOS ids and add_bos_token via gguf-py's
+    SpecialVocab, as the converter does."""
+    by_id = {i: t for t, i in tokenizer.get_vocab(with_added_tokens=True).items()}
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if by_id[i] in special else gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(case_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def gguf_tensors(arch: str, config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """GGUF name -> f32 tensor, in the checkpoint's order."""
+    names = gguf.get_tensor_name_map(gguf_arch_enum(arch), config.num_hidden_layers)
+    out = {}
+    for hf_name, tensor in state.items():
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            tensor = permute_rows(tensor, config.num_attention_heads)
+        if arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            tensor = permute_rows(tensor, config.num_key_value_heads)
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, f"no GGUF name for {hf_name}"
+        out[name] = tensor.contiguous()
+    rope = config.rope_parameters
+    if rope["rope_type"] == "llama3":
+        out["rope_freqs.weight"] = llama3_rope_freqs(rope, config.head_dim)
+    if arch == "phi3":
+        out["rope_factors_long.weight"] = torch.tensor(rope["long_factor"], dtype=torch.float32)
+        out["rope_factors_short.weight"] = torch.tensor(rope["short_factor"], dtype=torch.float32)
+    return out
+
+
+def gguf_arch_enum(arch: str) -> gguf.MODEL_ARCH:
+    return next(a for a, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
+
+
+def write_gguf(case: Case, case_dir: Path, tokenizer: Tokenizer) -> list[str]:
+    """model.gguf beside the checkpoint, then read back: every checkpoint
+    tensor is there (un-permuted, equal) and nothing else but the RoPE tables."""
+    from safetensors.torch import load_file
+
+    arch = case.gguf_arch
+    config = AutoConfig.from_pretrained(case_dir)  # what the converter reads
+    state = load_file(str(case_dir / "model.safetensors"))
+    path = case_dir / "model.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(case.name)
+    gguf_metadata(writer, arch, config)
+    gguf_vocab(writer, case_dir, tokenizer, config.vocab_size)
+    tensors = gguf_tensors(arch, config, state)
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reader = gguf.GGUFReader(str(path))
+    read = {t.name: torch.from_numpy(np.array(t.data)).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    assert read.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert torch.equal(read[name], tensor), name
+    return GGUF_NOTES[arch]
+
+
 # --- recording ---------------------------------------------------------------
 
 def record(case: Case, out_dir: Path) -> dict:
@@ -488,6 +665,8 @@ def record(case: Case, out_dir: Path) -> dict:
             "python": platform.python_version(),
         },
     }
+    if case.gguf_arch:
+        reference["gguf"] = {"arch": case.gguf_arch, "notes": write_gguf(case, case_dir, tokenizer)}
     (case_dir / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
     return reference
 
