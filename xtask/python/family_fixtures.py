@@ -599,6 +599,99 @@ def write_gguf(case: Case, case_dir: Path, tokenizer: Tokenizer) -> list[str]:
     return GGUF_NOTES[arch]
 
 
+def gguf_forward(path: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and per-layer keys (in transformers' channel order) computed from
+    model.gguf alone with llama.cpp's reading of it: llama rotates adjacent
+    pairs of its permuted Q/K, the others rotate halves; rope_freqs divide the
+    frequencies; linear and yarn scaling from the rope.scaling keys; Phi-3's
+    factor tensors (long above the original context, as transformers picks
+    them by the prefill's length; llama.cpp picks by its context size). An
+    implementation independent of transformers, to prove the GGUF is the
+    recorded model."""
+    reader = gguf.GGUFReader(str(path))
+    fields = {f.name: f for f in reader.fields.values()}
+
+    def meta(key, default=None):
+        if key not in fields:
+            return default
+        value = fields[key].parts[fields[key].data[0]]
+        return value.tobytes().decode() if fields[key].types[0] == gguf.GGUFValueType.STRING else value[0].item()
+
+    w = {t.name: torch.from_numpy(np.array(t.data)).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
+    arch = meta("general.architecture")
+    n_head, n_kv = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.head_count_kv")
+    eps = meta(f"{arch}.attention.layer_norm_rms_epsilon")
+    head_dim = meta(f"{arch}.attention.key_length", meta(f"{arch}.embedding_length") // n_head)
+    rot = meta(f"{arch}.rope.dimension_count", head_dim)
+    base = meta(f"{arch}.rope.freq_base")
+    seq = len(input_ids)
+
+    theta_extrap = base ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+    theta, mscale = theta_extrap, 1.0
+    scaling = meta(f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        theta = theta_extrap / meta(f"{arch}.rope.scaling.factor")
+    elif scaling == "yarn":
+        factor, n_ctx_orig = meta(f"{arch}.rope.scaling.factor"), meta(f"{arch}.rope.scaling.original_context_length")
+        corr = lambda beta: rot * math.log(n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(base))
+        low, high = max(0, math.floor(corr(32.0))), min(rot - 1, math.ceil(corr(1.0)))
+        ramp = 1 - ((torch.arange(rot // 2, dtype=torch.float64) - low) / max(0.001, high - low)).clamp(0, 1)
+        theta = theta_extrap / factor * (1 - ramp) + theta_extrap * ramp
+        mscale = 1 + 0.1 * math.log(factor)
+    if "rope_freqs.weight" in w:
+        theta = theta / w["rope_freqs.weight"].double()
+    if "rope_factors_long.weight" in w:
+        long = seq > meta(f"{arch}.rope.scaling.original_context_length")
+        theta = theta / w["rope_factors_long.weight" if long else "rope_factors_short.weight"].double()
+        mscale = meta(f"{arch}.rope.scaling.attn_factor")
+    angles = torch.arange(seq, dtype=torch.float64)[:, None] * theta[None]
+    cos, sin = (angles.cos() * mscale).float(), (angles.sin() * mscale).float()
+
+    def rope(x):  # [heads, T, head_dim]; dims past `rot` pass through
+        x, rest = x[..., :rot], x[..., rot:]
+        if arch == "llama":
+            a, b = x[..., 0::2], x[..., 1::2]
+            x = torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2)
+        else:
+            a, b = x[..., :rot // 2], x[..., rot // 2:]
+            x = torch.cat([a * cos - b * sin, a * sin + b * cos], -1)
+        return torch.cat([x, rest], -1)
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def linear(x, name):
+        return x @ w[name + ".weight"].T + w.get(name + ".bias", 0)
+
+    causal = torch.full((seq, seq), float("-inf")).triu(1)
+    h, keys = w["token_embd.weight"][input_ids], []
+    for i in range(meta(f"{arch}.block_count")):
+        p = f"blk.{i}."
+        x = rms(h, w[p + "attn_norm.weight"])
+        if p + "attn_qkv.weight" in w:
+            q, k, v = linear(x, p + "attn_qkv").split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+        else:
+            q, k, v = (linear(x, p + name) for name in ("attn_q", "attn_k", "attn_v"))
+        q, k, v = (t.view(seq, -1, head_dim).transpose(0, 1) for t in (q, k, v))
+        if p + "attn_q_norm.weight" in w:
+            q, k = rms(q, w[p + "attn_q_norm.weight"]), rms(k, w[p + "attn_k_norm.weight"])
+        q, k = rope(q), rope(k)
+        halves = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, head_dim)])
+        keys.append(k[..., halves] if arch == "llama" else k)
+        group = n_head // n_kv
+        scores = q @ k.repeat_interleave(group, 0).transpose(1, 2) / math.sqrt(head_dim) + causal
+        attn = torch.softmax(scores, -1) @ v.repeat_interleave(group, 0)
+        h = h + linear(attn.transpose(0, 1).reshape(seq, -1), p + "attn_output")
+        x = rms(h, w[p + "ffn_norm.weight"])
+        if p + "ffn_gate.weight" in w:
+            gate, up = linear(x, p + "ffn_gate"), linear(x, p + "ffn_up")
+        else:  # Phi-3: gate and up fused in ffn_up
+            gate, up = linear(x, p + "ffn_up").chunk(2, -1)
+        h = h + linear(torch.nn.functional.silu(gate) * up, p + "ffn_down")
+    h = rms(h, w["output_norm.weight"])
+    return h @ w.get("output.weight", w["token_embd.weight"]).T, keys
+
+
 # --- recording ---------------------------------------------------------------
 
 def record(case: Case, out_dir: Path) -> dict:
@@ -666,7 +759,14 @@ def record(case: Case, out_dir: Path) -> dict:
         },
     }
     if case.gguf_arch:
-        reference["gguf"] = {"arch": case.gguf_arch, "notes": write_gguf(case, case_dir, tokenizer)}
+        notes = write_gguf(case, case_dir, tokenizer)
+        gguf_logits, gguf_keys = gguf_forward(case_dir / "model.gguf", input_ids)
+        diff = max_rel_diff(logits, gguf_logits)
+        assert diff < 1e-5, f"{case.name}: model.gguf's logits differ by {diff:.2e} of their scale"
+        for (keys, _), again in zip(layers, gguf_keys):
+            assert max_rel_diff(keys[0], again) < 1e-5
+        reference["gguf"] = {"arch": case.gguf_arch, "notes": notes,
+                             "independent forward from the GGUF: max |diff| / max |logits|": float(f"{diff:.2e}")}
     (case_dir / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
     return reference
 
