@@ -134,6 +134,8 @@ class Case:
     # a loader must derive them (head_dim = hidden/heads, layer_types from
     # the window settings); classic form only.
     classic_omit: tuple = ()
+    # Keys transformers 5 writes under another name than the published configs.
+    classic_rename: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     # llama.cpp's arch name when a model.gguf is written: only where the GGUF
     # that convert_hf_to_gguf.py writes describes this same model.
@@ -286,11 +288,48 @@ def other_cases() -> list[Case]:
                        "longrope spelled 'su' (early Phi-3 checkpoints), T <= original_max_position_embeddings: short factors"],
              ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
              classic_rope_type_alias="su", classic_omit=("head_dim",), notes=phi3_notes, gguf_arch="phi3"),
+        Case("phi4-mini", "phi3",
+             dict(phi3_config, partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=262144,
+                  rope_parameters=dict(phi3_config["rope_parameters"], short_factor=phi3_factors_short[:3],
+                                       long_factor=phi3_factors_long[:3], partial_rotary_factor=0.75)),
+             PHI3_SPECIAL,
+             features=["fused qkv_proj and gate_up_proj", "partial_rotary_factor 0.75: RoPE on 6 of 8 channels",
+                       "longrope long factors (T > original_max_position_embeddings)", "tied embeddings",
+                       "sliding_window 262144 > T (as Phi-4-mini: present, never reached)"],
+             ablations={"rope scaling off": dict(PLAIN_ROPE, partial_rotary_factor=0.75),
+                        "full rotary": dict(rope_parameters=dict(phi3_config["rope_parameters"]),
+                                            partial_rotary_factor=1.0)},
+             classic_rope_type_key="type", classic_omit=("head_dim",), gguf_arch="phi3",
+             notes=phi3_notes + ["Phi-4-mini's shape: transformers rotates the first 6 channels of each head "
+                                 "(halves of 3) and passes the last 2 through; 3 factors per list"]),
+    ]
+
+
+def moe_cases() -> list[Case]:
+    return [
+        Case("mixtral", "mixtral",
+             dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+             LLAMA2_SPECIAL,
+             features=["4 experts, top-2 routing (softmax over the chosen two)", "block_sparse_moe.experts.{e}.w1/w2/w3"],
+             ablations={"top-1 routing": dict(num_experts_per_tok=1)}, classic_omit=("head_dim",),
+             notes=["attention and cache as Mistral without a window (Mixtral 8x7B has sliding_window null)"]),
+        Case("qwen3_moe", "qwen3_moe",
+             dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6),
+             QWEN_SPECIAL,
+             features=["4 experts, top-2 routing, norm_topk_prob", "q/k RMSNorm per head",
+                       "mlp.experts.{e}.gate_proj/up_proj/down_proj", "head_dim != hidden/heads"],
+             ablations={"top-1 routing": dict(num_experts_per_tok=1)},
+             classic_rename={"num_local_experts": "num_experts"},
+             notes=["config.json names the expert count num_experts as Qwen3-MoE checkpoints do "
+                    "(transformers 5 writes num_local_experts)"]),
     ]
 
 
 def all_cases() -> list[Case]:
-    return llama_cases() + other_cases()
+    return llama_cases() + other_cases() + moe_cases()
 
 
 # --- tokenizer ---------------------------------------------------------------
@@ -388,6 +427,27 @@ def prefill(model, input_ids: torch.Tensor):
     return out.logits[0].clone(), layers
 
 
+def router_margin(model, input_ids: torch.Tensor) -> float | None:
+    """The smallest gap, over tokens and MoE layers, between the router logits
+    of the last chosen expert and the first unchosen one: a gap this large
+    means an f32 implementation picks the same experts. None without MoE."""
+    gaps = []
+
+    def record_gap(module, args):
+        logits = args[0].reshape(-1, args[0].shape[-1]) @ module.gate.weight.T
+        top = logits.topk(model.config.num_experts_per_tok + 1, dim=-1).values
+        gaps.append(float((top[:, -2] - top[:, -1]).min()))
+
+    hooks = [m.register_forward_pre_hook(record_gap) for m in model.modules()
+             if hasattr(m, "gate") and hasattr(m, "experts")]
+    if not hooks:
+        return None
+    prefill(model, input_ids)
+    for hook in hooks:
+        hook.remove()
+    return min(gaps)
+
+
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
@@ -425,6 +485,8 @@ def classic_form(config: dict, case: Case) -> dict:
     config["torch_dtype"] = config.pop("dtype")  # the name before transformers 5
     for key in case.classic_omit:
         config.pop(key)
+    for new, old in case.classic_rename.items():
+        config[old] = config.pop(new)
     config.update(case.classic_extra)
     return dict(sorted(config.items()))
 
@@ -497,7 +559,8 @@ def gguf_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     writer.add_rope_freq_base(rope["rope_theta"])
     if arch == "phi3":  # Phi3MiniModel writes its own set, then longrope's attention factor
         writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
-        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+        partial = rope.get("partial_rotary_factor", 1.0)
+        writer.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
         writer.add_sliding_window(config.sliding_window or 0)
         scale = config.max_position_embeddings / config.original_max_position_embeddings
         writer.add_rope_scaling_attn_factors(
@@ -795,6 +858,11 @@ def self_checks(case, special, tokenizer, model, case_dir, input_ids, logits, la
         diff = max_rel_diff(logits, off_logits)
         assert diff > 1e-2, f"{case.name}: {what} changes the logits by only {diff:.2e} of their scale"
         checks[f"{what}: max |diff| / max |logits|"] = round(diff, 4)
+
+    margin = router_margin(model, input_ids)
+    if margin is not None:
+        assert margin > 1e-3, f"{case.name}: a token's k-th and next expert are {margin:.1e} apart"
+        checks["router_margin"] = round(margin, 4)
 
     if getattr(model.config, "sliding_window", None):
         window = model.config.sliding_window
