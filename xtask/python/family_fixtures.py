@@ -267,7 +267,7 @@ def other_cases() -> list[Case]:
              ablations={"window off": dict(sliding_window=4096),
                         "attention soft-cap off": dict(attn_logit_softcapping=None),
                         "final soft-cap off": dict(final_logit_softcapping=None)},
-             classic_omit=("layer_types",),
+             classic_omit=("layer_types",), classic_extra=dict(hidden_act="gelu_pytorch_tanh"),
              notes=["even layers slide (cache holds the last sliding_window-1 = 15 tokens), odd layers are global",
                     "the embedding scale sqrt(hidden) is rounded to the activations' dtype as transformers does"]),
         Case("gemma3_text", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
@@ -279,6 +279,26 @@ def other_cases() -> list[Case]:
              features=["as gemma3_text, config.json in transformers 5 form (rope_parameters per layer type)"],
              ablations=gemma3_ablations, config_form="rope_parameters",
              notes=["the same model as the gemma3_text case; only config.json's form differs"] + gemma3_notes),
+        Case("gemma2-gguf", "gemma2",
+             dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
+                  attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
+                  hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             GEMMA_SPECIAL,
+             features=["as gemma2 but query_pre_attn_scalar = head_dim, which a GGUF can express", "model.gguf"],
+             ablations={"window off": dict(sliding_window=4096)},
+             classic_omit=("layer_types",), classic_extra=dict(hidden_act="gelu_pytorch_tanh"), gguf_arch="gemma2",
+             notes=["even layers slide (cache holds the last sliding_window-1 = 15 tokens), odd layers are global"]),
+        Case("gemma3_text-gguf", "gemma3_text",
+             dict(gemma3_config, num_hidden_layers=6, query_pre_attn_scalar=16,
+                  layer_types=["sliding_attention"] * 5 + ["full_attention"]),
+             GEMMA_SPECIAL,
+             features=["as gemma3_text with Gemma 3's own layer pattern (5 sliding, 1 global) and "
+                       "query_pre_attn_scalar = head_dim, which a GGUF can express", "model.gguf"],
+             ablations={"window off": dict(sliding_window=4096)},
+             classic_omit=("layer_types",), gguf_arch="gemma3",
+             notes=["layers 0-4 slide over 16 tokens with rope_theta 1e4, layer 5 is global with "
+                    "rope_theta 1e6 and linear scaling 8"]),
         Case("phi3", "phi3", phi3_config, PHI3_SPECIAL,
              features=["fused qkv_proj and gate_up_proj", "longrope, T > original_max_position_embeddings: long factors"],
              ablations={"rope scaling off": PLAIN_ROPE, "long factors = short factors": phi3_short_only},
@@ -510,6 +530,18 @@ GGUF_NOTES = {
     ],
     "qwen2": ["no Q/K permutation (llama.cpp rotates halves for qwen2)"],
     "qwen3": ["no Q/K permutation (llama.cpp rotates halves for qwen3)"],
+    "gemma2": [
+        "norm weights stored as 1 + w (llama.cpp multiplies by w); no RoPE keys (llama.cpp's default base 10000)",
+        "llama.cpp has no query_pre_attn_scalar: it scales by 1/sqrt(head_dim) except for 27B (by layer "
+        "count, 1/sqrt(hidden/heads)); this case sets query_pre_attn_scalar = head_dim so that the GGUF "
+        "is the recorded model; even layers slide (llama.cpp's swa pattern 2)",
+    ],
+    "gemma3": [
+        "norm weights (q/k norms too) stored as 1 + w; freq_base is the global layers' base, "
+        "freq_base_swa the sliding layers'; linear scaling applies to global layers only",
+        "llama.cpp fixes gemma3's pattern at 5 sliding layers then 1 global and has no "
+        "query_pre_attn_scalar (1/sqrt(head_dim) but for 27B): this case is built to match both",
+    ],
     "phi3": [
         "qkv_proj and gate_up_proj stay fused (attn_qkv, ffn_up holds gate then up); no permutation",
         "tokenizer written the gpt2 way, as the converter does for Phi-4-mini (tokenizer_class "
@@ -545,9 +577,12 @@ def llama3_rope_freqs(rope: dict, head_dim: int) -> torch.Tensor:
 
 
 def gguf_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
-    """The converter's hyperparameter keys for `arch` (TextModel's common ones
-    plus the family's own)."""
+    """The converter's hyperparameter keys for `arch`: TextModel's common ones,
+    or the family's own set where its class writes one (Phi3MiniModel,
+    Gemma2Model)."""
     rope = config.rope_parameters
+    full = rope.get("full_attention", rope)  # Gemma 3 nests them per layer type
+    head_dim = config.to_dict().get("head_dim")  # written only where the config has it
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -556,8 +591,8 @@ def gguf_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(rope["rope_theta"])
-    if arch == "phi3":  # Phi3MiniModel writes its own set, then longrope's attention factor
+    if arch == "phi3":
+        writer.add_rope_freq_base(full["rope_theta"])
         writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
         partial = rope.get("partial_rotary_factor", 1.0)
         writer.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
@@ -565,23 +600,36 @@ def gguf_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
         scale = config.max_position_embeddings / config.original_max_position_embeddings
         writer.add_rope_scaling_attn_factors(
             math.sqrt(1 + math.log(scale) / math.log(config.original_max_position_embeddings)) if scale > 1 else 1.0)
+    elif arch == "gemma2":  # no RoPE keys: llama.cpp's default base 10000
+        assert full["rope_type"] == "default" and full["rope_theta"] == 10000.0
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        writer.add_sliding_window(config.sliding_window)
     else:
-        head_dim = config.to_dict().get("head_dim")  # written only where the config has it
+        writer.add_rope_freq_base(full["rope_theta"])
+        if "sliding_attention" in rope:
+            writer.add_rope_freq_base_swa(rope["sliding_attention"]["rope_theta"])
         if head_dim is not None:
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
-        if rope["rope_type"] == "linear":
+        if full["rope_type"] == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(rope["factor"])
-        elif rope["rope_type"] == "yarn":
+            writer.add_rope_scaling_factor(full["factor"])
+        elif full["rope_type"] == "yarn":
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            writer.add_rope_scaling_factor(rope["factor"])
-            writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+            writer.add_rope_scaling_factor(full["factor"])
+            writer.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
         else:
-            assert rope["rope_type"] in ("default", "llama3"), rope
+            assert full["rope_type"] in ("default", "llama3"), full
         if arch == "llama":
             writer.add_vocab_size(config.vocab_size)
             writer.add_rope_dimension_count(head_dim or config.hidden_size // config.num_attention_heads)
+        if arch == "gemma3":
+            if config.final_logit_softcapping:
+                writer.add_final_logit_softcapping(config.final_logit_softcapping)
+            writer.add_sliding_window(config.sliding_window)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -617,11 +665,13 @@ def gguf_tensors(arch: str, config, state: dict[str, torch.Tensor]) -> dict[str,
             tensor = permute_rows(tensor, config.num_attention_heads)
         if arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = permute_rows(tensor, config.num_key_value_heads)
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            tensor = tensor + 1  # llama.cpp's norms multiply by w; Gemma's by (1 + w)
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, f"no GGUF name for {hf_name}"
         out[name] = tensor.contiguous()
     rope = config.rope_parameters
-    if rope["rope_type"] == "llama3":
+    if rope.get("rope_type") == "llama3":
         out["rope_freqs.weight"] = llama3_rope_freqs(rope, config.head_dim)
     if arch == "phi3":
         out["rope_factors_long.weight"] = torch.tensor(rope["long_factor"], dtype=torch.float32)
@@ -663,12 +713,15 @@ def write_gguf(case: Case, case_dir: Path, tokenizer: Tokenizer) -> list[str]:
 
 
 def gguf_forward(path: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits and per-layer keys (in transformers' channel order) computed from
-    model.gguf alone with llama.cpp's reading of it: llama rotates adjacent
-    pairs of its permuted Q/K, the others rotate halves; rope_freqs divide the
-    frequencies; linear and yarn scaling from the rope.scaling keys; Phi-3's
-    factor tensors (long above the original context, as transformers picks
-    them by the prefill's length; llama.cpp picks by its context size). An
+    """Logits and per-layer cached keys (in transformers' channel order)
+    computed from model.gguf alone with llama.cpp's reading of it: llama
+    rotates adjacent pairs of its permuted Q/K, the others rotate halves;
+    rope_freqs divide the frequencies; linear and yarn scaling from the
+    rope.scaling keys; Phi-3's factor tensors (long above the original context,
+    as transformers picks them by the prefill's length; llama.cpp picks by its
+    context size); Gemma's sliding layers (every other for gemma2, five of six
+    for gemma3, whose sliding layers use freq_base_swa unscaled), soft-caps and
+    attention scale 1/sqrt(head_dim) (llama.cpp's rule but for 27B). An
     implementation independent of transformers, to prove the GGUF is the
     recorded model."""
     reader = gguf.GGUFReader(str(path))
@@ -682,35 +735,45 @@ def gguf_forward(path: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, lis
 
     w = {t.name: torch.from_numpy(np.array(t.data)).reshape([int(d) for d in reversed(t.shape)]) for t in reader.tensors}
     arch = meta("general.architecture")
-    n_head, n_kv = meta(f"{arch}.attention.head_count"), meta(f"{arch}.attention.head_count_kv")
-    eps = meta(f"{arch}.attention.layer_norm_rms_epsilon")
-    head_dim = meta(f"{arch}.attention.key_length", meta(f"{arch}.embedding_length") // n_head)
-    rot = meta(f"{arch}.rope.dimension_count", head_dim)
-    base = meta(f"{arch}.rope.freq_base")
+    key = lambda name: f"{arch}.{name}"
+    gemma = arch.startswith("gemma")
+    n_embd, n_head, n_kv = meta(key("embedding_length")), meta(key("attention.head_count")), meta(key("attention.head_count_kv"))
+    eps = meta(key("attention.layer_norm_rms_epsilon"))
+    head_dim = meta(key("attention.key_length"), n_embd // n_head)
+    rot = meta(key("rope.dimension_count"), head_dim)
+    window = meta(key("attention.sliding_window"), 0) if gemma else 0
+    swa_period = {"gemma2": 2, "gemma3": 6}.get(arch)
+    attn_cap, final_cap = meta(key("attn_logit_softcapping")), meta(key("final_logit_softcapping"))
     seq = len(input_ids)
+    positions = torch.arange(seq, dtype=torch.float64)[:, None]
 
-    theta_extrap = base ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
-    theta, mscale = theta_extrap, 1.0
-    scaling = meta(f"{arch}.rope.scaling.type")
-    if scaling == "linear":
-        theta = theta_extrap / meta(f"{arch}.rope.scaling.factor")
-    elif scaling == "yarn":
-        factor, n_ctx_orig = meta(f"{arch}.rope.scaling.factor"), meta(f"{arch}.rope.scaling.original_context_length")
-        corr = lambda beta: rot * math.log(n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(base))
-        low, high = max(0, math.floor(corr(32.0))), min(rot - 1, math.ceil(corr(1.0)))
-        ramp = 1 - ((torch.arange(rot // 2, dtype=torch.float64) - low) / max(0.001, high - low)).clamp(0, 1)
-        theta = theta_extrap / factor * (1 - ramp) + theta_extrap * ramp
-        mscale = 1 + 0.1 * math.log(factor)
-    if "rope_freqs.weight" in w:
-        theta = theta / w["rope_freqs.weight"].double()
-    if "rope_factors_long.weight" in w:
-        long = seq > meta(f"{arch}.rope.scaling.original_context_length")
-        theta = theta / w["rope_factors_long.weight" if long else "rope_factors_short.weight"].double()
-        mscale = meta(f"{arch}.rope.scaling.attn_factor")
-    angles = torch.arange(seq, dtype=torch.float64)[:, None] * theta[None]
-    cos, sin = (angles.cos() * mscale).float(), (angles.sin() * mscale).float()
+    def rope_table(base, scaling):
+        theta_extrap = base ** (-torch.arange(0, rot, 2, dtype=torch.float64) / rot)
+        theta, mscale = theta_extrap, 1.0
+        if scaling == "linear":
+            theta = theta_extrap / meta(key("rope.scaling.factor"))
+        elif scaling == "yarn":
+            factor, n_ctx_orig = meta(key("rope.scaling.factor")), meta(key("rope.scaling.original_context_length"))
+            corr = lambda beta: rot * math.log(n_ctx_orig / (beta * 2 * math.pi)) / (2 * math.log(base))
+            low, high = max(0, math.floor(corr(32.0))), min(rot - 1, math.ceil(corr(1.0)))
+            ramp = 1 - ((torch.arange(rot // 2, dtype=torch.float64) - low) / max(0.001, high - low)).clamp(0, 1)
+            theta = theta_extrap / factor * (1 - ramp) + theta_extrap * ramp
+            mscale = 1 + 0.1 * math.log(factor)
+        if "rope_freqs.weight" in w:
+            theta = theta / w["rope_freqs.weight"].double()
+        if "rope_factors_long.weight" in w:
+            long = seq > meta(key("rope.scaling.original_context_length"))
+            theta = theta / w["rope_factors_long.weight" if long else "rope_factors_short.weight"].double()
+            mscale = meta(key("rope.scaling.attn_factor"))
+        angles = positions * theta[None]
+        return (angles.cos() * mscale).float(), (angles.sin() * mscale).float()
 
-    def rope(x):  # [heads, T, head_dim]; dims past `rot` pass through
+    base = meta(key("rope.freq_base"), 10000.0)
+    global_rope = rope_table(base, meta(key("rope.scaling.type")))
+    sliding_rope = rope_table(meta(key("rope.freq_base_swa"), 10000.0), None) if arch == "gemma3" else global_rope
+
+    def rope(x, table):  # [heads, T, head_dim]; channels past `rot` pass through
+        cos, sin = table
         x, rest = x[..., :rot], x[..., rot:]
         if arch == "llama":
             a, b = x[..., 0::2], x[..., 1::2]
@@ -726,10 +789,20 @@ def gguf_forward(path: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, lis
     def linear(x, name):
         return x @ w[name + ".weight"].T + w.get(name + ".bias", 0)
 
-    causal = torch.full((seq, seq), float("-inf")).triu(1)
-    h, keys = w["token_embd.weight"][input_ids], []
-    for i in range(meta(f"{arch}.block_count")):
+    def softcap(x, cap):
+        return torch.tanh(x / cap) * cap if cap else x
+
+    q_pos, k_pos = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+    causal = torch.zeros(seq, seq).masked_fill(k_pos > q_pos, float("-inf"))
+    windowed = causal.masked_fill(q_pos - k_pos >= max(window, 1), float("-inf"))
+    act = (lambda x: torch.nn.functional.gelu(x, approximate="tanh")) if gemma else torch.nn.functional.silu
+    h = w["token_embd.weight"][input_ids]
+    if gemma:
+        h = h * torch.tensor(n_embd ** 0.5, dtype=h.dtype)
+    keys = []
+    for i in range(meta(key("block_count"))):
         p = f"blk.{i}."
+        sliding = bool(window) and i % swa_period < swa_period - 1
         x = rms(h, w[p + "attn_norm.weight"])
         if p + "attn_qkv.weight" in w:
             q, k, v = linear(x, p + "attn_qkv").split([n_head * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
@@ -738,21 +811,25 @@ def gguf_forward(path: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, lis
         q, k, v = (t.view(seq, -1, head_dim).transpose(0, 1) for t in (q, k, v))
         if p + "attn_q_norm.weight" in w:
             q, k = rms(q, w[p + "attn_q_norm.weight"]), rms(k, w[p + "attn_k_norm.weight"])
-        q, k = rope(q), rope(k)
+        table = sliding_rope if sliding else global_rope
+        q, k = rope(q, table), rope(k, table)
         halves = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2), torch.arange(rot, head_dim)])
-        keys.append(k[..., halves] if arch == "llama" else k)
+        cached = k[..., halves] if arch == "llama" else k
+        keys.append(cached[:, -(window - 1):] if sliding else cached)
         group = n_head // n_kv
-        scores = q @ k.repeat_interleave(group, 0).transpose(1, 2) / math.sqrt(head_dim) + causal
-        attn = torch.softmax(scores, -1) @ v.repeat_interleave(group, 0)
-        h = h + linear(attn.transpose(0, 1).reshape(seq, -1), p + "attn_output")
+        scores = softcap(q @ k.repeat_interleave(group, 0).transpose(1, 2) / math.sqrt(head_dim), attn_cap)
+        attn = torch.softmax(scores + (windowed if sliding else causal), -1) @ v.repeat_interleave(group, 0)
+        out = linear(attn.transpose(0, 1).reshape(seq, -1), p + "attn_output")
+        h = h + (rms(out, w[p + "post_attention_norm.weight"]) if gemma else out)
         x = rms(h, w[p + "ffn_norm.weight"])
         if p + "ffn_gate.weight" in w:
             gate, up = linear(x, p + "ffn_gate"), linear(x, p + "ffn_up")
         else:  # Phi-3: gate and up fused in ffn_up
             gate, up = linear(x, p + "ffn_up").chunk(2, -1)
-        h = h + linear(torch.nn.functional.silu(gate) * up, p + "ffn_down")
+        out = linear(act(gate) * up, p + "ffn_down")
+        h = h + (rms(out, w[p + "post_ffw_norm.weight"]) if gemma else out)
     h = rms(h, w["output_norm.weight"])
-    return h @ w.get("output.weight", w["token_embd.weight"]).T, keys
+    return softcap(h @ w.get("output.weight", w["token_embd.weight"]).T, final_cap), keys
 
 
 # --- recording ---------------------------------------------------------------
@@ -827,7 +904,7 @@ def record(case: Case, out_dir: Path) -> dict:
         diff = max_rel_diff(logits, gguf_logits)
         assert diff < 1e-5, f"{case.name}: model.gguf's logits differ by {diff:.2e} of their scale"
         for (keys, _), again in zip(layers, gguf_keys):
-            assert max_rel_diff(keys[0], again) < 1e-5
+            assert keys[0].shape == again.shape and max_rel_diff(keys[0], again) < 1e-5
         reference["gguf"] = {"arch": case.gguf_arch, "notes": notes,
                              "independent forward from the GGUF: max |diff| / max |logits|": float(f"{diff:.2e}")}
     (case_dir / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
