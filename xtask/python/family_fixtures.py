@@ -5,11 +5,12 @@ kv-validate's tests load each case through kv-validate's own loaders and
 compare against the recording; CI never needs torch, because the recordings
 are committed. Each case is a Hugging Face directory plus the reference:
 
-  config.json             the family's config, in the form real checkpoints
-                          have it (classic: top-level rope_theta, rope_scaling);
-                          the cases named *-rope-parameters hold the same model
-                          with the config as transformers 5 writes it
-                          (rope_theta and scaling under rope_parameters)
+  config.json             the family's config in the form its published
+                          checkpoints have (top-level rope_theta, rope_scaling;
+                          no head_dim or layer_types where they lack them, so
+                          a loader must derive them); the *-rope-parameters
+                          cases hold the same model with the config as
+                          transformers 5 writes it (under rope_parameters)
   model.safetensors       f32 weights under the checkpoint's names
   tokenizer.json          a byte-level BPE trained on testdata/prose.txt, its
   tokenizer_config.json   BOS added (or not) as the family's checkpoints do
@@ -18,21 +19,34 @@ are committed. Each case is a Hugging Face directory plus the reference:
                           [1, kv_heads, S_i, head_dim]: what transformers'
                           cache holds after that prefill (post-RoPE keys; a
                           sliding-window layer keeps its last window-1 tokens)
-  reference.json          versions, seed, T, the text, features, per-layer S_i
-  model.gguf              (cases with a llama.cpp arch) the same weights as
-                          llama.cpp's convert_hf_to_gguf.py writes them
+  reference.json          versions, seed, T, the text, features, notes, the
+                          per-layer S_i and layer types, the self-checks' figures
+  model.gguf              (cases with a llama.cpp arch) the same model as
+                          llama.cpp's convert_hf_to_gguf.py writes it
+
+Cases: llama, llama3 (+ -rope-parameters), llama-linear, llama-dynamic,
+llama-yarn, mistral, qwen2, qwen3, gemma2, gemma3_text (+ -rope-parameters),
+gemma2-gguf and gemma3_text-gguf (shaped so that a GGUF can describe them:
+llama.cpp has no query_pre_attn_scalar and fixes Gemma 3's layer pattern),
+phi3 (long factors), phi3-short (short factors), phi4-mini (partial rotary),
+mixtral, qwen3_moe. `python family_fixtures.py --help` runs nothing.
 
 Why the models look the way they do: weights are drawn with std 0.2 (not
 transformers' 0.02) and norm weights and biases are random, so attention is
 far from uniform and every feature changes the logits; windows, original
 context lengths and RoPE bases are chosen so that the window drops tokens and
-the scaled-RoPE regime is reached within T. The script checks that on each
-run: a second prefill gives the same logits bit for bit, the directory loaded
-back through transformers (classic config) gives the same logits, and turning
-each feature off (window, RoPE scaling, soft-caps) changes them.
+the scaled-RoPE regime is reached within T. Each run checks, and fails
+otherwise: a second prefill gives the same logits bit for bit; the directory
+loaded back through transformers (config.json as written) gives the same
+logits and cache; turning each feature off (window, RoPE scaling, soft-caps,
+partial rotary, top-k routing) changes the logits by more than 1% of their
+scale; MoE routers never nearly tie; and each model.gguf, run by a forward
+pass written here from llama.cpp's reading of GGUF (not transformers'), gives
+the recorded logits and cache within 1e-5.
 
 Regenerate (needs torch, transformers, tokenizers, safetensors, gguf; the
-recordings depend on the transformers/torch versions in reference.json):
+recordings depend on the transformers/torch versions in reference.json; the
+output is bit-identical from run to run):
 
   python xtask/python/family_fixtures.py [--out testdata/families] [CASE ...]
 """
@@ -42,11 +56,9 @@ import argparse
 import copy
 import json
 import math
-import os
 import platform
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +66,7 @@ import gguf
 import numpy as np
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -686,8 +698,6 @@ def gguf_arch_enum(arch: str) -> gguf.MODEL_ARCH:
 def write_gguf(case: Case, case_dir: Path, tokenizer: Tokenizer) -> list[str]:
     """model.gguf beside the checkpoint, then read back: every checkpoint
     tensor is there (un-permuted, equal) and nothing else but the RoPE tables."""
-    from safetensors.torch import load_file
-
     arch = case.gguf_arch
     config = AutoConfig.from_pretrained(case_dir)  # what the converter reads
     state = load_file(str(case_dir / "model.safetensors"))
