@@ -57,6 +57,7 @@ import copy
 import json
 import math
 import platform
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -344,8 +345,10 @@ def moe_cases() -> list[Case]:
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
              LLAMA2_SPECIAL,
              features=["4 experts, top-2 routing (softmax over the chosen two)", "block_sparse_moe.experts.{e}.w1/w2/w3"],
-             ablations={"top-1 routing": dict(num_experts_per_tok=1)}, classic_omit=("head_dim",),
-             notes=["attention and cache as Mistral without a window (Mixtral 8x7B has sliding_window null)"]),
+             ablations={"top-1 routing": dict(num_experts_per_tok=1)}, classic_omit=("head_dim",), gguf_arch="llama",
+             notes=["attention and cache as Mistral without a window (Mixtral 8x7B has sliding_window null)",
+                    "model.gguf: arch llama, experts stacked per layer as the converter merges them "
+                    "(ffn_gate_exps = w1, ffn_down_exps = w2, ffn_up_exps = w3), router ffn_gate_inp"]),
         Case("qwen3_moe", "qwen3_moe",
              dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], use_sliding_window=False,
@@ -354,7 +357,7 @@ def moe_cases() -> list[Case]:
              features=["4 experts, top-2 routing, norm_topk_prob", "q/k RMSNorm per head",
                        "mlp.experts.{e}.gate_proj/up_proj/down_proj", "head_dim != hidden/heads"],
              ablations={"top-1 routing": dict(num_experts_per_tok=1)},
-             classic_rename={"num_local_experts": "num_experts"},
+             classic_rename={"num_local_experts": "num_experts"}, gguf_arch="qwen3moe",
              notes=["config.json names the expert count num_experts as Qwen3-MoE checkpoints do "
                     "(transformers 5 writes num_local_experts)"]),
     ]
@@ -554,6 +557,10 @@ GGUF_NOTES = {
         "llama.cpp fixes gemma3's pattern at 5 sliding layers then 1 global and has no "
         "query_pre_attn_scalar (1/sqrt(head_dim) but for 27B): this case is built to match both",
     ],
+    "qwen3moe": [
+        "experts stacked per layer as the converter merges them: ffn_gate_exps/ffn_up_exps/ffn_down_exps "
+        "[n_expert, out, in] (GGUF dims reversed), router ffn_gate_inp; no Q/K permutation",
+    ],
     "phi3": [
         "qkv_proj and gate_up_proj stay fused (attn_qkv, ffn_up holds gate then up); no permutation",
         "tokenizer written the gpt2 way, as the converter does for Phi-4-mini (tokenizer_class "
@@ -603,6 +610,11 @@ def gguf_metadata(writer: gguf.GGUFWriter, arch: str, config) -> None:
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if n_experts := getattr(config, "num_local_experts", None):
+        writer.add_expert_count(n_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if moe_ff := getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(moe_ff)
     if arch == "phi3":
         writer.add_rope_freq_base(full["rope_theta"])
         writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
@@ -668,11 +680,23 @@ def gguf_vocab(writer: gguf.GGUFWriter, case_dir: Path, tokenizer: Tokenizer, vo
     gguf.SpecialVocab(case_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
+EXPERT_WEIGHT = re.compile(r"model\.layers\.(\d+)\.(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(\w+)\.weight")
+EXPERT_KINDS = {
+    "w1": gguf.MODEL_TENSOR.FFN_GATE_EXP, "w2": gguf.MODEL_TENSOR.FFN_DOWN_EXP, "w3": gguf.MODEL_TENSOR.FFN_UP_EXP,
+    "gate_proj": gguf.MODEL_TENSOR.FFN_GATE_EXP, "down_proj": gguf.MODEL_TENSOR.FFN_DOWN_EXP,
+    "up_proj": gguf.MODEL_TENSOR.FFN_UP_EXP,
+}
+
+
 def gguf_tensors(arch: str, config, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GGUF name -> f32 tensor, in the checkpoint's order."""
     names = gguf.get_tensor_name_map(gguf_arch_enum(arch), config.num_hidden_layers)
-    out = {}
+    out, experts = {}, {}
     for hf_name, tensor in state.items():
+        if match := EXPERT_WEIGHT.fullmatch(hf_name):  # stacked per layer below, as the converter merges them
+            layer, expert, kind = int(match[1]), int(match[2]), EXPERT_KINDS[match[3]]
+            experts.setdefault((layer, kind), {})[expert] = tensor
+            continue
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             tensor = permute_rows(tensor, config.num_attention_heads)
         if arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -682,6 +706,9 @@ def gguf_tensors(arch: str, config, state: dict[str, torch.Tensor]) -> dict[str,
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, f"no GGUF name for {hf_name}"
         out[name] = tensor.contiguous()
+    for (layer, kind), by_expert in sorted(experts.items()):
+        out[gguf.TENSOR_NAMES[kind].format(bid=layer) + ".weight"] = torch.stack(
+            [by_expert[e] for e in range(len(by_expert))])
     rope = config.rope_parameters
     if rope.get("rope_type") == "llama3":
         out["rope_freqs.weight"] = llama3_rope_freqs(rope, config.head_dim)
@@ -832,11 +859,23 @@ def gguf_forward(path: Path, input_ids: torch.Tensor) -> tuple[torch.Tensor, lis
         out = linear(attn.transpose(0, 1).reshape(seq, -1), p + "attn_output")
         h = h + (rms(out, w[p + "post_attention_norm.weight"]) if gemma else out)
         x = rms(h, w[p + "ffn_norm.weight"])
-        if p + "ffn_gate.weight" in w:
-            gate, up = linear(x, p + "ffn_gate"), linear(x, p + "ffn_up")
-        else:  # Phi-3: gate and up fused in ffn_up
-            gate, up = linear(x, p + "ffn_up").chunk(2, -1)
-        out = linear(act(gate) * up, p + "ffn_down")
+        if p + "ffn_gate_inp.weight" in w:  # softmax router, top-k, weights renormalised
+            probs = torch.softmax(linear(x, p + "ffn_gate_inp"), -1)
+            top, chosen = probs.topk(meta(key("expert_used_count")), -1)
+            top = top / top.sum(-1, keepdim=True)
+            out = torch.zeros_like(x)
+            for slot in range(chosen.shape[1]):
+                for e in chosen[:, slot].unique().tolist():
+                    rows = chosen[:, slot] == e
+                    expert = lambda kind: w[p + f"ffn_{kind}_exps.weight"][e]
+                    y = (act(x[rows] @ expert("gate").T) * (x[rows] @ expert("up").T)) @ expert("down").T
+                    out[rows] += top[rows, slot, None] * y
+        else:
+            if p + "ffn_gate.weight" in w:
+                gate, up = linear(x, p + "ffn_gate"), linear(x, p + "ffn_up")
+            else:  # Phi-3: gate and up fused in ffn_up
+                gate, up = linear(x, p + "ffn_up").chunk(2, -1)
+            out = linear(act(gate) * up, p + "ffn_down")
         h = h + (rms(out, w[p + "post_ffw_norm.weight"]) if gemma else out)
     h = rms(h, w["output_norm.weight"])
     return softcap(h @ w.get("output.weight", w["token_embd.weight"]).T, final_cap), keys
