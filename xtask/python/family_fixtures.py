@@ -25,10 +25,11 @@ are committed. Each case is a Hugging Face directory plus the reference:
                           llama.cpp's convert_hf_to_gguf.py writes it
 
 Cases: llama, llama3 (+ -rope-parameters), llama-linear, llama-dynamic,
-llama-yarn, mistral, qwen2, qwen3, gemma2, gemma3_text (+ -rope-parameters),
+llama-yarn, llama-bias, mistral, mistral-nemo (head_dim != hidden/heads), qwen2,
+qwen2-sliding-yarn, qwen3, qwen3-sliding-yarn, gemma2, gemma3_text (+ -rope-parameters),
 gemma2-gguf and gemma3_text-gguf (shaped so that a GGUF can describe them:
 llama.cpp has no query_pre_attn_scalar and fixes Gemma 3's layer pattern),
-phi3 (long factors), phi3-short (short factors), phi4-mini (partial rotary),
+phi3 (long factors), phi3-short (short factors), phi3-sliding, phi4-mini (partial rotary),
 mixtral, qwen3_moe. `python family_fixtures.py --help` runs nothing.
 
 Why the models look the way they do: weights are drawn with std 0.2 (not
@@ -84,7 +85,7 @@ TOKENIZER_VOCAB = 288
 BASE = dict(
     vocab_size=TOKENIZER_VOCAB,
     hidden_size=32,
-    intermediate_size=64,
+    intermediate_size=32,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
@@ -202,6 +203,12 @@ def llama_cases() -> list[Case]:
              ablations={"rope scaling off": PLAIN_ROPE}, gguf_arch="llama",
              notes=["yarn with original_max_position_embeddings 256: correction range [0, 2] of the 4 "
                     "frequencies (0 kept, 1 half, 2-3 interpolated); attention_factor 0.1*ln(4)+1 multiplies cos and sin"]),
+        Case("llama-bias", "llama",
+             dict(attention_bias=True, mlp_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+             LLAMA2_SPECIAL, features=["attention_bias: q/k/v/o biases", "mlp_bias: gate/up/down biases"],
+             ablations={"biases off": dict(attention_bias=False, mlp_bias=False)}, gguf_arch="llama",
+             notes=["LlamaConfig's attention_bias puts a bias on o_proj too; model.gguf permutes the "
+                    "q/k biases as it permutes their rows"]),
     ]
 
 
@@ -251,6 +258,11 @@ def other_cases() -> list[Case]:
              LLAMA2_SPECIAL, features=["sliding_window 16 < T on every layer"],
              ablations={"window off": dict(sliding_window=None)}, classic_omit=("head_dim",),
              notes=["every layer slides: its cache holds the last sliding_window-1 = 15 tokens"]),
+        Case("mistral-nemo", "mistral",
+             dict(head_dim=16, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+             LLAMA2_SPECIAL, features=["head_dim 16 != hidden/heads 8 (as Mistral Nemo: 128 vs 160)", "no window"],
+             gguf_arch="llama",
+             notes=["model.gguf: arch llama with key_length 16 and rope.dimension_count 16"]),
         Case("qwen2", "qwen2",
              dict(use_sliding_window=False, max_window_layers=2, tie_word_embeddings=True,
                   vocab_size=304, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
@@ -261,6 +273,34 @@ def other_cases() -> list[Case]:
              notes=["config.json has sliding_window 32 < T but use_sliding_window false, as Qwen2.5 "
                     "checkpoints have it (sliding_window 32768/131072, unused): no layer slides",
                     "the tokenizer adds no BOS although config.json has bos_token_id"]),
+        Case("qwen2-sliding-yarn", "qwen2",
+             dict(use_sliding_window=True, sliding_window=16, max_window_layers=1, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 256},
+                  max_position_embeddings=1024, rms_norm_eps=1e-6),
+             QWEN_SPECIAL,
+             features=["q/k/v biases", "use_sliding_window: layers from max_window_layers (1) on slide over 16",
+                       "rope_scaling yarn spelled with 'type', as Qwen2.5's long-context instructions write it"],
+             ablations={"window off": dict(use_sliding_window=False), "rope scaling off": dict(
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})},
+             classic_rope_type_key="type", classic_omit=("head_dim", "layer_types"),
+             notes=["layer 0 is global, layer 1 slides (cache holds the last sliding_window-1 = 15 tokens)",
+                    "no model.gguf: the converter writes no sliding window for qwen2"]),
+        Case("qwen3-sliding-yarn", "qwen3",
+             dict(head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                   "original_max_position_embeddings": 256, "beta_fast": 8.0, "beta_slow": 1.0,
+                                   "attention_factor": 1.2},
+                  max_position_embeddings=1024, rms_norm_eps=1e-6),
+             QWEN_SPECIAL,
+             features=["q/k RMSNorm per head", "use_sliding_window: layer 1 slides over 16",
+                       "rope_scaling yarn with beta_fast 8, beta_slow 1 and attention_factor 1.2 given"],
+             ablations={"window off": dict(use_sliding_window=False), "rope scaling off": dict(
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})},
+             classic_omit=("layer_types",),
+             notes=["yarn correction range [0, 3] of 8 frequencies with beta_fast 8; attention_factor 1.2 "
+                    "as given (not derived from the factor)",
+                    "layer 0 is global, layer 1 slides (cache holds the last sliding_window-1 = 15 tokens)"]),
         Case("qwen3", "qwen3",
              dict(head_dim=16, use_sliding_window=False, tie_word_embeddings=True,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, rms_norm_eps=1e-6,
@@ -321,6 +361,12 @@ def other_cases() -> list[Case]:
                        "longrope spelled 'su' (early Phi-3 checkpoints), T <= original_max_position_embeddings: short factors"],
              ablations={"rope scaling off": PLAIN_ROPE}, classic_rope_type_key="type",
              classic_rope_type_alias="su", classic_omit=("head_dim",), notes=phi3_notes, gguf_arch="phi3"),
+        Case("phi3-sliding", "phi3", dict(phi3_config, sliding_window=16), PHI3_SPECIAL,
+             features=["fused qkv_proj and gate_up_proj", "longrope long factors",
+                       "sliding_window 16 < T on every layer (as Phi-3-mini-4k: 2047)"],
+             ablations={"window off": dict(sliding_window=None)},
+             classic_rope_type_key="type", classic_omit=("head_dim",),
+             notes=phi3_notes + ["every layer slides: its cache holds the last sliding_window-1 = 15 tokens"]),
         Case("phi4-mini", "phi3",
              dict(phi3_config, partial_rotary_factor=0.75, tie_word_embeddings=True, sliding_window=262144,
                   rope_parameters=dict(phi3_config["rope_parameters"], short_factor=phi3_factors_short[:3],
