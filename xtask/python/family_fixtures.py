@@ -615,6 +615,20 @@ GGUF_NOTES = {
 }
 
 
+# Why a case has no model.gguf: the converter would write a different model.
+NO_GGUF = {
+    "llama-dynamic": "the converter writes nothing for rope_type dynamic: its GGUF would be plain RoPE",
+    "llama3-rope-parameters": "the same model as llama3, whose model.gguf it would be",
+    "mistral": "the converter (LlamaModel, arch llama) writes no sliding window: its GGUF attends to every token",
+    "qwen2-sliding-yarn": "the converter writes no sliding window for qwen2",
+    "qwen3-sliding-yarn": "the converter writes no sliding window for qwen3",
+    "gemma2": "llama.cpp has no query_pre_attn_scalar (1/sqrt(head_dim) but for 27B): see gemma2-gguf",
+    "gemma3_text": "llama.cpp has no query_pre_attn_scalar and fixes the 5:1 layer pattern: see gemma3_text-gguf",
+    "gemma3_text-rope-parameters": "see gemma3_text-gguf",
+    "phi3-sliding": "not written: whether llama.cpp slides every phi3 layer as transformers does is not checked here",
+}
+
+
 def permute_rows(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     """Rows of each head reordered from halves [x0..x(d/2-1), y0..] to pairs
     [x0, y0, x1, y1, ...], as the converter's LlamaModel.permute does."""
@@ -1002,6 +1016,8 @@ def record(case: Case, out_dir: Path) -> dict:
             assert keys[0].shape == again.shape and max_rel_diff(keys[0], again) < 1e-5
         reference["gguf"] = {"arch": case.gguf_arch, "notes": notes,
                              "independent forward from the GGUF: max |diff| / max |logits|": float(f"{diff:.2e}")}
+    elif case.name in NO_GGUF:
+        reference["gguf"] = {"none": NO_GGUF[case.name]}
     (case_dir / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
     return reference
 
