@@ -66,6 +66,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import tokenizers
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -467,11 +468,11 @@ def token_prefix(tokenizer: Tokenizer, text: str, length: int) -> str:
 
 def build_config(case: Case, special: Special, tokenizer: Tokenizer, overrides: dict | None = None):
     kwargs = {**BASE, **copy.deepcopy(case.config), **copy.deepcopy(overrides or {})}
-    token_id = tokenizer.token_to_id
-    kwargs["bos_token_id"] = token_id(special.config_bos or special.bos) if (special.config_bos or special.bos) else None
-    kwargs["eos_token_id"] = token_id(special.eos)
+    bos = special.config_bos or special.bos
+    kwargs["bos_token_id"] = tokenizer.token_to_id(bos) if bos else None
+    kwargs["eos_token_id"] = tokenizer.token_to_id(special.eos)
     if "pad_token_id" not in kwargs and "<pad>" in special.tokens:
-        kwargs["pad_token_id"] = token_id("<pad>")
+        kwargs["pad_token_id"] = tokenizer.token_to_id("<pad>")
     return AutoConfig.for_model(case.model_type, **kwargs)
 
 
@@ -1003,23 +1004,29 @@ def record(case: Case, out_dir: Path) -> dict:
         "versions": {
             "transformers": transformers.__version__,
             "torch": torch.__version__,
-            "tokenizers": __import__("tokenizers").__version__,
+            "tokenizers": tokenizers.__version__,
             "python": platform.python_version(),
         },
     }
     if case.gguf_arch:
-        notes = write_gguf(case, case_dir, tokenizer)
-        gguf_logits, gguf_keys = gguf_forward(case_dir / "model.gguf", input_ids)
-        diff = max_rel_diff(logits, gguf_logits)
-        assert diff < 1e-5, f"{case.name}: model.gguf's logits differ by {diff:.2e} of their scale"
-        for (keys, _), again in zip(layers, gguf_keys):
-            assert keys[0].shape == again.shape and max_rel_diff(keys[0], again) < 1e-5
-        reference["gguf"] = {"arch": case.gguf_arch, "notes": notes,
-                             "independent forward from the GGUF: max |diff| / max |logits|": float(f"{diff:.2e}")}
+        reference["gguf"] = record_gguf(case, case_dir, tokenizer, input_ids, logits, layers)
     elif case.name in NO_GGUF:
         reference["gguf"] = {"none": NO_GGUF[case.name]}
     (case_dir / "reference.json").write_text(json.dumps(reference, indent=2) + "\n")
     return reference
+
+
+def record_gguf(case, case_dir, tokenizer, input_ids, logits, layers) -> dict:
+    """Writes model.gguf and proves it is the recorded model: gguf_forward's
+    logits and cache from it alone are within 1e-5 of transformers'."""
+    notes = write_gguf(case, case_dir, tokenizer)
+    gguf_logits, gguf_keys = gguf_forward(case_dir / "model.gguf", input_ids)
+    diff = max_rel_diff(logits, gguf_logits)
+    assert diff < 1e-5, f"{case.name}: model.gguf's logits differ by {diff:.2e} of their scale"
+    for i, ((keys, _), again) in enumerate(zip(layers, gguf_keys)):
+        assert keys[0].shape == again.shape and max_rel_diff(keys[0], again) < 1e-5, f"{case.name}: layer {i} keys"
+    return {"arch": case.gguf_arch, "notes": notes,
+            "independent forward from the GGUF: max |diff| / max |logits|": float(f"{diff:.2e}")}
 
 
 def self_checks(case, special, tokenizer, model, case_dir, input_ids, logits, layers) -> dict:
