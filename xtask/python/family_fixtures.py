@@ -163,12 +163,13 @@ PLAIN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}
 def llama_cases() -> list[Case]:
     llama3_rope = {
         "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 160,
     }
     llama3_config = dict(rope_parameters=llama3_rope, tie_word_embeddings=True)
     llama3_notes = [
-        "llama3 scaling with original_max_position_embeddings 64 over head_dim 8 and theta 1e4: "
-        "frequency 0 (wavelength 6.3) is kept, 1 (63) is smoothed, 2-3 (628, 6283) are divided by 8",
+        "llama3 scaling with original_max_position_embeddings 160 over head_dim 8 and theta 1e4: "
+        "frequency 0 (wavelength 6.3 < 160/4) is kept, 1 (63) is smoothed halfway (divided by 1.73), "
+        "2-3 (628, 6283 > 160) are divided by 8",
         "tied embeddings: model.safetensors has no lm_head.weight",
     ]
     return [
@@ -588,7 +589,7 @@ GGUF_NOTES = {
         "channels in the permuted order",
         "rope_freqs.weight (llama3 only) holds the converter's per-frequency divisors; it reads "
         "original_max_position_embeddings from the config's top level (default 8192, rope_scaling's "
-        "value in published Llama 3.x); here rope_scaling's 64 is used so the GGUF is the same model",
+        "value in published Llama 3.x); here rope_scaling's 160 is used so the GGUF is the same model",
     ],
     "qwen2": ["no Q/K permutation (llama.cpp rotates halves for qwen2)"],
     "qwen3": ["no Q/K permutation (llama.cpp rotates halves for qwen3)"],
