@@ -225,8 +225,12 @@ def other_cases() -> list[Case]:
         rope_parameters=gemma3_rope, query_pre_attn_scalar=24, tie_word_embeddings=True,
         hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
     )
+    # Soft-caps and biases on, although Gemma 3's checkpoints have them off: transformers applies them.
+    gemma3_on = dict(gemma3_config, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attention_bias=True)
     gemma3_ablations = {
         "window off": dict(sliding_window=4096),
+        "soft-caps off": dict(attn_logit_softcapping=None, final_logit_softcapping=None),
+        "biases off": dict(attention_bias=False),
         "rope scaling off": dict(rope_parameters={
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
@@ -289,16 +293,17 @@ def other_cases() -> list[Case]:
              notes=["layer 0 is global, layer 1 slides (cache holds the last sliding_window-1 = 15 tokens)",
                     "no model.gguf: the converter writes no sliding window for qwen2"]),
         Case("qwen3-sliding-yarn", "qwen3",
-             dict(head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=1,
+             dict(head_dim=16, use_sliding_window=True, sliding_window=16, max_window_layers=1, attention_bias=True,
                   rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
                                    "original_max_position_embeddings": 256, "beta_fast": 8.0, "beta_slow": 1.0,
                                    "attention_factor": 1.2},
                   max_position_embeddings=1024, rms_norm_eps=1e-6),
              QWEN_SPECIAL,
-             features=["q/k RMSNorm per head", "use_sliding_window: layer 1 slides over 16",
+             features=["q/k RMSNorm per head", "attention_bias: q/k/v/o biases (off in Qwen3's checkpoints)",
+                       "use_sliding_window: layer 1 slides over 16",
                        "rope_scaling yarn with beta_fast 8, beta_slow 1 and attention_factor 1.2 given"],
-             ablations={"window off": dict(use_sliding_window=False), "rope scaling off": dict(
-                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})},
+             ablations={"window off": dict(use_sliding_window=False), "biases off": dict(attention_bias=False),
+                        "rope scaling off": dict(rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})},
              classic_omit=("layer_types",),
              notes=["yarn correction range [0, 3] of 8 frequencies with beta_fast 8; attention_factor 1.2 "
                     "as given (not derived from the factor)",
@@ -325,12 +330,13 @@ def other_cases() -> list[Case]:
              classic_omit=("layer_types",), classic_extra=dict(hidden_act="gelu_pytorch_tanh"),
              notes=["even layers slide (cache holds the last sliding_window-1 = 15 tokens), odd layers are global",
                     "the embedding scale sqrt(hidden) is rounded to the activations' dtype as transformers does"]),
-        Case("gemma3_text", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
+        Case("gemma3_text", "gemma3_text", gemma3_on, GEMMA_SPECIAL,
              features=["q/k (1 + w) RMSNorm", "sliding and global layers with their own rope bases",
                        "linear rope scaling on global layers", "query_pre_attn_scalar 24 != head_dim",
-                       "sliding_window 16 < T", "tied embeddings"],
+                       "sliding_window 16 < T", "tied embeddings",
+                       "attention soft-cap 5, final soft-cap 3, q/k/v/o biases (off in Gemma 3's checkpoints)"],
              ablations=gemma3_ablations, notes=gemma3_notes, classic_omit=("layer_types",)),
-        Case("gemma3_text-rope-parameters", "gemma3_text", gemma3_config, GEMMA_SPECIAL,
+        Case("gemma3_text-rope-parameters", "gemma3_text", gemma3_on, GEMMA_SPECIAL,
              features=["as gemma3_text, config.json in transformers 5 form (rope_parameters per layer type)"],
              ablations=gemma3_ablations, config_form="rope_parameters",
              notes=["the same model as the gemma3_text case; only config.json's form differs"] + gemma3_notes),
