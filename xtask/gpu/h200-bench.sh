@@ -15,7 +15,7 @@ ldd "$W/kv-validate" | grep -E 'cuda|cublas|curand|not found' | tee -a "$OUT/gpu
 # Real prose (Python's own documentation, PSF licence), four times over: about
 # 400,000 tokens for the full-size validation. Random weights: content is irrelevant to speed.
 python3 -c "from pydoc_data import topics; t='\n\n'.join(topics.topics.values()); print('\n\n'.join([t]*4))" > "$W/text.txt"
-[ -f "$W/tl/model.safetensors" ] || python3 xtask/python/random_llama.py "$W/tl" "$W/text.txt" | tee -a "$OUT/gpu.txt"
+[ -f "$W/tl/model.safetensors" ] || python3 xtask/python/random_model.py "$W/tl" "$W/text.txt" --shape tinyllama-1.1b | tee -a "$OUT/gpu.txt"
 for dt in bf16 f32; do
   timeout 120 "$W/kv-validate" --model-dir "$W/tl" --bench-forward 512,2048 --dtype "$dt" --json "$OUT/ours-$dt.json" 2>&1 | tail -4
 done
