@@ -113,12 +113,13 @@ fn prefill_matches_transformers(case: &str) {
     }
 }
 
-/// The same tokens in two calls, the second on the first's cache.
-fn split_prefill_matches_transformers(case: &str) {
+/// The same tokens in two calls, the second on the first's cache, split
+/// after `split` tokens (half of them by default).
+fn split_prefill_matches_transformers(case: &str, split: Option<usize>) {
     let reference = reference(case);
     let loaded = load(case);
     let ids = input_ids(&reference);
-    let split = ids.len() / 2;
+    let split = split.unwrap_or(ids.len() / 2);
     let (first, cache) = loaded
         .model
         .forward(&as_input(&ids[..split]), None)
@@ -162,8 +163,13 @@ fn end_to_end_on_prose(case: &str) {
     assert_eq!(report["tokens_scored"], 32, "{case}");
 }
 
+// llama-dynamic is tested below: dynamic NTK's base depends on the exact
+// length a call reaches, so no split reproduces one prefill.
+
+/// One module of tests per case; `split N` where the split must come later
+/// than half way (see [`split_prefill_matches_transformers`]).
 macro_rules! family_cases {
-    ($($test:ident => $case:literal),* $(,)?) => {
+    ($($test:ident => $case:literal $(split $split:literal)?),* $(,)?) => {
         $(
             mod $test {
                 #[test]
@@ -173,7 +179,8 @@ macro_rules! family_cases {
 
                 #[test]
                 fn a_split_prefill_matches_transformers() {
-                    super::split_prefill_matches_transformers($case);
+                    let split: Option<usize> = None $(.or(Some($split)))?;
+                    super::split_prefill_matches_transformers($case, split);
                 }
 
                 #[test]
@@ -187,4 +194,71 @@ macro_rules! family_cases {
 
 family_cases! {
     llama => "llama",
+    llama_bias => "llama-bias",
+    llama3 => "llama3",
+    llama3_rope_parameters => "llama3-rope-parameters",
+    llama_linear => "llama-linear",
+    llama_yarn => "llama-yarn",
+    mistral => "mistral",
+    mistral_nemo => "mistral-nemo",
+    qwen2 => "qwen2",
+    qwen2_sliding_yarn => "qwen2-sliding-yarn",
+    qwen3 => "qwen3",
+    qwen3_sliding_yarn => "qwen3-sliding-yarn",
+    gemma2 => "gemma2",
+    gemma2_gguf => "gemma2-gguf",
+    gemma3_text => "gemma3_text",
+    gemma3_text_gguf => "gemma3_text-gguf",
+    gemma3_text_rope_parameters => "gemma3_text-rope-parameters",
+    // LongRoPE picks its factor set by the length a call reaches: one
+    // prefill of 40 > 32 tokens uses the long set throughout, so the split
+    // comes after 32 (transformers' own split at 20 would differ too).
+    phi3 => "phi3" split 34,
+    phi3_short => "phi3-short",
+    phi3_sliding => "phi3-sliding" split 34,
+}
+
+/// Dynamic NTK's base depends on the exact length a call reaches, so no
+/// split reproduces one prefill (in transformers neither): one prefill and
+/// the end-to-end run only.
+mod llama_dynamic {
+    #[test]
+    fn prefill_logits_and_cache_match_transformers() {
+        super::prefill_matches_transformers("llama-dynamic");
+    }
+
+    #[test]
+    fn kv_validate_runs_it_end_to_end() {
+        super::end_to_end_on_prose("llama-dynamic");
+    }
+}
+
+/// The recorded models kv-validate does not implement are refused at load
+/// time with the field and the reason, never run as something else.
+#[test]
+fn unimplemented_models_are_refused_naming_the_field() {
+    for (case, expected) in [
+        (
+            "mixtral",
+            "unsupported model: model_type is \"mixtral\": mixture-of-experts MLPs are not implemented",
+        ),
+        (
+            "qwen3_moe",
+            "unsupported model: model_type is \"qwen3_moe\": mixture-of-experts MLPs are not implemented",
+        ),
+        (
+            "phi4-mini",
+            "unsupported model: partial_rotary_factor is 0.75; only RoPE over the whole head is implemented",
+        ),
+    ] {
+        let source = ModelSource::LocalDir(case_dir(case));
+        match load_model(&source, &Device::Cpu, DType::F32, false) {
+            Ok(_) => panic!("{case} loaded"),
+            Err(error) => {
+                let error = error.to_string();
+                assert!(error.contains(expected), "{case}: {error}");
+                assert!(error.contains("config.json"), "{case}: {error}");
+            }
+        }
+    }
 }

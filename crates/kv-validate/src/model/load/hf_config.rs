@@ -471,10 +471,9 @@ fn architecture_of(json: &ConfigJson, family: Family, shape: &Shape) -> Result<A
             softcap("attn_logit_softcapping", Some(50.0))?,
             softcap("final_logit_softcapping", Some(30.0))?,
         ),
-        Family::Gemma3Text => (
-            softcap("attn_logit_softcapping", None)?,
-            softcap("final_logit_softcapping", None)?,
-        ),
+        // Gemma 3's attention reads attn_logit_softcapping but never applies
+        // it (transformers 5 passes no softcap to its attention): neither do we.
+        Family::Gemma3Text => (None, softcap("final_logit_softcapping", None)?),
         _ => (None, None),
     };
     let query_scale = if is_gemma {
