@@ -241,9 +241,11 @@ pub fn read_sweep_table(path: &Path) -> Result<SweepTable, CapacityError> {
         })
 }
 
-/// Parameters of a Llama with this config: embeddings, per layer the Q, K,
-/// V, O projections, the SwiGLU MLP and two RMSNorms, the final norm, and
-/// the output head unless it is tied to the embeddings.
+/// Parameters of a model with this config: embeddings, per layer the Q, K,
+/// V, O projections (with their biases where the family has them), the
+/// gated MLP, the RMSNorms (four per layer in Gemma, plus per-head q/k norms
+/// in Qwen3 and Gemma 3), the final norm, and the output head unless it is
+/// tied to the embeddings.
 pub fn parameter_count(config: &LlamaConfig) -> u64 {
     let [hidden, intermediate, heads, kv_heads, head_dim, vocab, layers] = [
         config.hidden_size,
@@ -255,9 +257,14 @@ pub fn parameter_count(config: &LlamaConfig) -> u64 {
         config.num_hidden_layers,
     ]
     .map(|n| n as u64);
+    let arch = &config.architecture;
     let attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim;
-    let mlp = 3 * hidden * intermediate;
-    let per_layer = attention + mlp + 2 * hidden;
+    let attention_biases = u64::from(arch.biases.qkv) * (heads + 2 * kv_heads) * head_dim
+        + u64::from(arch.biases.output) * hidden;
+    let mlp = 3 * hidden * intermediate + u64::from(arch.biases.mlp) * (2 * intermediate + hidden);
+    let norms = if arch.sandwich_norms { 4 } else { 2 } * hidden
+        + u64::from(arch.qk_norm) * 2 * head_dim;
+    let per_layer = attention + attention_biases + mlp + norms;
     let embeddings = vocab * hidden;
     let head = if config.tie_word_embeddings {
         0
@@ -267,9 +274,50 @@ pub fn parameter_count(config: &LlamaConfig) -> u64 {
     embeddings + layers * per_layer + hidden + head
 }
 
-/// Keys and values cached per token: layers x 2 x KV heads x head_dim.
+/// Keys and values cached per token while no sliding window is full:
+/// layers x 2 x KV heads x head_dim.
 pub fn kv_values_per_token(config: &LlamaConfig) -> u64 {
     (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim) as u64
+}
+
+/// Keys and values one sequence of `tokens` holds: a sliding-window layer
+/// holds at most its window (what a serving engine allocates for it).
+/// Saturates at `u64::MAX` rather than wrap.
+pub fn kv_values_for_tokens(config: &LlamaConfig, tokens: u64) -> u64 {
+    let per_layer_token = (2 * config.num_key_value_heads * config.head_dim) as u64;
+    config
+        .architecture
+        .layers
+        .iter()
+        .map(|layer| {
+            let held = layer
+                .sliding_window
+                .map_or(tokens, |window| tokens.min(window as u64));
+            per_layer_token.saturating_mul(held)
+        })
+        .fold(0, u64::saturating_add)
+}
+
+/// The longest sequence whose cache fits in `free` bytes at
+/// `bits_per_value`; `u64::MAX` when every layer slides and even a full
+/// window of each fits.
+fn max_cached_tokens(config: &LlamaConfig, bits_per_value: f64, free: u64) -> u64 {
+    let bytes = |tokens: u64| kv_values_for_tokens(config, tokens) as f64 * bits_per_value / 8.0;
+    let fits = |tokens: u64| bytes(tokens) <= free as f64;
+    let (mut low, mut high) = (0u64, 1u64 << 62);
+    if fits(high) {
+        return u64::MAX;
+    }
+    // Invariant: fits(low), !fits(high).
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        if fits(middle) {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    low
 }
 
 /// One method's capacity on one GPU for one profile.
@@ -306,7 +354,11 @@ pub struct GpuBudget {
 pub struct MethodCost {
     #[serde(flatten)]
     pub method: Method,
+    /// While no sliding window is full.
     pub kv_bytes_per_token: f64,
+    /// One request's cache per profile, in [`PROFILES`] order (sliding
+    /// layers hold at most their window).
+    pub kv_bytes_per_request: Vec<f64>,
 }
 
 /// The whole report, in the shape of its JSON (`--json`).
@@ -348,6 +400,14 @@ impl CapacityReport {
             .into_iter()
             .map(|method| MethodCost {
                 kv_bytes_per_token: values as f64 * method.bits_per_value / 8.0,
+                kv_bytes_per_request: PROFILES
+                    .iter()
+                    .map(|profile| {
+                        kv_values_for_tokens(config, profile.tokens()) as f64
+                            * method.bits_per_value
+                            / 8.0
+                    })
+                    .collect(),
                 method,
             })
             .collect();
@@ -367,10 +427,13 @@ impl CapacityReport {
                 fits.push(GpuMethodFit {
                     gpu: gpu.name.clone(),
                     method: cost.method.label.clone(),
-                    max_cached_tokens: fits_in(gpu.free_bytes, cost.kv_bytes_per_token),
+                    max_cached_tokens: max_cached_tokens(
+                        config,
+                        cost.method.bits_per_value,
+                        gpu.free_bytes,
+                    ),
                 });
-                for profile in PROFILES {
-                    let per_request = cost.kv_bytes_per_token * profile.tokens() as f64;
+                for (profile, &per_request) in PROFILES.iter().zip(&cost.kv_bytes_per_request) {
                     rows.push(CapacityRow {
                         gpu: gpu.name.clone(),
                         method: cost.method.label.clone(),
@@ -444,11 +507,8 @@ impl CapacityReport {
                 cost.method.bits_per_value,
                 trim_number(cost.kv_bytes_per_token)
             );
-            for profile in &self.profiles {
-                out += &format!(
-                    " {:>14.2}",
-                    mib(cost.kv_bytes_per_token * profile.tokens() as f64)
-                );
+            for bytes in &cost.kv_bytes_per_request {
+                out += &format!(" {:>14.2}", mib(*bytes));
             }
             let optional =
                 |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:+.digits$}"));
@@ -484,7 +544,11 @@ impl CapacityReport {
                     .iter()
                     .find(|f| f.gpu == gpu.name && f.method == cost.method.label)
                     .expect("a fit per gpu and method");
-                out += &format!(" {:>14}\n", fit.max_cached_tokens);
+                let tokens = match fit.max_cached_tokens {
+                    u64::MAX => "unbounded".to_string(),
+                    tokens => tokens.to_string(),
+                };
+                out += &format!(" {tokens:>14}\n");
             }
         }
         out

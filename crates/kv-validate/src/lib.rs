@@ -1,5 +1,5 @@
-//! `kv-validate` measures what a compressed KV cache costs a Llama-family
-//! model in perplexity, by running the model on the reconstructed cache that
+//! `kv-validate` measures what a compressed KV cache costs a decoder model
+//! (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) in perplexity, by running the model on the reconstructed cache that
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 
 pub mod allocation;

@@ -315,8 +315,9 @@ enum Command {
     /// and at each method's bits/value, and the largest batch of concurrent
     /// requests that fits in GPU memory after the weights, for the traffic
     /// profiles 512→256, 1024→1024, 4096→512 and 10240→1536 prompt→output
-    /// tokens (a request's cache holds both). The weights' size is the
-    /// parameter count of the config's Llama (embeddings, attention, SwiGLU
+    /// tokens (a request's cache holds both; a sliding-window layer at most
+    /// its window). The weights' size is the parameter count of the
+    /// config's model (embeddings, attention with its biases, the gated
     /// MLP, norms, the output head unless tied) times --weights-dtype;
     /// activations and framework overhead are not reserved, so real batches
     /// are somewhat smaller. Methods: fp16 and kv-compress's 8/4/3/2-bit
