@@ -46,13 +46,11 @@ fn reference(case: &str) -> HashMap<String, Tensor> {
 }
 
 fn load(case: &str) -> LoadedModel {
-    load_model(
-        &ModelSource::LocalDir(case_dir(case)),
-        &Device::Cpu,
-        DType::F32,
-        false,
-    )
-    .unwrap_or_else(|e| panic!("{case}: {e}"))
+    load_from(case, ModelSource::LocalDir(case_dir(case)))
+}
+
+fn load_from(case: &str, source: ModelSource) -> LoadedModel {
+    load_model(&source, &Device::Cpu, DType::F32, false).unwrap_or_else(|e| panic!("{case}: {e}"))
 }
 
 fn max_abs(t: &Tensor) -> f32 {
@@ -94,8 +92,11 @@ fn as_input(ids: &[u32]) -> Tensor {
 
 /// One prefill: logits, and the cache as kv-validate hands it to kv-compress.
 fn prefill_matches_transformers(case: &str) {
+    prefill_of_matches_transformers(case, load(case));
+}
+
+fn prefill_of_matches_transformers(case: &str, loaded: LoadedModel) {
     let reference = reference(case);
-    let loaded = load(case);
     let ids = input_ids(&reference);
     let (logits, cache) = loaded.model.forward(&as_input(&ids), None).unwrap();
     assert_close(case, "logits", &logits.squeeze(0).unwrap(), &reference["logits"]);
@@ -252,13 +253,36 @@ fn unimplemented_models_are_refused_naming_the_field() {
         ),
     ] {
         let source = ModelSource::LocalDir(case_dir(case));
-        match load_model(&source, &Device::Cpu, DType::F32, false) {
-            Ok(_) => panic!("{case} loaded"),
-            Err(error) => {
-                let error = error.to_string();
-                assert!(error.contains(expected), "{case}: {error}");
-                assert!(error.contains("config.json"), "{case}: {error}");
-            }
-        }
+        let error = load_error(&source);
+        assert!(error.contains(expected), "{case}: {error}");
+        assert!(error.contains("config.json"), "{case}: {error}");
+    }
+    // The same from llama.cpp's files: Mixtral's is arch llama with experts,
+    // the others name their own arch, and yarn is not read from GGUF yet.
+    for (case, expected) in [
+        ("mixtral", "llama.expert_count is set; mixture-of-experts MLPs are not implemented"),
+        ("qwen2", "general.architecture is \"qwen2\"; only \"llama\" GGUF files are supported"),
+        ("llama-yarn", "llama.rope.scaling.type is \"yarn\"; implemented in GGUF: none, linear"),
+    ] {
+        let error = load_error(&ModelSource::Gguf(case_dir(case).join("model.gguf")));
+        assert!(error.contains(expected), "{case}: {error}");
+    }
+}
+
+fn load_error(source: &ModelSource) -> String {
+    match load_model(source, &Device::Cpu, DType::F32, false) {
+        Ok(_) => panic!("{source:?} loaded"),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// The same models as llama.cpp's converter writes them (`model.gguf`,
+/// arch `llama`): Q/K un-permuted, Llama 3's scaling as `rope_freqs.weight`,
+/// linear scaling as metadata, biases as `*.bias` tensors.
+#[test]
+fn llama_ggufs_match_transformers() {
+    for case in ["llama", "llama3", "llama-linear", "llama-bias", "mistral-nemo"] {
+        let gguf = ModelSource::Gguf(case_dir(case).join("model.gguf"));
+        prefill_of_matches_transformers(case, load_from(case, gguf));
     }
 }

@@ -15,7 +15,7 @@ use tokenizers::Tokenizer;
 
 use super::used_tensors::load_every_tensor;
 use super::{check_vocab, io_error, validated, LoadError, LoadedModel};
-use crate::model::architecture::{Architecture, RopeScaling};
+use crate::model::architecture::{Architecture, Biases, RopeScaling};
 use crate::model::device::dtype_name;
 use crate::model::LlamaConfig;
 
@@ -103,6 +103,10 @@ fn metadata_string(content: &gguf_file::Content, key: &str) -> Option<String> {
     content.metadata.get(key)?.to_string().ok().cloned()
 }
 
+fn optional_tensor(content: &gguf_file::Content, name: &str) -> bool {
+    content.tensor_infos.contains_key(name)
+}
+
 /// The config from `llama.*` metadata, with llama.cpp's defaults.
 fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig, LoadError> {
     let usize_key = |key: &str| metadata_usize(content, key, path);
@@ -122,6 +126,12 @@ fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig,
             })
         }
     };
+    if optional("llama.expert_count") || optional_tensor(content, "blk.0.ffn_gate_inp.weight") {
+        return Err(LoadError::Unsupported {
+            path: path.to_path_buf(),
+            reason: "llama.expert_count is set; mixture-of-experts MLPs are not implemented".into(),
+        });
+    }
     let hidden_size = usize_key("llama.embedding_length")?;
     let num_attention_heads = usize_key("llama.attention.head_count")?;
     let head_dim = if optional("llama.rope.dimension_count") {
@@ -150,6 +160,14 @@ fn gguf_config(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig,
     let num_hidden_layers = usize_key("llama.block_count")?;
     let mut architecture = Architecture::llama(num_hidden_layers, head_dim, rope_theta);
     architecture.ropes[0].scaling = scaling;
+    // Biases are tensors, not metadata: layer 0 says which the model has
+    // (a layer without them then fails to load, naming the tensor).
+    let has_bias = |name: &str| optional_tensor(content, &format!("blk.0.{name}.bias"));
+    architecture.biases = Biases {
+        qkv: has_bias("attn_q"),
+        output: has_bias("attn_output"),
+        mlp: has_bias("ffn_down"),
+    };
     let config = LlamaConfig {
         hidden_size,
         intermediate_size: usize_key("llama.feed_forward_length")?,
@@ -237,13 +255,21 @@ fn gguf_weights(
         }
         for i in 0..config.num_hidden_layers {
             for (gguf_name, hf_name) in GGUF_LAYER_TENSORS {
-                let tensor = read(&format!("blk.{i}.{gguf_name}.weight"))?;
-                let tensor = match gguf_name {
-                    "attn_q" => unpermute_from_gguf(&tensor, config.num_attention_heads)?,
-                    "attn_k" => unpermute_from_gguf(&tensor, config.num_key_value_heads)?,
-                    _ => tensor,
+                let unpermute = |tensor: Tensor| match gguf_name {
+                    "attn_q" => unpermute_from_gguf(&tensor, config.num_attention_heads),
+                    "attn_k" => unpermute_from_gguf(&tensor, config.num_key_value_heads),
+                    _ => Ok(tensor),
                 };
+                let tensor = unpermute(read(&format!("blk.{i}.{gguf_name}.weight"))?)?;
                 weights.insert(format!("model.layers.{i}.{hf_name}.weight"), tensor);
+                let bias = format!("blk.{i}.{gguf_name}.bias");
+                if content.tensor_infos.contains_key(&bias) {
+                    // A bias is a one-column matrix to the Q/K permutation.
+                    let bias = read(&bias)?;
+                    let rows = bias.elem_count();
+                    let bias = unpermute(bias.reshape((rows, 1))?)?.reshape(rows)?;
+                    weights.insert(format!("model.layers.{i}.{hf_name}.bias"), bias);
+                }
             }
         }
         Ok(())
