@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{expect_success, identity_compressor, kv_validate, prose_path, read_json};
+use common::{expect_success, identity_compressor, kv_validate, max_abs, prose_path, read_json};
 use kv_validate::kvio::{read_kv_cache, write_kv_cache};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 use kvformat::dtype::CacheDtype;
@@ -51,17 +51,6 @@ fn load(case: &str) -> LoadedModel {
 
 fn load_from(case: &str, source: ModelSource) -> LoadedModel {
     load_model(&source, &Device::Cpu, DType::F32, false).unwrap_or_else(|e| panic!("{case}: {e}"))
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Asserts `ours` within the tolerance of `reference`, relative to its largest value.

@@ -482,6 +482,19 @@ mod tests {
             .unwrap()
     }
 
+    /// The reference: candle's softmax over `[.., rows, keys]` scores plus a
+    /// mask of -inf where `visible(row, key)` is false.
+    fn masked_softmax(scores: &Tensor, visible: impl Fn(usize, usize) -> bool) -> Tensor {
+        let dims = scores.dims();
+        let (rows, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mask: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..keys).map(move |k| (r, k)))
+            .map(|(r, k)| if visible(r, k) { 0.0 } else { f32::NEG_INFINITY })
+            .collect();
+        let mask = Tensor::from_vec(mask, (rows, keys), &Device::Cpu).unwrap();
+        candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap()
+    }
+
     #[test]
     fn exp_is_within_about_an_ulp_of_libm_over_the_range_softmax_and_silu_use() {
         let mut worst = 0f32;
@@ -506,20 +519,7 @@ mod tests {
         // Widths that exercise the 16-lane loops and their tails.
         for keys in [keys, 40] {
             let scores = random(&[1, 2, 3, rows, keys], 4.0);
-            let mask: Vec<f32> = (0..rows)
-                .flat_map(|r| {
-                    (0..keys).map(move |k| {
-                        if k <= first_key + r {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (rows, keys), &Device::Cpu).unwrap();
-            let expected =
-                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+            let expected = masked_softmax(&scores, |r, k| k <= first_key + r);
             let actual = causal_softmax(&scores, first_key, None).unwrap();
             assert_eq!(actual.dims(), scores.dims());
             assert!(max_abs_difference(&actual, &expected) < 1e-6);
@@ -549,20 +549,9 @@ mod tests {
         // keys 4 + r ..= 6 + r.
         let (rows, keys, first_key, window) = (4, 10, 6, 3);
         let scores = random(&[1, 2, rows, keys], 4.0);
-        let mask: Vec<f32> = (0..rows)
-            .flat_map(|r| {
-                (0..keys).map(move |k| {
-                    if k <= first_key + r && k + window > first_key + r {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (rows, keys), &Device::Cpu).unwrap();
-        let expected =
-            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
+        let expected = masked_softmax(&scores, |r, k| {
+            k <= first_key + r && k + window > first_key + r
+        });
         let fused = causal_softmax(&scores, first_key, Some(window)).unwrap();
         assert!(max_abs_difference(&fused, &expected) < 1e-6);
         let f16 = causal_softmax(&scores.to_dtype(DType::F16).unwrap(), first_key, Some(window))
