@@ -262,8 +262,8 @@ pub fn parameter_count(config: &LlamaConfig) -> u64 {
     let attention_biases = u64::from(arch.biases.qkv) * (heads + 2 * kv_heads) * head_dim
         + u64::from(arch.biases.output) * hidden;
     let mlp = 3 * hidden * intermediate + u64::from(arch.biases.mlp) * (2 * intermediate + hidden);
-    let norms = if arch.sandwich_norms { 4 } else { 2 } * hidden
-        + u64::from(arch.qk_norm) * 2 * head_dim;
+    let norms =
+        if arch.sandwich_norms { 4 } else { 2 } * hidden + u64::from(arch.qk_norm) * 2 * head_dim;
     let per_layer = attention + attention_biases + mlp + norms;
     let embeddings = vocab * hidden;
     let head = if config.tie_word_embeddings {

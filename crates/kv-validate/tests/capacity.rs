@@ -358,10 +358,18 @@ fn sliding_window_layers_hold_at_most_their_window() {
     let dir = tempfile::tempdir().unwrap();
     let model = family_dir("gemma3_text");
     let (text, report) = capacity(
-        &["--model-dir", model.to_str().unwrap(), "--gpu-memory", "1MiB"],
+        &[
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--gpu-memory",
+            "1MiB",
+        ],
         dir.path(),
     );
-    assert_eq!(report["kv_values_per_token"], 256, "4 x 64 until a window fills");
+    assert_eq!(
+        report["kv_values_per_token"], 256,
+        "4 x 64 until a window fills"
+    );
     // Parameters: embeddings 288 x 32 = 9,216 (tied head); per layer Q and O
     // 2 x 32 x 64, K and V 2 x 32 x 32 = 6,144, q/k/v biases 128 and o's 32,
     // MLP 3 x 32 x 32 = 3,072, four norms 4 x 32 and q/k norms 2 x 16 = 160:

@@ -76,7 +76,10 @@ fn input_ids(reference: &HashMap<String, Tensor>) -> Vec<u32> {
 }
 
 fn as_input(ids: &[u32]) -> Tensor {
-    Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 /// One prefill: logits, and the cache as kv-validate hands it to kv-compress.
@@ -88,7 +91,12 @@ fn prefill_of_matches_transformers(case: &str, loaded: LoadedModel) {
     let reference = reference(case);
     let ids = input_ids(&reference);
     let (logits, cache) = loaded.model.forward(&as_input(&ids), None).unwrap();
-    assert_close(case, "logits", &logits.squeeze(0).unwrap(), &reference["logits"]);
+    assert_close(
+        case,
+        "logits",
+        &logits.squeeze(0).unwrap(),
+        &reference["logits"],
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("kv_cache.safetensors");
@@ -118,8 +126,16 @@ fn split_prefill_matches_transformers(case: &str, split: Option<usize>) {
         .model
         .forward(&as_input(&ids[split..]), Some(&cache))
         .unwrap();
-    let logits = Tensor::cat(&[first, second], 1).unwrap().squeeze(0).unwrap();
-    assert_close(case, "logits of a split prefill", &logits, &reference["logits"]);
+    let logits = Tensor::cat(&[first, second], 1)
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    assert_close(
+        case,
+        "logits of a split prefill",
+        &logits,
+        &reference["logits"],
+    );
 }
 
 /// `kv-validate` on prose with windows of 16 context + 16 targets, the
@@ -247,11 +263,20 @@ fn unimplemented_models_are_refused_naming_the_field() {
         assert!(error.contains("config.json"), "{case}: {error}");
     }
     // The same from llama.cpp's files: Mixtral's is arch llama with experts,
-    // the others name their own arch, and yarn is not read from GGUF yet.
+    // Qwen3-MoE names its own arch, and yarn is not read from GGUF yet.
     for (case, expected) in [
-        ("mixtral", "llama.expert_count is set; mixture-of-experts MLPs are not implemented"),
-        ("qwen2", "general.architecture is \"qwen2\"; only \"llama\" GGUF files are supported"),
-        ("llama-yarn", "llama.rope.scaling.type is \"yarn\"; implemented in GGUF: none, linear"),
+        (
+            "mixtral",
+            "llama.expert_count is set; mixture-of-experts MLPs are not implemented",
+        ),
+        (
+            "qwen3_moe",
+            "general.architecture is \"qwen3moe\"; the GGUF architectures implemented",
+        ),
+        (
+            "llama-yarn",
+            "llama.rope.scaling.type is \"yarn\"; implemented in GGUF: none, linear",
+        ),
     ] {
         let error = load_error(&ModelSource::Gguf(case_dir(case).join("model.gguf")));
         assert!(error.contains(expected), "{case}: {error}");
@@ -265,12 +290,27 @@ fn load_error(source: &ModelSource) -> String {
     }
 }
 
-/// The same models as llama.cpp's converter writes them (`model.gguf`,
-/// arch `llama`): Q/K un-permuted, Llama 3's scaling as `rope_freqs.weight`,
-/// linear scaling as metadata, biases as `*.bias` tensors.
+/// The same models as llama.cpp's converter writes them (`model.gguf`):
+/// arch `llama` with Q/K rows interleaved, Llama 3's scaling as
+/// `rope_freqs.weight`, linear scaling as metadata, biases as `*.bias`
+/// tensors; `qwen2`, `qwen3`, `gemma2` and `gemma3` (norms stored as 1 + w,
+/// what a GGUF cannot say taken as llama.cpp does) and `phi3` (fused
+/// projections, LongRoPE factors as tensors).
 #[test]
-fn llama_ggufs_match_transformers() {
-    for case in ["llama", "llama3", "llama-linear", "llama-bias", "mistral-nemo"] {
+fn ggufs_match_transformers() {
+    for case in [
+        "llama",
+        "llama3",
+        "llama-linear",
+        "llama-bias",
+        "mistral-nemo",
+        "qwen2",
+        "qwen3",
+        "gemma2-gguf",
+        "gemma3_text-gguf",
+        "phi3",
+        "phi3-short",
+    ] {
         let gguf = ModelSource::Gguf(case_dir(case).join("model.gguf"));
         prefill_of_matches_transformers(case, load_from(case, gguf));
     }

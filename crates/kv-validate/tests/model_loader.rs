@@ -222,7 +222,8 @@ fn config_features_we_do_not_implement_are_rejected_not_ignored() {
 fn a_checkpoint_tensor_the_config_leaves_unused_is_an_error() {
     // The tiny model has an untied head; a config that ties it would run
     // without lm_head.weight.
-    let (err, hf_dir, _dir) = error_with_config(|config| config["tie_word_embeddings"] = true.into());
+    let (err, hf_dir, _dir) =
+        error_with_config(|config| config["tie_word_embeddings"] = true.into());
     assert!(matches!(err, LoadError::UnusedTensor { .. }), "{err}");
     assert_eq!(
         err.to_string(),
@@ -273,24 +274,26 @@ fn gguf_with_metadata(
 }
 
 #[test]
-fn a_gguf_that_is_not_llama_is_rejected_by_name() {
+fn a_gguf_of_an_architecture_not_implemented_is_rejected_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let files = tiny_files(dir.path());
-    let qwen = gguf_with_metadata(&files.gguf, &dir.path().join("qwen.gguf"), |metadata| {
+    let mamba = gguf_with_metadata(&files.gguf, &dir.path().join("mamba.gguf"), |metadata| {
         for (key, value) in metadata.iter_mut() {
             if key == "general.architecture" {
-                *value = Value::String("qwen2".into());
+                *value = Value::String("mamba".into());
             }
         }
     });
-    let err = load_error(ModelSource::Gguf(qwen.clone()));
-    assert!(matches!(&err, LoadError::NotLlama { architecture, .. } if architecture == "qwen2"));
+    let err = load_error(ModelSource::Gguf(mamba.clone()));
+    assert!(
+        matches!(&err, LoadError::UnsupportedGgufArchitecture { architecture, .. } if architecture == "mamba")
+    );
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: general.architecture is \"qwen2\"; only \"llama\" GGUF files are supported \
-             (the other families load from their Hugging Face directory)",
-            qwen.display()
+            "{}: general.architecture is \"mamba\"; the GGUF architectures implemented \
+             are llama, qwen2, qwen3, gemma2, gemma3 and phi3",
+            mamba.display()
         )
     );
 }

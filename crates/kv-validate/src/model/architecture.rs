@@ -45,7 +45,9 @@ impl Family {
     }
 
     pub fn from_model_type(model_type: &str) -> Option<Family> {
-        Family::ALL.into_iter().find(|f| f.model_type() == model_type)
+        Family::ALL
+            .into_iter()
+            .find(|f| f.model_type() == model_type)
     }
 }
 
@@ -162,7 +164,8 @@ impl Rope {
             } => {
                 let max = *max_position_embeddings as f64;
                 let seq = (seq_len as f64).max(max);
-                let base = self.theta * ((factor * seq / max) - (factor - 1.0)).powf(dim / (dim - 2.0));
+                let base =
+                    self.theta * ((factor * seq / max) - (factor - 1.0)).powf(dim / (dim - 2.0));
                 (to_f32(plain_with_base(base)), 1.0)
             }
             RopeScaling::Llama3 {
@@ -261,8 +264,12 @@ impl Rope {
                 short_factor,
                 long_factor,
                 ..
-            } if short_factor.len() != long_factor.len() => Some(("long_factor", long_factor.len())),
-            RopeScaling::LongRope { short_factor, .. } => Some(("short_factor", short_factor.len())),
+            } if short_factor.len() != long_factor.len() => {
+                Some(("long_factor", long_factor.len()))
+            }
+            RopeScaling::LongRope { short_factor, .. } => {
+                Some(("short_factor", short_factor.len()))
+            }
             RopeScaling::FrequencyDivisors(d) => Some(("rope_freqs", d.len())),
             _ => None,
         }
@@ -460,10 +467,16 @@ mod tests {
                 max_position_embeddings: 32,
             },
         };
-        assert_eq!(rope.frequencies(8, 32).0, Rope::plain(1e4).frequencies(8, 32).0);
+        assert_eq!(
+            rope.frequencies(8, 32).0,
+            Rope::plain(1e4).frequencies(8, 32).0
+        );
         // T = 48: base 1e4 · (4·48/32 - 3)^(8/6) = 1e4 · 3^(4/3).
         let base = 1e4 * 3f64.powf(4.0 / 3.0);
-        assert_eq!(rope.frequencies(8, 48).0, Rope::plain(base).frequencies(8, 48).0);
+        assert_eq!(
+            rope.frequencies(8, 48).0,
+            Rope::plain(base).frequencies(8, 48).0
+        );
     }
 
     #[test]

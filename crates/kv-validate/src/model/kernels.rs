@@ -489,7 +489,13 @@ mod tests {
         let (rows, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         let mask: Vec<f32> = (0..rows)
             .flat_map(|r| (0..keys).map(move |k| (r, k)))
-            .map(|(r, k)| if visible(r, k) { 0.0 } else { f32::NEG_INFINITY })
+            .map(|(r, k)| {
+                if visible(r, k) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (rows, keys), &Device::Cpu).unwrap();
         candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap()
@@ -554,13 +560,20 @@ mod tests {
         });
         let fused = causal_softmax(&scores, first_key, Some(window)).unwrap();
         assert!(max_abs_difference(&fused, &expected) < 1e-6);
-        let f16 = causal_softmax(&scores.to_dtype(DType::F16).unwrap(), first_key, Some(window))
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap();
+        let f16 = causal_softmax(
+            &scores.to_dtype(DType::F16).unwrap(),
+            first_key,
+            Some(window),
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
         assert!(max_abs_difference(&f16, &expected) < 1e-3);
         // Key 3 is one older than row 0's window: exactly 0.
-        assert_eq!(fused.i((0, 0, 0, 3)).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            fused.i((0, 0, 0, 3)).unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
         assert!(causal_softmax(&scores, first_key, Some(0)).is_err());
     }
 
@@ -655,7 +668,8 @@ mod tests {
                 let scores = random(&shape, 4.0).to_dtype(dtype).unwrap();
                 let exact =
                     causal_softmax(&scores.to_dtype(DType::F32).unwrap(), first_key, None).unwrap();
-                let on_gpu = causal_softmax(&scores.to_device(&gpu).unwrap(), first_key, None).unwrap();
+                let on_gpu =
+                    causal_softmax(&scores.to_device(&gpu).unwrap(), first_key, None).unwrap();
                 assert_eq!(on_gpu.dtype(), dtype);
                 let on_gpu = on_gpu
                     .to_device(&Device::Cpu)

@@ -99,7 +99,10 @@ impl LlamaConfig {
     /// The RoPE base of the first setting (every layer's, but in Gemma 3,
     /// whose sliding layers have their own).
     pub fn rope_theta(&self) -> f64 {
-        self.architecture.ropes.first().map_or(0.0, |rope| rope.theta)
+        self.architecture
+            .ropes
+            .first()
+            .map_or(0.0, |rope| rope.theta)
     }
 
     /// Query heads that share one key/value head (GQA group size).
@@ -390,10 +393,14 @@ impl Attention {
                     .matmul(&key.narrow(2, first_seen, visible - first_seen)?.t()?)?
                     .reshape((batch, kv_heads, group, rows, visible - first_seen))?;
                 let scores = softcap(&scores, arch.attention_softcap)?;
-                kernels::causal_softmax(&scores, past_len + first - first_seen, self.sliding_window)?
-                    .reshape((batch, kv_heads, group * rows, visible - first_seen))?
-                    .matmul(&value.narrow(2, first_seen, visible - first_seen)?)?
-                    .reshape((batch, heads, rows, head_dim))
+                kernels::causal_softmax(
+                    &scores,
+                    past_len + first - first_seen,
+                    self.sliding_window,
+                )?
+                .reshape((batch, kv_heads, group * rows, visible - first_seen))?
+                .matmul(&value.narrow(2, first_seen, visible - first_seen)?)?
+                .reshape((batch, heads, rows, head_dim))
             })
             .collect::<Result<Vec<_>>>()?;
         let y = Tensor::cat(&blocks, 2)?.transpose(1, 2)?.reshape((
@@ -410,7 +417,12 @@ impl Attention {
         let q_size = config.num_attention_heads * config.head_dim;
         let kv_size = config.num_key_value_heads * config.head_dim;
         let qkv_proj = if arch.fused_projections {
-            stacked_linear(&vb, hidden, &[("qkv_proj", q_size + 2 * kv_size)], arch.biases.qkv)?
+            stacked_linear(
+                &vb,
+                hidden,
+                &[("qkv_proj", q_size + 2 * kv_size)],
+                arch.biases.qkv,
+            )?
         } else {
             stacked_linear(
                 &vb,
@@ -421,7 +433,12 @@ impl Attention {
         };
         let qk_norms = if arch.qk_norm {
             let head_norm = |name: &str| {
-                norm(config.head_dim, config.rms_norm_eps, arch.norm_weight, vb.pp(name))
+                norm(
+                    config.head_dim,
+                    config.rms_norm_eps,
+                    arch.norm_weight,
+                    vb.pp(name),
+                )
             };
             Some((head_norm("q_norm")?, head_norm("k_norm")?))
         } else {

@@ -21,10 +21,22 @@ const REFUSED_MODEL_TYPES: [(&str, &str); 8] = [
     ("mixtral", "mixture-of-experts MLPs are not implemented"),
     ("qwen2_moe", "mixture-of-experts MLPs are not implemented"),
     ("qwen3_moe", "mixture-of-experts MLPs are not implemented"),
-    ("deepseek_v2", "multi-head latent attention (an MLA cache, kv_lora_rank) is not implemented"),
-    ("deepseek_v3", "multi-head latent attention (an MLA cache, kv_lora_rank) is not implemented"),
-    ("qwen3_next", "hybrid linear-attention layers are not implemented"),
-    ("gemma3", "this is Gemma 3's multimodal wrapper; point kv-validate at a text-only gemma3_text config"),
+    (
+        "deepseek_v2",
+        "multi-head latent attention (an MLA cache, kv_lora_rank) is not implemented",
+    ),
+    (
+        "deepseek_v3",
+        "multi-head latent attention (an MLA cache, kv_lora_rank) is not implemented",
+    ),
+    (
+        "qwen3_next",
+        "hybrid linear-attention layers are not implemented",
+    ),
+    (
+        "gemma3",
+        "this is Gemma 3's multimodal wrapper; point kv-validate at a text-only gemma3_text config",
+    ),
     ("jamba", "hybrid Mamba layers are not implemented"),
 ];
 
@@ -92,7 +104,10 @@ impl<'a> ConfigJson<'a> {
 
     fn opt_f64(&self, key: &str) -> Result<Option<f64>, LoadError> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.field_error(key, "expected a number")))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.field_error(key, "expected a number"))
+            })
             .transpose()
     }
 
@@ -105,7 +120,10 @@ impl<'a> ConfigJson<'a> {
 
     fn opt_str(&self, key: &str) -> Result<Option<&'a str>, LoadError> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.field_error(key, "expected a string")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.field_error(key, "expected a string"))
+            })
             .transpose()
     }
 
@@ -172,16 +190,18 @@ fn rope(
             path: s.path,
         },
     );
-    if let Some(key) = settings.map.keys().find(|k| !ROPE_KEYS.contains(&k.as_str())) {
+    if let Some(key) = settings
+        .map
+        .keys()
+        .find(|k| !ROPE_KEYS.contains(&k.as_str()))
+    {
         return Err(top.unsupported(format!(
             "{field}.{key} is set; kv-validate does not implement it and would compute other RoPE angles"
         )));
     }
     let named = |key: &str| format!("{field}.{key}");
     let number = |key: &str| settings.opt_f64(key);
-    let required = |key: &str| {
-        number(key)?.ok_or_else(|| top.field_error(&named(key), "missing"))
-    };
+    let required = |key: &str| number(key)?.ok_or_else(|| top.field_error(&named(key), "missing"));
     let theta = match number("rope_theta")? {
         Some(theta) => theta,
         None => top.opt_f64("rope_theta")?.unwrap_or(default_theta),
@@ -213,8 +233,8 @@ fn rope(
         },
         "yarn" => {
             let original = original_max()?;
-            let factor = number("factor")?
-                .unwrap_or(max_position_embeddings as f64 / original as f64);
+            let factor =
+                number("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
             let mscale_of = |mscale: f64| {
                 if factor <= 1.0 {
                     1.0
@@ -247,8 +267,8 @@ fn rope(
         }
         "longrope" | "su" => {
             let original = original_max()?;
-            let factor = number("factor")?
-                .unwrap_or(max_position_embeddings as f64 / original as f64);
+            let factor =
+                number("factor")?.unwrap_or(max_position_embeddings as f64 / original as f64);
             let attention_factor = match number("attention_factor")? {
                 Some(a) => a,
                 None if factor <= 1.0 => 1.0,
@@ -268,12 +288,10 @@ fn rope(
                 attention_factor,
             }
         }
-        other => {
-            return Err(top.unsupported(format!(
-                "{} is {other:?}; implemented: default, linear, dynamic, llama3, yarn, longrope (su)",
-                named("rope_type")
-            )))
-        }
+        other => return Err(top.unsupported(format!(
+            "{} is {other:?}; implemented: default, linear, dynamic, llama3, yarn, longrope (su)",
+            named("rope_type")
+        ))),
     };
     Ok(Rope { theta, scaling })
 }
@@ -301,7 +319,11 @@ fn ropes(
             .iter()
             .any(|t| parameters.map.contains_key(*t));
         if !per_layer_type {
-            return Ok((vec![rope_at(Some(&parameters), "rope_parameters", theta)?], 0, 0));
+            return Ok((
+                vec![rope_at(Some(&parameters), "rope_parameters", theta)?],
+                0,
+                0,
+            ));
         }
         if let Some(key) = parameters
             .map
@@ -321,7 +343,11 @@ fn ropes(
         };
         let ropes = vec![
             rope_at(full.as_ref(), "rope_parameters.full_attention", theta)?,
-            rope_at(sliding.as_ref(), "rope_parameters.sliding_attention", local_theta)?,
+            rope_at(
+                sliding.as_ref(),
+                "rope_parameters.sliding_attention",
+                local_theta,
+            )?,
         ];
         return Ok((ropes, 0, 1));
     }
@@ -383,11 +409,19 @@ fn sliding_layers(
             let pattern_slides = |i: usize| match family {
                 Family::Gemma2 => (i + 1) % 2 != 0,
                 Family::Gemma3Text => {
-                    let pattern = json.opt_usize("sliding_window_pattern").ok().flatten().unwrap_or(6);
+                    let pattern = json
+                        .opt_usize("sliding_window_pattern")
+                        .ok()
+                        .flatten()
+                        .unwrap_or(6);
                     pattern == 0 || (i + 1) % pattern != 0
                 }
                 Family::Qwen2 | Family::Qwen3 => {
-                    i >= json.opt_usize("max_window_layers").ok().flatten().unwrap_or(28)
+                    i >= json
+                        .opt_usize("max_window_layers")
+                        .ok()
+                        .flatten()
+                        .unwrap_or(28)
                 }
                 _ => true,
             };
@@ -400,15 +434,31 @@ fn sliding_layers(
 /// Config keys of other models' math that none of these families has;
 /// a config that sets one is refused rather than run without it.
 const REFUSED_KEYS: [(&str, &str); 6] = [
-    ("kv_lora_rank", "multi-head latent attention (an MLA cache) is not implemented"),
-    ("num_local_experts", "mixture-of-experts MLPs are not implemented"),
+    (
+        "kv_lora_rank",
+        "multi-head latent attention (an MLA cache) is not implemented",
+    ),
+    (
+        "num_local_experts",
+        "mixture-of-experts MLPs are not implemented",
+    ),
     ("num_experts", "mixture-of-experts MLPs are not implemented"),
-    ("attention_chunk_size", "chunked attention is not implemented"),
-    ("use_bidirectional_attention", "bidirectional attention is not a causal decoder"),
+    (
+        "attention_chunk_size",
+        "chunked attention is not implemented",
+    ),
+    (
+        "use_bidirectional_attention",
+        "bidirectional attention is not a causal decoder",
+    ),
     ("no_rope_layers", "layers without RoPE are not implemented"),
 ];
 
-fn architecture_of(json: &ConfigJson, family: Family, shape: &Shape) -> Result<Architecture, LoadError> {
+fn architecture_of(
+    json: &ConfigJson,
+    family: Family,
+    shape: &Shape,
+) -> Result<Architecture, LoadError> {
     for (key, why) in REFUSED_KEYS {
         let set = match json.get(key) {
             None | Some(Value::Bool(false)) => false,
@@ -481,8 +531,12 @@ fn architecture_of(json: &ConfigJson, family: Family, shape: &Shape) -> Result<A
     } else {
         shape.head_dim as f64
     };
-    let (ropes, full_rope, sliding_rope) =
-        ropes(json, family, shape.rope_theta, shape.max_position_embeddings)?;
+    let (ropes, full_rope, sliding_rope) = ropes(
+        json,
+        family,
+        shape.rope_theta,
+        shape.max_position_embeddings,
+    )?;
     let (slides, window) = sliding_layers(json, family, shape.num_layers)?;
     let layers = slides
         .into_iter()
@@ -533,7 +587,10 @@ fn config_of(json: &ConfigJson) -> Result<LlamaConfig, LoadError> {
             let why = REFUSED_MODEL_TYPES
                 .iter()
                 .find(|(t, _)| *t == model_type)
-                .map_or("it is not one of the families kv-validate implements", |(_, why)| why);
+                .map_or(
+                    "it is not one of the families kv-validate implements",
+                    |(_, why)| why,
+                );
             let supported: Vec<&str> = Family::ALL.iter().map(|f| f.model_type()).collect();
             return Err(json.unsupported(format!(
                 "model_type is {model_type:?}: {why} (supported: {})",
@@ -575,7 +632,9 @@ fn config_of(json: &ConfigJson) -> Result<LlamaConfig, LoadError> {
             .opt_usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads),
         head_dim,
-        rms_norm_eps: json.opt_f64("rms_norm_eps")?.unwrap_or(defaults.rms_norm_eps),
+        rms_norm_eps: json
+            .opt_f64("rms_norm_eps")?
+            .unwrap_or(defaults.rms_norm_eps),
         vocab_size: json.usize("vocab_size")?,
         max_position_embeddings,
         tie_word_embeddings: json.bool_or("tie_word_embeddings", defaults.tie_word_embeddings)?,

@@ -7,9 +7,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
+use super::used_tensors::load_every_tensor;
 use super::{check_vocab, read_hf_config, read_to_string, HfModelFiles, LoadError, LoadedModel};
 use super::{SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE};
-use super::used_tensors::load_every_tensor;
 
 #[derive(serde::Deserialize)]
 struct SafetensorsIndex {
@@ -87,8 +87,19 @@ pub(super) fn load_hf_files(
             source,
         }
     })?;
-    let names: Vec<String> = tensors.tensors().into_iter().map(|(name, _)| name).collect();
-    let model = load_every_tensor(Box::new(tensors), names, &config, dtype, device, &weights_path)?;
+    let names: Vec<String> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let model = load_every_tensor(
+        Box::new(tensors),
+        names,
+        &config,
+        dtype,
+        device,
+        &weights_path,
+    )?;
     Ok(LoadedModel {
         model,
         tokenizer,

@@ -97,11 +97,11 @@ pub enum LoadError {
     #[error("{}: unsupported model: {reason}", path.display())]
     Unsupported { path: PathBuf, reason: String },
     #[error(
-        "{}: general.architecture is {architecture:?}; only \"llama\" GGUF files are \
-         supported (the other families load from their Hugging Face directory)",
+        "{}: general.architecture is {architecture:?}; the GGUF architectures implemented \
+         are llama, qwen2, qwen3, gemma2, gemma3 and phi3",
         path.display()
     )]
-    NotLlama { path: PathBuf, architecture: String },
+    UnsupportedGgufArchitecture { path: PathBuf, architecture: String },
     #[error(
         "{}: the checkpoint's tensor {tensor} {} not used by a {model_type} model as its \
          config describes it; refusing to run other math than the checkpoint's",

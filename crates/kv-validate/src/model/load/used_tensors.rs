@@ -45,7 +45,12 @@ impl SimpleBackend for Recording<'_> {
         self.inner.get(shape, name, init, dtype, device)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
         self.record(name);
         self.inner.get_unchecked(name, dtype, device)
     }
