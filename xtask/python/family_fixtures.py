@@ -40,8 +40,8 @@ the scaled-RoPE regime is reached within T. Each run checks, and fails
 otherwise: a second prefill gives the same logits bit for bit; the directory
 loaded back through transformers (config.json as written) gives the same
 logits and cache; turning each feature off (window, RoPE scaling, soft-caps,
-partial rotary, top-k routing) changes the logits by more than 1% of their
-scale; MoE routers never nearly tie; and each model.gguf, run by a forward
+partial rotary, biases, top-k routing) changes the logits by more than 1% of
+their scale; MoE routers never nearly tie; and each model.gguf, run by a forward
 pass written here from llama.cpp's reading of GGUF (not transformers'), gives
 the recorded logits and cache within 1e-5.
 
