@@ -215,6 +215,12 @@ def llama_cases() -> list[Case]:
 
 
 def other_cases() -> list[Case]:
+    gemma2_config = dict(
+        num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
+        attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     gemma3_rope = {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -315,12 +321,7 @@ def other_cases() -> list[Case]:
              QWEN_SPECIAL, features=["q/k RMSNorm per head", "head_dim != hidden/heads", "tied embeddings"],
              classic_omit=("layer_types",), gguf_arch="qwen3",
              notes=["hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads"]),
-        Case("gemma2", "gemma2",
-             dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
-                  attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
-                  hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-             GEMMA_SPECIAL,
+        Case("gemma2", "gemma2", gemma2_config, GEMMA_SPECIAL,
              features=["(1 + w) RMSNorm, pre and post norms", "GeGLU (gelu tanh)", "embedding * sqrt(hidden)",
                        "attention soft-cap 4", "final logit soft-cap 2.5", "query_pre_attn_scalar 24 != head_dim",
                        "sliding_window 16 < T on layers 0 and 2", "tied embeddings"],
@@ -340,12 +341,7 @@ def other_cases() -> list[Case]:
              features=["as gemma3_text, config.json in transformers 5 form (rope_parameters per layer type)"],
              ablations=gemma3_ablations, config_form="rope_parameters",
              notes=["the same model as the gemma3_text case; only config.json's form differs"] + gemma3_notes),
-        Case("gemma2-gguf", "gemma2",
-             dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
-                  attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
-                  hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-             GEMMA_SPECIAL,
+        Case("gemma2-gguf", "gemma2", dict(gemma2_config, query_pre_attn_scalar=16), GEMMA_SPECIAL,
              features=["as gemma2 but query_pre_attn_scalar = head_dim, which a GGUF can express", "model.gguf"],
              ablations={"window off": dict(sliding_window=4096)},
              classic_omit=("layer_types",), classic_extra=dict(hidden_act="gelu_pytorch_tanh"), gguf_arch="gemma2",
