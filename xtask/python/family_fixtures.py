@@ -40,8 +40,9 @@ the scaled-RoPE regime is reached within T. Each run checks, and fails
 otherwise: a second prefill gives the same logits bit for bit; the directory
 loaded back through transformers (config.json as written) gives the same
 logits and cache; turning each feature off (window, RoPE scaling, soft-caps,
-partial rotary, top-k routing) changes the logits by more than 1% of their
-scale; MoE routers never nearly tie; and each model.gguf, run by a forward
+partial rotary, biases, top-k routing) changes the logits by more than 1% of
+their scale, and what transformers ignores (Gemma 3's attention soft-cap)
+changes nothing; MoE routers never nearly tie; and each model.gguf, run by a forward
 pass written here from llama.cpp's reading of GGUF (not transformers'), gives
 the recorded logits and cache within 1e-5.
 
@@ -137,6 +138,8 @@ class Case:
     features: list[str] = field(default_factory=list)
     # Config changes that switch one feature off; each must change the logits.
     ablations: dict[str, dict] = field(default_factory=dict)
+    # Config changes transformers ignores; each must leave the logits as they are.
+    inert: dict[str, dict] = field(default_factory=dict)
     # classic: the config as checkpoints published before transformers 5 have
     # it; rope_parameters: as transformers 5 writes it.
     config_form: str = "classic"
@@ -215,6 +218,12 @@ def llama_cases() -> list[Case]:
 
 
 def other_cases() -> list[Case]:
+    gemma2_config = dict(
+        num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
+        attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
     gemma3_rope = {
         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -225,11 +234,13 @@ def other_cases() -> list[Case]:
         rope_parameters=gemma3_rope, query_pre_attn_scalar=24, tie_word_embeddings=True,
         hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
     )
-    # Soft-caps and biases on, although Gemma 3's checkpoints have them off: transformers applies them.
+    # Soft-caps and biases on, although Gemma 3's checkpoints have them off. transformers applies the
+    # final soft-cap and the biases but never the attention soft-cap: its Gemma 3 attention passes none.
     gemma3_on = dict(gemma3_config, attn_logit_softcapping=5.0, final_logit_softcapping=3.0, attention_bias=True)
+    gemma3_inert = {"attn_logit_softcapping off": dict(attn_logit_softcapping=None)}
     gemma3_ablations = {
         "window off": dict(sliding_window=4096),
-        "soft-caps off": dict(attn_logit_softcapping=None, final_logit_softcapping=None),
+        "final soft-cap off": dict(final_logit_softcapping=None),
         "biases off": dict(attention_bias=False),
         "rope scaling off": dict(rope_parameters={
             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
@@ -243,6 +254,8 @@ def other_cases() -> list[Case]:
         "layer 2 is global with rope_theta 1e6 and linear scaling 8 (classic: rope_scaling), as Gemma 3 4B+",
         "sliding layers' cache holds the last sliding_window-1 = 15 tokens",
         "hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads",
+        "attn_logit_softcapping is set but transformers 5's Gemma 3 attention does not apply it "
+        "(checked: setting it to null leaves the logits bit-identical)",
     ]
     phi3_factors_short = [1.0, 1.1, 1.4, 2.2]
     phi3_factors_long = [1.0, 1.8, 4.0, 16.0]
@@ -315,12 +328,7 @@ def other_cases() -> list[Case]:
              QWEN_SPECIAL, features=["q/k RMSNorm per head", "head_dim != hidden/heads", "tied embeddings"],
              classic_omit=("layer_types",), gguf_arch="qwen3",
              notes=["hidden_size 32 with head_dim 16 and 4 heads: head_dim is not hidden/heads"]),
-        Case("gemma2", "gemma2",
-             dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=24,
-                  attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
-                  hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-             GEMMA_SPECIAL,
+        Case("gemma2", "gemma2", gemma2_config, GEMMA_SPECIAL,
              features=["(1 + w) RMSNorm, pre and post norms", "GeGLU (gelu tanh)", "embedding * sqrt(hidden)",
                        "attention soft-cap 4", "final logit soft-cap 2.5", "query_pre_attn_scalar 24 != head_dim",
                        "sliding_window 16 < T on layers 0 and 2", "tied embeddings"],
@@ -334,18 +342,14 @@ def other_cases() -> list[Case]:
              features=["q/k (1 + w) RMSNorm", "sliding and global layers with their own rope bases",
                        "linear rope scaling on global layers", "query_pre_attn_scalar 24 != head_dim",
                        "sliding_window 16 < T", "tied embeddings",
-                       "attention soft-cap 5, final soft-cap 3, q/k/v/o biases (off in Gemma 3's checkpoints)"],
-             ablations=gemma3_ablations, notes=gemma3_notes, classic_omit=("layer_types",)),
+                       "final soft-cap 3 and q/k/v/o biases (off in Gemma 3's checkpoints)",
+                       "attn_logit_softcapping 5, which transformers reads but never applies for Gemma 3"],
+             ablations=gemma3_ablations, inert=gemma3_inert, notes=gemma3_notes, classic_omit=("layer_types",)),
         Case("gemma3_text-rope-parameters", "gemma3_text", gemma3_on, GEMMA_SPECIAL,
              features=["as gemma3_text, config.json in transformers 5 form (rope_parameters per layer type)"],
-             ablations=gemma3_ablations, config_form="rope_parameters",
+             ablations=gemma3_ablations, inert=gemma3_inert, config_form="rope_parameters",
              notes=["the same model as the gemma3_text case; only config.json's form differs"] + gemma3_notes),
-        Case("gemma2-gguf", "gemma2",
-             dict(num_hidden_layers=4, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
-                  attn_logit_softcapping=4.0, final_logit_softcapping=2.5, tie_word_embeddings=True,
-                  hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
-             GEMMA_SPECIAL,
+        Case("gemma2-gguf", "gemma2", dict(gemma2_config, query_pre_attn_scalar=16), GEMMA_SPECIAL,
              features=["as gemma2 but query_pre_attn_scalar = head_dim, which a GGUF can express", "model.gguf"],
              ablations={"window off": dict(sliding_window=4096)},
              classic_omit=("layer_types",), classic_extra=dict(hidden_act="gelu_pytorch_tanh"), gguf_arch="gemma2",
@@ -1060,6 +1064,11 @@ def self_checks(case, special, tokenizer, model, case_dir, input_ids, logits, la
         diff = max_rel_diff(logits, off_logits)
         assert diff > 1e-2, f"{case.name}: {what} changes the logits by only {diff:.2e} of their scale"
         checks[f"{what}: max |diff| / max |logits|"] = round(diff, 4)
+
+    for what, overrides in case.inert.items():
+        same = make_model(build_config(case, special, tokenizer, overrides), SEED)
+        assert torch.equal(prefill(same, input_ids)[0], logits), f"{case.name}: {what} changes the logits"
+        checks[f"{what}: logits unchanged"] = True
 
     margin = router_margin(model, input_ids)
     if margin is not None:
