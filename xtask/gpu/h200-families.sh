@@ -24,7 +24,7 @@ for shape in "${@:-llama-3.1-8b qwen2.5-7b mistral-7b gemma-2-9b}"; do
     rm -rf "$W/m"
     python3 xtask/python/random_model.py "$W/m" "$W/text.txt" --shape "$s" 2>&1 | grep -v Writing | tail -n 2 | tee -a "$LOG"
     echo "--- kv-validate bf16 --max-windows $WINDOWS" >> "$LOG"
-    /usr/bin/time -f "wall %e s" timeout 300 "$W/kv-validate" --model-dir "$W/m" --text-file "$W/text.txt" --dtype bf16 \
+    timeout 300 "$W/kv-validate" --model-dir "$W/m" --text-file "$W/text.txt" --dtype bf16 \
       --max-windows $WINDOWS --json "$W/ours.json" > "$W/ours.txt" 2>&1; tail -n 12 "$W/ours.txt" >> "$LOG"
     python3 -c "import json; p=json.load(open('$W/ours.json'))['perplexity']; print(json.dumps({k: p[k] for k in ('baseline', 'compressed', 'delta')}))" >> "$LOG" 2>&1
     echo "--- transformers bf16 eager" >> "$LOG"
