@@ -393,11 +393,12 @@ impl Attention {
                     .matmul(&key.narrow(2, first_seen, visible - first_seen)?.t()?)?
                     .reshape((batch, kv_heads, group, rows, visible - first_seen))?;
                 let scores = softcap(&scores, arch.attention_softcap)?;
-                kernels::causal_softmax(
-                    &scores,
-                    past_len + first - first_seen,
-                    self.sliding_window,
-                )?
+                // A window that covers every key of the block masks nothing:
+                // leave it out, so the fused kernel (the only one on CUDA) runs.
+                let window = self
+                    .sliding_window
+                    .filter(|&window| window < visible - first_seen);
+                kernels::causal_softmax(&scores, past_len + first - first_seen, window)?
                 .reshape((batch, kv_heads, group * rows, visible - first_seen))?
                 .matmul(&value.narrow(2, first_seen, visible - first_seen)?)?
                 .reshape((batch, heads, rows, head_dim))
