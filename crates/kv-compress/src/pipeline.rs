@@ -32,6 +32,14 @@ pub enum Error {
     File(#[from] kvformat::Error),
 }
 
+impl Error {
+    /// Whether the command line itself is at fault (exit 2, as for a bad
+    /// flag): paths that collide are refused before any work.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::File(kvformat::Error::PathClash { .. }))
+    }
+}
+
 /// The codec settings of one tensor: `*_key` tensors (kvformat's naming
 /// rule) take the key axis, bits, group size and outliers, every other tensor
 /// the value ones; the first `-layer-bits` rule that matches the tensor's
@@ -113,7 +121,10 @@ impl Outputs {
         let path = sidecar_path(output);
         let sidecar = match sidecar {
             Some(sidecar) => sidecar.stage(&path)?,
-            None => Staged::removal(&path)?,
+            None => {
+                kvformat::sidecar::ensure_stale_sidecar_removable(&path, output)?;
+                Staged::removal(&path)?
+            }
         };
         Ok(Outputs(vec![sidecar, cache]))
     }
@@ -123,20 +134,19 @@ impl Outputs {
 /// place only once the report is delivered (`main` prints it first).
 pub fn prepare(options: &Options) -> Result<(Report, Outputs), Error> {
     let started = Instant::now();
-    let input = options.input.as_deref().ok_or(Error::MissingInput)?;
-    let output = match (&options.output, options.metrics_only) {
+    // An empty value is a missing one, as for the Go original (`-output=`).
+    fn given(path: &Option<std::path::PathBuf>) -> Option<&Path> {
+        path.as_deref().filter(|path| !path.as_os_str().is_empty())
+    }
+    let input = given(&options.input).ok_or(Error::MissingInput)?;
+    let output = match (given(&options.output), options.metrics_only) {
         (_, true) => None,
-        (Some(output), false) => Some(output.as_path()),
+        (Some(output), false) => Some(output),
         (None, false) => return Err(Error::MissingOutput),
     };
     if let Some(output) = output {
         kvformat::atomic::ensure_output_dir(output)?;
-        let (input_sidecar, output_sidecar) = (sidecar_path(input), sidecar_path(output));
-        let mut writes = vec![output];
-        if !kvformat::atomic::writes_through(output) {
-            writes.push(&output_sidecar);
-        }
-        kvformat::atomic::ensure_writes_spare_reads(&[input, &input_sidecar], &writes)?;
+        ensure_outputs_spare_inputs(input, output)?;
     }
     let (mut report, outputs) = if options.decompress {
         decompress(input, output, options.verbose)?
@@ -145,6 +155,22 @@ pub fn prepare(options: &Options) -> Result<(Report, Outputs), Error> {
     };
     report.processing_time_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok((report, outputs.unwrap_or(Outputs(Vec::new()))))
+}
+
+/// The one rule of `kvformat::atomic::ensure_no_clobber` for this run's
+/// files: the output and its sidecar against the input and its sidecar.
+fn ensure_outputs_spare_inputs(input: &Path, output: &Path) -> Result<(), Error> {
+    use kvformat::atomic::NamedPath;
+    let (input_sidecar, output_sidecar) = (sidecar_path(input), sidecar_path(output));
+    let reads = [
+        NamedPath::new("-input", input),
+        NamedPath::new("-input's sidecar", &input_sidecar),
+    ];
+    let mut writes = vec![NamedPath::new("-output", output)];
+    if !kvformat::atomic::writes_through(output) {
+        writes.push(NamedPath::new("-output's sidecar", &output_sidecar));
+    }
+    Ok(kvformat::atomic::ensure_no_clobber(&reads, &writes)?)
 }
 
 /// What one tensor contributed to the report.

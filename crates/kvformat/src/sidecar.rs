@@ -198,6 +198,60 @@ pub fn validate_tensors_against_sidecar(
     })
 }
 
+/// Fails unless the file at `path`, if any, may be removed as the stale
+/// sidecar of `output` (a run that writes `output` without a sidecar removes
+/// the old one, so the pair left is all from the run): it must parse as a
+/// sidecar and describe the cache or packed file now at `output`. Anything
+/// else there is the user's file: the run is refused, saying why.
+pub fn ensure_stale_sidecar_removable(path: &Path, output: &Path) -> Result<()> {
+    if !std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file()) {
+        return Ok(()); // Nothing a removal would touch.
+    }
+    let refuse = |reason: String| Error::ForeignSidecar {
+        path: path.into(),
+        output: output.into(),
+        reason,
+    };
+    let sidecar = Sidecar::read(path)
+        .map_err(|error| refuse(format!("is not a kv-compress sidecar ({error})")))?;
+    let tensors = described_tensors(output).map_err(|error| {
+        refuse(format!(
+            "is a sidecar, but of no cache at {} ({error})",
+            output.display()
+        ))
+    })?;
+    sidecar.check(&tensors).map_err(|problem| {
+        refuse(format!(
+            "is a sidecar, but not of the file at {}: {problem}",
+            output.display()
+        ))
+    })
+}
+
+/// The tensors of the cache `path` holds, or restores to when packed.
+fn described_tensors(path: &Path) -> Result<Vec<(String, CacheDtype, Vec<usize>)>> {
+    match crate::packed::PackedFile::open(path) {
+        Ok(packed) => Ok(packed
+            .manifest()
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.dtype, t.shape.clone()))
+            .collect()),
+        Err(Error::NotPacked { .. }) => Ok(TensorFile::open(path)?
+            .tensors()
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.name.clone(),
+                    CacheDtype::from_safetensors(t.dtype)?,
+                    t.shape.clone(),
+                ))
+            })
+            .collect()),
+        Err(error) => Err(error),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
