@@ -130,6 +130,11 @@ pub enum AllocationError {
     Unreachable { budget: f64, lowest: f64 },
     #[error("budget {0} bits/value is not a positive number")]
     BadBudget(f64),
+    #[error(
+        "flag word {word:?} holds a blank, quote or backslash, which xargs and $(cat FILE) \
+         would split or unquote: it cannot go to --flags-file"
+    )]
+    UnsafeFlagWord { word: String },
 }
 
 /// The bits of every layer's keys and values, and what the probes predict.
@@ -518,18 +523,89 @@ impl Allocation {
                 uniform.bits, uniform.predicted_bits_per_value, uniform.predicted_kld
             ));
         }
-        lines.push(format!("kv-compress flags: {}", self.flags));
+        // Quoted for a POSIX shell: a `-layer-bits` rule holds `;`, which
+        // would end the command where the flags are pasted.
+        lines.push(format!("kv-compress flags: {}", self.shell_flags()));
         lines.push(format!(
-            "Measure it on other windows or text: kv-validate ... --variant \"allocated={}\"",
-            self.flags
+            "Measure it on other windows or text: kv-validate ... --variant {}",
+            shell_quote(&format!("allocated={}", self.flags))
         ));
         lines.join("\n") + "\n"
+    }
+
+    /// The flags as shell words, each quoted where a POSIX shell would
+    /// otherwise read a character of it as syntax.
+    pub fn shell_flags(&self) -> String {
+        self.flags
+            .split_whitespace()
+            .map(shell_quote)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// `--flags-file`: one flag word per line, unquoted, for
+    /// `xargs kv-compress ... < FILE` or `kv-compress ... $(cat FILE)`: both
+    /// split on blanks and newlines only, and xargs removes quotes and
+    /// backslashes, so a word holding any of those is refused.
+    pub fn flags_file(&self) -> Result<String, AllocationError> {
+        let mut text = String::new();
+        for word in self.flags.split_whitespace() {
+            if word.contains(['\'', '"', '\\']) {
+                return Err(AllocationError::UnsafeFlagWord { word: word.into() });
+            }
+            text.push_str(word);
+            text.push('\n');
+        }
+        Ok(text)
+    }
+}
+
+/// `word` as a POSIX shell reads it back: as it is when every character is
+/// inert, else in single quotes (a `'` inside as `'\''`).
+fn shell_quote(word: &str) -> String {
+    let inert = |c: char| c.is_ascii_alphanumeric() || "-_.,:=/+@%".contains(c);
+    if !word.is_empty() && word.chars().all(inert) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sh` itself is the reference: the printed words come back as they were.
+    #[test]
+    fn printed_flags_read_back_word_for_word_in_a_shell() {
+        let allocation = Allocation {
+            budget: 3.0,
+            bits: BTreeMap::new(),
+            predicted_bits_per_value: 3.0,
+            predicted_kld: 0.0,
+            uniform: None,
+            flags: "-method kivi -bits 2 -layer-bits k:8,18=3;v:3=4 -odd it's$HOME`x`".into(),
+        };
+        let printed = allocation.shell_flags();
+        assert!(printed.contains("'k:8,18=3;v:3=4'"), "{printed}");
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf '%s\\n' {printed}"))
+            .output()
+            .unwrap();
+        let words: Vec<&str> = allocation.flags.split_whitespace().collect();
+        assert_eq!(String::from_utf8(output.stdout).unwrap(), words.join("\n") + "\n");
+        // A quote cannot go through xargs unquoted: the flags file refuses it.
+        assert!(matches!(
+            allocation.flags_file(),
+            Err(AllocationError::UnsafeFlagWord { word }) if word.contains('\'')
+        ));
+        let plain = Allocation {
+            flags: "-bits 2 -layer-bits k:1=3;v:0=4".into(),
+            ..allocation
+        };
+        assert_eq!(plain.flags_file().unwrap(), "-bits\n2\n-layer-bits\nk:1=3;v:0=4\n");
+    }
     use crate::report::PassCriteria;
     use crate::sweep::Measurement;
 

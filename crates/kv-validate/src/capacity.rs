@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use kvformat::codec::{payload_len, CodecParams, Layout, ScaleDtype, SparseForm};
 use serde::{Deserialize, Serialize};
 
+use crate::identity::ContentId;
 use crate::model::LlamaConfig;
 use crate::plot::{render_points, Chart, Point};
 use crate::sweep::SweepTable;
@@ -221,21 +222,133 @@ pub enum CapacityError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// A config whose sizes multiply past 64 bits; the largest factor is named.
+    #[error(
+        "{}: {field} = {value} is implausible: the {quantity} ({formula}) would not fit in 64 bits",
+        path.display()
+    )]
+    Overflow {
+        path: PathBuf,
+        field: &'static str,
+        value: u64,
+        quantity: &'static str,
+        formula: &'static str,
+    },
+    #[error(
+        "{}: does not say which model it measured (no config_content: written by an older \
+         kv-validate, or by hand), so its figures cannot be set beside {}'s; re-run the sweep \
+         or merge with this kv-validate",
+        sweep.display(), config.display()
+    )]
+    SweepWithoutModel { sweep: PathBuf, config: PathBuf },
+    #[error(
+        "{}: measured another model: its config_content is {theirs} but {} has {ours}; \
+         a sweep's figures hold for the model it ran",
+        sweep.display(), config.display()
+    )]
+    SweepOfOtherModel {
+        sweep: PathBuf,
+        config: PathBuf,
+        theirs: String,
+        ours: String,
+    },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+}
+
+/// `fields` multiplied, or the overflow error naming the largest of them.
+fn checked_product(
+    config_file: &Path,
+    quantity: &'static str,
+    formula: &'static str,
+    fields: &[(&'static str, u64)],
+) -> Result<u64, CapacityError> {
+    fields
+        .iter()
+        .try_fold(1u64, |product, &(_, value)| product.checked_mul(value))
+        .ok_or_else(|| overflow(config_file, quantity, formula, fields))
+}
+
+/// `terms` summed, or the overflow error naming the largest of `fields`.
+fn checked_sum(
+    config_file: &Path,
+    quantity: &'static str,
+    formula: &'static str,
+    fields: &[(&'static str, u64)],
+    terms: &[u64],
+) -> Result<u64, CapacityError> {
+    terms
+        .iter()
+        .try_fold(0u64, |sum, &term| sum.checked_add(term))
+        .ok_or_else(|| overflow(config_file, quantity, formula, fields))
+}
+
+fn overflow(
+    config_file: &Path,
+    quantity: &'static str,
+    formula: &'static str,
+    fields: &[(&'static str, u64)],
+) -> CapacityError {
+    let &(field, value) = fields
+        .iter()
+        .max_by_key(|(_, value)| *value)
+        .expect("fields are named");
+    CapacityError::Overflow {
+        path: config_file.to_path_buf(),
+        field,
+        value,
+        quantity,
+        formula,
+    }
+}
+
+/// Fails unless the sweep at `sweep` ran the model whose config `config_file`
+/// is (same `config_content`: SHA-256 and size of config.json, or of the GGUF).
+pub fn ensure_sweep_of_model(
+    sweep: &Path,
+    config_content: Option<&ContentId>,
+    config_file: &Path,
+) -> Result<(), CapacityError> {
+    let Some(theirs) = config_content else {
+        return Err(CapacityError::SweepWithoutModel {
+            sweep: sweep.to_path_buf(),
+            config: config_file.to_path_buf(),
+        });
+    };
+    let ours = ContentId::of_files(&[config_file.to_path_buf()])?;
+    if *theirs != ours {
+        let show = |id: &ContentId| format!("sha256 {} ({} bytes)", id.sha256, id.bytes);
+        return Err(CapacityError::SweepOfOtherModel {
+            sweep: sweep.to_path_buf(),
+            config: config_file.to_path_buf(),
+            theirs: show(theirs),
+            ours: show(&ours),
+        });
+    }
+    Ok(())
 }
 
 /// The sweep table of a sweep's JSON report (`--sweep --json` or `merge`).
 pub fn read_sweep_table(path: &Path) -> Result<SweepTable, CapacityError> {
-    #[derive(Deserialize)]
-    struct SweepJson {
-        table: SweepTable,
-    }
+    read_sweep(path).map(|sweep| sweep.table)
+}
+
+/// What `capacity` reads of a sweep's JSON report: its table and the model
+/// it measured.
+#[derive(Deserialize)]
+pub struct SweepJson {
+    pub table: SweepTable,
+    /// Absent from reports of older versions and hand-written ones.
+    pub config_content: Option<ContentId>,
+}
+
+/// A sweep's JSON report (`--sweep --json` or `merge`).
+pub fn read_sweep(path: &Path) -> Result<SweepJson, CapacityError> {
     let text = std::fs::read_to_string(path).map_err(|source| CapacityError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str::<SweepJson>(&text)
-        .map(|json| json.table)
-        .map_err(|source| CapacityError::NotSweep {
+    serde_json::from_str::<SweepJson>(&text).map_err(|source| CapacityError::NotSweep {
             path: path.to_path_buf(),
             source,
         })
@@ -244,7 +357,7 @@ pub fn read_sweep_table(path: &Path) -> Result<SweepTable, CapacityError> {
 /// Parameters of a Llama with this config: embeddings, per layer the Q, K,
 /// V, O projections, the SwiGLU MLP and two RMSNorms, the final norm, and
 /// the output head unless it is tied to the embeddings.
-pub fn parameter_count(config: &LlamaConfig) -> u64 {
+pub fn parameter_count(config: &LlamaConfig, config_file: &Path) -> Result<u64, CapacityError> {
     let [hidden, intermediate, heads, kv_heads, head_dim, vocab, layers] = [
         config.hidden_size,
         config.intermediate_size,
@@ -255,21 +368,52 @@ pub fn parameter_count(config: &LlamaConfig) -> u64 {
         config.num_hidden_layers,
     ]
     .map(|n| n as u64);
-    let attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim;
-    let mlp = 3 * hidden * intermediate;
-    let per_layer = attention + mlp + 2 * hidden;
-    let embeddings = vocab * hidden;
+    const QUANTITY: &str = "parameter count";
+    const FORMULA: &str = "embeddings + layers x (attention + MLP + norms) + head";
+    let fields = [
+        ("hidden_size", hidden),
+        ("intermediate_size", intermediate),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv_heads),
+        ("head_dim", head_dim),
+        ("vocab_size", vocab),
+        ("num_hidden_layers", layers),
+    ];
+    let product = |factors: &[u64]| {
+        factors
+            .iter()
+            .try_fold(1u64, |p, &f| p.checked_mul(f))
+            .ok_or_else(|| overflow(config_file, QUANTITY, FORMULA, &fields))
+    };
+    let sum = |terms: &[u64]| checked_sum(config_file, QUANTITY, FORMULA, &fields, terms);
+    let attention = sum(&[
+        product(&[2, hidden, heads, head_dim])?,
+        product(&[2, hidden, kv_heads, head_dim])?,
+    ])?;
+    let mlp = product(&[3, hidden, intermediate])?;
+    let per_layer = sum(&[attention, mlp, product(&[2, hidden])?])?;
+    let embeddings = product(&[vocab, hidden])?;
     let head = if config.tie_word_embeddings {
         0
     } else {
-        vocab * hidden
+        embeddings
     };
-    embeddings + layers * per_layer + hidden + head
+    sum(&[embeddings, product(&[layers, per_layer])?, hidden, head])
 }
 
 /// Keys and values cached per token: layers x 2 x KV heads x head_dim.
-pub fn kv_values_per_token(config: &LlamaConfig) -> u64 {
-    (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim) as u64
+pub fn kv_values_per_token(config: &LlamaConfig, config_file: &Path) -> Result<u64, CapacityError> {
+    checked_product(
+        config_file,
+        "KV values per token",
+        "num_hidden_layers x 2 x num_key_value_heads x head_dim",
+        &[
+            ("num_hidden_layers", config.num_hidden_layers as u64),
+            ("2", 2),
+            ("num_key_value_heads", config.num_key_value_heads as u64),
+            ("head_dim", config.head_dim as u64),
+        ],
+    )
 }
 
 /// One method's capacity on one GPU for one profile.
@@ -340,10 +484,14 @@ impl CapacityReport {
         gpus: &[GpuMemory],
         methods: Vec<Method>,
         sweep_json: Option<&Path>,
-    ) -> Self {
-        let values = kv_values_per_token(config);
-        let parameters = parameter_count(config);
-        let weights_bytes = (parameters * weights_dtype.bits()).div_ceil(8);
+    ) -> Result<Self, CapacityError> {
+        let values = kv_values_per_token(config, config_file)?;
+        let parameters = parameter_count(config, config_file)?;
+        // bits / 8 at most 4: parameters x 4 bytes, checked, without the bits' product.
+        let weights_bytes = (parameters / 8)
+            .checked_mul(weights_dtype.bits())
+            .and_then(|bytes| bytes.checked_add((parameters % 8 * weights_dtype.bits()).div_ceil(8)))
+            .ok_or_else(|| overflow(config_file, "weights' bytes", "parameters x bits / 8", &[("parameters", parameters)]))?;
         let methods: Vec<MethodCost> = methods
             .into_iter()
             .map(|method| MethodCost {
@@ -382,7 +530,7 @@ impl CapacityReport {
                 }
             }
         }
-        CapacityReport {
+        Ok(CapacityReport {
             model,
             config_file: config_file.display().to_string(),
             num_layers: config.num_hidden_layers,
@@ -398,7 +546,7 @@ impl CapacityReport {
             fits,
             rows,
             sweep_json: sweep_json.map(|p| p.display().to_string()),
-        }
+        })
     }
 
     fn row(&self, gpu: &str, method: &str, profile: &Profile) -> &CapacityRow {

@@ -10,6 +10,7 @@ pub mod cleanup;
 pub mod data;
 pub mod evaluate;
 pub mod fidelity;
+pub mod identity;
 pub mod kvio;
 pub mod model;
 pub mod output;

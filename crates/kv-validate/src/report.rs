@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::identity::ContentIds;
 use crate::evaluate::{Evaluation, MetricsSummary, Timings, VariantOutcome};
 use crate::fidelity::{
     delta_standard_error, within_noise, FidelityFigures, MeanWithError, TokenFigures,
@@ -24,6 +25,9 @@ pub struct ValidationReport {
     pub device: String,
     /// Element type of the cache file handed to the compressor (the ratio is against it).
     pub cache_dtype: String,
+    /// Model, config, text and tokens by content (SHA-256 and size).
+    #[serde(flatten)]
+    pub content: ContentIds,
     /// Pass criterion delta < threshold (`None` when only `max_kld` applies).
     pub threshold: Option<f64>,
     /// Pass criterion mean KLD on compressed-cache tokens < max_kld.
@@ -121,6 +125,9 @@ pub struct RunDescription {
     pub device: String,
     pub cache_dtype: String,
     pub criteria: PassCriteria,
+    /// Model, config, text and tokens by content: what slices must share.
+    #[serde(flatten)]
+    pub content: ContentIds,
 }
 
 /// What a variant must meet to pass; each criterion that is set applies.
@@ -178,6 +185,7 @@ impl ValidationReport {
             compressor_flags: variant.settings.label(),
             device: run.device.clone(),
             cache_dtype: run.cache_dtype.clone(),
+            content: run.content.clone(),
             threshold: run.criteria.threshold,
             max_kld: run.criteria.max_kld,
             fidelity: variant.fidelity.clone(),
@@ -559,6 +567,7 @@ mod tests {
                 threshold: Some(0.5),
                 max_kld: None,
             },
+            content: Default::default(),
         };
         (evaluation, run)
     }
