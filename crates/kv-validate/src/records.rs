@@ -29,6 +29,10 @@ pub const RECORDS_FORMAT: &str = "kv-validate records";
 /// them measured the same bytes.
 pub const RECORDS_VERSION: u32 = 2;
 
+/// Longest time a slice may record (about 32 years): merged sums of such
+/// times cannot overflow, whatever a hostile file says.
+const MAX_SLICE_SECONDS: u64 = 1_000_000_000;
+
 /// One window's scores.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WindowRecord {
@@ -243,6 +247,22 @@ impl RunRecords {
             return Err(bad_run(
                 "a validation has exactly one variant, a sweep at least one",
             ));
+        }
+        let timings = &self.timings;
+        if [
+            timings.total,
+            timings.model,
+            timings.cache_write,
+            timings.cache_read,
+            timings.compressor,
+        ]
+        .iter()
+        .any(|time| time.as_secs() > MAX_SLICE_SECONDS)
+        {
+            // Sums over the slices of a merge stay far from overflow.
+            return Err(bad_run(&format!(
+                "timings: a time beyond {MAX_SLICE_SECONDS} seconds is implausible"
+            )));
         }
         let mut previous = None;
         for window in &self.windows {

@@ -196,6 +196,13 @@ fn slices_of_different_texts_under_one_name_are_not_merged() {
         &kv_compress(),
     ));
     assert!(error.contains("their text_content differ"), "{error}");
+    // A hostile timing that would overflow the merged sum is refused.
+    let mut hostile: serde_json::Value = read_json(Path::new(&rest));
+    hostile["timings"]["total"]["secs"] = u64::MAX.into();
+    let hostile_path = path("hostile.json");
+    std::fs::write(&hostile_path, hostile.to_string()).unwrap();
+    let error = expect_error(&kv_validate(&["merge", &first, &hostile_path], &kv_compress()));
+    assert!(error.contains("timings") && error.contains("implausible"), "{error}");
     // Records of the layout before content digests are refused, saying why.
     let mut old: serde_json::Value = read_json(Path::new(&rest));
     old["version"] = 1.into();
