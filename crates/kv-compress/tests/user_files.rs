@@ -34,7 +34,12 @@ fn cache(path: &Path, with_sidecar: bool) {
 fn temp_files_in(dir: &Path) -> Vec<std::path::PathBuf> {
     files_in(dir)
         .into_iter()
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".kv-compress-"))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".kv-compress-")
+        })
         .collect()
 }
 
@@ -43,7 +48,10 @@ fn assert_error(output: &Output, code: i32, needles: &[&str]) -> String {
     let text = stderr(output);
     assert_eq!(output.status.code(), Some(code), "{text}");
     assert!(output.stdout.is_empty());
-    assert!(text.starts_with("Error: ") && text.lines().count() == 1, "{text:?}");
+    assert!(
+        text.starts_with("Error: ") && text.lines().count() == 1,
+        "{text:?}"
+    );
     for needle in needles {
         assert!(text.contains(needle), "{text:?} lacks {needle:?}");
     }
@@ -53,13 +61,17 @@ fn assert_error(output: &Output, code: i32, needles: &[&str]) -> String {
 #[test]
 fn a_file_named_like_the_output_sidecar_is_removed_only_when_it_is_that_sidecar() {
     let dir = tempfile::tempdir().unwrap();
-    let (bare_input, with_sidecar) = (dir.path().join("bare.safetensors"), dir.path().join("kv.safetensors"));
+    let (bare_input, with_sidecar) = (
+        dir.path().join("bare.safetensors"),
+        dir.path().join("kv.safetensors"),
+    );
     cache(&bare_input, false);
     cache(&with_sidecar, true);
     let output = dir.path().join("out.safetensors");
     let stale = sidecar_path(&output);
     // Not JSON, JSON that is no sidecar, and a sidecar of another cache: each kept, the run refused.
-    let other_shape = "{\"num_layers\": 2, \"num_kv_heads\": 8, \"seq_len\": 64, \"head_dim\": 64, \
+    let other_shape =
+        "{\"num_layers\": 2, \"num_kv_heads\": 8, \"seq_len\": 64, \"head_dim\": 64, \
                        \"dtype\": \"float32\", \"model_name\": \"m\"}";
     run_json(&["-input", s(&with_sidecar), "-output", s(&output)]);
     let packed = std::fs::read(&output).unwrap();
@@ -70,9 +82,20 @@ fn a_file_named_like_the_output_sidecar_is_removed_only_when_it_is_that_sidecar(
     ] {
         std::fs::write(&stale, contents).unwrap();
         let result = kv_compress(&["-input", s(&bare_input), "-output", s(&output)]);
-        assert_error(&result, 1, &["out.metadata.json: refusing to remove it", reason]);
-        assert_eq!(std::fs::read_to_string(&stale).unwrap(), contents, "{reason}");
-        assert!(std::fs::read(&output).unwrap() == packed, "the old output changed");
+        assert_error(
+            &result,
+            1,
+            &["out.metadata.json: refusing to remove it", reason],
+        );
+        assert_eq!(
+            std::fs::read_to_string(&stale).unwrap(),
+            contents,
+            "{reason}"
+        );
+        assert!(
+            std::fs::read(&output).unwrap() == packed,
+            "the old output changed"
+        );
         assert!(temp_files_in(dir.path()).is_empty());
     }
     // A sidecar beside no output at all describes nothing this run replaces.
@@ -112,11 +135,22 @@ fn empty_path_flags_are_missing_flags() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("kv.safetensors");
     cache(&input, false);
-    assert_error(&kv_compress(&["-input="]), 1, &["Error: -input is required"]);
-    assert_error(&kv_compress(&["-input", "", "-metrics-only"]), 1, &["-input is required"]);
+    assert_error(
+        &kv_compress(&["-input="]),
+        1,
+        &["Error: -input is required"],
+    );
+    assert_error(
+        &kv_compress(&["-input", "", "-metrics-only"]),
+        1,
+        &["-input is required"],
+    );
     let result = kv_compress(&["-input", s(&input), "-output="]);
     let text = assert_error(&result, 1, &[]);
-    assert_eq!(text, "Error: -output is required (use -metrics-only for dry run)\n");
+    assert_eq!(
+        text,
+        "Error: -output is required (use -metrics-only for dry run)\n"
+    );
     assert_eq!(files_in(dir.path()), vec![input]);
 }
 
@@ -149,8 +183,11 @@ fn an_unwritable_output_directory_is_named_by_the_output_never_the_temp_file() {
     // /proc refuses new files even to root; a 0555 directory to anyone else.
     let read_only = dir.path().join("read-only");
     std::fs::create_dir(&read_only).unwrap();
-    std::fs::set_permissions(&read_only, std::os::unix::fs::PermissionsExt::from_mode(0o555))
-        .unwrap();
+    std::fs::set_permissions(
+        &read_only,
+        std::os::unix::fs::PermissionsExt::from_mode(0o555),
+    )
+    .unwrap();
     let mut outputs = vec![Path::new("/proc/out.safetensors").to_path_buf()];
     let probe = read_only.join("probe");
     if std::fs::write(&probe, b"").is_ok() {
@@ -160,7 +197,11 @@ fn an_unwritable_output_directory_is_named_by_the_output_never_the_temp_file() {
     }
     for output in outputs {
         let result = kv_compress(&["-input", s(&input), "-output", s(&output)]);
-        let text = assert_error(&result, 1, &[&format!("{}: cannot create it", output.display())]);
+        let text = assert_error(
+            &result,
+            1,
+            &[&format!("{}: cannot create it", output.display())],
+        );
         assert!(!text.contains(".kv-compress-"), "{text}");
     }
 }

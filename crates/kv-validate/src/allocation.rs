@@ -594,7 +594,10 @@ mod tests {
             .output()
             .unwrap();
         let words: Vec<&str> = allocation.flags.split_whitespace().collect();
-        assert_eq!(String::from_utf8(output.stdout).unwrap(), words.join("\n") + "\n");
+        assert_eq!(
+            String::from_utf8(output.stdout).unwrap(),
+            words.join("\n") + "\n"
+        );
         // A quote cannot go through xargs unquoted: the flags file refuses it.
         assert!(matches!(
             allocation.flags_file(),
@@ -604,7 +607,10 @@ mod tests {
             flags: "-bits 2 -layer-bits k:1=3;v:0=4".into(),
             ..allocation
         };
-        assert_eq!(plain.flags_file().unwrap(), "-bits\n2\n-layer-bits\nk:1=3;v:0=4\n");
+        assert_eq!(
+            plain.flags_file().unwrap(),
+            "-bits\n2\n-layer-bits\nk:1=3;v:0=4\n"
+        );
     }
     use crate::report::PassCriteria;
     use crate::sweep::Measurement;

@@ -349,9 +349,9 @@ pub fn read_sweep(path: &Path) -> Result<SweepJson, CapacityError> {
         source,
     })?;
     serde_json::from_str::<SweepJson>(&text).map_err(|source| CapacityError::NotSweep {
-            path: path.to_path_buf(),
-            source,
-        })
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Parameters of a Llama with this config: embeddings, per layer the Q, K,
@@ -490,8 +490,17 @@ impl CapacityReport {
         // bits / 8 at most 4: parameters x 4 bytes, checked, without the bits' product.
         let weights_bytes = (parameters / 8)
             .checked_mul(weights_dtype.bits())
-            .and_then(|bytes| bytes.checked_add((parameters % 8 * weights_dtype.bits()).div_ceil(8)))
-            .ok_or_else(|| overflow(config_file, "weights' bytes", "parameters x bits / 8", &[("parameters", parameters)]))?;
+            .and_then(|bytes| {
+                bytes.checked_add((parameters % 8 * weights_dtype.bits()).div_ceil(8))
+            })
+            .ok_or_else(|| {
+                overflow(
+                    config_file,
+                    "weights' bytes",
+                    "parameters x bits / 8",
+                    &[("parameters", parameters)],
+                )
+            })?;
         let methods: Vec<MethodCost> = methods
             .into_iter()
             .map(|method| MethodCost {

@@ -22,11 +22,11 @@ use kv_validate::data::{load_text, TextSource};
 use kv_validate::evaluate::{
     default_scratch_parent, ensure_measurable, evaluate, EvalOptions, Evaluation,
 };
+use kv_validate::identity::{model_inputs, ContentIds};
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
 use kv_validate::model::load::{
     load_model, read_model_config, LoadedModel, ModelSource, DEFAULT_HUB_REPO,
 };
-use kv_validate::identity::{model_inputs, ContentIds};
 use kv_validate::output::{self, FilePlan};
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;

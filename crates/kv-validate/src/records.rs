@@ -432,9 +432,8 @@ fn first_difference(ours: &RunRecords, theirs: &RunRecords) -> Option<(String, S
     // What was measured (model, config, text, tokens by content) first:
     // when those differ, the descriptions and counts that follow from them
     // differ too, and the root cause is the one to name.
-    let content_first = |(field, _): &(&String, &serde_json::Value)| {
-        !CONTENT_FIELDS.contains(&field.as_str())
-    };
+    let content_first =
+        |(field, _): &(&String, &serde_json::Value)| !CONTENT_FIELDS.contains(&field.as_str());
     let mut fields: Vec<(&String, &serde_json::Value)> = ours.iter().collect();
     fields.sort_by_key(content_first);
     fields.into_iter().find_map(|(field, value)| {

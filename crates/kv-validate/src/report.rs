@@ -6,11 +6,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::identity::ContentIds;
 use crate::evaluate::{Evaluation, MetricsSummary, Timings, VariantOutcome};
 use crate::fidelity::{
     delta_standard_error, within_noise, FidelityFigures, MeanWithError, TokenFigures,
 };
+use crate::identity::ContentIds;
 
 /// Everything a validation run measured, in the shape of its JSON.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -396,7 +396,9 @@ fn allocated_flags_survive_a_shell_and_the_flags_file() {
     // A cache of the probes' shape: 3 layers of [1, 2, 32, 16] F32.
     let cache = dir.path().join("cache.safetensors");
     let shape = [1, 2, 32, 16];
-    let values: Vec<f32> = (0..1024).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+    let values: Vec<f32> = (0..1024)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
     let names: Vec<String> = (0..3)
         .flat_map(|layer| ["key", "value"].map(|kind| format!("layer_{layer}_{kind}")))
         .collect();

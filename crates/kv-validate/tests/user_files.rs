@@ -53,19 +53,36 @@ fn no_output_may_be_an_input_or_another_output() {
     std::os::unix::fs::symlink(&gguf, &link).unwrap();
     let hard = dir.path().join("hard.txt");
     std::fs::hard_link(&text, &hard).unwrap();
-    let dotted = |path: &Path| path.parent().unwrap().join(".").join(path.file_name().unwrap());
+    let dotted = |path: &Path| {
+        path.parent()
+            .unwrap()
+            .join(".")
+            .join(path.file_name().unwrap())
+    };
     let config = model.hf_dir.join("config.json");
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (run(&["--json", s(&gguf)]), vec!["(--json)", "(--gguf)"]),
         (run(&["--json", s(&text)]), vec!["(--text-file)"]),
-        (run(&["--json", s(&link)]), vec!["link.json (--json)", "(--gguf)"]),
-        (run(&["--json", s(&hard)]), vec!["hard.txt (--json)", "(--text-file)"]),
+        (
+            run(&["--json", s(&link)]),
+            vec!["link.json (--json)", "(--gguf)"],
+        ),
+        (
+            run(&["--json", s(&hard)]),
+            vec!["hard.txt (--json)", "(--text-file)"],
+        ),
         (
             run(&["--records", s(&records), "--json", s(&dotted(&records))]),
             vec!["(--json)", "(--records)", "two outputs"],
         ),
         (
-            run(&["--sweep", "--sweep-csv", s(&a), "--sweep-plot", s(&dotted(&a))]),
+            run(&[
+                "--sweep",
+                "--sweep-csv",
+                s(&a),
+                "--sweep-plot",
+                s(&dotted(&a)),
+            ]),
             vec!["(--sweep-plot)", "(--sweep-csv)"],
         ),
         (
@@ -83,25 +100,47 @@ fn no_output_may_be_an_input_or_another_output() {
             vec!["a.json (--json)", "(a merged records file)"],
         ),
         (
-            vec!["allocate", "--sweep-json", s(&sweep), "--bits", "3", "--json", s(&sweep)]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            vec![
+                "allocate",
+                "--sweep-json",
+                s(&sweep),
+                "--bits",
+                "3",
+                "--json",
+                s(&sweep),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
             vec!["(--sweep-json)"],
         ),
         (
-            vec!["allocate", "--sweep-json", s(&sweep), "--bits", "3", "--json", s(&a)]
-                .into_iter()
-                .chain(["--flags-file".into(), s(&dotted(&a)).into()])
-                .map(String::from)
-                .collect(),
+            vec![
+                "allocate",
+                "--sweep-json",
+                s(&sweep),
+                "--bits",
+                "3",
+                "--json",
+                s(&a),
+            ]
+            .into_iter()
+            .chain(["--flags-file".into(), s(&dotted(&a)).into()])
+            .map(String::from)
+            .collect(),
             vec!["(--flags-file)", "(--json)"],
         ),
         (
-            vec!["capacity", "--model-dir", s(&model.hf_dir), "--plot", s(&config)]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            vec![
+                "capacity",
+                "--model-dir",
+                s(&model.hf_dir),
+                "--plot",
+                s(&config),
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect(),
             vec!["(--plot)", "(a file of --model-dir)"],
         ),
         (
@@ -111,15 +150,21 @@ fn no_output_may_be_an_input_or_another_output() {
                 .collect(),
             vec!["(--gguf)"],
         ),
-        (
-            run(&["--json", s(&kv_compress())]),
-            vec!["(kv-compress)"],
-        ),
+        (run(&["--json", s(&kv_compress())]), vec!["(kv-compress)"]),
     ];
     let snapshot = |paths: &[&PathBuf]| -> Vec<Vec<u8>> {
         paths.iter().map(|p| std::fs::read(p).unwrap()).collect()
     };
-    let inputs = [&gguf, &text, &records, &a, &b, &sweep, &config, &kv_compress()];
+    let inputs = [
+        &gguf,
+        &text,
+        &records,
+        &a,
+        &b,
+        &sweep,
+        &config,
+        &kv_compress(),
+    ];
     let before = snapshot(&inputs);
     for (args, needles) in &cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -128,7 +173,13 @@ fn no_output_may_be_an_input_or_another_output() {
     assert!(snapshot(&inputs) == before, "an input changed");
     // Distinct paths still work: the rule is about identity, not directories.
     let output = kv_validate(
-        &["capacity", "--model-dir", s(&model.hf_dir), "--json", s(&model.hf_dir.join("capacity.json"))],
+        &[
+            "capacity",
+            "--model-dir",
+            s(&model.hf_dir),
+            "--json",
+            s(&model.hf_dir.join("capacity.json")),
+        ],
         &kv_compress(),
     );
     expect_success(&output);
@@ -140,12 +191,18 @@ fn empty_path_flags_are_missing_values() {
         let output = kv_validate(&[flag, "--quick-test"], &kv_compress());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{flag}: {stderr}");
-        assert!(stderr.contains(flag.trim_end_matches('=')), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(flag.trim_end_matches('=')),
+            "{flag}: {stderr}"
+        );
     }
 }
 
 fn sha256_of(path: &Path) -> String {
-    let output = std::process::Command::new("sha256sum").arg(path).output().unwrap();
+    let output = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap();
     String::from_utf8(output.stdout).unwrap()[..64].to_string()
 }
 
@@ -164,7 +221,11 @@ fn slices_of_different_texts_under_one_name_are_not_merged() {
     let base = short_run_args(model.hf_dir.to_str().unwrap(), s(&text), "3");
     let slice = |windows: &str, name: &str| {
         let records = path(name);
-        let args = [base.as_slice(), &["--windows", windows, "--records", &records]].concat();
+        let args = [
+            base.as_slice(),
+            &["--windows", windows, "--records", &records],
+        ]
+        .concat();
         expect_success(&kv_validate(&args, &kv_compress()));
         records
     };
@@ -172,7 +233,12 @@ fn slices_of_different_texts_under_one_name_are_not_merged() {
     let rest = slice("2..3", "b.json");
     let json = path("report.json");
     let merged = kv_validate(&["merge", &first, &rest, "--json", &json], &kv_compress());
-    assert_ne!(merged.status.code(), Some(2), "{}", String::from_utf8_lossy(&merged.stderr));
+    assert_ne!(
+        merged.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
     let report = read_json(Path::new(&json));
     assert_eq!(report["text_content"]["sha256"], sha256_of(&text));
     assert_eq!(report["text_content"]["bytes"], prose.len());
@@ -201,17 +267,31 @@ fn slices_of_different_texts_under_one_name_are_not_merged() {
     hostile["timings"]["total"]["secs"] = u64::MAX.into();
     let hostile_path = path("hostile.json");
     std::fs::write(&hostile_path, hostile.to_string()).unwrap();
-    let error = expect_error(&kv_validate(&["merge", &first, &hostile_path], &kv_compress()));
-    assert!(error.contains("timings") && error.contains("implausible"), "{error}");
+    let error = expect_error(&kv_validate(
+        &["merge", &first, &hostile_path],
+        &kv_compress(),
+    ));
+    assert!(
+        error.contains("timings") && error.contains("implausible"),
+        "{error}"
+    );
     // Records of the layout before content digests are refused, saying why.
     let mut old: serde_json::Value = read_json(Path::new(&rest));
     old["version"] = 1.into();
-    for field in ["model_content", "config_content", "text_content", "tokens_content"] {
+    for field in [
+        "model_content",
+        "config_content",
+        "text_content",
+        "tokens_content",
+    ] {
         old["run"].as_object_mut().unwrap().remove(field);
     }
     std::fs::write(&rest, old.to_string()).unwrap();
     let error = expect_error(&kv_validate(&["merge", &first, &rest], &kv_compress()));
-    assert!(error.contains("version 1") && error.contains("not by content"), "{error}");
+    assert!(
+        error.contains("version 1") && error.contains("not by content"),
+        "{error}"
+    );
 }
 
 fn config_dir(name: &str) -> PathBuf {
@@ -252,25 +332,36 @@ fn capacity_sets_a_sweep_beside_its_own_model_only() {
     let smollm2 = config_dir("smollm2-135m");
     let capacity = |model: &Path| {
         kv_validate(
-            &["capacity", "--model-dir", s(model), "--sweep-json", s(&sweep)],
+            &[
+                "capacity",
+                "--model-dir",
+                s(model),
+                "--sweep-json",
+                s(&sweep),
+            ],
             &kv_compress(),
         )
     };
     sweep_of(&sweep, Some(&smollm2.join("config.json")));
     expect_success(&capacity(&smollm2));
     let error = expect_error(&capacity(&tinyllama));
-    assert!(error.contains("sweep.json: measured another model"), "{error}");
+    assert!(
+        error.contains("sweep.json: measured another model"),
+        "{error}"
+    );
     assert!(error.contains("config_content"), "{error}");
     sweep_of(&sweep, None);
     let error = expect_error(&capacity(&smollm2));
-    assert!(error.contains("does not say which model it measured"), "{error}");
+    assert!(
+        error.contains("does not say which model it measured"),
+        "{error}"
+    );
 }
 
 #[test]
 fn capacity_refuses_sizes_that_overflow_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let original: serde_json::Value =
-        read_json(&config_dir("tinyllama-1.1b").join("config.json"));
+    let original: serde_json::Value = read_json(&config_dir("tinyllama-1.1b").join("config.json"));
     for (field, value) in [
         ("num_hidden_layers", 1u64 << 62),
         ("vocab_size", 1u64 << 63),

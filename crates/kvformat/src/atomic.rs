@@ -264,9 +264,13 @@ where
         let mut registry = in_flight();
         // The user asked for `path`: name it, not the temp file (tempfile's
         // error carries the temp file's name).
-        let temp = builder
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(path, "create it (its directory refuses a new file)", bare(e)))?;
+        let temp = builder.tempfile_in(&dir).map_err(|e| {
+            Error::io(
+                path,
+                "create it (its directory refuses a new file)",
+                bare(e),
+            )
+        })?;
         registry.push(temp.path().to_path_buf());
         let (file, temp) = temp.into_parts();
         (file, InFlight(Some(temp)))
@@ -535,7 +539,10 @@ mod tests {
         let input_sidecar = dir.path().join("in.metadata.json");
         let output = dir.path().join("sub/../in.metadata.json");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let reads = [read(&input), NamedPath::new("the input's sidecar", &input_sidecar)];
+        let reads = [
+            read(&input),
+            NamedPath::new("the input's sidecar", &input_sidecar),
+        ];
         let error = ensure_no_clobber(&reads, &[written(&output)]).unwrap_err();
         assert!(
             matches!(&error, Error::PathClash { other_is_read: true, other_flag, .. } if other_flag == "the input's sidecar"),
@@ -549,11 +556,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(error, Error::PathClash { other_is_read: false, .. }),
+            matches!(
+                error,
+                Error::PathClash {
+                    other_is_read: false,
+                    ..
+                }
+            ),
             "{error}"
         );
         let message = error.to_string();
-        assert!(message.contains("--json") && message.contains("-output"), "{message}");
+        assert!(
+            message.contains("--json") && message.contains("-output"),
+            "{message}"
+        );
         assert!(ensure_no_clobber(&reads, &[written(&twice)]).is_ok());
     }
 
