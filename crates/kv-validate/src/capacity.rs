@@ -256,49 +256,39 @@ pub enum CapacityError {
     Identity(#[from] crate::identity::IdentityError),
 }
 
-/// `fields` multiplied, or the overflow error naming the largest of them.
-fn checked_product(
-    config_file: &Path,
+/// A size computed from a config's fields, in checked arithmetic: an
+/// overflow is an error naming the largest field that went into it.
+struct SizeFormula<'a> {
+    config_file: &'a Path,
     quantity: &'static str,
     formula: &'static str,
-    fields: &[(&'static str, u64)],
-) -> Result<u64, CapacityError> {
-    fields
-        .iter()
-        .try_fold(1u64, |product, &(_, value)| product.checked_mul(value))
-        .ok_or_else(|| overflow(config_file, quantity, formula, fields))
+    fields: &'a [(&'static str, u64)],
 }
 
-/// `terms` summed, or the overflow error naming the largest of `fields`.
-fn checked_sum(
-    config_file: &Path,
-    quantity: &'static str,
-    formula: &'static str,
-    fields: &[(&'static str, u64)],
-    terms: &[u64],
-) -> Result<u64, CapacityError> {
-    terms
-        .iter()
-        .try_fold(0u64, |sum, &term| sum.checked_add(term))
-        .ok_or_else(|| overflow(config_file, quantity, formula, fields))
-}
+impl SizeFormula<'_> {
+    fn product(&self, factors: &[u64]) -> Result<u64, CapacityError> {
+        let product = factors.iter().try_fold(1u64, |p, &f| p.checked_mul(f));
+        product.ok_or_else(|| self.overflow())
+    }
 
-fn overflow(
-    config_file: &Path,
-    quantity: &'static str,
-    formula: &'static str,
-    fields: &[(&'static str, u64)],
-) -> CapacityError {
-    let &(field, value) = fields
-        .iter()
-        .max_by_key(|(_, value)| *value)
-        .expect("fields are named");
-    CapacityError::Overflow {
-        path: config_file.to_path_buf(),
-        field,
-        value,
-        quantity,
-        formula,
+    fn sum(&self, terms: &[u64]) -> Result<u64, CapacityError> {
+        let sum = terms.iter().try_fold(0u64, |s, &t| s.checked_add(t));
+        sum.ok_or_else(|| self.overflow())
+    }
+
+    fn overflow(&self) -> CapacityError {
+        let &(field, value) = self
+            .fields
+            .iter()
+            .max_by_key(|(_, value)| *value)
+            .expect("fields are named");
+        CapacityError::Overflow {
+            path: self.config_file.to_path_buf(),
+            field,
+            value,
+            quantity: self.quantity,
+            formula: self.formula,
+        }
     }
 }
 
@@ -368,24 +358,22 @@ pub fn parameter_count(config: &LlamaConfig, config_file: &Path) -> Result<u64, 
         config.num_hidden_layers,
     ]
     .map(|n| n as u64);
-    const QUANTITY: &str = "parameter count";
-    const FORMULA: &str = "embeddings + layers x (attention + MLP + norms) + head";
-    let fields = [
-        ("hidden_size", hidden),
-        ("intermediate_size", intermediate),
-        ("num_attention_heads", heads),
-        ("num_key_value_heads", kv_heads),
-        ("head_dim", head_dim),
-        ("vocab_size", vocab),
-        ("num_hidden_layers", layers),
-    ];
-    let product = |factors: &[u64]| {
-        factors
-            .iter()
-            .try_fold(1u64, |p, &f| p.checked_mul(f))
-            .ok_or_else(|| overflow(config_file, QUANTITY, FORMULA, &fields))
+    let size = SizeFormula {
+        config_file,
+        quantity: "parameter count",
+        formula: "embeddings + layers x (attention + MLP + norms) + head",
+        fields: &[
+            ("hidden_size", hidden),
+            ("intermediate_size", intermediate),
+            ("num_attention_heads", heads),
+            ("num_key_value_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("vocab_size", vocab),
+            ("num_hidden_layers", layers),
+        ],
     };
-    let sum = |terms: &[u64]| checked_sum(config_file, QUANTITY, FORMULA, &fields, terms);
+    let product = |factors: &[u64]| size.product(factors);
+    let sum = |terms: &[u64]| size.sum(terms);
     let attention = sum(&[
         product(&[2, hidden, heads, head_dim])?,
         product(&[2, hidden, kv_heads, head_dim])?,
@@ -403,17 +391,18 @@ pub fn parameter_count(config: &LlamaConfig, config_file: &Path) -> Result<u64, 
 
 /// Keys and values cached per token: layers x 2 x KV heads x head_dim.
 pub fn kv_values_per_token(config: &LlamaConfig, config_file: &Path) -> Result<u64, CapacityError> {
-    checked_product(
+    let fields = [
+        ("num_hidden_layers", config.num_hidden_layers as u64),
+        ("num_key_value_heads", config.num_key_value_heads as u64),
+        ("head_dim", config.head_dim as u64),
+    ];
+    let size = SizeFormula {
         config_file,
-        "KV values per token",
-        "num_hidden_layers x 2 x num_key_value_heads x head_dim",
-        &[
-            ("num_hidden_layers", config.num_hidden_layers as u64),
-            ("2", 2),
-            ("num_key_value_heads", config.num_key_value_heads as u64),
-            ("head_dim", config.head_dim as u64),
-        ],
-    )
+        quantity: "KV values per token",
+        formula: "num_hidden_layers x 2 x num_key_value_heads x head_dim",
+        fields: &fields,
+    };
+    size.product(&[fields[0].1, 2, fields[1].1, fields[2].1])
 }
 
 /// One method's capacity on one GPU for one profile.
@@ -487,20 +476,18 @@ impl CapacityReport {
     ) -> Result<Self, CapacityError> {
         let values = kv_values_per_token(config, config_file)?;
         let parameters = parameter_count(config, config_file)?;
-        // bits / 8 at most 4: parameters x 4 bytes, checked, without the bits' product.
-        let weights_bytes = (parameters / 8)
-            .checked_mul(weights_dtype.bits())
-            .and_then(|bytes| {
-                bytes.checked_add((parameters % 8 * weights_dtype.bits()).div_ceil(8))
-            })
-            .ok_or_else(|| {
-                overflow(
-                    config_file,
-                    "weights' bytes",
-                    "parameters x bits / 8",
-                    &[("parameters", parameters)],
-                )
-            })?;
+        // parameters x bits / 8, rounded up, without forming parameters x bits.
+        let size = SizeFormula {
+            config_file,
+            quantity: "weights' bytes",
+            formula: "parameters x bits / 8",
+            fields: &[("parameters", parameters)],
+        };
+        let bits = weights_dtype.bits();
+        let weights_bytes = size.sum(&[
+            size.product(&[parameters / 8, bits])?,
+            (parameters % 8 * bits).div_ceil(8),
+        ])?;
         let methods: Vec<MethodCost> = methods
             .into_iter()
             .map(|method| MethodCost {

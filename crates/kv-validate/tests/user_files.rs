@@ -24,6 +24,10 @@ fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 #[test]
 fn no_output_may_be_an_input_or_another_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -60,6 +64,15 @@ fn no_output_may_be_an_input_or_another_output() {
             .join(path.file_name().unwrap())
     };
     let config = model.hf_dir.join("config.json");
+    let allocate = |extra: &[&str]| {
+        owned(
+            &[
+                &["allocate", "--sweep-json", s(&sweep), "--bits", "3"],
+                extra,
+            ]
+            .concat(),
+        )
+    };
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
         (run(&["--json", s(&gguf)]), vec!["(--json)", "(--gguf)"]),
         (run(&["--json", s(&text)]), vec!["(--text-file)"]),
@@ -86,68 +99,30 @@ fn no_output_may_be_an_input_or_another_output() {
             vec!["(--sweep-plot)", "(--sweep-csv)"],
         ),
         (
-            vec!["--model-dir", s(&model.hf_dir), "--json", s(&config)]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            owned(&["--model-dir", s(&model.hf_dir), "--json", s(&config)]),
             vec!["(a file of --model-dir)"],
         ),
         (
-            vec!["merge", s(&a), s(&b), "--json", s(&a)]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            owned(&["merge", s(&a), s(&b), "--json", s(&a)]),
             vec!["a.json (--json)", "(a merged records file)"],
         ),
+        (allocate(&["--json", s(&sweep)]), vec!["(--sweep-json)"]),
         (
-            vec![
-                "allocate",
-                "--sweep-json",
-                s(&sweep),
-                "--bits",
-                "3",
-                "--json",
-                s(&sweep),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
-            vec!["(--sweep-json)"],
-        ),
-        (
-            vec![
-                "allocate",
-                "--sweep-json",
-                s(&sweep),
-                "--bits",
-                "3",
-                "--json",
-                s(&a),
-            ]
-            .into_iter()
-            .chain(["--flags-file".into(), s(&dotted(&a)).into()])
-            .map(String::from)
-            .collect(),
+            allocate(&["--json", s(&a), "--flags-file", s(&dotted(&a))]),
             vec!["(--flags-file)", "(--json)"],
         ),
         (
-            vec![
+            owned(&[
                 "capacity",
                 "--model-dir",
                 s(&model.hf_dir),
                 "--plot",
                 s(&config),
-            ]
-            .into_iter()
-            .map(String::from)
-            .collect(),
+            ]),
             vec!["(--plot)", "(a file of --model-dir)"],
         ),
         (
-            vec!["capacity", "--gguf", s(&gguf), "--json", s(&gguf)]
-                .into_iter()
-                .map(String::from)
-                .collect(),
+            owned(&["capacity", "--gguf", s(&gguf), "--json", s(&gguf)]),
             vec!["(--gguf)"],
         ),
         (run(&["--json", s(&kv_compress())]), vec!["(kv-compress)"]),

@@ -170,7 +170,12 @@ pub fn validate_against_sidecar(
     sidecar: &Sidecar,
     sidecar_path: &Path,
 ) -> Result<()> {
-    let tensors: Vec<(String, CacheDtype, Vec<usize>)> = cache
+    validate_tensors_against_sidecar(&cache_tensors(cache), cache.path(), sidecar, sidecar_path)
+}
+
+/// `(name, dtype, shape)` of the file's tensors of a cache dtype.
+fn cache_tensors(cache: &TensorFile) -> Vec<(String, CacheDtype, Vec<usize>)> {
+    cache
         .tensors()
         .iter()
         .filter_map(|t| {
@@ -180,8 +185,7 @@ pub fn validate_against_sidecar(
                 t.shape.clone(),
             ))
         })
-        .collect();
-    validate_tensors_against_sidecar(&tensors, cache.path(), sidecar, sidecar_path)
+        .collect()
 }
 
 /// [`validate_against_sidecar`] for tensors described rather than opened
@@ -237,17 +241,7 @@ fn described_tensors(path: &Path) -> Result<Vec<(String, CacheDtype, Vec<usize>)
             .iter()
             .map(|(name, t)| (name.clone(), t.dtype, t.shape.clone()))
             .collect()),
-        Err(Error::NotPacked { .. }) => Ok(TensorFile::open(path)?
-            .tensors()
-            .iter()
-            .filter_map(|t| {
-                Some((
-                    t.name.clone(),
-                    CacheDtype::from_safetensors(t.dtype)?,
-                    t.shape.clone(),
-                ))
-            })
-            .collect()),
+        Err(Error::NotPacked { .. }) => Ok(cache_tensors(&TensorFile::open(path)?)),
         Err(error) => Err(error),
     }
 }
