@@ -162,10 +162,16 @@ pub fn prepare(options: &Options) -> Result<(Report, Outputs), Error> {
 fn ensure_outputs_spare_inputs(input: &Path, output: &Path) -> Result<(), Error> {
     use kvformat::atomic::NamedPath;
     let (input_sidecar, output_sidecar) = (sidecar_path(input), sidecar_path(output));
-    let reads = [
+    let program = std::env::current_exe().ok();
+    let mut reads = vec![
         NamedPath::new("-input", input),
         NamedPath::new("-input's sidecar", &input_sidecar),
     ];
+    reads.extend(
+        program
+            .as_deref()
+            .map(|exe| NamedPath::new("the running kv-compress", exe)),
+    );
     let mut writes = vec![NamedPath::new("-output", output)];
     if !kvformat::atomic::writes_through(output) {
         writes.push(NamedPath::new("-output's sidecar", &output_sidecar));

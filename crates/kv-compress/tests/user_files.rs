@@ -128,6 +128,14 @@ fn an_output_that_is_an_input_by_another_name_is_a_usage_error() {
         assert_error(&result, 2, &["(-output) is the same file as", "(-input)"]);
     }
     assert_eq!(std::fs::read(&input).unwrap(), before);
+    // Nor the program itself.
+    let program = dir.path().join("kv-compress");
+    std::fs::copy(env!("CARGO_BIN_EXE_kv-compress"), &program).unwrap();
+    let result = Command::new(&program)
+        .args(["-input", s(&input), "-output", s(&program)])
+        .output()
+        .unwrap();
+    assert_error(&result, 2, &["(the running kv-compress)"]);
 }
 
 #[test]

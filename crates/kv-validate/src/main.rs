@@ -737,6 +737,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 /// an input or another output.
 fn file_plan(cli: &Cli) -> FilePlan {
     let mut plan = FilePlan::default();
+    plan.read(
+        "the running kv-validate",
+        std::env::current_exe().ok().as_deref(),
+    );
     let model_files = |plan: &mut FilePlan, model: &ModelArgs| {
         let flag = if model.gguf.is_some() && model.model_dir.is_none() {
             "--gguf"

@@ -250,6 +250,18 @@ fn slices_of_different_texts_under_one_name_are_not_merged() {
         error.contains("timings") && error.contains("implausible"),
         "{error}"
     );
+    // So is a compressor size that would overflow the sums over windows.
+    let mut hostile: serde_json::Value = read_json(Path::new(&rest));
+    hostile["windows"][0]["variants"][0]["metrics"]["original_size_bytes"] = u64::MAX.into();
+    std::fs::write(&hostile_path, hostile.to_string()).unwrap();
+    let error = expect_error(&kv_validate(
+        &["merge", &first, &hostile_path],
+        &kv_compress(),
+    ));
+    assert!(
+        error.contains("original_size_bytes = 18446744073709551615 is beyond"),
+        "{error}"
+    );
     // Records of the layout before content digests are refused, saying why.
     let mut old: serde_json::Value = read_json(Path::new(&rest));
     old["version"] = 1.into();
