@@ -8,8 +8,9 @@
 //! SHA-256 (the `sha2` crate of RustCrypto, already in the lock file through
 //! xtask's pinned downloads) rather than a fast non-cryptographic hash: a
 //! records file travels between machines, and a digest that cannot collide
-//! by accident or on purpose is what "the same bytes" needs; with the CPU's
-//! SHA extensions it reads well over 1 GB/s, small beside loading a model.
+//! by accident or on purpose is what "the same bytes" needs. It costs about
+//! 0.15 s for SmolLM2's 98 MB GGUF (a shared 2-core AMD EPYC), small beside
+//! loading the model.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
