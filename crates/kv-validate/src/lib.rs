@@ -19,4 +19,5 @@ pub mod plot;
 pub mod quick_test;
 pub mod records;
 pub mod report;
+pub mod shell;
 pub mod sweep;

@@ -229,7 +229,11 @@ impl ValidationReport {
             field("Protocol", &self.protocol),
             field(
                 "Compressor",
-                &format!("{} {}", self.compressor, self.compressor_flags),
+                // A command line people paste: quoted for a shell.
+                &crate::shell::quote_words(&format!(
+                    "{} {}",
+                    self.compressor, self.compressor_flags
+                )),
             ),
             field("Device", &self.device),
             field("Cache dtype", &self.cache_dtype),
