@@ -369,3 +369,35 @@ fn capacity_refuses_sizes_that_overflow_naming_the_field() {
         assert!(output.stdout.is_empty(), "a report was printed");
     }
 }
+
+/// A write beyond `ulimit -f` (SIGXFSZ) is an error like any other: one
+/// line, exit 2, the scratch directory removed, no temp file left.
+#[test]
+fn a_file_size_limit_is_an_error_that_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let scratch = dir.path().join("scratch");
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&scratch).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let json = out.join("report.json");
+    let prose = prose_path();
+    let mut args = short_run_args(s(&model.hf_dir), s(&prose), "2");
+    args.extend(["--scratch-dir", s(&scratch), "--json", s(&json)]);
+    // 4 blocks (2 or 4 KiB, by the shell's unit): a window's 24 KiB cache does not fit.
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -f 4 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_kv-validate"))
+        .args(&args)
+        .env("KV_COMPRESS_PATH", kv_compress())
+        .output()
+        .unwrap();
+    let line = expect_error(&output);
+    assert!(line.contains("File too large"), "{line}");
+    for dir in [&scratch, &out] {
+        let left: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
+        assert!(left.is_empty(), "{} keeps {left:?}", dir.display());
+    }
+}
