@@ -113,18 +113,19 @@ impl Outputs {
     /// The cache and its sidecar, which is committed first.
     /// No sidecar is written beside a special file (a FIFO or device has no
     /// "beside"); without one, a stale sidecar of the old output is removed,
-    /// so the pair left is all from this run.
+    /// so the pair left is all from this run. A file at the sidecar's path
+    /// that is not the old output's sidecar is neither replaced nor removed.
     fn pair(output: &Path, cache: Staged, sidecar: Option<&Sidecar>) -> Result<Outputs, Error> {
         if cache.wrote_through() {
             return Ok(Outputs(vec![cache]));
         }
         let path = sidecar_path(output);
+        // Whatever is there is replaced or removed: only if it is the old
+        // output's sidecar, never a file the user keeps under that name.
+        kvformat::sidecar::ensure_old_sidecar_replaceable(&path, output)?;
         let sidecar = match sidecar {
             Some(sidecar) => sidecar.stage(&path)?,
-            None => {
-                kvformat::sidecar::ensure_stale_sidecar_removable(&path, output)?;
-                Staged::removal(&path)?
-            }
+            None => Staged::removal(&path)?,
         };
         Ok(Outputs(vec![sidecar, cache]))
     }

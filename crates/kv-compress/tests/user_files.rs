@@ -59,7 +59,7 @@ fn assert_error(output: &Output, code: i32, needles: &[&str]) -> String {
 }
 
 #[test]
-fn a_file_named_like_the_output_sidecar_is_removed_only_when_it_is_that_sidecar() {
+fn a_file_named_like_the_output_sidecar_is_replaced_or_removed_only_when_it_is_that_sidecar() {
     let dir = tempfile::tempdir().unwrap();
     let (bare_input, with_sidecar) = (
         dir.path().join("bare.safetensors"),
@@ -69,7 +69,9 @@ fn a_file_named_like_the_output_sidecar_is_removed_only_when_it_is_that_sidecar(
     cache(&with_sidecar, true);
     let output = dir.path().join("out.safetensors");
     let stale = sidecar_path(&output);
-    // Not JSON, JSON that is no sidecar, and a sidecar of another cache: each kept, the run refused.
+    // Not JSON, JSON that is no sidecar, and a sidecar of another cache: each
+    // kept, the run refused, whether it would remove the file (an input
+    // without a sidecar) or replace it (an input with one).
     let other_shape =
         "{\"num_layers\": 2, \"num_kv_heads\": 8, \"seq_len\": 64, \"head_dim\": 64, \
                        \"dtype\": \"float32\", \"model_name\": \"m\"}";
@@ -80,35 +82,48 @@ fn a_file_named_like_the_output_sidecar_is_removed_only_when_it_is_that_sidecar(
         ("{\"experiment\": 7}", "is not a kv-compress sidecar"),
         (other_shape, "is a sidecar, but not of the file at"),
     ] {
-        std::fs::write(&stale, contents).unwrap();
-        let result = kv_compress(&["-input", s(&bare_input), "-output", s(&output)]);
-        assert_error(
-            &result,
-            1,
-            &["out.metadata.json: refusing to remove it", reason],
-        );
-        assert_eq!(
-            std::fs::read_to_string(&stale).unwrap(),
-            contents,
-            "{reason}"
-        );
-        assert!(
-            std::fs::read(&output).unwrap() == packed,
-            "the old output changed"
-        );
-        assert!(temp_files_in(dir.path()).is_empty());
+        for input in [&bare_input, &with_sidecar] {
+            std::fs::write(&stale, contents).unwrap();
+            let result = kv_compress(&["-input", s(input), "-output", s(&output)]);
+            assert_error(
+                &result,
+                1,
+                &[
+                    "out.metadata.json: refusing to replace or remove it",
+                    reason,
+                ],
+            );
+            assert_eq!(
+                std::fs::read_to_string(&stale).unwrap(),
+                contents,
+                "{reason}"
+            );
+            assert!(
+                std::fs::read(&output).unwrap() == packed,
+                "the old output changed"
+            );
+            assert!(temp_files_in(dir.path()).is_empty());
+        }
     }
     // A sidecar beside no output at all describes nothing this run replaces.
     let lonely = dir.path().join("lonely.safetensors");
     std::fs::copy(sidecar_path(&with_sidecar), sidecar_path(&lonely)).unwrap();
     let result = kv_compress(&["-input", s(&bare_input), "-output", s(&lonely)]);
-    assert_error(&result, 1, &["refusing to remove it", "of no cache at"]);
+    assert_error(
+        &result,
+        1,
+        &["refusing to replace or remove it", "of no cache at"],
+    );
     assert!(sidecar_path(&lonely).exists() && !lonely.exists());
     // The real stale sidecar of the old output goes, so the pair left is this run's.
     std::fs::copy(sidecar_path(&with_sidecar), &stale).unwrap();
     run_json(&["-input", s(&bare_input), "-output", s(&output)]);
     assert!(!stale.exists(), "the stale sidecar stayed");
     assert!(output.exists());
+    // And the old output's sidecar is replaced by the new one's.
+    run_json(&["-input", s(&with_sidecar), "-output", s(&output)]);
+    run_json(&["-input", s(&with_sidecar), "-output", s(&output)]);
+    assert_eq!(Sidecar::read(&stale).unwrap().num_layers, 2);
 }
 
 #[test]

@@ -94,10 +94,10 @@ pub enum Error {
         other_flag: String,
         other_is_read: bool,
     },
-    /// A file where the output's stale sidecar would be removed, which is
-    /// not one ([`crate::sidecar::ensure_stale_sidecar_removable`]).
+    /// A file where the output's sidecar goes that is not its old sidecar
+    /// ([`crate::sidecar::ensure_old_sidecar_replaceable`]).
     #[error(
-        "{}: refusing to remove it: this run writes {} without a sidecar and would remove a stale one, but this file {reason}; move or delete it yourself",
+        "{}: refusing to replace or remove it: it is where the sidecar of {} goes, but this file {reason}; move or delete it yourself",
         path.display(),
         output.display()
     )]

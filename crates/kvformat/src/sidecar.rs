@@ -202,12 +202,13 @@ pub fn validate_tensors_against_sidecar(
     })
 }
 
-/// Fails unless the file at `path`, if any, may be removed as the stale
-/// sidecar of `output` (a run that writes `output` without a sidecar removes
-/// the old one, so the pair left is all from the run): it must parse as a
-/// sidecar and describe the cache or packed file now at `output`. Anything
-/// else there is the user's file: the run is refused, saying why.
-pub fn ensure_stale_sidecar_removable(path: &Path, output: &Path) -> Result<()> {
+/// Fails unless the file at `path`, if any, may be replaced or removed as
+/// the old sidecar of `output` (a run writes `output`'s sidecar there, or
+/// removes the old one when it has none, so the pair left is all from the
+/// run): it must parse as a sidecar and describe the cache or packed file
+/// now at `output`. Anything else there is the user's file: the run is
+/// refused, saying why.
+pub fn ensure_old_sidecar_replaceable(path: &Path, output: &Path) -> Result<()> {
     if !std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file()) {
         return Ok(()); // Nothing a removal would touch.
     }
