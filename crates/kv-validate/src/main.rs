@@ -346,7 +346,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "bf16")]
         weights_dtype: WeightsDtype,
         /// A sweep's JSON report (kv-validate --sweep --json FILE, or merge):
-        /// its methods, their bits/value, delta and mean KLD.
+        /// its methods, their bits/value, delta and mean KLD. It must have
+        /// run this model: its config_content (SHA-256 of config.json or of
+        /// the GGUF) is checked.
         #[arg(long, value_name = "FILE")]
         sweep_json: Option<PathBuf>,
         /// Also write the report as JSON to FILE (atomically).
