@@ -221,6 +221,9 @@ fn stop_everything() {
 /// of that signal.
 pub fn install_signal_handlers() -> io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    // A write past `ulimit -f` fails (EFBIG) instead of killing: outputs and
+    // scratch files are then cleaned by the ordinary error path.
+    kvformat::atomic::survive_file_size_limit()?;
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     std::thread::Builder::new()
         .name("kv-validate-signals".into())

@@ -14,16 +14,20 @@ use kvformat::CacheDtype;
 use kv_validate::allocation::{allocate, probe_variants, DEFAULT_PROBE_FLAGS, PROBE_BITS};
 use kv_validate::bench;
 use kv_validate::bridge::{CompressSettings, CompressTimeout, KvCompress};
-use kv_validate::capacity::{read_sweep_table, CapacityReport, GpuMemory, Method, WeightsDtype};
+use kv_validate::capacity::{
+    ensure_sweep_of_model, read_sweep, read_sweep_table, CapacityReport, GpuMemory, Method,
+    WeightsDtype,
+};
 use kv_validate::data::{load_text, TextSource};
 use kv_validate::evaluate::{
     default_scratch_parent, ensure_measurable, evaluate, EvalOptions, Evaluation,
 };
+use kv_validate::identity::{model_inputs, ContentIds};
 use kv_validate::model::device::{dtype_name, open_device, DeviceRequest};
 use kv_validate::model::load::{
     load_model, read_model_config, LoadedModel, ModelSource, DEFAULT_HUB_REPO,
 };
-use kv_validate::output;
+use kv_validate::output::{self, FilePlan};
 use kv_validate::perplexity::{plan_windows, Protocol};
 use kv_validate::quick_test::run_quick_test;
 use kv_validate::records::{combine, merge, RunRecords, WindowRange};
@@ -309,6 +313,11 @@ enum Command {
         /// Also write the allocation as JSON to FILE (atomically).
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also write the kv-compress flags to FILE, one argument per line,
+        /// nothing quoted: `xargs kv-compress -input IN -output OUT < FILE`
+        /// or `kv-compress -input IN -output OUT $(cat FILE)` (atomically).
+        #[arg(long, value_name = "FILE")]
+        flags_file: Option<PathBuf>,
     },
     /// Serving capacity per KV-cache method, from the model's config alone
     /// (no weights are loaded): KV bytes per token and per request at FP16
@@ -338,7 +347,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "bf16")]
         weights_dtype: WeightsDtype,
         /// A sweep's JSON report (kv-validate --sweep --json FILE, or merge):
-        /// its methods, their bits/value, delta and mean KLD.
+        /// its methods, their bits/value, delta and mean KLD. It must have
+        /// run this model: its config_content (SHA-256 of config.json or of
+        /// the GGUF) is checked.
         #[arg(long, value_name = "FILE")]
         sweep_json: Option<PathBuf>,
         /// Also write the report as JSON to FILE (atomically).
@@ -501,6 +512,7 @@ fn pass_criteria(cli: &Cli) -> anyhow::Result<PassCriteria> {
 
 /// Runs the validation (or the merge); `Ok(passed)`.
 fn run(cli: &Cli) -> anyhow::Result<bool> {
+    file_plan(cli).check()?;
     match &cli.command {
         Some(Command::Merge { files, outputs }) => return run_merge(files, outputs),
         Some(Command::Allocate {
@@ -508,6 +520,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             records,
             bits,
             json,
+            flags_file,
         }) => {
             let (table, source) = match sweep_json {
                 Some(path) => (read_sweep_table(path)?, path.display().to_string()),
@@ -521,6 +534,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             print!("{}", allocation.render_text());
             if let Some(path) = json {
                 output::write_json(path, &allocation)?;
+            }
+            if let Some(path) = flags_file {
+                output::write_atomically(path, allocation.flags_file()?)?;
             }
             return Ok(true);
         }
@@ -624,6 +640,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         .get_ids()
         .to_vec();
 
+    let content = ContentIds::of_run(&source, &text.text, &tokens)?;
+
     let max_positions = loaded.model.config().max_position_embeddings;
     let protocol = match (cli.context, cli.targets) {
         (Some(context), Some(targets)) => Protocol::ContextTargets { context, targets },
@@ -687,6 +705,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         device: opened.name.clone(),
         cache_dtype: cache_dtype.torch_name().to_string(),
         criteria,
+        content,
     };
     let records = RunRecords::new(
         run,
@@ -715,6 +734,69 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         return Ok(true);
     }
     report(&cli.outputs, &records, &evaluation)
+}
+
+/// Every file the command reads and writes, with its flag: no output may be
+/// an input or another output.
+fn file_plan(cli: &Cli) -> FilePlan {
+    let mut plan = FilePlan::default();
+    plan.read(
+        "the running kv-validate",
+        std::env::current_exe().ok().as_deref(),
+    );
+    let model_files = |plan: &mut FilePlan, model: &ModelArgs| {
+        let flag = if model.gguf.is_some() && model.model_dir.is_none() {
+            "--gguf"
+        } else {
+            "a file of --model-dir"
+        };
+        plan.read_all(flag, &model_inputs(&model.source()));
+    };
+    let report_outputs = |plan: &mut FilePlan, outputs: &Outputs| {
+        plan.write("--json", outputs.json.as_deref())
+            .write("--sweep-csv", outputs.sweep_csv.as_deref())
+            .write("--sweep-plot", outputs.sweep_plot.as_deref())
+            .write("--sweep-kld-plot", outputs.sweep_kld_plot.as_deref());
+    };
+    match &cli.command {
+        Some(Command::Merge { files, outputs }) => {
+            plan.read_all("a merged records file", files);
+            report_outputs(&mut plan, outputs);
+        }
+        Some(Command::Allocate {
+            sweep_json,
+            records,
+            json,
+            flags_file,
+            ..
+        }) => {
+            plan.read("--sweep-json", sweep_json.as_deref())
+                .read_all("--records", records)
+                .write("--json", json.as_deref())
+                .write("--flags-file", flags_file.as_deref());
+        }
+        Some(Command::Capacity {
+            model,
+            sweep_json,
+            json,
+            plot,
+            ..
+        }) => {
+            model_files(&mut plan, model);
+            plan.read("--sweep-json", sweep_json.as_deref())
+                .write("--json", json.as_deref())
+                .write("--plot", plot.as_deref());
+        }
+        None => {
+            model_files(&mut plan, &cli.model);
+            let compressor = KvCompress::locate().ok();
+            plan.read("--text-file", cli.text_file.as_deref())
+                .read("kv-compress", compressor.as_ref().map(KvCompress::program))
+                .write("--records", cli.records.as_deref());
+            report_outputs(&mut plan, &cli.outputs);
+        }
+    }
+    plan
 }
 
 /// `kv-validate merge`: the report of the slices' combined records.
@@ -869,7 +951,11 @@ fn run_capacity(
     let source = model.source();
     let (config, config_file) = read_model_config(&source)?;
     let methods = match sweep_json {
-        Some(path) => Method::from_sweep(&read_sweep_table(path)?),
+        Some(path) => {
+            let sweep = read_sweep(path)?;
+            ensure_sweep_of_model(path, sweep.config_content.as_ref(), &config_file)?;
+            Method::from_sweep(&sweep.table)
+        }
         None => Method::defaults(),
     };
     let gpus = if gpu_memory.is_empty() {
@@ -889,7 +975,7 @@ fn run_capacity(
         &gpus,
         methods,
         sweep_json,
-    );
+    )?;
     print!("{}", report.render_text());
     if let Some(path) = json {
         output::write_json(path, &report)?;

@@ -227,15 +227,18 @@ fn sweep_json_methods_carry_their_delta_and_kld_and_the_plot_draws_them() {
             "passed": delta < 0.5, "pareto": true, "pareto_kld": false,
         })
     };
+    let model = config_dir("tinyllama-1.1b");
+    // The sweep says which model it measured: capacity checks it is this one.
+    let config_content =
+        kv_validate::identity::ContentId::of_files(&[model.join("config.json")]).unwrap();
     let json = serde_json::json!({
-        "model": "m", "table": {
+        "model": "m", "config_content": config_content, "table": {
             "baseline_perplexity": 10.0, "threshold": 0.5, "max_kld": null, "recommendation": "kivi3",
             "rows": [row("kivi3", 3.5, 0.25, Some(0.012)), row("int8", 8.25, 0.002, None)],
         }
     });
     std::fs::write(&sweep, json.to_string()).unwrap();
     let plot = dir.path().join("capacity.svg");
-    let model = config_dir("tinyllama-1.1b");
     let args = [
         "--model-dir",
         model.to_str().unwrap(),
