@@ -50,7 +50,11 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             eprintln!("Error: {error}");
-            ExitCode::FAILURE
+            if error.is_usage() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -35,6 +35,14 @@ pub enum Error {
     Settings(#[from] SettingsError),
 }
 
+impl Error {
+    /// Whether the command line itself is at fault (exit 2, as for a bad
+    /// flag): paths that collide are refused before any work.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, Error::File(kvformat::Error::PathClash { .. }))
+    }
+}
+
 /// Runs the command the options describe, puts its outputs in place and
 /// reports on it.
 pub fn run(options: &Options) -> Result<Report, Error> {
@@ -57,12 +65,16 @@ impl Outputs {
     /// The cache and its sidecar, which is committed first.
     /// No sidecar is written beside a special file (a FIFO or device has no
     /// "beside"); without one, a stale sidecar of the old output is removed,
-    /// so the pair left is all from this run.
+    /// so the pair left is all from this run. A file at the sidecar's path
+    /// that is not the old output's sidecar is neither replaced nor removed.
     fn pair(output: &Path, cache: Staged, sidecar: Option<&Sidecar>) -> Result<Outputs, Error> {
         if cache.wrote_through() {
             return Ok(Outputs(vec![cache]));
         }
         let path = sidecar_path(output);
+        // Whatever is there is replaced or removed: only if it is the old
+        // output's sidecar, never a file the user keeps under that name.
+        kvformat::sidecar::ensure_old_sidecar_replaceable(&path, output)?;
         let sidecar = match sidecar {
             Some(sidecar) => sidecar.stage(&path)?,
             None => Staged::removal(&path)?,
@@ -75,20 +87,19 @@ impl Outputs {
 /// place only once the report is delivered (`main` prints it first).
 pub fn prepare(options: &Options) -> Result<(Report, Outputs), Error> {
     let started = Instant::now();
-    let input = options.input.as_deref().ok_or(Error::MissingInput)?;
-    let output = match (&options.output, options.metrics_only) {
+    // An empty value is a missing one, as for the Go original (`-output=`).
+    fn given(path: &Option<std::path::PathBuf>) -> Option<&Path> {
+        path.as_deref().filter(|path| !path.as_os_str().is_empty())
+    }
+    let input = given(&options.input).ok_or(Error::MissingInput)?;
+    let output = match (given(&options.output), options.metrics_only) {
         (_, true) => None,
-        (Some(output), false) => Some(output.as_path()),
+        (Some(output), false) => Some(output),
         (None, false) => return Err(Error::MissingOutput),
     };
     if let Some(output) = output {
         kvformat::atomic::ensure_output_dir(output)?;
-        let (input_sidecar, output_sidecar) = (sidecar_path(input), sidecar_path(output));
-        let mut writes = vec![output];
-        if !kvformat::atomic::writes_through(output) {
-            writes.push(&output_sidecar);
-        }
-        kvformat::atomic::ensure_writes_spare_reads(&[input, &input_sidecar], &writes)?;
+        ensure_outputs_spare_inputs(input, output)?;
     }
     let (mut report, outputs) = if options.decompress {
         decompress(input, output, options.verbose)?
@@ -97,6 +108,28 @@ pub fn prepare(options: &Options) -> Result<(Report, Outputs), Error> {
     };
     report.processing_time_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok((report, outputs.unwrap_or(Outputs(Vec::new()))))
+}
+
+/// The one rule of `kvformat::atomic::ensure_no_clobber` for this run's
+/// files: the output and its sidecar against the input and its sidecar.
+fn ensure_outputs_spare_inputs(input: &Path, output: &Path) -> Result<(), Error> {
+    use kvformat::atomic::NamedPath;
+    let (input_sidecar, output_sidecar) = (sidecar_path(input), sidecar_path(output));
+    let program = std::env::current_exe().ok();
+    let mut reads = vec![
+        NamedPath::new("-input", input),
+        NamedPath::new("-input's sidecar", &input_sidecar),
+    ];
+    reads.extend(
+        program
+            .as_deref()
+            .map(|exe| NamedPath::new("the running kv-compress", exe)),
+    );
+    let mut writes = vec![NamedPath::new("-output", output)];
+    if !kvformat::atomic::writes_through(output) {
+        writes.push(NamedPath::new("-output's sidecar", &output_sidecar));
+    }
+    Ok(kvformat::atomic::ensure_no_clobber(&reads, &writes)?)
 }
 
 /// What one tensor contributed to the report.

@@ -219,12 +219,19 @@ fn output_same_as_input() {
     let before = std::fs::read(&input).unwrap();
     let dotted = dir.path().join(".").join("kv.safetensors");
     for output in [&input, &dotted] {
-        assert_fails(
-            dir.path(),
-            &["-input", s(&input), "-output", s(output)],
-            &["kv.safetensors", "same file as -input"],
+        // A usage error (the two flags collide): exit 2, before any work.
+        let result = kv_compress(&["-input", s(&input), "-output", s(output)]);
+        let text = stderr(&result);
+        assert_eq!(result.status.code(), Some(2), "{text}");
+        assert!(
+            text.starts_with("Error: ")
+                && text.lines().count() == 1
+                && text.contains("kv.safetensors (-output) is the same file as")
+                && text.contains("(-input)"),
+            "{text:?}"
         );
     }
+    assert_eq!(files_in(dir.path()), vec![input.clone()]);
     assert_eq!(std::fs::read(&input).unwrap(), before);
 }
 

@@ -206,7 +206,10 @@ fn no_output_or_its_sidecar_may_be_an_input_or_its_sidecar() {
     let output = command(&["-input", s(&input), "-output", s(&sidecar_path(&input))])
         .output()
         .unwrap();
-    assert_one_line_error(&output, "would overwrite it");
+    // A usage error: exit 2, the output and the input's sidecar named with their roles.
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("(-output) is the same file as"));
+    assert!(stderr(&output).contains("(-input's sidecar)"));
     assert_eq!(
         std::fs::read(sidecar_path(&input)).unwrap(),
         input_sidecar,
@@ -220,7 +223,8 @@ fn no_output_or_its_sidecar_may_be_an_input_or_its_sidecar() {
     let output = command(&["-decompress", "-input", s(&packed), "-output", s(&restored)])
         .output()
         .unwrap();
-    assert_one_line_error(&output, "restored.metadata.json");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("restored.metadata.json (-output's sidecar)"));
     assert_eq!(
         std::fs::read(&packed).unwrap(),
         packed_bytes,

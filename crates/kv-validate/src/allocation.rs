@@ -121,6 +121,11 @@ pub enum AllocationError {
     Unreachable { budget: f64, lowest: f64 },
     #[error("budget {0} bits/value is not a positive number")]
     BadBudget(f64),
+    #[error(
+        "flag word {word:?} holds a blank, quote or backslash, which xargs and $(cat FILE) \
+         would split or unquote: it cannot go to --flags-file"
+    )]
+    UnsafeFlagWord { word: String },
 }
 
 /// The bits of every layer's keys and values, and what the probes predict.
@@ -512,12 +517,36 @@ impl Allocation {
                 uniform.bits, uniform.predicted_bits_per_value, uniform.predicted_kld
             ));
         }
-        lines.push(format!("kv-compress flags: {}", self.flags));
+        // Quoted for a POSIX shell: a `-layer-bits` rule holds `;`, which
+        // would end the command where the flags are pasted.
+        lines.push(format!("kv-compress flags: {}", self.shell_flags()));
         lines.push(format!(
-            "Measure it on other windows or text: kv-validate ... --variant \"allocated={}\"",
-            self.flags
+            "Measure it on other windows or text: kv-validate ... --variant {}",
+            crate::shell::quote(&format!("allocated={}", self.flags))
         ));
         lines.join("\n") + "\n"
+    }
+
+    /// The flags as shell words, each quoted where a POSIX shell would
+    /// otherwise read a character of it as syntax.
+    pub fn shell_flags(&self) -> String {
+        crate::shell::quote_words(&self.flags)
+    }
+
+    /// `--flags-file`: one flag word per line, unquoted, for
+    /// `xargs kv-compress ... < FILE` or `kv-compress ... $(cat FILE)`: both
+    /// split on blanks and newlines only, and xargs removes quotes and
+    /// backslashes, so a word holding any of those is refused.
+    pub fn flags_file(&self) -> Result<String, AllocationError> {
+        let mut text = String::new();
+        for word in self.flags.split_whitespace() {
+            if word.contains(['\'', '"', '\\']) {
+                return Err(AllocationError::UnsafeFlagWord { word: word.into() });
+            }
+            text.push_str(word);
+            text.push('\n');
+        }
+        Ok(text)
     }
 }
 
@@ -526,6 +555,35 @@ mod tests {
     use super::*;
     use crate::run_types::PassCriteria;
     use crate::sweep::Measurement;
+
+    #[test]
+    fn printed_flags_are_quoted_and_the_flags_file_is_one_word_a_line() {
+        let allocation = Allocation {
+            budget: 3.0,
+            bits: BTreeMap::new(),
+            predicted_bits_per_value: 3.0,
+            predicted_kld: 0.0,
+            uniform: None,
+            flags: "-method kivi -bits 2 -layer-bits k:8,18=3;v:3=4".into(),
+        };
+        assert_eq!(
+            allocation.shell_flags(),
+            "-method kivi -bits 2 -layer-bits 'k:8,18=3;v:3=4'"
+        );
+        assert_eq!(
+            allocation.flags_file().unwrap(),
+            "-method\nkivi\n-bits\n2\n-layer-bits\nk:8,18=3;v:3=4\n"
+        );
+        // A quote cannot go through xargs unquoted: the flags file refuses it.
+        let quoted = Allocation {
+            flags: "-bits 2 it's".into(),
+            ..allocation
+        };
+        assert!(matches!(
+            quoted.flags_file(),
+            Err(AllocationError::UnsafeFlagWord { word }) if word == "it's"
+        ));
+    }
 
     /// A sensitivity sweep's table with `layers` layers: tensor `t` (keys,
     /// values, layer by layer) saves `saving(t, bits)` and adds `damage(t, bits)`.

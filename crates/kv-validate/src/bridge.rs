@@ -90,6 +90,8 @@ pub enum BridgeError {
         status: std::process::ExitStatus,
         stderr: String,
     },
+    #[error("`{command}` reported an implausible size: {problem}")]
+    Implausible { command: String, problem: String },
     #[error("`{command}` printed no valid metrics JSON on stdout ({source}): {stdout:?}")]
     BadJson {
         command: String,
@@ -201,11 +203,16 @@ impl KvCompress {
         ];
         args.extend(settings.extra_args.iter().map(OsString::from));
         let (command, stdout) = self.run(&args, limit)?;
-        serde_json::from_str(&stdout).map_err(|source| BridgeError::BadJson {
-            command,
-            source,
-            stdout,
-        })
+        let report: Report =
+            serde_json::from_str(&stdout).map_err(|source| BridgeError::BadJson {
+                command: command.clone(),
+                source,
+                stdout,
+            })?;
+        match crate::evaluate::implausible_sizes(&report) {
+            Some(problem) => Err(BridgeError::Implausible { command, problem }),
+            None => Ok(report),
+        }
     }
 
     /// `kv-compress -decompress -input IN -output OUT`: restores the cache.

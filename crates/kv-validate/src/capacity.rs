@@ -11,6 +11,7 @@ use kvformat::codec::{payload_len, CodecParams, Layout, ScaleDtype, SparseForm};
 use kvformat::preset::DEFAULT_GROUP_SIZE;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::ContentId;
 use crate::model::LlamaConfig;
 use crate::plot::{render_points, Chart, Point};
 use crate::sweep::SweepTable;
@@ -222,30 +223,134 @@ pub enum CapacityError {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// A config whose sizes multiply past 64 bits; the largest factor is named.
+    #[error(
+        "{}: {field} = {value} is implausible: the {quantity} ({formula}) would not fit in 64 bits",
+        path.display()
+    )]
+    Overflow {
+        path: PathBuf,
+        field: &'static str,
+        value: u64,
+        quantity: &'static str,
+        formula: &'static str,
+    },
+    #[error(
+        "{}: does not say which model it measured (no config_content: written by an older \
+         kv-validate, or by hand), so its figures cannot be set beside {}'s; re-run the sweep \
+         or merge with this kv-validate",
+        sweep.display(), config.display()
+    )]
+    SweepWithoutModel { sweep: PathBuf, config: PathBuf },
+    #[error(
+        "{}: measured another model: its config_content is {theirs} but {} has {ours}; \
+         a sweep's figures hold for the model it ran",
+        sweep.display(), config.display()
+    )]
+    SweepOfOtherModel {
+        sweep: PathBuf,
+        config: PathBuf,
+        theirs: String,
+        ours: String,
+    },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+}
+
+/// A size computed from a config's fields, in checked arithmetic: an
+/// overflow is an error naming the largest field that went into it.
+struct SizeFormula<'a> {
+    config_file: &'a Path,
+    quantity: &'static str,
+    formula: &'static str,
+    fields: &'a [(&'static str, u64)],
+}
+
+impl SizeFormula<'_> {
+    fn product(&self, factors: &[u64]) -> Result<u64, CapacityError> {
+        let product = factors.iter().try_fold(1u64, |p, &f| p.checked_mul(f));
+        product.ok_or_else(|| self.overflow())
+    }
+
+    fn sum(&self, terms: &[u64]) -> Result<u64, CapacityError> {
+        let sum = terms.iter().try_fold(0u64, |s, &t| s.checked_add(t));
+        sum.ok_or_else(|| self.overflow())
+    }
+
+    fn overflow(&self) -> CapacityError {
+        let &(field, value) = self
+            .fields
+            .iter()
+            .max_by_key(|(_, value)| *value)
+            .expect("fields are named");
+        CapacityError::Overflow {
+            path: self.config_file.to_path_buf(),
+            field,
+            value,
+            quantity: self.quantity,
+            formula: self.formula,
+        }
+    }
+}
+
+/// Fails unless the sweep at `sweep` ran the model whose config `config_file`
+/// is (same `config_content`: SHA-256 and size of config.json, or of the GGUF).
+pub fn ensure_sweep_of_model(
+    sweep: &Path,
+    config_content: Option<&ContentId>,
+    config_file: &Path,
+) -> Result<(), CapacityError> {
+    let Some(theirs) = config_content else {
+        return Err(CapacityError::SweepWithoutModel {
+            sweep: sweep.to_path_buf(),
+            config: config_file.to_path_buf(),
+        });
+    };
+    let ours = ContentId::of_files(&[config_file.to_path_buf()])?;
+    if *theirs != ours {
+        let show = |id: &ContentId| format!("sha256 {} ({} bytes)", id.sha256, id.bytes);
+        return Err(CapacityError::SweepOfOtherModel {
+            sweep: sweep.to_path_buf(),
+            config: config_file.to_path_buf(),
+            theirs: show(theirs),
+            ours: show(&ours),
+        });
+    }
+    Ok(())
 }
 
 /// The sweep table of a sweep's JSON report (`--sweep --json` or `merge`).
 pub fn read_sweep_table(path: &Path) -> Result<SweepTable, CapacityError> {
-    #[derive(Deserialize)]
-    struct SweepJson {
-        table: SweepTable,
-    }
+    read_sweep(path).map(|sweep| sweep.table)
+}
+
+/// What `capacity` reads of a sweep's JSON report: its table and the model
+/// it measured.
+#[derive(Deserialize)]
+pub struct SweepJson {
+    pub table: SweepTable,
+    /// Absent from reports of older versions and hand-written ones.
+    pub config_content: Option<ContentId>,
+}
+
+/// A sweep's JSON report (`--sweep --json` or `merge`).
+pub fn read_sweep(path: &Path) -> Result<SweepJson, CapacityError> {
     let text = std::fs::read_to_string(path).map_err(|source| CapacityError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    serde_json::from_str::<SweepJson>(&text)
-        .map(|json| json.table)
-        .map_err(|source| CapacityError::NotSweep {
-            path: path.to_path_buf(),
-            source,
-        })
+    serde_json::from_str::<SweepJson>(&text).map_err(|source| CapacityError::NotSweep {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-/// Parameters of a Llama with this config: embeddings, per layer the Q, K,
-/// V, O projections, the SwiGLU MLP and two RMSNorms, the final norm, and
-/// the output head unless it is tied to the embeddings.
-pub fn parameter_count(config: &LlamaConfig) -> u64 {
+/// Parameters of a model with this config: embeddings, per layer the Q, K,
+/// V, O projections (with their biases where the family has them), the
+/// gated MLP, the RMSNorms (four per layer in Gemma, plus per-head q/k norms
+/// in Qwen3 and Gemma 3), the final norm, and the output head unless it is
+/// tied to the embeddings.
+pub fn parameter_count(config: &LlamaConfig, config_file: &Path) -> Result<u64, CapacityError> {
     let [hidden, intermediate, heads, kv_heads, head_dim, vocab, layers] = [
         config.hidden_size,
         config.intermediate_size,
@@ -256,21 +361,106 @@ pub fn parameter_count(config: &LlamaConfig) -> u64 {
         config.num_hidden_layers,
     ]
     .map(|n| n as u64);
-    let attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim;
-    let mlp = 3 * hidden * intermediate;
-    let per_layer = attention + mlp + 2 * hidden;
-    let embeddings = vocab * hidden;
+    let size = SizeFormula {
+        config_file,
+        quantity: "parameter count",
+        formula: "embeddings + layers x (attention + MLP + norms) + head",
+        fields: &[
+            ("hidden_size", hidden),
+            ("intermediate_size", intermediate),
+            ("num_attention_heads", heads),
+            ("num_key_value_heads", kv_heads),
+            ("head_dim", head_dim),
+            ("vocab_size", vocab),
+            ("num_hidden_layers", layers),
+        ],
+    };
+    let product = |factors: &[u64]| size.product(factors);
+    let sum = |terms: &[u64]| size.sum(terms);
+    let arch = &config.architecture;
+    let attention = sum(&[
+        product(&[2, hidden, heads, head_dim])?,
+        product(&[2, hidden, kv_heads, head_dim])?,
+    ])?;
+    let qkv_outputs = sum(&[heads, product(&[2, kv_heads])?])?;
+    let attention_biases = sum(&[
+        product(&[u64::from(arch.biases.qkv), qkv_outputs, head_dim])?,
+        product(&[u64::from(arch.biases.output), hidden])?,
+    ])?;
+    let mlp_biases = sum(&[product(&[2, intermediate])?, hidden])?;
+    let mlp = sum(&[
+        product(&[3, hidden, intermediate])?,
+        product(&[u64::from(arch.biases.mlp), mlp_biases])?,
+    ])?;
+    let norms = sum(&[
+        product(&[if arch.sandwich_norms { 4 } else { 2 }, hidden])?,
+        product(&[u64::from(arch.qk_norm), 2, head_dim])?,
+    ])?;
+    let per_layer = sum(&[attention, attention_biases, mlp, norms])?;
+    let embeddings = product(&[vocab, hidden])?;
     let head = if config.tie_word_embeddings {
         0
     } else {
-        vocab * hidden
+        embeddings
     };
-    embeddings + layers * per_layer + hidden + head
+    sum(&[embeddings, product(&[layers, per_layer])?, hidden, head])
 }
 
-/// Keys and values cached per token: layers x 2 x KV heads x head_dim.
-pub fn kv_values_per_token(config: &LlamaConfig) -> u64 {
-    (config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim) as u64
+/// Keys and values cached per token while no sliding window is full:
+/// layers x 2 x KV heads x head_dim.
+pub fn kv_values_per_token(config: &LlamaConfig, config_file: &Path) -> Result<u64, CapacityError> {
+    let fields = [
+        ("num_hidden_layers", config.num_hidden_layers as u64),
+        ("num_key_value_heads", config.num_key_value_heads as u64),
+        ("head_dim", config.head_dim as u64),
+    ];
+    let size = SizeFormula {
+        config_file,
+        quantity: "KV values per token",
+        formula: "num_hidden_layers x 2 x num_key_value_heads x head_dim",
+        fields: &fields,
+    };
+    size.product(&[fields[0].1, 2, fields[1].1, fields[2].1])
+}
+
+/// Keys and values one sequence of `tokens` holds: a sliding-window layer
+/// holds at most its window (what a serving engine allocates for it).
+/// Saturates at `u64::MAX` rather than wrap.
+pub fn kv_values_for_tokens(config: &LlamaConfig, tokens: u64) -> u64 {
+    let per_layer_token = (2 * config.num_key_value_heads * config.head_dim) as u64;
+    config
+        .architecture
+        .layers
+        .iter()
+        .map(|layer| {
+            let held = layer
+                .sliding_window
+                .map_or(tokens, |window| tokens.min(window as u64));
+            per_layer_token.saturating_mul(held)
+        })
+        .fold(0, u64::saturating_add)
+}
+
+/// The longest sequence whose cache fits in `free` bytes at
+/// `bits_per_value`; `u64::MAX` when every layer slides and even a full
+/// window of each fits.
+fn max_cached_tokens(config: &LlamaConfig, bits_per_value: f64, free: u64) -> u64 {
+    let bytes = |tokens: u64| kv_values_for_tokens(config, tokens) as f64 * bits_per_value / 8.0;
+    let fits = |tokens: u64| bytes(tokens) <= free as f64;
+    let (mut low, mut high) = (0u64, 1u64 << 62);
+    if fits(high) {
+        return u64::MAX;
+    }
+    // Invariant: fits(low), !fits(high).
+    while high - low > 1 {
+        let middle = low + (high - low) / 2;
+        if fits(middle) {
+            low = middle;
+        } else {
+            high = middle;
+        }
+    }
+    low
 }
 
 /// One method's capacity on one GPU for one profile.
@@ -307,7 +497,11 @@ pub struct GpuBudget {
 pub struct MethodCost {
     #[serde(flatten)]
     pub method: Method,
+    /// While no sliding window is full.
     pub kv_bytes_per_token: f64,
+    /// One request's cache per profile, in [`PROFILES`] order (sliding
+    /// layers hold at most their window).
+    pub kv_bytes_per_request: Vec<f64>,
 }
 
 /// The whole report, in the shape of its JSON (`--json`).
@@ -341,14 +535,33 @@ impl CapacityReport {
         gpus: &[GpuMemory],
         methods: Vec<Method>,
         sweep_json: Option<&Path>,
-    ) -> Self {
-        let values = kv_values_per_token(config);
-        let parameters = parameter_count(config);
-        let weights_bytes = (parameters * weights_dtype.bits()).div_ceil(8);
+    ) -> Result<Self, CapacityError> {
+        let values = kv_values_per_token(config, config_file)?;
+        let parameters = parameter_count(config, config_file)?;
+        // parameters x bits / 8, rounded up, without forming parameters x bits.
+        let size = SizeFormula {
+            config_file,
+            quantity: "weights' bytes",
+            formula: "parameters x bits / 8",
+            fields: &[("parameters", parameters)],
+        };
+        let bits = weights_dtype.bits();
+        let weights_bytes = size.sum(&[
+            size.product(&[parameters / 8, bits])?,
+            (parameters % 8 * bits).div_ceil(8),
+        ])?;
         let methods: Vec<MethodCost> = methods
             .into_iter()
             .map(|method| MethodCost {
                 kv_bytes_per_token: values as f64 * method.bits_per_value / 8.0,
+                kv_bytes_per_request: PROFILES
+                    .iter()
+                    .map(|profile| {
+                        kv_values_for_tokens(config, profile.tokens()) as f64
+                            * method.bits_per_value
+                            / 8.0
+                    })
+                    .collect(),
                 method,
             })
             .collect();
@@ -368,10 +581,13 @@ impl CapacityReport {
                 fits.push(GpuMethodFit {
                     gpu: gpu.name.clone(),
                     method: cost.method.label.clone(),
-                    max_cached_tokens: fits_in(gpu.free_bytes, cost.kv_bytes_per_token),
+                    max_cached_tokens: max_cached_tokens(
+                        config,
+                        cost.method.bits_per_value,
+                        gpu.free_bytes,
+                    ),
                 });
-                for profile in PROFILES {
-                    let per_request = cost.kv_bytes_per_token * profile.tokens() as f64;
+                for (profile, &per_request) in PROFILES.iter().zip(&cost.kv_bytes_per_request) {
                     rows.push(CapacityRow {
                         gpu: gpu.name.clone(),
                         method: cost.method.label.clone(),
@@ -383,7 +599,7 @@ impl CapacityReport {
                 }
             }
         }
-        CapacityReport {
+        Ok(CapacityReport {
             model,
             config_file: config_file.display().to_string(),
             num_layers: config.num_hidden_layers,
@@ -399,7 +615,7 @@ impl CapacityReport {
             fits,
             rows,
             sweep_json: sweep_json.map(|p| p.display().to_string()),
-        }
+        })
     }
 
     fn row(&self, gpu: &str, method: &str, profile: &Profile) -> &CapacityRow {
@@ -445,11 +661,8 @@ impl CapacityReport {
                 cost.method.bits_per_value,
                 trim_number(cost.kv_bytes_per_token)
             );
-            for profile in &self.profiles {
-                out += &format!(
-                    " {:>14.2}",
-                    mib(cost.kv_bytes_per_token * profile.tokens() as f64)
-                );
+            for bytes in &cost.kv_bytes_per_request {
+                out += &format!(" {:>14.2}", mib(*bytes));
             }
             let optional =
                 |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:+.digits$}"));
@@ -485,7 +698,11 @@ impl CapacityReport {
                     .iter()
                     .find(|f| f.gpu == gpu.name && f.method == cost.method.label)
                     .expect("a fit per gpu and method");
-                out += &format!(" {:>14}\n", fit.max_cached_tokens);
+                let tokens = match fit.max_cached_tokens {
+                    u64::MAX => "unbounded".to_string(),
+                    tokens => tokens.to_string(),
+                };
+                out += &format!(" {tokens:>14}\n");
             }
         }
         out

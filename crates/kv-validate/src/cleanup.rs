@@ -223,6 +223,9 @@ fn stop_everything() {
 /// first, stop everything (`stop_everything`), say so on stderr; the handler
 /// then removes the temp files of outputs being written and dies of that signal.
 pub fn install_signal_handlers() -> io::Result<()> {
+    // A write past `ulimit -f` fails (EFBIG) instead of killing: outputs and
+    // scratch files are then cleaned by the ordinary error path.
+    kvformat::atomic::survive_file_size_limit()?;
     kvformat::atomic::on_termination(|signal| {
         stop_everything();
         eprintln!(

@@ -294,14 +294,20 @@ pub enum Command {
         /// Also write the allocation as JSON to FILE (atomically).
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Also write the kv-compress flags to FILE, one argument per line,
+        /// nothing quoted: `xargs kv-compress -input IN -output OUT < FILE`
+        /// or `kv-compress -input IN -output OUT $(cat FILE)` (atomically).
+        #[arg(long, value_name = "FILE")]
+        flags_file: Option<PathBuf>,
     },
     /// Serving capacity per KV-cache method, from the model's config alone
     /// (no weights are loaded): KV bytes per token and per request at FP16
     /// and at each method's bits/value, and the largest batch of concurrent
     /// requests that fits in GPU memory after the weights, for the traffic
     /// profiles 512→256, 1024→1024, 4096→512 and 10240→1536 prompt→output
-    /// tokens (a request's cache holds both). The weights' size is the
-    /// parameter count of the config's Llama (embeddings, attention, SwiGLU
+    /// tokens (a request's cache holds both; a sliding-window layer at most
+    /// its window). The weights' size is the parameter count of the
+    /// config's model (embeddings, attention with its biases, the gated
     /// MLP, norms, the output head unless tied) times --weights-dtype;
     /// activations and framework overhead are not reserved, so real batches
     /// are somewhat smaller. Methods: fp16 and kv-compress's 8/4/3/2-bit
@@ -322,7 +328,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "bf16")]
         weights_dtype: WeightsDtype,
         /// A sweep's JSON report (kv-validate --sweep --json FILE, or merge):
-        /// its methods, their bits/value, delta and mean KLD.
+        /// its methods, their bits/value, delta and mean KLD. It must have
+        /// run this model: its config_content (SHA-256 of config.json or of
+        /// the GGUF) is checked.
         #[arg(long, value_name = "FILE")]
         sweep_json: Option<PathBuf>,
         /// Also write the report as JSON to FILE (atomically).

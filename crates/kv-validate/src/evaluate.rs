@@ -124,6 +124,27 @@ pub struct MetricsSummary {
     pub windows: usize,
 }
 
+/// Most bytes a window's cache may plausibly take (1 TiB: a 2048-token cache
+/// of a 405B-parameter Llama is about 1 GB). Sizes beyond it in a
+/// compressor's report or a records file are refused, so the sums over
+/// windows cannot overflow short of 16 million windows.
+pub const MAX_WINDOW_CACHE_BYTES: u64 = 1 << 40;
+
+/// What is implausible about a compressor report's sizes, if anything.
+pub fn implausible_sizes(metrics: &Report) -> Option<String> {
+    [
+        ("original_size_bytes", metrics.original_size_bytes),
+        ("compressed_size_bytes", metrics.compressed_size_bytes),
+    ]
+    .into_iter()
+    .find(|&(_, bytes)| bytes > MAX_WINDOW_CACHE_BYTES)
+    .map(|(field, bytes)| {
+        format!(
+            "{field} = {bytes} is beyond the {MAX_WINDOW_CACHE_BYTES} bytes a window's cache can plausibly take"
+        )
+    })
+}
+
 /// POOR < ACCEPTABLE < GOOD < EXCELLENT.
 fn quality_rank(level: QualityLevel) -> u8 {
     match level {
@@ -149,8 +170,13 @@ impl MetricsSummary {
             _ => None,
         };
         self.max_error = self.max_error.max(metrics.max_error);
-        self.original_size_bytes += metrics.original_size_bytes;
-        self.compressed_size_bytes += metrics.compressed_size_bytes;
+        // Saturating: unreachable under MAX_WINDOW_CACHE_BYTES, never a wrap.
+        self.original_size_bytes = self
+            .original_size_bytes
+            .saturating_add(metrics.original_size_bytes);
+        self.compressed_size_bytes = self
+            .compressed_size_bytes
+            .saturating_add(metrics.compressed_size_bytes);
         self.compression_ratio =
             self.original_size_bytes as f64 / self.compressed_size_bytes as f64;
         self.quality_failures += usize::from(!metrics.quality_passed);

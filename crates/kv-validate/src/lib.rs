@@ -1,5 +1,5 @@
-//! `kv-validate` measures what a compressed KV cache costs a Llama-family
-//! model in perplexity, by running the model on the reconstructed cache that
+//! `kv-validate` measures what a compressed KV cache costs a decoder model
+//! (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) in perplexity, by running the model on the reconstructed cache that
 //! `kv-compress` (spawned as a subprocess, through the file contract) returns.
 //!
 //! The binary is thin: [`cli`] holds the command line's types, [`plan`]
@@ -24,6 +24,7 @@ pub mod cli;
 pub mod data;
 pub mod evaluate;
 pub mod fidelity;
+pub mod identity;
 pub mod kvio;
 pub mod model;
 pub mod output;
@@ -35,4 +36,5 @@ pub mod records;
 pub mod report;
 pub mod run;
 pub mod run_types;
+pub mod shell;
 pub mod sweep;

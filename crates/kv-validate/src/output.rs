@@ -4,7 +4,7 @@
 //! new one gets the mode a plain `File::create` would give it.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -19,6 +19,54 @@ pub enum OutputError {
         path: std::path::PathBuf,
         source: serde_json::Error,
     },
+}
+
+/// The files one command reads and writes, each with the flag that named
+/// it, for the rule of both binaries that no output may be an input or
+/// another output (`kvformat::atomic::ensure_no_clobber`). Built from the
+/// command line and checked before any work.
+#[derive(Debug, Default)]
+pub struct FilePlan {
+    reads: Vec<(String, PathBuf)>,
+    writes: Vec<(String, PathBuf)>,
+}
+
+impl FilePlan {
+    /// `path`, when given, is read (its flag or role: `--text-file`).
+    pub fn read(&mut self, flag: &str, path: Option<&Path>) -> &mut Self {
+        self.reads
+            .extend(path.map(|path| (flag.to_string(), path.to_path_buf())));
+        self
+    }
+
+    /// Every one of `paths` is read.
+    pub fn read_all(&mut self, flag: &str, paths: &[PathBuf]) -> &mut Self {
+        for path in paths {
+            self.read(flag, Some(path));
+        }
+        self
+    }
+
+    /// `path`, when given, is written.
+    pub fn write(&mut self, flag: &str, path: Option<&Path>) -> &mut Self {
+        self.writes
+            .extend(path.map(|path| (flag.to_string(), path.to_path_buf())));
+        self
+    }
+
+    /// Fails, naming both paths and flags, when an output is an input or
+    /// another output.
+    pub fn check(&self) -> Result<(), OutputError> {
+        kvformat::atomic::ensure_no_clobber(&named(&self.reads), &named(&self.writes))
+            .map_err(|error| OutputError::Write(Box::new(error)))
+    }
+}
+
+fn named(files: &[(String, PathBuf)]) -> Vec<kvformat::atomic::NamedPath<'_>> {
+    files
+        .iter()
+        .map(|(flag, path)| kvformat::atomic::NamedPath::new(flag, path))
+        .collect()
 }
 
 /// Writes `contents` to `path` atomically (temporary file beside it, fsync, rename).

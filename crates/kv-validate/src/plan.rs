@@ -13,11 +13,13 @@ use kvformat::CacheDtype;
 use crate::allocation::SENSITIVITY_BITS_FLAGS;
 use crate::bridge::{BridgeError, CompressTimeout, KvCompress};
 use crate::capacity::{GpuMemory, WeightsDtype};
-use crate::cli::{Cli, Command, Outputs};
+use crate::cli::{Cli, Command, ModelArgs, Outputs};
 use crate::data::TextSource;
 use crate::evaluate::default_scratch_parent;
+use crate::identity::model_inputs;
 use crate::model::device::DeviceRequest;
 use crate::model::load::ModelSource;
+use crate::output::{FilePlan, OutputError};
 use crate::records::WindowRange;
 use crate::run_types::{CompressSettings, PassCriteria, Variant};
 use crate::sweep::{ensure_unique_labels, SweepError};
@@ -51,6 +53,9 @@ pub enum CliError {
     Sweep(#[from] SweepError),
     #[error(transparent)]
     Compressor(#[from] BridgeError),
+    /// An output that is an input or another output.
+    #[error(transparent)]
+    Files(#[from] OutputError),
 }
 
 /// What a command line asks for.
@@ -66,6 +71,8 @@ pub enum Plan {
         source: AllocationSource,
         budget: f64,
         json: Option<PathBuf>,
+        /// `--flags-file`: the flags one argument per line.
+        flags_file: Option<PathBuf>,
     },
     /// `kv-validate capacity`.
     Capacity(CapacityPlan),
@@ -157,6 +164,7 @@ impl Plan {
     /// Resolves `cli`, checking every flag combination; locates kv-compress
     /// for the commands that run it.
     pub fn from_cli(cli: &Cli) -> Result<Plan, CliError> {
+        file_plan(cli).check()?;
         match &cli.command {
             Some(Command::Merge { files, outputs }) => {
                 return Ok(Plan::Merge {
@@ -169,6 +177,7 @@ impl Plan {
                 records,
                 bits,
                 json,
+                flags_file,
             }) => {
                 let source = match sweep_json {
                     Some(path) => AllocationSource::SweepJson(path.clone()),
@@ -178,6 +187,7 @@ impl Plan {
                     source,
                     budget: *bits,
                     json: json.clone(),
+                    flags_file: flags_file.clone(),
                 });
             }
             Some(Command::Capacity {
@@ -263,6 +273,69 @@ impl Plan {
             work,
         }))
     }
+}
+
+/// Every file the command reads and writes, with its flag: no output may be
+/// an input or another output.
+fn file_plan(cli: &Cli) -> FilePlan {
+    let mut plan = FilePlan::default();
+    plan.read(
+        "the running kv-validate",
+        std::env::current_exe().ok().as_deref(),
+    );
+    let model_files = |plan: &mut FilePlan, model: &ModelArgs| {
+        let flag = if model.gguf.is_some() && model.model_dir.is_none() {
+            "--gguf"
+        } else {
+            "a file of --model-dir"
+        };
+        plan.read_all(flag, &model_inputs(&model.source()));
+    };
+    let report_outputs = |plan: &mut FilePlan, outputs: &Outputs| {
+        plan.write("--json", outputs.json.as_deref())
+            .write("--sweep-csv", outputs.sweep_csv.as_deref())
+            .write("--sweep-plot", outputs.sweep_plot.as_deref())
+            .write("--sweep-kld-plot", outputs.sweep_kld_plot.as_deref());
+    };
+    match &cli.command {
+        Some(Command::Merge { files, outputs }) => {
+            plan.read_all("a merged records file", files);
+            report_outputs(&mut plan, outputs);
+        }
+        Some(Command::Allocate {
+            sweep_json,
+            records,
+            json,
+            flags_file,
+            ..
+        }) => {
+            plan.read("--sweep-json", sweep_json.as_deref())
+                .read_all("--records", records)
+                .write("--json", json.as_deref())
+                .write("--flags-file", flags_file.as_deref());
+        }
+        Some(Command::Capacity {
+            model,
+            sweep_json,
+            json,
+            plot,
+            ..
+        }) => {
+            model_files(&mut plan, model);
+            plan.read("--sweep-json", sweep_json.as_deref())
+                .write("--json", json.as_deref())
+                .write("--plot", plot.as_deref());
+        }
+        None => {
+            model_files(&mut plan, &cli.model);
+            let compressor = KvCompress::locate().ok();
+            plan.read("--text-file", cli.text_file.as_deref())
+                .read("kv-compress", compressor.as_ref().map(KvCompress::program))
+                .write("--records", cli.records.as_deref());
+            report_outputs(&mut plan, &cli.outputs);
+        }
+    }
+    plan
 }
 
 /// `--threshold` and `--max-kld`, checked; the default threshold unless `--max-kld` is alone.

@@ -14,12 +14,21 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
+
 use crate::run_types::{RunDescription, RunRecords, Timings, Variant, WindowRecord};
 
 /// `format` of a records file.
 pub const RECORDS_FORMAT: &str = "kv-validate records";
-/// `version` of the layout this build writes and reads.
-pub const RECORDS_VERSION: u32 = 1;
+/// `version` of the layout this build writes and reads. Version 2 added the
+/// run's content digests (`crate::identity`); version 1 files name model and
+/// text by path alone, so they are refused: nothing could show that two of
+/// them measured the same bytes.
+pub const RECORDS_VERSION: u32 = 2;
+
+/// Longest time a slice may record (about 32 years): merged sums of such
+/// times cannot overflow, whatever a hostile file says.
+const MAX_SLICE_SECONDS: u64 = 1_000_000_000;
 
 /// Why records could not be read or merged.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +44,13 @@ pub enum RecordsError {
         source: serde_json::Error,
     },
     #[error(
-        "{} is a {format:?} version {version} file; expected {RECORDS_FORMAT:?} version {RECORDS_VERSION}",
-        path.display()
+        "{} is a {format:?} version {version} file; expected {RECORDS_FORMAT:?} version {RECORDS_VERSION}{}",
+        path.display(),
+        if *version < RECORDS_VERSION && format == RECORDS_FORMAT {
+            " (older records name model and text by path only, not by content: re-run the slice)"
+        } else {
+            ""
+        }
     )]
     Format {
         path: PathBuf,
@@ -136,11 +150,26 @@ impl RunRecords {
             path: path.to_path_buf(),
             source,
         })?;
-        let records: RunRecords =
-            serde_json::from_str(&text).map_err(|source| RecordsError::Parse {
+        let parse_error = |source| RecordsError::Parse {
+            path: path.to_path_buf(),
+            source,
+        };
+        // Format and version first: an older layout is named as such, not
+        // as a parse error of a field it lacks.
+        #[derive(Deserialize)]
+        struct Layout {
+            format: String,
+            version: u32,
+        }
+        let layout: Layout = serde_json::from_str(&text).map_err(parse_error)?;
+        if layout.format != RECORDS_FORMAT || layout.version != RECORDS_VERSION {
+            return Err(RecordsError::Format {
                 path: path.to_path_buf(),
-                source,
-            })?;
+                format: layout.format,
+                version: layout.version,
+            });
+        }
+        let records: RunRecords = serde_json::from_str(&text).map_err(parse_error)?;
         records.validate(path)?;
         Ok(records)
     }
@@ -162,6 +191,22 @@ impl RunRecords {
             return Err(bad_run(
                 "a validation has exactly one variant, a sweep at least one",
             ));
+        }
+        let timings = &self.timings;
+        if [
+            timings.total,
+            timings.model,
+            timings.cache_write,
+            timings.cache_read,
+            timings.compressor,
+        ]
+        .iter()
+        .any(|time| time.as_secs() > MAX_SLICE_SECONDS)
+        {
+            // Sums over the slices of a merge stay far from overflow.
+            return Err(bad_run(&format!(
+                "timings: a time beyond {MAX_SLICE_SECONDS} seconds is implausible"
+            )));
         }
         let mut previous = None;
         for window in &self.windows {
@@ -233,6 +278,9 @@ fn window_problem(window: &WindowRecord, variants: usize, planned: usize) -> Opt
         }
         if !(finite(&variant.nll) && finite(&variant.kld)) {
             return Some(format!("variant {number}: an NLL or KLD is not finite"));
+        }
+        if let Some(problem) = crate::evaluate::implausible_sizes(&variant.metrics) {
+            return Some(format!("variant {number}: {problem}"));
         }
     }
     None
@@ -328,11 +376,26 @@ fn first_difference(ours: &RunRecords, theirs: &RunRecords) -> Option<(String, S
         fields
     };
     let (ours, theirs) = (identity(ours), identity(theirs));
-    ours.iter().find_map(|(field, value)| {
+    // What was measured (model, config, text, tokens by content) first:
+    // when those differ, the descriptions and counts that follow from them
+    // differ too, and the root cause is the one to name.
+    let content_first =
+        |(field, _): &(&String, &serde_json::Value)| !CONTENT_FIELDS.contains(&field.as_str());
+    let mut fields: Vec<(&String, &serde_json::Value)> = ours.iter().collect();
+    fields.sort_by_key(content_first);
+    fields.into_iter().find_map(|(field, value)| {
         let other = theirs.get(field).cloned().unwrap_or_default();
         (*value != other).then(|| (field.clone(), value.to_string(), other.to_string()))
     })
 }
+
+/// The fields of [`crate::identity::ContentIds`], in the order they are compared.
+const CONTENT_FIELDS: [&str; 4] = [
+    "model_content",
+    "config_content",
+    "text_content",
+    "tokens_content",
+];
 
 /// The indices below `planned` absent from ascending `present`, as `a..b` ranges.
 fn missing_ranges(present: impl Iterator<Item = usize>, planned: usize) -> String {

@@ -10,6 +10,7 @@ use crate::evaluate::{Evaluation, MetricsSummary, VariantOutcome};
 use crate::fidelity::{
     delta_standard_error, within_noise, FidelityFigures, MeanWithError, TokenFigures,
 };
+use crate::identity::ContentIds;
 use crate::run_types::{RunDescription, Timings};
 
 /// Everything a validation run measured, in the shape of its JSON.
@@ -25,6 +26,9 @@ pub struct ValidationReport {
     pub device: String,
     /// Element type of the cache file handed to the compressor (the ratio is against it).
     pub cache_dtype: String,
+    /// Model, config, text and tokens by content (SHA-256 and size).
+    #[serde(flatten)]
+    pub content: ContentIds,
     /// Pass criterion delta < threshold (`None` when only `max_kld` applies).
     pub threshold: Option<f64>,
     /// Pass criterion mean KLD on compressed-cache tokens < max_kld.
@@ -133,6 +137,7 @@ impl ValidationReport {
             compressor_flags: variant.settings.label(),
             device: run.device.clone(),
             cache_dtype: run.cache_dtype.clone(),
+            content: run.content.clone(),
             threshold: run.criteria.threshold,
             max_kld: run.criteria.max_kld,
             fidelity: variant.fidelity.clone(),
@@ -176,7 +181,11 @@ impl ValidationReport {
             field("Protocol", &self.protocol),
             field(
                 "Compressor",
-                &format!("{} {}", self.compressor, self.compressor_flags),
+                // A command line people paste: quoted for a shell.
+                &crate::shell::quote_words(&format!(
+                    "{} {}",
+                    self.compressor, self.compressor_flags
+                )),
             ),
             field("Device", &self.device),
             field("Cache dtype", &self.cache_dtype),
@@ -513,6 +522,7 @@ mod tests {
                 threshold: Some(0.5),
                 max_kld: None,
             },
+            content: Default::default(),
         };
         (evaluation, run)
     }

@@ -10,10 +10,13 @@ use kvformat::CacheDtype;
 
 use crate::allocation::{allocate, probe_variants};
 use crate::bench;
-use crate::capacity::{read_sweep_table, CapacityReport, Method};
+use crate::capacity::{
+    ensure_sweep_of_model, read_sweep, read_sweep_table, CapacityReport, Method,
+};
 use crate::cli::Outputs;
 use crate::data::load_text;
 use crate::evaluate::{ensure_measurable, evaluate, EvalOptions, Evaluation};
+use crate::identity::ContentIds;
 use crate::model::device::{cache_dtype_storing, dtype_name, open_device};
 use crate::model::load::{load_model, read_model_config, LoadedModel, ModelSource};
 use crate::output;
@@ -49,6 +52,7 @@ pub fn run(plan: Plan, console: &Console<'_>) -> anyhow::Result<bool> {
             source,
             budget,
             json,
+            flags_file,
         } => {
             let (table, source) = match source {
                 AllocationSource::SweepJson(path) => {
@@ -64,6 +68,9 @@ pub fn run(plan: Plan, console: &Console<'_>) -> anyhow::Result<bool> {
             (console.report)(&allocation.render_text());
             if let Some(path) = json {
                 output::write_json(&path, &allocation)?;
+            }
+            if let Some(path) = flags_file {
+                output::write_atomically(&path, allocation.flags_file()?)?;
             }
             Ok(true)
         }
@@ -112,6 +119,7 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
         }
         ModelWork::Evaluate(evaluation_plan) => {
             let run = ModelRun {
+                model: &plan.model,
                 loaded: &loaded,
                 device: opened.name.clone(),
                 cache_dtype,
@@ -130,6 +138,8 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
 
 /// A loaded model and what the evaluation needs to know of where it runs.
 struct ModelRun<'a> {
+    /// Where the model came from (its files are identified by content).
+    model: &'a ModelSource,
     loaded: &'a LoadedModel,
     device: String,
     cache_dtype: CacheDtype,
@@ -169,6 +179,7 @@ impl ModelRun<'_> {
             .map_err(|error| anyhow::anyhow!("cannot tokenize {}: {error}", text.description))?
             .get_ids()
             .to_vec();
+        let content = ContentIds::of_run(&self.model, &text.text, &tokens)?;
 
         let max_positions = config.max_position_embeddings;
         let protocol = match plan.context_targets {
@@ -218,6 +229,7 @@ impl ModelRun<'_> {
             device: self.device.clone(),
             cache_dtype: self.cache_dtype.torch_name().to_string(),
             criteria: plan.criteria,
+            content,
         };
         let records = RunRecords::new(
             run,
@@ -350,7 +362,11 @@ fn run_forward_benchmark(
 fn run_capacity(plan: &CapacityPlan, console: &Console<'_>) -> anyhow::Result<()> {
     let (config, config_file) = read_model_config(&plan.model)?;
     let methods = match &plan.sweep_json {
-        Some(path) => Method::from_sweep(&read_sweep_table(path)?),
+        Some(path) => {
+            let sweep = read_sweep(path)?;
+            ensure_sweep_of_model(path, sweep.config_content.as_ref(), &config_file)?;
+            Method::from_sweep(&sweep.table)
+        }
         None => Method::defaults(),
     };
     let name = match &plan.model {
@@ -365,7 +381,7 @@ fn run_capacity(plan: &CapacityPlan, console: &Console<'_>) -> anyhow::Result<()
         &plan.gpus,
         methods,
         plan.sweep_json.as_deref(),
-    );
+    )?;
     (console.report)(&report.render_text());
     if let Some(path) = &plan.json {
         output::write_json(path, &report)?;

@@ -12,6 +12,8 @@ use kvformat::preset::DEFAULT_GROUP_SIZE;
 use kvformat::Report;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::ContentIds;
+
 /// The flags one compression variant passes to `kv-compress`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CompressSettings {
@@ -59,6 +61,9 @@ pub struct RunDescription {
     pub device: String,
     pub cache_dtype: String,
     pub criteria: PassCriteria,
+    /// Model, config, text and tokens by content: what slices must share.
+    #[serde(flatten)]
+    pub content: ContentIds,
 }
 
 /// What a variant must meet to pass; each criterion that is set applies.

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::evaluate::Evaluation;
 use crate::fidelity::{delta_standard_error, within_noise, TokenFigures};
+use crate::identity::ContentIds;
 use crate::report::{field, noise_note, rule};
 use crate::run_types::{CompressSettings, PassCriteria, RunDescription, Variant};
 
@@ -495,6 +496,9 @@ pub struct SweepReport {
     pub device: String,
     /// Element type of the cache files handed to kv-compress (ratios are against it).
     pub cache_dtype: String,
+    /// Model, config, text and tokens by content (SHA-256 and size).
+    #[serde(flatten)]
+    pub content: ContentIds,
     pub tokens_scored: usize,
     pub tokens_on_compressed_cache: usize,
     pub windows: usize,
@@ -539,6 +543,7 @@ impl SweepReport {
             compressor: run.compressor.clone(),
             device: run.device.clone(),
             cache_dtype: run.cache_dtype.clone(),
+            content: run.content.clone(),
             tokens_scored: evaluation.baseline.tokens,
             tokens_on_compressed_cache: evaluation.tokens_on_cache,
             windows: evaluation.windows,

@@ -227,15 +227,18 @@ fn sweep_json_methods_carry_their_delta_and_kld_and_the_plot_draws_them() {
             "passed": delta < 0.5, "pareto": true, "pareto_kld": false,
         })
     };
+    let model = config_dir("tinyllama-1.1b");
+    // The sweep says which model it measured: capacity checks it is this one.
+    let config_content =
+        kv_validate::identity::ContentId::of_files(&[model.join("config.json")]).unwrap();
     let json = serde_json::json!({
-        "model": "m", "table": {
+        "model": "m", "config_content": config_content, "table": {
             "baseline_perplexity": 10.0, "threshold": 0.5, "max_kld": null, "recommendation": "kivi3",
             "rows": [row("kivi3", 3.5, 0.25, Some(0.012)), row("int8", 8.25, 0.002, None)],
         }
     });
     std::fs::write(&sweep, json.to_string()).unwrap();
     let plot = dir.path().join("capacity.svg");
-    let model = config_dir("tinyllama-1.1b");
     let args = [
         "--model-dir",
         model.to_str().unwrap(),
@@ -342,4 +345,68 @@ fn help_teaches_the_profiles_and_the_parameter_count() {
     ] {
         assert!(help.contains(needle), "--help lacks {needle}:\n{help}");
     }
+}
+
+fn family_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/families")
+        .join(case)
+}
+
+#[test]
+fn sliding_window_layers_hold_at_most_their_window() {
+    // The gemma3_text fixture: 4 layers, 0, 1 and 3 sliding over 16 tokens,
+    // 2 global; 2 KV heads x head_dim 16: 2 x 2 x 16 = 64 values per layer
+    // and token.
+    let dir = tempfile::tempdir().unwrap();
+    let model = family_dir("gemma3_text");
+    let (text, report) = capacity(
+        &[
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--gpu-memory",
+            "1MiB",
+        ],
+        dir.path(),
+    );
+    assert_eq!(
+        report["kv_values_per_token"], 256,
+        "4 x 64 until a window fills"
+    );
+    // Parameters: embeddings 288 x 32 = 9,216 (tied head); per layer Q and O
+    // 2 x 32 x 64, K and V 2 x 32 x 32 = 6,144, q/k/v biases 128 and o's 32,
+    // MLP 3 x 32 x 32 = 3,072, four norms 4 x 32 and q/k norms 2 x 16 = 160:
+    // 9,536 x 4 = 38,144; final norm 32: 47,392 (model.safetensors holds
+    // exactly that many values).
+    assert_eq!(report["parameters"], 47_392);
+    // 1 MiB - 94,784 bytes of bf16 weights = 953,792 bytes free.
+    assert_eq!(report["gpus"][0]["free_bytes"], 953_792);
+    // 512 -> 256: sliding layers 3 x 64 x 16 = 3,072 values, the global one
+    // 64 x 768 = 49,152: 52,224 values, 104,448 bytes at FP16; 9.1 requests.
+    let fp16 = method(&report, "fp16");
+    assert_eq!(fp16["kv_bytes_per_request"][0], 104_448.0);
+    assert_eq!(concurrency(&report, "1MiB", "fp16", 512, 256), 9);
+    // One sequence: 2 x (3,072 + 64 t) <= 953,792 for t <= 7,403.
+    let fits = report["fits"].as_array().unwrap();
+    let fp16_fit = fits.iter().find(|f| f["method"] == "fp16").unwrap();
+    assert_eq!(fp16_fit["max_cached_tokens"], 7_403);
+    assert!(text.contains("7403"), "{text}");
+
+    // The mistral fixture slides on every layer: a cache never outgrows
+    // 2 layers x 2 x 2 KV heads x head_dim 8 x 16 tokens = 1,024 values.
+    let (text, report) = capacity(
+        &[
+            "--model-dir",
+            family_dir("mistral").to_str().unwrap(),
+            "--gpu-memory",
+            "1MiB",
+        ],
+        dir.path(),
+    );
+    let fp16 = method(&report, "fp16");
+    assert_eq!(fp16["kv_bytes_per_request"][3], 2_048.0);
+    let fits = report["fits"].as_array().unwrap();
+    let fp16_fit = fits.iter().find(|f| f["method"] == "fp16").unwrap();
+    assert_eq!(fp16_fit["max_cached_tokens"], u64::MAX);
+    assert!(text.contains("unbounded"), "{text}");
 }

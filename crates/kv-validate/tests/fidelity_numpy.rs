@@ -164,6 +164,7 @@ fn report_statistics_match_numpy_on_hand_made_records() {
             threshold: Some(0.5),
             max_kld: None,
         },
+        content: Default::default(),
     };
     let report = ValidationReport::new(&run, &evaluation, &evaluation.variants[0]);
     let expect = |name: &str, ours: f64| {

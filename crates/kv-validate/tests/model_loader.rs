@@ -162,28 +162,77 @@ fn config_with_mismatched_head_counts_is_rejected() {
 
 #[test]
 fn config_features_we_do_not_implement_are_rejected_not_ignored() {
-    let cases: [(&str, serde_json::Value, &str); 3] = [
+    let cases: [(&str, serde_json::Value, &str); 6] = [
         (
             "rope_scaling",
-            serde_json::json!({"rope_type": "llama3", "factor": 8.0}),
-            "rope_scaling is set",
+            serde_json::json!({"rope_type": "mrope", "factor": 8.0}),
+            "rope_scaling.rope_type is \"mrope\"; implemented: default, linear, dynamic, llama3, yarn, longrope (su)",
+        ),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "linear", "factor": 8.0, "mrope_section": [2, 2]}),
+            "rope_scaling.mrope_section is set",
         ),
         (
             "model_type",
-            "mistral".into(),
-            "model_type is \"mistral\", not \"llama\"",
+            "mixtral".into(),
+            "model_type is \"mixtral\": mixture-of-experts MLPs are not implemented \
+             (supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3)",
         ),
         (
-            "attention_bias",
-            true.into(),
-            "attention_bias/mlp_bias are set",
+            "layer_types",
+            serde_json::json!(["full_attention", "linear_attention", "full_attention"]),
+            "layer_types[1] is \"linear_attention\"; only full_attention and sliding_attention",
+        ),
+        (
+            "partial_rotary_factor",
+            0.5.into(),
+            "partial_rotary_factor is 0.5; only RoPE over the whole head is implemented",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
+            "both rope_parameters and rope_scaling are set",
         ),
     ];
     for (key, value, expected) in cases {
-        let (err, _, _dir) = error_with_config(|config| config[key] = value);
+        let (err, _, _dir) = error_with_config(|config| {
+            config[key] = value;
+            if key == "rope_parameters" {
+                config["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": 2.0});
+            }
+        });
         assert!(matches!(err, LoadError::Unsupported { .. }), "{key}: {err}");
         assert!(err.to_string().contains(expected), "{key}: {err}");
     }
+    // A scaling that lacks a parameter it needs names it.
+    let (err, hf_dir, _dir) = error_with_config(|config| {
+        config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0})
+    });
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: rope_scaling.low_freq_factor: missing",
+            hf_dir.join("config.json").display()
+        )
+    );
+}
+
+#[test]
+fn a_checkpoint_tensor_the_config_leaves_unused_is_an_error() {
+    // The tiny model has an untied head; a config that ties it would run
+    // without lm_head.weight.
+    let (err, hf_dir, _dir) =
+        error_with_config(|config| config["tie_word_embeddings"] = true.into());
+    assert!(matches!(err, LoadError::UnusedTensor { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "{}: the checkpoint's tensor lm_head.weight is not used by a llama model as its \
+             config describes it; refusing to run other math than the checkpoint's",
+            hf_dir.join("model.safetensors").display()
+        )
+    );
 }
 
 #[test]
@@ -225,23 +274,26 @@ fn gguf_with_metadata(
 }
 
 #[test]
-fn a_gguf_that_is_not_llama_is_rejected_by_name() {
+fn a_gguf_of_an_architecture_not_implemented_is_rejected_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let files = tiny_files(dir.path());
-    let qwen = gguf_with_metadata(&files.gguf, &dir.path().join("qwen.gguf"), |metadata| {
+    let mamba = gguf_with_metadata(&files.gguf, &dir.path().join("mamba.gguf"), |metadata| {
         for (key, value) in metadata.iter_mut() {
             if key == "general.architecture" {
-                *value = Value::String("qwen2".into());
+                *value = Value::String("mamba".into());
             }
         }
     });
-    let err = load_error(ModelSource::Gguf(qwen.clone()));
-    assert!(matches!(&err, LoadError::NotLlama { architecture, .. } if architecture == "qwen2"));
+    let err = load_error(ModelSource::Gguf(mamba.clone()));
+    assert!(
+        matches!(&err, LoadError::UnsupportedGgufArchitecture { architecture, .. } if architecture == "mamba")
+    );
     assert_eq!(
         err.to_string(),
         format!(
-            "{}: general.architecture is \"qwen2\", not \"llama\"; only Llama-family GGUF models are supported",
-            qwen.display()
+            "{}: general.architecture is \"mamba\"; the GGUF architectures implemented \
+             are llama, qwen2, qwen3, gemma2, gemma3 and phi3",
+            mamba.display()
         )
     );
 }

@@ -78,7 +78,7 @@ fn smollm2_config_and_tokenizer_come_from_the_gguf() {
         (config.vocab_size, config.max_position_embeddings),
         (49152, 8192)
     );
-    assert_eq!(config.rope_theta, 100_000.0);
+    assert_eq!(config.rope_theta(), 100_000.0);
     assert_eq!(config.rms_norm_eps, 1e-5);
     assert!(config.tie_word_embeddings, "SmolLM2 has no output.weight");
     assert_eq!(

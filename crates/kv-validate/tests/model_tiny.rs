@@ -10,6 +10,8 @@
 //! RoPE pairing, mask, GQA mapping or norm) moves logits of this model by
 //! 0.1 or more.
 
+mod common;
+
 use std::path::Path;
 
 use candle_core::quantized::gguf_file;
@@ -53,16 +55,7 @@ fn as_input(ids: &[u32]) -> Tensor {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::max_abs(&(a - b).unwrap())
 }
 
 /// Standard deviation of all logits: the scale a difference is small against.

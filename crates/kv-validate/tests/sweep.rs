@@ -358,6 +358,100 @@ fn sensitivity_probes_allocate_flags_whose_measured_size_is_the_predicted_one() 
     assert!(error.contains("below the"), "{error}");
 }
 
+/// The flags `allocate` prints, pasted into a shell, reach kv-compress
+/// whole: a `-layer-bits` rule holds `;`, which unquoted would end the
+/// command and leave kv-compress with half the rules (issue 21). So do the
+/// words of `--flags-file` through `$(cat F)` and `xargs`. Each gives the
+/// bits/value of kv-compress run on the words directly, no shell between.
+#[test]
+fn allocated_flags_survive_a_shell_and_the_flags_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (output, _) = run_sweep(dir.path(), &["--sensitivity"]);
+    assert!(output.status.code().is_some_and(|code| code <= 1));
+    let flags_file = dir.path().join("flags.txt");
+    let allocation_json = dir.path().join("allocation.json");
+    let output = kv_validate(
+        &[
+            "allocate",
+            "--sweep-json",
+            dir.path().join("sweep.json").to_str().unwrap(),
+            "--bits",
+            "3.4",
+            "--json",
+            allocation_json.to_str().unwrap(),
+            "--flags-file",
+            flags_file.to_str().unwrap(),
+        ],
+        &kv_compress(),
+    );
+    expect_success(&output);
+    let allocation = read_json(&allocation_json);
+    let flags = allocation["flags"].as_str().unwrap();
+    assert!(flags.contains(';'), "no rule separator to protect: {flags}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let printed = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("kv-compress flags: "))
+        .unwrap();
+    // A cache of the probes' shape: 3 layers of [1, 2, 32, 16] F32.
+    let cache = dir.path().join("cache.safetensors");
+    let shape = [1, 2, 32, 16];
+    let values: Vec<f32> = (0..1024)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
+    let names: Vec<String> = (0..3)
+        .flat_map(|layer| ["key", "value"].map(|kind| format!("layer_{layer}_{kind}")))
+        .collect();
+    let tensors: Vec<kvformat::CacheTensor<'_>> = names
+        .iter()
+        .map(|name| kvformat::CacheTensor {
+            name,
+            dtype: kvformat::CacheDtype::F32,
+            shape: &shape,
+            values: &values,
+        })
+        .collect();
+    kvformat::write_cache(&cache, &tensors, &Default::default()).unwrap();
+    let bits_through_shell = |script: &str| -> f64 {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env("KVC", kv_compress())
+            .env("CACHE", &cache)
+            .env("FLAGS_FILE", &flags_file)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        report["bits_per_value"].as_f64().unwrap()
+    };
+    // The reference: kv-compress given the words directly, no shell between.
+    let direct = std::process::Command::new(kv_compress())
+        .args(["-input", cache.to_str().unwrap(), "-metrics-only"])
+        .args(flags.split_whitespace())
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&direct.stdout).unwrap();
+    let expected = report["bits_per_value"].as_f64().unwrap();
+    for script in [
+        format!("\"$KVC\" -input \"$CACHE\" -metrics-only {printed}"),
+        "\"$KVC\" -input \"$CACHE\" -metrics-only $(cat \"$FLAGS_FILE\")".to_string(),
+        "xargs \"$KVC\" -input \"$CACHE\" -metrics-only < \"$FLAGS_FILE\"".to_string(),
+    ] {
+        let bits = bits_through_shell(&script);
+        assert_eq!(bits, expected, "{script}");
+    }
+    // The same flags unquoted lose the rules after the first `;`.
+    let cut = bits_through_shell(&format!(
+        "\"$KVC\" -input \"$CACHE\" -metrics-only {flags} 2>/dev/null; true"
+    ));
+    assert_ne!(cut, expected, "the unquoted flags gave the same bits/value");
+}
+
 /// ecsq probes at one width on a slice of the windows (`--windows 1..2
 /// --records`), `allocate --records` gives every tensor a fractional rate
 /// by water filling, and those flags, measured on both windows, stay within

@@ -112,37 +112,42 @@ fn same_file(a: &Path, b: &Path) -> bool {
     same_path || same_inode(a, b)
 }
 
-/// Fails when `output` names the same file as `input` (same canonical path or
-/// same inode, so hard links and `./x` vs `x` are caught too).
-pub fn ensure_distinct(input: &Path, output: &Path) -> Result<()> {
-    ensure_writes_spare_reads(&[input], &[output])
+/// A path a run reads or writes, and the flag (or role) that named it, so a
+/// refusal can say which two of the user's arguments collide.
+#[derive(Clone, Copy, Debug)]
+pub struct NamedPath<'a> {
+    pub flag: &'a str,
+    pub path: &'a Path,
 }
 
-/// Fails when any path a run writes names a file it reads (or another path
-/// it writes): checked before anything is read, so an output can never
-/// clobber an input (or its sidecar) halfway through.
-pub fn ensure_writes_spare_reads(reads: &[&Path], writes: &[&Path]) -> Result<()> {
-    for (index, &written) in writes.iter().enumerate() {
-        if let Some(&read) = reads.iter().find(|&&read| same_file(read, written)) {
-            return Err(if index == 0 && read == reads[0] {
-                Error::OutputIsInput {
-                    path: written.into(),
-                }
-            } else {
-                Error::OverwritesInput {
-                    written: written.into(),
-                    read: read.into(),
-                }
-            });
+impl<'a> NamedPath<'a> {
+    pub fn new(flag: &'a str, path: &'a Path) -> Self {
+        NamedPath { flag, path }
+    }
+}
+
+/// The one rule of both binaries: no path a run writes may name a file it
+/// reads, or a file another of its outputs writes. Files are compared by
+/// identity, not spelling: symlinks followed, `./x` and `x` alike, a file
+/// not yet created by its canonical directory and name, hard links by device
+/// and inode. Call it before any work, so a refused run has touched nothing.
+pub fn ensure_no_clobber(reads: &[NamedPath<'_>], writes: &[NamedPath<'_>]) -> Result<()> {
+    for (index, written) in writes.iter().enumerate() {
+        let clash = |other: &NamedPath<'_>, other_is_read: bool| Error::PathClash {
+            written: written.path.into(),
+            written_flag: written.flag.into(),
+            other: other.path.into(),
+            other_flag: other.flag.into(),
+            other_is_read,
+        };
+        if let Some(read) = reads.iter().find(|read| same_file(read.path, written.path)) {
+            return Err(clash(read, true));
         }
-        if let Some(&other) = writes[..index]
+        if let Some(other) = writes[..index]
             .iter()
-            .find(|&&other| same_file(other, written))
+            .find(|other| same_file(other.path, written.path))
         {
-            return Err(Error::OverwritesInput {
-                written: written.into(),
-                read: other.into(),
-            });
+            return Err(clash(other, false));
         }
     }
     Ok(())
@@ -258,9 +263,15 @@ where
     let (file, temp) = {
         // Registered under the lock, so a termination handler cannot miss it.
         let mut registry = in_flight();
-        let temp = builder
-            .tempfile_in(&dir)
-            .map_err(|e| Error::io(&dir, "create a temporary file in", e))?;
+        // The user asked for `path`: name it, not the temp file (tempfile's
+        // error carries the temp file's name).
+        let temp = builder.tempfile_in(&dir).map_err(|e| {
+            Error::io(
+                path,
+                "create it (its directory refuses a new file)",
+                bare(e),
+            )
+        })?;
         registry.push(temp.path().to_path_buf());
         let (file, temp) = temp.into_parts();
         (file, InFlight(Some(temp)))
@@ -309,7 +320,7 @@ pub fn commit(staged: Vec<Staged>) -> Result<()> {
                     result = Err(Error::io(
                         &member.target,
                         "rename the finished file onto",
-                        e.error,
+                        bare(e.error),
                     ));
                     break;
                 }
@@ -338,6 +349,15 @@ pub fn commit(staged: Vec<Staged>) -> Result<()> {
     Ok(())
 }
 
+/// `error` without the path a library may have appended (tempfile names its
+/// temp file): errors name the user's paths only.
+fn bare(error: std::io::Error) -> std::io::Error {
+    match error.raw_os_error() {
+        Some(code) => std::io::Error::from_raw_os_error(code),
+        None => std::io::Error::from(error.kind()),
+    }
+}
+
 #[cfg(unix)]
 fn lock_exclusive(dir: &File) {
     use std::os::fd::AsRawFd;
@@ -359,10 +379,33 @@ where
     commit(vec![stage(path, fill)?])
 }
 
+/// Makes a write beyond the file-size limit (`ulimit -f`) an error instead of
+/// a death: SIGXFSZ is ignored, so `write` fails with EFBIG and the ordinary
+/// error path removes the temp file and names the output. (Catching it
+/// instead would not do: it is sent to the thread that wrote, which may hold
+/// any lock, and its default action kills before anything is cleaned.)
+/// Children inherit the ignored disposition, so a kv-compress that
+/// kv-validate spawns behaves alike.
+#[cfg(unix)]
+pub fn survive_file_size_limit() -> std::io::Result<()> {
+    // SAFETY: setting a signal's disposition to SIG_IGN.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+pub fn survive_file_size_limit() -> std::io::Result<()> {
+    Ok(())
+}
+
 /// Removes this process's temp files when SIGINT, SIGTERM or SIGHUP arrives,
-/// then lets the signal end the process: [`on_termination`] with nothing
+/// then lets the signal end the process (and survives SIGXFSZ,
+/// [`survive_file_size_limit`]): [`on_termination`] with nothing
 /// else to undo (kv-compress).
 pub fn remove_temp_files_on_termination() -> std::io::Result<()> {
+    survive_file_size_limit()?;
     on_termination(|_| {})
 }
 
@@ -481,6 +524,14 @@ mod tests {
         assert!(matches!(error, Error::OutputDirMissing { .. }));
     }
 
+    fn read(path: &Path) -> NamedPath<'_> {
+        NamedPath::new("-input", path)
+    }
+
+    fn written(path: &Path) -> NamedPath<'_> {
+        NamedPath::new("-output", path)
+    }
+
     #[test]
     fn hard_link_to_input_is_the_same_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -488,8 +539,9 @@ mod tests {
         let link = dir.path().join("link");
         std::fs::write(&input, b"x").unwrap();
         std::fs::hard_link(&input, &link).unwrap();
-        assert!(ensure_distinct(&input, &link).is_err());
-        assert!(ensure_distinct(&input, &dir.path().join("other")).is_ok());
+        assert!(ensure_no_clobber(&[read(&input)], &[written(&link)]).is_err());
+        let other = dir.path().join("other");
+        assert!(ensure_no_clobber(&[read(&input)], &[written(&other)]).is_ok());
     }
 
     #[test]
@@ -500,11 +552,56 @@ mod tests {
         let input_sidecar = dir.path().join("in.metadata.json");
         let output = dir.path().join("sub/../in.metadata.json");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let error = ensure_writes_spare_reads(&[&input, &input_sidecar], &[&output]).unwrap_err();
-        assert!(matches!(error, Error::OverwritesInput { .. }), "{error}");
+        let reads = [
+            read(&input),
+            NamedPath::new("the input's sidecar", &input_sidecar),
+        ];
+        let error = ensure_no_clobber(&reads, &[written(&output)]).unwrap_err();
+        assert!(
+            matches!(&error, Error::PathClash { other_is_read: true, other_flag, .. } if other_flag == "the input's sidecar"),
+            "{error}"
+        );
         let twice = dir.path().join("out");
-        assert!(ensure_writes_spare_reads(&[&input], &[&twice, &twice]).is_err());
-        assert!(ensure_writes_spare_reads(&[&input, &input_sidecar], &[&twice]).is_ok());
+        let dotted = dir.path().join(".").join("out");
+        let error = ensure_no_clobber(
+            &[read(&input)],
+            &[written(&twice), NamedPath::new("--json", &dotted)],
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                error,
+                Error::PathClash {
+                    other_is_read: false,
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        let message = error.to_string();
+        assert!(
+            message.contains("--json") && message.contains("-output"),
+            "{message}"
+        );
+        assert!(ensure_no_clobber(&reads, &[written(&twice)]).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_to_an_input_is_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("model.gguf");
+        std::fs::write(&input, b"weights").unwrap();
+        let link = dir.path().join("report.json");
+        std::os::unix::fs::symlink("model.gguf", &link).unwrap();
+        let error = ensure_no_clobber(&[read(&input)], &[written(&link)]).unwrap_err();
+        assert!(error.to_string().contains("model.gguf"), "{error}");
+        // And the other way round: the input named through a link.
+        let out = dir.path().join("out.json");
+        let in_link = dir.path().join("in-link");
+        std::os::unix::fs::symlink(&out, &in_link).unwrap();
+        std::fs::write(&out, b"{}").unwrap();
+        assert!(ensure_no_clobber(&[read(&in_link)], &[written(&out)]).is_err());
     }
 
     #[cfg(unix)]

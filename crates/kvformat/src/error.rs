@@ -75,12 +75,37 @@ pub enum Error {
     Sidecar { path: PathBuf, problem: String },
     #[error("{}: output directory does not exist", dir.display())]
     OutputDirMissing { dir: PathBuf },
-    #[error("{}: -output is the same file as -input", path.display())]
-    OutputIsInput { path: PathBuf },
-    /// A path the run writes (the output or its sidecar) is one it reads
-    /// (the input or its sidecar) or writes already.
-    #[error("{}: this run would overwrite it, but it is the same file as {}, which the run also uses", written.display(), read.display())]
-    OverwritesInput { written: PathBuf, read: PathBuf },
+    /// A path the run writes names a file it reads or another output writes
+    /// ([`crate::atomic::ensure_no_clobber`]): a usage error, refused before any work.
+    #[error(
+        "{} ({written_flag}) is the same file as {} ({other_flag}){}",
+        written.display(),
+        other.display(),
+        if *other_is_read {
+            ", which this run reads: writing it would destroy the input; choose another path"
+        } else {
+            ": two outputs cannot share a file; give each its own path"
+        }
+    )]
+    PathClash {
+        written: PathBuf,
+        written_flag: String,
+        other: PathBuf,
+        other_flag: String,
+        other_is_read: bool,
+    },
+    /// A file where the output's sidecar goes that is not its old sidecar
+    /// ([`crate::sidecar::ensure_old_sidecar_replaceable`]).
+    #[error(
+        "{}: refusing to replace or remove it: it is where the sidecar of {} goes, but this file {reason}; move or delete it yourself",
+        path.display(),
+        output.display()
+    )]
+    ForeignSidecar {
+        path: PathBuf,
+        output: PathBuf,
+        reason: String,
+    },
     #[error("{}: is {kind}, not a regular file", path.display())]
     NotRegularFile { path: PathBuf, kind: &'static str },
     #[error("{}: the file shrank while being read (truncated or rewritten by another process?): {source}", path.display())]

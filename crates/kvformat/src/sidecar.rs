@@ -161,7 +161,12 @@ pub fn validate_against_sidecar(
     sidecar: &Sidecar,
     sidecar_path: &Path,
 ) -> Result<()> {
-    let tensors: Vec<(String, CacheDtype, Vec<usize>)> = cache
+    validate_tensors_against_sidecar(&cache_tensors(cache), cache.path(), sidecar, sidecar_path)
+}
+
+/// `(name, dtype, shape)` of the file's tensors of a cache dtype.
+fn cache_tensors(cache: &TensorFile) -> Vec<(String, CacheDtype, Vec<usize>)> {
+    cache
         .tensors()
         .iter()
         .filter_map(|t| {
@@ -171,8 +176,7 @@ pub fn validate_against_sidecar(
                 t.shape.clone(),
             ))
         })
-        .collect();
-    validate_tensors_against_sidecar(&tensors, cache.path(), sidecar, sidecar_path)
+        .collect()
 }
 
 /// [`validate_against_sidecar`] for tensors described rather than opened
@@ -187,6 +191,51 @@ pub fn validate_tensors_against_sidecar(
         path: sidecar_path.into(),
         problem: format!("disagrees with {}: {problem}", cache_path.display()),
     })
+}
+
+/// Fails unless the file at `path`, if any, may be replaced or removed as
+/// the old sidecar of `output` (a run writes `output`'s sidecar there, or
+/// removes the old one when it has none, so the pair left is all from the
+/// run): it must parse as a sidecar and describe the cache or packed file
+/// now at `output`. Anything else there is the user's file: the run is
+/// refused, saying why.
+pub fn ensure_old_sidecar_replaceable(path: &Path, output: &Path) -> Result<()> {
+    if !std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_file()) {
+        return Ok(()); // Nothing a removal would touch.
+    }
+    let refuse = |reason: String| Error::ForeignSidecar {
+        path: path.into(),
+        output: output.into(),
+        reason,
+    };
+    let sidecar = Sidecar::read(path)
+        .map_err(|error| refuse(format!("is not a kv-compress sidecar ({error})")))?;
+    let tensors = described_tensors(output).map_err(|error| {
+        refuse(format!(
+            "is a sidecar, but of no cache at {} ({error})",
+            output.display()
+        ))
+    })?;
+    sidecar.check(&tensors).map_err(|problem| {
+        refuse(format!(
+            "is a sidecar, but not of the file at {}: {problem}",
+            output.display()
+        ))
+    })
+}
+
+/// The tensors of the cache `path` holds, or restores to when packed.
+fn described_tensors(path: &Path) -> Result<Vec<(String, CacheDtype, Vec<usize>)>> {
+    match crate::packed::PackedFile::open(path) {
+        Ok(packed) => Ok(packed
+            .manifest()
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), t.dtype, t.shape.clone()))
+            .collect()),
+        Err(Error::NotPacked { .. }) => Ok(cache_tensors(&TensorFile::open(path)?)),
+        Err(error) => Err(error),
+    }
 }
 
 #[cfg(test)]

@@ -49,29 +49,40 @@ const MIN_VALUES_PER_TASK: usize = 16 * 1024;
 
 /// Softmax over the last dimension of `[.., rows, keys]` attention scores where
 /// row `r` (counted within the last two dimensions) may see keys
-/// `0..=first_key + r` only; the rest of the row comes out 0, as if masked
+/// `0..=first_key + r` only, and of those the last `window` if one is given
+/// (a sliding-window layer); the rest of the row comes out 0, as if masked
 /// with -inf. With `first_key = keys - 1` every row sees every key (a single
 /// new token attending to its whole past).
 /// The result has the scores' dtype; the softmax itself runs in f32.
-pub fn causal_softmax(scores: &Tensor, first_key: usize) -> Result<Tensor> {
-    if is_cpu_f32(scores) {
-        return scores.apply_op1_no_bwd(&CausalSoftmax { first_key });
+pub fn causal_softmax(scores: &Tensor, first_key: usize, window: Option<usize>) -> Result<Tensor> {
+    if window == Some(0) {
+        candle_core::bail!("causal-softmax: a window of 0 keys");
     }
+    if is_cpu_f32(scores) {
+        return scores.apply_op1_no_bwd(&CausalSoftmax { first_key, window });
+    }
+    // The CUDA kernel has no window: sliding layers take candle's ops below.
     #[cfg(feature = "cuda")]
-    if scores.device().is_cuda() {
+    if scores.device().is_cuda() && window.is_none() {
         return scores
             .contiguous()?
-            .apply_op1_no_bwd(&CausalSoftmax { first_key });
+            .apply_op1_no_bwd(&CausalSoftmax { first_key, window });
     }
     let (rows, keys) = softmax_dims(scores.dims(), first_key)?;
     let device = scores.device();
-    // Row r sees key j when j <= first_key + r.
+    // Row r sees key j when j <= first_key + r (and j > first_key + r - window).
     let last_visible =
         Tensor::arange(first_key as u32, (first_key + rows) as u32, device)?.reshape((rows, 1))?;
     let key_index = Tensor::arange(0u32, keys as u32, device)?.reshape((1, keys))?;
-    let visible = key_index
-        .broadcast_le(&last_visible)?
-        .broadcast_as(scores.shape())?;
+    let mut visible = key_index.broadcast_le(&last_visible)?;
+    if let Some(window) = window {
+        let first_visible: Vec<u32> = (first_key..first_key + rows)
+            .map(|last| (last + 1).saturating_sub(window) as u32)
+            .collect();
+        let first_visible = Tensor::from_vec(first_visible, (rows, 1), device)?;
+        visible = (visible * key_index.broadcast_ge(&first_visible)?)?;
+    }
+    let visible = visible.broadcast_as(scores.shape())?;
     let masked = Tensor::new(f32::NEG_INFINITY, device)?.broadcast_as(scores.shape())?;
     let probabilities = candle_nn::ops::softmax_last_dim(
         &visible.where_cond(&scores.to_dtype(DType::F32)?, &masked)?,
@@ -107,6 +118,7 @@ fn is_cpu_f32(tensor: &Tensor) -> bool {
 
 struct CausalSoftmax {
     first_key: usize,
+    window: Option<usize>,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -127,8 +139,9 @@ impl CustomOp1 for CausalSoftmax {
                 for (i, (out, scores)) in out.chunks_mut(keys).zip(scores.chunks(keys)).enumerate()
                 {
                     let row = (task * rows_per_task + i) % rows;
-                    let visible = (self.first_key + row + 1).min(keys);
-                    softmax_row(&scores[..visible], &mut out[..visible]);
+                    let end = (self.first_key + row + 1).min(keys);
+                    let start = self.window.map_or(0, |window| end.saturating_sub(window));
+                    softmax_row(&scores[start..end], &mut out[start..end]);
                 }
             });
         Ok((CpuStorage::F32(probabilities), layout.shape().clone()))
@@ -469,6 +482,25 @@ mod tests {
             .unwrap()
     }
 
+    /// The reference: candle's softmax over `[.., rows, keys]` scores plus a
+    /// mask of -inf where `visible(row, key)` is false.
+    fn masked_softmax(scores: &Tensor, visible: impl Fn(usize, usize) -> bool) -> Tensor {
+        let dims = scores.dims();
+        let (rows, keys) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mask: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..keys).map(move |k| (r, k)))
+            .map(|(r, k)| {
+                if visible(r, k) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (rows, keys), &Device::Cpu).unwrap();
+        candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap()
+    }
+
     #[test]
     fn exp_is_within_about_an_ulp_of_libm_over_the_range_softmax_and_silu_use() {
         let mut worst = 0f32;
@@ -493,21 +525,8 @@ mod tests {
         // Widths that exercise the 16-lane loops and their tails.
         for keys in [keys, 40] {
             let scores = random(&[1, 2, 3, rows, keys], 4.0);
-            let mask: Vec<f32> = (0..rows)
-                .flat_map(|r| {
-                    (0..keys).map(move |k| {
-                        if k <= first_key + r {
-                            0.0
-                        } else {
-                            f32::NEG_INFINITY
-                        }
-                    })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (rows, keys), &Device::Cpu).unwrap();
-            let expected =
-                candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask).unwrap()).unwrap();
-            let actual = causal_softmax(&scores, first_key).unwrap();
+            let expected = masked_softmax(&scores, |r, k| k <= first_key + r);
+            let actual = causal_softmax(&scores, first_key, None).unwrap();
             assert_eq!(actual.dims(), scores.dims());
             assert!(max_abs_difference(&actual, &expected) < 1e-6);
             // Masked probabilities are exactly 0; every row sums to 1.
@@ -531,10 +550,38 @@ mod tests {
     }
 
     #[test]
+    fn a_sliding_window_hides_keys_older_than_the_window_in_both_paths() {
+        // 4 rows over 10 keys, row 0 is position 6, window 3: row r sees
+        // keys 4 + r ..= 6 + r.
+        let (rows, keys, first_key, window) = (4, 10, 6, 3);
+        let scores = random(&[1, 2, rows, keys], 4.0);
+        let expected = masked_softmax(&scores, |r, k| {
+            k <= first_key + r && k + window > first_key + r
+        });
+        let fused = causal_softmax(&scores, first_key, Some(window)).unwrap();
+        assert!(max_abs_difference(&fused, &expected) < 1e-6);
+        let f16 = causal_softmax(
+            &scores.to_dtype(DType::F16).unwrap(),
+            first_key,
+            Some(window),
+        )
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+        assert!(max_abs_difference(&f16, &expected) < 1e-3);
+        // Key 3 is one older than row 0's window: exactly 0.
+        assert_eq!(
+            fused.i((0, 0, 0, 3)).unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
+        assert!(causal_softmax(&scores, first_key, Some(0)).is_err());
+    }
+
+    #[test]
     fn causal_softmax_of_a_single_token_sees_every_key() {
         let scores = random(&[1, 3, 1, 33], 3.0);
         let expected = candle_nn::ops::softmax_last_dim(&scores).unwrap();
-        let actual = causal_softmax(&scores, 32).unwrap();
+        let actual = causal_softmax(&scores, 32, None).unwrap();
         assert!(max_abs_difference(&actual, &expected) < 1e-6);
     }
 
@@ -543,7 +590,7 @@ mod tests {
         let mut values = vec![0.5f32; 8];
         values[3] = f32::NAN;
         let scores = Tensor::from_vec(values, (1, 8), &Device::Cpu).unwrap();
-        let out = causal_softmax(&scores, 7)
+        let out = causal_softmax(&scores, 7, None)
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -585,11 +632,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("even last dimension"));
-        assert!(causal_softmax(&f16, 5)
+        assert!(causal_softmax(&f16, 5, None)
             .unwrap_err()
             .to_string()
             .contains("first key 5 of 5"));
-        assert!(causal_softmax(&odd, 5)
+        assert!(causal_softmax(&odd, 5, None)
             .unwrap_err()
             .to_string()
             .contains("first key 5 of 5"));
@@ -620,8 +667,9 @@ mod tests {
             for (shape, first_key) in [(vec![1, 4, 2, 7, 40], 30), (vec![1, 2, 3, 5, 700], 690)] {
                 let scores = random(&shape, 4.0).to_dtype(dtype).unwrap();
                 let exact =
-                    causal_softmax(&scores.to_dtype(DType::F32).unwrap(), first_key).unwrap();
-                let on_gpu = causal_softmax(&scores.to_device(&gpu).unwrap(), first_key).unwrap();
+                    causal_softmax(&scores.to_dtype(DType::F32).unwrap(), first_key, None).unwrap();
+                let on_gpu =
+                    causal_softmax(&scores.to_device(&gpu).unwrap(), first_key, None).unwrap();
                 assert_eq!(on_gpu.dtype(), dtype);
                 let on_gpu = on_gpu
                     .to_device(&Device::Cpu)
@@ -664,8 +712,8 @@ mod tests {
         for dtype in [DType::BF16, DType::F16] {
             let tolerance = if dtype == DType::BF16 { 8e-3 } else { 1e-3 };
             let scores = random(&[1, 2, 2, 5, 40], 4.0).to_dtype(dtype).unwrap();
-            let exact = causal_softmax(&scores.to_dtype(DType::F32).unwrap(), 30).unwrap();
-            let half = causal_softmax(&scores, 30).unwrap();
+            let exact = causal_softmax(&scores.to_dtype(DType::F32).unwrap(), 30, None).unwrap();
+            let half = causal_softmax(&scores, 30, None).unwrap();
             assert_eq!(half.dtype(), dtype);
             let difference = max_abs_difference(&half.to_dtype(DType::F32).unwrap(), &exact);
             assert!(

@@ -22,7 +22,11 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::load::GGUF_LAYER_TENSORS;
+use crate::model::architecture::Architecture;
 use crate::model::LlamaConfig;
+
+/// Plain RoPE at Llama 2's base.
+const TINY_ROPE_THETA: f64 = 10_000.0;
 
 /// Control tokens at the front of the vocabulary, as in SmolLM2.
 const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
@@ -115,13 +119,13 @@ impl Default for TinyLlama {
                 num_attention_heads: 4,
                 num_key_value_heads: 2,
                 head_dim: 16,
-                rope_theta: 10_000.0,
                 rms_norm_eps: 1e-5,
                 vocab_size: vocab().len(),
                 max_position_embeddings: 1024,
                 tie_word_embeddings: false,
                 bos_token_id: Some(BOS_TOKEN_ID),
                 eos_token_id: Some(EOS_TOKEN_ID),
+                architecture: Architecture::llama(3, 16, TINY_ROPE_THETA),
             },
             seed: 0x5EED,
             gguf_dtype: GgmlDType::F32,
@@ -272,7 +276,7 @@ impl TinyLlama {
             "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads,
             "head_dim": c.head_dim,
-            "rope_theta": c.rope_theta,
+            "rope_theta": c.rope_theta(),
             "rope_scaling": null,
             "rms_norm_eps": c.rms_norm_eps,
             "vocab_size": c.vocab_size,
@@ -374,7 +378,7 @@ impl TinyLlama {
                 "llama.attention.layer_norm_rms_epsilon",
                 Value::F32(c.rms_norm_eps as f32),
             ),
-            ("llama.rope.freq_base", Value::F32(c.rope_theta as f32)),
+            ("llama.rope.freq_base", Value::F32(c.rope_theta() as f32)),
             ("llama.vocab_size", u32_value(c.vocab_size)),
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
             ("tokenizer.ggml.pre", Value::String("smollm".into())),

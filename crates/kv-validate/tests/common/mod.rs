@@ -146,3 +146,11 @@ pub fn expect_success(output: &Output) {
 pub fn read_json(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// The largest absolute value of a tensor (f32), e.g. of a difference.
+pub fn max_abs(tensor: &candle_core::Tensor) -> f32 {
+    tensor
+        .abs()
+        .and_then(|t| t.flatten_all()?.max(0)?.to_scalar())
+        .expect("an f32 tensor")
+}

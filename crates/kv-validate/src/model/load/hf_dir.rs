@@ -3,13 +3,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
 use tokenizers::Tokenizer;
 
+use super::used_tensors::load_every_tensor;
 use super::{check_vocab, read_hf_config, read_to_string, HfModelFiles, LoadError, LoadedModel};
 use super::{SAFETENSORS_FILE, SAFETENSORS_INDEX_FILE};
-use crate::model::Llama;
 
 #[derive(serde::Deserialize)]
 struct SafetensorsIndex {
@@ -77,17 +77,29 @@ pub(super) fn load_hf_files(
     })?;
     check_vocab(&tokenizer, &config, &files.tokenizer)?;
     let weights_path = files.weights[0].clone();
-    let weights_error = |source| LoadError::Weights {
-        path: weights_path.clone(),
-        source,
-    };
     // SAFETY: the files are memory-mapped only while `Llama::load` copies
     // every tensor out; nothing writes them meanwhile. Each tensor goes from
     // the map to `device` in its stored dtype and is converted there, so no
     // f32 copy of the weights is made in host memory.
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files.weights, dtype, device) }
-        .map_err(weights_error)?;
-    let model = Llama::load(vb, &config).map_err(weights_error)?;
+    let tensors = unsafe { MmapedSafetensors::multi(&files.weights) }.map_err(|source| {
+        LoadError::Weights {
+            path: weights_path.clone(),
+            source,
+        }
+    })?;
+    let names: Vec<String> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    let model = load_every_tensor(
+        Box::new(tensors),
+        names,
+        &config,
+        dtype,
+        device,
+        &weights_path,
+    )?;
     Ok(LoadedModel {
         model,
         tokenizer,

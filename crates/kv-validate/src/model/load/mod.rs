@@ -20,6 +20,7 @@ mod gguf;
 mod hf_config;
 mod hf_dir;
 mod hf_hub;
+mod used_tensors;
 
 pub(crate) use gguf::GGUF_LAYER_TENSORS;
 use gguf::{load_gguf, read_gguf_config};
@@ -87,14 +88,32 @@ pub enum LoadError {
     },
     #[error("{}: invalid model config: {source}", path.display())]
     Config { path: PathBuf, source: ConfigError },
+    #[error("{}: {field}: {problem}", path.display())]
+    ConfigField {
+        path: PathBuf,
+        field: String,
+        problem: String,
+    },
     #[error("{}: unsupported model: {reason}", path.display())]
     Unsupported { path: PathBuf, reason: String },
     #[error(
-        "{}: general.architecture is {architecture:?}, not \"llama\"; \
-         only Llama-family GGUF models are supported",
+        "{}: general.architecture is {architecture:?}; the GGUF architectures implemented \
+         are llama, qwen2, qwen3, gemma2, gemma3 and phi3",
         path.display()
     )]
-    NotLlama { path: PathBuf, architecture: String },
+    UnsupportedGgufArchitecture { path: PathBuf, architecture: String },
+    #[error(
+        "{}: the checkpoint's tensor {tensor} {} not used by a {model_type} model as its \
+         config describes it; refusing to run other math than the checkpoint's",
+        path.display(),
+        if *more > 0 { format!("(and {more} more) are") } else { "is".to_string() }
+    )]
+    UnusedTensor {
+        path: PathBuf,
+        tensor: String,
+        more: usize,
+        model_type: &'static str,
+    },
     #[error("{}: GGUF metadata {key}: {problem}", path.display())]
     Metadata {
         path: PathBuf,
