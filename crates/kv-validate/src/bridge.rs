@@ -209,7 +209,7 @@ impl KvCompress {
                 source,
                 stdout,
             })?;
-        match crate::evaluate::implausible_sizes(&report) {
+        match crate::run_types::implausible_sizes(&report) {
             Some(problem) => Err(BridgeError::Implausible { command, problem }),
             None => Ok(report),
         }

@@ -279,7 +279,7 @@ fn window_problem(window: &WindowRecord, variants: usize, planned: usize) -> Opt
         if !(finite(&variant.nll) && finite(&variant.kld)) {
             return Some(format!("variant {number}: an NLL or KLD is not finite"));
         }
-        if let Some(problem) = crate::evaluate::implausible_sizes(&variant.metrics) {
+        if let Some(problem) = crate::run_types::implausible_sizes(&variant.metrics) {
             return Some(format!("variant {number}: {problem}"));
         }
     }

@@ -189,3 +189,24 @@ pub struct RunRecords {
     /// Summed over slices when merged.
     pub timings: Timings,
 }
+
+/// Most bytes a window's cache may plausibly take (1 TiB: a 2048-token cache
+/// of a 405B-parameter Llama is about 1 GB). Sizes beyond it in a
+/// compressor's report or a records file are refused, so the sums over
+/// windows cannot overflow short of 16 million windows.
+pub const MAX_WINDOW_CACHE_BYTES: u64 = 1 << 40;
+
+/// What is implausible about a compressor report's sizes, if anything.
+pub fn implausible_sizes(metrics: &Report) -> Option<String> {
+    [
+        ("original_size_bytes", metrics.original_size_bytes),
+        ("compressed_size_bytes", metrics.compressed_size_bytes),
+    ]
+    .into_iter()
+    .find(|&(_, bytes)| bytes > MAX_WINDOW_CACHE_BYTES)
+    .map(|(field, bytes)| {
+        format!(
+            "{field} = {bytes} is beyond the {MAX_WINDOW_CACHE_BYTES} bytes a window's cache can plausibly take"
+        )
+    })
+}
