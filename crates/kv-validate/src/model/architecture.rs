@@ -314,6 +314,11 @@ pub struct Architecture {
     pub layers: Vec<LayerAttention>,
 }
 
+/// Two orders of magnitude more decoder layers than any published model has:
+/// a count beyond it is a corrupt or hostile header, refused before a table
+/// with one entry per layer is allocated.
+pub const MAX_LAYERS: usize = 16_384;
+
 /// An architecture the decoder cannot run as described.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ArchitectureError {

@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::Tokenizer;
 
 use super::used_tensors::load_every_tensor;
-use super::{check_vocab, io_error, validated, LoadError, LoadedModel};
+use super::{check_vocab, io_error, layer_count, validated, LoadError, LoadedModel};
 use crate::model::architecture::{Activation, Architecture, Biases, Family, Rope, RopeScaling};
 use crate::model::device::dtype_name;
 use crate::model::LlamaConfig;
@@ -222,7 +222,7 @@ fn gguf_config(
     };
     let rope_theta = float_or("rope.freq_base", 10_000.0)?;
     let token_id = |key: &str| metadata_usize(content, key, path).ok().map(|id| id as u32);
-    let num_hidden_layers = usize_key("block_count")?;
+    let num_hidden_layers = layer_count(path, "block_count", usize_key("block_count")?)?;
     let mut architecture = Architecture::llama(num_hidden_layers, head_dim, rope_theta);
     architecture.family = family;
     architecture.ropes[0].scaling = scaling;

@@ -94,6 +94,16 @@ pub enum LoadError {
         field: String,
         problem: String,
     },
+    #[error(
+        "{}: {field} = {value} is implausible: more than {} decoder layers",
+        path.display(),
+        crate::model::architecture::MAX_LAYERS
+    )]
+    ImplausibleLayerCount {
+        path: PathBuf,
+        field: &'static str,
+        value: usize,
+    },
     #[error("{}: unsupported model: {reason}", path.display())]
     Unsupported { path: PathBuf, reason: String },
     #[error(
@@ -224,4 +234,16 @@ fn check_vocab(tokenizer: &Tokenizer, config: &LlamaConfig, path: &Path) -> Resu
         });
     }
     Ok(())
+}
+
+/// `value` of `field` as a layer count, unless it is beyond [`crate::model::architecture::MAX_LAYERS`].
+fn layer_count(path: &Path, field: &'static str, value: usize) -> Result<usize, LoadError> {
+    if value > crate::model::architecture::MAX_LAYERS {
+        return Err(LoadError::ImplausibleLayerCount {
+            path: path.to_path_buf(),
+            field,
+            value,
+        });
+    }
+    Ok(value)
 }
