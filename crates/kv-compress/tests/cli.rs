@@ -317,7 +317,8 @@ fn sidecar_is_copied_and_written_beside_decompressed_output() {
     let output = kv_compress(&["-input", s(&input), "-metrics-only"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(
-        stderr(&output).contains("kv.metadata.json") && stderr(&output).contains("layer_0_key"),
+        stderr(&output).contains("kv.metadata.json")
+            && stderr(&output).contains("no layer holds the sidecar's seq_len = 33"),
         "{}",
         stderr(&output)
     );

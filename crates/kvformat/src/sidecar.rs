@@ -19,6 +19,10 @@ const MAX_SIDECAR_BYTES: u64 = 1 << 20;
 pub struct Sidecar {
     pub num_layers: usize,
     pub num_kv_heads: usize,
+    /// Positions of the longest layer: the context's, unless every layer
+    /// slides. A sliding-window layer may hold fewer, its last ones, as an
+    /// engine keeps them (Mistral, Gemma): its key and value are
+    /// `[batch, heads, s, head_dim]` with `s <= seq_len`, the same `s` for both.
     pub seq_len: usize,
     pub head_dim: usize,
     /// Torch spelling: `float32`, `float16` or `bfloat16`.
@@ -85,9 +89,18 @@ impl Sidecar {
         let (_, dtype, shape) = tensors
             .iter()
             .find(|(name, _, _)| *name == tensor_name(0, TensorKind::Key))?;
-        let [_, heads, seq, head_dim] = shape[..] else {
+        let [_, heads, _, head_dim] = shape[..] else {
             return None;
         };
+        // The context's length: the longest layer (a first layer that slides holds fewer).
+        let seq = tensors
+            .iter()
+            .filter(|(name, _, _)| layer_index(name).is_some())
+            .filter_map(|(_, _, shape)| match shape[..] {
+                [_, _, seq, _] => Some(seq),
+                _ => None,
+            })
+            .max()?;
         let names: std::collections::HashSet<&str> =
             tensors.iter().map(|(n, _, _)| n.as_str()).collect();
         let num_layers = (0..)
@@ -125,7 +138,9 @@ impl Sidecar {
             .iter()
             .map(|(n, dtype, shape)| (n.as_str(), (dtype, shape)))
             .collect();
+        let mut longest = 0;
         for layer in 0..self.num_layers {
+            let mut layer_positions = None;
             for kind in TensorKind::BOTH {
                 let name = tensor_name(layer, kind);
                 let Some((dtype, shape)) = by_name.get(name.as_str()) else {
@@ -134,12 +149,24 @@ impl Sidecar {
                         self.num_layers
                     ));
                 };
-                let fits = matches!(shape[..], [_, h, s, d] if h == self.num_kv_heads && s == self.seq_len && d == self.head_dim);
+                let fits = matches!(shape[..], [_, h, s, d] if h == self.num_kv_heads && s <= self.seq_len && d == self.head_dim);
                 if !fits {
                     return Err(format!(
-                        "{name:?} has shape {shape:?}, sidecar says [batch, {}, {}, {}]",
+                        "{name:?} has shape {shape:?}, sidecar says [batch, {}, {}, {}] \
+                         (a sliding-window layer may hold fewer positions, never more)",
                         self.num_kv_heads, self.seq_len, self.head_dim
                     ));
+                }
+                longest = longest.max(shape[2]);
+                match layer_positions {
+                    None => layer_positions = Some(shape[2]),
+                    Some(key_positions) if key_positions != shape[2] => {
+                        return Err(format!(
+                            "{name:?} holds {} positions, its layer's key {key_positions}",
+                            shape[2]
+                        ))
+                    }
+                    Some(_) => {}
                 }
                 if dtype.torch_name() != self.dtype {
                     return Err(format!(
@@ -149,6 +176,12 @@ impl Sidecar {
                     ));
                 }
             }
+        }
+        if self.num_layers > 0 && longest != self.seq_len {
+            return Err(format!(
+                "no layer holds the sidecar's seq_len = {} positions (the longest holds {longest})",
+                self.seq_len
+            ));
         }
         Ok(())
     }
@@ -250,6 +283,39 @@ mod tests {
         );
     }
 
+    /// Gemma's first layer slides: it holds the window's 15 positions while
+    /// the global layer holds all 40. The sidecar gives the context's 40; a
+    /// layer longer than that, or a value of another length than its key, is refused.
+    #[test]
+    fn a_sliding_layer_may_hold_fewer_positions_than_the_context() {
+        let cache = |sliding: usize, value: usize, global: usize| -> Vec<_> {
+            [
+                ("layer_0_key", sliding),
+                ("layer_0_value", value),
+                ("layer_1_key", global),
+                ("layer_1_value", global),
+            ]
+            .iter()
+            .map(|(n, seq)| (n.to_string(), CacheDtype::F32, vec![1, 2, *seq, 16]))
+            .collect()
+        };
+        let sidecar = Sidecar::infer(&cache(15, 15, 40), "gemma").unwrap();
+        assert_eq!((sidecar.num_layers, sidecar.seq_len), (2, 40));
+        assert!(sidecar.check(&cache(15, 15, 40)).is_ok());
+        assert!(sidecar.check(&cache(40, 40, 40)).is_ok());
+        let longer = sidecar.check(&cache(41, 41, 40)).unwrap_err();
+        assert!(
+            longer.contains("layer_0_key") && longer.contains("never more"),
+            "{longer}"
+        );
+        let mismatched = sidecar.check(&cache(15, 14, 40)).unwrap_err();
+        assert!(
+            mismatched.contains("\"layer_0_value\" holds 14 positions, its layer's key 15"),
+            "{mismatched}"
+        );
+        assert_eq!(Sidecar::infer(&cache(15, 14, 40), "gemma"), None);
+    }
+
     #[test]
     fn infer_and_check_agree_on_a_two_layer_cache() {
         let shape = vec![1, 4, 16, 64];
@@ -278,7 +344,9 @@ mod tests {
             seq_len: 17,
             ..sidecar.clone()
         };
-        assert!(wrong.check(&tensors).unwrap_err().contains("layer_0_key"));
+        assert!(wrong.check(&tensors).unwrap_err().contains(
+            "no layer holds the sidecar's seq_len = 17 positions (the longest holds 16)"
+        ));
         // The check is two-way: a sidecar describing fewer layers than the file holds is wrong too.
         for num_layers in [0, 1] {
             let fewer = Sidecar {
