@@ -386,9 +386,10 @@ pub fn evaluate(
 
         let write_started = Instant::now();
         let cache_path = scratch.path().join("context.safetensors");
+        // What an engine stores: sliding-window layers hold only their window.
         let layout = write_kv_cache(
             &cache_path,
-            &cache,
+            &model.kept_cache(&cache)?,
             options.cache_dtype,
             &options.model_name,
         )?;
@@ -400,7 +401,10 @@ pub fn evaluate(
             timings.compressor += compressor_started.elapsed();
 
             let read_started = Instant::now();
-            let reconstructed = read_kv_cache_like(&decoded_path, &layout, model.device())?;
+            let reconstructed = model.with_dropped_positions(
+                &cache,
+                read_kv_cache_like(&decoded_path, &layout, model.device())?,
+            )?;
             timings.cache_read += read_started.elapsed();
 
             let model_started = Instant::now();

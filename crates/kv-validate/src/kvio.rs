@@ -43,51 +43,91 @@ pub enum KvIoError {
     Candle(#[from] candle_core::Error),
 }
 
-/// The sidecar that describes `cache` stored as `dtype`. Every layer must
-/// have the shape of layer 0's key, `[1, kv_heads, seq, head_dim]`.
+/// What a cache file holds: its sidecar, and per layer the positions its
+/// key and value hold (the sidecar's `seq_len`, or fewer for a sliding-window
+/// layer, as an engine keeps it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CacheLayout {
+    pub sidecar: Sidecar,
+    pub positions: Vec<usize>,
+}
+
+impl CacheLayout {
+    /// Every layer holding the sidecar's `seq_len` positions.
+    pub fn uniform(sidecar: Sidecar) -> Self {
+        let positions = vec![sidecar.seq_len; sidecar.num_layers];
+        CacheLayout { sidecar, positions }
+    }
+}
+
+impl std::ops::Deref for CacheLayout {
+    type Target = Sidecar;
+    fn deref(&self) -> &Sidecar {
+        &self.sidecar
+    }
+}
+
+/// The layout of `cache` stored as `dtype`. Every tensor is
+/// `[1, kv_heads, s, head_dim]` with layer 0's heads and head_dim; a layer's
+/// key and value hold the same `s`; the sidecar's `seq_len` is the longest.
 pub fn describe(
     cache: &KvCache,
     dtype: CacheDtype,
     model_name: &str,
-) -> Result<Sidecar, KvIoError> {
+) -> Result<CacheLayout, KvIoError> {
     let first = cache.layers.first().ok_or(KvIoError::EmptyCache)?;
     let expected = first.key.dims().to_vec();
+    let mut positions = Vec::with_capacity(cache.layers.len());
     for (layer, kv) in cache.layers.iter().enumerate() {
+        let layer_shape = kv.key.dims();
         for (kind, tensor) in TensorKind::BOTH.into_iter().zip([&kv.key, &kv.value]) {
-            if tensor.dims() != expected.as_slice() || expected.len() != 4 || expected[0] != 1 {
+            let dims = tensor.dims();
+            let fits = expected.len() == 4
+                && expected[0] == 1
+                && dims.len() == 4
+                && dims == layer_shape
+                && [dims[0], dims[1], dims[3]] == [1, expected[1], expected[3]];
+            if !fits {
                 return Err(KvIoError::InconsistentLayers {
                     layer,
                     kind: kind.suffix(),
-                    found: tensor.dims().to_vec(),
+                    found: dims.to_vec(),
                     expected: expected.clone(),
                 });
             }
         }
+        positions.push(layer_shape[2]);
     }
-    Ok(Sidecar {
-        num_layers: cache.layers.len(),
-        num_kv_heads: expected[1],
-        seq_len: expected[2],
-        head_dim: expected[3],
-        dtype: dtype.torch_name().to_string(),
-        model_name: model_name.to_string(),
+    Ok(CacheLayout {
+        sidecar: Sidecar {
+            num_layers: cache.layers.len(),
+            num_kv_heads: expected[1],
+            seq_len: positions.iter().copied().max().unwrap_or(0),
+            head_dim: expected[3],
+            dtype: dtype.torch_name().to_string(),
+            model_name: model_name.to_string(),
+        },
+        positions,
     })
 }
 
-/// Writes `cache` as `dtype` to `path` and its sidecar beside it; returns the sidecar.
 pub fn write_kv_cache(
     path: &Path,
     cache: &KvCache,
     dtype: CacheDtype,
     model_name: &str,
-) -> Result<Sidecar, KvIoError> {
-    let sidecar = describe(cache, dtype, model_name)?;
-    let shape = [1, sidecar.num_kv_heads, sidecar.seq_len, sidecar.head_dim];
+) -> Result<CacheLayout, KvIoError> {
+    let layout = describe(cache, dtype, model_name)?;
+    let shapes: Vec<[usize; 4]> = layout
+        .positions
+        .iter()
+        .map(|&positions| [1, layout.num_kv_heads, positions, layout.head_dim])
+        .collect();
     let mut names = Vec::with_capacity(2 * cache.layers.len());
     let mut values = Vec::with_capacity(2 * cache.layers.len());
     for (layer, kv) in cache.layers.iter().enumerate() {
         for (kind, tensor) in TensorKind::BOTH.into_iter().zip([&kv.key, &kv.value]) {
-            names.push(tensor_name(layer, kind));
+            names.push((layer, tensor_name(layer, kind)));
             values.push(
                 tensor
                     .to_dtype(candle_core::DType::F32)?
@@ -99,16 +139,16 @@ pub fn write_kv_cache(
     let tensors: Vec<CacheTensor<'_>> = names
         .iter()
         .zip(&values)
-        .map(|(name, values)| CacheTensor {
+        .map(|((layer, name), values)| CacheTensor {
             name,
             dtype,
-            shape: &shape,
+            shape: &shapes[*layer],
             values,
         })
         .collect();
     write_cache(path, &tensors, &BTreeMap::new())?;
-    sidecar.write(&sidecar_path(path))?;
-    Ok(sidecar)
+    layout.sidecar.write(&sidecar_path(path))?;
+    Ok(layout)
 }
 
 /// Reads a cache the way Python's `load_kv_cache()` does: the sidecar beside
@@ -121,8 +161,18 @@ pub fn read_kv_cache(path: &Path, device: &Device) -> Result<(KvCache, Sidecar),
     })?;
     let file = kvformat::cache::KvCache::open(path)?;
     validate_against_sidecar(file.file(), &sidecar, &sidecar_file)?;
-    let cache = read_layers(&file, &sidecar, device)?;
-    Ok((cache, sidecar))
+    // The sidecar agrees with the file, so each layer's key gives its positions.
+    let positions = (0..sidecar.num_layers)
+        .map(|layer| {
+            let name = tensor_name(layer, TensorKind::Key);
+            file.tensors()
+                .find(|(entry, _)| entry.name == name)
+                .map_or(sidecar.seq_len, |(entry, _)| entry.shape[2])
+        })
+        .collect();
+    let layout = CacheLayout { sidecar, positions };
+    let cache = read_layers(&file, &layout, device)?;
+    Ok((cache, layout.sidecar))
 }
 
 /// Reads a cache that must have the layout `expected` describes (dtype
@@ -131,7 +181,7 @@ pub fn read_kv_cache(path: &Path, device: &Device) -> Result<(KvCache, Sidecar),
 /// there must agree with the file, as `load_kv_cache()` would insist.
 pub fn read_kv_cache_like(
     path: &Path,
-    expected: &Sidecar,
+    expected: &CacheLayout,
     device: &Device,
 ) -> Result<KvCache, KvIoError> {
     let file = kvformat::cache::KvCache::open(path)?;
@@ -144,12 +194,12 @@ pub fn read_kv_cache_like(
 /// Layers `0..num_layers` of `file` as f32 tensors, each checked against `layout`.
 fn read_layers(
     file: &kvformat::cache::KvCache,
-    layout: &Sidecar,
+    layout: &CacheLayout,
     device: &Device,
 ) -> Result<KvCache, KvIoError> {
     let path = file.file().path();
-    let expected = vec![1, layout.num_kv_heads, layout.seq_len, layout.head_dim];
-    let read = |name: String| -> Result<Tensor, KvIoError> {
+    let read = |name: String, positions: usize| -> Result<Tensor, KvIoError> {
+        let expected = vec![1, layout.num_kv_heads, positions, layout.head_dim];
         let (entry, dtype) = file
             .tensors()
             .find(|(entry, _)| entry.name == name)
@@ -162,7 +212,7 @@ fn read_layers(
                 path: path.to_path_buf(),
                 tensor: name,
                 found: entry.shape.clone(),
-                expected: expected.clone(),
+                expected,
             });
         }
         let values = file.values(entry, dtype)?.into_owned();
@@ -170,9 +220,14 @@ fn read_layers(
     };
     let layers = (0..layout.num_layers)
         .map(|layer| {
+            let positions = layout
+                .positions
+                .get(layer)
+                .copied()
+                .unwrap_or(layout.seq_len);
             Ok(LayerKv {
-                key: read(tensor_name(layer, TensorKind::Key))?,
-                value: read(tensor_name(layer, TensorKind::Value))?,
+                key: read(tensor_name(layer, TensorKind::Key), positions)?,
+                value: read(tensor_name(layer, TensorKind::Value), positions)?,
             })
         })
         .collect::<Result<Vec<_>, KvIoError>>()?;
@@ -224,7 +279,7 @@ mod tests {
         let cache = numbered_cache(2, 3, 4);
         let written = write_kv_cache(&path, &cache, CacheDtype::F32, "tiny").unwrap();
         assert_eq!(
-            written,
+            written.sidecar,
             Sidecar {
                 num_layers: 2,
                 num_kv_heads: 2,
@@ -235,7 +290,7 @@ mod tests {
             }
         );
         let (read, sidecar) = read_kv_cache(&path, &Device::Cpu).unwrap();
-        assert_eq!(sidecar, written);
+        assert_eq!(sidecar, written.sidecar);
         assert_same(&cache, &read);
     }
 
@@ -255,8 +310,9 @@ mod tests {
     fn a_sidecar_that_disagrees_with_the_shapes_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv.safetensors");
-        let sidecar =
-            write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
+        let sidecar = write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m")
+            .unwrap()
+            .sidecar;
         Sidecar {
             seq_len: 5,
             ..sidecar
@@ -265,7 +321,7 @@ mod tests {
         .unwrap();
         let error = read_kv_cache(&path, &Device::Cpu).unwrap_err().to_string();
         assert!(
-            error.contains("layer_0_key") && error.contains("sidecar"),
+            error.contains("no layer holds the sidecar's seq_len = 5") && error.contains("sidecar"),
             "{error}"
         );
     }
@@ -284,18 +340,30 @@ mod tests {
     fn reading_like_a_layout_checks_every_tensor_shape() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kv.safetensors");
-        let sidecar =
-            write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
-        let longer = Sidecar {
+        let layout = write_kv_cache(&path, &numbered_cache(2, 3, 4), CacheDtype::F32, "m").unwrap();
+        let sidecar = layout.sidecar.clone();
+        let longer = CacheLayout::uniform(Sidecar {
             seq_len: 4,
             ..sidecar.clone()
-        };
+        });
         let error = read_kv_cache_like(&path, &longer, &Device::Cpu).unwrap_err();
         assert!(matches!(error, KvIoError::ShapeMismatch { .. }), "{error}");
-        let deeper = Sidecar {
+        // A layer that slides must come back as short as it went.
+        let sliding = CacheLayout {
+            positions: vec![2, 3],
+            ..layout.clone()
+        };
+        let error = read_kv_cache_like(&path, &sliding, &Device::Cpu).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("layer_0_key has shape [1, 2, 3, 4], expected [1, 2, 2, 4]"),
+            "{error}"
+        );
+        let deeper = CacheLayout::uniform(Sidecar {
             num_layers: 3,
             ..sidecar.clone()
-        };
+        });
         let error = read_kv_cache_like(&path, &deeper, &Device::Cpu).unwrap_err();
         assert!(
             error.to_string().contains("layer_2_key is missing"),
@@ -308,7 +376,7 @@ mod tests {
         }
         .write(&sidecar_path(&path))
         .unwrap();
-        let error = read_kv_cache_like(&path, &sidecar, &Device::Cpu)
+        let error = read_kv_cache_like(&path, &layout, &Device::Cpu)
             .unwrap_err()
             .to_string();
         assert!(

@@ -263,7 +263,7 @@ pub fn run_quick_test(
         num_kv_heads: layout.num_kv_heads,
         seq_len: layout.seq_len,
         head_dim: layout.head_dim,
-        cache_dtype: layout.dtype,
+        cache_dtype: layout.sidecar.dtype,
         compression: summary,
         // JSON has no NaN: a failed layout check reports zeros beside it.
         measured_rmse: if measured_rmse.is_finite() {

@@ -27,7 +27,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::{expect_success, identity_compressor, kv_validate, max_abs, prose_path, read_json};
+use common::{
+    expect_success, identity_compressor, kv_validate, max_abs, prose_path, read_json,
+    scripted_compressor,
+};
 use kv_validate::kvio::{read_kv_cache, write_kv_cache};
 use kv_validate::model::load::{load_model, LoadedModel, ModelSource};
 use kvformat::dtype::CacheDtype;
@@ -167,6 +170,71 @@ fn end_to_end_on_prose(case: &str) {
     let baseline = report["perplexity"]["baseline"].as_f64().unwrap();
     assert!(baseline.is_finite() && baseline > 1.0, "{case}: {baseline}");
     assert_eq!(report["tokens_scored"], 32, "{case}");
+}
+
+/// The cache file `kv-validate` hands to kv-compress holds what an engine
+/// stores: after a prefill of the reference's length, every layer's key and
+/// value have exactly the shape of transformers' cache for that layer (a
+/// sliding layer its last `window - 1` positions, a global layer all).
+/// The compressor keeps the last file it is given to decompress.
+#[test]
+fn the_cache_handed_to_kv_compress_is_what_transformers_keeps() {
+    for case in [
+        "mistral",
+        "gemma2",
+        "gemma3_text",
+        "phi3-sliding",
+        "qwen2-sliding-yarn",
+        "qwen3-sliding-yarn",
+        "llama",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let handed = dir.path().join("handed.safetensors");
+        let compressor = scripted_compressor(
+            dir.path(),
+            "keeping-kv-compress",
+            &format!("cp \"$input\" '{}'", handed.display()),
+        );
+        let reference = reference(case);
+        let context = input_ids(&reference).len().to_string();
+        let (model_dir, prose) = (case_dir(case), prose_path());
+        let args = [
+            "--model-dir",
+            model_dir.to_str().unwrap(),
+            "--text-file",
+            prose.to_str().unwrap(),
+            "--context",
+            &context,
+            "--targets",
+            "4",
+            "--max-windows",
+            "1",
+            "--quiet",
+        ];
+        expect_success(&kv_validate(&args, &compressor));
+        let handed = candle_core::safetensors::load(&handed, &Device::Cpu).unwrap();
+        let layers = (0..).take_while(|i| reference.contains_key(&format!("layer_{i}_key")));
+        let mut sliding = 0;
+        for layer in layers {
+            for kind in ["key", "value"] {
+                let name = format!("layer_{layer}_{kind}");
+                let (ours, theirs) = (handed[&name].dims(), reference[&name].dims());
+                assert_eq!(ours, theirs, "{case} {name}");
+                sliding += usize::from(kind == "key" && theirs[2] < input_ids(&reference).len());
+            }
+        }
+        assert_eq!(
+            handed.len(),
+            reference.len() - 2,
+            "{case}: the file's tensors"
+        );
+        // The sliding cases really slide (their windows are shorter than the prefill).
+        assert_eq!(
+            sliding > 0,
+            case != "llama",
+            "{case}: {sliding} sliding layers"
+        );
+    }
 }
 
 // llama-dynamic is tested below: dynamic NTK's base depends on the exact

@@ -649,9 +649,9 @@ impl Llama {
 
     /// What an engine's cache holds of `cache`: sliding-window layers keep
     /// their last `window - 1` positions (as `transformers`' cache does), the
-    /// others all. `forward` keeps every position of every layer instead, so
-    /// that one cache file has one length per the file contract; the model
-    /// never reads the positions this drops.
+    /// others all. This is what goes to kv-compress. `forward` keeps every
+    /// position of every layer instead, so that every layer spans the same
+    /// positions; no later token reads the positions this drops.
     pub fn kept_cache(&self, cache: &KvCache) -> Result<KvCache> {
         let seq_len = cache.seq_len();
         let arch = &self.config.architecture;
@@ -664,6 +664,45 @@ impl Llama {
                 Ok(LayerKv {
                     key: kv.key.narrow(2, seq_len - kept, kept)?,
                     value: kv.value.narrow(2, seq_len - kept, kept)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// `kept` (a [`Llama::kept_cache`], or what kv-compress reconstructed of
+    /// one) with each sliding layer's dropped positions put back from `full`,
+    /// so it can extend `full`'s sequence. Every later token's window starts
+    /// after them, so the scores on the result are the scores on `kept`.
+    pub fn with_dropped_positions(&self, full: &KvCache, kept: KvCache) -> Result<KvCache> {
+        if full.layers.len() != kept.layers.len() {
+            candle_core::bail!(
+                "{} layers kept of a cache of {}",
+                kept.layers.len(),
+                full.layers.len()
+            );
+        }
+        let restore = |full: &Tensor, kept: Tensor| -> Result<Tensor> {
+            let (full_len, kept_len) = (full.dim(2)?, kept.dim(2)?);
+            if kept_len > full_len {
+                candle_core::bail!("{kept_len} positions kept of {full_len}");
+            }
+            if kept_len == full_len {
+                return Ok(kept);
+            }
+            let dropped = full
+                .narrow(2, 0, full_len - kept_len)?
+                .to_dtype(kept.dtype())?;
+            Tensor::cat(&[&dropped, &kept], 2)
+        };
+        let layers = full
+            .layers
+            .iter()
+            .zip(kept.layers)
+            .map(|(full, kept)| {
+                Ok(LayerKv {
+                    key: restore(&full.key, kept.key)?,
+                    value: restore(&full.value, kept.value)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

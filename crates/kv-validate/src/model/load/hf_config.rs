@@ -603,8 +603,11 @@ fn config_of(json: &ConfigJson) -> Result<LlamaConfig, LoadError> {
     let defaults = defaults(family);
     let hidden_size = json.usize("hidden_size")?;
     let num_attention_heads = json.usize("num_attention_heads")?;
-    let num_hidden_layers =
-        layer_count(json.path, "num_hidden_layers", json.usize("num_hidden_layers")?)?;
+    let num_hidden_layers = layer_count(
+        json.path,
+        "num_hidden_layers",
+        json.usize("num_hidden_layers")?,
+    )?;
     let head_dim = match json.opt_usize("head_dim")? {
         Some(d) => d,
         None if matches!(family, Family::Gemma2 | Family::Gemma3Text) => 256,
