@@ -141,28 +141,36 @@ fn split_prefill_matches_transformers(case: &str, split: Option<usize>) {
     );
 }
 
+/// Arguments of a quiet `kv-validate` run of `case` on the prose fixture:
+/// `windows` back-to-back windows of `context` + `targets` tokens.
+fn prose_run_args(case: &str, context: usize, targets: usize, windows: usize) -> Vec<String> {
+    let (model_dir, prose) = (case_dir(case), prose_path());
+    [
+        "--model-dir",
+        model_dir.to_str().unwrap(),
+        "--text-file",
+        prose.to_str().unwrap(),
+        "--context",
+        &context.to_string(),
+        "--targets",
+        &targets.to_string(),
+        "--max-windows",
+        &windows.to_string(),
+        "--quiet",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// `kv-validate` on prose with windows of 16 context + 16 targets, the
 /// cache through a compressor that gives it back unchanged: the scores on
 /// the restored cache equal the baseline's exactly.
 fn end_to_end_on_prose(case: &str) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let (model_dir, prose) = (case_dir(case), prose_path());
-    let args = [
-        "--model-dir",
-        model_dir.to_str().unwrap(),
-        "--text-file",
-        prose.to_str().unwrap(),
-        "--context",
-        "16",
-        "--targets",
-        "16",
-        "--max-windows",
-        "2",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ];
+    let mut args = prose_run_args(case, 16, 16, 2);
+    args.extend(["--json".into(), json.to_str().unwrap().into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = kv_validate(&args, &identity_compressor(dir.path()));
     expect_success(&output);
     let report = read_json(&json);
@@ -196,21 +204,8 @@ fn the_cache_handed_to_kv_compress_is_what_transformers_keeps() {
             &format!("cp \"$input\" '{}'", handed.display()),
         );
         let reference = reference(case);
-        let context = input_ids(&reference).len().to_string();
-        let (model_dir, prose) = (case_dir(case), prose_path());
-        let args = [
-            "--model-dir",
-            model_dir.to_str().unwrap(),
-            "--text-file",
-            prose.to_str().unwrap(),
-            "--context",
-            &context,
-            "--targets",
-            "4",
-            "--max-windows",
-            "1",
-            "--quiet",
-        ];
+        let args = prose_run_args(case, input_ids(&reference).len(), 4, 1);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         expect_success(&kv_validate(&args, &compressor));
         let handed = candle_core::safetensors::load(&handed, &Device::Cpu).unwrap();
         let layers = (0..).take_while(|i| reference.contains_key(&format!("layer_{i}_key")));
