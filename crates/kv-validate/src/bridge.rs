@@ -361,7 +361,7 @@ mod tests {
   "something_new": [1, 2]
 }"#;
         let metrics: Report = serde_json::from_str(json).unwrap();
-        assert_eq!(metrics.compressed_size_bytes, 272);
+        assert_eq!(metrics.figures.compressed_size_bytes, 272);
         assert_eq!(metrics.violations, ["CosineSim 0.9847 < 0.9900"]);
         assert_eq!(metrics.bits_per_value, 0.0, "absent from the Go original");
         assert_eq!(

@@ -23,7 +23,7 @@ use std::time::Instant;
 use candle_core::{DType, IndexOp, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvformat::metrics::QualityLevel;
-use kvformat::{CacheDtype, Report};
+use kvformat::{CacheDtype, CompressionFigures, Report};
 use serde::Serialize;
 
 use crate::bridge::{BridgeError, KvCompress};
@@ -108,14 +108,11 @@ pub struct MetricsSummary {
     pub compression_ratio: f64,
     /// Mean over windows, when the compressor reports it (the Go original does not).
     pub bits_per_value: Option<f64>,
-    pub original_size_bytes: u64,
-    pub compressed_size_bytes: u64,
-    /// Mean over windows of kv-compress's (already per-tensor averaged) figures.
-    pub rmse: f64,
-    pub snr_db: f64,
-    pub cosine_similarity: f64,
-    /// Largest over windows.
-    pub max_error: f64,
+    /// kv-compress's figures over windows (flat in the JSON): sizes summed,
+    /// the largest max error, the mean of the other (already per-tensor
+    /// averaged) figures.
+    #[serde(flatten)]
+    pub figures: CompressionFigures,
     /// The worst grade kv-compress gave a window's cache.
     pub worst_quality_level: Option<QualityLevel>,
     /// Windows kv-compress graded as failing its own quality thresholds.
@@ -139,25 +136,25 @@ impl MetricsSummary {
     pub fn add(&mut self, metrics: &Report) {
         let n = self.windows as f64;
         let running_mean = |mean: f64, value: f64| (mean * n + value) / (n + 1.0);
-        self.rmse = running_mean(self.rmse, metrics.rmse);
-        self.snr_db = running_mean(self.snr_db, metrics.snr_db);
-        self.cosine_similarity = running_mean(self.cosine_similarity, metrics.cosine_similarity);
+        let (sum, window) = (&mut self.figures, &metrics.figures);
+        sum.rmse = running_mean(sum.rmse, window.rmse);
+        sum.snr_db = running_mean(sum.snr_db, window.snr_db);
+        sum.cosine_similarity = running_mean(sum.cosine_similarity, window.cosine_similarity);
+        sum.max_error = sum.max_error.max(window.max_error);
+        // Saturating: unreachable under MAX_WINDOW_CACHE_BYTES, never a wrap.
+        sum.original_size_bytes = sum
+            .original_size_bytes
+            .saturating_add(window.original_size_bytes);
+        sum.compressed_size_bytes = sum
+            .compressed_size_bytes
+            .saturating_add(window.compressed_size_bytes);
+        self.compression_ratio = sum.original_size_bytes as f64 / sum.compressed_size_bytes as f64;
         let bits = (metrics.bits_per_value > 0.0).then_some(metrics.bits_per_value);
         self.bits_per_value = match (self.bits_per_value, bits) {
             (Some(mean), Some(value)) => Some(running_mean(mean, value)),
             (None, value) if self.windows == 0 => value,
             _ => None,
         };
-        self.max_error = self.max_error.max(metrics.max_error);
-        // Saturating: unreachable under MAX_WINDOW_CACHE_BYTES, never a wrap.
-        self.original_size_bytes = self
-            .original_size_bytes
-            .saturating_add(metrics.original_size_bytes);
-        self.compressed_size_bytes = self
-            .compressed_size_bytes
-            .saturating_add(metrics.compressed_size_bytes);
-        self.compression_ratio =
-            self.original_size_bytes as f64 / self.compressed_size_bytes as f64;
         self.quality_failures += usize::from(!metrics.quality_passed);
         if self
             .worst_quality_level
@@ -522,12 +519,14 @@ mod tests {
     fn metrics(rmse: f64, level: QualityLevel, passed: bool, bits_per_value: f64) -> Report {
         Report {
             compression_ratio: 4.0,
-            original_size_bytes: 400,
-            compressed_size_bytes: 100,
-            rmse,
-            snr_db: 20.0 + rmse,
-            cosine_similarity: 0.99,
-            max_error: rmse * 10.0,
+            figures: CompressionFigures {
+                original_size_bytes: 400,
+                compressed_size_bytes: 100,
+                rmse,
+                snr_db: 20.0 + rmse,
+                cosine_similarity: 0.99,
+                max_error: rmse * 10.0,
+            },
             quality_level: level,
             processing_time_ms: 1.0,
             quality_passed: passed,
@@ -546,12 +545,13 @@ mod tests {
         summary.add(&metrics(0.3, QualityLevel::Poor, false, 4.75));
         summary.add(&metrics(0.2, QualityLevel::Acceptable, true, 4.5));
         assert_eq!(summary.windows, 3);
-        assert!((summary.rmse - 0.2).abs() < 1e-12);
-        assert!((summary.snr_db - 20.2).abs() < 1e-12);
-        assert!((summary.max_error - 3.0).abs() < 1e-12);
+        let figures = &summary.figures;
+        assert!((figures.rmse - 0.2).abs() < 1e-12);
+        assert!((figures.snr_db - 20.2).abs() < 1e-12);
+        assert!((figures.max_error - 3.0).abs() < 1e-12);
         assert_eq!(summary.bits_per_value, Some(4.5));
         assert_eq!(
-            (summary.original_size_bytes, summary.compressed_size_bytes),
+            (figures.original_size_bytes, figures.compressed_size_bytes),
             (1200, 300)
         );
         assert_eq!(summary.compression_ratio, 4.0);

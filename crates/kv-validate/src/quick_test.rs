@@ -230,27 +230,27 @@ pub fn run_quick_test(
     if reconstructed.is_some() {
         checks.push(Check {
             name: "rmse agrees".into(),
-            passed: agrees(measured_rmse, metrics.rmse),
+            passed: agrees(measured_rmse, metrics.figures.rmse),
             detail: format!(
                 "measured {measured_rmse:.6}, kv-compress reported {:.6}",
-                metrics.rmse
+                metrics.figures.rmse
             ),
         });
         checks.push(Check {
             name: "cosine agrees".into(),
-            passed: agrees(measured_cosine, metrics.cosine_similarity),
+            passed: agrees(measured_cosine, metrics.figures.cosine_similarity),
             detail: format!(
                 "measured {measured_cosine:.6}, kv-compress reported {:.6}",
-                metrics.cosine_similarity
+                metrics.figures.cosine_similarity
             ),
         });
     }
     checks.push(Check {
         name: "smaller".into(),
-        passed: metrics.compressed_size_bytes < metrics.original_size_bytes,
+        passed: metrics.figures.compressed_size_bytes < metrics.figures.original_size_bytes,
         detail: format!(
             "{} -> {} bytes",
-            metrics.original_size_bytes, metrics.compressed_size_bytes
+            metrics.figures.original_size_bytes, metrics.figures.compressed_size_bytes
         ),
     });
     let mut summary = MetricsSummary::default();

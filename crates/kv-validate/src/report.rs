@@ -409,15 +409,16 @@ pub(crate) fn field(label: &str, value: &str) -> String {
 }
 
 /// The compressor's figures, one per line.
-pub(crate) fn compression_lines(figures: &MetricsSummary) -> Vec<String> {
+pub(crate) fn compression_lines(summary: &MetricsSummary) -> Vec<String> {
+    let figures = &summary.figures;
     let mut lines = vec![field(
         "Compression ratio",
         &format!(
             "{:.2}x ({} -> {} bytes)",
-            figures.compression_ratio, figures.original_size_bytes, figures.compressed_size_bytes
+            summary.compression_ratio, figures.original_size_bytes, figures.compressed_size_bytes
         ),
     )];
-    if let Some(bits) = figures.bits_per_value {
+    if let Some(bits) = summary.bits_per_value {
         lines.push(field("Bits per value", &format!("{bits:.3}")));
     }
     lines.extend([
@@ -432,10 +433,10 @@ pub(crate) fn compression_lines(figures: &MetricsSummary) -> Vec<String> {
             "Compressor's grade",
             &format!(
                 "worst {} ({} cache(s) below its thresholds)",
-                figures
+                summary
                     .worst_quality_level
                     .map_or("-".to_string(), |level| format!("{level:?}").to_uppercase()),
-                figures.quality_failures
+                summary.quality_failures
             ),
         ),
     ]);
@@ -468,12 +469,14 @@ mod tests {
     fn compressor_report() -> kvformat::Report {
         kvformat::Report {
             compression_ratio: 3200.0 / 850.0,
-            original_size_bytes: 3200,
-            compressed_size_bytes: 850,
-            rmse: 0.25,
-            snr_db: 16.0,
-            cosine_similarity: 0.985,
-            max_error: 0.75,
+            figures: kvformat::CompressionFigures {
+                original_size_bytes: 3200,
+                compressed_size_bytes: 850,
+                rmse: 0.25,
+                snr_db: 16.0,
+                cosine_similarity: 0.985,
+                max_error: 0.75,
+            },
             quality_level: kvformat::metrics::QualityLevel::Poor,
             processing_time_ms: 1.0,
             quality_passed: false,

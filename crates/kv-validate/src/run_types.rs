@@ -199,8 +199,8 @@ pub const MAX_WINDOW_CACHE_BYTES: u64 = 1 << 40;
 /// What is implausible about a compressor report's sizes, if anything.
 pub fn implausible_sizes(metrics: &Report) -> Option<String> {
     [
-        ("original_size_bytes", metrics.original_size_bytes),
-        ("compressed_size_bytes", metrics.compressed_size_bytes),
+        ("original_size_bytes", metrics.figures.original_size_bytes),
+        ("compressed_size_bytes", metrics.figures.compressed_size_bytes),
     ]
     .into_iter()
     .find(|&(_, bytes)| bytes > MAX_WINDOW_CACHE_BYTES)

@@ -309,7 +309,7 @@ fn one_prefill_serves_several_variants_in_order() {
     assert_eq!((fine.metrics.windows, coarse.metrics.windows), (2, 2));
     // Smaller groups: more scales, so a lower ratio and a smaller error.
     assert!(fine.metrics.compression_ratio < coarse.metrics.compression_ratio);
-    assert!(fine.metrics.rmse < coarse.metrics.rmse);
+    assert!(fine.metrics.figures.rmse < coarse.metrics.figures.rmse);
     assert_eq!(fine.nll.tokens, evaluation.baseline.tokens);
     assert_ne!(fine.nll, coarse.nll);
 }
@@ -365,9 +365,9 @@ fn the_real_compressor_reconstructs_within_adr_002_bounds() {
     }
     assert!(worst > 0.0, "INT4 cannot be exact on model activations");
     assert!(
-        (f64::from(worst) - metrics.max_error).abs() < 1e-3,
+        (f64::from(worst) - metrics.figures.max_error).abs() < 1e-3,
         "{worst} vs {}",
-        metrics.max_error
+        metrics.figures.max_error
     );
 }
 

@@ -38,7 +38,7 @@ pub mod tensor_file;
 pub use cache::{write_cache, CacheTensor, KvCache};
 pub use dtype::CacheDtype;
 pub use error::{Error, Result, TensorProblem};
-pub use metrics::{Report, TensorMetrics};
+pub use metrics::{CompressionFigures, Report, TensorMetrics};
 pub use packed::{PackedFile, PackedTensor};
 pub use sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
 pub use tensor_file::{

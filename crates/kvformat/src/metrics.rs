@@ -286,17 +286,27 @@ impl QualityLevel {
     }
 }
 
-/// The JSON object `kv-compress` prints on stdout (CONTRACT §3), fields in the
-/// contract's order. `kv-validate` parses it back with the same type.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Report {
-    pub compression_ratio: f64,
+/// A compressed cache's sizes and its reconstruction's quality, as
+/// [`Report`] names them: declared once for kv-compress's report and for
+/// kv-validate's summary of a variant over windows, which embed it flat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CompressionFigures {
     pub original_size_bytes: u64,
     pub compressed_size_bytes: u64,
     pub rmse: f64,
     pub snr_db: f64,
     pub cosine_similarity: f64,
     pub max_error: f64,
+}
+
+/// The JSON object `kv-compress` prints on stdout (CONTRACT §3), fields in the
+/// contract's order. `kv-validate` parses it back with the same type.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub compression_ratio: f64,
+    /// Sizes, RMSE, SNR, cosine and max error (flat in the JSON).
+    #[serde(flatten)]
+    pub figures: CompressionFigures,
     pub quality_level: QualityLevel,
     pub processing_time_ms: f64,
     pub quality_passed: bool,
@@ -341,12 +351,14 @@ impl Report {
         });
         Report {
             compression_ratio: ratio(original_size_bytes, compressed_size_bytes),
-            original_size_bytes,
-            compressed_size_bytes,
-            rmse: total.rmse,
-            snr_db: total.snr_db,
-            cosine_similarity: total.cosine,
-            max_error: total.max_error,
+            figures: CompressionFigures {
+                original_size_bytes,
+                compressed_size_bytes,
+                rmse: total.rmse,
+                snr_db: total.snr_db,
+                cosine_similarity: total.cosine,
+                max_error: total.max_error,
+            },
             quality_level: QualityLevel::of(&total),
             processing_time_ms: 0.0,
             quality_passed: violations.is_empty(),
