@@ -640,6 +640,11 @@ fn exchange(
         let compressor_started = Instant::now();
         let packed = dir.join(format!("variant_{index}.kvc.safetensors"));
         let decoded = dir.join(format!("variant_{index}.decoded.safetensors"));
+        // kv-compress writes its two outputs through its atomic writer, with
+        // an fsync each: those are the only fsyncs left in the exchange. It
+        // cannot know they are scratch (nor can the Go original, which the
+        // bridge runs the same way), and in /dev/shm, the default, an fsync
+        // has no disk to wait for.
         let metrics = compressor.round_trip(&cache_path, &packed, &decoded, settings)?;
         timings.compressor += compressor_started.elapsed();
         timings.cache_bytes_compressed += cache_bytes;

@@ -292,25 +292,27 @@ impl HostCache {
 
     /// The cache as f32 tensors on `device`, each uploaded from the buffer
     /// as it is (half the bytes of f32 for F16/BF16) and widened there
-    /// (exact: every cache dtype fits in f32).
+    /// (exact: every cache dtype fits in f32, so the model sees the values
+    /// the file holds, as when the file was widened on the host).
     pub fn upload(&self, device: &Device) -> Result<KvCache, KvIoError> {
         let bytes = self.buffer.bytes();
         let upload = |tensor: &HostTensor| -> Result<Tensor, KvIoError> {
             let data = &bytes[tensor.bytes.clone()];
             let shape = tensor.shape.as_slice();
-            let on_device = if device.is_cpu() {
-                // The CPU widens as fast itself, and candle takes the Vec as it is.
-                let mut values = vec![0f32; data.len() / tensor.dtype.size_bytes()];
-                tensor.dtype.to_f32_into(data, &mut values);
-                Tensor::from_vec(values, shape, device)?
-            } else {
-                match tensor.dtype {
-                    CacheDtype::F32 => Tensor::from_slice::<_, f32>(bytemuck::cast_slice(data), shape, device)?,
-                    CacheDtype::F16 => Tensor::from_slice::<_, half::f16>(bytemuck::cast_slice(data), shape, device)?,
-                    CacheDtype::BF16 => Tensor::from_slice::<_, half::bf16>(bytemuck::cast_slice(data), shape, device)?,
+            // One copy, from the buffer onto the device (into candle's own
+            // storage on the CPU); half precision widens there.
+            let on_device = match tensor.dtype {
+                CacheDtype::F32 => {
+                    Tensor::from_slice::<_, f32>(bytemuck::cast_slice(data), shape, device)?
                 }
-                .to_dtype(candle_core::DType::F32)?
-            };
+                CacheDtype::F16 => {
+                    Tensor::from_slice::<_, half::f16>(bytemuck::cast_slice(data), shape, device)?
+                }
+                CacheDtype::BF16 => {
+                    Tensor::from_slice::<_, half::bf16>(bytemuck::cast_slice(data), shape, device)?
+                }
+            }
+            .to_dtype(candle_core::DType::F32)?;
             Ok(on_device)
         };
         let mut layers: Vec<Option<Tensor>> = vec![None; self.tensors.len()];
@@ -403,19 +405,26 @@ fn copy_to_host(tensor: &Tensor, out: &mut [u8]) -> Result<(), KvIoError> {
         }
         #[cfg(feature = "cuda")]
         candle_core::Storage::Cuda(cuda) => {
-            use candle_core::cuda_backend::CudaStorageSlice;
-            let device = &cuda.device;
+            use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
+            // The stream's own copy: into a slice of our buffer (pageable;
+            // the copy returns once the bytes are there).
+            let stream = cuda.device.cuda_stream();
             match &cuda.slice {
-                CudaStorageSlice::F32(s) => device
-                    .memcpy_dtoh(&s.slice(start..end), bytemuck::cast_slice_mut::<u8, f32>(out))?,
-                CudaStorageSlice::F16(s) => device.memcpy_dtoh(
-                    &s.slice(start..end),
-                    bytemuck::cast_slice_mut::<u8, half::f16>(out),
-                )?,
-                CudaStorageSlice::BF16(s) => device.memcpy_dtoh(
-                    &s.slice(start..end),
-                    bytemuck::cast_slice_mut::<u8, half::bf16>(out),
-                )?,
+                CudaStorageSlice::F32(s) => stream
+                    .memcpy_dtoh(&s.slice(start..end), bytemuck::cast_slice_mut::<u8, f32>(out))
+                    .w()?,
+                CudaStorageSlice::F16(s) => stream
+                    .memcpy_dtoh(
+                        &s.slice(start..end),
+                        bytemuck::cast_slice_mut::<u8, half::f16>(out),
+                    )
+                    .w()?,
+                CudaStorageSlice::BF16(s) => stream
+                    .memcpy_dtoh(
+                        &s.slice(start..end),
+                        bytemuck::cast_slice_mut::<u8, half::bf16>(out),
+                    )
+                    .w()?,
                 _ => {
                     return Err(candle_core::Error::Msg(format!(
                         "no cache dtype for {:?}",
