@@ -28,6 +28,13 @@ SHAPES = {
         max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     ),
+    # meta-llama/Llama-2-7b-hf (MHA: 32 KV heads, 1 GiB of bf16 cache per 2048-token window)
+    "llama-2-7b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+        max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
     # meta-llama/Llama-3.1-8B
     "llama-3.1-8b": dict(
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,

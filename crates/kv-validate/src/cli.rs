@@ -5,12 +5,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use kvformat::preset::DEFAULT_GROUP_SIZE;
 use kvformat::CacheDtype;
 
 use crate::allocation::{DEFAULT_PROBE_FLAGS, PROBE_BITS};
 use crate::capacity::{GpuMemory, WeightsDtype};
+use crate::evaluate::{DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH};
 use crate::model::device::{DeviceRequest, ModelDtype};
 use crate::model::load::{ModelSource, DEFAULT_HUB_REPO};
 use crate::records::WindowRange;
@@ -129,6 +131,16 @@ pub struct Cli {
     /// there and removed at the end.
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
+    /// Windows in flight at once: while kv-compress works on one window's
+    /// cache, the model prefills the next and scores the one before. 1 runs
+    /// one window after another; the report is the same either way (only
+    /// the time split differs). Each window in flight holds its cache on the
+    /// model's device, up to three copies of its cache size in host memory
+    /// (the cache, a reconstruction being read and one waiting) and one
+    /// variant's files in --scratch-dir.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_PIPELINE_DEPTH,
+          value_parser = clap::value_parser!(u16).range(1..=MAX_PIPELINE_DEPTH as i64).map(usize::from))]
+    pub pipeline_depth: usize,
     /// Largest acceptable perplexity increase (compressed - baseline); a
     /// variant passes when its delta is below it. Default 0.5, unless
     /// --max-kld is given alone.

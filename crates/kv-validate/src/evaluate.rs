@@ -29,7 +29,7 @@ use serde::Serialize;
 use crate::bridge::{BridgeError, KvCompress};
 use crate::cleanup::ScratchDir;
 use crate::fidelity::{delta_p, BaselineRows, FidelityFigures, MeanWithError, TokenFigures};
-use crate::kvio::{read_kv_cache_like, write_kv_cache, KvIoError};
+use crate::kvio::{HostBuffer, HostCache, KvIoError};
 use crate::model::device::dtype_of_cache;
 use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
@@ -70,6 +70,12 @@ pub enum EvalError {
     },
 }
 
+/// Windows in flight at once by default: kv-compress on two windows' caches
+/// while the model works on a third.
+pub const DEFAULT_PIPELINE_DEPTH: usize = 3;
+/// Most windows in flight `--pipeline-depth` allows: beyond a few, only memory grows.
+pub const MAX_PIPELINE_DEPTH: usize = 8;
+
 /// What the evaluation needs besides the model, tokens and windows.
 #[derive(Clone, Debug)]
 pub struct EvalOptions {
@@ -87,6 +93,10 @@ pub struct EvalOptions {
     /// and a slice may hold no compressed cache (the caller checks the whole
     /// plan with [`ensure_measurable`]). `None` for a whole run.
     pub slice_start: Option<usize>,
+    /// Windows in flight at once (`--pipeline-depth`): 1 runs one window
+    /// after another; more let kv-compress work on one window's cache while
+    /// the model works on others (see [`Pipeline`] for the memory it takes).
+    pub pipeline_depth: usize,
 }
 
 /// `/dev/shm` where it is a directory (RAM: on a GPU the per-window file
@@ -334,15 +344,124 @@ pub fn evaluate(
         windows.iter().map(Window::scored_len).sum(),
         options.show_progress,
     );
+    let buffers = std::sync::Mutex::new(Vec::new());
+    let mut run = Pipeline {
+        model,
+        tokens,
+        compressor,
+        variants,
+        options,
+        scratch: scratch.path(),
+        depth: options.pipeline_depth.max(1),
+        timings: Timings::default(),
+        records: Vec::with_capacity(windows.len()),
+        buffers: &buffers,
+        progress: &progress,
+    };
+    run.run(windows)?;
+    progress.finish_and_clear();
+    let mut timings = run.timings;
+    timings.total = started.elapsed();
+    Ok(Evaluation::from_records(variants, run.records, timings))
+}
 
-    let mut timings = Timings::default();
-    let mut records = Vec::with_capacity(windows.len());
+/// The evaluation's loop. Up to `depth` windows are in flight at once: the
+/// model prefills window i + 1 (and scores window i − 1) on this thread
+/// while kv-compress works on window i's cache on a thread of its own. The
+/// model does exactly the same work on exactly the same inputs in the
+/// same order of windows whatever the depth, so the records are the same.
+///
+/// Bounds, with `depth` windows in flight: on the model's device, each
+/// one's cache and its baseline's log-probabilities; in host memory, each
+/// one's cache until its file is written and up to two reconstructions
+/// (one read, one waiting for the model), all in buffers reused window
+/// after window; in the scratch directory, each one's cache file and one
+/// variant's packed and reconstructed files.
+struct Pipeline<'a> {
+    model: &'a Llama,
+    tokens: &'a [u32],
+    compressor: &'a KvCompress,
+    variants: &'a [CompressSettings],
+    options: &'a EvalOptions,
+    scratch: &'a Path,
+    depth: usize,
+    timings: Timings,
+    records: Vec<WindowRecord>,
+    /// Host buffers free for the next cache or reconstruction.
+    buffers: &'a std::sync::Mutex<Vec<HostBuffer>>,
+    progress: &'a ProgressBar,
+}
 
-    for (offset, window) in windows.iter().enumerate() {
-        let context = &tokens[window.begin..window.context_end];
-        let targets = &tokens[window.context_end..window.end];
+/// What the model side keeps of a window while its cache is in the exchange.
+struct Prefilled {
+    record: WindowRecord,
+    targets: std::ops::Range<usize>,
+    /// Every position of every layer, on the model's device.
+    cache: KvCache,
+    baseline_rows: BaselineRows,
+    first_nll: f64,
+}
+
+/// A window on its way to the records, in window order.
+enum InFlight<'scope> {
+    /// Scored by the model alone (no cache to compress).
+    Scored(WindowRecord),
+    /// Its cache in the exchange: reconstructions arrive on `reconstructions`
+    /// one variant at a time; the thread ends with the exchange's timings.
+    Exchanging {
+        prefilled: Prefilled,
+        slot: usize,
+        reconstructions: std::sync::mpsc::Receiver<(Report, HostCache)>,
+        exchange: std::thread::ScopedJoinHandle<'scope, Result<Timings, EvalError>>,
+    },
+}
+
+impl<'a> Pipeline<'a> {
+    fn run(&mut self, windows: &[Window]) -> Result<(), EvalError> {
+        std::thread::scope(|scope| {
+            let mut in_flight: std::collections::VecDeque<InFlight<'_>> = Default::default();
+            let mut free_slots: Vec<usize> = (0..self.depth).rev().collect();
+            for (offset, window) in windows.iter().enumerate() {
+                let index = self.options.slice_start.unwrap_or(0) + offset;
+                match self.prefill(index, window)? {
+                    Err(record) => in_flight.push_back(InFlight::Scored(record)),
+                    Ok(prefilled) => {
+                        let slot = free_slots.pop().expect("a slot per window in flight");
+                        let entry = self.send_to_exchange(scope, prefilled, slot)?;
+                        in_flight.push_back(entry);
+                    }
+                }
+                // Finished windows leave in order; the oldest is waited
+                // for once `depth` windows are in the exchange.
+                loop {
+                    let exchanging = in_flight
+                        .iter()
+                        .filter(|w| matches!(w, InFlight::Exchanging { .. }))
+                        .count();
+                    match in_flight.front() {
+                        Some(InFlight::Scored(_)) => {}
+                        Some(InFlight::Exchanging { .. }) if exchanging >= self.depth => {}
+                        _ => break,
+                    }
+                    let oldest = in_flight.pop_front().expect("a front window");
+                    free_slots.extend(self.finish(oldest)?);
+                }
+            }
+            while let Some(oldest) = in_flight.pop_front() {
+                self.finish(oldest)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The model's first pass over a window: its record when that is all
+    /// (no context, or one target), else what scoring its variants needs.
+    fn prefill(&mut self, index: usize, window: &Window) -> Result<Result<Prefilled, WindowRecord>, EvalError> {
+        let model = self.model;
+        let context = &self.tokens[window.begin..window.context_end];
+        let targets = &self.tokens[window.context_end..window.end];
         let mut record = WindowRecord {
-            index: options.slice_start.unwrap_or(0) + offset,
+            index,
             begin: window.begin,
             context_end: window.context_end,
             end: window.end,
@@ -356,72 +475,191 @@ pub fn evaluate(
                 let logits = logits_after(model, targets, None)?;
                 record.baseline_nll = token_nlls(&logits, &targets[1..])?;
             }
-            timings.model += model_started.elapsed();
-            progress.inc(record.baseline_nll.len() as u64);
-            records.push(record);
-            continue;
+            self.timings.model += model_started.elapsed();
+            return Ok(Err(record));
         }
         let (last_logits, cache) = model.forward_last(&token_tensor(model, context)?, None)?;
         let first_nll = token_nlls(&last_logits, &targets[..1])?[0];
         record.baseline_nll.push(first_nll);
         if targets.len() == 1 {
             // The only target came from the prefill; a reconstruction would change nothing.
-            timings.model += model_started.elapsed();
-            progress.inc(1);
-            records.push(record);
-            continue;
+            self.timings.model += model_started.elapsed();
+            return Ok(Err(record));
         }
         let baseline_logits = logits_after(
             model,
             targets,
-            Some(&rounded_to(&cache, options.cache_dtype)?),
+            Some(&rounded_to(&cache, self.options.cache_dtype)?),
         )?;
         let baseline_rows = BaselineRows::new(&baseline_logits, &targets[1..])?;
         drop(baseline_logits);
         record.baseline_nll.extend_from_slice(&baseline_rows.nll);
-        timings.model += model_started.elapsed();
+        self.timings.model += model_started.elapsed();
+        Ok(Ok(Prefilled {
+            record,
+            targets: window.context_end..window.end,
+            cache,
+            baseline_rows,
+            first_nll,
+        }))
+    }
 
+    /// Downloads the window's cache (here: the device is this thread's) and
+    /// starts its exchange on a thread of its own in scratch slot `slot`.
+    fn send_to_exchange<'scope, 'env>(
+        &mut self,
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        prefilled: Prefilled,
+        slot: usize,
+    ) -> Result<InFlight<'scope>, EvalError>
+    where
+        'a: 'scope,
+    {
         let write_started = Instant::now();
-        let cache_path = scratch.path().join("context.safetensors");
+        let buffer = self.take_buffer();
         // What an engine stores: sliding-window layers hold only their window.
-        let layout = write_kv_cache(
-            &cache_path,
-            &model.kept_cache(&cache)?,
-            options.cache_dtype,
-            &options.model_name,
+        let host = HostCache::download(
+            &self.model.kept_cache(&prefilled.cache)?,
+            self.options.cache_dtype,
+            &self.options.model_name,
+            buffer,
         )?;
-        timings.cache_write += write_started.elapsed();
-        for (index, settings) in variants.iter().enumerate() {
-            let compressor_started = Instant::now();
-            let (metrics, decoded_path) =
-                round_trip(compressor, &cache_path, scratch.path(), index, settings)?;
-            timings.compressor += compressor_started.elapsed();
+        self.timings.cache_write += write_started.elapsed();
+        let (sender, reconstructions) = std::sync::mpsc::sync_channel(1);
+        let dir = self.scratch.join(format!("slot_{slot}"));
+        let (compressor, variants, buffers) = (self.compressor, self.variants, self.buffers);
+        let exchange =
+            scope.spawn(move || exchange(host, &dir, compressor, variants, buffers, sender));
+        Ok(InFlight::Exchanging {
+            prefilled,
+            slot,
+            reconstructions,
+            exchange,
+        })
+    }
 
+    /// Scores a window's variants on their reconstructions as they arrive
+    /// and files its record; returns the scratch slot it freed.
+    fn finish(&mut self, window: InFlight<'_>) -> Result<Option<usize>, EvalError> {
+        let (mut prefilled, slot, reconstructions, exchange) = match window {
+            InFlight::Scored(record) => {
+                self.file(record);
+                return Ok(None);
+            }
+            InFlight::Exchanging {
+                prefilled,
+                slot,
+                reconstructions,
+                exchange,
+            } => (prefilled, slot, reconstructions, exchange),
+        };
+        let targets = &self.tokens[prefilled.targets.clone()];
+        // Ends early when the exchange failed: its error comes from the join.
+        for (metrics, host) in reconstructions.iter() {
             let read_started = Instant::now();
-            let reconstructed = model.with_dropped_positions(
-                &cache,
-                read_kv_cache_like(&decoded_path, &layout, model.device())?,
-            )?;
-            timings.cache_read += read_started.elapsed();
+            let reconstructed = self
+                .model
+                .with_dropped_positions(&prefilled.cache, host.upload(self.model.device())?)?;
+            self.return_buffer(host.into_buffer());
+            self.timings.cache_read += read_started.elapsed();
 
             let model_started = Instant::now();
-            let logits = logits_after(model, targets, Some(&reconstructed))?;
-            let compared = baseline_rows.compare(&logits)?;
-            timings.model += model_started.elapsed();
+            let logits = logits_after(self.model, targets, Some(&reconstructed))?;
+            let compared = prefilled.baseline_rows.compare(&logits)?;
+            self.timings.model += model_started.elapsed();
+            let first_nll = prefilled.first_nll;
             // The first target: the prefill's, identical on both sides.
-            record.variants.push(VariantRecord {
+            prefilled.record.variants.push(VariantRecord {
                 nll: [first_nll].into_iter().chain(compared.nll).collect(),
                 kld: [0.0].into_iter().chain(compared.kld).collect(),
                 top1_agrees: [true].into_iter().chain(compared.top1_agrees).collect(),
                 metrics,
             });
         }
-        progress.inc(record.baseline_nll.len() as u64);
-        records.push(record);
+        let exchanged = exchange
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        self.timings.add(&exchanged);
+        self.file(prefilled.record);
+        Ok(Some(slot))
     }
-    progress.finish_and_clear();
-    timings.total = started.elapsed();
-    Ok(Evaluation::from_records(variants, records, timings))
+
+    fn file(&mut self, record: WindowRecord) {
+        self.progress.inc(record.baseline_nll.len() as u64);
+        self.records.push(record);
+    }
+
+    fn take_buffer(&self) -> HostBuffer {
+        take_buffer(self.buffers)
+    }
+
+    fn return_buffer(&self, buffer: HostBuffer) {
+        lock(self.buffers).push(buffer);
+    }
+}
+
+fn lock(buffers: &std::sync::Mutex<Vec<HostBuffer>>) -> std::sync::MutexGuard<'_, Vec<HostBuffer>> {
+    buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A free buffer, or a new one while fewer exist than windows in flight need.
+fn take_buffer(buffers: &std::sync::Mutex<Vec<HostBuffer>>) -> HostBuffer {
+    lock(buffers).pop().unwrap_or_default()
+}
+
+/// One window's exchange, on a thread of its own: the cache file written
+/// into `dir`, then per variant kv-compress's round trip and the
+/// reconstruction read, handed to the model side through `reconstructions`
+/// (which holds one: reading runs at most one variant ahead of scoring).
+/// Returns the time and bytes of each step.
+fn exchange(
+    host: HostCache,
+    dir: &Path,
+    compressor: &KvCompress,
+    variants: &[CompressSettings],
+    buffers: &std::sync::Mutex<Vec<HostBuffer>>,
+    reconstructions: std::sync::mpsc::SyncSender<(Report, HostCache)>,
+) -> Result<Timings, EvalError> {
+    let mut timings = Timings::default();
+    let write_started = Instant::now();
+    std::fs::create_dir_all(dir).map_err(|source| EvalError::Scratch {
+        parent: dir.to_path_buf(),
+        source,
+    })?;
+    let cache_path = dir.join("context.safetensors");
+    host.write_scratch(&cache_path)?;
+    let layout = host.layout().clone();
+    let cache_bytes = host.data_bytes();
+    lock(buffers).push(host.into_buffer());
+    timings.cache_write += write_started.elapsed();
+    timings.cache_bytes_written += cache_bytes;
+    for (index, settings) in variants.iter().enumerate() {
+        let compressor_started = Instant::now();
+        let packed = dir.join(format!("variant_{index}.kvc.safetensors"));
+        let decoded = dir.join(format!("variant_{index}.decoded.safetensors"));
+        // kv-compress writes its two outputs through its atomic writer, with
+        // an fsync each: those are the only fsyncs left in the exchange. It
+        // cannot know they are scratch (nor can the Go original, which the
+        // bridge runs the same way), and in /dev/shm, the default, an fsync
+        // has no disk to wait for.
+        let metrics = compressor.round_trip(&cache_path, &packed, &decoded, settings)?;
+        timings.compressor += compressor_started.elapsed();
+        timings.cache_bytes_compressed += cache_bytes;
+
+        let read_started = Instant::now();
+        let reconstruction = HostCache::read(&decoded, &layout, take_buffer(buffers))?;
+        // Read whole: the files only take room (RAM, in /dev/shm) now.
+        for done in [&packed, &decoded, &kvformat::sidecar_path(&packed), &kvformat::sidecar_path(&decoded)] {
+            let _ = std::fs::remove_file(done);
+        }
+        timings.cache_read += read_started.elapsed();
+        timings.cache_bytes_read += reconstruction.data_bytes();
+        if reconstructions.send((metrics, reconstruction)).is_err() {
+            // The model side stopped (an error of its own): nothing to do.
+            break;
+        }
+    }
+    Ok(timings)
 }
 
 /// Fails when no window of `plan` has a cache the compressor can change.
@@ -463,21 +701,6 @@ fn rounded_to(cache: &KvCache, dtype: CacheDtype) -> candle_core::Result<KvCache
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(KvCache { layers })
-}
-
-/// Compresses then decompresses `cache_path` with one variant's flags;
-/// returns the compressor's metrics and the reconstructed cache's path.
-fn round_trip(
-    compressor: &KvCompress,
-    cache_path: &Path,
-    scratch: &Path,
-    index: usize,
-    settings: &CompressSettings,
-) -> Result<(Report, std::path::PathBuf), BridgeError> {
-    let packed = scratch.join(format!("variant_{index}.kvc.safetensors"));
-    let decoded = scratch.join(format!("variant_{index}.decoded.safetensors"));
-    let metrics = compressor.round_trip(cache_path, &packed, &decoded, settings)?;
-    Ok((metrics, decoded))
 }
 
 /// `tokens` as the model's `[1, T]` input.
@@ -575,6 +798,7 @@ mod tests {
             cache_write: Duration::from_millis(200),
             cache_read: Duration::from_millis(100),
             compressor: Duration::from_millis(700),
+            ..Timings::default()
         };
         assert!((timings.compressor_share() - 0.1).abs() < 1e-12);
     }

@@ -145,6 +145,8 @@ pub struct EvaluationPlan {
     pub variants: VariantsPlan,
     pub criteria: PassCriteria,
     pub scratch_parent: PathBuf,
+    /// `--pipeline-depth`: windows in flight at once.
+    pub pipeline_depth: usize,
     pub records: Option<PathBuf>,
     pub outputs: Outputs,
 }
@@ -251,6 +253,7 @@ impl Plan {
                     .scratch_dir
                     .clone()
                     .unwrap_or_else(default_scratch_parent),
+                pipeline_depth: cli.pipeline_depth,
                 records: cli.records.clone(),
                 outputs: cli.outputs.clone(),
             })

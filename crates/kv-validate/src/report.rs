@@ -89,7 +89,7 @@ impl PerplexityPair {
     }
 }
 
-/// Seconds of wall time and where they went.
+/// Seconds of wall time and where they went, and each exchange step's rate.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct TimingFigures {
     pub wall_seconds: f64,
@@ -97,8 +97,23 @@ pub struct TimingFigures {
     pub cache_write_seconds: f64,
     pub compressor_seconds: f64,
     pub cache_read_seconds: f64,
-    /// (cache write + compressor + cache read) / wall.
+    /// Share of the wall time the model was not running (see [`Timings::compressor_share`]).
     pub compressor_share: f64,
+    /// Bytes of caches written / cache write time (`None` when nothing was written).
+    pub cache_write_gb_per_s: Option<f64>,
+    /// Bytes of caches compressed / kv-compress time (compress and decompress).
+    pub compressor_gb_per_s: Option<f64>,
+    /// Bytes of reconstructions read / cache read time.
+    pub cache_read_gb_per_s: Option<f64>,
+    /// Model and exchange steps summed, and by how much that exceeds the wall:
+    /// the time that windows in flight together saved.
+    pub steps_seconds: f64,
+    pub overlapped_seconds: f64,
+}
+
+/// `bytes / time` in GB/s (10^9 bytes), when both are there.
+fn gb_per_s(bytes: u64, time: std::time::Duration) -> Option<f64> {
+    (bytes > 0 && !time.is_zero()).then(|| bytes as f64 / 1e9 / time.as_secs_f64())
 }
 
 impl From<&Timings> for TimingFigures {
@@ -110,6 +125,11 @@ impl From<&Timings> for TimingFigures {
             compressor_seconds: timings.compressor.as_secs_f64(),
             cache_read_seconds: timings.cache_read.as_secs_f64(),
             compressor_share: timings.compressor_share(),
+            cache_write_gb_per_s: gb_per_s(timings.cache_bytes_written, timings.cache_write),
+            compressor_gb_per_s: gb_per_s(timings.cache_bytes_compressed, timings.compressor),
+            cache_read_gb_per_s: gb_per_s(timings.cache_bytes_read, timings.cache_read),
+            steps_seconds: timings.steps().as_secs_f64(),
+            overlapped_seconds: timings.overlapped().as_secs_f64(),
         }
     }
 }
@@ -443,21 +463,30 @@ pub(crate) fn compression_lines(summary: &MetricsSummary) -> Vec<String> {
     lines
 }
 
-/// Wall time and the compressor's share of it.
+/// Wall time, where it went (each exchange step with its rate), the share
+/// the model was not running, and what overlapped.
 pub(crate) fn timing_line(timing: &TimingFigures) -> String {
-    field(
-        "Wall time",
-        &format!(
-            "{:.2} s (model {:.2} s, cache write {:.2} s, kv-compress {:.2} s, cache read {:.2} s: \
-             {:.1}% outside the model)",
-            timing.wall_seconds,
-            timing.model_seconds,
-            timing.cache_write_seconds,
-            timing.compressor_seconds,
-            timing.cache_read_seconds,
-            100.0 * timing.compressor_share
-        ),
-    )
+    let step = |name: &str, seconds: f64, rate: Option<f64>| match rate {
+        Some(rate) => format!("{name} {seconds:.2} s at {rate:.2} GB/s"),
+        None => format!("{name} {seconds:.2} s"),
+    };
+    let mut text = format!(
+        "{:.2} s (model {:.2} s, {}, {}, {}: {:.1}% outside the model",
+        timing.wall_seconds,
+        timing.model_seconds,
+        step("cache write", timing.cache_write_seconds, timing.cache_write_gb_per_s),
+        step("kv-compress", timing.compressor_seconds, timing.compressor_gb_per_s),
+        step("cache read", timing.cache_read_seconds, timing.cache_read_gb_per_s),
+        100.0 * timing.compressor_share
+    );
+    if timing.overlapped_seconds > 0.0 {
+        text.push_str(&format!(
+            "; the steps sum to {:.2} s, {:.2} s of them overlapped",
+            timing.steps_seconds, timing.overlapped_seconds
+        ));
+    }
+    text.push(')');
+    field("Wall time", &text)
 }
 
 #[cfg(test)]
@@ -511,6 +540,7 @@ mod tests {
             cache_write: Duration::from_millis(600),
             cache_read: Duration::from_millis(400),
             compressor: Duration::from_secs(1),
+            ..Timings::default()
         };
         let evaluation =
             Evaluation::from_records(&[CompressSettings::default()], vec![record], timings);

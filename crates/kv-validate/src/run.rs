@@ -211,6 +211,7 @@ impl ModelRun<'_> {
             show_progress: self.show_progress,
             scratch_parent: plan.scratch_parent.clone(),
             slice_start: plan.slice.map(|_| slice.start),
+            pipeline_depth: plan.pipeline_depth,
         };
         let settings: Vec<CompressSettings> = variants.iter().map(|v| v.settings.clone()).collect();
         let evaluation = evaluate(

@@ -105,35 +105,65 @@ pub struct Variant {
     pub settings: CompressSettings,
 }
 
-/// Where the wall time went.
+/// Where the wall time went. With windows in flight together
+/// (`--pipeline-depth` above 1) the exchange's steps run beside the model,
+/// so the steps may sum to more than the wall time: the overlap.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Timings {
     pub total: Duration,
     /// Prefills and scoring passes.
     pub model: Duration,
-    /// Writing each window's cache (with its sidecar).
+    /// Each window's cache from the model's device to host memory and into
+    /// its file (with its sidecar).
     pub cache_write: Duration,
-    /// Reading the reconstructions back.
+    /// The reconstructions from their files to host memory, then onto the
+    /// model's device.
     pub cache_read: Duration,
     /// Inside `kv-compress` subprocesses.
     pub compressor: Duration,
+    /// Bytes of cache files written (once per window).
+    #[serde(default)]
+    pub cache_bytes_written: u64,
+    /// Bytes of cache files compressed (once per window and variant).
+    #[serde(default)]
+    pub cache_bytes_compressed: u64,
+    /// Bytes of reconstructions read (once per window and variant).
+    #[serde(default)]
+    pub cache_bytes_read: u64,
 }
 
 impl Timings {
-    /// Adds another slice's times (merged slices report the sum).
+    /// Adds another slice's (or window's) times and bytes: merged slices report the sum.
     pub fn add(&mut self, other: &Timings) {
         self.total += other.total;
         self.model += other.model;
         self.cache_write += other.cache_write;
         self.cache_read += other.cache_read;
         self.compressor += other.compressor;
+        self.cache_bytes_written = self.cache_bytes_written.saturating_add(other.cache_bytes_written);
+        self.cache_bytes_compressed = self
+            .cache_bytes_compressed
+            .saturating_add(other.cache_bytes_compressed);
+        self.cache_bytes_read = self.cache_bytes_read.saturating_add(other.cache_bytes_read);
     }
 
-    /// Share of the wall time spent on caches outside the model: writing,
-    /// compressing, decompressing and reading them (the "compressor share").
+    /// Share of the wall time the model was not running: the time spent on
+    /// caches outside it (the "compressor share"). Run one window
+    /// after another it is the exchange's whole time; overlapped, only what
+    /// the model waited for.
     pub fn compressor_share(&self) -> f64 {
-        (self.cache_write + self.cache_read + self.compressor).as_secs_f64()
-            / self.total.as_secs_f64().max(f64::MIN_POSITIVE)
+        let total = self.total.as_secs_f64();
+        (1.0 - self.model.as_secs_f64() / total.max(f64::MIN_POSITIVE)).max(0.0)
+    }
+
+    /// The model's and the exchange's steps, summed.
+    pub fn steps(&self) -> Duration {
+        self.model + self.cache_write + self.compressor + self.cache_read
+    }
+
+    /// How much longer the steps took than the wall: what ran side by side.
+    pub fn overlapped(&self) -> Duration {
+        self.steps().saturating_sub(self.total)
     }
 }
 

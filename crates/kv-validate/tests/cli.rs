@@ -297,7 +297,13 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
         .map(|line| line.split(' ').map(str::to_string).collect())
         .collect();
     assert_eq!(calls.len(), 4, "two windows, two calls each: {calls:?}");
-    let (compress, decompress) = (&calls[0], &calls[1]);
+    // Windows in flight together interleave their calls: a compress is
+    // followed by the decompress of what it wrote, not always at once.
+    let compress = &calls[0];
+    let decompress = calls
+        .iter()
+        .find(|call| call[0] == "-decompress")
+        .expect("a decompress");
     assert_eq!(compress[0], "-input");
     assert!(compress[1].ends_with("context.safetensors"));
     assert_eq!(compress[2], "-output");
@@ -305,9 +311,10 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
         compress[4..],
         ["-group-size", "32", "-sparsity", "0.25", "-bits", "8"]
     );
-    assert_eq!(
-        decompress[..3],
-        ["-decompress", "-input", compress[3].as_str()]
+    assert_eq!(decompress[..2], ["-decompress", "-input"]);
+    assert!(
+        calls.iter().any(|call| call[0] == "-input" && call[3] == decompress[2]),
+        "each decompress reads what a compress wrote: {calls:?}"
     );
     assert_eq!(decompress[3], "-output");
 }

@@ -57,6 +57,7 @@ fn options() -> EvalOptions {
         show_progress: false,
         scratch_parent: default_scratch_parent(),
         slice_start: None,
+        pipeline_depth: kv_validate::evaluate::DEFAULT_PIPELINE_DEPTH,
     }
 }
 

@@ -14,7 +14,8 @@ use kvformat::PackedFile;
 const CONTEXT: &str = "32";
 
 /// The real kv-compress behind a script that keeps a copy of every packed
-/// file it writes in `keep` (numbered, so each window's survives).
+/// file it writes in `keep` (named by the script's process id, so each
+/// window's survives, also when windows in flight together compress at once).
 fn keeping_compressor(dir: &Path, keep: &Path) -> PathBuf {
     let script = format!(
         r#"#!/bin/sh
@@ -25,7 +26,7 @@ for arg in "$@"; do
   [ "$arg" = "-decompress" ] && decompress=1
   previous=$arg
 done
-if [ $decompress = 0 ]; then cp "$output" "{keep}/$(ls "{keep}" | wc -l)-$(basename "$output")"; fi
+if [ $decompress = 0 ]; then cp "$output" "{keep}/$$-$(basename "$output")"; fi
 "#,
         real = kv_compress().display(),
         keep = keep.display()

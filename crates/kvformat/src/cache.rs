@@ -118,28 +118,11 @@ thread_local! {
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
 }
 
-/// Index of the first NaN or infinity (all exponent bits set). Chunks are
-/// scanned with a branch-free count that vectorizes even on baseline SSE2
-/// (an early-exit search would not); only a failing chunk is searched.
+/// Index of the first NaN or infinity (all exponent bits set), found by
+/// [`crate::dtype::first_matching`]'s vectorizable scan.
 pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
     const EXPONENT_MASK: u32 = 0x7f80_0000;
-    const CHUNK: usize = 4096;
-    values
-        .chunks(CHUNK)
-        .enumerate()
-        .find_map(|(chunk_index, chunk)| {
-            let bad = chunk
-                .iter()
-                .map(|v| u32::from(v.to_bits() & EXPONENT_MASK == EXPONENT_MASK))
-                .sum::<u32>();
-            (bad > 0).then(|| {
-                chunk_index * CHUNK
-                    + chunk
-                        .iter()
-                        .position(|v| !v.is_finite())
-                        .expect("counted one")
-            })
-        })
+    crate::dtype::first_matching(values, |v| v.to_bits() & EXPONENT_MASK == EXPONENT_MASK)
 }
 
 /// One tensor of a cache to write, values as `f32`, stored as `dtype`.

@@ -89,6 +89,26 @@ impl CacheDtype {
         }
     }
 
+    /// Index of the first NaN or infinity among the little-endian values in
+    /// `bytes` (a multiple of `size_bytes()` long), checked on the stored
+    /// bits: a reader that uploads the bytes as they are needs no `f32` copy.
+    pub fn first_non_finite(self, bytes: &[u8]) -> Option<usize> {
+        let halves = |exponent: u16| {
+            let is_special = |bits: u16| bits & exponent == exponent;
+            match bytemuck::try_cast_slice::<u8, u16>(bytes) {
+                Ok(bits) => first_matching(bits, |&b| is_special(u16::from_le(b))),
+                Err(_) => bytes
+                    .chunks_exact(2)
+                    .position(|pair| is_special(u16::from_le_bytes([pair[0], pair[1]]))),
+            }
+        };
+        match self {
+            CacheDtype::F32 => crate::cache::first_non_finite(&self.to_f32(bytes)),
+            CacheDtype::F16 => halves(0x7C00),
+            CacheDtype::BF16 => halves(0x7F80),
+        }
+    }
+
     /// Finite `f32` values to little-endian bytes of this dtype: round to
     /// nearest even, saturating at the dtype's largest finite value (a
     /// reconstruction just beyond F16's 65504 must not be restored as infinity).
@@ -200,9 +220,49 @@ where
     }
 }
 
+/// Index of the first of `values` that `matches`. Chunks are scanned with a
+/// branch-free count, which vectorizes where an early-exit search would
+/// not; only a chunk that holds one is searched.
+pub(crate) fn first_matching<T>(values: &[T], matches: impl Fn(&T) -> bool) -> Option<usize> {
+    const CHUNK: usize = 4096;
+    values
+        .chunks(CHUNK)
+        .enumerate()
+        .find_map(|(chunk_index, chunk)| {
+            let found = chunk.iter().map(|v| u32::from(matches(v))).sum::<u32>();
+            (found > 0).then(|| chunk_index * CHUNK + chunk.iter().position(&matches).expect("counted one"))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_non_finite_value_is_found_on_the_stored_bits() {
+        let mut values = vec![1.5f32; 9000];
+        for dtype in CacheDtype::ALL {
+            assert_eq!(dtype.first_non_finite(&dtype.from_f32(&values)), None, "{dtype:?}");
+        }
+        values[8191] = f32::NEG_INFINITY;
+        values[8500] = f32::NAN;
+        for dtype in CacheDtype::ALL {
+            // from_f32 saturates infinities; the raw bits are what a file holds.
+            let mut bytes = dtype.from_f32(&values);
+            let size = dtype.size_bytes();
+            let infinity: &[u8] = match dtype {
+                CacheDtype::F32 => &[0x00, 0x00, 0x80, 0xFF],
+                CacheDtype::F16 => &[0x00, 0xFC],
+                CacheDtype::BF16 => &[0x80, 0xFF],
+            };
+            bytes[8191 * size..8192 * size].copy_from_slice(infinity);
+            assert_eq!(dtype.first_non_finite(&bytes), Some(8191), "{dtype:?}");
+            // Unaligned bytes take the bytewise path to the same answer.
+            let mut shifted = vec![0u8];
+            shifted.extend_from_slice(&bytes);
+            assert_eq!(dtype.first_non_finite(&shifted[1..]), Some(8191), "{dtype:?}");
+        }
+    }
 
     #[test]
     fn f16_bytes_convert_to_exact_values() {
@@ -269,3 +329,4 @@ mod tests {
         assert_eq!(CacheDtype::from_torch_name("float64"), None);
     }
 }
+

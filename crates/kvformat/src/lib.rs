@@ -42,6 +42,6 @@ pub use metrics::{CompressionFigures, Report, TensorMetrics};
 pub use packed::{PackedFile, PackedTensor};
 pub use sidecar::{sidecar_path, validate_against_sidecar, Sidecar};
 pub use tensor_file::{
-    stage_tensor_file, stage_tensor_file_streaming, write_tensor_file, write_tensor_file_streaming,
-    Emit, OutputTensor, TensorEntry, TensorFile, TensorSpec,
+    stage_tensor_file, stage_tensor_file_streaming, write_scratch_tensor_file, write_tensor_file,
+    write_tensor_file_streaming, Emit, OutputTensor, TensorEntry, TensorFile, TensorSpec,
 };

@@ -73,10 +73,16 @@ impl Sidecar {
         crate::atomic::commit(vec![self.stage(path)?])
     }
 
-    /// [`Self::write`] up to the commit: the caller commits it with its cache.
-    pub fn stage(&self, path: &Path) -> Result<crate::atomic::Staged> {
+    /// The file's bytes: pretty JSON, newline at the end.
+    pub fn to_json(&self) -> Vec<u8> {
         let mut json = serde_json::to_vec_pretty(self).expect("sidecar serializes");
         json.push(b'\n');
+        json
+    }
+
+    /// [`Self::write`] up to the commit: the caller commits it with its cache.
+    pub fn stage(&self, path: &Path) -> Result<crate::atomic::Staged> {
+        let json = self.to_json();
         crate::atomic::stage(path, |w| {
             std::io::Write::write_all(w, &json).map_err(crate::atomic::write_error(path))
         })

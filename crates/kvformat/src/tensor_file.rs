@@ -411,6 +411,72 @@ where
     ))
 }
 
+/// Bytes one `pwrite` of [`write_scratch_tensor_file`] hands the kernel:
+/// large enough for sequential speed, small enough that every core gets some.
+const SCRATCH_WRITE_CHUNK_BYTES: usize = 8 << 20;
+
+/// Writes a safetensors file (the same bytes as [`write_tensor_file`]) for a
+/// process of ours to read at once, not for a user: created in place, no
+/// temp file, no rename, no fsync. A scratch file is throwaway (its
+/// directory is removed at the end, or by the signal handler), so durability
+/// across a crash buys nothing, while an fsync per window costs the disk's
+/// latency; the child that reads it starts after this returns, and sees every
+/// byte through the page cache. The data is written with several threads,
+/// in [`SCRATCH_WRITE_CHUNK_BYTES`] pieces at their offsets: on tmpfs the
+/// cost is first-touch page allocation, which scales with cores.
+/// User-facing outputs go through [`write_tensor_file`] instead.
+pub fn write_scratch_tensor_file(
+    path: &Path,
+    tensors: &[OutputTensor<'_>],
+    metadata: &BTreeMap<String, String>,
+) -> Result<()> {
+    let mut sorted: Vec<&OutputTensor<'_>> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(b.name));
+    let specs: Vec<TensorSpec<'_>> = sorted
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            byte_len: t.data.len(),
+        })
+        .collect();
+    let header = header_bytes_for(path, &specs, metadata)?;
+    let write_error = crate::atomic::write_error(path);
+    let file = File::create(path).map_err(|e| Error::io(path, "create", e))?;
+    let mut pieces: Vec<(u64, &[u8])> = vec![(0, &header)];
+    let mut at = header.len() as u64;
+    for tensor in &sorted {
+        for (index, chunk) in tensor.data.chunks(SCRATCH_WRITE_CHUNK_BYTES).enumerate() {
+            pieces.push((at + (index * SCRATCH_WRITE_CHUNK_BYTES) as u64, chunk));
+        }
+        at += tensor.data.len() as u64;
+    }
+    // The full length first: the pieces then fill a file of its final size.
+    file.set_len(at).map_err(&write_error)?;
+    pieces
+        .par_iter()
+        .with_max_len(1)
+        .try_for_each(|&(offset, bytes)| write_all_at(&file, bytes, offset))
+        .map_err(write_error)
+}
+
+#[cfg(unix)]
+fn write_all_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, bytes, offset)
+}
+
+#[cfg(not(unix))]
+fn write_all_at(file: &File, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom};
+    // One writer at a time where there is no positioned write.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut file = file;
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(bytes)
+}
+
 /// Starts writing `len` bytes at `offset` back to disk without waiting, so
 /// that the disk works while the next tensors are decoded and the fsync
 /// before the rename (which still makes the file durable, and reports any
@@ -615,4 +681,42 @@ fn tensor_with_wrong_size(header_json: Option<&[u8]>) -> Option<String> {
         let actual = info.data_offsets.1.checked_sub(info.data_offsets.0);
         (expected != actual).then_some(name)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scratch_file_holds_the_bytes_the_atomic_writer_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        // One tensor spans several write chunks, with a partial last one.
+        let big: Vec<u8> = (0..2 * SCRATCH_WRITE_CHUNK_BYTES + 6)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let small = [1u8, 2, 3, 4];
+        let tensors = [
+            OutputTensor {
+                name: "layer_1_key",
+                dtype: Dtype::F16,
+                shape: &[big.len() / 2],
+                data: &big,
+            },
+            OutputTensor {
+                name: "layer_0_key",
+                dtype: Dtype::F32,
+                shape: &[1],
+                data: &small,
+            },
+        ];
+        let metadata = BTreeMap::from([("k".to_string(), "v".to_string())]);
+        let (atomic, scratch) = (dir.path().join("a"), dir.path().join("s"));
+        write_tensor_file(&atomic, &tensors, &metadata).unwrap();
+        // A longer file there before is cut to the new length.
+        std::fs::write(&scratch, vec![9u8; big.len() + 4096]).unwrap();
+        write_scratch_tensor_file(&scratch, &tensors, &metadata).unwrap();
+        assert!(std::fs::read(&atomic).unwrap() == std::fs::read(&scratch).unwrap());
+        let file = TensorFile::open(&scratch).unwrap();
+        assert_eq!(file.read(&file.tensors()[1]).unwrap(), big);
+    }
 }
