@@ -456,7 +456,11 @@ impl<'a> Pipeline<'a> {
 
     /// The model's first pass over a window: its record when that is all
     /// (no context, or one target), else what scoring its variants needs.
-    fn prefill(&mut self, index: usize, window: &Window) -> Result<Result<Prefilled, WindowRecord>, EvalError> {
+    fn prefill(
+        &mut self,
+        index: usize,
+        window: &Window,
+    ) -> Result<Result<Prefilled, WindowRecord>, EvalError> {
         let model = self.model;
         let context = &self.tokens[window.begin..window.context_end];
         let targets = &self.tokens[window.context_end..window.end];
@@ -599,7 +603,9 @@ impl<'a> Pipeline<'a> {
 }
 
 fn lock(buffers: &std::sync::Mutex<Vec<HostBuffer>>) -> std::sync::MutexGuard<'_, Vec<HostBuffer>> {
-    buffers.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    buffers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A free buffer, or a new one while fewer exist than windows in flight need.
@@ -649,7 +655,12 @@ fn exchange(
         let read_started = Instant::now();
         let reconstruction = HostCache::read(&decoded, &layout, take_buffer(buffers))?;
         // Read whole: the files only take room (RAM, in /dev/shm) now.
-        for done in [&packed, &decoded, &kvformat::sidecar_path(&packed), &kvformat::sidecar_path(&decoded)] {
+        for done in [
+            &packed,
+            &decoded,
+            &kvformat::sidecar_path(&packed),
+            &kvformat::sidecar_path(&decoded),
+        ] {
             let _ = std::fs::remove_file(done);
         }
         timings.cache_read += read_started.elapsed();

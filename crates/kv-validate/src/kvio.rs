@@ -233,7 +233,11 @@ impl HostCache {
         let mut entries = Vec::with_capacity(2 * expected.num_layers);
         for (layer, kind) in tensor_order(expected.num_layers) {
             let name = tensor_name(layer, kind);
-            let positions = expected.positions.get(layer).copied().unwrap_or(expected.seq_len);
+            let positions = expected
+                .positions
+                .get(layer)
+                .copied()
+                .unwrap_or(expected.seq_len);
             let shape = vec![1, expected.num_kv_heads, positions, expected.head_dim];
             let (entry, dtype) = file
                 .tensors()
@@ -364,7 +368,11 @@ fn place(layout: &CacheLayout, dtype_of: impl Fn(usize) -> CacheDtype) -> Vec<Ho
         .enumerate()
         .map(|(index, (layer, kind))| {
             let dtype = dtype_of(index);
-            let positions = layout.positions.get(layer).copied().unwrap_or(layout.seq_len);
+            let positions = layout
+                .positions
+                .get(layer)
+                .copied()
+                .unwrap_or(layout.seq_len);
             let shape = vec![1, layout.num_kv_heads, positions, layout.head_dim];
             let len = shape.iter().product::<usize>() * dtype.size_bytes();
             let start = at.next_multiple_of(8);
@@ -411,7 +419,10 @@ fn copy_to_host(tensor: &Tensor, out: &mut [u8]) -> Result<(), KvIoError> {
             let stream = cuda.device.cuda_stream();
             match &cuda.slice {
                 CudaStorageSlice::F32(s) => stream
-                    .memcpy_dtoh(&s.slice(start..end), bytemuck::cast_slice_mut::<u8, f32>(out))
+                    .memcpy_dtoh(
+                        &s.slice(start..end),
+                        bytemuck::cast_slice_mut::<u8, f32>(out),
+                    )
                     .w()?,
                 CudaStorageSlice::F16(s) => stream
                     .memcpy_dtoh(
@@ -662,7 +673,9 @@ mod tests {
         let cache = KvCache { layers };
         let dir = tempfile::tempdir().unwrap();
         for dtype in CacheDtype::ALL {
-            let path = dir.path().join(format!("{}.safetensors", dtype.torch_name()));
+            let path = dir
+                .path()
+                .join(format!("{}.safetensors", dtype.torch_name()));
             let layout = write_kv_cache(&path, &cache, dtype, "m").unwrap();
             assert_eq!(layout.positions[1], 3);
             // Read by the independent reader (kvformat's), tensor by name.
@@ -705,7 +718,11 @@ mod tests {
                 name,
                 dtype: safetensors::Dtype::BF16,
                 shape: &[1, 1, 2, 4],
-                data: if name == "layer_1_value" { &infinite } else { &finite },
+                data: if name == "layer_1_value" {
+                    &infinite
+                } else {
+                    &finite
+                },
             })
             .collect();
         kvformat::write_tensor_file(&path, &tensors, &BTreeMap::new()).unwrap();
@@ -713,6 +730,9 @@ mod tests {
         let error = HostCache::read(&path, &layout, HostBuffer::default())
             .unwrap_err()
             .to_string();
-        assert!(error.contains("layer_1_value") && error.contains("index 5"), "{error}");
+        assert!(
+            error.contains("layer_1_value") && error.contains("index 5"),
+            "{error}"
+        );
     }
 }

@@ -474,9 +474,21 @@ pub(crate) fn timing_line(timing: &TimingFigures) -> String {
         "{:.2} s (model {:.2} s, {}, {}, {}: {:.1}% outside the model",
         timing.wall_seconds,
         timing.model_seconds,
-        step("cache write", timing.cache_write_seconds, timing.cache_write_gb_per_s),
-        step("kv-compress", timing.compressor_seconds, timing.compressor_gb_per_s),
-        step("cache read", timing.cache_read_seconds, timing.cache_read_gb_per_s),
+        step(
+            "cache write",
+            timing.cache_write_seconds,
+            timing.cache_write_gb_per_s
+        ),
+        step(
+            "kv-compress",
+            timing.compressor_seconds,
+            timing.compressor_gb_per_s
+        ),
+        step(
+            "cache read",
+            timing.cache_read_seconds,
+            timing.cache_read_gb_per_s
+        ),
         100.0 * timing.compressor_share
     );
     if timing.overlapped_seconds > 0.0 {

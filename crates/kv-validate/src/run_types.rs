@@ -140,7 +140,9 @@ impl Timings {
         self.cache_write += other.cache_write;
         self.cache_read += other.cache_read;
         self.compressor += other.compressor;
-        self.cache_bytes_written = self.cache_bytes_written.saturating_add(other.cache_bytes_written);
+        self.cache_bytes_written = self
+            .cache_bytes_written
+            .saturating_add(other.cache_bytes_written);
         self.cache_bytes_compressed = self
             .cache_bytes_compressed
             .saturating_add(other.cache_bytes_compressed);

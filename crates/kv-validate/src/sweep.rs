@@ -521,7 +521,8 @@ impl SweepReport {
                 let metrics = &outcome.metrics;
                 // The Go original reports no bits/value: derive it from the bytes.
                 let bits_per_value = metrics.bits_per_value.unwrap_or_else(|| {
-                    8.0 * metrics.figures.compressed_size_bytes as f64 * cache_dtype.size_bytes() as f64
+                    8.0 * metrics.figures.compressed_size_bytes as f64
+                        * cache_dtype.size_bytes() as f64
                         / metrics.figures.original_size_bytes as f64
                 });
                 let perplexity = outcome.nll.perplexity();

@@ -313,7 +313,9 @@ fn kv_compress_is_invoked_with_the_original_bridges_command_lines() {
     );
     assert_eq!(decompress[..2], ["-decompress", "-input"]);
     assert!(
-        calls.iter().any(|call| call[0] == "-input" && call[3] == decompress[2]),
+        calls
+            .iter()
+            .any(|call| call[0] == "-input" && call[3] == decompress[2]),
         "each decompress reads what a compress wrote: {calls:?}"
     );
     assert_eq!(decompress[3], "-output");

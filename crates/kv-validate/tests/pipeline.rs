@@ -130,14 +130,24 @@ fn a_slow_compressor_works_beside_the_model_and_the_time_split_says_so() {
         assert!(seconds(json, "cache_read_gb_per_s") > 0.0, "{json}");
     }
     // One after another nothing overlaps; four in flight, the sleeps do.
-    assert_eq!(seconds(&sequential, "overlapped_seconds"), 0.0, "{sequential}");
+    assert_eq!(
+        seconds(&sequential, "overlapped_seconds"),
+        0.0,
+        "{sequential}"
+    );
     assert!(!sequential_text.contains("overlapped"), "{sequential_text}");
-    assert!(seconds(&overlapped, "overlapped_seconds") > 1.0, "{overlapped}");
+    assert!(
+        seconds(&overlapped, "overlapped_seconds") > 1.0,
+        "{overlapped}"
+    );
     assert!(
         seconds(&overlapped, "wall_seconds") < seconds(&sequential, "wall_seconds") - 1.0,
         "{overlapped}\n{sequential}"
     );
-    assert!(overlapped_text.contains("s of them overlapped"), "{overlapped_text}");
+    assert!(
+        overlapped_text.contains("s of them overlapped"),
+        "{overlapped_text}"
+    );
 }
 
 #[test]
@@ -146,8 +156,7 @@ fn a_pipeline_depth_outside_1_to_8_is_a_usage_error() {
     let model = tiny_model(dir.path());
     let prose = prose_path();
     for depth in ["0", "9", "two"] {
-        let mut args =
-            short_run_args(model.hf_dir.to_str().unwrap(), prose.to_str().unwrap(), "2");
+        let mut args = short_run_args(model.hf_dir.to_str().unwrap(), prose.to_str().unwrap(), "2");
         args.extend(["--pipeline-depth", depth]);
         let output = kv_validate(&args, &kv_compress());
         let stderr = String::from_utf8_lossy(&output.stderr);

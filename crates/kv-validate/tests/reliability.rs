@@ -136,8 +136,14 @@ fn a_hung_compressor_is_killed_at_the_timeout_with_its_children_and_scratch_dir(
         "{error}"
     );
     assert!(elapsed < Duration::from_secs(15), "took {elapsed:?}");
+    // With windows in flight together (--pipeline-depth, default 3) more
+    // than one window's compressor may have started before the first timed
+    // out: each ran with its sleep, and every one of them must be gone.
     let pids = recorded_pids(dir.path());
-    assert_eq!(pids.len(), 2, "the compressor and its sleep ran");
+    assert!(
+        pids.len() >= 2,
+        "the compressor and its sleep ran: {pids:?}"
+    );
     assert_all_ended(&pids);
     assert_eq!(scratch_dirs_left(tmp.path()), Vec::<String>::new());
 }

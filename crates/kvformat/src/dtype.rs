@@ -230,7 +230,9 @@ pub(crate) fn first_matching<T>(values: &[T], matches: impl Fn(&T) -> bool) -> O
         .enumerate()
         .find_map(|(chunk_index, chunk)| {
             let found = chunk.iter().map(|v| u32::from(matches(v))).sum::<u32>();
-            (found > 0).then(|| chunk_index * CHUNK + chunk.iter().position(&matches).expect("counted one"))
+            (found > 0).then(|| {
+                chunk_index * CHUNK + chunk.iter().position(&matches).expect("counted one")
+            })
         })
 }
 
@@ -242,7 +244,11 @@ mod tests {
     fn the_first_non_finite_value_is_found_on_the_stored_bits() {
         let mut values = vec![1.5f32; 9000];
         for dtype in CacheDtype::ALL {
-            assert_eq!(dtype.first_non_finite(&dtype.from_f32(&values)), None, "{dtype:?}");
+            assert_eq!(
+                dtype.first_non_finite(&dtype.from_f32(&values)),
+                None,
+                "{dtype:?}"
+            );
         }
         values[8191] = f32::NEG_INFINITY;
         values[8500] = f32::NAN;
@@ -260,7 +266,11 @@ mod tests {
             // Unaligned bytes take the bytewise path to the same answer.
             let mut shifted = vec![0u8];
             shifted.extend_from_slice(&bytes);
-            assert_eq!(dtype.first_non_finite(&shifted[1..]), Some(8191), "{dtype:?}");
+            assert_eq!(
+                dtype.first_non_finite(&shifted[1..]),
+                Some(8191),
+                "{dtype:?}"
+            );
         }
     }
 
@@ -329,4 +339,3 @@ mod tests {
         assert_eq!(CacheDtype::from_torch_name("float64"), None);
     }
 }
-
