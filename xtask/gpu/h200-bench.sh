@@ -5,17 +5,9 @@
 # Expects .gpu/kv-validate.xz (cargo xtask build-cuda, stripped) and
 # .gpu/kv-compress.xz (the CPU build). Figures: docs/benchmarks.md.
 set -uo pipefail
-W=target/gpuwork; mkdir -p "$W"
-[ -f .gpu/smollm2.part-a ] && cp .gpu/smollm2.part-a "$W/"
-for b in kv-validate kv-compress; do xz -dc ".gpu/$b.xz" > "$W/$b" && chmod +x "$W/$b"; done
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib KV_COMPRESS_PATH=$PWD/$W/kv-compress
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-nproc >> "$OUT/gpu.txt"; lscpu | grep 'Model name' >> "$OUT/gpu.txt"
+. xtask/gpu/h200-setup.sh
+cat "$OUT/gpu.txt"
 ldd "$W/kv-validate" | grep -E 'cuda|cublas|curand|not found' | tee -a "$OUT/gpu.txt"
-# Real prose (Python's own documentation, PSF licence), four times over: about
-# 400,000 tokens for the full-size validation. Random weights: content is irrelevant to speed.
-python3 -c "from pydoc_data import topics; t='\n\n'.join(topics.topics.values()); print('\n\n'.join([t]*4))" > "$W/text.txt"
-[ -f "$W/tl/model.safetensors" ] || python3 xtask/python/random_model.py "$W/tl" "$W/text.txt" --shape tinyllama-1.1b | tee -a "$OUT/gpu.txt"
 for dt in bf16 f32; do
   timeout 120 "$W/kv-validate" --model-dir "$W/tl" --bench-forward 512,2048 --dtype "$dt" --json "$OUT/ours-$dt.json" 2>&1 | tail -4
 done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine, after h200-bench.sh on the same (still warm) machine
-# (its binaries, text and TinyLlama-shaped model in target/gpuwork): issue
+# On the GPU machine (h200-setup.sh makes the binaries, text and
+# TinyLlama-shaped model in target/gpuwork, once per warm machine): issue
 # 23's proof that the validation is bound by the model, not by the file
 # exchange. One step per call (each fits the 10-minute limit of a call):
 #   bash xtask/gpu/h200-exchange.sh tinyllama   # full size (~400,000 tokens), --pipeline-depth 1 vs the default (3)
@@ -11,8 +11,7 @@
 # wall <= 1.5x model time for TinyLlama and <= 3x for the 7B shape (the
 # `Wall time:` line has both, each exchange step's GB/s and the overlap).
 set -uo pipefail
-W=target/gpuwork
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib KV_COMPRESS_PATH=$PWD/$W/kv-compress
+. xtask/gpu/h200-setup.sh
 step=${1:?usage: h200-exchange.sh tinyllama|llama2-7b|ecsq}
 # A run's stdout, --json and --records under $OUT/NAME.*, its Wall time line shown.
 run() {
