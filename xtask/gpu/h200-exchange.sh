@@ -41,8 +41,8 @@ PY
 }
 case "$step" in
   tinyllama)
-    run tl-sequential 420 --model-dir "$W/tl" --text-file "$W/text.txt" --pipeline-depth 1
-    run tl-overlapped 420 --model-dir "$W/tl" --text-file "$W/text.txt"
+    run tl-sequential 330 --model-dir "$W/tl" --text-file "$W/text.txt" --pipeline-depth 1
+    run tl-overlapped 220 --model-dir "$W/tl" --text-file "$W/text.txt"
     compare tl-sequential tl-overlapped tinyllama ;;
   llama2-7b)
     [ -f "$W/l2/model.safetensors" ] || python3 xtask/python/random_model.py "$W/l2" "$W/text.txt" --shape llama-2-7b | tail -n 2

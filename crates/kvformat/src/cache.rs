@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::dtype::CacheDtype;
+use crate::dtype::{first_non_finite, CacheDtype};
 use crate::error::{Error, Result, TensorProblem};
 use crate::input::try_resize_for_overwrite;
 use crate::tensor_file::{write_tensor_file_streaming, TensorEntry, TensorFile, TensorSpec};
@@ -116,13 +116,6 @@ impl KvCache {
 thread_local! {
     /// The buffers of [`KvCache::with_values`]: values, and raw bytes for F16/BF16.
     static SCRATCH: std::cell::Cell<(Vec<f32>, Vec<u8>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
-}
-
-/// Index of the first NaN or infinity (all exponent bits set), found by
-/// [`crate::dtype::first_matching`]'s vectorizable scan.
-pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
-    const EXPONENT_MASK: u32 = 0x7f80_0000;
-    crate::dtype::first_matching(values, |v| v.to_bits() & EXPONENT_MASK == EXPONENT_MASK)
 }
 
 /// One tensor of a cache to write, values as `f32`, stored as `dtype`.

@@ -6,6 +6,7 @@ use std::borrow::Cow;
 
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
+use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -103,7 +104,7 @@ impl CacheDtype {
             }
         };
         match self {
-            CacheDtype::F32 => crate::cache::first_non_finite(&self.to_f32(bytes)),
+            CacheDtype::F32 => first_non_finite(&self.to_f32(bytes)),
             CacheDtype::F16 => halves(0x7C00),
             CacheDtype::BF16 => halves(0x7F80),
         }
@@ -223,6 +224,21 @@ where
 /// Index of the first of `values` that `matches`. Chunks are scanned with a
 /// branch-free count, which vectorizes where an early-exit search would
 /// not; only a chunk that holds one is searched.
+/// Index of the first NaN or infinity (all exponent bits set) among `values`:
+/// large slices are scanned in parallel chunks, each by [`first_matching`]'s
+/// vectorizable scan. The one check of decoded and reconstructed values.
+pub(crate) fn first_non_finite(values: &[f32]) -> Option<usize> {
+    const EXPONENT_MASK: u32 = 0x7f80_0000;
+    const PARALLEL_CHUNK: usize = 1 << 16;
+    let is_special = |v: &f32| v.to_bits() & EXPONENT_MASK == EXPONENT_MASK;
+    values
+        .par_chunks(PARALLEL_CHUNK)
+        .enumerate()
+        .find_map_first(|(chunk_index, chunk)| {
+            first_matching(chunk, is_special).map(|offset| chunk_index * PARALLEL_CHUNK + offset)
+        })
+}
+
 pub(crate) fn first_matching<T>(values: &[T], matches: impl Fn(&T) -> bool) -> Option<usize> {
     const CHUNK: usize = 4096;
     values
@@ -239,6 +255,23 @@ pub(crate) fn first_matching<T>(values: &[T], matches: impl Fn(&T) -> bool) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_non_finite_value_is_the_first_across_parallel_chunks() {
+        let mut values = vec![-0.0f32; 300_000];
+        assert_eq!(first_non_finite(&values), None);
+        values[250_000] = f32::NAN;
+        values[140_000] = f32::INFINITY;
+        assert_eq!(first_non_finite(&values), Some(140_000));
+        values[65_535] = f32::NEG_INFINITY;
+        assert_eq!(first_non_finite(&values), Some(65_535));
+        values[3] = f32::MAX;
+        assert_eq!(
+            first_non_finite(&values),
+            Some(65_535),
+            "f32::MAX is finite"
+        );
+    }
 
     #[test]
     fn the_first_non_finite_value_is_found_on_the_stored_bits() {

@@ -129,7 +129,7 @@ fn pack(
                 &decoded
             }
         };
-        if let Some(index) = crate::cache::first_non_finite(restored) {
+        if let Some(index) = crate::dtype::first_non_finite(restored) {
             return Err(TensorProblem::ReconstructionNotFinite {
                 index,
                 value: restored[index],
@@ -448,7 +448,7 @@ impl PackedFile {
         // A checksum only proves the bytes are the ones written; hostile
         // scales can still make a valid payload decode past f32's range
         // (docs/format.md promises finite values).
-        if let Some(index) = crate::cache::first_non_finite(values) {
+        if let Some(index) = crate::dtype::first_non_finite(values) {
             return Err(problem(TensorProblem::DecodedNotFinite {
                 index,
                 value: values[index],

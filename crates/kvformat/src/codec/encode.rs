@@ -13,6 +13,7 @@ use super::quantizer::CodeRange;
 use super::scales::ScaleDtype;
 use super::{fused_path, Axis, CodecError, CodecParams, Encoded, Layout, SparseForm};
 use super::{kept_tokens, outliers, rotation, sparsity};
+use crate::dtype::first_non_finite;
 
 /// Encodes the row-major `values` of a tensor of `shape`, dropped values in
 /// whichever [`SparseForm`] is smaller.
@@ -262,17 +263,4 @@ fn encode_fused(
         )?);
     }
     Ok(Some(Encoded { payload, layout }))
-}
-
-/// Index of the first NaN or infinity, scanning in vectorizable chunks.
-fn first_non_finite(values: &[f32]) -> Option<usize> {
-    const CHUNK: usize = 1 << 14;
-    let chunk = values
-        .par_chunks(CHUNK)
-        .position_first(|chunk| chunk.iter().fold(false, |found, x| found | !x.is_finite()))?;
-    let start = chunk * CHUNK;
-    values[start..]
-        .iter()
-        .position(|x| !x.is_finite())
-        .map(|offset| start + offset)
 }
