@@ -41,13 +41,13 @@ PY
 }
 case "$step" in
   tinyllama)
-    run tl-sequential 330 --model-dir "$W/tl" --text-file "$W/text.txt" --pipeline-depth 1
-    run tl-overlapped 220 --model-dir "$W/tl" --text-file "$W/text.txt"
+    run tl-sequential 300 --model-dir "$W/tl" --text-file "$W/text.txt" --pipeline-depth 1
+    run tl-overlapped 160 --model-dir "$W/tl" --text-file "$W/text.txt"
     compare tl-sequential tl-overlapped tinyllama ;;
   llama2-7b)
     [ -f "$W/l2/model.safetensors" ] || python3 xtask/python/random_model.py "$W/l2" "$W/text.txt" --shape llama-2-7b | tail -n 2
-    run l2-sequential 280 --model-dir "$W/l2" --text-file "$W/text.txt" --max-windows 48 --pipeline-depth 1
-    run l2-overlapped 280 --model-dir "$W/l2" --text-file "$W/text.txt" --max-windows 48
+    run l2-sequential 150 --model-dir "$W/l2" --text-file "$W/text.txt" --max-windows 48 --pipeline-depth 1
+    run l2-overlapped 100 --model-dir "$W/l2" --text-file "$W/text.txt" --max-windows 48
     compare l2-sequential l2-overlapped llama2-7b ;;
   ecsq)
     run tl-ecsq 580 --model-dir "$W/tl" --text-file "$W/text.txt" \
