@@ -17,7 +17,7 @@
 #     testdata/golden/cases.txt: packed bytes, -reconstruct and -decompress
 #     files, -metrics-only, and each JSON;
 #   - the Python reader's and bridge's tests (tests/python), their output.
-# Wall times differ run to run: a JSON line whose key names seconds,
+# Wall times differ run to run: a JSON line whose key names seconds, a rate (_per_s),
 # milliseconds or the compressor's share, and the text's "Wall time:" line,
 # have their value replaced by T. Everything else is compared as written.
 # The runs happen in one fixed directory (paths appear in the reports), one
@@ -33,7 +33,7 @@ usage() {
 mask_timings() {
   find "$1" -type f \( -name '*.json' -o -name '*.txt' \) | while read -r file; do
     sed -E -i \
-      -e 's/^( *"[a-z_]*(seconds|_ms|compressor_share)[a-z_]*": )[-0-9.eE+]+/\1T/' \
+      -e 's/^( *"[a-z_]*(seconds|_ms|compressor_share|_per_s)[a-z_]*": )[-0-9.eE+]+/\1T/' \
       -e 's/^(Wall time: +).*/\1T/' \
       -e 's/^( *"(secs|nanos)": )[0-9]+/\1T/' \
       "$file"
