@@ -26,6 +26,7 @@ pub mod evaluate;
 pub mod fidelity;
 pub mod identity;
 pub mod kvio;
+pub mod labels;
 pub mod model;
 pub mod output;
 pub mod perplexity;
