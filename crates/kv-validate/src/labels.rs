@@ -10,6 +10,8 @@
 
 /// A box as (left, top, right, bottom), pixels.
 pub type Rect = (f64, f64, f64, f64);
+/// A line segment from one point to another, pixels.
+type Segment = ((f64, f64), (f64, f64));
 
 /// Height of one label line, pixels (11 px text).
 pub const LINE_PX: f64 = 11.0;
@@ -104,7 +106,7 @@ pub fn place(
         .collect();
     let mut numbered = 0;
     // Leader lines drawn so far: no later label may sit on one.
-    let mut leaders: Vec<((f64, f64), (f64, f64))> = Vec::new();
+    let mut leaders: Vec<Segment> = Vec::new();
     points
         .iter()
         .zip(labels)
@@ -114,10 +116,7 @@ pub fn place(
                 return Placement::None;
             }
             let width = label.chars().count() as f64 * CHAR_PX;
-            let free = |left: f64,
-                        baseline: f64,
-                        occupied: &[Rect],
-                        leaders: &[((f64, f64), (f64, f64))]| {
+            let free = |left: f64, baseline: f64, occupied: &[Rect], leaders: &[Segment]| {
                 let rect = text_box(left, baseline, label);
                 rect.0 >= area.0
                     && rect.2 <= area.2
@@ -143,7 +142,7 @@ pub fn place(
             // Step s: s half-lines up or down (alternating), right then left;
             // beyond NEAR_STEPS also further out sideways.
             let candidates = (0..FAR_STEPS).flat_map(|step| {
-                let lines = ((step + 1) / 2) as f64;
+                let lines = step.div_ceil(2) as f64;
                 let dy = if step % 2 == 1 { -lines } else { lines } * LINE_PX;
                 let dx = if step < NEAR_STEPS {
                     7.0
@@ -181,7 +180,7 @@ pub fn place(
                     let width = number.len() as f64 * CHAR_PX;
                     let spot = (0..FAR_STEPS)
                         .flat_map(|step| {
-                            let lines = ((step + 1) / 2) as f64;
+                            let lines = step.div_ceil(2) as f64;
                             let dy = if step % 2 == 1 { -lines } else { lines } * LINE_PX;
                             [
                                 (step, x + 6.0, y + 4.0 + dy),
