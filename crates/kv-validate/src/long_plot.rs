@@ -178,7 +178,19 @@ pub fn render_passkey_svg(report: &PasskeyReport) -> String {
     const PANEL_TOP: f64 = 40.0;
     const PANELS_PER_ROW: usize = 3;
     let (rows, cols) = (report.lengths.len(), report.depths.len());
-    let panel_w = PANEL_LEFT + cols as f64 * CELL_W + 24.0;
+    let title_of = |method: &crate::passkey::MethodResult| match method.bits_per_value {
+        Some(bits) => format!("{} ({bits:.2} bits/value)", method.label),
+        None => method.label.clone(),
+    };
+    // Wide enough for the grid and for the longest title (bold 12 px).
+    let longest_title = report
+        .methods
+        .iter()
+        .map(|m| title_of(m).chars().count())
+        .max()
+        .unwrap_or(0);
+    let panel_w = (PANEL_LEFT + cols as f64 * CELL_W + 24.0)
+        .max(PANEL_LEFT + longest_title as f64 * 7.6 + 16.0);
     let panel_h = PANEL_TOP + rows as f64 * CELL_H + 40.0;
     let panels = report.methods.len();
     let across = panels.min(PANELS_PER_ROW);
@@ -196,10 +208,7 @@ pub fn render_passkey_svg(report: &PasskeyReport) -> String {
     for (index, method) in report.methods.iter().enumerate() {
         let x0 = 10.0 + (index % PANELS_PER_ROW) as f64 * panel_w;
         let y0 = 50.0 + (index / PANELS_PER_ROW) as f64 * panel_h;
-        let title = match method.bits_per_value {
-            Some(bits) => format!("{} ({bits:.2} bits/value)", method.label),
-            None => method.label.clone(),
-        };
+        let title = title_of(method);
         svg.push(format!(
             r#"<text x="{:.1}" y="{:.1}" font-size="12" font-weight="bold">{}</text>"#,
             x0 + PANEL_LEFT,
