@@ -157,18 +157,20 @@ impl Pieces {
     }
 
     /// The haystack (prefix, filler with the needle at `depth`%) of a
-    /// prompt of `length` tokens in all, and the needle's first token.
+    /// trial of `length` tokens in all (haystack, question and the
+    /// [`ANSWER_TOKENS`] an answer may take, so a length of the model's
+    /// context fits it), and the needle's first token.
     fn haystack(
         &self,
         needle: &[u32],
         length: usize,
         depth: u8,
     ) -> anyhow::Result<(Vec<u32>, usize)> {
-        let fixed = self.prefix.len() + needle.len() + self.question.len();
+        let fixed = self.prefix.len() + needle.len() + self.question.len() + ANSWER_TOKENS;
         if length <= fixed {
             bail!(
                 "--passkey-lengths {length}: the prompt's instruction, needle and question \
-                 alone take {fixed} tokens"
+                 and the answer's {ANSWER_TOKENS} tokens alone take {fixed} tokens"
             );
         }
         let filler_len = length - fixed;
@@ -520,17 +522,17 @@ mod tests {
             stop: vec![],
             chat: false,
         };
-        // 2 prefix + 2 needle + 3 question: 13 filler tokens in a length of 20.
-        let (tokens, at) = pieces.haystack(&[90, 91], 20, 0).unwrap();
+        // 2 prefix + 2 needle + 3 question + 10 answer: 13 filler tokens in a length of 30.
+        let (tokens, at) = pieces.haystack(&[90, 91], 30, 0).unwrap();
         assert_eq!((at, tokens.len()), (2, 17));
         assert_eq!(&tokens[2..4], &[90, 91]);
-        let (tokens, at) = pieces.haystack(&[90, 91], 20, 100).unwrap();
+        let (tokens, at) = pieces.haystack(&[90, 91], 30, 100).unwrap();
         assert_eq!(at, 15);
         assert_eq!(&tokens[15..], &[90, 91]);
-        let (tokens, at) = pieces.haystack(&[90, 91], 20, 50).unwrap();
+        let (tokens, at) = pieces.haystack(&[90, 91], 30, 50).unwrap();
         assert_eq!(at, 2 + 7); // round(13 / 2)
         assert_eq!(&tokens[2..9], &[10, 11, 12, 10, 11, 12, 10]);
-        let error = pieces.haystack(&[90, 91], 7, 50).unwrap_err().to_string();
-        assert!(error.contains("take 7 tokens"), "{error}");
+        let error = pieces.haystack(&[90, 91], 17, 50).unwrap_err().to_string();
+        assert!(error.contains("alone take 17 tokens"), "{error}");
     }
 }

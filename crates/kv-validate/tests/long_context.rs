@@ -230,7 +230,7 @@ fn the_passkey_test_runs_end_to_end_and_records_what_it_asked() {
         let length = trial["length"].as_u64().unwrap() as usize;
         let question_and_answer = length - trial["haystack_tokens"].as_u64().unwrap() as usize;
         assert!(
-            question_and_answer > 0 && question_and_answer < 120,
+            question_and_answer > 10 && question_and_answer < 130,
             "{trial}"
         );
     }
