@@ -238,6 +238,9 @@ pub fn render_passkey_svg(report: &PasskeyReport) -> String {
                     continue;
                 };
                 let x = x0 + PANEL_LEFT + c as f64 * CELL_W;
+                // Where the uncompressed model itself missed, a method's
+                // cell is outlined: its misses there are not compression's.
+                let baseline_missed = report.baseline_misses.contains(&(*length, *depth));
                 svg.push(format!(
                     r#"<rect x="{x:.1}" y="{y:.1}" width="{CELL_W}" height="{CELL_H}" fill="{}" stroke="white"><title>{}: length {length}, depth {depth}%: {}/{}</title></rect><text x="{:.1}" y="{:.1}" font-size="11" text-anchor="middle">{}/{}</text>"#,
                     heat(cell.correct as f64 / cell.trials.max(1) as f64),
@@ -249,12 +252,27 @@ pub fn render_passkey_svg(report: &PasskeyReport) -> String {
                     cell.correct,
                     cell.trials
                 ));
+                if baseline_missed && index > 0 {
+                    svg.push(format!(
+                        r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="none" stroke="#333" stroke-width="1.5" stroke-dasharray="4 3"/>"##,
+                        x + 2.0,
+                        y + 2.0,
+                        CELL_W - 4.0,
+                        CELL_H - 4.0
+                    ));
+                }
             }
         }
         svg.push(format!(
             r#"<text x="{:.1}" y="{:.1}" font-size="10" text-anchor="middle">key depth (rows: haystack tokens)</text>"#,
             x0 + PANEL_LEFT + cols as f64 * CELL_W / 2.0,
             y0 + PANEL_TOP + rows as f64 * CELL_H + 16.0
+        ));
+    }
+    if !report.baseline_misses.is_empty() {
+        svg.push(format!(
+            r#"<text x="10" y="{:.1}" font-size="11">Dashed outline: the uncompressed model itself missed a key there, so a method's misses there are not compression's.</text>"#,
+            height - 12.0
         ));
     }
     finish(svg)

@@ -189,11 +189,16 @@ fn passkey_run(dir: &Path, model: &str, compressor: &Path, name: &str) -> Value 
     let svg = std::fs::read_to_string(&plot).unwrap();
     assert!(svg.contains(">baseline</text>") && svg.contains("int8 ("));
     assert_eq!(
-        svg.matches("<rect x=").count(),
+        svg.matches(r#"stroke="white"><title>"#).count(),
         2 * 2 * 3,
         "a cell per method, length and depth"
     );
-    read_json(&json)
+    let report = read_json(&json);
+    // The method's cells where the baseline missed are outlined, one each.
+    let misses = report["baseline_misses"].as_array().unwrap().len();
+    assert_eq!(svg.matches("stroke-dasharray").count(), misses);
+    assert_eq!(svg.contains("Dashed outline"), misses > 0);
+    report
 }
 
 #[test]
