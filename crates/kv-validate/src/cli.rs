@@ -43,6 +43,12 @@ Examples:
   kv-validate --gguf model.gguf --variant \"kivi3=-method kivi -bits 3\" --variant int8=-bits=8 \\
       --max-kld 0.01
 
+  # Long context: KLD of each method as the context grows, and passkey retrieval
+  kv-validate --gguf model.gguf --text-file long.txt --context-lengths 512,2048,8192 \\
+      --targets 64 --max-windows 2 --sweep --context-plot lengths.svg --json lengths.json
+  kv-validate --gguf model.gguf --passkey --passkey-lengths 1024,4096 \\
+      --passkey-depths 0,50,100 --variant \"kivi3=-method kivi -bits 3\" --passkey-plot passkey.svg
+
   # Spread one validation over two GPUs: a slice of the windows each, then merge
   CUDA_VISIBLE_DEVICES=0 kv-validate --gguf model.gguf --windows 0..40 --records a.json &
   CUDA_VISIBLE_DEVICES=1 kv-validate --gguf model.gguf --windows 40..80 --records b.json &
@@ -84,10 +90,15 @@ pub struct Cli {
     /// Fixed windows: context tokens per window whose cache is compressed
     /// (back-to-back windows; needs --targets). Default: the original's
     /// sliding window (model context capped at 2048, stride 512).
-    #[arg(long, value_name = "C", requires = "targets")]
+    #[arg(
+        long,
+        value_name = "C",
+        requires = "targets",
+        conflicts_with = "context_lengths"
+    )]
     pub context: Option<usize>,
-    /// Tokens scored per window after --context.
-    #[arg(long, value_name = "T", requires = "context")]
+    /// Tokens scored per window after --context (or after each of --context-lengths).
+    #[arg(long, value_name = "T")]
     pub targets: Option<usize>,
     /// kv-compress -group-size.
     #[arg(long, default_value_t = DEFAULT_GROUP_SIZE as u32)]
@@ -171,6 +182,8 @@ pub struct Cli {
     pub bench_forward: Vec<usize>,
     #[command(flatten)]
     pub outputs: Outputs,
+    #[command(flatten)]
+    pub long_context: LongContextArgs,
     /// Sweep the built-in matrix of methods and bit widths over the same
     /// windows, print a table and recommend the fewest bits that pass.
     #[arg(long)]
@@ -209,6 +222,50 @@ pub struct Cli {
         allow_hyphen_values = true
     )]
     pub sensitivity_flags: String,
+}
+
+/// Issue 20's long-context measurements: the context-length sweep and the passkey test.
+#[derive(Debug, Args)]
+pub struct LongContextArgs {
+    /// Context-length sweep: at each of these lengths L (comma-separated),
+    /// windows of L + --targets tokens; the first L tokens' cache goes
+    /// through kv-compress and the last T are scored on the original and
+    /// the reconstruction (with the default method, or every --variant /
+    /// --sweep variant). Lengths beyond the model's context are an error.
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',', num_args = 1..,
+          requires = "targets", conflicts_with_all = ["windows", "records", "sensitivity"])]
+    pub context_lengths: Vec<usize>,
+    /// Write the context-length sweep as an SVG plot (mean KLD against context length per method).
+    #[arg(long, value_name = "FILE.svg", requires = "context_lengths")]
+    pub context_plot: Option<PathBuf>,
+    /// Passkey retrieval: a random 5-digit key hidden at each depth of a
+    /// haystack of each length; the haystack's cache goes through
+    /// kv-compress and the model greedily decodes the answer on the
+    /// reconstruction. Accuracy per (length, depth), baseline beside each method.
+    #[arg(long, conflicts_with_all = ["context_lengths", "windows", "records", "sensitivity", "context"])]
+    pub passkey: bool,
+    /// Passkey haystack lengths in tokens (comma-separated; the prompt, question included).
+    #[arg(long, value_name = "L,L,...", value_delimiter = ',', num_args = 1..,
+          default_values_t = [1024usize], requires = "passkey")]
+    pub passkey_lengths: Vec<usize>,
+    /// Where the key sits, in percent of the haystack (comma-separated, 0..=100).
+    #[arg(long, value_name = "PCT,PCT,...", value_delimiter = ',', num_args = 1..,
+          default_values_t = [0u8, 25, 50, 75, 100], requires = "passkey",
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub passkey_depths: Vec<u8>,
+    /// Keys tried per (length, depth), each a fresh random key.
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "passkey",
+          value_parser = clap::value_parser!(u32).range(1..=1000).map(|n| n as usize))]
+    pub passkey_trials: usize,
+    /// Seed of the keys (the same seed, the same keys: recorded in the JSON).
+    #[arg(long, value_name = "S", default_value_t = 0, requires = "passkey")]
+    pub passkey_seed: u64,
+    /// The haystack's filler text, repeated as needed (default: the project's prose fixture).
+    #[arg(long, value_name = "FILE", requires = "passkey")]
+    pub haystack: Option<PathBuf>,
+    /// Write the passkey accuracies as an SVG heat map (length x depth, one panel per method).
+    #[arg(long, value_name = "FILE.svg", requires = "passkey")]
+    pub passkey_plot: Option<PathBuf>,
 }
 
 /// Which model; shared by a run and `capacity`.

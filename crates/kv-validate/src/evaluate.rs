@@ -673,6 +673,41 @@ fn exchange(
     Ok(timings)
 }
 
+/// One cache through kv-compress and back, on the calling thread (the
+/// passkey test's exchange; the evaluation loop pipelines the same steps):
+/// what an engine keeps of `cache` written to `dir` as `cache_dtype`,
+/// compressed and decompressed with `settings`, read and uploaded, the
+/// sliding layers' dropped positions put back. Returns kv-compress's
+/// metrics and the reconstruction, ready to extend.
+pub fn reconstruct(
+    model: &Llama,
+    cache: &KvCache,
+    compressor: &KvCompress,
+    settings: &CompressSettings,
+    dir: &Path,
+    options: &EvalOptions,
+) -> Result<(Report, KvCache), EvalError> {
+    let host = HostCache::download(
+        &model.kept_cache(cache)?,
+        options.cache_dtype,
+        &options.model_name,
+        HostBuffer::default(),
+    )?;
+    let cache_path = dir.join("context.safetensors");
+    let packed = dir.join("context.kvc.safetensors");
+    let decoded = dir.join("context.decoded.safetensors");
+    host.write_scratch(&cache_path)?;
+    let layout = host.layout().clone();
+    let metrics = compressor.round_trip(&cache_path, &packed, &decoded, settings)?;
+    let reconstruction = HostCache::read(&decoded, &layout, host.into_buffer())?;
+    for done in [&cache_path, &packed, &decoded] {
+        let _ = std::fs::remove_file(done);
+        let _ = std::fs::remove_file(kvformat::sidecar_path(done));
+    }
+    let restored = model.with_dropped_positions(cache, reconstruction.upload(model.device())?)?;
+    Ok((metrics, restored))
+}
+
 /// Fails when no window of `plan` has a cache the compressor can change.
 pub fn ensure_measurable(plan: &[Window]) -> Result<(), EvalError> {
     if plan.iter().any(has_compressed_cache) {
@@ -693,7 +728,7 @@ fn has_compressed_cache(window: &Window) -> bool {
 /// The cache as the compressor receives it, rounded to the dtype its file
 /// stores: the baseline scores on that, so rounding to F16/BF16 counts
 /// against neither side and the delta is the compression's alone.
-fn rounded_to(cache: &KvCache, dtype: CacheDtype) -> candle_core::Result<KvCache> {
+pub(crate) fn rounded_to(cache: &KvCache, dtype: CacheDtype) -> candle_core::Result<KvCache> {
     let stored = dtype_of_cache(dtype);
     let model_dtype = cache.layers.first().map(|layer| layer.key.dtype());
     if stored == DType::F32 || model_dtype == Some(stored) {

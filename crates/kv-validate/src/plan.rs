@@ -49,6 +49,19 @@ pub enum CliError {
     SweepOutputsWithoutSweep,
     #[error("a sweep needs a model and text: it cannot run with --quick-test or --bench-forward")]
     SweepWithoutModel,
+    #[error("--targets needs --context or --context-lengths")]
+    TargetsWithoutContext,
+    #[error("--context-lengths must be positive, got {0}")]
+    ZeroContextLength(usize),
+    #[error("--passkey-lengths must be positive, got {0}")]
+    ZeroPasskeyLength(usize),
+    #[error(
+        "--sweep-csv, --sweep-plot and --sweep-kld-plot belong to a sweep at one context: \
+         use --context-plot with --context-lengths, --passkey-plot with --passkey"
+    )]
+    SweepOutputsOfLongContext,
+    #[error("--context-lengths and --passkey need a model and text: not with --quick-test or --bench-forward")]
+    LongContextWithoutModel,
     #[error(transparent)]
     Sweep(#[from] SweepError),
     #[error(transparent)]
@@ -130,6 +143,36 @@ pub enum ModelWork {
     },
     /// A validation or a sweep over the text's windows.
     Evaluate(EvaluationPlan),
+    /// `--context-lengths`: the evaluation repeated at each context length
+    /// (`evaluation.context_targets` is set per length).
+    LongContext {
+        lengths: Vec<usize>,
+        targets: usize,
+        evaluation: EvaluationPlan,
+        /// `--context-plot`.
+        plot: Option<PathBuf>,
+    },
+    /// `--passkey`.
+    Passkey(Box<PasskeyPlan>),
+}
+
+/// `--passkey`: retrieval of a key hidden in a haystack, on the original
+/// and each variant's reconstructed cache.
+#[derive(Debug)]
+pub struct PasskeyPlan {
+    pub lengths: Vec<usize>,
+    /// Percent of the haystack before the key.
+    pub depths: Vec<u8>,
+    pub trials: usize,
+    pub seed: u64,
+    /// `--haystack`; `None`: the project's prose fixture.
+    pub haystack: Option<PathBuf>,
+    pub compressor: KvCompress,
+    pub variants: Vec<Variant>,
+    pub scratch_parent: PathBuf,
+    pub json: Option<PathBuf>,
+    /// `--passkey-plot`.
+    pub plot: Option<PathBuf>,
 }
 
 /// A validation or a sweep, all but what the model decides.
@@ -216,6 +259,26 @@ impl Plan {
             None => {}
         }
         let criteria = pass_criteria(cli)?;
+        let long = &cli.long_context;
+        let long_context = long_context_asked(cli);
+        if cli.targets.is_some() && cli.context.is_none() && long.context_lengths.is_empty() {
+            return Err(CliError::TargetsWithoutContext);
+        }
+        if long_context && cli.outputs.sweep_outputs() {
+            return Err(CliError::SweepOutputsOfLongContext);
+        }
+        if long_context && !cli.bench_forward.is_empty() {
+            return Err(CliError::LongContextWithoutModel);
+        }
+        if let Some(&zero) = long.context_lengths.iter().find(|&&l| l == 0) {
+            return Err(CliError::ZeroContextLength(zero));
+        }
+        if let Some(&zero) = long.passkey_lengths.iter().find(|&&l| l == 0) {
+            return Err(CliError::ZeroPasskeyLength(zero));
+        }
+        if cli.quick_test && long_context {
+            return Err(CliError::LongContextWithoutModel);
+        }
         if cli.windows.is_some() && (cli.outputs.json.is_some() || cli.outputs.sweep_outputs()) {
             return Err(CliError::ReportOfSlice);
         }
@@ -237,8 +300,32 @@ impl Plan {
                 json: cli.outputs.json.clone(),
             });
         }
-        let work = if cli.bench_forward.is_empty() {
-            ModelWork::Evaluate(EvaluationPlan {
+        let scratch_parent = cli
+            .scratch_dir
+            .clone()
+            .unwrap_or_else(default_scratch_parent);
+        let work = if long.passkey {
+            ModelWork::Passkey(Box::new(PasskeyPlan {
+                lengths: long.passkey_lengths.clone(),
+                depths: long.passkey_depths.clone(),
+                trials: long.passkey_trials,
+                seed: long.passkey_seed,
+                haystack: long.haystack.clone(),
+                compressor,
+                variants: match variants {
+                    VariantsPlan::Single(settings) => vec![Variant {
+                        label: settings.label(),
+                        settings,
+                    }],
+                    VariantsPlan::Sweep(variants) => variants,
+                    VariantsPlan::Sensitivity { .. } => unreachable!("clap refuses --sensitivity"),
+                },
+                scratch_parent,
+                json: cli.outputs.json.clone(),
+                plot: long.passkey_plot.clone(),
+            }))
+        } else if cli.bench_forward.is_empty() {
+            let evaluation = EvaluationPlan {
                 text: match &cli.text_file {
                     Some(path) => TextSource::File(path.clone()),
                     None => TextSource::default(),
@@ -249,14 +336,20 @@ impl Plan {
                 compressor,
                 variants,
                 criteria,
-                scratch_parent: cli
-                    .scratch_dir
-                    .clone()
-                    .unwrap_or_else(default_scratch_parent),
+                scratch_parent,
                 pipeline_depth: cli.pipeline_depth,
                 records: cli.records.clone(),
                 outputs: cli.outputs.clone(),
-            })
+            };
+            match cli.targets.filter(|_| !long.context_lengths.is_empty()) {
+                Some(targets) => ModelWork::LongContext {
+                    lengths: long.context_lengths.clone(),
+                    targets,
+                    evaluation,
+                    plot: long.context_plot.clone(),
+                },
+                None => ModelWork::Evaluate(evaluation),
+            }
         } else {
             ModelWork::Bench {
                 lengths: cli.bench_forward.clone(),
@@ -333,12 +426,20 @@ fn file_plan(cli: &Cli) -> FilePlan {
             model_files(&mut plan, &cli.model);
             let compressor = KvCompress::locate().ok();
             plan.read("--text-file", cli.text_file.as_deref())
+                .read("--haystack", cli.long_context.haystack.as_deref())
                 .read("kv-compress", compressor.as_ref().map(KvCompress::program))
-                .write("--records", cli.records.as_deref());
+                .write("--records", cli.records.as_deref())
+                .write("--context-plot", cli.long_context.context_plot.as_deref())
+                .write("--passkey-plot", cli.long_context.passkey_plot.as_deref());
             report_outputs(&mut plan, &cli.outputs);
         }
     }
     plan
+}
+
+/// Whether the command line asks for `--context-lengths` or `--passkey`.
+fn long_context_asked(cli: &Cli) -> bool {
+    !cli.long_context.context_lengths.is_empty() || cli.long_context.passkey
 }
 
 /// `--threshold` and `--max-kld`, checked; the default threshold unless `--max-kld` is alone.
@@ -464,6 +565,34 @@ mod tests {
             (
                 &["--sensitivity", "--bench-forward", "8"],
                 "--sensitivity needs a model",
+            ),
+            (
+                &["--targets", "8"],
+                "--targets needs --context or --context-lengths",
+            ),
+            (
+                &["--context-lengths", "0,512", "--targets", "8"],
+                "--context-lengths must be positive, got 0",
+            ),
+            (
+                &[
+                    "--context-lengths",
+                    "512",
+                    "--targets",
+                    "8",
+                    "--sweep",
+                    "--sweep-plot",
+                    "x.svg",
+                ],
+                "use --context-plot with --context-lengths",
+            ),
+            (
+                &["--passkey", "--quick-test"],
+                "--context-lengths and --passkey need a model",
+            ),
+            (
+                &["--passkey", "--passkey-lengths", "0"],
+                "--passkey-lengths must be positive",
             ),
         ] {
             let error = plan(args).expect_err(&format!("{args:?} planned"));

@@ -1,4 +1,6 @@
-//! The sweep as SVG charts, written by hand (no plotting dependency): the
+//! The sweep as SVG charts, written by hand (no plotting dependency; the
+//! labels' placement, [`crate::labels`], is what a chart here needs most
+//! and no plotting crate does it): the
 //! perplexity delta, or the mean KL divergence, against bits/value; one
 //! labelled point per variant, that metric's Pareto front as a line and its
 //! pass bound (threshold, max-kld) as a dashed line. `capacity` draws its
@@ -8,6 +10,7 @@
 //! the y axis is symmetric-logarithmic: linear within ±[`Chart::linear`],
 //! logarithmic beyond, and zero and small negative deltas still have a place.
 
+use crate::labels;
 use crate::sweep::{SweepRow, SweepTable};
 
 const WIDTH: f64 = 860.0;
@@ -16,9 +19,6 @@ const LEFT: f64 = 80.0;
 const RIGHT: f64 = 30.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
-const LABEL_FONT_PX: f64 = 11.0;
-/// Rough width of one label character, to keep labels from overlapping.
-const LABEL_CHAR_PX: f64 = 6.2;
 const PASSED_COLOR: &str = "#2a9d4b";
 const FAILED_COLOR: &str = "#d1495b";
 const FRONT_COLOR: &str = "#3366cc";
@@ -56,7 +56,7 @@ fn map(value: f64, (from_lo, from_hi): (f64, f64), (to_lo, to_hi): (f64, f64)) -
     to_lo + (value - from_lo) / (from_hi - from_lo) * (to_hi - to_lo)
 }
 
-fn escape(text: &str) -> String {
+pub(crate) fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -163,11 +163,40 @@ pub fn render_points(points: &[Point], lines: &[Vec<usize>], chart: &Chart) -> S
     let px = |bits: f64| map(bits, (x_lo, x_hi), plot_x);
     let py = |delta: f64| map(symlog(delta), (y_lo, y_hi), plot_y);
 
+    let at: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|&(r, value)| (px(r.bits_per_value), py(value)))
+        .collect();
+    let legend_x = plot_x.1 - 110.0;
+    let legend_box = (legend_x - 8.0, plot_y.1 + 6.0, plot_x.1, plot_y.1 + 54.0);
+    let mut obstacles = vec![legend_box];
+    if let Some((bound, name)) = chart.bound {
+        let width = (name.len() + 1 + tick_label(bound).len()) as f64 * labels::CHAR_PX;
+        let y = py(bound);
+        obstacles.push((plot_x.1 - 4.0 - width, y - 15.0, plot_x.1, y - 1.0));
+    }
+    let placements = labels::place(
+        &at,
+        &rows
+            .iter()
+            .map(|(r, _)| r.label.clone())
+            .collect::<Vec<_>>(),
+        &obstacles,
+        (plot_x.0, plot_y.1, plot_x.1, plot_y.0),
+    );
+    let list = labels::list_width(
+        &rows
+            .iter()
+            .map(|(r, _)| r.label.clone())
+            .collect::<Vec<_>>(),
+        &placements,
+    );
+    let width = WIDTH + list;
     let mut svg = vec![
         format!(
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif">"#
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{HEIGHT}" viewBox="0 0 {width} {HEIGHT}" font-family="sans-serif">"#
         ),
-        format!(r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#),
+        format!(r#"<rect width="{width}" height="{HEIGHT}" fill="white"/>"#),
         format!(
             r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
             WIDTH / 2.0,
@@ -245,14 +274,7 @@ pub fn render_points(points: &[Point], lines: &[Vec<usize>], chart: &Chart) -> S
         ));
     }
 
-    // Points, then labels: each label takes the first free spot (right of
-    // its point, then left, then a line further up or down each time) that
-    // covers no point and no earlier label.
-    let points: Vec<(f64, f64)> = rows
-        .iter()
-        .map(|&(r, value)| (px(r.bits_per_value), py(value)))
-        .collect();
-    for (index, (&(row, value), &(x, y))) in rows.iter().zip(&points).enumerate() {
+    for (index, (&(row, value), &(x, y))) in rows.iter().zip(&at).enumerate() {
         let color = if row.passed {
             PASSED_COLOR
         } else {
@@ -265,45 +287,19 @@ pub fn render_points(points: &[Point], lines: &[Vec<usize>], chart: &Chart) -> S
             row.bits_per_value,
         ));
     }
-    // Occupied boxes as (left, top, right, bottom).
-    let mut occupied: Vec<(f64, f64, f64, f64)> = points
-        .iter()
-        .map(|&(x, y)| (x - 5.0, y - 5.0, x + 5.0, y + 5.0))
-        .collect();
-    for (&(row, _), &(x, y)) in rows.iter().zip(&points) {
-        if row.label.is_empty() {
-            continue;
-        }
-        let width = row.label.len() as f64 * LABEL_CHAR_PX;
-        let candidates = (0..30).flat_map(|step| {
-            let lines = f64::from((step + 1) / 2);
-            let baseline = y + 4.0 + if step % 2 == 1 { -lines } else { lines } * LABEL_FONT_PX;
-            [(x + 7.0, baseline), (x - 7.0 - width, baseline)]
-        });
-        let free = |&(left, baseline): &(f64, f64)| {
-            let (top, right, bottom) =
-                (baseline - LABEL_FONT_PX + 2.0, left + width, baseline + 2.0);
-            left >= plot_x.0
-                && right <= plot_x.1
-                && occupied
-                    .iter()
-                    .all(|&(l, t, r, b)| right <= l || r <= left || bottom <= t || b <= top)
-        };
-        let (left, baseline) = candidates.clone().find(free).unwrap_or((x + 7.0, y + 4.0));
-        occupied.push((
-            left,
-            baseline - LABEL_FONT_PX + 2.0,
-            left + width,
-            baseline + 2.0,
-        ));
-        svg.push(format!(
-            r#"<text x="{left:.1}" y="{baseline:.1}" font-size="{LABEL_FONT_PX}">{}</text>"#,
-            escape(&row.label)
-        ));
-    }
+    // Labels: beside their point, else joined by a leader, else numbered
+    // and listed right of the plot (the SVG widened for the list).
+    let labels: Vec<String> = rows.iter().map(|(r, _)| r.label.clone()).collect();
+    svg.extend(labels::render(
+        &at,
+        &labels,
+        &placements,
+        &[],
+        (WIDTH + 6.0, plot_y.1 + 12.0),
+        escape,
+    ));
 
     // Legend, top right: few variants have many bits and a large delta.
-    let legend_x = plot_x.1 - 110.0;
     svg.push(format!(
         r##"<g font-size="11"><circle cx="{legend_x}" cy="{y0}" r="4.5" fill="{PASSED_COLOR}"/><text x="{tx}" y="{t0}">passed</text><circle cx="{legend_x}" cy="{y1}" r="4.5" fill="{FAILED_COLOR}"/><text x="{tx}" y="{t1}">failed</text><line x1="{lx0}" y1="{y2}" x2="{lx1}" y2="{y2}" stroke="{FRONT_COLOR}" stroke-width="1.5"/><text x="{tx}" y="{t2}">{line_name}</text></g>"##,
         y0 = plot_y.1 + 14.0,

@@ -17,9 +17,12 @@ use crate::cli::Outputs;
 use crate::data::load_text;
 use crate::evaluate::{ensure_measurable, evaluate, EvalOptions, Evaluation};
 use crate::identity::ContentIds;
+use crate::long_context::LongContextReport;
+use crate::long_plot;
 use crate::model::device::{cache_dtype_storing, dtype_name, open_device};
 use crate::model::load::{load_model, read_model_config, LoadedModel, ModelSource};
 use crate::output;
+use crate::passkey::PasskeyRun;
 use crate::perplexity::{plan_windows, Protocol};
 use crate::plan::{
     AllocationSource, CapacityPlan, EvaluationPlan, ModelPlan, ModelWork, Plan, VariantsPlan,
@@ -116,6 +119,36 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
     match plan.work {
         ModelWork::Bench { lengths, json } => {
             run_forward_benchmark(&lengths, json.as_deref(), &loaded, &opened.name, console)
+        }
+        ModelWork::LongContext {
+            lengths,
+            targets,
+            evaluation,
+            plot,
+        } => {
+            let run = ModelRun {
+                model: &plan.model,
+                loaded: &loaded,
+                device: opened.name.clone(),
+                cache_dtype,
+                show_progress: plan.show_progress,
+            };
+            run.context_lengths(&lengths, targets, evaluation, plot.as_deref(), console)
+        }
+        ModelWork::Passkey(passkey_plan) => {
+            let report = PasskeyRun {
+                loaded: &loaded,
+                device: opened.name.clone(),
+                cache_dtype,
+                status: console.status,
+            }
+            .run(&passkey_plan)?;
+            (console.report)(&report.render_text());
+            write_json(passkey_plan.json.as_deref(), &report)?;
+            if let Some(path) = &passkey_plan.plot {
+                output::write_atomically(path, long_plot::render_passkey_svg(&report))?;
+            }
+            Ok(true)
         }
         ModelWork::Evaluate(evaluation_plan) => {
             let run = ModelRun {
@@ -254,6 +287,47 @@ impl ModelRun<'_> {
             return Ok(None);
         }
         Ok(Some((records, evaluation)))
+    }
+}
+
+impl ModelRun<'_> {
+    /// `--context-lengths`: the evaluation at each length (windows of
+    /// length + `targets` tokens), one report; `Ok(some method passes at every length)`.
+    fn context_lengths(
+        &self,
+        lengths: &[usize],
+        targets: usize,
+        mut plan: EvaluationPlan,
+        plot: Option<&Path>,
+        console: &Console<'_>,
+    ) -> anyhow::Result<bool> {
+        let max = self.loaded.model.config().max_position_embeddings;
+        if let Some(&too_long) = lengths.iter().find(|&&length| length + targets > max) {
+            bail!(
+                "--context-lengths {too_long}: a window of {too_long} context + {targets} \
+                 targets exceeds the model's maximum context of {max} tokens"
+            );
+        }
+        let mut per_length = Vec::with_capacity(lengths.len());
+        for &length in lengths {
+            (console.status)(&format!("context length {length}"));
+            plan.context_targets = Some((length, targets));
+            let (records, evaluation) = self
+                .evaluate(&plan, console)?
+                .expect("a context-length sweep has no --windows slice");
+            let cache_dtype = cache_dtype_of(&records)?;
+            per_length.push((
+                length,
+                SweepReport::new(&records.run, &evaluation, &records.variants, cache_dtype),
+            ));
+        }
+        let report = LongContextReport::new(targets, per_length);
+        (console.report)(&report.render_text());
+        write_json(plan.outputs.json.as_deref(), &report)?;
+        if let Some(path) = plot {
+            output::write_atomically(path, long_plot::render_context_svg(&report))?;
+        }
+        Ok(report.passed())
     }
 }
 

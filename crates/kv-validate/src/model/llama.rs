@@ -647,6 +647,19 @@ impl Llama {
         Ok((self.logits(&last)?, cache))
     }
 
+    /// One decoding step: `token` at position `cache.seq_len()` attends to
+    /// all of `cache` (an original or a reconstructed prefix, and the tokens
+    /// decoded since) through the same layers and kernels as a prefill.
+    /// Returns its next-token logits `[vocab]` (f32) and the cache grown by
+    /// that one position. Each step copies the cache once (candle's `cat`),
+    /// which is fine for the few tokens of an answer.
+    pub fn decode_step(&self, token: u32, cache: &KvCache) -> Result<(Tensor, KvCache)> {
+        let input = Tensor::new(&[token], &self.device)?.unsqueeze(0)?;
+        let past = (!cache.layers.is_empty()).then_some(cache);
+        let (logits, grown) = self.forward_last(&input, past)?;
+        Ok((logits.squeeze(0)?, grown))
+    }
+
     /// What an engine's cache holds of `cache`: sliding-window layers keep
     /// their last `window - 1` positions (as `transformers`' cache does), the
     /// others all. This is what goes to kv-compress. `forward` keeps every
