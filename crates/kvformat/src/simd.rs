@@ -90,9 +90,11 @@ pub(crate) fn capped(level: Level) -> Level {
 /// `name(args)`, which runs `generic(args)` compiled for [`level()`], and
 /// `name_at(level, args)` for tests; `generic` must be `#[inline(always)]`
 /// (and so must what it calls, for it to be compiled at the level).
-/// A `level` above the CPU's runs at the CPU's.
+/// A `level` above the CPU's runs at the CPU's. Attributes before `fn`
+/// apply to `name` (say `#[allow(dead_code)]` where callers pass a level).
 macro_rules! multiversion {
-    ($vis:vis fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+        $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             $name_at($crate::simd::level(), $($arg),*)
