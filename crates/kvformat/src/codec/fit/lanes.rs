@@ -5,6 +5,10 @@
 //! [`crate::simd::Level`]; the lane loops are fixed-length so that the
 //! compiler keeps them in registers (4 of AVX-512, 8 of AVX2, per array).
 
+// Lane loops index several lane arrays at once by the lane number: that is
+// the shape the compiler turns into whole-register operations.
+#![allow(clippy::needless_range_loop)]
+
 use crate::simd::multiversion;
 
 // The fit passes its level (the tests run each one), so only the `_at`
