@@ -9,7 +9,7 @@
 // the shape the compiler turns into whole-register operations.
 #![allow(clippy::needless_range_loop)]
 
-use crate::simd::multiversion;
+use crate::simd::{clamp, multiversion, round};
 
 // The fit passes its level (the tests run each one), so only the `_at`
 // forms are called.
@@ -42,32 +42,6 @@ impl LaneSums {
         let scale = (n * x_code - code * x) / determinant;
         let offset = (code_code * x - code * x_code) / determinant;
         Some((scale, offset))
-    }
-}
-
-/// `x.round()` (half away from zero) in operations every level vectorizes:
-/// `x - trunc(x)` is exact, so comparing it with ±0.5 decides exactly.
-#[inline(always)]
-fn round(x: f64) -> f64 {
-    let t = x.trunc();
-    let fraction = x - t;
-    if fraction >= 0.5 {
-        t + 1.0
-    } else if fraction <= -0.5 {
-        t - 1.0
-    } else {
-        t
-    }
-}
-
-/// `x.clamp(lo, hi)` for `lo <= hi` as selects (NaN passes through, as in `clamp`).
-#[inline(always)]
-fn clamp(x: f64, lo: f64, hi: f64) -> f64 {
-    let x = if x < lo { lo } else { x };
-    if x > hi {
-        hi
-    } else {
-        x
     }
 }
 
