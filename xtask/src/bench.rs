@@ -121,6 +121,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "| input | command | wall min / median / max (ms) | MB/s | peak RSS (MB) | RSS / input file |{go_columns}"
     )?;
     writeln!(report, "|---|---|---:|---:|---:|---:|{go_rule}")?;
+    let mut families = String::new();
     for dtype in ["F32", "F16"] {
         let input = scratch.join(format!("cache_{}.safetensors", dtype.to_lowercase()));
         generate_in_child(&input, dtype)?;
@@ -186,7 +187,17 @@ pub fn run(args: &[String]) -> Result<()> {
                 rss_mb / file_mb
             )?;
         }
+        if dtype == "F32" {
+            families = method_family_rows(
+                &kv_compress,
+                options.go.as_deref(),
+                &input,
+                &scratch,
+                repetitions,
+            )?;
+        }
     }
+    report.push_str(&families);
 
     writeln!(
         report,
@@ -219,6 +230,112 @@ pub fn run(args: &[String]) -> Result<()> {
     print!("{report}");
     eprintln!("bench: wrote {}", out.display());
     Ok(())
+}
+
+/// One row per method family of the default sweep matrix: the family and
+/// the matrix variant that stands for it (its flags are the matrix's own).
+const METHOD_FAMILIES: [(&str, &str); 8] = [
+    ("ADR-002 (default)", "adr002-g64"),
+    ("KIVI", "kivi4"),
+    ("KIVI, rotated", "kivi4-rot"),
+    ("KIVI, symmetric grid, rotated", "kivi4-sym-rot-sink4"),
+    (
+        "KIVI, rotated, `-fit mse`",
+        "kivi4-rot-mse-k128-vf256-sink4",
+    ),
+    ("Lloyd-Max codebook", "lloyd4-rot-kch-sink4"),
+    ("k-means codebook", "kmeans3-rot-kch-sink4"),
+    ("ecsq (range coded)", "ecsq-r4.35-sink1"),
+];
+
+/// The flags of `variant` in kv-validate's default sweep matrix.
+fn matrix_flags(variant: &str) -> Result<Vec<&'static str>> {
+    kvformat::sweep_matrix::DEFAULT_MATRIX
+        .iter()
+        .find(|(label, _)| *label == variant)
+        .map(|(_, flags)| flags.split_whitespace().collect())
+        .with_context(|| format!("the default sweep matrix has no variant `{variant}`"))
+}
+
+/// The method-family table: compress and decompress of the F32 cache with
+/// each family's flags; the Go original (ADR-002 only) beside the default.
+fn method_family_rows(
+    kv_compress: &Path,
+    go: Option<&Path>,
+    input: &Path,
+    scratch: &Path,
+    repetitions: usize,
+) -> Result<String> {
+    let input_bytes = tensor_bytes("F32");
+    let mut rows = String::new();
+    writeln!(
+        rows,
+        "\nMethod families of the default sweep matrix (`kv-validate --sweep`), F32 cache ({:.0} MB), \
+         the matrix's flags, {repetitions} runs each, whole process; MB/s of the median. Goal (issue 23): \
+         every family at 1,000 MB/s or more both ways, decompress never slower than compress.{}\n",
+        input_bytes as f64 / 1e6,
+        if go.is_some() { " The Go original has ADR-002 only: it runs beside that row." } else { "" }
+    )?;
+    let (go_columns, go_rule) = match go {
+        Some(_) => (" Go compress / decompress median (ms) |", "---:|"),
+        None => ("", ""),
+    };
+    writeln!(
+        rows,
+        "| method family | matrix variant | compress min / median / max (ms) | MB/s | decompress min / median / max (ms) | MB/s | decompress / compress |{go_columns}"
+    )?;
+    writeln!(rows, "|---|---|---:|---:|---:|---:|---:|{go_rule}")?;
+    let packed = scratch.join("family_packed.safetensors");
+    let restored = scratch.join("family_restored.safetensors");
+    let go_packed = scratch.join("family_go_packed.safetensors");
+    let go_restored = scratch.join("family_go_restored.safetensors");
+    for (family, variant) in METHOD_FAMILIES {
+        let flags = matrix_flags(variant)?;
+        let go = go.filter(|_| flags.is_empty());
+        let mut compress = vec!["-input", "", "-output", ""];
+        compress.extend(&flags);
+        let decompress = ["-decompress", "-input", "", "-output", ""];
+        let side_by_side = |template: &[&str], ours: [&Path; 2], theirs: [&Path; 2]| {
+            measure_side_by_side(
+                &(kv_compress, fill_paths(template, &ours)),
+                go.map(|go| (go, fill_paths(template, &theirs))).as_ref(),
+                repetitions,
+            )
+        };
+        let (c, go_c) = side_by_side(&compress, [input, &packed], [input, &go_packed])?;
+        let (d, go_d) = side_by_side(
+            &decompress,
+            [&packed, &restored],
+            [&go_packed, &go_restored],
+        )?;
+        let mb_s = |m: &Measurement| input_bytes as f64 / 1e6 / m.wall.as_secs_f64();
+        eprintln!(
+            "bench: {family}: compress {:.1} ms ({:.0} MB/s), decompress {:.1} ms ({:.0} MB/s)",
+            ms(c.wall),
+            mb_s(&c),
+            ms(d.wall),
+            mb_s(&d)
+        );
+        let go_cells = match (go_c, go_d) {
+            (Some(go_c), Some(go_d)) => format!(" {:.1} / {:.1} |", ms(go_c.wall), ms(go_d.wall)),
+            _ if go_columns.is_empty() => String::new(),
+            _ => " — |".to_string(),
+        };
+        writeln!(
+            rows,
+            "| {family} | `{variant}` | {:.1} / {:.1} / {:.1} | {:.0} | {:.1} / {:.1} / {:.1} | {:.0} | {:.2}x |{go_cells}",
+            ms(c.min),
+            ms(c.wall),
+            ms(c.max),
+            mb_s(&c),
+            ms(d.min),
+            ms(d.wall),
+            ms(d.max),
+            mb_s(&d),
+            d.wall.as_secs_f64() / c.wall.as_secs_f64()
+        )?;
+    }
+    Ok(rows)
 }
 
 /// The heading of docs/benchmarks.md's GPU section, which this task keeps as it is.
@@ -599,4 +716,18 @@ fn normal(rng: &mut SplitMix64) -> f32 {
     let mut uniform = || ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
     let (u, v) = (uniform(), uniform());
     ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_method_family_names_a_variant_of_the_matrix_and_only_the_default_has_no_flags() {
+        for (family, variant) in METHOD_FAMILIES {
+            let flags = matrix_flags(variant).unwrap();
+            assert_eq!(flags.is_empty(), variant == "adr002-g64", "{family}");
+        }
+        assert!(matrix_flags("no-such-variant").is_err());
+    }
 }

@@ -33,6 +33,7 @@ pub mod packed;
 pub mod preset;
 pub mod sidecar;
 pub mod simd;
+pub mod sweep_matrix;
 pub mod tensor_file;
 
 pub use cache::{write_cache, CacheTensor, KvCache};

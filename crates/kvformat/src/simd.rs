@@ -86,13 +86,42 @@ pub(crate) fn capped(level: Level) -> Level {
     level.min(detected())
 }
 
+/// `x.round()` (half away from zero) in operations every level vectorizes
+/// (`round` itself is a libm call in a loop): `x - trunc(x)` is exact, so
+/// comparing it with ±0.5 decides exactly; the same bits as `f64::round`.
+#[inline(always)]
+pub(crate) fn round(x: f64) -> f64 {
+    let t = x.trunc();
+    let fraction = x - t;
+    if fraction >= 0.5 {
+        t + 1.0
+    } else if fraction <= -0.5 {
+        t - 1.0
+    } else {
+        t
+    }
+}
+
+/// `x.clamp(lo, hi)` for `lo <= hi` as selects (NaN passes through, as in `clamp`).
+#[inline(always)]
+pub(crate) fn clamp(x: f64, lo: f64, hi: f64) -> f64 {
+    let x = if x < lo { lo } else { x };
+    if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
 /// `multiversion!(fn name / name_at(args) -> R => generic)` defines
 /// `name(args)`, which runs `generic(args)` compiled for [`level()`], and
 /// `name_at(level, args)` for tests; `generic` must be `#[inline(always)]`
 /// (and so must what it calls, for it to be compiled at the level).
-/// A `level` above the CPU's runs at the CPU's.
+/// A `level` above the CPU's runs at the CPU's. Attributes before `fn`
+/// apply to `name` (say `#[allow(dead_code)]` where callers pass a level).
 macro_rules! multiversion {
-    ($vis:vis fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident / $name_at:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $generic:path) => {
+        $(#[$attr])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             $name_at($crate::simd::level(), $($arg),*)

@@ -156,15 +156,24 @@ pub(crate) fn fit_codebook(
             .enumerate()
             .map(|(chunk, chunk_values)| {
                 let mut sums = vec![(0.0f64, 0.0f64); k];
-                for i in chunk * SUM_CHUNK..chunk * SUM_CHUNK + chunk_values.len() {
-                    if kept.is_some_and(|kept| !kept[i]) {
-                        continue;
+                let (start, end) = (chunk * SUM_CHUNK, chunk * SUM_CHUNK + chunk_values.len());
+                // Group by group, in index order: the scale is looked up
+                // once per group, not once per value.
+                let mut i = start;
+                while i < end {
+                    let group = group_of(i);
+                    let stop = geometry.range(group).end.min(end);
+                    let scale = scales[group];
+                    let s = f64::from(scale);
+                    for i in i..stop {
+                        if kept.is_some_and(|kept| !kept[i]) {
+                            continue;
+                        }
+                        let code = usize::from(codebook.code(values[i] / scale));
+                        sums[code].0 += s * f64::from(values[i]);
+                        sums[code].1 += s * s;
                     }
-                    let scale = scales[group_of(i)];
-                    let code = usize::from(codebook.code(values[i] / scale));
-                    let (s, x) = (f64::from(scale), f64::from(values[i]));
-                    sums[code].0 += s * x;
-                    sums[code].1 += s * s;
+                    i = stop;
                 }
                 sums
             })

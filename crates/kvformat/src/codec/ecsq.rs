@@ -175,12 +175,14 @@ pub(crate) fn encode_codes(
     geometry: &GroupGeometry,
 ) -> Vec<u8> {
     let mut coder = Encoder::new();
+    let mut codes = Vec::new();
     for group in 0..geometry.group_count() {
         let offset = params.offsets[group];
         let mut model = IntegerModel::default();
-        for &x in &grouped[geometry.range(group)] {
-            let q = ((f64::from(x) - f64::from(offset)) / f64::from(step)).round();
-            let mut q = q.clamp(-MAX_CODE, MAX_CODE) as i32;
+        let values = &grouped[geometry.range(group)];
+        codes.resize(values.len(), 0);
+        nearest_codes(values, f64::from(offset), f64::from(step), &mut codes);
+        for mut q in codes.iter().copied() {
             // Next to f32's limits the nearest level can lie beyond them;
             // the one before it is within 1.5 steps of `x`.
             if !level(offset, q, step).is_finite() {
@@ -190,6 +192,19 @@ pub(crate) fn encode_codes(
         }
     }
     coder.finish()
+}
+
+crate::simd::multiversion!(fn nearest_codes / nearest_codes_at(
+    values: &[f32], offset: f64, step: f64, codes: &mut [i32]) => nearest_codes_generic);
+
+/// Every value's nearest code `round((x - offset) / step)`, clipped to
+/// ±[`MAX_CODE`]: one vectorized pass before the (sequential) range coder.
+#[inline(always)]
+fn nearest_codes_generic(values: &[f32], offset: f64, step: f64, codes: &mut [i32]) {
+    for (code, &x) in codes.iter_mut().zip(values) {
+        let q = crate::simd::round((f64::from(x) - offset) / step);
+        *code = crate::simd::clamp(q, -MAX_CODE, MAX_CODE) as i32;
+    }
 }
 
 /// The value of code `q`: `offset + q * step` in f64, rounded to f32 (so
@@ -223,6 +238,7 @@ pub(crate) fn decode_codes(
 #[cfg(test)]
 mod tests {
     use super::super::{decode, encode, Axis, CodecError, CodecParams, Grid};
+    use super::{nearest_codes_at, MAX_CODE};
 
     /// Gaussian values (Box-Muller over a fixed LCG) with a mean per channel,
     /// `[1, heads, seq, 64]`.
@@ -355,6 +371,38 @@ mod tests {
             coded_mse < 0.6 * fixed_mse,
             "{coded_mse} against {fixed_mse}"
         );
+    }
+
+    #[test]
+    fn nearest_codes_are_roundings_half_away_from_zero_at_every_simd_level() {
+        // Ties on both sides, zeros, values past ±MAX_CODE steps, a
+        // subnormal step and a length that leaves SIMD remainders.
+        let mut values: Vec<f32> = (-40..=40).map(|i| i as f32 * 0.25).collect();
+        values.extend([
+            0.0, -0.0, 1e30, -1e30, 3.4e38, -3.4e38, 1e-40, 0.49999997, -0.5000001,
+        ]);
+        values.extend(gaussian_cache(1, 37, 5));
+        for (offset, step) in [
+            (0.0, 0.5),
+            (0.125, 0.25),
+            (-1.0, 1e-3),
+            (0.0, 1e-45),
+            (2.5, 3.0),
+        ] {
+            let expected: Vec<i32> = values
+                .iter()
+                .map(|&x| {
+                    ((f64::from(x) - offset) / step)
+                        .round()
+                        .clamp(-MAX_CODE, MAX_CODE) as i32
+                })
+                .collect();
+            for level in crate::simd::Level::available() {
+                let mut codes = vec![0; values.len()];
+                nearest_codes_at(level, &values, offset, step, &mut codes);
+                assert_eq!(codes, expected, "offset {offset}, step {step}, {level:?}");
+            }
+        }
     }
 
     #[test]
