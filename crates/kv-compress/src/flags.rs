@@ -1195,6 +1195,32 @@ mod tests {
     }
 
     #[test]
+    fn engine_methods_fix_the_engines_layout() {
+        let q4 = options(&["-method", "llama-q4_0", "-bits", "2", "-group-size", "64"]);
+        assert_eq!(q4.method, Method::Engine(Grid::Q4_0));
+        let params = base_params(&q4, TensorKind::Key);
+        assert_eq!(
+            (params.grid, params.bits, params.axis, params.group_size),
+            (Grid::Q4_0, 4, Axis::Token, 32)
+        );
+        for (scale, axis, unit) in [
+            ("unit", Axis::Flat, true),
+            ("calibrated", Axis::Flat, false),
+            ("dynamic", Axis::Token, false),
+        ] {
+            let o = options(&["-method", "vllm-fp8-e5m2", "-fp8-scale", scale]);
+            let params = base_params(&o, TensorKind::Value);
+            assert_eq!(
+                (params.grid, params.bits, params.axis, params.unit_scale),
+                (Grid::Fp8E5m2, 8, axis, unit),
+                "{scale}"
+            );
+        }
+        let refused = run(&["-method", "llama-q3_0"]).unwrap_err().to_string();
+        assert!(refused.contains("llama-q5_1"), "{refused}");
+    }
+
+    #[test]
     fn method_flags_parse() {
         let o = options(&[
             "-method",
