@@ -203,6 +203,22 @@ impl CodecParams {
                 return Err(CodecError::InvalidRate(rate));
             }
         }
+        // An engine's cache has no rotation and no tokens kept aside.
+        if grid.engine.is_some() {
+            let extras = [
+                (self.rotation_seed.is_some(), "rotation"),
+                (
+                    self.sink_tokens > 0 || self.recent_tokens > 0,
+                    "keeping tokens in FP16",
+                ),
+            ];
+            if let Some((_, feature)) = extras.iter().find(|(asked, _)| *asked) {
+                return Err(CodecError::GridWith {
+                    grid: self.grid,
+                    feature,
+                });
+            }
+        }
         let llama_blocks = grid.engine.is_some() && !self.grid.is_fp8();
         if llama_blocks && (self.axis != Axis::Token || self.group_size != super::ggml::BLOCK) {
             return Err(CodecError::EngineBlocks { grid: self.grid });
