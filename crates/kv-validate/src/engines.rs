@@ -202,4 +202,23 @@ mod tests {
             "{fp8}"
         );
     }
+
+    #[test]
+    fn capacity_counts_the_engines_real_bytes_per_value() {
+        let methods = crate::capacity::Method::defaults();
+        let bits = |label: &str| {
+            methods
+                .iter()
+                .find(|m| m.label == label)
+                .map(|m| m.bits_per_value)
+        };
+        // ggml: 32 codes and an f16 d (and m) per block.
+        assert_eq!(bits("llama-q8_0"), Some(8.5));
+        assert_eq!(bits("llama-q4_0"), Some(4.5));
+        assert_eq!(bits("llama-q4_1"), Some(5.0));
+        assert_eq!(bits("llama-q5_0"), Some(5.5));
+        assert_eq!(bits("llama-q5_1"), Some(6.0));
+        // fp8: a byte per value and one f32 scale per 64x64 tensor.
+        assert_eq!(bits("vllm-fp8-e4m3"), Some(8.0 + 32.0 / 4096.0));
+    }
 }
