@@ -77,7 +77,7 @@ impl Fp8Format {
         let sign = if byte & 0x80 != 0 { -1.0 } else { 1.0 };
         let exp = i32::from((byte & 0x7f) >> man);
         let m = i32::from(byte) & ((1 << man) - 1);
-        let top = (0x7f >> man) as i32;
+        let top = 0x7f >> man;
         let magnitude = if self.ieee_specials && exp == top {
             if m == 0 {
                 f32::INFINITY
