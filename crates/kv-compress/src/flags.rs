@@ -20,7 +20,7 @@ use kvformat::codec::{spoken_list, CodecParams, GRIDS, RATE_RANGE, SUPPORTED_BIT
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
 use kvformat::preset::DEFAULT_GROUP_SIZE;
-pub use kvformat::preset::{Preset as Method, TensorKind};
+pub use kvformat::preset::{Fp8Scale, Preset as Method, TensorKind};
 
 pub use crate::settings::LayerRule;
 use crate::settings::{CodecSettings, SettingsError};
@@ -69,6 +69,8 @@ pub struct Options {
     pub recent_tokens: usize,
     /// `-rate`: the bits per value of every `ecsq` tensor's step.
     pub rate: Option<f64>,
+    /// `-fp8-scale`: how an fp8 engine method's scales are chosen.
+    pub fp8_scale: Fp8Scale,
 }
 
 impl Default for Options {
@@ -101,6 +103,7 @@ impl Default for Options {
             sink_tokens: 0,
             recent_tokens: 0,
             rate: None,
+            fp8_scale: Fp8Scale::Unit,
         }
     }
 }
@@ -136,7 +139,7 @@ fn base_params(options: &Options, kind: TensorKind) -> CodecParams {
             options.value_outliers,
         ),
     };
-    CodecParams {
+    let params = CodecParams {
         bits: bits.unwrap_or(options.bits),
         grid: options.grid.unwrap_or(options.method.grid()),
         axis: axis.unwrap_or(options.method.axis(kind)),
@@ -148,6 +151,19 @@ fn base_params(options: &Options, kind: TensorKind) -> CodecParams {
         fit: options.fit,
         outliers: outliers.unwrap_or(options.outliers),
         rate: options.rate,
+        unit_scale: false,
+    };
+    // An engine's format is the engine's: its bits, blocks and scales.
+    match options.method.engine_layout(options.fp8_scale) {
+        Some((bits, axis, group_size, unit_scale)) => CodecParams {
+            bits,
+            grid: options.method.grid(),
+            axis,
+            group_size,
+            unit_scale,
+            ..params
+        },
+        None => params,
     }
 }
 
@@ -488,15 +504,39 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
             },
             Flag {
                 name: "method",
-                help: "preset: adr002 (default: 4-bit symmetric flat groups) or kivi\n\
-                       (asymmetric, keys per channel along tokens, values per token)",
+                help: "preset: adr002 (default: 4-bit symmetric flat groups), kivi\n\
+                       (asymmetric, keys per channel along tokens, values per token), or an\n\
+                       inference engine's cache type, bit-exact and without LZ4: vllm-fp8-e4m3,\n\
+                       vllm-fp8-e5m2 (vLLM/SGLang), llama-q8_0, llama-q4_0, llama-q4_1,\n\
+                       llama-q5_0, llama-q5_1 (llama.cpp -ctk/-ctv)",
                 setter: Setter::Text {
                     placeholder: "string",
                     apply: |o, v| {
-                        o.method = match v {
-                            "adr002" => Method::Adr002,
-                            "kivi" => Method::Kivi,
-                            _ => return Err("must be adr002 or kivi".into()),
+                        o.method = Method::from_name(v).ok_or_else(|| {
+                            let engines: Vec<&str> = GRIDS
+                                .iter()
+                                .filter_map(|spec| spec.engine.as_ref().map(|e| e.method))
+                                .collect();
+                            format!("must be adr002, kivi, {}", spoken_list(&engines))
+                        })?;
+                        Ok(())
+                    },
+                },
+                default: None,
+            },
+            Flag {
+                name: "fp8-scale",
+                help: "scales of the vllm-fp8-* methods: unit (default, 1.0 as vLLM without\n\
+                       scales), calibrated (per tensor, max|x|/448 for e4m3 or /57344 for e5m2,\n\
+                       as llm-compressor's static scales) or dynamic (the same per token and head)",
+                setter: Setter::Text {
+                    placeholder: "string",
+                    apply: |o, v| {
+                        o.fp8_scale = match v {
+                            "unit" => Fp8Scale::Unit,
+                            "calibrated" => Fp8Scale::Calibrated,
+                            "dynamic" => Fp8Scale::Dynamic,
+                            _ => return Err("must be unit, calibrated or dynamic".into()),
                         };
                         Ok(())
                     },
@@ -1152,6 +1192,32 @@ mod tests {
         assert_eq!(options(&["-sparsity", "0.999"]).sparsity, 0.999);
         assert_eq!(options(&["-sparsity", ".5"]).sparsity, 0.5);
         assert_eq!(options(&["-sparsity", "5e-1"]).sparsity, 0.5);
+    }
+
+    #[test]
+    fn engine_methods_fix_the_engines_layout() {
+        let q4 = options(&["-method", "llama-q4_0", "-bits", "2", "-group-size", "64"]);
+        assert_eq!(q4.method, Method::Engine(Grid::Q4_0));
+        let params = base_params(&q4, TensorKind::Key);
+        assert_eq!(
+            (params.grid, params.bits, params.axis, params.group_size),
+            (Grid::Q4_0, 4, Axis::Token, 32)
+        );
+        for (scale, axis, unit) in [
+            ("unit", Axis::Flat, true),
+            ("calibrated", Axis::Flat, false),
+            ("dynamic", Axis::Token, false),
+        ] {
+            let o = options(&["-method", "vllm-fp8-e5m2", "-fp8-scale", scale]);
+            let params = base_params(&o, TensorKind::Value);
+            assert_eq!(
+                (params.grid, params.bits, params.axis, params.unit_scale),
+                (Grid::Fp8E5m2, 8, axis, unit),
+                "{scale}"
+            );
+        }
+        let refused = run(&["-method", "llama-q3_0"]).unwrap_err().to_string();
+        assert!(refused.contains("llama-q5_1"), "{refused}");
     }
 
     #[test]

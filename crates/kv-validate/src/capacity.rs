@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use kvformat::codec::{payload_len, CodecParams, Layout, ScaleDtype, SparseForm};
-use kvformat::preset::DEFAULT_GROUP_SIZE;
+use kvformat::codec::{payload_len, CodecParams, Layout, ScaleDtype, SparseForm, GRIDS};
+use kvformat::preset::{Fp8Scale, Preset, DEFAULT_GROUP_SIZE};
 use serde::{Deserialize, Serialize};
 
 use crate::identity::ContentId;
@@ -185,7 +185,48 @@ impl Method {
                 kld_mean: None,
             });
         }
+        methods.extend(Method::engine_formats());
         methods
+    }
+
+    /// Every inference engine's cache format (fp8 with a per-tensor scale),
+    /// its bits/value from the codec's payload length: the engine's bytes.
+    fn engine_formats() -> Vec<Self> {
+        let shape = [1, 1, CODEC_GROUP_SIZE, CODEC_GROUP_SIZE];
+        let values = (CODEC_GROUP_SIZE * CODEC_GROUP_SIZE) as f64;
+        GRIDS
+            .iter()
+            .filter_map(|spec| spec.engine.as_ref().map(|engine| (spec.grid, engine)))
+            .map(|(grid, engine)| {
+                let (bits, axis, group_size, unit_scale) = Preset::Engine(grid)
+                    .engine_layout(Fp8Scale::Calibrated)
+                    .expect("an engine grid has the engine's layout");
+                let params = CodecParams {
+                    bits,
+                    grid,
+                    axis,
+                    group_size,
+                    unit_scale,
+                    ..CodecParams::adr002(group_size)
+                };
+                let layout = Layout {
+                    scale_dtype: if grid.is_fp8() {
+                        ScaleDtype::F32
+                    } else {
+                        ScaleDtype::F16
+                    },
+                    sparse_form: SparseForm::Dense,
+                    coded_bytes: None,
+                };
+                let bytes = payload_len(&shape, &params, &layout).expect("a valid engine format");
+                Method {
+                    label: engine.method.to_string(),
+                    bits_per_value: 8.0 * bytes as f64 / values,
+                    delta: None,
+                    kld_mean: None,
+                }
+            })
+            .collect()
     }
 
     fn fp16() -> Self {

@@ -188,6 +188,12 @@ pub struct Cli {
     /// windows, print a table and recommend the fewest bits that pass.
     #[arg(long)]
     pub sweep: bool,
+    /// The matrix --sweep runs: default (kv-compress's methods and bit
+    /// widths) or engines (every KV-cache format vLLM, SGLang and llama.cpp
+    /// ship, bit-exact, beside the best research methods at similar bits;
+    /// the report grouped by engine, with the engine flags to deploy).
+    #[arg(long, value_enum, default_value_t = Matrix::Default, requires = "sweep")]
+    pub matrix: Matrix,
     /// A sweep variant, LABEL=FLAGS (kv-compress flags, space-separated;
     /// repeatable). When given, the sweep is exactly these variants.
     #[arg(
@@ -469,4 +475,12 @@ pub fn parse_probe_bits(text: &str) -> Result<u8, String> {
         .ok()
         .filter(|bits| *bits < 8 && kvformat::codec::SUPPORTED_BITS.contains(bits))
         .ok_or_else(|| format!("{text:?} is not one of 2, 3, 4, 5, 6"))
+}
+
+/// `--matrix`: which built-in matrix `--sweep` runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Matrix {
+    #[default]
+    Default,
+    Engines,
 }

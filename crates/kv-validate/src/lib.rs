@@ -22,6 +22,7 @@ pub mod capacity;
 pub mod cleanup;
 pub mod cli;
 pub mod data;
+pub mod engines;
 pub mod evaluate;
 pub mod fidelity;
 pub mod identity;

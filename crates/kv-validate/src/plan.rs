@@ -13,7 +13,7 @@ use kvformat::CacheDtype;
 use crate::allocation::SENSITIVITY_BITS_FLAGS;
 use crate::bridge::{BridgeError, CompressTimeout, KvCompress};
 use crate::capacity::{GpuMemory, WeightsDtype};
-use crate::cli::{Cli, Command, ModelArgs, Outputs};
+use crate::cli::{Cli, Command, Matrix, ModelArgs, Outputs};
 use crate::data::TextSource;
 use crate::evaluate::default_scratch_parent;
 use crate::identity::model_inputs;
@@ -491,7 +491,10 @@ fn variants_plan(cli: &Cli, settings: &CompressSettings) -> Result<VariantsPlan,
         return Err(CliError::SweepWithoutModel);
     }
     let variants = if cli.variants.is_empty() {
-        Variant::default_matrix()
+        match cli.matrix {
+            Matrix::Default => Variant::default_matrix(),
+            Matrix::Engines => crate::engines::engines_matrix(),
+        }
     } else {
         cli.variants
             .iter()

@@ -457,6 +457,11 @@ impl SweepReport {
             String::new(),
         ];
         lines.extend(self.table.render_rows());
+        let has_engine_rows = self
+            .table
+            .rows
+            .iter()
+            .any(|row| crate::engines::engine_grid(&row.flags).is_some());
         lines.push(
             "(* = Pareto front: no other variant has fewer or equal bits and a lower or equal delta; \
              + = the same with the mean KLD)"
@@ -467,8 +472,15 @@ impl SweepReport {
              top-1 over the tokens on a compressed cache)"
                 .into(),
         );
+        if has_engine_rows {
+            lines.push(String::new());
+            lines.extend(crate::engines::render_by_engine(&self.table));
+        }
         lines.push(String::new());
         lines.push(self.table.recommendation_line());
+        if has_engine_rows {
+            lines.extend(crate::engines::deploy_lines(&self.table));
+        }
         lines.push(rule());
         lines.join("\n") + "\n"
     }

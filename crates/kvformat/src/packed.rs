@@ -137,7 +137,9 @@ fn pack(
         }
     }
     let raw_len = encoded.payload.len();
-    let compressed = lz4_may_pay(&encoded.payload)
+    // An engine's bytes are what the engine stores: no LZ4 stage, so the
+    // bits per value are its memory cost.
+    let compressed = (!params.grid.is_engine_format() && lz4_may_pay(&encoded.payload))
         .then(|| lz4_flex::block::compress(&encoded.payload))
         .filter(|compressed| compressed.len() < raw_len);
     let (lz4, stored) = match compressed {

@@ -69,19 +69,67 @@ pub enum Preset {
     Adr002,
     /// KIVI: asymmetric grid, keys grouped per channel along tokens, values per token.
     Kivi,
+    /// An inference engine's cache type (`llama-q4_0`, `vllm-fp8-e4m3`): its
+    /// grid, its block layout, no LZ4 stage.
+    Engine(Grid),
 }
 
+/// How the float8 grids' scales are chosen (`-fp8-scale`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Fp8Scale {
+    /// 1.0, vLLM's default without scales.
+    #[default]
+    Unit,
+    /// One per tensor, `max|x| / max_finite`: llm-compressor's static scale.
+    Calibrated,
+    /// One per token and head, computed from its own values.
+    Dynamic,
+}
+
+/// Group size of "the whole segment": one group per tensor (flat) or per
+/// token and head (per-token axis).
+pub const WHOLE_SEGMENT: usize = u32::MAX as usize;
+
 impl Preset {
+    /// The preset spelled `name` on the command line.
+    pub fn from_name(name: &str) -> Option<Preset> {
+        match name {
+            "adr002" => Some(Preset::Adr002),
+            "kivi" => Some(Preset::Kivi),
+            _ => Grid::from_engine_method(name).map(Preset::Engine),
+        }
+    }
+
     pub fn grid(self) -> Grid {
         match self {
             Preset::Adr002 => Grid::Symmetric,
             Preset::Kivi => Grid::Asymmetric,
+            Preset::Engine(grid) => grid,
         }
+    }
+
+    /// An engine preset's fixed bits, axis and group size, whatever the other
+    /// flags say (the format is the engine's), and whether scales are 1.
+    pub fn engine_layout(self, fp8_scale: Fp8Scale) -> Option<(u8, Axis, usize, bool)> {
+        let Preset::Engine(grid) = self else {
+            return None;
+        };
+        let bits = grid.spec().bits[0];
+        Some(if !grid.is_fp8() {
+            (bits, Axis::Token, 32, false)
+        } else {
+            match fp8_scale {
+                Fp8Scale::Unit => (bits, Axis::Flat, WHOLE_SEGMENT, true),
+                Fp8Scale::Calibrated => (bits, Axis::Flat, WHOLE_SEGMENT, false),
+                Fp8Scale::Dynamic => (bits, Axis::Token, WHOLE_SEGMENT, false),
+            }
+        })
     }
 
     pub fn axis(self, kind: TensorKind) -> Axis {
         match (self, kind) {
             (Preset::Adr002, _) => Axis::Flat,
+            (Preset::Engine(_), _) => Axis::Token,
             (Preset::Kivi, TensorKind::Key) => Axis::Channel,
             (Preset::Kivi, TensorKind::Value) => Axis::Token,
         }

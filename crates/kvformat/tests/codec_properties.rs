@@ -90,6 +90,7 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
                 fit: Fit::MinMax,
                 outliers: 0.0,
                 rate: None,
+                unit_scale: false,
             },
         )
 }
@@ -291,7 +292,7 @@ fn bound(params: &CodecParams, scale: f64, offset: f64, exact: (f64, f64), magni
             };
             scale / 2.0 + offset_error + levels * scale_error + float_slop
         }
-        Grid::Lloyd | Grid::Kmeans | Grid::Ecsq => {
+        _ => {
             unreachable!("codebook and ecsq grids have their own checks")
         }
     }
@@ -529,7 +530,7 @@ fn check_rotated(quantized: &Quantized) -> Result<(), TestCaseError> {
                             + 2.0f64.powi(-25)
                             + levels * scale * 2.0f64.powi(-10)
                     }
-                    Grid::Lloyd | Grid::Kmeans | Grid::Ecsq => {
+                    _ => {
                         unreachable!("codebook and ecsq grids have their own checks")
                     }
                 }

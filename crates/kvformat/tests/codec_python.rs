@@ -325,6 +325,102 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 .collect(),
         ),
         (
+            "llama_q8_0",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 8,
+                grid: Grid::Q8_0,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(640, 40).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_q4_0",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Q4_0,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(640, 41).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_q4_1",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Q4_1,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(640, 42).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_q5_0",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 5,
+                grid: Grid::Q5_0,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(640, 43).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_q5_1",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 5,
+                grid: Grid::Q5_1,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(640, 44).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "vllm_fp8_e4m3_unit",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 8,
+                grid: Grid::Fp8E4m3,
+                axis: Axis::Flat,
+                unit_scale: true,
+                ..CodecParams::adr002(u32::MAX as usize)
+            },
+            sample_values(640, 45).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "vllm_fp8_e4m3_calibrated",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 8,
+                grid: Grid::Fp8E4m3,
+                axis: Axis::Flat,
+                unit_scale: false,
+                ..CodecParams::adr002(u32::MAX as usize)
+            },
+            sample_values(640, 46).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "vllm_fp8_e5m2_dynamic",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 8,
+                grid: Grid::Fp8E5m2,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(u32::MAX as usize)
+            },
+            sample_values(640, 47).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
             "everything",
             vec![1, 2, 9, 16],
             CodecParams {

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from . import engines
+
 MASK64 = (1 << 64) - 1
 
 # docs/format.md, "Codebook grids": the positive Lloyd-Max levels of N(0, 1), as f32.
@@ -180,6 +182,8 @@ def decode(payload, shape, params, layout):
     """One tensor's reconstruction, row-major float32, from its payload and
     the manifest's `codec` (params) and `layout` entries."""
     view = View(shape, params)
+    if params.get("grid") in engines.ENGINE_GRIDS:
+        return engines.decode(payload, shape, params, layout, view, unpack_codes, _require)
     bits, group_size = params["bits"], params["group_size"]
     _require(bits in (2, 3, 4, 5, 6, 8), f"bits {bits} is not 2, 3, 4, 5, 6 or 8")
     _require(params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans", "ecsq"), f"unknown grid {params['grid']}")

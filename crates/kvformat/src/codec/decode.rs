@@ -81,7 +81,11 @@ fn decode_checked(
     let stored = Stored {
         group_params: GroupParams {
             dtype: layout.scale_dtype,
-            scales: read_scales(scale_bytes, layout.scale_dtype)?,
+            scales: read_scales(
+                scale_bytes,
+                layout.scale_dtype,
+                params.grid.spec().any_finite_scales,
+            )?,
             offsets: read_offsets(offset_bytes, layout.scale_dtype)?,
         },
         level_bytes,

@@ -34,6 +34,41 @@ pub enum Grid {
     /// an offset (the mean) per group, codes range coded; `bits` sets the
     /// step, and the stored bits per value come out near it.
     Ecsq,
+    /// llama.cpp's `q8_0` cache type (`ggml.rs`): blocks of 32 along
+    /// head_dim, an f16 scale `max|x| / 127`, int8 codes.
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    /// llama.cpp's `q4_0`: an f16 scale `x_max / -8` (x_max the value of
+    /// largest magnitude), 4-bit codes biased by 8.
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    /// llama.cpp's `q4_1`: f16 scale `(max - min) / 15` and f16 min, 4-bit codes.
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    /// llama.cpp's `q5_0`: an f16 scale `x_max / -16`, 5-bit codes biased by 16.
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    /// llama.cpp's `q5_1`: f16 scale `(max - min) / 31` and f16 min, 5-bit codes.
+    #[serde(rename = "q5_1")]
+    Q5_1,
+    /// vLLM's and SGLang's `fp8_e4m3` cache (`fp8.rs`): `x / scale` saturated
+    /// to +-448 and rounded to float8 e4m3fn; one f32 scale per group.
+    #[serde(rename = "fp8-e4m3")]
+    Fp8E4m3,
+    /// vLLM's `fp8_e5m2` cache: `x / scale` saturated to +-57344, float8 e5m2.
+    #[serde(rename = "fp8-e5m2")]
+    Fp8E5m2,
+}
+
+/// An engine that ships a grid as a KV-cache type, and how it is asked for.
+#[derive(Debug, PartialEq)]
+pub struct EngineFormat {
+    /// The engines, as the reports name them (`llama.cpp`, `vLLM, SGLang`).
+    pub engine: &'static str,
+    /// Its `kv-compress -method` spelling (`llama-q4_0`, `vllm-fp8-e4m3`).
+    pub method: &'static str,
+    /// The engine's own name of the cache type (`q4_0`, `fp8_e4m3`).
+    pub cache_type: &'static str,
 }
 
 /// What one grid is and supports.
@@ -62,10 +97,17 @@ pub struct GridSpec {
     /// Whether the fused one-pass path (`fused.rs`, ADR-002's) applies when
     /// every value is coded.
     pub fused_fast_path: bool,
+    /// Whether scales may be any finite value (zero, negative, subnormal) as
+    /// an engine computes them, rather than positive normal numbers.
+    pub any_finite_scales: bool,
+    /// The engine that ships this grid as a cache type; `None` for the
+    /// research grids. Engine grids are stored without the LZ4 stage, so
+    /// their bits per value are the engine's memory cost.
+    pub engine: Option<EngineFormat>,
 }
 
 /// Every grid, in the order of [`Grid`]'s variants.
-pub const GRIDS: [GridSpec; 5] = [
+pub const GRIDS: [GridSpec; 12] = [
     GridSpec {
         grid: Grid::Symmetric,
         flag: "sym",
@@ -78,6 +120,8 @@ pub const GRIDS: [GridSpec; 5] = [
         outliers: true,
         rate: false,
         fused_fast_path: true,
+        any_finite_scales: false,
+        engine: None,
     },
     GridSpec {
         grid: Grid::Asymmetric,
@@ -91,6 +135,8 @@ pub const GRIDS: [GridSpec; 5] = [
         outliers: true,
         rate: false,
         fused_fast_path: false,
+        any_finite_scales: false,
+        engine: None,
     },
     GridSpec {
         grid: Grid::Lloyd,
@@ -104,6 +150,8 @@ pub const GRIDS: [GridSpec; 5] = [
         outliers: true,
         rate: false,
         fused_fast_path: false,
+        any_finite_scales: false,
+        engine: None,
     },
     GridSpec {
         grid: Grid::Kmeans,
@@ -117,6 +165,8 @@ pub const GRIDS: [GridSpec; 5] = [
         outliers: true,
         rate: false,
         fused_fast_path: false,
+        any_finite_scales: false,
+        engine: None,
     },
     GridSpec {
         grid: Grid::Ecsq,
@@ -130,6 +180,141 @@ pub const GRIDS: [GridSpec; 5] = [
         outliers: false,
         rate: true,
         fused_fast_path: false,
+        any_finite_scales: false,
+        engine: None,
+    },
+    GridSpec {
+        grid: Grid::Q8_0,
+        flag: "q8_0",
+        bits: &[8],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        engine: Some(EngineFormat {
+            engine: "llama.cpp",
+            method: "llama-q8_0",
+            cache_type: "q8_0",
+        }),
+    },
+    GridSpec {
+        grid: Grid::Q4_0,
+        flag: "q4_0",
+        bits: &[4],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        engine: Some(EngineFormat {
+            engine: "llama.cpp",
+            method: "llama-q4_0",
+            cache_type: "q4_0",
+        }),
+    },
+    GridSpec {
+        grid: Grid::Q4_1,
+        flag: "q4_1",
+        bits: &[4],
+        scales: true,
+        offsets: true,
+        exact_zero: false,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        engine: Some(EngineFormat {
+            engine: "llama.cpp",
+            method: "llama-q4_1",
+            cache_type: "q4_1",
+        }),
+    },
+    GridSpec {
+        grid: Grid::Q5_0,
+        flag: "q5_0",
+        bits: &[5],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        engine: Some(EngineFormat {
+            engine: "llama.cpp",
+            method: "llama-q5_0",
+            cache_type: "q5_0",
+        }),
+    },
+    GridSpec {
+        grid: Grid::Q5_1,
+        flag: "q5_1",
+        bits: &[5],
+        scales: true,
+        offsets: true,
+        exact_zero: false,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        engine: Some(EngineFormat {
+            engine: "llama.cpp",
+            method: "llama-q5_1",
+            cache_type: "q5_1",
+        }),
+    },
+    GridSpec {
+        grid: Grid::Fp8E4m3,
+        flag: "fp8-e4m3",
+        bits: &[8],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: false,
+        engine: Some(EngineFormat {
+            engine: "vLLM, SGLang",
+            method: "vllm-fp8-e4m3",
+            cache_type: "fp8_e4m3",
+        }),
+    },
+    GridSpec {
+        grid: Grid::Fp8E5m2,
+        flag: "fp8-e5m2",
+        bits: &[8],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: false,
+        engine: Some(EngineFormat {
+            engine: "vLLM, SGLang",
+            method: "vllm-fp8-e5m2",
+            cache_type: "fp8_e5m2",
+        }),
     },
 ];
 
@@ -145,6 +330,26 @@ impl Grid {
             .iter()
             .find(|spec| spec.flag == flag)
             .map(|spec| spec.grid)
+    }
+}
+
+impl Grid {
+    /// The engine grid whose `-method` spelling is `method` (`llama-q4_0`).
+    pub fn from_engine_method(method: &str) -> Option<Grid> {
+        GRIDS
+            .iter()
+            .find(|spec| spec.engine.as_ref().is_some_and(|e| e.method == method))
+            .map(|spec| spec.grid)
+    }
+
+    /// Whether an engine ships this grid (its bytes are the engine's).
+    pub fn is_engine_format(self) -> bool {
+        self.spec().engine.is_some()
+    }
+
+    /// Whether this is one of the float8 grids (one f32 scale per group).
+    pub fn is_fp8(self) -> bool {
+        matches!(self, Grid::Fp8E4m3 | Grid::Fp8E5m2)
     }
 }
 

@@ -8,7 +8,34 @@ use super::codebook::{self, Codebook};
 use super::groups::{GroupGeometry, Plan};
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
-use super::{bitpack, ecsq, CodecError, CodecParams, Grid};
+use super::{bitpack, ecsq, fp8, ggml, CodecError, CodecParams, Grid};
+
+/// An engine grid's code <-> value mapping (sparsity is refused for them,
+/// so every value of a group has a code).
+struct EngineMapping<'a> {
+    grid: Grid,
+    params: &'a GroupParams,
+}
+
+impl GroupMapping for EngineMapping<'_> {
+    fn codes(&self, group: usize, values: &[f32], _kept: Option<&[bool]>, codes: &mut [u8]) {
+        if self.grid.is_fp8() {
+            fp8::codes(self.grid, values, self.params.scales[group], codes);
+        } else {
+            ggml::codes(self.grid, values, codes);
+        }
+    }
+
+    fn values(&self, group: usize, codes: &[u8], _kept: Option<&[bool]>, out: &mut [f32]) {
+        let scale = self.params.scales[group];
+        if self.grid.is_fp8() {
+            fp8::values(self.grid, codes, scale, out);
+        } else {
+            let min = self.params.offsets.get(group).copied().unwrap_or(0.0);
+            ggml::values(self.grid, codes, scale, min, out);
+        }
+    }
+}
 
 /// A tensor's group quantizer, with whatever it shares across groups.
 pub(crate) enum GroupQuantizer {
@@ -23,6 +50,8 @@ pub(crate) enum GroupQuantizer {
     /// Entropy-coded uniform codes (`ecsq`): one step, an offset per group,
     /// and (when chosen, not read) the codes section the choice coded.
     Ecsq { step: f32, coded: Option<Vec<u8>> },
+    /// An inference engine's cache type (`ggml`, `fp8`): its own scales and codes.
+    Engine(Grid),
 }
 
 impl GroupQuantizer {
@@ -75,6 +104,14 @@ impl GroupQuantizer {
                 };
                 (choice.params, quantizer)
             }
+            grid if grid.is_fp8() => (
+                fp8::group_params(grid, grouped, geometry, params.unit_scale),
+                GroupQuantizer::Engine(grid),
+            ),
+            grid => (
+                ggml::group_params(grid, grouped, geometry),
+                GroupQuantizer::Engine(grid),
+            ),
         }
     }
 
@@ -91,6 +128,7 @@ impl GroupQuantizer {
                 step: ecsq::read_levels(level_bytes)?,
                 coded: None,
             },
+            grid => GroupQuantizer::Engine(grid),
         })
     }
 
@@ -100,13 +138,14 @@ impl GroupQuantizer {
             Grid::Symmetric | Grid::Asymmetric => 0,
             Grid::Lloyd | Grid::Kmeans => codebook::levels_section_len(params.grid, params.bits),
             Grid::Ecsq => ecsq::LEVELS_LEN,
+            _ => 0,
         }
     }
 
     /// Appends the levels section (empty unless the quantizer stores one).
     pub fn write_levels(&self, payload: &mut Vec<u8>) {
         match self {
-            GroupQuantizer::Uniform(_) => {}
+            GroupQuantizer::Uniform(_) | GroupQuantizer::Engine(_) => {}
             GroupQuantizer::Codebook { grid, codebook, .. } => {
                 codebook::write_levels(*grid, codebook, payload)
             }
@@ -169,6 +208,7 @@ impl GroupQuantizer {
         match self {
             GroupQuantizer::Uniform(range) => range.bits,
             GroupQuantizer::Codebook { bits, .. } => *bits,
+            GroupQuantizer::Engine(grid) => grid.spec().bits[0],
             GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),
         }
     }
@@ -187,6 +227,10 @@ impl GroupQuantizer {
             GroupQuantizer::Codebook { codebook, .. } => body(&codebook::Scaled {
                 codebook,
                 scales: &group_params.scales,
+            }),
+            GroupQuantizer::Engine(grid) => body(&EngineMapping {
+                grid: *grid,
+                params: group_params,
             }),
             GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),
         }

@@ -168,8 +168,16 @@ fn read_floats(bytes: &[u8], dtype: ScaleDtype) -> impl Iterator<Item = f32> + '
         })
 }
 
-/// Scales must be positive normal numbers of their dtype, as `encode` writes them.
-pub(crate) fn read_scales(bytes: &[u8], dtype: ScaleDtype) -> Result<Vec<f32>, CodecError> {
+/// Scales must be positive normal numbers of their dtype, as `encode` writes
+/// them, or (`any_finite`: engine grids) finite, as the engine computes them.
+pub(crate) fn read_scales(
+    bytes: &[u8],
+    dtype: ScaleDtype,
+    any_finite: bool,
+) -> Result<Vec<f32>, CodecError> {
+    if any_finite {
+        return read_offsets(bytes, dtype);
+    }
     read_floats(bytes, dtype)
         .map(|scale| {
             let normal = match dtype {

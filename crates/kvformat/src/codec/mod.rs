@@ -17,7 +17,9 @@
 //!   least-squares parameters for it; `fused` is ADR-002's one-pass fast
 //!   path over it) and `codebook` (non-uniform levels),
 //!   both behind `quantizer::GroupMapping`, and `ecsq` (entropy-coded
-//!   uniform codes, through `range_coder`).
+//!   uniform codes, through `range_coder`); and the formats inference
+//!   engines ship (`ggml`: llama.cpp's q8_0/q4_0/q4_1/q5_0/q5_1, `fp8`:
+//!   vLLM's and SGLang's float8 caches), bit-exact to the engines' rounding.
 
 mod bitpack;
 mod codebook;
@@ -25,7 +27,9 @@ mod decode;
 mod ecsq;
 mod encode;
 mod fit;
+mod fp8;
 mod fused;
+mod ggml;
 mod grid;
 mod group_quantizer;
 mod groups;
@@ -39,10 +43,12 @@ mod rotation;
 mod scales;
 mod sparsity;
 
+pub use bitpack::unpack as unpack_codes;
 pub use codebook::{gaussian_levels, GAUSSIAN_LEVELS};
 pub use decode::{decode, decode_into};
 pub use encode::{encode, encode_observed};
-pub use grid::{spoken_list, Grid, GridSpec, GRIDS, SUPPORTED_BITS};
+pub use fp8::{Fp8Format, E4M3, E5M2};
+pub use grid::{spoken_list, EngineFormat, Grid, GridSpec, GRIDS, SUPPORTED_BITS};
 pub use layout::{payload_len, Encoded, Layout};
 pub use params::{Axis, CodecError, CodecParams, Fit, RATE_RANGE};
 pub use rotation::SplitMix64;

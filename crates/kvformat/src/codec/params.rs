@@ -72,6 +72,14 @@ pub struct CodecParams {
     /// `bits`. Decoding does not need it: the step is in the payload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<f64>,
+    /// Float8 grids only: every scale is 1.0 (vLLM's default), not the
+    /// group's `max|x| / max_finite`. Decoding does not need it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub unit_scale: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 fn is_zero(value: &f64) -> bool {
@@ -93,6 +101,7 @@ impl CodecParams {
             fit: Fit::MinMax,
             outliers: 0.0,
             rate: None,
+            unit_scale: false,
         }
     }
 }
@@ -130,6 +139,14 @@ pub enum CodecError {
     NeedsFourDims { feature: &'static str, rank: usize },
     #[error("rotation needs head_dim to be a power of two, got {0}")]
     HeadDimNotPowerOfTwo(usize),
+    #[error("the {grid} grid is llama.cpp's cache type: blocks of 32 along head_dim (per-token groups of 32)")]
+    EngineBlocks { grid: Grid },
+    #[error(
+        "the {grid} grid needs head_dim to be a multiple of 32 (llama.cpp's block), got {head_dim}"
+    )]
+    EngineHeadDim { grid: Grid, head_dim: usize },
+    #[error("a unit scale is for the float8 grids only, not {grid}")]
+    UnitScale { grid: Grid },
     #[error("shape has too many elements")]
     ShapeOverflow,
     #[error("{actual} values given for a shape of {expected} elements")]
@@ -186,6 +203,29 @@ impl CodecParams {
                 return Err(CodecError::InvalidRate(rate));
             }
         }
+        // An engine's cache has no rotation and no tokens kept aside.
+        if grid.engine.is_some() {
+            let extras = [
+                (self.rotation_seed.is_some(), "rotation"),
+                (
+                    self.sink_tokens > 0 || self.recent_tokens > 0,
+                    "keeping tokens in FP16",
+                ),
+            ];
+            if let Some((_, feature)) = extras.iter().find(|(asked, _)| *asked) {
+                return Err(CodecError::GridWith {
+                    grid: self.grid,
+                    feature,
+                });
+            }
+        }
+        let llama_blocks = grid.engine.is_some() && !self.grid.is_fp8();
+        if llama_blocks && (self.axis != Axis::Token || self.group_size != super::ggml::BLOCK) {
+            return Err(CodecError::EngineBlocks { grid: self.grid });
+        }
+        if self.unit_scale && !self.grid.is_fp8() {
+            return Err(CodecError::UnitScale { grid: self.grid });
+        }
         // A grid that never clips (ecsq) needs nothing kept beside its
         // codes; dropping values would need a mask it does not have.
         let unsupported = [
@@ -221,6 +261,13 @@ impl CodecParams {
                     rank: shape.len(),
                 });
             }
+        }
+        let llama_blocks = self.grid.is_engine_format() && !self.grid.is_fp8();
+        if llama_blocks && shape[3] % super::ggml::BLOCK != 0 {
+            return Err(CodecError::EngineHeadDim {
+                grid: self.grid,
+                head_dim: shape[3],
+            });
         }
         if self.rotation_seed.is_some() {
             let head_dim = shape[3];

@@ -1,0 +1,178 @@
+//! The engine grids against independent references, bit for bit:
+//! testdata/engines/engines.safetensors holds inputs and what gguf-py
+//! (llama.cpp's q8_0/q4_0/q4_1/q5_0/q5_1, `gguf.quants`) and torch (vLLM's
+//! saturating float8 casts) make of them; xtask/python/engine_fixtures.py
+//! wrote it (torch 2.15.0, numpy 2.4.6, gguf 0.19.0, named in the file's
+//! metadata). Codes, stored scales and decoded values must all be identical.
+
+use std::collections::HashMap;
+
+use kvformat::codec::{decode, encode, unpack_codes, Axis, CodecParams, Grid, E4M3, E5M2};
+use kvformat::preset::WHOLE_SEGMENT;
+use safetensors::SafeTensors;
+
+const SHAPE: [usize; 4] = [1, 2, 8, 64];
+
+struct Fixtures {
+    bytes: Vec<u8>,
+}
+
+impl Fixtures {
+    fn load() -> Self {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../testdata/engines/engines.safetensors"
+        );
+        Fixtures {
+            bytes: std::fs::read(path).expect("testdata/engines/engines.safetensors"),
+        }
+    }
+
+    fn raw(&self, name: &str) -> Vec<u8> {
+        let file = SafeTensors::deserialize(&self.bytes).expect("fixture file parses");
+        file.tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name}"))
+            .data()
+            .to_vec()
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        self.raw(name)
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+
+    fn metadata(&self) -> HashMap<String, String> {
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).expect("fixture header");
+        meta.metadata().clone().unwrap_or_default()
+    }
+}
+
+fn params(grid: Grid, axis: Axis, group_size: usize, unit_scale: bool) -> CodecParams {
+    CodecParams {
+        bits: grid.spec().bits[0],
+        grid,
+        axis,
+        group_size,
+        unit_scale,
+        ..CodecParams::adr002(32)
+    }
+}
+
+/// Encodes the fixture input; returns (scale bytes, offset bytes, codes, decoded values).
+fn run(
+    input: &[f32],
+    params: &CodecParams,
+    scale_len: usize,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<f32>) {
+    let encoded = encode(input, &SHAPE, params).expect("encodes");
+    let payload = &encoded.payload;
+    let offsets_len = if params.grid.spec().offsets {
+        scale_len
+    } else {
+        0
+    };
+    let (scales, rest) = payload.split_at(scale_len);
+    let (offsets, packed) = rest.split_at(offsets_len);
+    let mut codes = vec![0u8; input.len()];
+    unpack_codes(packed, params.bits, &mut codes);
+    let values = decode(payload, &SHAPE, params, &encoded.layout).expect("decodes");
+    (scales.to_vec(), offsets.to_vec(), codes, values)
+}
+
+fn assert_bits_equal(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            g.to_bits(),
+            w.to_bits(),
+            "{what}[{i}]: got {g}, reference {w}"
+        );
+    }
+}
+
+#[test]
+fn the_fixtures_name_their_references() {
+    let meta = Fixtures::load().metadata();
+    assert_eq!(
+        meta.get("torch_version").map(String::as_str),
+        Some("2.15.0")
+    );
+    assert_eq!(meta.get("gguf_version").map(String::as_str), Some("0.19.0"));
+}
+
+#[test]
+fn llama_cpp_types_match_gguf_py_bit_for_bit() {
+    let fixtures = Fixtures::load();
+    let input = fixtures.f32s("input");
+    for (grid, kind) in [
+        (Grid::Q8_0, "q8_0"),
+        (Grid::Q4_0, "q4_0"),
+        (Grid::Q4_1, "q4_1"),
+        (Grid::Q5_0, "q5_0"),
+        (Grid::Q5_1, "q5_1"),
+    ] {
+        let blocks = input.len() / 32;
+        let (scales, mins, codes, values) =
+            run(&input, &params(grid, Axis::Token, 32, false), blocks * 2);
+        assert_eq!(scales, fixtures.raw(&format!("{kind}.d")), "{kind}: d");
+        if grid.spec().offsets {
+            assert_eq!(mins, fixtures.raw(&format!("{kind}.m")), "{kind}: m");
+        }
+        assert_eq!(
+            codes,
+            fixtures.raw(&format!("{kind}.codes")),
+            "{kind}: codes"
+        );
+        assert_bits_equal(kind, &values, &fixtures.f32s(&format!("{kind}.values")));
+    }
+}
+
+#[test]
+fn vllm_fp8_matches_torch_casts_bit_for_bit() {
+    let fixtures = Fixtures::load();
+    let input = fixtures.f32s("input");
+    for (grid, fmt) in [(Grid::Fp8E4m3, "e4m3"), (Grid::Fp8E5m2, "e5m2")] {
+        for (mode, axis, unit) in [
+            ("unit", Axis::Flat, true),
+            ("calibrated", Axis::Flat, false),
+            ("dynamic", Axis::Token, false),
+        ] {
+            let name = format!("fp8_{fmt}.{mode}");
+            let want_scales = fixtures.raw(&format!("{name}.scale"));
+            let (scales, _, codes, values) = run(
+                &input,
+                &params(grid, axis, WHOLE_SEGMENT, unit),
+                want_scales.len(),
+            );
+            assert_eq!(scales, want_scales, "{name}: scales");
+            assert_eq!(
+                codes,
+                fixtures.raw(&format!("{name}.codes")),
+                "{name}: codes"
+            );
+            assert_bits_equal(&name, &values, &fixtures.f32s(&format!("{name}.values")));
+        }
+    }
+}
+
+#[test]
+fn single_fp8_casts_match_torch_with_saturation_and_nan() {
+    let fixtures = Fixtures::load();
+    let input = fixtures.f32s("cast.input");
+    for (format, fmt) in [(E4M3, "e4m3"), (E5M2, "e5m2")] {
+        let want = fixtures.raw(&format!("cast.{fmt}"));
+        for (i, (&x, &byte)) in input.iter().zip(&want).enumerate() {
+            let got = format.encode(x);
+            if x.is_nan() {
+                assert!(
+                    format.decode(got).is_nan() && format.decode(byte).is_nan(),
+                    "{fmt}[{i}]: NaN"
+                );
+            } else {
+                assert_eq!(got, byte, "{fmt}[{i}]: {x}");
+            }
+        }
+    }
+}

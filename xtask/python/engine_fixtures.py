@@ -1,0 +1,132 @@
+"""Writes testdata/engines/engines.safetensors: inputs and the reference
+outputs of the inference engines' KV-cache formats, from independent
+implementations, for crates/kvformat/tests/engine_fixtures.rs to check
+kv-compress's engine grids against bit for bit.
+
+- llama.cpp q8_0, q4_0, q4_1, q5_0, q5_1: gguf-py's gguf.quants.quantize and
+  dequantize (numpy ports of ggml's quantize_row_*_ref), blocks of 32 along
+  head_dim. Stored per type: d (and m) as f16 bits, the codes (one u8 per
+  value, the engine's: q8_0's int8 byte, q4_0's 0..15, ...) and the values.
+- vLLM fp8 e4m3/e5m2: torch's casts after vLLM's saturation,
+  (x / scale).clamp(-max, max).to(torch.float8_*), values fp8.float() * scale,
+  for scales unit (1.0), calibrated (amax / max per tensor) and dynamic (per
+  token and head); plus a table of single casts (ties, subnormals, overflow,
+  infinities, NaN).
+
+The versions of torch, numpy and gguf are in the file's metadata. CI does
+not need torch: the file is committed. Run (any venv with torch, numpy,
+gguf and safetensors):  python xtask/python/engine_fixtures.py
+"""
+
+import importlib.metadata as metadata
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+from gguf.quants import dequantize, quantize
+from safetensors.numpy import save_file
+
+OUT = Path(__file__).resolve().parents[2] / "testdata" / "engines" / "engines.safetensors"
+SHAPE = (1, 2, 8, 64)  # [batch, kv_heads, seq, head_dim]
+BLOCK = 32
+FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+
+
+def cache_values() -> np.ndarray:
+    rng = np.random.default_rng(19)
+    x = (rng.standard_normal(SHAPE) * 2.0).astype(np.float32)
+    rows = x.reshape(-1, SHAPE[-1])
+    rows[0, :32] = 0.0  # an all-zero block
+    rows[1, :32] = np.arange(-16, 16, dtype=np.float32) * 0.5  # exact halves: ties
+    rows[2, 32:] = np.float32(1e-6) * rng.standard_normal(32).astype(np.float32)  # tiny
+    rows[3, 5] = 300.0  # an outlier: saturates fp8 e4m3 at unit scale...
+    rows[4, 7] = -1000.0  # ...on both sides
+    rows[5, :32] = 7.0  # a constant block
+    rows[6, 0] = -8.0  # the value of largest magnitude is negative
+    return x
+
+
+def ggml_fields(kind: str, blocks: np.ndarray) -> dict:
+    """d, m and the codes of gguf-py's packed blocks, one row per block."""
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(np.uint16).reshape(n)
+    out = {"d": d}
+    rest = blocks[:, 2:]
+    if kind in ("q4_1", "q5_1"):
+        out["m"] = rest[:, 0:2].copy().view(np.uint16).reshape(n)
+        rest = rest[:, 2:]
+    if kind == "q8_0":
+        codes = rest.copy()
+    else:
+        qh = None
+        if kind in ("q5_0", "q5_1"):
+            qh = rest[:, 0:4].copy().view(np.uint32).reshape(n, 1)
+            rest = rest[:, 4:]
+        low = np.concatenate([rest & 0x0F, rest >> 4], axis=1)
+        codes = low
+        if qh is not None:
+            high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+            codes = low | (high << 4)
+    out["codes"] = codes.reshape(-1).astype(np.uint8)
+    return out
+
+
+def fp8_case(x: torch.Tensor, fmt: str, mode: str) -> dict:
+    dtype, top = FP8[fmt]
+    if mode == "unit":
+        scale = torch.ones((1, 1), dtype=torch.float32)
+    else:
+        groups = x.reshape(1, -1) if mode == "calibrated" else x.reshape(-1, SHAPE[-1])
+        scale = groups.abs().amax(dim=1, keepdim=True) / top
+        scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+    groups = x.reshape(scale.shape[0], -1)
+    fp8 = (groups / scale).clamp(-top, top).to(dtype)
+    values = fp8.to(torch.float32) * scale
+    return {
+        "scale": scale.reshape(-1).numpy(),
+        "codes": fp8.view(torch.uint8).reshape(-1).numpy(),
+        "values": values.reshape(-1).numpy(),
+    }
+
+
+def cast_table() -> dict:
+    specials = [0.0, -0.0, 1.0625, 1.1875, 2.0**-10, 2.0**-9, 3 * 2.0**-10, 2.0**-17, 2.0**-16,
+                448.0, 449.0, 464.0, 480.0, -1e9, 57344.0, 61440.0, 1e30,
+                float("inf"), float("-inf"), float("nan"), -float("nan")]
+    rng = np.random.default_rng(7)
+    wide = (rng.standard_normal(2000) * np.exp2(rng.integers(-20, 18, 2000))).astype(np.float32)
+    x = torch.from_numpy(np.concatenate([np.array(specials, dtype=np.float32), wide]))
+    out = {"cast.input": x.numpy()}
+    for fmt, (dtype, top) in FP8.items():
+        out[f"cast.{fmt}"] = x.clamp(-top, top).to(dtype).view(torch.uint8).numpy()
+    return out
+
+
+def main() -> None:
+    x = cache_values()
+    tensors = {"input": x}
+    rows = x.reshape(-1, BLOCK)
+    for kind in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
+        qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+        packed = quantize(rows, qtype)
+        fields = ggml_fields(kind, packed.reshape(rows.shape[0], -1))
+        for name, value in fields.items():
+            tensors[f"{kind}.{name}"] = value
+        tensors[f"{kind}.values"] = dequantize(packed, qtype).reshape(-1).astype(np.float32)
+    xt = torch.from_numpy(x)
+    for fmt in FP8:
+        for mode in ("unit", "calibrated", "dynamic"):
+            for name, value in fp8_case(xt, fmt, mode).items():
+                tensors[f"fp8_{fmt}.{mode}.{name}"] = value
+    tensors.update(cast_table())
+    versions = {p: metadata.version(p) for p in ("torch", "numpy", "gguf")}
+    meta = {f"{p}_version": v for p, v in versions.items()}
+    meta["made_by"] = "xtask/python/engine_fixtures.py"
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(OUT), metadata=meta)
+    print(f"wrote {OUT} ({OUT.stat().st_size} bytes): {versions}")
+
+
+if __name__ == "__main__":
+    main()
