@@ -260,6 +260,7 @@ impl Plan {
             extra_args: cli.compress_args.clone(),
         };
         let variants = variants_plan(cli, &settings)?;
+        let devices = cli.devices.as_deref().map(resolve_devices).transpose()?;
         let compressor = KvCompress::locate()?.with_timeout(
             cli.compress_timeout
                 .map_or(CompressTimeout::ScaledWithCache, CompressTimeout::Fixed),
@@ -272,9 +273,9 @@ impl Plan {
             .scratch_dir
             .clone()
             .unwrap_or_else(default_scratch_parent);
-        if let Some(devices) = &cli.devices {
+        if let Some(devices) = devices {
             return Ok(Plan::Workers(WorkersPlan {
-                devices: resolve_devices(devices)?,
+                devices,
                 model: cli.model.source(),
                 text,
                 slice,
@@ -594,6 +595,16 @@ mod tests {
             let error = plan(args).expect_err(&format!("{args:?} planned"));
             assert!(error.contains(expected), "{args:?}: {error}");
         }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn devices_all_names_the_missing_cuda() {
+        let error = plan(&["--devices", "all"]).unwrap_err();
+        assert!(
+            error.contains("--devices \"all\"") && error.contains("built without CUDA"),
+            "{error}"
+        );
     }
 
     #[test]
