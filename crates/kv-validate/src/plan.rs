@@ -152,8 +152,8 @@ pub enum ModelWork {
         lengths: Vec<usize>,
         json: Option<PathBuf>,
     },
-    /// A validation or a sweep over the text's windows.
-    Evaluate(EvaluationPlan),
+    /// A validation or a sweep over the text's windows (boxed: the largest variant).
+    Evaluate(Box<EvaluationPlan>),
 }
 
 /// A validation or a sweep, all but what the model decides.
@@ -294,7 +294,7 @@ impl Plan {
             });
         }
         let work = if cli.bench_forward.is_empty() {
-            ModelWork::Evaluate(EvaluationPlan {
+            ModelWork::Evaluate(Box::new(EvaluationPlan {
                 text,
                 context_targets: cli.context.zip(cli.targets),
                 max_windows: cli.max_windows,
@@ -306,7 +306,7 @@ impl Plan {
                 pipeline_depth: cli.pipeline_depth,
                 records: cli.records.clone(),
                 outputs: cli.outputs.clone(),
-            })
+            }))
         } else {
             ModelWork::Bench {
                 lengths: cli.bench_forward.clone(),

@@ -52,7 +52,9 @@ impl TokenProgress {
 }
 
 fn print_line(&(done, total): &(u64, u64)) {
-    eprintln!("{PROGRESS_PREFIX} {done} {total}");
+    use std::io::Write;
+    // A parent gone is no reason to fail: it will not read the line anyway.
+    let _ = writeln!(std::io::stderr(), "{PROGRESS_PREFIX} {done} {total}");
 }
 
 fn bar(total: u64) -> ProgressBar {

@@ -180,7 +180,7 @@ impl ModelRun<'_> {
             .map_err(|error| anyhow::anyhow!("cannot tokenize {}: {error}", text.description))?
             .get_ids()
             .to_vec();
-        let content = ContentIds::of_run(&self.model, &text.text, &tokens)?;
+        let content = ContentIds::of_run(self.model, &text.text, &tokens)?;
 
         let max_positions = config.max_position_embeddings;
         let protocol = match plan.context_targets {

@@ -6,19 +6,21 @@
 //! code `kv-validate merge` runs and reported as a single run is. A worker
 //! that fails stops the others (SIGTERM, so each cleans up its kv-compress
 //! and scratch files, then SIGKILL) and fails the run with its error; no
-//! output is written then.
+//! output is written then. Each worker leads a process group of its own and
+//! gets SIGTERM from the kernel when the parent dies (`PR_SET_PDEATHSIG`),
+//! so a signal that stops the parent stops the workers, which clean up.
 
 use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::cleanup::{GroupChild, ScratchDir};
+use crate::cleanup::ScratchDir;
 use crate::data::{load_text, TextSource};
 use crate::model::load::{fetch_hub_model, ModelSource};
 use crate::plan::WorkersPlan;
@@ -81,7 +83,8 @@ pub fn worker_args(parent: impl IntoIterator<Item = OsString>) -> Vec<OsString> 
 struct Worker {
     number: usize,
     device: String,
-    child: Option<GroupChild>,
+    /// `None` once reaped.
+    child: Option<Child>,
     records: PathBuf,
     /// Its last stderr line that was not progress (its error, when it fails).
     last_line: Arc<Mutex<Option<String>>>,
@@ -116,9 +119,24 @@ impl Worker {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = GroupChild::spawn(&mut command)
+        {
+            use std::os::unix::process::CommandExt;
+            command.process_group(0);
+            // SAFETY: prctl(2) is async-signal-safe; nothing else runs
+            // between fork and exec.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
+            .spawn()
             .with_context(|| format!("cannot start worker {number} (device {device})"))?;
-        let stderr = child.child_mut().stderr.take().expect("stderr is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
         let last_line = Arc::new(Mutex::new(None));
         let reader = {
             let (last_line, progress) = (last_line.clone(), progress.clone());
@@ -146,13 +164,13 @@ impl Worker {
 
     /// `Some(status)` once the worker has exited (reaped).
     fn poll(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        let Some(child) = &self.child else {
+        let Some(child) = &mut self.child else {
             return Ok(None);
         };
-        if !child.has_exited()? {
+        let Some(status) = child.try_wait()? else {
             return Ok(None);
-        }
-        let status = self.child.take().expect("checked above").reap()?;
+        };
+        self.child = None;
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
@@ -162,20 +180,27 @@ impl Worker {
     /// Asks a running worker to stop (SIGTERM: it kills its kv-compress and
     /// removes its scratch files), then kills its group after [`GRACE`].
     fn stop(&mut self) {
-        let Some(child) = self.child.take() else {
+        let Some(mut child) = self.child.take() else {
             return;
         };
-        // SAFETY: kill(2) has no memory-safety preconditions; the leader is
-        // not yet reaped, so its pid is still ours.
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) has no memory-safety preconditions; the worker is
+        // not yet reaped, so its pid (and group id) is still ours.
         unsafe {
-            libc::kill(child.group(), libc::SIGTERM);
+            libc::kill(pid, libc::SIGTERM);
         }
         let deadline = Instant::now() + GRACE;
-        while Instant::now() < deadline && !child.has_exited().unwrap_or(true) {
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
             std::thread::sleep(POLL);
         }
-        // Dropping kills whatever is left of the group and reaps the leader.
-        drop(child);
+        // SAFETY: as above; still not reaped.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+        let _ = child.wait();
     }
 
     fn failure(&self, status: ExitStatus) -> String {
@@ -258,6 +283,13 @@ pub fn run_workers(plan: &WorkersPlan, console: &Console<'_>) -> anyhow::Result<
         return Ok(true);
     }
     report(&plan.outputs, &records, &evaluation_of(&records), console)
+}
+
+impl Drop for Worker {
+    /// An early return (an error, a panic) must not leave a worker running.
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Waits for every worker; the first failure as an error.

@@ -175,3 +175,48 @@ fn a_failing_worker_fails_the_run_naming_it_and_leaves_no_output() {
     let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
     assert!(left.is_empty(), "scratch files left: {left:?}");
 }
+
+/// Known gap: the workers die (PR_SET_PDEATHSIG) but one may leave its
+/// `kv-validate-*` scratch directory behind; not yet understood (a race
+/// between the worker's handler and its main thread, as it seems).
+#[test]
+#[ignore = "known gap: a worker's scratch directory may be left when the parent is signalled"]
+fn a_signal_to_the_parent_stops_the_workers_which_clean_up() {
+    let fixture = Fixture::new();
+    // Decompression hangs, so the workers are mid-run when the signal comes.
+    let compressor = scripted_compressor(fixture.dir.path(), "hangs", "sleep 60");
+    let scratch = fixture.path("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let mut args = short_run_args(
+        fixture.model_dir.to_str().unwrap(),
+        fixture.prose.to_str().unwrap(),
+        WINDOWS,
+    );
+    args.extend(["--devices", "cpu,cpu", "--scratch-dir"]);
+    args.push(scratch.to_str().unwrap());
+    let mut parent = std::process::Command::new(env!("CARGO_BIN_EXE_kv-validate"))
+        .args(&args)
+        .env("KV_COMPRESS_PATH", &compressor)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The parent's directory and one per worker: the workers have started.
+    let entries = || std::fs::read_dir(&scratch).unwrap().count();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while entries() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(entries(), 3, "the workers did not start");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    unsafe {
+        libc::kill(parent.id() as i32, libc::SIGTERM);
+    }
+    parent.wait().unwrap();
+    // The workers get SIGTERM as their parent dies and remove their files.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while entries() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let left: Vec<_> = std::fs::read_dir(&scratch).unwrap().collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
