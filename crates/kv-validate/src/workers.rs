@@ -30,9 +30,11 @@ use crate::run::{evaluation_of, report, Console};
 use crate::shard::Shard;
 
 /// Flags of the parent that a worker must not get: their values are the
-/// parent's (outputs, the device list). Each takes a value.
-const PARENT_ONLY: [&str; 6] = [
+/// parent's (outputs, the device list, the scratch directory: each worker
+/// gets one of its own inside the parent's). Each takes a value.
+const PARENT_ONLY: [&str; 7] = [
     "--devices",
+    "--scratch-dir",
     "--records",
     "--json",
     "--sweep-csv",
@@ -102,6 +104,11 @@ impl Worker {
     ) -> anyhow::Result<Worker> {
         let exe = std::env::current_exe().context("cannot locate the running kv-validate")?;
         let records = dir.path().join(format!("worker-{number}.json"));
+        // Inside the parent's directory, so whatever a stopped worker leaves
+        // there goes when the parent's directory does.
+        let scratch = dir.path().join(format!("worker-{number}"));
+        std::fs::create_dir(&scratch)
+            .with_context(|| format!("cannot make {}", scratch.display()))?;
         let shard = Shard {
             index: number,
             count,
@@ -114,6 +121,8 @@ impl Worker {
             .arg(shard.to_string())
             .arg("--records")
             .arg(&records)
+            .arg("--scratch-dir")
+            .arg(&scratch)
             .arg("--quiet")
             .env(PROGRESS_ENV, "1")
             .stdin(Stdio::null())
