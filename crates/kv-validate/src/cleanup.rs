@@ -12,7 +12,7 @@
 //! cannot be handled: it may leave a `kv-validate-*` directory (in
 //! `--scratch-dir`) and an orphaned compressor.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -228,7 +228,11 @@ pub fn install_signal_handlers() -> io::Result<()> {
     kvformat::atomic::survive_file_size_limit()?;
     kvformat::atomic::on_termination(|signal| {
         stop_everything();
-        eprintln!(
+        // Not eprintln!: stderr may be a pipe whose reader is gone (a
+        // `--devices` worker whose parent died), and a panic here would
+        // leave the process alive, its registry locked for good.
+        let _ = writeln!(
+            io::stderr(),
             "error: stopped by {}; kv-compress killed, scratch files removed",
             signal_name(signal)
         );

@@ -16,6 +16,7 @@ use crate::evaluate::{DEFAULT_PIPELINE_DEPTH, MAX_PIPELINE_DEPTH};
 use crate::model::device::{DeviceRequest, ModelDtype};
 use crate::model::load::{ModelSource, DEFAULT_HUB_REPO};
 use crate::records::WindowRange;
+use crate::shard::Shard;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -54,10 +55,19 @@ Examples:
   CUDA_VISIBLE_DEVICES=1 kv-validate --gguf model.gguf --windows 40..80 --records b.json &
   wait; kv-validate merge a.json b.json --json report.json
 
+  # The same on one host in one command: a worker per GPU, one report
+  kv-validate --gguf model.gguf --devices all --json report.json
+
+  # A cluster: shard I of N per job (Slurm array, Kubernetes Indexed Job;
+  # docs/scaling.md), then merge the records
+  kv-validate --gguf model.gguf --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT \\
+      --records /shared/run/shard-$SLURM_ARRAY_TASK_ID.json
+  kv-validate merge /shared/run/shard-*.json --json report.json
+
 Exit status: 0 passed (delta < threshold, mean KLD < --max-kld when given),
 1 failed, 2 error. A sweep exits 0 when some variant passes (the
-recommendation exists), 1 when none does. A --windows slice exits 0 once its
-records are written; `merge` exits like the run it completes.
+recommendation exists), 1 when none does. A --windows or --shard slice exits 0
+once its records are written; `merge` exits like the run it completes.
 kv-compress is found through KV_COMPRESS_PATH, beside this binary, bin/, then PATH.
 It runs in a process group of its own, killed on --compress-timeout, on Ctrl-C
 (SIGINT), SIGTERM or SIGHUP; the scratch directory of caches is removed then too.
@@ -167,6 +177,28 @@ pub struct Cli {
     /// `kv-validate merge` (one per GPU or machine).
     #[arg(long, value_name = "START..END", requires = "records")]
     pub windows: Option<WindowRange>,
+    /// Evaluate only shard I of N balanced shards of the plan's windows
+    /// (0-based; sizes differ by at most one window) and write their records
+    /// to --records: one command line for a Slurm job array
+    /// (`--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`) or a
+    /// Kubernetes Indexed Job; `kv-validate merge` combines them
+    /// (docs/scaling.md).
+    #[arg(
+        long,
+        value_name = "I/N",
+        requires = "records",
+        conflicts_with = "windows"
+    )]
+    pub shard: Option<Shard>,
+    /// Run on several devices of this host at once: the windows (or those of
+    /// --windows/--shard) split into balanced parts, one worker process per
+    /// device (comma-separated: cuda:0,cuda:1; cpu,cpu; or all, every CUDA
+    /// GPU), their records merged into the report a single device gives.
+    #[arg(long, value_name = "D,D,...|all", conflicts_with_all = ["device", "cpu", "quick_test", "bench_forward", "worker_shard"])]
+    pub devices: Option<String>,
+    /// A worker's part (J/D) of its parent's windows; set by --devices.
+    #[arg(long, value_name = "J/D", hide = true, requires = "records")]
+    pub worker_shard: Option<Shard>,
     /// Write the run's per-window records (per-token NLLs, KLD, top-1,
     /// compressor metrics) as JSON to FILE (atomically); `kv-validate merge`
     /// turns one or more of them into the report.

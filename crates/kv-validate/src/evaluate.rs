@@ -21,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, IndexOp, Tensor};
-use indicatif::{ProgressBar, ProgressStyle};
 use kvformat::metrics::QualityLevel;
 use kvformat::{CacheDtype, CompressionFigures, Report};
 use serde::Serialize;
@@ -33,6 +32,7 @@ use crate::kvio::{HostBuffer, HostCache, KvIoError};
 use crate::model::device::dtype_of_cache;
 use crate::model::{KvCache, LayerKv, Llama};
 use crate::perplexity::{token_nlls, NllTotals, Window};
+use crate::progress::TokenProgress;
 use crate::run_types::{CompressSettings, Timings, VariantRecord, WindowRecord};
 
 /// Why an evaluation stopped.
@@ -340,8 +340,8 @@ pub fn evaluate(
             source,
         }
     })?;
-    let progress = progress_bar(
-        windows.iter().map(Window::scored_len).sum(),
+    let progress = TokenProgress::new(
+        windows.iter().map(Window::scored_len).sum::<usize>() as u64,
         options.show_progress,
     );
     let buffers = std::sync::Mutex::new(Vec::new());
@@ -359,7 +359,7 @@ pub fn evaluate(
         progress: &progress,
     };
     run.run(windows)?;
-    progress.finish_and_clear();
+    progress.finish();
     let mut timings = run.timings;
     timings.total = started.elapsed();
     Ok(Evaluation::from_records(variants, run.records, timings))
@@ -389,7 +389,7 @@ struct Pipeline<'a> {
     records: Vec<WindowRecord>,
     /// Host buffers free for the next cache or reconstruction.
     buffers: &'a std::sync::Mutex<Vec<HostBuffer>>,
-    progress: &'a ProgressBar,
+    progress: &'a TokenProgress,
 }
 
 /// What the model side keeps of a window while its cache is in the exchange.
@@ -764,20 +764,6 @@ fn logits_after(
     let inputs = &targets[..targets.len() - 1];
     let (logits, _) = model.forward(&token_tensor(model, inputs)?, cache)?;
     logits.i(0)
-}
-
-fn progress_bar(total_tokens: usize, visible: bool) -> ProgressBar {
-    if !visible {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total_tokens as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tokens, {per_sec}, ETA {eta}")
-            .expect("static progress template is valid")
-            .progress_chars("=> "),
-    );
-    bar.set_message("scoring");
-    bar
 }
 
 #[cfg(test)]

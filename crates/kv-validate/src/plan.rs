@@ -20,8 +20,8 @@ use crate::identity::model_inputs;
 use crate::model::device::DeviceRequest;
 use crate::model::load::ModelSource;
 use crate::output::{FilePlan, OutputError};
-use crate::records::WindowRange;
 use crate::run_types::{CompressSettings, PassCriteria, Variant};
+use crate::shard::{Slice, SliceBase};
 use crate::sweep::{ensure_unique_labels, SweepError};
 
 /// The delta threshold when no criterion is given.
@@ -33,10 +33,14 @@ pub enum CliError {
     #[error("{flag} must be a non-negative number, got {value}")]
     BadCriterion { flag: &'static str, value: f64 },
     #[error(
-        "--windows writes a slice's records only (--records); the report, JSON, CSV and \
+        "{0} writes a slice's records only (--records); the report, JSON, CSV and \
          plots come from `kv-validate merge`"
     )]
-    ReportOfSlice,
+    ReportOfSlice(&'static str),
+    #[error("--context-lengths and --passkey run in one process: not with {0}")]
+    LongContextOfSlice(&'static str),
+    #[error("--devices {value:?}: {problem}")]
+    Devices { value: String, problem: String },
     #[error("--sensitivity-flags: {0}")]
     SensitivityFlags(kv_compress::FlagError),
     #[error("--sensitivity-flags must not set bits ({word}): the probes choose them")]
@@ -98,6 +102,28 @@ pub enum Plan {
     },
     /// Everything that runs the model.
     Model(ModelPlan),
+    /// `--devices`: one worker process per device, their records merged.
+    Workers(WorkersPlan),
+}
+
+/// `--devices`: what the parent of the workers needs; each worker is this
+/// binary with the parent's command line, its device and its part
+/// ([`crate::workers`]).
+#[derive(Debug)]
+pub struct WorkersPlan {
+    /// The devices as the workers' `--device` takes them, in order.
+    pub devices: Vec<String>,
+    /// Fetched once before the workers start (hub files), so they do not
+    /// race each other into the hub cache.
+    pub model: ModelSource,
+    pub text: TextSource,
+    /// The parent's own windows (--windows/--shard), which the workers split.
+    pub slice: Slice,
+    pub records: Option<PathBuf>,
+    pub outputs: Outputs,
+    /// Where the workers' records wait for the merge.
+    pub scratch_parent: PathBuf,
+    pub show_progress: bool,
 }
 
 /// Where `allocate` reads the probes' figures.
@@ -141,14 +167,14 @@ pub enum ModelWork {
         lengths: Vec<usize>,
         json: Option<PathBuf>,
     },
-    /// A validation or a sweep over the text's windows.
-    Evaluate(EvaluationPlan),
+    /// A validation or a sweep over the text's windows (boxed: the largest variant).
+    Evaluate(Box<EvaluationPlan>),
     /// `--context-lengths`: the evaluation repeated at each context length
     /// (`evaluation.context_targets` is set per length).
     LongContext {
         lengths: Vec<usize>,
         targets: usize,
-        evaluation: EvaluationPlan,
+        evaluation: Box<EvaluationPlan>,
         /// `--context-plot`.
         plot: Option<PathBuf>,
     },
@@ -182,8 +208,9 @@ pub struct EvaluationPlan {
     /// `--context C --targets T`: fixed windows; `None`: the original's sliding window.
     pub context_targets: Option<(usize, usize)>,
     pub max_windows: Option<usize>,
-    /// `--windows`: a slice of the plan, whose records are its only output.
-    pub slice: Option<WindowRange>,
+    /// `--windows`, `--shard`, `--worker-shard`: when partial, the slice's
+    /// records are its only output.
+    pub slice: Slice,
     pub compressor: KvCompress,
     pub variants: VariantsPlan,
     pub criteria: PassCriteria,
@@ -279,8 +306,30 @@ impl Plan {
         if cli.quick_test && long_context {
             return Err(CliError::LongContextWithoutModel);
         }
-        if cli.windows.is_some() && (cli.outputs.json.is_some() || cli.outputs.sweep_outputs()) {
-            return Err(CliError::ReportOfSlice);
+        if long_context {
+            if let Some(flag) = [
+                (cli.windows.is_some(), "--windows"),
+                (cli.shard.is_some(), "--shard"),
+                (cli.devices.is_some(), "--devices"),
+            ]
+            .into_iter()
+            .find_map(|(given, flag)| given.then_some(flag))
+            {
+                return Err(CliError::LongContextOfSlice(flag));
+            }
+        }
+        let slice = slice_of(cli);
+        if cli.outputs.json.is_some() || cli.outputs.sweep_outputs() {
+            if let Some(flag) = [
+                (cli.windows.is_some(), "--windows"),
+                (cli.shard.is_some(), "--shard"),
+                (cli.worker_shard.is_some(), "--worker-shard"),
+            ]
+            .into_iter()
+            .find_map(|(given, flag)| given.then_some(flag))
+            {
+                return Err(CliError::ReportOfSlice(flag));
+            }
         }
         let settings = CompressSettings {
             group_size: cli.group_size,
@@ -288,10 +337,31 @@ impl Plan {
             extra_args: cli.compress_args.clone(),
         };
         let variants = variants_plan(cli, &settings)?;
+        let devices = cli.devices.as_deref().map(resolve_devices).transpose()?;
         let compressor = KvCompress::locate()?.with_timeout(
             cli.compress_timeout
                 .map_or(CompressTimeout::ScaledWithCache, CompressTimeout::Fixed),
         );
+        let text = match &cli.text_file {
+            Some(path) => TextSource::File(path.clone()),
+            None => TextSource::default(),
+        };
+        let scratch_parent = cli
+            .scratch_dir
+            .clone()
+            .unwrap_or_else(default_scratch_parent);
+        if let Some(devices) = devices {
+            return Ok(Plan::Workers(WorkersPlan {
+                devices,
+                model: cli.model.source(),
+                text,
+                slice,
+                records: cli.records.clone(),
+                outputs: cli.outputs.clone(),
+                scratch_parent,
+                show_progress: !cli.quiet,
+            }));
+        }
         if cli.quick_test {
             return Ok(Plan::QuickTest {
                 compressor,
@@ -300,10 +370,6 @@ impl Plan {
                 json: cli.outputs.json.clone(),
             });
         }
-        let scratch_parent = cli
-            .scratch_dir
-            .clone()
-            .unwrap_or_else(default_scratch_parent);
         let work = if long.passkey {
             ModelWork::Passkey(Box::new(PasskeyPlan {
                 lengths: long.passkey_lengths.clone(),
@@ -325,14 +391,11 @@ impl Plan {
                 plot: long.passkey_plot.clone(),
             }))
         } else if cli.bench_forward.is_empty() {
-            let evaluation = EvaluationPlan {
-                text: match &cli.text_file {
-                    Some(path) => TextSource::File(path.clone()),
-                    None => TextSource::default(),
-                },
+            let evaluation = Box::new(EvaluationPlan {
+                text,
                 context_targets: cli.context.zip(cli.targets),
                 max_windows: cli.max_windows,
-                slice: cli.windows,
+                slice,
                 compressor,
                 variants,
                 criteria,
@@ -340,7 +403,7 @@ impl Plan {
                 pipeline_depth: cli.pipeline_depth,
                 records: cli.records.clone(),
                 outputs: cli.outputs.clone(),
-            };
+            });
             match cli.targets.filter(|_| !long.context_lengths.is_empty()) {
                 Some(targets) => ModelWork::LongContext {
                     lengths: long.context_lengths.clone(),
@@ -442,6 +505,58 @@ fn long_context_asked(cli: &Cli) -> bool {
     !cli.long_context.context_lengths.is_empty() || cli.long_context.passkey
 }
 
+/// The windows this process evaluates, as the flags name them.
+fn slice_of(cli: &Cli) -> Slice {
+    Slice {
+        base: match (cli.windows, cli.shard) {
+            (Some(range), _) => Some(SliceBase::Windows(range)),
+            (None, Some(shard)) => Some(SliceBase::Shard(shard)),
+            (None, None) => None,
+        },
+        worker: cli.worker_shard,
+    }
+}
+
+/// Largest GPU ordinal `--devices all` probes.
+const MAX_GPUS: usize = 64;
+
+/// `--devices`: the comma-separated devices, each one `--device` takes, or
+/// `all`, every CUDA GPU that opens.
+fn resolve_devices(value: &str) -> Result<Vec<String>, CliError> {
+    let error = |problem: String| CliError::Devices {
+        value: value.to_string(),
+        problem,
+    };
+    if value.trim() == "all" {
+        if !candle_core::utils::cuda_is_available() {
+            return Err(error(
+                "`all` means every CUDA GPU, and this kv-validate is built without CUDA \
+                 (`cargo xtask build-cuda`); name the devices instead, e.g. cpu,cpu"
+                    .into(),
+            ));
+        }
+        let count = (0..MAX_GPUS)
+            .take_while(|&ordinal| candle_core::Device::new_cuda(ordinal).is_ok())
+            .count();
+        if count == 0 {
+            return Err(error("no CUDA GPU opens".into()));
+        }
+        return Ok((0..count)
+            .map(|ordinal| format!("cuda:{ordinal}"))
+            .collect());
+    }
+    value
+        .split(',')
+        .map(|device| {
+            let device = device.trim();
+            device
+                .parse::<DeviceRequest>()
+                .map(|_| device.to_string())
+                .map_err(error)
+        })
+        .collect()
+}
+
 /// `--threshold` and `--max-kld`, checked; the default threshold unless `--max-kld` is alone.
 fn pass_criteria(cli: &Cli) -> Result<PassCriteria, CliError> {
     for (flag, value) in [("--threshold", cli.threshold), ("--max-kld", cli.max_kld)] {
@@ -540,6 +655,30 @@ mod tests {
                 ],
                 "--windows writes a slice's records only",
             ),
+            (
+                &[
+                    "--shard",
+                    "1/3",
+                    "--records",
+                    "r.json",
+                    "--sweep-csv",
+                    "x.csv",
+                ],
+                "--shard writes a slice's records only",
+            ),
+            (
+                &["--shard", "3/3", "--records", "r.json"],
+                "I must be below N",
+            ),
+            (&["--shard", "0/2"], "--records"),
+            (
+                &["--devices", "cpu,gpu"],
+                "--devices \"cpu,gpu\": \"gpu\": expected auto",
+            ),
+            (
+                &["--devices", "cpu,cpu", "--device", "cpu"],
+                "cannot be used with",
+            ),
             (&["--sweep-plot", "x.svg"], "need --sweep or --variant"),
             (
                 &["--sweep", "--quick-test"],
@@ -601,6 +740,16 @@ mod tests {
             let error = plan(args).expect_err(&format!("{args:?} planned"));
             assert!(error.contains(expected), "{args:?}: {error}");
         }
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn devices_all_names_the_missing_cuda() {
+        let error = plan(&["--devices", "all"]).unwrap_err();
+        assert!(
+            error.contains("--devices \"all\"") && error.contains("built without CUDA"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -97,6 +97,7 @@ pub fn run(plan: Plan, console: &Console<'_>) -> anyhow::Result<bool> {
             Ok(report.passed)
         }
         Plan::Model(plan) => run_model(plan, console),
+        Plan::Workers(plan) => crate::workers::run_workers(&plan, console),
     }
 }
 
@@ -133,7 +134,7 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
                 cache_dtype,
                 show_progress: plan.show_progress,
             };
-            run.context_lengths(&lengths, targets, evaluation, plot.as_deref(), console)
+            run.context_lengths(&lengths, targets, *evaluation, plot.as_deref(), console)
         }
         ModelWork::Passkey(passkey_plan) => {
             let report = PasskeyRun {
@@ -212,7 +213,7 @@ impl ModelRun<'_> {
             .map_err(|error| anyhow::anyhow!("cannot tokenize {}: {error}", text.description))?
             .get_ids()
             .to_vec();
-        let content = ContentIds::of_run(&self.model, &text.text, &tokens)?;
+        let content = ContentIds::of_run(self.model, &text.text, &tokens)?;
 
         let max_positions = config.max_position_embeddings;
         let protocol = match plan.context_targets {
@@ -226,14 +227,14 @@ impl ModelRun<'_> {
             );
         }
         let windows = plan_windows(tokens.len(), protocol, plan.max_windows)?;
-        let slice = match plan.slice {
-            Some(range) => {
-                // The whole run must measure something; this slice need not.
-                ensure_measurable(&windows)?;
-                range.within(windows.len()).map_err(anyhow::Error::msg)?
-            }
-            None => 0..windows.len(),
-        };
+        if plan.slice.is_partial() {
+            // The whole run must measure something; this slice need not.
+            ensure_measurable(&windows)?;
+        }
+        let slice = plan
+            .slice
+            .resolve(windows.len())
+            .map_err(anyhow::Error::msg)?;
         let protocol_text = protocol.describe()
             + &format!("; {} windows over {} tokens", windows.len(), tokens.len());
         (console.status)(&format!("{}; {protocol_text}", loaded.description));
@@ -243,7 +244,7 @@ impl ModelRun<'_> {
             model_name: loaded.description.clone(),
             show_progress: self.show_progress,
             scratch_parent: plan.scratch_parent.clone(),
-            slice_start: plan.slice.map(|_| slice.start),
+            slice_start: plan.slice.is_partial().then_some(slice.start),
             pipeline_depth: plan.pipeline_depth,
         };
         let settings: Vec<CompressSettings> = variants.iter().map(|v| v.settings.clone()).collect();
@@ -276,7 +277,7 @@ impl ModelRun<'_> {
         if let Some(path) = &plan.records {
             records.write(path).context("cannot write the records")?;
         }
-        if plan.slice.is_some() {
+        if plan.slice.is_partial() {
             (console.status)(&format!(
                 "windows {}..{} of {} evaluated, records in {}; `kv-validate merge` combines the slices",
                 slice.start,
@@ -332,7 +333,7 @@ impl ModelRun<'_> {
 }
 
 /// The figures of every variant over the windows `records` hold.
-fn evaluation_of(records: &RunRecords) -> Evaluation {
+pub(crate) fn evaluation_of(records: &RunRecords) -> Evaluation {
     let settings: Vec<CompressSettings> = records
         .variants
         .iter()
@@ -360,7 +361,7 @@ fn cache_dtype_of(records: &RunRecords) -> anyhow::Result<CacheDtype> {
 
 /// Prints and writes the report of `evaluation` (computed from `records`),
 /// a sweep's or a validation's; `Ok(passed)`. A run and `merge` both end here.
-fn report(
+pub(crate) fn report(
     outputs: &Outputs,
     records: &RunRecords,
     evaluation: &Evaluation,
