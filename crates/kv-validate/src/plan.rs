@@ -681,6 +681,34 @@ mod tests {
             ),
             (&["--sweep-plot", "x.svg"], "need --sweep or --variant"),
             (
+                &[
+                    "--context-lengths",
+                    "512",
+                    "--targets",
+                    "8",
+                    "--devices",
+                    "cpu,cpu",
+                ],
+                "--context-lengths and --passkey run in one process: not with --devices",
+            ),
+            (&["--passkey", "--windows", "0..2"], "cannot be used with"),
+            (
+                &["--context-lengths", "0", "--targets", "8"],
+                "--context-lengths must be positive, got 0",
+            ),
+            (
+                &[
+                    "--context-lengths",
+                    "512",
+                    "--targets",
+                    "8",
+                    "--sweep-plot",
+                    "x.svg",
+                    "--sweep",
+                ],
+                "use --context-plot with --context-lengths",
+            ),
+            (
                 &["--sweep", "--quick-test"],
                 "a sweep needs a model and text",
             ),
