@@ -9,12 +9,14 @@
 # the passkey haystack is kv-validate's built-in prose fixture.
 # Methods: docs/fidelity.md's best at 4.35, 3.35 and 2.35 bits/value, the
 # entropy-coded one rate (ecsq) and the best fixed-width layout per budget.
-# Every part runs under `timeout 280` and writes its JSON, text and SVG to $OUT.
+# Every part runs under `timeout ${PART_LIMIT:-280}` and writes its JSON, text and SVG to $OUT.
 # A call has 600 s, so the parts go in separate calls on the warm machine:
 #   bash xtask/gpu/h200-long-context.sh lengths            # 2 parts
 #   bash xtask/gpu/h200-long-context.sh passkey 1024,2048  # a part per length
 #   bash xtask/gpu/h200-long-context.sh passkey 4096
 #   bash xtask/gpu/h200-long-context.sh passkey 8192
+# or, where the GPU is fast enough, everything in one call:
+#   PART_LIMIT=150 bash xtask/gpu/h200-long-context.sh all
 set -uo pipefail
 . xtask/gpu/h200-setup.sh
 W=target/gpuwork
@@ -35,7 +37,7 @@ part() {
   local name=$1; shift; local timer=()
   [ -x /usr/bin/time ] && timer=(/usr/bin/time -v -o "$OUT/$name.time")
   echo "== $name"
-  "${timer[@]}" timeout 280 "$W/kv-validate" --gguf "$W/smollm2.gguf" --device cuda --quiet "$@" > "$OUT/$name.txt" 2>&1
+  "${timer[@]}" timeout "${PART_LIMIT:-280}" "$W/kv-validate" --gguf "$W/smollm2.gguf" --device cuda --quiet "$@" > "$OUT/$name.txt" 2>&1
   echo "exit $?"; tail -n 45 "$OUT/$name.txt"
   [ -f "$OUT/$name.time" ] && grep -E 'Elapsed|Maximum resident' "$OUT/$name.time"
 }
@@ -54,5 +56,6 @@ passkey() {
 }
 case "${1:-lengths}" in
   lengths) lengths ;;
+  all) lengths; passkey "${2:-1024,2048,4096,8192}" ;;
   passkey) passkey "${2:-1024,2048,4096,8192}" ;;
 esac
