@@ -117,6 +117,13 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
         dtype_name(dtype)
     ));
     let loaded = load_model(&plan.model, &opened.device, dtype, plan.show_progress)?;
+    let run = ModelRun {
+        model: &plan.model,
+        loaded: &loaded,
+        device: opened.name.clone(),
+        cache_dtype,
+        show_progress: plan.show_progress,
+    };
     match plan.work {
         ModelWork::Bench { lengths, json } => {
             run_forward_benchmark(&lengths, json.as_deref(), &loaded, &opened.name, console)
@@ -126,20 +133,11 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
             targets,
             evaluation,
             plot,
-        } => {
-            let run = ModelRun {
-                model: &plan.model,
-                loaded: &loaded,
-                device: opened.name.clone(),
-                cache_dtype,
-                show_progress: plan.show_progress,
-            };
-            run.context_lengths(&lengths, targets, *evaluation, plot.as_deref(), console)
-        }
+        } => run.context_lengths(&lengths, targets, *evaluation, plot.as_deref(), console),
         ModelWork::Passkey(passkey_plan) => {
             let report = PasskeyRun {
                 loaded: &loaded,
-                device: opened.name.clone(),
+                device: run.device.clone(),
                 cache_dtype,
                 status: console.status,
             }
@@ -152,13 +150,6 @@ fn run_model(plan: ModelPlan, console: &Console<'_>) -> anyhow::Result<bool> {
             Ok(true)
         }
         ModelWork::Evaluate(evaluation_plan) => {
-            let run = ModelRun {
-                model: &plan.model,
-                loaded: &loaded,
-                device: opened.name.clone(),
-                cache_dtype,
-                show_progress: plan.show_progress,
-            };
             match run.evaluate(&evaluation_plan, console)? {
                 Some((records, evaluation)) => {
                     report(&evaluation_plan.outputs, &records, &evaluation, console)
