@@ -11,14 +11,17 @@
 #   bash xtask/gpu/h200-shard.sh
 set -uo pipefail
 . xtask/gpu/h200-setup.sh
+# MODEL_ARGS: another model or a shorter run, e.g. MODEL_ARGS="--gguf $W/smollm2.gguf
+# --text-file $W/text.txt --max-windows 300" after h200-long-context.sh.
+MODEL_ARGS=${MODEL_ARGS:-"--model-dir $W/tl --text-file $W/text.txt"}
 gpus=$(nvidia-smi -L | wc -l)
 if [ "$gpus" -gt 1 ]; then devices=all; else devices=cuda:0,cuda:0; fi
 # A run's stdout and --json under $OUT/NAME.*, its wall time in seconds.
 run() {
   local name=$1; shift
   local start=$(date +%s.%N)
-  timeout 280 "$W/kv-validate" --model-dir "$W/tl" --text-file "$W/text.txt" \
-    --json "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2> "$OUT/$name.err"
+  # shellcheck disable=SC2086
+  timeout 280 "$W/kv-validate" $MODEL_ARGS --json "$OUT/$name.json" "$@" > "$OUT/$name.txt" 2> "$OUT/$name.err"
   local rc=$? end=$(date +%s.%N)
   echo "$name ($*): exit $rc, wall $(python3 -c "print(f'{$end - $start:.1f}')") s"
   grep -E '^(Wall time|Windows|Compressed perplexity|Device)' "$OUT/$name.txt"
