@@ -21,6 +21,7 @@ pub mod bridge;
 pub mod capacity;
 pub mod cleanup;
 pub mod cli;
+pub mod conclude;
 pub mod data;
 pub mod engines;
 pub mod evaluate;

@@ -13,7 +13,8 @@ use crate::bench;
 use crate::capacity::{
     ensure_sweep_of_model, read_sweep, read_sweep_table, CapacityReport, Method,
 };
-use crate::cli::Outputs;
+pub use crate::conclude::Console;
+use crate::conclude::{cache_dtype_of, evaluation_of, report, write_json};
 use crate::data::load_text;
 use crate::evaluate::{ensure_measurable, evaluate, EvalOptions, Evaluation};
 use crate::identity::ContentIds;
@@ -27,18 +28,10 @@ use crate::perplexity::{plan_windows, Protocol};
 use crate::plan::{
     AllocationSource, CapacityPlan, EvaluationPlan, ModelPlan, ModelWork, Plan, VariantsPlan,
 };
-use crate::plot;
 use crate::quick_test::run_quick_test;
 use crate::records::{combine, merge};
-use crate::report::ValidationReport;
 use crate::run_types::{CompressSettings, RunDescription, RunRecords, Variant};
 use crate::sweep::{SweepReport, SweepTable};
-
-/// Where a run's text goes: the report (stdout) and status lines (stderr).
-pub struct Console<'a> {
-    pub report: &'a dyn Fn(&str),
-    pub status: &'a dyn Fn(&str),
-}
 
 /// Carries out `plan`; `Ok(passed)` (a validation's verdict, a sweep's
 /// recommendation, `true` for what has none).
@@ -323,16 +316,6 @@ impl ModelRun<'_> {
     }
 }
 
-/// The figures of every variant over the windows `records` hold.
-pub(crate) fn evaluation_of(records: &RunRecords) -> Evaluation {
-    let settings: Vec<CompressSettings> = records
-        .variants
-        .iter()
-        .map(|v| v.settings.clone())
-        .collect();
-    Evaluation::from_records(&settings, records.windows.clone(), records.timings.clone())
-}
-
 /// The sweep table of the windows that slices' records hold (`allocate --records`).
 fn sweep_table_of(files: &[PathBuf]) -> anyhow::Result<SweepTable> {
     let records = combine(files)?;
@@ -342,61 +325,6 @@ fn sweep_table_of(files: &[PathBuf]) -> anyhow::Result<SweepTable> {
     let cache_dtype = cache_dtype_of(&records)?;
     let evaluation = evaluation_of(&records);
     Ok(SweepReport::new(&records.run, &evaluation, &records.variants, cache_dtype).table)
-}
-
-/// The cache dtype a run's description names.
-fn cache_dtype_of(records: &RunRecords) -> anyhow::Result<CacheDtype> {
-    CacheDtype::from_torch_name(&records.run.cache_dtype)
-        .with_context(|| format!("unknown cache dtype {:?}", records.run.cache_dtype))
-}
-
-/// Prints and writes the report of `evaluation` (computed from `records`),
-/// a sweep's or a validation's; `Ok(passed)`. A run and `merge` both end here.
-pub(crate) fn report(
-    outputs: &Outputs,
-    records: &RunRecords,
-    evaluation: &Evaluation,
-    console: &Console<'_>,
-) -> anyhow::Result<bool> {
-    if records.sweep {
-        let cache_dtype = cache_dtype_of(records)?;
-        return finish_sweep(
-            outputs,
-            &SweepReport::new(&records.run, evaluation, &records.variants, cache_dtype),
-            console,
-        );
-    }
-    let report = ValidationReport::new(&records.run, evaluation, &evaluation.variants[0]);
-    (console.report)(&report.render_text());
-    write_json(outputs.json.as_deref(), &report)?;
-    Ok(report.passed)
-}
-
-/// Prints the sweep table, writes its CSV, plots and JSON; `Ok(some variant passed)`.
-fn finish_sweep(
-    outputs: &Outputs,
-    report: &SweepReport,
-    console: &Console<'_>,
-) -> anyhow::Result<bool> {
-    (console.report)(&report.render_text());
-    if let Some(path) = &outputs.sweep_csv {
-        output::write_atomically(path, report.table.to_csv())?;
-    }
-    if let Some(path) = &outputs.sweep_plot {
-        output::write_atomically(path, plot::render_svg(&report.table))?;
-    }
-    if let Some(path) = &outputs.sweep_kld_plot {
-        output::write_atomically(path, plot::render_kld_svg(&report.table))?;
-    }
-    write_json(outputs.json.as_deref(), report)?;
-    Ok(report.table.recommendation.is_some())
-}
-
-fn write_json(path: Option<&Path>, report: &impl serde::Serialize) -> anyhow::Result<()> {
-    if let Some(path) = path {
-        output::write_json(path, report).context("cannot write the JSON report")?;
-    }
-    Ok(())
 }
 
 /// The forward-pass benchmark: a table on stdout, JSON with `--json`.

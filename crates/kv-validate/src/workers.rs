@@ -21,12 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::cleanup::ScratchDir;
+use crate::conclude::{evaluation_of, report, Console};
 use crate::data::{load_text, TextSource};
 use crate::model::load::{fetch_hub_model, ModelSource};
 use crate::plan::WorkersPlan;
 use crate::progress::{parse_line, Combined, PROGRESS_ENV};
 use crate::records::{combine, merge};
-use crate::run::{evaluation_of, report, Console};
 use crate::shard::Shard;
 
 /// Flags of the parent that a worker must not get: their values are the
