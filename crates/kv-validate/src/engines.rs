@@ -1,14 +1,14 @@
-//! Issue 19's engines matrix (`--sweep --matrix engines`): every KV-cache
-//! format an inference engine ships (kvformat's engine grids, bit-exact)
-//! beside the best research methods at similar bits, the report grouped by
-//! engine, and the deploy line: the exact engine flags of the recommended
-//! setting where an engine offers exactly it, and a plain statement where not.
+//! Issue 19's engines: the `--matrix engines` variants (every KV-cache
+//! format an inference engine ships, kvformat's engine grids, bit-exact,
+//! beside the best research methods at similar bits), which engine ships the
+//! format a row's flags select, and the exact engine command lines that
+//! deploy it. The sweep report's sections built on these (rows grouped by
+//! engine, the deploy line) are `sweep`'s; this file knows no sweep type.
 
 use kv_compress::flags::Method;
 use kvformat::codec::{Grid, GRIDS};
 
 use crate::run_types::Variant;
-use crate::sweep::{SweepRow, SweepTable};
 
 /// The research methods the engines are measured against: docs/fidelity.md's
 /// recommendations at 4.35 and 3.35 bits/value, and 8-bit and 5.5-bit points
@@ -62,35 +62,11 @@ pub fn engine_grid(flags: &str) -> Option<Grid> {
     }
 }
 
-fn engine_name(row: &SweepRow) -> &'static str {
-    engine_grid(&row.flags)
+/// The engine that ships the format `flags` select, or that none does.
+pub fn engine_name(flags: &str) -> &'static str {
+    engine_grid(flags)
         .and_then(|grid| grid.spec().engine.as_ref())
         .map_or("research (kv-compress only)", |engine| engine.engine)
-}
-
-/// The table's rows grouped by engine, each group by bits/value.
-pub fn render_by_engine(table: &SweepTable) -> Vec<String> {
-    let mut engines: Vec<&str> = table.rows.iter().map(engine_name).collect();
-    engines.dedup();
-    engines.sort();
-    engines.dedup();
-    let mut lines = vec!["By engine (bits/value, delta, mean KLD, top-1 %):".to_string()];
-    for engine in engines {
-        lines.push(format!("  {engine}"));
-        for row in table.rows.iter().filter(|row| engine_name(row) == engine) {
-            lines.push(format!(
-                "    {:<32} {:>7.3}  {:>+9.4}  {:>9}  {:>6}  {}",
-                row.label,
-                row.bits_per_value,
-                row.delta,
-                row.kld_mean.map_or("-".into(), |k| format!("{k:.6}")),
-                row.top1_agreement_percent
-                    .map_or("-".into(), |t| format!("{t:.2}")),
-                if row.passed { "passes" } else { "fails" }
-            ));
-        }
-    }
-    lines
 }
 
 /// The commands that run an engine with this grid's cache.
@@ -124,83 +100,21 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
     }
 }
 
-/// The deploy line: for the recommended row, the engine flags where an
-/// engine ships it; else that no engine does, and the engine formats that pass.
-pub fn deploy_lines(table: &SweepTable) -> Vec<String> {
-    let Some(best) = table.recommended() else {
-        return vec!["Deploy: nothing passed, so no engine setting is recommended.".into()];
-    };
-    if let Some(grid) = engine_grid(&best.flags) {
-        let mut lines = vec![format!("Deploy {} as:", best.label)];
-        lines.extend(
-            deploy_commands(grid, &best.flags)
-                .into_iter()
-                .map(|c| format!("  {c}")),
-        );
-        return lines;
-    }
-    let mut lines = vec![format!(
-        "Deploy: the recommended {} is kv-compress's own format; no inference engine ships it.",
-        best.label
-    )];
-    let passing = table
-        .rows
-        .iter()
-        .filter(|row| row.passed)
-        .find_map(|row| engine_grid(&row.flags).map(|grid| (row, grid)));
-    match passing {
-        Some((row, grid)) => {
-            lines.push(format!(
-                "  The fewest-bits engine format that passes is {} ({:.3} bits/value):",
-                row.label, row.bits_per_value
-            ));
-            lines.extend(
-                deploy_commands(grid, &row.flags)
-                    .into_iter()
-                    .map(|c| format!("    {c}")),
-            );
-        }
-        None => lines.push("  No engine format passes the criteria.".into()),
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::tests::table_of;
 
     #[test]
     fn the_matrix_has_every_engine_format_and_parses() {
         let matrix = engines_matrix();
-        crate::sweep::ensure_unique_labels(&matrix).unwrap();
+        let labels: std::collections::BTreeSet<&str> =
+            matrix.iter().map(|v| v.label.as_str()).collect();
+        assert_eq!(labels.len(), matrix.len(), "labels are unique");
         let engine_rows = matrix
             .iter()
             .filter(|v| engine_grid(&v.settings.extra_args.join(" ")).is_some())
             .count();
         assert_eq!(engine_rows, 5 + 2 * 2);
-    }
-
-    #[test]
-    fn deploy_line_gives_engine_flags_or_says_no_engine_ships_it() {
-        let mut table = table_of(&[("llama-q4_0", 4.5, 10.1), ("ecsq", 4.35, 10.05)]);
-        for row in &mut table.rows {
-            row.flags = if row.label == "ecsq" {
-                "-grid ecsq -rate 4.35".into()
-            } else {
-                "-method llama-q4_0".into()
-            };
-        }
-        let text = deploy_lines(&table).join("\n");
-        assert!(text.contains("no inference engine ships it"), "{text}");
-        assert!(text.contains("-ctk q4_0 -ctv q4_0 -fa on"), "{text}");
-        assert!(text.contains("LLAMA_ATTN_ROT_DISABLE=1"), "{text}");
-        let fp8 = deploy_commands(Grid::Fp8E4m3, "-method vllm-fp8-e4m3 -fp8-scale calibrated")
-            .join("\n");
-        assert!(
-            fp8.contains("vllm serve MODEL --kv-cache-dtype fp8_e4m3 --calculate-kv-scales"),
-            "{fp8}"
-        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use kvformat::CacheDtype;
 use serde::{Deserialize, Serialize};
 
+use crate::engines;
 use crate::evaluate::Evaluation;
 use crate::fidelity::{delta_standard_error, within_noise, TokenFigures};
 use crate::identity::ContentIds;
@@ -461,7 +462,7 @@ impl SweepReport {
             .table
             .rows
             .iter()
-            .any(|row| crate::engines::engine_grid(&row.flags).is_some());
+            .any(|row| engines::engine_grid(&row.flags).is_some());
         lines.push(
             "(* = Pareto front: no other variant has fewer or equal bits and a lower or equal delta; \
              + = the same with the mean KLD)"
@@ -474,15 +475,92 @@ impl SweepReport {
         );
         if has_engine_rows {
             lines.push(String::new());
-            lines.extend(crate::engines::render_by_engine(&self.table));
+            lines.extend(self.table.render_by_engine());
         }
         lines.push(String::new());
         lines.push(self.table.recommendation_line());
         if has_engine_rows {
-            lines.extend(crate::engines::deploy_lines(&self.table));
+            lines.extend(self.table.deploy_lines());
         }
         lines.push(rule());
         lines.join("\n") + "\n"
+    }
+}
+
+/// The report's engine sections (`--matrix engines`, issue 19).
+impl SweepTable {
+    /// The rows grouped by the engine that ships each format, each group
+    /// by bits/value.
+    fn render_by_engine(&self) -> Vec<String> {
+        let mut names: Vec<&str> = self
+            .rows
+            .iter()
+            .map(|row| engines::engine_name(&row.flags))
+            .collect();
+        names.sort();
+        names.dedup();
+        let mut lines = vec!["By engine (bits/value, delta, mean KLD, top-1 %):".to_string()];
+        for name in names {
+            lines.push(format!("  {name}"));
+            for row in self
+                .rows
+                .iter()
+                .filter(|row| engines::engine_name(&row.flags) == name)
+            {
+                lines.push(format!(
+                    "    {:<32} {:>7.3}  {:>+9.4}  {:>9}  {:>6}  {}",
+                    row.label,
+                    row.bits_per_value,
+                    row.delta,
+                    row.kld_mean.map_or("-".into(), |k| format!("{k:.6}")),
+                    row.top1_agreement_percent
+                        .map_or("-".into(), |t| format!("{t:.2}")),
+                    if row.passed { "passes" } else { "fails" }
+                ));
+            }
+        }
+        lines
+    }
+
+    /// The deploy line: for the recommended row, the engine flags where an
+    /// engine ships it; else that no engine does, and the engine formats that pass.
+    fn deploy_lines(&self) -> Vec<String> {
+        let Some(best) = self.recommended() else {
+            return vec!["Deploy: nothing passed, so no engine setting is recommended.".into()];
+        };
+        if let Some(grid) = engines::engine_grid(&best.flags) {
+            let mut lines = vec![format!("Deploy {} as:", best.label)];
+            lines.extend(
+                engines::deploy_commands(grid, &best.flags)
+                    .into_iter()
+                    .map(|c| format!("  {c}")),
+            );
+            return lines;
+        }
+        let mut lines = vec![format!(
+            "Deploy: the recommended {} is kv-compress's own format; no inference engine ships it.",
+            best.label
+        )];
+        let passing = self
+            .rows
+            .iter()
+            .filter(|row| row.passed)
+            .find_map(|row| engines::engine_grid(&row.flags).map(|grid| (row, grid)));
+        match passing {
+            Some((row, grid)) => {
+                lines.push(format!(
+                    "  The fewest-bits engine format that passes is {} ({:.3} bits/value):",
+                    row.label, row.bits_per_value
+                ));
+                lines.extend(
+                    engines::deploy_commands(grid, &row.flags)
+                        .into_iter()
+                        .map(|c| format!("    {c}")),
+                );
+            }
+            None => lines.push("  No engine format passes the criteria.".into()),
+        }
+        lines
     }
 }
 
@@ -526,6 +604,31 @@ pub(crate) mod tests {
             ("e", 8.25, 10.0),
             ("f", 3.5, 11.0),
         ])
+    }
+
+    #[test]
+    fn deploy_line_gives_engine_flags_or_says_no_engine_ships_it() {
+        let mut table = table_of(&[("llama-q4_0", 4.5, 10.1), ("ecsq", 4.35, 10.05)]);
+        for row in &mut table.rows {
+            row.flags = if row.label == "ecsq" {
+                "-grid ecsq -rate 4.35".into()
+            } else {
+                "-method llama-q4_0".into()
+            };
+        }
+        let text = table.deploy_lines().join("\n");
+        assert!(text.contains("no inference engine ships it"), "{text}");
+        assert!(text.contains("-ctk q4_0 -ctv q4_0 -fa on"), "{text}");
+        assert!(text.contains("LLAMA_ATTN_ROT_DISABLE=1"), "{text}");
+        let fp8 = engines::deploy_commands(
+            kvformat::codec::Grid::Fp8E4m3,
+            "-method vllm-fp8-e4m3 -fp8-scale calibrated",
+        )
+        .join("\n");
+        assert!(
+            fp8.contains("vllm serve MODEL --kv-cache-dtype fp8_e4m3 --calculate-kv-scales"),
+            "{fp8}"
+        );
     }
 
     #[test]
