@@ -7,6 +7,19 @@ kv-compress's engine grids against bit for bit.
   dequantize (numpy ports of ggml's quantize_row_*_ref), blocks of 32 along
   head_dim. Stored per type: d (and m) as f16 bits, the codes (one u8 per
   value, the engine's: q8_0's int8 byte, q4_0's 0..15, ...) and the values.
+- llama.cpp iq4_nl: gguf-py has no IQ4_NL quantizer (only dequantize), so
+  `iq4_nl_reference` below is a numpy port of ggml-quants.c's
+  quantize_row_iq4_nl_ref (quantize_row_iq4_nl_impl with ntry = -1, no
+  importance weights), f32 scalar arithmetic in ggml's order; its values
+  are checked here against gguf-py's dequantize of the packed blocks.
+- llama.cpp's attention rotation (PR #21038, on by default for quantized
+  caches): `llama_hadamard` below, a numpy port of ggml's
+  ggml_compute_forward_fwht_f32 (scale by 1/sqrtf(n) first, then the
+  butterflies for h = 1, 2, 4, ...), over blocks along head_dim: keys in
+  the largest power of two >= 64 dividing head_dim, values in 64s
+  (llama_kv_cache::build_input_{k,v}_rot). `rot_input` has head_dim 128 so
+  the two rules differ; stored: the blocks of the rotated input, and the
+  values rotated back (what kv-compress -decompress returns).
 - vLLM fp8 e4m3/e5m2: torch's casts after vLLM's saturation,
   (x / scale).clamp(-max, max).to(torch.float8_*), values fp8.float() * scale,
   for scales unit (1.0), calibrated (amax / max per tensor) and dynamic (per
@@ -44,6 +57,7 @@ def cache_values() -> np.ndarray:
     rows[4, 7] = -1000.0  # ...on both sides
     rows[5, :32] = 7.0  # a constant block
     rows[6, 0] = -8.0  # the value of largest magnitude is negative
+    rows[7, :3] = [127.0, 4.5, -30.0]  # iq4_nl: 1/d0 = -1, so -4.5 ties levels -10 and 1
     return x
 
 
@@ -70,6 +84,82 @@ def ggml_fields(kind: str, blocks: np.ndarray) -> dict:
             codes = low | (high << 4)
     out["codes"] = codes.reshape(-1).astype(np.uint8)
     return out
+
+
+IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
+
+
+def best_index_int8(x: np.float32) -> int:
+    """ggml's best_index_int8 over kvalues_iq4nl, in f32."""
+    val = IQ4_NL_LEVELS.astype(np.float32)
+    if x <= val[0]:
+        return 0
+    if x >= val[15]:
+        return 15
+    ml, mu = 0, 15
+    while mu - ml > 1:
+        mav = (ml + mu) // 2
+        if x < val[mav]:
+            mu = mav
+        else:
+            ml = mav
+    return mu - 1 if x - val[mu - 1] < val[mu] - x else mu
+
+
+def iq4_nl_reference(rows: np.ndarray) -> np.ndarray:
+    """Packed block_iq4_nl bytes (f16 d, then 16 bytes of nibbles: q[j] | q[j+16] << 4)
+    per 32-value row, as quantize_row_iq4_nl_ref writes them. A block below
+    GROUP_MAX_EPS gets d = 0 and zero nibbles (ggml's memset; ggml itself
+    then copies the previous block's stale indices, which decode to 0 too)."""
+    f32 = np.float32
+    out = np.zeros((rows.shape[0], 18), dtype=np.uint8)
+    for b, xb in enumerate(rows.astype(np.float32)):
+        amax, xmax = f32(0), f32(0)
+        for x in xb:
+            if abs(x) > amax:
+                amax, xmax = abs(x), x
+        L = np.zeros(32, dtype=np.uint8)
+        d = f32(0)
+        if amax >= f32(1e-15):
+            d = xmax / f32(IQ4_NL_LEVELS[0])
+            inv = f32(1) / d
+            sumqx, sumq2 = f32(0), f32(0)
+            for j, x in enumerate(xb):
+                L[j] = best_index_int8(inv * x)
+                q = f32(IQ4_NL_LEVELS[L[j]])
+                w = x * x
+                sumqx = f32(sumqx + w * q * x)
+                sumq2 = f32(sumq2 + w * q * q)
+            d = sumqx / sumq2
+        out[b, 0:2] = np.array([d], dtype=np.float16).view(np.uint8)
+        out[b, 2:] = L[:16] | (L[16:] << 4)
+    return out
+
+
+ROT_SHAPE = (1, 2, 4, 128)
+
+
+def llama_hadamard(x: np.ndarray, block: int) -> np.ndarray:
+    """ggml_compute_forward_fwht_f32 over consecutive runs of `block` values, in f32."""
+    y = x.astype(np.float32).reshape(-1, block) * (np.float32(1.0) / np.sqrt(np.float32(block)))
+    h = 1
+    while h < block:
+        y = y.reshape(-1, block // (2 * h), 2, h)
+        u, v = y[:, :, 0, :].copy(), y[:, :, 1, :].copy()
+        y[:, :, 0, :], y[:, :, 1, :] = u + v, u - v
+        h *= 2
+    return y.reshape(x.shape)
+
+
+def rotation_blocks(head_dim: int) -> dict:
+    """Block of each kind: K the largest power of two >= 64 dividing head_dim, V 64."""
+    return {"key": head_dim & -head_dim, "value": 64}
+
+
+def ggml_quantize(kind: str, rows: np.ndarray) -> np.ndarray:
+    if kind == "iq4_nl":
+        return iq4_nl_reference(rows)
+    return quantize(rows, getattr(gguf.GGMLQuantizationType, kind.upper()))
 
 
 def fp8_case(x: torch.Tensor, fmt: str, mode: str) -> dict:
@@ -107,13 +197,26 @@ def main() -> None:
     x = cache_values()
     tensors = {"input": x}
     rows = x.reshape(-1, BLOCK)
-    for kind in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1"):
+    for kind in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"):
         qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
-        packed = quantize(rows, qtype)
+        packed = ggml_quantize(kind, rows)
         fields = ggml_fields(kind, packed.reshape(rows.shape[0], -1))
         for name, value in fields.items():
             tensors[f"{kind}.{name}"] = value
         tensors[f"{kind}.values"] = dequantize(packed, qtype).reshape(-1).astype(np.float32)
+    rot_x = (np.random.default_rng(21).standard_normal(ROT_SHAPE) * 1.5).astype(np.float32)
+    rot_x[0, 0, 0, 100] = 40.0  # an outlier channel, which the rotation spreads
+    tensors["rot_input"] = rot_x
+    for tensor_kind, block in rotation_blocks(ROT_SHAPE[-1]).items():
+        rotated = llama_hadamard(rot_x, block)
+        for kind in ("q8_0", "q4_0", "iq4_nl"):
+            qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+            packed = ggml_quantize(kind, rotated.reshape(-1, BLOCK))
+            name = f"rot.{kind}.{tensor_kind}"
+            for field, value in ggml_fields(kind, packed.reshape(-1, packed.shape[-1])).items():
+                tensors[f"{name}.{field}"] = value
+            stored = dequantize(packed, qtype).reshape(ROT_SHAPE).astype(np.float32)
+            tensors[f"{name}.values"] = llama_hadamard(stored, block).reshape(-1)
     xt = torch.from_numpy(x)
     for fmt in FP8:
         for mode in ("unit", "calibrated", "dynamic"):

@@ -16,7 +16,7 @@ use std::ops::{Range, RangeInclusive};
 use std::path::PathBuf;
 use std::sync::{LazyLock, OnceLock};
 
-use kvformat::codec::{spoken_list, CodecParams, GRIDS, RATE_RANGE, SUPPORTED_BITS};
+use kvformat::codec::{spoken_list, CodecParams, LlamaRotation, GRIDS, RATE_RANGE, SUPPORTED_BITS};
 /// Key-axis / value-axis choices of `-key-axis` and `-value-axis`.
 pub use kvformat::codec::{Axis, Fit, Grid};
 use kvformat::preset::DEFAULT_GROUP_SIZE;
@@ -71,6 +71,8 @@ pub struct Options {
     pub rate: Option<f64>,
     /// `-fp8-scale`: how an fp8 engine method's scales are chosen.
     pub fp8_scale: Fp8Scale,
+    /// `-llama-rot`: a llama-* method's cache rotated as llama.cpp does by default.
+    pub llama_rot: bool,
 }
 
 impl Default for Options {
@@ -104,6 +106,7 @@ impl Default for Options {
             recent_tokens: 0,
             rate: None,
             fp8_scale: Fp8Scale::Unit,
+            llama_rot: false,
         }
     }
 }
@@ -152,6 +155,10 @@ fn base_params(options: &Options, kind: TensorKind) -> CodecParams {
         outliers: outliers.unwrap_or(options.outliers),
         rate: options.rate,
         unit_scale: false,
+        llama_rotation: options.llama_rot.then_some(match kind {
+            TensorKind::Key => LlamaRotation::Key,
+            TensorKind::Value => LlamaRotation::Value,
+        }),
     };
     // An engine's format is the engine's: its bits, blocks and scales.
     match options.method.engine_layout(options.fp8_scale) {
@@ -508,7 +515,7 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
                        (asymmetric, keys per channel along tokens, values per token), or an\n\
                        inference engine's cache type, bit-exact and without LZ4: vllm-fp8-e4m3,\n\
                        vllm-fp8-e5m2 (vLLM/SGLang), llama-q8_0, llama-q4_0, llama-q4_1,\n\
-                       llama-q5_0, llama-q5_1 (llama.cpp -ctk/-ctv)",
+                       llama-q5_0, llama-q5_1, llama-iq4_nl (llama.cpp -ctk/-ctv)",
                 setter: Setter::Text {
                     placeholder: "string",
                     apply: |o, v| {
@@ -522,6 +529,16 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
                         Ok(())
                     },
                 },
+                default: None,
+            },
+            Flag {
+                name: "llama-rot",
+                help: "llama-* methods: store the cache rotated as llama.cpp does by default\n\
+                       since PR #21038 (orthonormal Walsh-Hadamard along head_dim: keys in\n\
+                       blocks of the largest power of two >= 64 dividing head_dim, values in\n\
+                       blocks of 64; none if head_dim is not a multiple of 64). Without it,\n\
+                       the format of LLAMA_ATTN_ROT_DISABLE=1 and older llama.cpp",
+                setter: Setter::Bool(|o, b| o.llama_rot = b),
                 default: None,
             },
             Flag {

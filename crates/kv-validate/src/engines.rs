@@ -5,7 +5,7 @@
 //! deploy it. The sweep report's sections built on these (rows grouped by
 //! engine, the deploy line) are `sweep`'s; this file knows no sweep type.
 
-use kv_compress::flags::Method;
+use kv_compress::flags::{Fp8Scale, Method, Options};
 use kvformat::codec::{Grid, GRIDS};
 
 use crate::run_types::Variant;
@@ -29,18 +29,24 @@ const RESEARCH: &[(&str, &str)] = &[
     ),
 ];
 
-/// Every engine format (the float8 ones with unit and calibrated scales),
+/// Every engine format (the float8 ones with unit and calibrated scales,
+/// the llama.cpp ones unrotated and rotated as llama.cpp does by default),
 /// then [`RESEARCH`], as sweep variants.
 pub fn engines_matrix() -> Vec<Variant> {
     let engine_rows = GRIDS
         .iter()
         .filter_map(|spec| spec.engine.as_ref())
         .flat_map(|engine| {
-            let fp8 = engine.method.starts_with("vllm-");
-            let scales: &[&str] = if fp8 { &["unit", "calibrated"] } else { &[""] };
-            scales.iter().map(move |scale| match *scale {
-                "" => format!("{0}=-method {0}", engine.method),
-                scale => format!("{0}-{scale}=-method {0} -fp8-scale {scale}", engine.method),
+            let choices: &[(&str, &str)] = if engine.llama_rotation {
+                &[("", ""), ("-rot", " -llama-rot")]
+            } else {
+                &[
+                    ("-unit", " -fp8-scale unit"),
+                    ("-calibrated", " -fp8-scale calibrated"),
+                ]
+            };
+            choices.iter().map(move |(suffix, flags)| {
+                format!("{0}{suffix}=-method {0}{flags}", engine.method)
             })
         });
     let research = RESEARCH
@@ -52,11 +58,16 @@ pub fn engines_matrix() -> Vec<Variant> {
         .collect()
 }
 
-/// The engine grid a row's kv-compress flags select, if any.
-pub fn engine_grid(flags: &str) -> Option<Grid> {
+/// kv-compress's options for a row's flags, if they parse.
+fn options(flags: &str) -> Option<Options> {
     let words: Vec<&str> = flags.split_whitespace().collect();
     let (_, options) = kv_compress::flags::split_words(&words).ok()?;
-    match options.method {
+    Some(options)
+}
+
+/// The engine grid a row's kv-compress flags select, if any.
+pub fn engine_grid(flags: &str) -> Option<Grid> {
+    match options(flags)?.method {
         Method::Engine(grid) => Some(grid),
         _ => None,
     }
@@ -69,17 +80,21 @@ pub fn engine_name(flags: &str) -> &'static str {
         .map_or("research (kv-compress only)", |engine| engine.engine)
 }
 
-/// The commands that run an engine with this grid's cache.
+/// The commands that run an engine with the cache a row's flags measured.
 pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
-    let Some(engine) = grid.spec().engine.as_ref() else {
+    let (Some(engine), Some(options)) = (grid.spec().engine.as_ref(), options(flags)) else {
         return Vec::new();
     };
     if grid.is_fp8() {
-        let calibrated = flags.contains("calibrated");
-        let scales = if calibrated {
-            " --calculate-kv-scales   (or a checkpoint with per-layer k/v scales)"
-        } else {
-            ""
+        let scales = match options.fp8_scale {
+            Fp8Scale::Unit => "",
+            Fp8Scale::Calibrated => {
+                " --calculate-kv-scales   (or a checkpoint with per-layer k/v scales; the measured \
+                 scale is per tensor and window, so one static scale may do a little worse)"
+            }
+            Fp8Scale::Dynamic => {
+                "   (vLLM has no per-token fp8 scales: the measured format is not vLLM's)"
+            }
         };
         vec![
             format!(
@@ -91,6 +106,12 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
                 engine.cache_type
             ),
         ]
+    } else if options.llama_rot {
+        vec![format!(
+            "llama.cpp: llama-server -m MODEL -ctk {0} -ctv {0} -fa on   \
+             (rotated as llama.cpp does by default since PR #21038)",
+            engine.cache_type
+        )]
     } else {
         vec![format!(
             "llama.cpp: LLAMA_ATTN_ROT_DISABLE=1 llama-server -m MODEL -ctk {0} -ctv {0} -fa on   \
@@ -114,7 +135,7 @@ mod tests {
             .iter()
             .filter(|v| engine_grid(&v.settings.extra_args.join(" ")).is_some())
             .count();
-        assert_eq!(engine_rows, 5 + 2 * 2);
+        assert_eq!(engine_rows, 6 * 2 + 2 * 2);
     }
 
     #[test]
@@ -132,6 +153,7 @@ mod tests {
         assert_eq!(bits("llama-q4_1"), Some(5.0));
         assert_eq!(bits("llama-q5_0"), Some(5.5));
         assert_eq!(bits("llama-q5_1"), Some(6.0));
+        assert_eq!(bits("llama-iq4_nl"), Some(4.5));
         // fp8: a byte per value and one f32 scale per 64x64 tensor.
         assert_eq!(bits("vllm-fp8-e4m3"), Some(8.0 + 32.0 / 4096.0));
     }

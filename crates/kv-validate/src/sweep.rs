@@ -620,6 +620,14 @@ pub(crate) mod tests {
         assert!(text.contains("no inference engine ships it"), "{text}");
         assert!(text.contains("-ctk q4_0 -ctv q4_0 -fa on"), "{text}");
         assert!(text.contains("LLAMA_ATTN_ROT_DISABLE=1"), "{text}");
+        let rotated =
+            engines::deploy_commands(kvformat::codec::Grid::Q4_0, "-method llama-q4_0 -llama-rot")
+                .join("\n");
+        assert!(
+            rotated.contains("llama-server -m MODEL -ctk q4_0 -ctv q4_0 -fa on"),
+            "{rotated}"
+        );
+        assert!(!rotated.contains("LLAMA_ATTN_ROT_DISABLE"), "{rotated}");
         let fp8 = engines::deploy_commands(
             kvformat::codec::Grid::Fp8E4m3,
             "-method vllm-fp8-e4m3 -fp8-scale calibrated",

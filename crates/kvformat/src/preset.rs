@@ -115,8 +115,8 @@ impl Preset {
             return None;
         };
         let bits = grid.spec().bits[0];
-        Some(if !grid.is_fp8() {
-            (bits, Axis::Token, 32, false)
+        Some(if let Some(block) = grid.engine_block() {
+            (bits, Axis::Token, block, false)
         } else {
             match fp8_scale {
                 Fp8Scale::Unit => (bits, Axis::Flat, WHOLE_SEGMENT, true),

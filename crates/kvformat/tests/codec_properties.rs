@@ -91,6 +91,7 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
                 outliers: 0.0,
                 rate: None,
                 unit_scale: false,
+                llama_rotation: None,
             },
         )
 }

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kvformat::codec::{decode, encode, Axis, CodecParams, Fit, Grid};
+use kvformat::codec::{decode, encode, Axis, CodecParams, Fit, Grid, LlamaRotation};
 
 /// A deterministic mix of magnitudes with an outlier channel every 8 values.
 fn sample_values(count: usize, salt: u32) -> Vec<f32> {
@@ -383,6 +383,44 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 ..CodecParams::adr002(32)
             },
             sample_values(640, 44).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_iq4_nl",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Iq4Nl,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(32)
+            },
+            sample_values(640, 48).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_q4_0_rotated_key",
+            vec![1, 2, 3, 128],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Q4_0,
+                axis: Axis::Token,
+                unit_scale: false,
+                llama_rotation: Some(LlamaRotation::Key),
+                ..CodecParams::adr002(32)
+            },
+            sample_values(768, 49).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "llama_iq4_nl_rotated_value",
+            vec![1, 2, 3, 128],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Iq4Nl,
+                axis: Axis::Token,
+                unit_scale: false,
+                llama_rotation: Some(LlamaRotation::Value),
+                ..CodecParams::adr002(32)
+            },
+            sample_values(768, 50).iter().map(|x| x * 40.0).collect(),
         ),
         (
             "vllm_fp8_e4m3_unit",

@@ -1,17 +1,22 @@
 //! The engine grids against independent references, bit for bit:
 //! testdata/engines/engines.safetensors holds inputs and what gguf-py
-//! (llama.cpp's q8_0/q4_0/q4_1/q5_0/q5_1, `gguf.quants`) and torch (vLLM's
-//! saturating float8 casts) make of them; xtask/python/engine_fixtures.py
+//! (llama.cpp's q8_0/q4_0/q4_1/q5_0/q5_1, `gguf.quants`), a numpy port of
+//! ggml's `quantize_row_iq4_nl_ref` (iq4_nl, decoded by gguf-py) and torch
+//! (vLLM's saturating float8 casts) make of them; xtask/python/engine_fixtures.py
 //! wrote it (torch 2.15.0, numpy 2.4.6, gguf 0.19.0, named in the file's
 //! metadata). Codes, stored scales and decoded values must all be identical.
 
 use std::collections::HashMap;
 
-use kvformat::codec::{decode, encode, unpack_codes, Axis, CodecParams, Grid, E4M3, E5M2};
+use kvformat::codec::{
+    decode, encode, unpack_codes, Axis, CodecParams, Grid, LlamaRotation, E4M3, E5M2,
+};
 use kvformat::preset::WHOLE_SEGMENT;
 use safetensors::SafeTensors;
 
 const SHAPE: [usize; 4] = [1, 2, 8, 64];
+/// `rot_input`'s: head_dim 128, so keys rotate in one block of 128, values in two of 64.
+const ROT_SHAPE: [usize; 4] = [1, 2, 4, 128];
 
 struct Fixtures {
     bytes: Vec<u8>,
@@ -66,7 +71,16 @@ fn run(
     params: &CodecParams,
     scale_len: usize,
 ) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<f32>) {
-    let encoded = encode(input, &SHAPE, params).expect("encodes");
+    run_shaped(input, &SHAPE, params, scale_len)
+}
+
+fn run_shaped(
+    input: &[f32],
+    shape: &[usize],
+    params: &CodecParams,
+    scale_len: usize,
+) -> (Vec<u8>, Vec<u8>, Vec<u8>, Vec<f32>) {
+    let encoded = encode(input, shape, params).expect("encodes");
     let payload = &encoded.payload;
     let offsets_len = if params.grid.spec().offsets {
         scale_len
@@ -77,7 +91,7 @@ fn run(
     let (offsets, packed) = rest.split_at(offsets_len);
     let mut codes = vec![0u8; input.len()];
     unpack_codes(packed, params.bits, &mut codes);
-    let values = decode(payload, &SHAPE, params, &encoded.layout).expect("decodes");
+    let values = decode(payload, shape, params, &encoded.layout).expect("decodes");
     (scales.to_vec(), offsets.to_vec(), codes, values)
 }
 
@@ -103,7 +117,7 @@ fn the_fixtures_name_their_references() {
 }
 
 #[test]
-fn llama_cpp_types_match_gguf_py_bit_for_bit() {
+fn llama_cpp_types_match_gguf_py_and_ggml_bit_for_bit() {
     let fixtures = Fixtures::load();
     let input = fixtures.f32s("input");
     for (grid, kind) in [
@@ -112,6 +126,7 @@ fn llama_cpp_types_match_gguf_py_bit_for_bit() {
         (Grid::Q4_1, "q4_1"),
         (Grid::Q5_0, "q5_0"),
         (Grid::Q5_1, "q5_1"),
+        (Grid::Iq4Nl, "iq4_nl"),
     ] {
         let blocks = input.len() / 32;
         let (scales, mins, codes, values) =
@@ -126,6 +141,36 @@ fn llama_cpp_types_match_gguf_py_bit_for_bit() {
             "{kind}: codes"
         );
         assert_bits_equal(kind, &values, &fixtures.f32s(&format!("{kind}.values")));
+    }
+}
+
+#[test]
+fn llama_cpp_rotated_caches_match_ggml_fwht_and_gguf_py_bit_for_bit() {
+    let fixtures = Fixtures::load();
+    let input = fixtures.f32s("rot_input");
+    for (grid, kind) in [
+        (Grid::Q8_0, "q8_0"),
+        (Grid::Q4_0, "q4_0"),
+        (Grid::Iq4Nl, "iq4_nl"),
+    ] {
+        for (rotation, tensor_kind) in
+            [(LlamaRotation::Key, "key"), (LlamaRotation::Value, "value")]
+        {
+            let params = CodecParams {
+                llama_rotation: Some(rotation),
+                ..params(grid, Axis::Token, 32, false)
+            };
+            let (scales, _, codes, values) =
+                run_shaped(&input, &ROT_SHAPE, &params, input.len() / 32 * 2);
+            let name = format!("rot.{kind}.{tensor_kind}");
+            assert_eq!(scales, fixtures.raw(&format!("{name}.d")), "{name}: d");
+            assert_eq!(
+                codes,
+                fixtures.raw(&format!("{name}.codes")),
+                "{name}: codes"
+            );
+            assert_bits_equal(&name, &values, &fixtures.f32s(&format!("{name}.values")));
+        }
     }
 }
 

@@ -183,7 +183,7 @@ def decode(payload, shape, params, layout):
     the manifest's `codec` (params) and `layout` entries."""
     view = View(shape, params)
     if params.get("grid") in engines.ENGINE_GRIDS:
-        return engines.decode(payload, shape, params, layout, view, unpack_codes, _require)
+        return engines.decode(payload, shape, params, layout, view, unpack_codes, _require, walsh_hadamard)
     bits, group_size = params["bits"], params["group_size"]
     _require(bits in (2, 3, 4, 5, 6, 8), f"bits {bits} is not 2, 3, 4, 5, 6 or 8")
     _require(params["grid"] in ("symmetric", "asymmetric", "lloyd", "kmeans", "ecsq"), f"unknown grid {params['grid']}")

@@ -96,7 +96,12 @@ fn decode_checked(
     let kept_values = kept_tokens::read(kept_bytes)?;
 
     // Grouped order is the output's own when nothing is kept, rotated or transposed.
-    if params.rotation_seed.is_none() && plan.keeps_no_tokens() && plan.axis != Axis::Channel {
+    let llama_block = params.llama_rotation_block(plan.head_dim);
+    if params.rotation_seed.is_none()
+        && llama_block.is_none()
+        && plan.keeps_no_tokens()
+        && plan.axis != Axis::Channel
+    {
         return dequantize_grouped(&stored, plan, sections, params, layout, out);
     }
     let mut grouped = vec![0f32; plan.quantized_count()];
@@ -104,6 +109,9 @@ fn decode_checked(
     let mut quantized = plan.in_row_major_order(grouped);
     if let Some(seed) = params.rotation_seed {
         rotation::unrotate(&mut quantized, seed, plan.head_dim);
+    }
+    if let Some(block) = llama_block {
+        rotation::llama_hadamard(&mut quantized, block);
     }
     if plan.keeps_no_tokens() {
         out.copy_from_slice(&quantized);

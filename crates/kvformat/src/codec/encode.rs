@@ -140,9 +140,15 @@ pub(crate) fn encode_in_form(
         let (kept, quantized) = plan.split(values);
         (kept, Cow::Owned(quantized))
     };
-    if let Some(seed) = params.rotation_seed {
+    let llama_block = params.llama_rotation_block(plan.head_dim);
+    if params.rotation_seed.is_some() || llama_block.is_some() {
         let quantized = quantized.to_mut();
-        rotation::rotate(quantized, seed, plan.head_dim);
+        if let Some(seed) = params.rotation_seed {
+            rotation::rotate(quantized, seed, plan.head_dim);
+        }
+        if let Some(block) = llama_block {
+            rotation::llama_hadamard(quantized, block);
+        }
         if quantized.par_iter().any(|x| !x.is_finite()) {
             return Err(CodecError::RotationOverflow);
         }

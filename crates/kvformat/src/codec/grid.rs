@@ -51,6 +51,10 @@ pub enum Grid {
     /// llama.cpp's `q5_1`: f16 scale `(max - min) / 31` and f16 min, 5-bit codes.
     #[serde(rename = "q5_1")]
     Q5_1,
+    /// llama.cpp's `iq4_nl`: an f16 scale per block of 32 (a weighted
+    /// least-squares fit), 4-bit indices into a non-uniform table of 16 levels.
+    #[serde(rename = "iq4_nl")]
+    Iq4Nl,
     /// vLLM's and SGLang's `fp8_e4m3` cache (`fp8.rs`): `x / scale` saturated
     /// to +-448 and rounded to float8 e4m3fn; one f32 scale per group.
     #[serde(rename = "fp8-e4m3")]
@@ -69,6 +73,13 @@ pub struct EngineFormat {
     pub method: &'static str,
     /// The engine's own name of the cache type (`q4_0`, `fp8_e4m3`).
     pub cache_type: &'static str,
+    /// The values along head_dim that share one scale (llama.cpp's 32),
+    /// fixed by the engine; `None` where the scale mode chooses the groups
+    /// (float8: per tensor, or per token and head).
+    pub block: Option<usize>,
+    /// Whether the engine rotates this cache type (llama.cpp's attention
+    /// rotation, PR #21038), so `llama_rotation` may be asked for.
+    pub llama_rotation: bool,
 }
 
 /// What one grid is and supports.
@@ -107,7 +118,7 @@ pub struct GridSpec {
 }
 
 /// Every grid, in the order of [`Grid`]'s variants.
-pub const GRIDS: [GridSpec; 12] = [
+pub const GRIDS: [GridSpec; 13] = [
     GridSpec {
         grid: Grid::Symmetric,
         flag: "sym",
@@ -200,6 +211,8 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "llama.cpp",
             method: "llama-q8_0",
             cache_type: "q8_0",
+            block: Some(super::ggml::BLOCK),
+            llama_rotation: true,
         }),
     },
     GridSpec {
@@ -219,6 +232,8 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "llama.cpp",
             method: "llama-q4_0",
             cache_type: "q4_0",
+            block: Some(super::ggml::BLOCK),
+            llama_rotation: true,
         }),
     },
     GridSpec {
@@ -238,6 +253,8 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "llama.cpp",
             method: "llama-q4_1",
             cache_type: "q4_1",
+            block: Some(super::ggml::BLOCK),
+            llama_rotation: true,
         }),
     },
     GridSpec {
@@ -257,6 +274,8 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "llama.cpp",
             method: "llama-q5_0",
             cache_type: "q5_0",
+            block: Some(super::ggml::BLOCK),
+            llama_rotation: true,
         }),
     },
     GridSpec {
@@ -276,6 +295,29 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "llama.cpp",
             method: "llama-q5_1",
             cache_type: "q5_1",
+            block: Some(super::ggml::BLOCK),
+            llama_rotation: true,
+        }),
+    },
+    GridSpec {
+        grid: Grid::Iq4Nl,
+        flag: "iq4_nl",
+        bits: &[4],
+        scales: true,
+        offsets: false,
+        exact_zero: false,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        engine: Some(EngineFormat {
+            engine: "llama.cpp",
+            method: "llama-iq4_nl",
+            cache_type: "iq4_nl",
+            block: Some(super::ggml::BLOCK),
+            llama_rotation: true,
         }),
     },
     GridSpec {
@@ -295,6 +337,8 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "vLLM, SGLang",
             method: "vllm-fp8-e4m3",
             cache_type: "fp8_e4m3",
+            block: None,
+            llama_rotation: false,
         }),
     },
     GridSpec {
@@ -314,6 +358,8 @@ pub const GRIDS: [GridSpec; 12] = [
             engine: "vLLM, SGLang",
             method: "vllm-fp8-e5m2",
             cache_type: "fp8_e5m2",
+            block: None,
+            llama_rotation: false,
         }),
     },
 ];
@@ -345,6 +391,11 @@ impl Grid {
     /// Whether an engine ships this grid (its bytes are the engine's).
     pub fn is_engine_format(self) -> bool {
         self.spec().engine.is_some()
+    }
+
+    /// The engine's fixed block along head_dim, if it has one (llama.cpp's 32).
+    pub fn engine_block(self) -> Option<usize> {
+        self.spec().engine.as_ref().and_then(|engine| engine.block)
     }
 
     /// Whether this is one of the float8 grids (one f32 scale per group).

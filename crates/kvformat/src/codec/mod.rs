@@ -50,7 +50,7 @@ pub use encode::{encode, encode_observed};
 pub use fp8::{Fp8Format, E4M3, E5M2};
 pub use grid::{spoken_list, EngineFormat, Grid, GridSpec, GRIDS, SUPPORTED_BITS};
 pub use layout::{payload_len, Encoded, Layout};
-pub use params::{Axis, CodecError, CodecParams, Fit, RATE_RANGE};
+pub use params::{Axis, CodecError, CodecParams, Fit, LlamaRotation, RATE_RANGE};
 pub use rotation::SplitMix64;
 pub use scales::{ScaleDtype, ZERO_GROUP_SCALE};
 pub use sparsity::SparseForm;

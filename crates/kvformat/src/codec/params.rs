@@ -76,6 +76,38 @@ pub struct CodecParams {
     /// group's `max|x| / max_finite`. Decoding does not need it.
     #[serde(default, skip_serializing_if = "is_false")]
     pub unit_scale: bool,
+    /// llama.cpp grids only: the cache is stored rotated as llama.cpp does
+    /// by default since PR #21038, with this tensor's block rule; decoding
+    /// rotates back (the rotation is its own inverse). Absent: unrotated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llama_rotation: Option<LlamaRotation>,
+}
+
+/// llama.cpp's attention rotation of quantized caches (PR #21038,
+/// `llama_kv_cache::build_input_{k,v}_rot`): the orthonormal Walsh–Hadamard
+/// transform over consecutive blocks along head_dim, no signs, the same for
+/// every layer and head. Which block a tensor gets depends on its kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlamaRotation {
+    /// K (Q is rotated alike): the largest power of two, at least 64, that divides head_dim.
+    Key,
+    /// V (the attention output is rotated back alike): blocks of 64.
+    Value,
+}
+
+impl LlamaRotation {
+    /// The rotation's block for `head_dim`, or `None` where llama.cpp does
+    /// not rotate (head_dim not a multiple of 64).
+    pub fn block(self, head_dim: usize) -> Option<usize> {
+        if head_dim == 0 || head_dim % 64 != 0 {
+            return None;
+        }
+        Some(match self {
+            LlamaRotation::Key => 1 << head_dim.trailing_zeros(),
+            LlamaRotation::Value => 64,
+        })
+    }
 }
 
 fn is_false(value: &bool) -> bool {
@@ -102,7 +134,14 @@ impl CodecParams {
             outliers: 0.0,
             rate: None,
             unit_scale: false,
+            llama_rotation: None,
         }
+    }
+
+    /// The block of llama.cpp's rotation for tensors of `head_dim`, if they are rotated.
+    pub fn llama_rotation_block(&self, head_dim: usize) -> Option<usize> {
+        self.llama_rotation
+            .and_then(|rotation| rotation.block(head_dim))
     }
 }
 
@@ -139,12 +178,14 @@ pub enum CodecError {
     NeedsFourDims { feature: &'static str, rank: usize },
     #[error("rotation needs head_dim to be a power of two, got {0}")]
     HeadDimNotPowerOfTwo(usize),
-    #[error("the {grid} grid is llama.cpp's cache type: blocks of 32 along head_dim (per-token groups of 32)")]
-    EngineBlocks { grid: Grid },
-    #[error(
-        "the {grid} grid needs head_dim to be a multiple of 32 (llama.cpp's block), got {head_dim}"
-    )]
-    EngineHeadDim { grid: Grid, head_dim: usize },
+    #[error("the {grid} grid is an engine's cache type: blocks of {block} along head_dim (per-token groups of {block})")]
+    EngineBlocks { grid: Grid, block: usize },
+    #[error("the {grid} grid needs head_dim to be a multiple of {block} (the engine's block), got {head_dim}")]
+    EngineHeadDim {
+        grid: Grid,
+        block: usize,
+        head_dim: usize,
+    },
     #[error("a unit scale is for the float8 grids only, not {grid}")]
     UnitScale { grid: Grid },
     #[error("shape has too many elements")]
@@ -219,12 +260,23 @@ impl CodecParams {
                 });
             }
         }
-        let llama_blocks = grid.engine.is_some() && !self.grid.is_fp8();
-        if llama_blocks && (self.axis != Axis::Token || self.group_size != super::ggml::BLOCK) {
-            return Err(CodecError::EngineBlocks { grid: self.grid });
+        if let Some(block) = self.grid.engine_block() {
+            if self.axis != Axis::Token || self.group_size != block {
+                return Err(CodecError::EngineBlocks {
+                    grid: self.grid,
+                    block,
+                });
+            }
         }
         if self.unit_scale && !self.grid.is_fp8() {
             return Err(CodecError::UnitScale { grid: self.grid });
+        }
+        let llama_rotates = grid.engine.as_ref().is_some_and(|e| e.llama_rotation);
+        if self.llama_rotation.is_some() && !llama_rotates {
+            return Err(CodecError::GridWith {
+                grid: self.grid,
+                feature: "llama.cpp's rotation",
+            });
         }
         // A grid that never clips (ecsq) needs nothing kept beside its
         // codes; dropping values would need a mask it does not have.
@@ -253,6 +305,7 @@ impl CodecParams {
                 self.sink_tokens > 0 || self.recent_tokens > 0,
                 "keeping tokens in FP16",
             ),
+            (self.llama_rotation.is_some(), "llama.cpp's rotation"),
         ];
         if let Some((_, feature)) = needs_heads.iter().find(|(needed, _)| *needed) {
             if shape.len() != 4 {
@@ -262,12 +315,14 @@ impl CodecParams {
                 });
             }
         }
-        let llama_blocks = self.grid.is_engine_format() && !self.grid.is_fp8();
-        if llama_blocks && shape[3] % super::ggml::BLOCK != 0 {
-            return Err(CodecError::EngineHeadDim {
-                grid: self.grid,
-                head_dim: shape[3],
-            });
+        if let Some(block) = self.grid.engine_block() {
+            if shape[3] % block != 0 {
+                return Err(CodecError::EngineHeadDim {
+                    grid: self.grid,
+                    block,
+                    head_dim: shape[3],
+                });
+            }
         }
         if self.rotation_seed.is_some() {
             let head_dim = shape[3];

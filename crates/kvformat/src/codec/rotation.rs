@@ -140,6 +140,22 @@ fn unrotate_saturating(vector: &mut [f32], signs: &[f32], scale: f32) {
     }
 }
 
+/// llama.cpp's attention rotation (PR #21038) of every `block`-long run of
+/// `values`, in place: the orthonormal Walsh–Hadamard transform in the
+/// order of ggml's `ggml_compute_forward_fwht_f32` and CUDA's `fwht_cuda`
+/// (each value times `1 / sqrtf(block)` first, then the butterflies
+/// `(a + b, a - b)` for h = 1, 2, 4, ...), so the f32 results are the
+/// engine's bit for bit. The transform is its own inverse.
+pub fn llama_hadamard(values: &mut [f32], block: usize) {
+    let scale = 1.0 / (block as f32).sqrt();
+    for_each_vector(values, block, |vector| {
+        for x in vector.iter_mut() {
+            *x *= scale;
+        }
+        walsh_hadamard(vector);
+    });
+}
+
 fn for_each_vector(values: &mut [f32], dim: usize, transform: impl Fn(&mut [f32]) + Sync) {
     if dim == 0 {
         return;
@@ -203,6 +219,26 @@ mod tests {
         for y in &vector {
             assert!((y.abs() - 1.0).abs() < 1e-6, "{y}");
         }
+    }
+
+    #[test]
+    fn llama_hadamard_is_its_own_inverse_and_scales_first() {
+        // One block of 64 holding a single 8: every output is 8 * 0.125 = +-1,
+        // the signs of row 5 of the Sylvester matrix, (-1)^popcount(5 & j).
+        let mut vector = vec![0.0f32; 64];
+        vector[5] = 8.0;
+        llama_hadamard(&mut vector, 64);
+        for (j, y) in vector.iter().enumerate() {
+            let sign = if (5 & j).count_ones() % 2 == 0 {
+                1.0
+            } else {
+                -1.0
+            };
+            assert_eq!(*y, sign, "{j}");
+        }
+        llama_hadamard(&mut vector, 64);
+        assert_eq!(vector[5], 8.0);
+        assert_eq!(vector.iter().filter(|y| **y != 0.0).count(), 1);
     }
 
     #[test]

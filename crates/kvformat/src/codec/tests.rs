@@ -616,3 +616,38 @@ fn empty_tensors_with_huge_dims_round_trip_without_using_those_dims() {
         assert!(decoded.is_empty(), "{shape:?}");
     }
 }
+
+#[test]
+fn llama_rotation_blocks_follow_llama_cpps_rules() {
+    // build_input_k_rot: the largest power of two >= 64 dividing head_dim;
+    // build_input_v_rot: 64; no rotation unless head_dim % 64 == 0.
+    use super::LlamaRotation::{Key, Value};
+    for (head_dim, key, value) in [
+        (64, Some(64), Some(64)),
+        (128, Some(128), Some(64)),
+        (192, Some(64), Some(64)),
+        (256, Some(256), Some(64)),
+        (576, Some(64), Some(64)),
+        (80, None, None),
+        (96, None, None),
+        (0, None, None),
+    ] {
+        assert_eq!(Key.block(head_dim), key, "{head_dim}");
+        assert_eq!(Value.block(head_dim), value, "{head_dim}");
+    }
+}
+
+#[test]
+fn llama_rotation_is_refused_off_the_llama_cpp_grids() {
+    let params = CodecParams {
+        llama_rotation: Some(super::LlamaRotation::Key),
+        grid: Grid::Fp8E4m3,
+        bits: 8,
+        ..CodecParams::adr002(u32::MAX as usize)
+    };
+    let refused = encode(&[0.0; 64], &[1, 1, 1, 64], &params).unwrap_err();
+    assert!(
+        refused.to_string().contains("llama.cpp's rotation"),
+        "{refused}"
+    );
+}
