@@ -20,6 +20,17 @@ kv-compress's engine grids against bit for bit.
   (llama_kv_cache::build_input_{k,v}_rot). `rot_input` has head_dim 128 so
   the two rules differ; stored: the blocks of the rotated input, and the
   values rotated back (what kv-compress -decompress returns).
+- SGLang fp4_mx_block16 (old fp4_e2m1): a numpy port of
+  FP4MXBlock16KVQuantizeUtil.batched_quantize (python/sglang/srt/layers/
+  quantization/kvfp4_tensor.py @ 0dae407b; its torch.compile'd f32 math:
+  exponent ceil(log2(max(amax/6, 1e-10))), magnitude = #bounds <= |x/2^e|,
+  sign bit from x < 0), and its dequantize.
+- TensorRT-LLM NVFP4: a port of quantizeAndWriteFP4KVCache /
+  cvt_warp_fp16_to_fp4 (TensorRT-LLM @ 03cff08f, read, not run: the
+  kernel needs Blackwell), with the e4m3 block scale cast by torch and the
+  e2m1 rounding picked among the OCP MX spec's e2m1 values (v1.0 §5.3.3)
+  by distance, ties to the even encoding; k_scale 1 (unit) or ModelOpt's
+  amax / (6 * 448) (calibrated).
 - vLLM fp8 e4m3/e5m2: torch's casts after vLLM's saturation,
   (x / scale).clamp(-max, max).to(torch.float8_*), values fp8.float() * scale,
   for scales unit (1.0), calibrated (amax / max per tensor) and dynamic (per
@@ -58,6 +69,11 @@ def cache_values() -> np.ndarray:
     rows[5, :32] = 7.0  # a constant block
     rows[6, 0] = -8.0  # the value of largest magnitude is negative
     rows[7, :3] = [127.0, 4.5, -30.0]  # iq4_nl: 1/d0 = -1, so -4.5 ties levels -10 and 1
+    # fp4: amax 6 makes a unit scale, so the e2m1 ties are exact; amax 12
+    # and 3 sit exactly on SGLang's power-of-two bounds (2 and 1/2).
+    rows[8, :16] = [6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -2.5, -5.0, -0.1, 0.0, -0.0]
+    rows[8, 16] = 12.0
+    rows[8, 32] = -3.0
     return x
 
 
@@ -162,6 +178,56 @@ def ggml_quantize(kind: str, rows: np.ndarray) -> np.ndarray:
     return quantize(rows, getattr(gguf.GGMLQuantizationType, kind.upper()))
 
 
+E2M1_GRID = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=np.float32)
+E2M1_VALUES = np.concatenate([E2M1_GRID, -E2M1_GRID])
+FP4_BLOCK = 16
+
+
+def sglang_fp4(x: np.ndarray) -> dict:
+    """SGLang's batched_quantize and dequantize, per block of 16 along head_dim."""
+    blk = x.reshape(-1, FP4_BLOCK).astype(np.float32)
+    amax = np.abs(blk).max(-1, keepdims=True)
+    e = np.ceil(np.log2(np.maximum(amax / np.float32(6.0), np.float32(1e-10)))).astype(np.float32)
+    scaled = blk / np.exp2(e)
+    sign = (scaled < 0).astype(np.uint8) << 3
+    bounds = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+    codes = sign + (np.abs(scaled)[..., None] >= bounds).sum(-1).astype(np.uint8)
+    values = E2M1_VALUES[codes] * np.exp2(e)
+    return {"scale": (e + 127).reshape(-1).astype(np.uint8), "codes": codes.reshape(-1), "values": values.reshape(-1)}
+
+
+def e2m1_rne(v: np.ndarray) -> np.ndarray:
+    """The e2m1 code nearest v (saturated at 6), ties to the even encoding; sign only off zero."""
+    a = np.minimum(np.abs(v), np.float32(6.0))
+    d = np.abs(a[..., None] - E2M1_GRID)
+    nearest = d == d.min(-1, keepdims=True)
+    even = nearest & (np.arange(8) % 2 == 0)
+    idx = np.where(nearest.sum(-1) > 1, np.argmax(even, -1), np.argmin(d, -1)).astype(np.uint8)
+    return idx | (((v < 0) & (idx > 0)).astype(np.uint8) << 3)
+
+
+def nvfp4(x: np.ndarray, unit: bool) -> dict:
+    """TensorRT-LLM's NVFP4 cache: g = 1/k_scale, e4m3 block scales, e2m1 codes."""
+    f32 = np.float32
+    k_scale = f32(1.0) if unit else f32(np.abs(x).max()) / f32(6.0 * 448.0)
+    g = f32(1.0) / k_scale
+    inv_g = f32(1.0) / g
+    blk = x.reshape(-1, FP4_BLOCK).astype(np.float32)
+    sf = g * (np.abs(blk).max(-1, keepdims=True) * (f32(1.0) / f32(6.0)))
+    sf8 = torch.from_numpy(sf).to(torch.float8_e4m3fn)
+    sf32 = sf8.to(torch.float32).numpy()
+    with np.errstate(divide="ignore"):
+        out_scale = np.where(sf32 != 0, f32(1.0) / (sf32 * inv_g), f32(0.0)).astype(np.float32)
+    codes = e2m1_rne(blk * out_scale)
+    values = (E2M1_VALUES[codes] * sf32) * inv_g
+    return {
+        "k_scale": np.array([k_scale], dtype=np.float32),
+        "scale": sf8.view(torch.uint8).numpy().reshape(-1),
+        "codes": codes.reshape(-1),
+        "values": values.reshape(-1).astype(np.float32),
+    }
+
+
 def fp8_case(x: torch.Tensor, fmt: str, mode: str) -> dict:
     dtype, top = FP8[fmt]
     if mode == "unit":
@@ -217,6 +283,11 @@ def main() -> None:
                 tensors[f"{name}.{field}"] = value
             stored = dequantize(packed, qtype).reshape(ROT_SHAPE).astype(np.float32)
             tensors[f"{name}.values"] = llama_hadamard(stored, block).reshape(-1)
+    for name, value in sglang_fp4(x).items():
+        tensors[f"sglang_fp4.{name}"] = value
+    for mode in ("unit", "calibrated"):
+        for name, value in nvfp4(x, mode == "unit").items():
+            tensors[f"nvfp4.{mode}.{name}"] = value
     xt = torch.from_numpy(x)
     for fmt in FP8:
         for mode in ("unit", "calibrated", "dynamic"):

@@ -514,8 +514,9 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
                 help: "preset: adr002 (default: 4-bit symmetric flat groups), kivi\n\
                        (asymmetric, keys per channel along tokens, values per token), or an\n\
                        inference engine's cache type, bit-exact and without LZ4: vllm-fp8-e4m3,\n\
-                       vllm-fp8-e5m2 (vLLM/SGLang), llama-q8_0, llama-q4_0, llama-q4_1,\n\
-                       llama-q5_0, llama-q5_1, llama-iq4_nl (llama.cpp -ctk/-ctv)",
+                       vllm-fp8-e5m2 (vLLM/SGLang --kv-cache-dtype), llama-q8_0, llama-q4_0,\n\
+                       llama-q4_1, llama-q5_0, llama-q5_1, llama-iq4_nl (llama.cpp -ctk/-ctv),\n\
+                       trtllm-nvfp4 (TensorRT-LLM nvfp4), sglang-fp4 (SGLang fp4_mx_block16)",
                 setter: Setter::Text {
                     placeholder: "string",
                     apply: |o, v| {
@@ -545,7 +546,9 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
                 name: "fp8-scale",
                 help: "scales of the vllm-fp8-* methods: unit (default, 1.0 as vLLM without\n\
                        scales), calibrated (per tensor, max|x|/448 for e4m3 or /57344 for e5m2,\n\
-                       as llm-compressor's static scales) or dynamic (the same per token and head)",
+                       as llm-compressor's static scales) or dynamic (the same per token and head);\n\
+                       of trtllm-nvfp4's k_scale: unit (1.0, a checkpoint without KV scales) or\n\
+                       calibrated (max|x|/(6*448) per tensor, ModelOpt's; dynamic is the same)",
                 setter: Setter::Text {
                     placeholder: "string",
                     apply: |o, v| {

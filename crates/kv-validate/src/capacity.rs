@@ -210,11 +210,8 @@ impl Method {
                     ..CodecParams::adr002(group_size)
                 };
                 let layout = Layout {
-                    scale_dtype: if grid.is_fp8() {
-                        ScaleDtype::F32
-                    } else {
-                        ScaleDtype::F16
-                    },
+                    // An engine grid has one scale dtype: the engine's.
+                    scale_dtype: grid.spec().scale_dtypes[0],
                     sparse_form: SparseForm::Dense,
                     coded_bytes: None,
                 };

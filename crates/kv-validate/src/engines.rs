@@ -29,8 +29,9 @@ const RESEARCH: &[(&str, &str)] = &[
     ),
 ];
 
-/// Every engine format (the float8 ones with unit and calibrated scales,
-/// the llama.cpp ones unrotated and rotated as llama.cpp does by default),
+/// Every engine format (vLLM's float8 and TensorRT-LLM's NVFP4 with unit
+/// and calibrated scales, the llama.cpp ones unrotated and rotated as
+/// llama.cpp does by default),
 /// then [`RESEARCH`], as sweep variants.
 pub fn engines_matrix() -> Vec<Variant> {
     let engine_rows = GRIDS
@@ -39,11 +40,13 @@ pub fn engines_matrix() -> Vec<Variant> {
         .flat_map(|engine| {
             let choices: &[(&str, &str)] = if engine.llama_rotation {
                 &[("", ""), ("-rot", " -llama-rot")]
-            } else {
+            } else if engine.unit_scale {
                 &[
                     ("-unit", " -fp8-scale unit"),
                     ("-calibrated", " -fp8-scale calibrated"),
                 ]
+            } else {
+                &[("", "")]
             };
             choices.iter().map(move |(suffix, flags)| {
                 format!("{0}{suffix}=-method {0}{flags}", engine.method)
@@ -57,6 +60,9 @@ pub fn engines_matrix() -> Vec<Variant> {
         .map(|spec| Variant::parse(&spec).expect("the engines matrix parses"))
         .collect()
 }
+
+/// What the unit-scale rows assume of a TensorRT-LLM deployment.
+const TRT_UNIT: &str = "a checkpoint without k/v scales runs with scale 1, as measured";
 
 /// kv-compress's options for a row's flags, if they parse.
 fn options(flags: &str) -> Option<Options> {
@@ -85,6 +91,7 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
     let (Some(engine), Some(options)) = (grid.spec().engine.as_ref(), options(flags)) else {
         return Vec::new();
     };
+    let unit = options.fp8_scale == Fp8Scale::Unit;
     if grid.is_fp8() {
         let scales = match options.fp8_scale {
             Fp8Scale::Unit => "",
@@ -96,7 +103,7 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
                 "   (vLLM has no per-token fp8 scales: the measured format is not vLLM's)"
             }
         };
-        vec![
+        let mut commands = vec![
             format!(
                 "vLLM:   vllm serve MODEL --kv-cache-dtype {}{scales}",
                 engine.cache_type
@@ -105,7 +112,31 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
                 "SGLang: python -m sglang.launch_server --model-path MODEL --kv-cache-dtype {}",
                 engine.cache_type
             ),
-        ]
+        ];
+        if grid == Grid::Fp8E4m3 && unit {
+            commands.push(format!(
+                "TensorRT-LLM: trtllm-serve MODEL --extra_llm_api_options kv.yaml   \
+                 (kv.yaml: `kv_cache_config: {{dtype: fp8}}`; {TRT_UNIT})"
+            ));
+        }
+        commands
+    } else if grid == Grid::Nvfp4 {
+        let scales = if unit {
+            TRT_UNIT
+        } else {
+            "a ModelOpt checkpoint with kv_cache_quant_algo NVFP4 holds per-layer k/v scales \
+             amax/(6*448); the measured scale is per tensor and window"
+        };
+        vec![format!(
+            "TensorRT-LLM: trtllm-serve MODEL --extra_llm_api_options kv.yaml   \
+             (kv.yaml: `kv_cache_config: {{dtype: nvfp4}}`; {scales}; Blackwell GPUs)"
+        )]
+    } else if grid == Grid::Fp4Mx16 {
+        vec![format!(
+            "SGLang: python -m sglang.launch_server --model-path MODEL --kv-cache-dtype {}   \
+             (fp4_e2m1 in releases before the rename; CUDA 12.8+)",
+            engine.cache_type
+        )]
     } else if options.llama_rot {
         vec![format!(
             "llama.cpp: llama-server -m MODEL -ctk {0} -ctv {0} -fa on   \
@@ -135,7 +166,7 @@ mod tests {
             .iter()
             .filter(|v| engine_grid(&v.settings.extra_args.join(" ")).is_some())
             .count();
-        assert_eq!(engine_rows, 6 * 2 + 2 * 2);
+        assert_eq!(engine_rows, 6 * 2 + 3 * 2 + 1);
     }
 
     #[test]
@@ -154,6 +185,9 @@ mod tests {
         assert_eq!(bits("llama-q5_0"), Some(5.5));
         assert_eq!(bits("llama-q5_1"), Some(6.0));
         assert_eq!(bits("llama-iq4_nl"), Some(4.5));
+        // fp4: 16 codes and an 8-bit scale per block (NVFP4: and an f32 k_scale per tensor).
+        assert_eq!(bits("sglang-fp4"), Some(4.5));
+        assert_eq!(bits("trtllm-nvfp4"), Some(4.5 + 32.0 / 4096.0));
         // fp8: a byte per value and one f32 scale per 64x64 tensor.
         assert_eq!(bits("vllm-fp8-e4m3"), Some(8.0 + 32.0 / 4096.0));
     }

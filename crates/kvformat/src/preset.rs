@@ -115,8 +115,12 @@ impl Preset {
             return None;
         };
         let bits = grid.spec().bits[0];
+        let unit_scales = grid.spec().engine.as_ref().is_some_and(|e| e.unit_scale);
         Some(if let Some(block) = grid.engine_block() {
-            (bits, Axis::Token, block, false)
+            // A block's scale is its own; -fp8-scale only says whether the
+            // tensor scale above it (NVFP4's k_scale) is 1.
+            let unit = unit_scales && fp8_scale == Fp8Scale::Unit;
+            (bits, Axis::Token, block, unit)
         } else {
             match fp8_scale {
                 Fp8Scale::Unit => (bits, Axis::Flat, WHOLE_SEGMENT, true),

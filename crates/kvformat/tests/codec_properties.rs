@@ -228,16 +228,19 @@ struct Sections {
 
 fn read_sections(payload: &[u8], view: &View, params: &CodecParams, layout: &Layout) -> Sections {
     let groups = view.group_count(params.axis, params.group_size);
+    // This independent reader covers the research grids' dtypes; the
+    // engine grids' bytes are checked against the engines (engine_fixtures.rs).
     let width = match layout.scale_dtype {
         ScaleDtype::F16 => 2,
         ScaleDtype::F32 => 4,
+        other => unreachable!("research grids store f16 or f32 scales, not {other:?}"),
     };
     let read = |bytes: &[u8]| -> Vec<f64> {
         bytes
             .chunks_exact(width)
             .map(|c| match layout.scale_dtype {
                 ScaleDtype::F16 => f64::from(f16::from_le_bytes([c[0], c[1]]).to_f32()),
-                ScaleDtype::F32 => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                _ => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             })
             .collect()
     };

@@ -423,6 +423,42 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
             sample_values(768, 50).iter().map(|x| x * 40.0).collect(),
         ),
         (
+            "trtllm_nvfp4_calibrated",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Nvfp4,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(640, 51).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "trtllm_nvfp4_unit",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Nvfp4,
+                axis: Axis::Token,
+                unit_scale: true,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(640, 52).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "sglang_fp4",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::Fp4Mx16,
+                axis: Axis::Token,
+                unit_scale: false,
+                ..CodecParams::adr002(16)
+            },
+            sample_values(640, 53).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
             "vllm_fp8_e4m3_unit",
             vec![1, 2, 5, 64],
             CodecParams {

@@ -1,15 +1,16 @@
 //! The engine grids against independent references, bit for bit:
 //! testdata/engines/engines.safetensors holds inputs and what gguf-py
 //! (llama.cpp's q8_0/q4_0/q4_1/q5_0/q5_1, `gguf.quants`), a numpy port of
-//! ggml's `quantize_row_iq4_nl_ref` (iq4_nl, decoded by gguf-py) and torch
-//! (vLLM's saturating float8 casts) make of them; xtask/python/engine_fixtures.py
+//! ggml's `quantize_row_iq4_nl_ref` (iq4_nl, decoded by gguf-py), torch
+//! (vLLM's saturating float8 casts) and numpy ports of SGLang's and
+//! TensorRT-LLM's fp4 caches (with torch's e4m3 cast) make of them; xtask/python/engine_fixtures.py
 //! wrote it (torch 2.15.0, numpy 2.4.6, gguf 0.19.0, named in the file's
 //! metadata). Codes, stored scales and decoded values must all be identical.
 
 use std::collections::HashMap;
 
 use kvformat::codec::{
-    decode, encode, unpack_codes, Axis, CodecParams, Grid, LlamaRotation, E4M3, E5M2,
+    decode, e2m1_value, encode, unpack_codes, Axis, CodecParams, Grid, LlamaRotation, E4M3, E5M2,
 };
 use kvformat::preset::WHOLE_SEGMENT;
 use safetensors::SafeTensors;
@@ -171,6 +172,54 @@ fn llama_cpp_rotated_caches_match_ggml_fwht_and_gguf_py_bit_for_bit() {
             );
             assert_bits_equal(&name, &values, &fixtures.f32s(&format!("{name}.values")));
         }
+    }
+}
+
+#[test]
+fn fp4_caches_match_sglang_and_trt_llm_ports_bit_for_bit() {
+    let fixtures = Fixtures::load();
+    let input = fixtures.f32s("input");
+    let blocks = input.len() / 16;
+    for (grid, name, unit) in [
+        (Grid::Fp4Mx16, "sglang_fp4", false),
+        (Grid::Nvfp4, "nvfp4.unit", true),
+        (Grid::Nvfp4, "nvfp4.calibrated", false),
+    ] {
+        let params = params(grid, Axis::Token, 16, unit);
+        let encoded = encode(&input, &SHAPE, &params).expect("encodes");
+        let payload = &encoded.payload;
+        assert_eq!(
+            payload[..blocks],
+            fixtures.raw(&format!("{name}.scale")),
+            "{name}: scales"
+        );
+        let levels = if grid == Grid::Nvfp4 { 4 } else { 0 };
+        if levels > 0 {
+            assert_eq!(
+                payload[blocks..blocks + levels],
+                fixtures.raw(&format!("{name}.k_scale")),
+                "{name}: k_scale"
+            );
+        }
+        let mut codes = vec![0u8; input.len()];
+        unpack_codes(&payload[blocks + levels..], 4, &mut codes);
+        assert_eq!(
+            codes,
+            fixtures.raw(&format!("{name}.codes")),
+            "{name}: codes"
+        );
+        let values = decode(payload, &SHAPE, &params, &encoded.layout).expect("decodes");
+        assert_bits_equal(name, &values, &fixtures.f32s(&format!("{name}.values")));
+    }
+}
+
+#[test]
+fn e2m1_values_are_the_ocp_mx_specs() {
+    // OCP Microscaling Formats v1.0, table 5 (FP4 E2M1): codes 0..7 and their negatives.
+    let spec = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];
+    for (code, &value) in spec.iter().enumerate() {
+        assert_eq!(e2m1_value(code as u8), value);
+        assert_eq!(e2m1_value(code as u8 | 0x8), -value);
     }
 }
 

@@ -16,6 +16,11 @@ them, with no LZ4 stage.
   each value times `1/sqrtf(block)`, then the butterflies.
 - vLLM/SGLang `fp8-e4m3` (float8 e4m3fn) and `fp8-e5m2`: the f32 scale of
   every group, then one float8 byte per value. Values: `float8(b) * scale`.
+- TensorRT-LLM `nvfp4`: blocks of 16 along head_dim; the e4m3 byte of every
+  block's scale, the f32 `k_scale` (4 bytes), then 4-bit e2m1 codes. Values:
+  `e2m1(q) * scale * (1 / (1 / k_scale))`, in f32.
+- SGLang `fp4-mx16` (`fp4_mx_block16`): blocks of 16; the E8M0 byte of every
+  block's power-of-two scale, then 4-bit e2m1 codes. Values: `e2m1(q) * scale`.
 """
 
 import math
@@ -26,7 +31,11 @@ LLAMA_GRIDS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "iq4_nl": 
 # ggml's kvalues_iq4nl.
 IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 FP8_GRIDS = {"fp8-e4m3": (3, 7, False), "fp8-e5m2": (2, 15, True)}
-ENGINE_GRIDS = set(LLAMA_GRIDS) | set(FP8_GRIDS)
+# The fp4 grids and their block-scale dtype.
+FP4_GRIDS = {"nvfp4": "e4m3", "fp4-mx16": "e8m0"}
+ENGINE_GRIDS = set(LLAMA_GRIDS) | set(FP8_GRIDS) | set(FP4_GRIDS)
+# The OCP MX spec's e2m1 values by code (bit 3 the sign).
+E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
 
 def float8_table(mantissa_bits, bias, ieee_specials):
@@ -55,6 +64,18 @@ def llama_rotation_block(rotation, head_dim):
     return head_dim & -head_dim if rotation == "key" else 64
 
 
+def scale_values(raw, scale_dtype, require):
+    """The stored scales as float32: f16/f32 little-endian, or one byte each
+    (e4m3: float8 e4m3fn; e8m0: the power of two 2^(byte - 127), 255 is NaN)."""
+    if scale_dtype in ("f16", "f32"):
+        return np.frombuffer(raw, dtype="<f2" if scale_dtype == "f16" else "<f4").astype(np.float32)
+    codes = np.frombuffer(raw, dtype=np.uint8)
+    if scale_dtype == "e4m3":
+        return float8_table(3, 7, False)[codes]
+    require(bool(np.all(codes != 255)), "an e8m0 scale is NaN")
+    return np.ldexp(np.float32(1.0), codes.astype(np.int32) - 127).astype(np.float32)
+
+
 def decode(payload, shape, params, layout, view, unpack_codes, require, walsh_hadamard):
     """One engine-format tensor's values in row-major order (float32)."""
     grid = params["grid"]
@@ -63,27 +84,31 @@ def decode(payload, shape, params, layout, view, unpack_codes, require, walsh_ha
     llama = grid in LLAMA_GRIDS
     rotation = params.get("llama_rotation")
     require(rotation in (None, "key", "value") and (rotation is None or llama), f"the {grid} grid has no llama.cpp rotation {rotation!r}")
-    bits = LLAMA_GRIDS[grid] if llama else 8
+    bits = LLAMA_GRIDS[grid] if llama else (4 if grid in FP4_GRIDS else 8)
     require(params["bits"] == bits, f"the {grid} grid takes {bits} bits")
-    if llama:
-        require(params["axis"] == "token" and params["group_size"] == 32 and view.head_dim % 32 == 0, f"the {grid} grid is blocks of 32 along head_dim")
-        run_len, width, dtype = view.head_dim, 2, "<f2"
-        require(layout["scale_dtype"] == "f16", f"the {grid} grid stores f16 scales")
+    if llama or grid in FP4_GRIDS:
+        block = 32 if llama else 16
+        require(params["axis"] == "token" and params["group_size"] == block and view.head_dim % block == 0, f"the {grid} grid is blocks of {block} along head_dim")
+        run_len = view.head_dim
+        scale_dtype = "f16" if llama else FP4_GRIDS[grid]
     else:
         require(params["axis"] in ("flat", "token"), f"the {grid} grid groups per tensor or per token")
         run_len = view.n_q if params["axis"] == "flat" else view.head_dim
-        width, dtype = 4, "<f4"
-        require(layout["scale_dtype"] == "f32", f"the {grid} grid stores f32 scales")
+        scale_dtype = "f32"
+    require(layout["scale_dtype"] == scale_dtype, f"the {grid} grid stores {scale_dtype} scales")
+    width = {"f16": 2, "f32": 4}.get(scale_dtype, 1)
     group_size = params["group_size"]
     groups_per_run = math.ceil(run_len / group_size) if run_len else 0
     n_groups = (view.n_q // run_len) * groups_per_run if run_len else 0
     with_min = grid in ("q4_1", "q5_1")
-    sizes = [n_groups * width, n_groups * width if with_min else 0, math.ceil(view.n_q * bits / 8)]
+    levels = 4 if grid == "nvfp4" else 0
+    sizes = [n_groups * width, n_groups * width if with_min else 0, levels, math.ceil(view.n_q * bits / 8)]
     require(len(payload) == sum(sizes), f"payload is {len(payload)} bytes, the {grid} grid needs {sum(sizes)}")
-    scales = np.frombuffer(payload[: sizes[0]], dtype=dtype).astype(np.float32)
-    mins = np.frombuffer(payload[sizes[0] : sizes[0] + sizes[1]], dtype=dtype).astype(np.float32)
+    offsets = np.cumsum([0] + sizes)
+    scales = scale_values(payload[: offsets[1]], scale_dtype, require)
+    mins = scale_values(payload[offsets[1] : offsets[2]], scale_dtype, require)
     require(bool(np.all(np.isfinite(scales)) and np.all(np.isfinite(mins))), "a scale or minimum is not finite")
-    codes = unpack_codes(payload[sizes[0] + sizes[1] :], view.n_q, bits).astype(np.uint8)
+    codes = unpack_codes(payload[offsets[3] :], view.n_q, bits).astype(np.uint8)
     position = np.arange(view.n_q)
     groups = (position // run_len) * groups_per_run + (position % run_len) // group_size if run_len else position
     d = scales[groups]
@@ -97,8 +122,15 @@ def decode(payload, shape, params, layout, view, unpack_codes, require, walsh_ha
         values = d * codes.astype(np.float32) + mins[groups]
     elif grid == "iq4_nl":
         values = d * IQ4_NL_LEVELS[codes & 0x0F]
+    elif grid == "nvfp4":
+        k_scale = np.frombuffer(payload[offsets[2] : offsets[3]], dtype="<f4")[0]
+        require(bool(np.isfinite(k_scale) and k_scale >= np.finfo(np.float32).tiny), "nvfp4's tensor scale is not a positive normal f32")
+        inverse_g = np.float32(1.0) / (np.float32(1.0) / k_scale)
+        values = (E2M1_VALUES[codes & 0x0F] * d) * inverse_g
+    elif grid == "fp4-mx16":
+        values = E2M1_VALUES[codes & 0x0F] * d
     else:
-        require(layout["scale_dtype"] == "f32" and bool(np.all(scales >= np.finfo(np.float32).tiny)), "an fp8 scale is not a positive normal f32")
+        require(bool(np.all(scales >= np.finfo(np.float32).tiny)), "an fp8 scale is not a positive normal f32")
         values = float8_table(*FP8_GRIDS[grid])[codes] * d
     block = llama_rotation_block(rotation, view.head_dim)
     if block is not None:

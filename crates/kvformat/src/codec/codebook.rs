@@ -292,6 +292,9 @@ pub(crate) fn choose(
                     .stored_f32()
                     .0,
                 ),
+                ScaleDtype::E4m3 | ScaleDtype::E8m0 => {
+                    unreachable!("codebook scales are f16 or f32")
+                }
             };
             let error = |scale: f32| -> f64 {
                 kept_values(&values[span.clone()], kept)

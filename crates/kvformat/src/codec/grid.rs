@@ -9,6 +9,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::scales::ScaleDtype;
+
 /// The code widths every uniform grid supports: 5 and 6 bits give a
 /// per-layer allocation steps between 4 and 8 (kv-validate's `allocate`).
 pub const SUPPORTED_BITS: [u8; 6] = [2, 3, 4, 5, 6, 8];
@@ -62,6 +64,14 @@ pub enum Grid {
     /// vLLM's `fp8_e5m2` cache: `x / scale` saturated to +-57344, float8 e5m2.
     #[serde(rename = "fp8-e5m2")]
     Fp8E5m2,
+    /// TensorRT-LLM's NVFP4 cache (`fp4.rs`): e2m1 codes, an e4m3 scale per
+    /// block of 16 along head_dim, and one f32 `k_scale` per tensor.
+    #[serde(rename = "nvfp4")]
+    Nvfp4,
+    /// SGLang's `fp4_mx_block16` cache: e2m1 codes and a power-of-two
+    /// (E8M0) scale per block of 16 along head_dim.
+    #[serde(rename = "fp4-mx16")]
+    Fp4Mx16,
 }
 
 /// An engine that ships a grid as a KV-cache type, and how it is asked for.
@@ -80,6 +90,9 @@ pub struct EngineFormat {
     /// Whether the engine rotates this cache type (llama.cpp's attention
     /// rotation, PR #21038), so `llama_rotation` may be asked for.
     pub llama_rotation: bool,
+    /// Whether the engine runs it with unit scales when the checkpoint has
+    /// none (vLLM's fp8, TensorRT-LLM's NVFP4), so `unit_scale` may be asked for.
+    pub unit_scale: bool,
 }
 
 /// What one grid is and supports.
@@ -111,6 +124,8 @@ pub struct GridSpec {
     /// Whether scales may be any finite value (zero, negative, subnormal) as
     /// an engine computes them, rather than positive normal numbers.
     pub any_finite_scales: bool,
+    /// The dtypes its scales may be stored in (a manifest naming another is refused).
+    pub scale_dtypes: &'static [ScaleDtype],
     /// The engine that ships this grid as a cache type; `None` for the
     /// research grids. Engine grids are stored without the LZ4 stage, so
     /// their bits per value are the engine's memory cost.
@@ -118,7 +133,7 @@ pub struct GridSpec {
 }
 
 /// Every grid, in the order of [`Grid`]'s variants.
-pub const GRIDS: [GridSpec; 13] = [
+pub const GRIDS: [GridSpec; 15] = [
     GridSpec {
         grid: Grid::Symmetric,
         flag: "sym",
@@ -132,6 +147,7 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: true,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::F32],
         engine: None,
     },
     GridSpec {
@@ -147,6 +163,7 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::F32],
         engine: None,
     },
     GridSpec {
@@ -162,6 +179,7 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::F32],
         engine: None,
     },
     GridSpec {
@@ -177,6 +195,7 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::F32],
         engine: None,
     },
     GridSpec {
@@ -192,6 +211,7 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: true,
         fused_fast_path: false,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::F32],
         engine: None,
     },
     GridSpec {
@@ -207,12 +227,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16],
         engine: Some(EngineFormat {
             engine: "llama.cpp",
             method: "llama-q8_0",
             cache_type: "q8_0",
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
+            unit_scale: false,
         }),
     },
     GridSpec {
@@ -228,12 +250,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16],
         engine: Some(EngineFormat {
             engine: "llama.cpp",
             method: "llama-q4_0",
             cache_type: "q4_0",
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
+            unit_scale: false,
         }),
     },
     GridSpec {
@@ -249,12 +273,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16],
         engine: Some(EngineFormat {
             engine: "llama.cpp",
             method: "llama-q4_1",
             cache_type: "q4_1",
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
+            unit_scale: false,
         }),
     },
     GridSpec {
@@ -270,12 +296,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16],
         engine: Some(EngineFormat {
             engine: "llama.cpp",
             method: "llama-q5_0",
             cache_type: "q5_0",
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
+            unit_scale: false,
         }),
     },
     GridSpec {
@@ -291,12 +319,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16],
         engine: Some(EngineFormat {
             engine: "llama.cpp",
             method: "llama-q5_1",
             cache_type: "q5_1",
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
+            unit_scale: false,
         }),
     },
     GridSpec {
@@ -312,12 +342,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16],
         engine: Some(EngineFormat {
             engine: "llama.cpp",
             method: "llama-iq4_nl",
             cache_type: "iq4_nl",
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
+            unit_scale: false,
         }),
     },
     GridSpec {
@@ -333,12 +365,14 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F32],
         engine: Some(EngineFormat {
             engine: "vLLM, SGLang",
             method: "vllm-fp8-e4m3",
             cache_type: "fp8_e4m3",
             block: None,
             llama_rotation: false,
+            unit_scale: true,
         }),
     },
     GridSpec {
@@ -354,12 +388,60 @@ pub const GRIDS: [GridSpec; 13] = [
         rate: false,
         fused_fast_path: false,
         any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F32],
         engine: Some(EngineFormat {
             engine: "vLLM, SGLang",
             method: "vllm-fp8-e5m2",
             cache_type: "fp8_e5m2",
             block: None,
             llama_rotation: false,
+            unit_scale: true,
+        }),
+    },
+    GridSpec {
+        grid: Grid::Nvfp4,
+        flag: "nvfp4",
+        bits: &[4],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::E4m3],
+        engine: Some(EngineFormat {
+            engine: "TensorRT-LLM",
+            method: "trtllm-nvfp4",
+            cache_type: "nvfp4",
+            block: Some(super::fp4::BLOCK),
+            llama_rotation: false,
+            unit_scale: true,
+        }),
+    },
+    GridSpec {
+        grid: Grid::Fp4Mx16,
+        flag: "fp4-mx16",
+        bits: &[4],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::E8m0],
+        engine: Some(EngineFormat {
+            engine: "SGLang",
+            method: "sglang-fp4",
+            cache_type: "fp4_mx_block16",
+            block: Some(super::fp4::BLOCK),
+            llama_rotation: false,
+            unit_scale: false,
         }),
     },
 ];
@@ -401,6 +483,11 @@ impl Grid {
     /// Whether this is one of the float8 grids (one f32 scale per group).
     pub fn is_fp8(self) -> bool {
         matches!(self, Grid::Fp8E4m3 | Grid::Fp8E5m2)
+    }
+
+    /// Whether this is one of the e2m1 grids (`fp4.rs`).
+    pub fn is_fp4(self) -> bool {
+        matches!(self, Grid::Nvfp4 | Grid::Fp4Mx16)
     }
 }
 

@@ -8,19 +8,42 @@ use super::codebook::{self, Codebook};
 use super::groups::{GroupGeometry, Plan};
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
-use super::{bitpack, ecsq, fp8, ggml, CodecError, CodecParams, Grid};
+use super::{bitpack, ecsq, fp4, fp8, ggml, CodecError, CodecParams, Grid};
+
+/// NVFP4's levels section: its f32 `k_scale`, little-endian.
+const TENSOR_SCALE_LEN: usize = 4;
+
+/// NVFP4's `k_scale`, which must be a positive normal f32 as the encoder writes it.
+fn read_tensor_scale(level_bytes: &[u8]) -> Result<f32, CodecError> {
+    let bytes: [u8; TENSOR_SCALE_LEN] = level_bytes
+        .try_into()
+        .map_err(|_| CodecError::CorruptPayload("nvfp4's tensor scale is not 4 bytes"))?;
+    let scale = f32::from_le_bytes(bytes);
+    if scale.is_normal() && scale > 0.0 {
+        Ok(scale)
+    } else {
+        Err(CodecError::CorruptPayload(
+            "nvfp4's tensor scale is not a positive normal number",
+        ))
+    }
+}
 
 /// An engine grid's code <-> value mapping (sparsity is refused for them,
 /// so every value of a group has a code).
 struct EngineMapping<'a> {
     grid: Grid,
+    /// NVFP4's per-tensor `k_scale` (1 for the others).
+    tensor_scale: f32,
     params: &'a GroupParams,
 }
 
 impl GroupMapping for EngineMapping<'_> {
     fn codes(&self, group: usize, values: &[f32], _kept: Option<&[bool]>, codes: &mut [u8]) {
+        let scale = self.params.scales[group];
         if self.grid.is_fp8() {
-            fp8::codes(self.grid, values, self.params.scales[group], codes);
+            fp8::codes(self.grid, values, scale, codes);
+        } else if self.grid.is_fp4() {
+            fp4::codes(self.grid, values, scale, self.tensor_scale, codes);
         } else {
             ggml::codes(self.grid, values, codes);
         }
@@ -30,6 +53,8 @@ impl GroupMapping for EngineMapping<'_> {
         let scale = self.params.scales[group];
         if self.grid.is_fp8() {
             fp8::values(self.grid, codes, scale, out);
+        } else if self.grid.is_fp4() {
+            fp4::values(self.grid, codes, scale, self.tensor_scale, out);
         } else {
             let min = self.params.offsets.get(group).copied().unwrap_or(0.0);
             ggml::values(self.grid, codes, scale, min, out);
@@ -50,8 +75,10 @@ pub(crate) enum GroupQuantizer {
     /// Entropy-coded uniform codes (`ecsq`): one step, an offset per group,
     /// and (when chosen, not read) the codes section the choice coded.
     Ecsq { step: f32, coded: Option<Vec<u8>> },
-    /// An inference engine's cache type (`ggml`, `fp8`): its own scales and codes.
-    Engine(Grid),
+    /// An inference engine's cache type (`ggml`, `fp8`, `fp4`): its own
+    /// scales and codes, and NVFP4's per-tensor `k_scale` (1 for the others;
+    /// NVFP4 stores it as the levels section).
+    Engine { grid: Grid, tensor_scale: f32 },
 }
 
 impl GroupQuantizer {
@@ -106,11 +133,22 @@ impl GroupQuantizer {
             }
             grid if grid.is_fp8() => (
                 fp8::group_params(grid, grouped, geometry, params.unit_scale),
-                GroupQuantizer::Engine(grid),
+                GroupQuantizer::Engine {
+                    grid,
+                    tensor_scale: 1.0,
+                },
             ),
+            grid if grid.is_fp4() => {
+                let (group_params, tensor_scale) =
+                    fp4::group_params(grid, grouped, geometry, params.unit_scale);
+                (group_params, GroupQuantizer::Engine { grid, tensor_scale })
+            }
             grid => (
                 ggml::group_params(grid, grouped, geometry),
-                GroupQuantizer::Engine(grid),
+                GroupQuantizer::Engine {
+                    grid,
+                    tensor_scale: 1.0,
+                },
             ),
         }
     }
@@ -128,7 +166,14 @@ impl GroupQuantizer {
                 step: ecsq::read_levels(level_bytes)?,
                 coded: None,
             },
-            grid => GroupQuantizer::Engine(grid),
+            Grid::Nvfp4 => GroupQuantizer::Engine {
+                grid: Grid::Nvfp4,
+                tensor_scale: read_tensor_scale(level_bytes)?,
+            },
+            grid => GroupQuantizer::Engine {
+                grid,
+                tensor_scale: 1.0,
+            },
         })
     }
 
@@ -138,6 +183,7 @@ impl GroupQuantizer {
             Grid::Symmetric | Grid::Asymmetric => 0,
             Grid::Lloyd | Grid::Kmeans => codebook::levels_section_len(params.grid, params.bits),
             Grid::Ecsq => ecsq::LEVELS_LEN,
+            Grid::Nvfp4 => TENSOR_SCALE_LEN,
             _ => 0,
         }
     }
@@ -145,7 +191,12 @@ impl GroupQuantizer {
     /// Appends the levels section (empty unless the quantizer stores one).
     pub fn write_levels(&self, payload: &mut Vec<u8>) {
         match self {
-            GroupQuantizer::Uniform(_) | GroupQuantizer::Engine(_) => {}
+            GroupQuantizer::Uniform(_) => {}
+            GroupQuantizer::Engine { grid, tensor_scale } => {
+                if *grid == Grid::Nvfp4 {
+                    payload.extend_from_slice(&tensor_scale.to_le_bytes());
+                }
+            }
             GroupQuantizer::Codebook { grid, codebook, .. } => {
                 codebook::write_levels(*grid, codebook, payload)
             }
@@ -208,7 +259,7 @@ impl GroupQuantizer {
         match self {
             GroupQuantizer::Uniform(range) => range.bits,
             GroupQuantizer::Codebook { bits, .. } => *bits,
-            GroupQuantizer::Engine(grid) => grid.spec().bits[0],
+            GroupQuantizer::Engine { grid, .. } => grid.spec().bits[0],
             GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),
         }
     }
@@ -228,8 +279,9 @@ impl GroupQuantizer {
                 codebook,
                 scales: &group_params.scales,
             }),
-            GroupQuantizer::Engine(grid) => body(&EngineMapping {
+            GroupQuantizer::Engine { grid, tensor_scale } => body(&EngineMapping {
                 grid: *grid,
+                tensor_scale: *tensor_scale,
                 params: group_params,
             }),
             GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),

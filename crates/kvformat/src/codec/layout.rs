@@ -6,6 +6,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
+use super::fp8::E4M3;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
 use super::scales::ScaleDtype;
@@ -68,6 +69,17 @@ impl Sections {
             && layout.sparse_form == SparseForm::Dense
         {
             return Err(CodecError::DenseFormNeedsSymmetricGrid);
+        }
+        if !params
+            .grid
+            .spec()
+            .scale_dtypes
+            .contains(&layout.scale_dtype)
+        {
+            return Err(CodecError::ScaleDtype {
+                grid: params.grid,
+                dtype: layout.scale_dtype,
+            });
         }
         let overflow = || CodecError::ShapeOverflow;
         let quantized = plan.quantized_count();
@@ -156,6 +168,11 @@ pub(crate) fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<
         ScaleDtype::F32 => values
             .iter()
             .for_each(|value| payload.extend_from_slice(&value.to_le_bytes())),
+        // The fp4 grids' scales are values of these dtypes already.
+        ScaleDtype::E4m3 => payload.extend(values.iter().map(|&value| E4M3.encode(value))),
+        ScaleDtype::E8m0 => {
+            payload.extend(values.iter().map(|&value| (value.to_bits() >> 23) as u8))
+        }
     }
 }
 
@@ -165,7 +182,19 @@ fn read_floats(bytes: &[u8], dtype: ScaleDtype) -> impl Iterator<Item = f32> + '
         .map(move |chunk| match dtype {
             ScaleDtype::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
             ScaleDtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+            ScaleDtype::E4m3 => E4M3.decode(chunk[0]),
+            ScaleDtype::E8m0 => e8m0_value(chunk[0]),
         })
+}
+
+/// The power of two an E8M0 byte stands for; 255 is NaN (OCP MX), and
+/// byte 0, `2^-127`, is an f32 subnormal.
+fn e8m0_value(byte: u8) -> f32 {
+    match byte {
+        255 => f32::NAN,
+        0 => f32::from_bits(1 << 22),
+        byte => f32::from_bits(u32::from(byte) << 23),
+    }
 }
 
 /// Scales must be positive normal numbers of their dtype, as `encode` writes
@@ -182,7 +211,7 @@ pub(crate) fn read_scales(
         .map(|scale| {
             let normal = match dtype {
                 ScaleDtype::F16 => f16::from_f32(scale).is_normal(),
-                ScaleDtype::F32 => scale.is_normal(),
+                ScaleDtype::F32 | ScaleDtype::E4m3 | ScaleDtype::E8m0 => scale.is_normal(),
             };
             if normal && scale > 0.0 {
                 Ok(scale)

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::grid::{spoken_list, Grid, SUPPORTED_BITS};
 use super::groups;
+use super::scales::ScaleDtype;
 
 /// The bits per value an `ecsq` step may aim at (`CodecParams::rate`).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.5..=16.0;
@@ -186,8 +187,10 @@ pub enum CodecError {
         block: usize,
         head_dim: usize,
     },
-    #[error("a unit scale is for the float8 grids only, not {grid}")]
+    #[error("a unit scale is for the float8 and nvfp4 grids only, not {grid}")]
     UnitScale { grid: Grid },
+    #[error("the {grid} grid does not store its scales as {dtype:?}")]
+    ScaleDtype { grid: Grid, dtype: ScaleDtype },
     #[error("shape has too many elements")]
     ShapeOverflow,
     #[error("{actual} values given for a shape of {expected} elements")]
@@ -268,7 +271,7 @@ impl CodecParams {
                 });
             }
         }
-        if self.unit_scale && !self.grid.is_fp8() {
+        if self.unit_scale && !grid.engine.as_ref().is_some_and(|e| e.unit_scale) {
             return Err(CodecError::UnitScale { grid: self.grid });
         }
         let llama_rotates = grid.engine.as_ref().is_some_and(|e| e.llama_rotation);

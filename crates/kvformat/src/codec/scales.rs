@@ -18,6 +18,10 @@ pub enum ScaleDtype {
     F16,
     /// Little-endian f32, used when some group's scale or offset does not fit f16.
     F32,
+    /// One float8 e4m3fn byte (NVFP4's block scales).
+    E4m3,
+    /// One E8M0 byte, the power of two `2^(byte - 127)` (SGLang's fp4 block scales).
+    E8m0,
 }
 
 impl ScaleDtype {
@@ -25,6 +29,7 @@ impl ScaleDtype {
         match self {
             ScaleDtype::F16 => 2,
             ScaleDtype::F32 => 4,
+            ScaleDtype::E4m3 | ScaleDtype::E8m0 => 1,
         }
     }
 }
