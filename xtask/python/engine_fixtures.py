@@ -31,6 +31,11 @@ kv-compress's engine grids against bit for bit.
   e2m1 rounding picked among the OCP MX spec's e2m1 values (v1.0 §5.3.3)
   by distance, ties to the even encoding; k_scale 1 (unit) or ModelOpt's
   amax / (6 * 448) (calibrated).
+- transformers QuantizedCache, quanto backend (nbits 4 and 2, axis 0,
+  q_group_size 64): optimum-quanto's own MaxOptimizer and quantize_weight,
+  the calls transformers' QuantoQuantizedLayer._quantize makes, on the
+  input cast to float32, float16 and bfloat16; stored: scale and shift
+  (as f32), the codes and qtensor.dequantize().
 - vLLM fp8 e4m3/e5m2: torch's casts after vLLM's saturation,
   (x / scale).clamp(-max, max).to(torch.float8_*), values fp8.float() * scale,
   for scales unit (1.0), calibrated (amax / max per tensor) and dynamic (per
@@ -228,6 +233,26 @@ def nvfp4(x: np.ndarray, unit: bool) -> dict:
     }
 
 
+QUANTO_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def quanto_case(x: np.ndarray, nbits: int, dtype: torch.dtype) -> dict:
+    """What transformers' QuantoQuantizedLayer stores for one K or V tensor."""
+    from optimum.quanto import MaxOptimizer, qint2, qint4, quantize_weight
+
+    qtype = qint4 if nbits == 4 else qint2
+    tensor = torch.from_numpy(x).to(dtype).contiguous()
+    scale, zeropoint = MaxOptimizer()(tensor, qtype, 0, 64)
+    qtensor = quantize_weight(tensor, qtype, 0, scale, zeropoint, 64)
+    return {
+        "input": tensor.float().numpy().reshape(-1),
+        "scale": qtensor._scale.float().numpy().reshape(-1),
+        "shift": qtensor._shift.float().numpy().reshape(-1),
+        "codes": qtensor._data.unpack().numpy().astype(np.uint8).reshape(-1),
+        "values": qtensor.dequantize().float().numpy().reshape(-1),
+    }
+
+
 def fp8_case(x: torch.Tensor, fmt: str, mode: str) -> dict:
     dtype, top = FP8[fmt]
     if mode == "unit":
@@ -288,13 +313,17 @@ def main() -> None:
     for mode in ("unit", "calibrated"):
         for name, value in nvfp4(x, mode == "unit").items():
             tensors[f"nvfp4.{mode}.{name}"] = value
+    for nbits in (4, 2):
+        for dtype_name, dtype in QUANTO_DTYPES.items():
+            for name, value in quanto_case(x, nbits, dtype).items():
+                tensors[f"quanto_int{nbits}.{dtype_name}.{name}"] = value
     xt = torch.from_numpy(x)
     for fmt in FP8:
         for mode in ("unit", "calibrated", "dynamic"):
             for name, value in fp8_case(xt, fmt, mode).items():
                 tensors[f"fp8_{fmt}.{mode}.{name}"] = value
     tensors.update(cast_table())
-    versions = {p: metadata.version(p) for p in ("torch", "numpy", "gguf")}
+    versions = {p: metadata.version(p) for p in ("torch", "numpy", "gguf", "optimum-quanto")}
     meta = {f"{p}_version": v for p, v in versions.items()}
     meta["made_by"] = "xtask/python/engine_fixtures.py"
     OUT.parent.mkdir(parents=True, exist_ok=True)

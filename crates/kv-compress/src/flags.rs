@@ -159,6 +159,8 @@ fn base_params(options: &Options, kind: TensorKind) -> CodecParams {
             TensorKind::Key => LlamaRotation::Key,
             TensorKind::Value => LlamaRotation::Value,
         }),
+        // Set per tensor from its dtype where the grid computes in it (quanto).
+        model_dtype: None,
     };
     // An engine's format is the engine's: its bits, blocks and scales.
     match options.method.engine_layout(options.fp8_scale) {
@@ -516,7 +518,8 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
                        inference engine's cache type, bit-exact and without LZ4: vllm-fp8-e4m3,\n\
                        vllm-fp8-e5m2 (vLLM/SGLang --kv-cache-dtype), llama-q8_0, llama-q4_0,\n\
                        llama-q4_1, llama-q5_0, llama-q5_1, llama-iq4_nl (llama.cpp -ctk/-ctv),\n\
-                       trtllm-nvfp4 (TensorRT-LLM nvfp4), sglang-fp4 (SGLang fp4_mx_block16)",
+                       trtllm-nvfp4 (TensorRT-LLM nvfp4), sglang-fp4 (SGLang fp4_mx_block16),\n\
+                       hf-quanto-int4, hf-quanto-int2 (transformers' QuantizedCache, quanto)",
                 setter: Setter::Text {
                     placeholder: "string",
                     apply: |o, v| {

@@ -210,7 +210,8 @@ impl Method {
                     ..CodecParams::adr002(group_size)
                 };
                 let layout = Layout {
-                    // An engine grid has one scale dtype: the engine's.
+                    // An engine grid's first scale dtype is the engine's
+                    // (quanto: a half-precision model's scale and shift).
                     scale_dtype: grid.spec().scale_dtypes[0],
                     sparse_form: SparseForm::Dense,
                     coded_bytes: None,

@@ -131,6 +131,14 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
             "TensorRT-LLM: trtllm-serve MODEL --extra_llm_api_options kv.yaml   \
              (kv.yaml: `kv_cache_config: {{dtype: nvfp4}}`; {scales}; Blackwell GPUs)"
         )]
+    } else if grid.is_quanto() {
+        vec![format!(
+            "transformers: model.generate(..., cache_implementation=\"quantized\", \
+             cache_config={{\"backend\": \"quanto\", \"nbits\": {}}})   (pip install optimum-quanto; \
+             axis 0 and q_group_size 64 as measured; the newest tokens, up to 127, stay in the \
+             model's dtype until the cache quantizes everything again)",
+            grid.spec().bits[0]
+        )]
     } else if grid == Grid::Fp4Mx16 {
         vec![format!(
             "SGLang: python -m sglang.launch_server --model-path MODEL --kv-cache-dtype {}   \
@@ -166,7 +174,7 @@ mod tests {
             .iter()
             .filter(|v| engine_grid(&v.settings.extra_args.join(" ")).is_some())
             .count();
-        assert_eq!(engine_rows, 6 * 2 + 3 * 2 + 1);
+        assert_eq!(engine_rows, 6 * 2 + 3 * 2 + 1 + 2);
     }
 
     #[test]
@@ -187,6 +195,9 @@ mod tests {
         assert_eq!(bits("llama-iq4_nl"), Some(4.5));
         // fp4: 16 codes and an 8-bit scale per block (NVFP4: and an f32 k_scale per tensor).
         assert_eq!(bits("sglang-fp4"), Some(4.5));
+        // quanto: a half-precision scale and shift per 64 codes.
+        assert_eq!(bits("hf-quanto-int4"), Some(4.5));
+        assert_eq!(bits("hf-quanto-int2"), Some(2.5));
         assert_eq!(bits("trtllm-nvfp4"), Some(4.5 + 32.0 / 4096.0));
         // fp8: a byte per value and one f32 scale per 64x64 tensor.
         assert_eq!(bits("vllm-fp8-e4m3"), Some(8.0 + 32.0 / 4096.0));

@@ -110,6 +110,17 @@ fn pack(
 ) -> std::result::Result<(PackedTensor, Option<Vec<f32>>), TensorProblem> {
     let mut accumulator = Accumulator::new();
     let mut reconstruction = keep_reconstruction.then(|| Vec::with_capacity(values.len()));
+    // transformers' quantized cache computes in the model's dtype: the input's.
+    let quanto_params;
+    let params = if params.grid.is_quanto() && params.model_dtype.is_none() {
+        quanto_params = CodecParams {
+            model_dtype: Some(dtype),
+            ..params.clone()
+        };
+        &quanto_params
+    } else {
+        params
+    };
     let encoded = codec::encode_observed(values, shape, params, &mut |original, restored| {
         accumulator.push(original, restored);
         if let Some(reconstruction) = &mut reconstruction {

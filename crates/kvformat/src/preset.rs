@@ -116,7 +116,9 @@ impl Preset {
         };
         let bits = grid.spec().bits[0];
         let unit_scales = grid.spec().engine.as_ref().is_some_and(|e| e.unit_scale);
-        Some(if let Some(block) = grid.engine_block() {
+        Some(if let Some(group) = grid.engine_flat_group() {
+            (bits, Axis::Flat, group, false)
+        } else if let Some(block) = grid.engine_block() {
             // A block's scale is its own; -fp8-scale only says whether the
             // tensor scale above it (NVFP4's k_scale) is 1.
             let unit = unit_scales && fp8_scale == Fp8Scale::Unit;

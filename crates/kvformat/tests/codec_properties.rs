@@ -92,6 +92,7 @@ fn params_for(shape: &[usize]) -> impl Strategy<Value = CodecParams> {
                 rate: None,
                 unit_scale: false,
                 llama_rotation: None,
+                model_dtype: None,
             },
         )
 }

@@ -9,6 +9,16 @@ use std::path::Path;
 use std::process::Command;
 
 use kvformat::codec::{decode, encode, Axis, CodecParams, Fit, Grid, LlamaRotation};
+use kvformat::CacheDtype;
+
+/// `x` as a tensor of `dtype` holds it (what kv-compress reads from such a cache).
+fn as_dtype(dtype: CacheDtype, x: f32) -> f32 {
+    match dtype {
+        CacheDtype::F32 => x,
+        CacheDtype::F16 => half::f16::from_f32(x).to_f32(),
+        CacheDtype::BF16 => half::bf16::from_f32(x).to_f32(),
+    }
+}
 
 /// A deterministic mix of magnitudes with an outlier channel every 8 values.
 fn sample_values(count: usize, salt: u32) -> Vec<f32> {
@@ -457,6 +467,54 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 ..CodecParams::adr002(16)
             },
             sample_values(640, 53).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
+            "hf_quanto_int4_bf16",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::QuantoInt4,
+                axis: Axis::Flat,
+                unit_scale: false,
+                model_dtype: Some(CacheDtype::BF16),
+                ..CodecParams::adr002(64)
+            },
+            sample_values(640, 54)
+                .iter()
+                .map(|x| as_dtype(CacheDtype::BF16, x * 40.0))
+                .collect(),
+        ),
+        (
+            "hf_quanto_int2_f16",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 2,
+                grid: Grid::QuantoInt2,
+                axis: Axis::Flat,
+                unit_scale: false,
+                model_dtype: Some(CacheDtype::F16),
+                ..CodecParams::adr002(64)
+            },
+            sample_values(640, 55)
+                .iter()
+                .map(|x| as_dtype(CacheDtype::F16, x * 40.0))
+                .collect(),
+        ),
+        (
+            "hf_quanto_int4_f32",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 4,
+                grid: Grid::QuantoInt4,
+                axis: Axis::Flat,
+                unit_scale: false,
+                model_dtype: Some(CacheDtype::F32),
+                ..CodecParams::adr002(64)
+            },
+            sample_values(640, 56)
+                .iter()
+                .map(|x| as_dtype(CacheDtype::F32, x * 40.0))
+                .collect(),
         ),
         (
             "vllm_fp8_e4m3_unit",

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use kvformat::codec::{
     decode, e2m1_value, encode, unpack_codes, Axis, CodecParams, Grid, LlamaRotation, E4M3, E5M2,
 };
+use kvformat::dtype::CacheDtype;
 use kvformat::preset::WHOLE_SEGMENT;
 use safetensors::SafeTensors;
 
@@ -115,6 +116,10 @@ fn the_fixtures_name_their_references() {
         Some("2.15.0")
     );
     assert_eq!(meta.get("gguf_version").map(String::as_str), Some("0.19.0"));
+    assert_eq!(
+        meta.get("optimum-quanto_version").map(String::as_str),
+        Some("0.2.7")
+    );
 }
 
 #[test]
@@ -210,6 +215,69 @@ fn fp4_caches_match_sglang_and_trt_llm_ports_bit_for_bit() {
         );
         let values = decode(payload, &SHAPE, &params, &encoded.layout).expect("decodes");
         assert_bits_equal(name, &values, &fixtures.f32s(&format!("{name}.values")));
+    }
+}
+
+/// `bytes` as the floats of a 2- or 4-byte dtype.
+fn floats(bytes: &[u8], dtype: CacheDtype) -> Vec<f32> {
+    match dtype {
+        CacheDtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        CacheDtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        CacheDtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+    }
+}
+
+#[test]
+fn transformers_quanto_cache_matches_optimum_quanto_bit_for_bit() {
+    let fixtures = Fixtures::load();
+    for (grid, bits) in [(Grid::QuantoInt4, 4), (Grid::QuantoInt2, 2)] {
+        for (dtype, name) in [
+            (CacheDtype::F32, "f32"),
+            (CacheDtype::F16, "f16"),
+            (CacheDtype::BF16, "bf16"),
+        ] {
+            let case = format!("quanto_int{bits}.{name}");
+            // The input as the model holds it (cast to its dtype by torch).
+            let input = fixtures.f32s(&format!("{case}.input"));
+            let params = CodecParams {
+                model_dtype: Some(dtype),
+                ..params(grid, Axis::Flat, 64, false)
+            };
+            let encoded = encode(&input, &SHAPE, &params).expect("encodes");
+            let payload = &encoded.payload;
+            let width = dtype.size_bytes();
+            let groups = input.len() / 64;
+            let (scales, rest) = payload.split_at(groups * width);
+            let (shifts, packed) = rest.split_at(groups * width);
+            assert_bits_equal(
+                &format!("{case}: scale"),
+                &floats(scales, dtype),
+                &fixtures.f32s(&format!("{case}.scale")),
+            );
+            assert_bits_equal(
+                &format!("{case}: shift"),
+                &floats(shifts, dtype),
+                &fixtures.f32s(&format!("{case}.shift")),
+            );
+            let mut codes = vec![0u8; input.len()];
+            unpack_codes(packed, bits, &mut codes);
+            assert_eq!(
+                codes,
+                fixtures.raw(&format!("{case}.codes")),
+                "{case}: codes"
+            );
+            let values = decode(payload, &SHAPE, &params, &encoded.layout).expect("decodes");
+            assert_bits_equal(&case, &values, &fixtures.f32s(&format!("{case}.values")));
+        }
     }
 }
 

@@ -292,7 +292,7 @@ pub(crate) fn choose(
                     .stored_f32()
                     .0,
                 ),
-                ScaleDtype::E4m3 | ScaleDtype::E8m0 => {
+                ScaleDtype::Bf16 | ScaleDtype::E4m3 | ScaleDtype::E8m0 => {
                     unreachable!("codebook scales are f16 or f32")
                 }
             };

@@ -72,6 +72,14 @@ pub enum Grid {
     /// (E8M0) scale per block of 16 along head_dim.
     #[serde(rename = "fp4-mx16")]
     Fp4Mx16,
+    /// transformers' `QuantizedCache` (quanto backend, `nbits=4`,
+    /// `quanto.rs`): a scale and shift per 64 consecutive values, in the
+    /// model's dtype.
+    #[serde(rename = "quanto-int4")]
+    QuantoInt4,
+    /// The same with `nbits=2`.
+    #[serde(rename = "quanto-int2")]
+    QuantoInt2,
 }
 
 /// An engine that ships a grid as a KV-cache type, and how it is asked for.
@@ -83,6 +91,9 @@ pub struct EngineFormat {
     pub method: &'static str,
     /// The engine's own name of the cache type (`q4_0`, `fp8_e4m3`).
     pub cache_type: &'static str,
+    /// The consecutive values of the tensor (row-major) that share one
+    /// scale, where the engine groups them so (quanto's 64).
+    pub flat_group: Option<usize>,
     /// The values along head_dim that share one scale (llama.cpp's 32),
     /// fixed by the engine; `None` where the scale mode chooses the groups
     /// (float8: per tensor, or per token and head).
@@ -124,7 +135,9 @@ pub struct GridSpec {
     /// Whether scales may be any finite value (zero, negative, subnormal) as
     /// an engine computes them, rather than positive normal numbers.
     pub any_finite_scales: bool,
-    /// The dtypes its scales may be stored in (a manifest naming another is refused).
+    /// The dtypes its scales may be stored in (a manifest naming another is
+    /// refused); an engine grid's first is its memory cost (quanto's: a
+    /// half-precision model's).
     pub scale_dtypes: &'static [ScaleDtype],
     /// The engine that ships this grid as a cache type; `None` for the
     /// research grids. Engine grids are stored without the LZ4 stage, so
@@ -133,7 +146,7 @@ pub struct GridSpec {
 }
 
 /// Every grid, in the order of [`Grid`]'s variants.
-pub const GRIDS: [GridSpec; 15] = [
+pub const GRIDS: [GridSpec; 17] = [
     GridSpec {
         grid: Grid::Symmetric,
         flag: "sym",
@@ -232,6 +245,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "llama.cpp",
             method: "llama-q8_0",
             cache_type: "q8_0",
+            flat_group: None,
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
             unit_scale: false,
@@ -255,6 +269,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "llama.cpp",
             method: "llama-q4_0",
             cache_type: "q4_0",
+            flat_group: None,
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
             unit_scale: false,
@@ -278,6 +293,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "llama.cpp",
             method: "llama-q4_1",
             cache_type: "q4_1",
+            flat_group: None,
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
             unit_scale: false,
@@ -301,6 +317,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "llama.cpp",
             method: "llama-q5_0",
             cache_type: "q5_0",
+            flat_group: None,
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
             unit_scale: false,
@@ -324,6 +341,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "llama.cpp",
             method: "llama-q5_1",
             cache_type: "q5_1",
+            flat_group: None,
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
             unit_scale: false,
@@ -347,6 +365,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "llama.cpp",
             method: "llama-iq4_nl",
             cache_type: "iq4_nl",
+            flat_group: None,
             block: Some(super::ggml::BLOCK),
             llama_rotation: true,
             unit_scale: false,
@@ -370,6 +389,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "vLLM, SGLang",
             method: "vllm-fp8-e4m3",
             cache_type: "fp8_e4m3",
+            flat_group: None,
             block: None,
             llama_rotation: false,
             unit_scale: true,
@@ -393,6 +413,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "vLLM, SGLang",
             method: "vllm-fp8-e5m2",
             cache_type: "fp8_e5m2",
+            flat_group: None,
             block: None,
             llama_rotation: false,
             unit_scale: true,
@@ -416,6 +437,7 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "TensorRT-LLM",
             method: "trtllm-nvfp4",
             cache_type: "nvfp4",
+            flat_group: None,
             block: Some(super::fp4::BLOCK),
             llama_rotation: false,
             unit_scale: true,
@@ -439,7 +461,56 @@ pub const GRIDS: [GridSpec; 15] = [
             engine: "SGLang",
             method: "sglang-fp4",
             cache_type: "fp4_mx_block16",
+            flat_group: None,
             block: Some(super::fp4::BLOCK),
+            llama_rotation: false,
+            unit_scale: false,
+        }),
+    },
+    GridSpec {
+        grid: Grid::QuantoInt4,
+        flag: "quanto-int4",
+        bits: &[4],
+        scales: true,
+        offsets: true,
+        exact_zero: false,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::Bf16, ScaleDtype::F32],
+        engine: Some(EngineFormat {
+            engine: "transformers",
+            method: "hf-quanto-int4",
+            cache_type: "quantized (quanto, nbits=4)",
+            flat_group: Some(super::quanto::GROUP),
+            block: None,
+            llama_rotation: false,
+            unit_scale: false,
+        }),
+    },
+    GridSpec {
+        grid: Grid::QuantoInt2,
+        flag: "quanto-int2",
+        bits: &[2],
+        scales: true,
+        offsets: true,
+        exact_zero: false,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: true,
+        scale_dtypes: &[ScaleDtype::F16, ScaleDtype::Bf16, ScaleDtype::F32],
+        engine: Some(EngineFormat {
+            engine: "transformers",
+            method: "hf-quanto-int2",
+            cache_type: "quantized (quanto, nbits=2)",
+            flat_group: Some(super::quanto::GROUP),
+            block: None,
             llama_rotation: false,
             unit_scale: false,
         }),
@@ -483,6 +554,19 @@ impl Grid {
     /// Whether this is one of the float8 grids (one f32 scale per group).
     pub fn is_fp8(self) -> bool {
         matches!(self, Grid::Fp8E4m3 | Grid::Fp8E5m2)
+    }
+
+    /// The engine's fixed group of consecutive values, if it has one (quanto's 64).
+    pub fn engine_flat_group(self) -> Option<usize> {
+        self.spec()
+            .engine
+            .as_ref()
+            .and_then(|engine| engine.flat_group)
+    }
+
+    /// Whether this is one of transformers' quanto grids (`quanto.rs`).
+    pub fn is_quanto(self) -> bool {
+        matches!(self, Grid::QuantoInt4 | Grid::QuantoInt2)
     }
 
     /// Whether this is one of the e2m1 grids (`fp4.rs`).

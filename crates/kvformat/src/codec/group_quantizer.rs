@@ -8,7 +8,8 @@ use super::codebook::{self, Codebook};
 use super::groups::{GroupGeometry, Plan};
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
-use super::{bitpack, ecsq, fp4, fp8, ggml, CodecError, CodecParams, Grid};
+use super::{bitpack, ecsq, fp4, fp8, ggml, quanto, CodecError, CodecParams, Grid};
+use crate::dtype::CacheDtype;
 
 /// NVFP4's levels section: its f32 `k_scale`, little-endian.
 const TENSOR_SCALE_LEN: usize = 4;
@@ -34,6 +35,8 @@ struct EngineMapping<'a> {
     grid: Grid,
     /// NVFP4's per-tensor `k_scale` (1 for the others).
     tensor_scale: f32,
+    /// The quanto grids' arithmetic dtype (the model's).
+    model_dtype: CacheDtype,
     params: &'a GroupParams,
 }
 
@@ -44,6 +47,10 @@ impl GroupMapping for EngineMapping<'_> {
             fp8::codes(self.grid, values, scale, codes);
         } else if self.grid.is_fp4() {
             fp4::codes(self.grid, values, scale, self.tensor_scale, codes);
+        } else if self.grid.is_quanto() {
+            let bits = self.grid.spec().bits[0];
+            let shift = self.params.offsets[group];
+            quanto::codes(bits, values, scale, shift, self.model_dtype, codes);
         } else {
             ggml::codes(self.grid, values, codes);
         }
@@ -55,6 +62,9 @@ impl GroupMapping for EngineMapping<'_> {
             fp8::values(self.grid, codes, scale, out);
         } else if self.grid.is_fp4() {
             fp4::values(self.grid, codes, scale, self.tensor_scale, out);
+        } else if self.grid.is_quanto() {
+            let shift = self.params.offsets[group];
+            quanto::values(codes, scale, shift, self.model_dtype, out);
         } else {
             let min = self.params.offsets.get(group).copied().unwrap_or(0.0);
             ggml::values(self.grid, codes, scale, min, out);
@@ -78,7 +88,11 @@ pub(crate) enum GroupQuantizer {
     /// An inference engine's cache type (`ggml`, `fp8`, `fp4`): its own
     /// scales and codes, and NVFP4's per-tensor `k_scale` (1 for the others;
     /// NVFP4 stores it as the levels section).
-    Engine { grid: Grid, tensor_scale: f32 },
+    Engine {
+        grid: Grid,
+        tensor_scale: f32,
+        model_dtype: CacheDtype,
+    },
 }
 
 impl GroupQuantizer {
@@ -131,25 +145,27 @@ impl GroupQuantizer {
                 };
                 (choice.params, quantizer)
             }
-            grid if grid.is_fp8() => (
-                fp8::group_params(grid, grouped, geometry, params.unit_scale),
-                GroupQuantizer::Engine {
+            grid => {
+                let model_dtype = params.model_dtype.unwrap_or(CacheDtype::F32);
+                let (group_params, tensor_scale) = if grid.is_fp8() {
+                    let unit = params.unit_scale;
+                    (fp8::group_params(grid, grouped, geometry, unit), 1.0)
+                } else if grid.is_fp4() {
+                    fp4::group_params(grid, grouped, geometry, params.unit_scale)
+                } else if grid.is_quanto() {
+                    let bits = grid.spec().bits[0];
+                    let dtype = model_dtype;
+                    (quanto::group_params(bits, grouped, geometry, dtype), 1.0)
+                } else {
+                    (ggml::group_params(grid, grouped, geometry), 1.0)
+                };
+                let quantizer = GroupQuantizer::Engine {
                     grid,
-                    tensor_scale: 1.0,
-                },
-            ),
-            grid if grid.is_fp4() => {
-                let (group_params, tensor_scale) =
-                    fp4::group_params(grid, grouped, geometry, params.unit_scale);
-                (group_params, GroupQuantizer::Engine { grid, tensor_scale })
+                    tensor_scale,
+                    model_dtype,
+                };
+                (group_params, quantizer)
             }
-            grid => (
-                ggml::group_params(grid, grouped, geometry),
-                GroupQuantizer::Engine {
-                    grid,
-                    tensor_scale: 1.0,
-                },
-            ),
         }
     }
 
@@ -166,13 +182,14 @@ impl GroupQuantizer {
                 step: ecsq::read_levels(level_bytes)?,
                 coded: None,
             },
-            Grid::Nvfp4 => GroupQuantizer::Engine {
-                grid: Grid::Nvfp4,
-                tensor_scale: read_tensor_scale(level_bytes)?,
-            },
             grid => GroupQuantizer::Engine {
                 grid,
-                tensor_scale: 1.0,
+                tensor_scale: if grid == Grid::Nvfp4 {
+                    read_tensor_scale(level_bytes)?
+                } else {
+                    1.0
+                },
+                model_dtype: params.model_dtype.unwrap_or(CacheDtype::F32),
             },
         })
     }
@@ -192,7 +209,9 @@ impl GroupQuantizer {
     pub fn write_levels(&self, payload: &mut Vec<u8>) {
         match self {
             GroupQuantizer::Uniform(_) => {}
-            GroupQuantizer::Engine { grid, tensor_scale } => {
+            GroupQuantizer::Engine {
+                grid, tensor_scale, ..
+            } => {
                 if *grid == Grid::Nvfp4 {
                     payload.extend_from_slice(&tensor_scale.to_le_bytes());
                 }
@@ -279,9 +298,14 @@ impl GroupQuantizer {
                 codebook,
                 scales: &group_params.scales,
             }),
-            GroupQuantizer::Engine { grid, tensor_scale } => body(&EngineMapping {
+            GroupQuantizer::Engine {
+                grid,
+                tensor_scale,
+                model_dtype,
+            } => body(&EngineMapping {
                 grid: *grid,
                 tensor_scale: *tensor_scale,
+                model_dtype: *model_dtype,
                 params: group_params,
             }),
             GroupQuantizer::Ecsq { .. } => unreachable!("ecsq codes are not fixed-width"),

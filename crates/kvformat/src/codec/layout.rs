@@ -168,6 +168,9 @@ pub(crate) fn write_scales(values: &[f32], dtype: ScaleDtype, payload: &mut Vec<
         ScaleDtype::F32 => values
             .iter()
             .for_each(|value| payload.extend_from_slice(&value.to_le_bytes())),
+        ScaleDtype::Bf16 => values.iter().for_each(|&value| {
+            payload.extend_from_slice(&half::bf16::from_f32(value).to_le_bytes())
+        }),
         // The fp4 grids' scales are values of these dtypes already.
         ScaleDtype::E4m3 => payload.extend(values.iter().map(|&value| E4M3.encode(value))),
         ScaleDtype::E8m0 => {
@@ -182,6 +185,7 @@ fn read_floats(bytes: &[u8], dtype: ScaleDtype) -> impl Iterator<Item = f32> + '
         .map(move |chunk| match dtype {
             ScaleDtype::F16 => f16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
             ScaleDtype::F32 => f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]),
+            ScaleDtype::Bf16 => half::bf16::from_le_bytes([chunk[0], chunk[1]]).to_f32(),
             ScaleDtype::E4m3 => E4M3.decode(chunk[0]),
             ScaleDtype::E8m0 => e8m0_value(chunk[0]),
         })
@@ -211,7 +215,9 @@ pub(crate) fn read_scales(
         .map(|scale| {
             let normal = match dtype {
                 ScaleDtype::F16 => f16::from_f32(scale).is_normal(),
-                ScaleDtype::F32 | ScaleDtype::E4m3 | ScaleDtype::E8m0 => scale.is_normal(),
+                ScaleDtype::F32 | ScaleDtype::Bf16 | ScaleDtype::E4m3 | ScaleDtype::E8m0 => {
+                    scale.is_normal()
+                }
             };
             if normal && scale > 0.0 {
                 Ok(scale)

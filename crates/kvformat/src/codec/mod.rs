@@ -39,6 +39,7 @@ mod layout;
 mod outliers;
 mod params;
 mod quantizer;
+mod quanto;
 mod range_coder;
 mod rotation;
 mod scales;

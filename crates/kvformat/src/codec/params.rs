@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::grid::{spoken_list, Grid, SUPPORTED_BITS};
 use super::groups;
 use super::scales::ScaleDtype;
+use crate::dtype::CacheDtype;
 
 /// The bits per value an `ecsq` step may aim at (`CodecParams::rate`).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.5..=16.0;
@@ -82,6 +83,10 @@ pub struct CodecParams {
     /// rotates back (the rotation is its own inverse). Absent: unrotated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llama_rotation: Option<LlamaRotation>,
+    /// quanto grids only: the model's dtype, in which transformers computes
+    /// and stores scales, shifts and values (the input tensor's; absent: f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_dtype: Option<CacheDtype>,
 }
 
 /// llama.cpp's attention rotation of quantized caches (PR #21038,
@@ -136,6 +141,7 @@ impl CodecParams {
             rate: None,
             unit_scale: false,
             llama_rotation: None,
+            model_dtype: None,
         }
     }
 
@@ -189,6 +195,16 @@ pub enum CodecError {
     },
     #[error("a unit scale is for the float8 and nvfp4 grids only, not {grid}")]
     UnitScale { grid: Grid },
+    #[error(
+        "the {grid} grid is transformers' cache type: flat groups of {group} consecutive values"
+    )]
+    EngineFlatGroups { grid: Grid, group: usize },
+    #[error("the {grid} grid needs a multiple of {group} values per batch entry (quanto's groups), got {values}")]
+    EngineFlatValues {
+        grid: Grid,
+        group: usize,
+        values: usize,
+    },
     #[error("the {grid} grid does not store its scales as {dtype:?}")]
     ScaleDtype { grid: Grid, dtype: ScaleDtype },
     #[error("shape has too many elements")]
@@ -274,6 +290,20 @@ impl CodecParams {
         if self.unit_scale && !grid.engine.as_ref().is_some_and(|e| e.unit_scale) {
             return Err(CodecError::UnitScale { grid: self.grid });
         }
+        if self.model_dtype.is_some() && !self.grid.is_quanto() {
+            return Err(CodecError::GridWith {
+                grid: self.grid,
+                feature: "a model dtype",
+            });
+        }
+        if let Some(group) = self.grid.engine_flat_group() {
+            if self.axis != Axis::Flat || self.group_size != group {
+                return Err(CodecError::EngineFlatGroups {
+                    grid: self.grid,
+                    group,
+                });
+            }
+        }
         let llama_rotates = grid.engine.as_ref().is_some_and(|e| e.llama_rotation);
         if self.llama_rotation.is_some() && !llama_rotates {
             return Err(CodecError::GridWith {
@@ -315,6 +345,17 @@ impl CodecParams {
                 return Err(CodecError::NeedsFourDims {
                     feature,
                     rank: shape.len(),
+                });
+            }
+        }
+        if let Some(group) = self.grid.engine_flat_group() {
+            // quanto groups each batch entry's values (`axis_numel`).
+            let per_entry: usize = shape.iter().skip(1).product();
+            if per_entry % group != 0 {
+                return Err(CodecError::EngineFlatValues {
+                    grid: self.grid,
+                    group,
+                    values: per_entry,
                 });
             }
         }

@@ -18,6 +18,8 @@ pub enum ScaleDtype {
     F16,
     /// Little-endian f32, used when some group's scale or offset does not fit f16.
     F32,
+    /// Little-endian bfloat16 (the quanto grids of a bf16 model).
+    Bf16,
     /// One float8 e4m3fn byte (NVFP4's block scales).
     E4m3,
     /// One E8M0 byte, the power of two `2^(byte - 127)` (SGLang's fp4 block scales).
@@ -27,7 +29,7 @@ pub enum ScaleDtype {
 impl ScaleDtype {
     pub fn size_bytes(self) -> usize {
         match self {
-            ScaleDtype::F16 => 2,
+            ScaleDtype::F16 | ScaleDtype::Bf16 => 2,
             ScaleDtype::F32 => 4,
             ScaleDtype::E4m3 | ScaleDtype::E8m0 => 1,
         }

@@ -178,7 +178,9 @@ fn as_stored(params: ExactParams, storage: ScaleDtype) -> (f64, f64) {
     let (scale, offset) = match storage {
         ScaleDtype::F16 => params.stored_f16().unwrap_or_else(|| params.stored_f32()),
         ScaleDtype::F32 => params.stored_f32(),
-        ScaleDtype::E4m3 | ScaleDtype::E8m0 => unreachable!("fitted scales are f16 or f32"),
+        ScaleDtype::Bf16 | ScaleDtype::E4m3 | ScaleDtype::E8m0 => {
+            unreachable!("fitted scales are f16 or f32")
+        }
     };
     (f64::from(scale), f64::from(offset))
 }
