@@ -36,6 +36,9 @@ kv-compress's engine grids against bit for bit.
   the calls transformers' QuantoQuantizedLayer._quantize makes, on the
   input cast to float32, float16 and bfloat16; stored: scale and shift
   (as f32), the codes and qtensor.dequantize().
+- TensorRT-LLM int8 (TensorRT-engine flow): torch's round-half-even of
+  x * (1/scale), clamped to [-128, 127] as cvt.rni.sat.s8.f32 does, with
+  scale = amax / 127 per tensor; values q * scale.
 - vLLM fp8 e4m3/e5m2: torch's casts after vLLM's saturation,
   (x / scale).clamp(-max, max).to(torch.float8_*), values fp8.float() * scale,
   for scales unit (1.0), calibrated (amax / max per tensor) and dynamic (per
@@ -318,6 +321,11 @@ def main() -> None:
             for name, value in quanto_case(x, nbits, dtype).items():
                 tensors[f"quanto_int{nbits}.{dtype_name}.{name}"] = value
     xt = torch.from_numpy(x)
+    int8_scale = xt.abs().max() / 127.0
+    int8_codes = torch.clamp(torch.round(xt * (1.0 / int8_scale)), -128, 127).to(torch.int8)
+    tensors["int8_trt.scale"] = int8_scale.reshape(1).numpy()
+    tensors["int8_trt.codes"] = int8_codes.view(torch.uint8).reshape(-1).numpy()
+    tensors["int8_trt.values"] = (int8_codes.float() * int8_scale).reshape(-1).numpy()
     for fmt in FP8:
         for mode in ("unit", "calibrated", "dynamic"):
             for name, value in fp8_case(xt, fmt, mode).items():

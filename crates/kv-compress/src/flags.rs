@@ -518,8 +518,9 @@ pub static FLAGS: LazyLock<Vec<Flag>> = LazyLock::new(|| {
                        inference engine's cache type, bit-exact and without LZ4: vllm-fp8-e4m3,\n\
                        vllm-fp8-e5m2 (vLLM/SGLang --kv-cache-dtype), llama-q8_0, llama-q4_0,\n\
                        llama-q4_1, llama-q5_0, llama-q5_1, llama-iq4_nl (llama.cpp -ctk/-ctv),\n\
-                       trtllm-nvfp4 (TensorRT-LLM nvfp4), sglang-fp4 (SGLang fp4_mx_block16),\n\
-                       hf-quanto-int4, hf-quanto-int2 (transformers' QuantizedCache, quanto)",
+                       trtllm-nvfp4, trtllm-int8 (TensorRT-LLM), sglang-fp4 (SGLang\n\
+                       fp4_mx_block16), hf-quanto-int4, hf-quanto-int2 (transformers'\n\
+                       QuantizedCache, quanto backend)",
                 setter: Setter::Text {
                     placeholder: "string",
                     apply: |o, v| {

@@ -131,6 +131,17 @@ pub fn deploy_commands(grid: Grid, flags: &str) -> Vec<String> {
             "TensorRT-LLM: trtllm-serve MODEL --extra_llm_api_options kv.yaml   \
              (kv.yaml: `kv_cache_config: {{dtype: nvfp4}}`; {scales}; Blackwell GPUs)"
         )]
+    } else if grid == Grid::Int8Trt {
+        vec![
+            "TensorRT-LLM (TensorRT-engine flow; its PyTorch backend has no int8 cache): \
+             python examples/quantization/quantize.py --model_dir MODEL --kv_cache_dtype int8 ..., \
+             then trtllm-build"
+                .to_string(),
+            "  Not the measured format exactly: TensorRT-LLM calibrates one scale per layer over \
+             Q, K and V together; the measured scale is per K or V tensor and window, so the \
+             engine's loss can be larger."
+                .to_string(),
+        ]
     } else if grid.is_quanto() {
         vec![format!(
             "transformers: model.generate(..., cache_implementation=\"quantized\", \
@@ -174,7 +185,7 @@ mod tests {
             .iter()
             .filter(|v| engine_grid(&v.settings.extra_args.join(" ")).is_some())
             .count();
-        assert_eq!(engine_rows, 6 * 2 + 3 * 2 + 1 + 2);
+        assert_eq!(engine_rows, 6 * 2 + 3 * 2 + 1 + 2 + 1);
     }
 
     #[test]
@@ -198,6 +209,7 @@ mod tests {
         // quanto: a half-precision scale and shift per 64 codes.
         assert_eq!(bits("hf-quanto-int4"), Some(4.5));
         assert_eq!(bits("hf-quanto-int2"), Some(2.5));
+        assert_eq!(bits("trtllm-int8"), Some(8.0 + 32.0 / 4096.0));
         assert_eq!(bits("trtllm-nvfp4"), Some(4.5 + 32.0 / 4096.0));
         // fp8: a byte per value and one f32 scale per 64x64 tensor.
         assert_eq!(bits("vllm-fp8-e4m3"), Some(8.0 + 32.0 / 4096.0));

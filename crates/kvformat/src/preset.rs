@@ -125,7 +125,8 @@ impl Preset {
             (bits, Axis::Token, block, unit)
         } else {
             match fp8_scale {
-                Fp8Scale::Unit => (bits, Axis::Flat, WHOLE_SEGMENT, true),
+                // An engine without unit scales (TensorRT-LLM's int8) is calibrated.
+                Fp8Scale::Unit => (bits, Axis::Flat, WHOLE_SEGMENT, unit_scales),
                 Fp8Scale::Calibrated => (bits, Axis::Flat, WHOLE_SEGMENT, false),
                 Fp8Scale::Dynamic => (bits, Axis::Token, WHOLE_SEGMENT, false),
             }

@@ -517,6 +517,18 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 .collect(),
         ),
         (
+            "trtllm_int8",
+            vec![1, 2, 5, 64],
+            CodecParams {
+                bits: 8,
+                grid: Grid::Int8Trt,
+                axis: Axis::Flat,
+                unit_scale: false,
+                ..CodecParams::adr002(u32::MAX as usize)
+            },
+            sample_values(640, 57).iter().map(|x| x * 40.0).collect(),
+        ),
+        (
             "vllm_fp8_e4m3_unit",
             vec![1, 2, 5, 64],
             CodecParams {

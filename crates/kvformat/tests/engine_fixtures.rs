@@ -282,6 +282,20 @@ fn transformers_quanto_cache_matches_optimum_quanto_bit_for_bit() {
 }
 
 #[test]
+fn trt_llm_int8_matches_torch_bit_for_bit() {
+    let fixtures = Fixtures::load();
+    let input = fixtures.f32s("input");
+    let (scales, _, codes, values) = run(
+        &input,
+        &params(Grid::Int8Trt, Axis::Flat, WHOLE_SEGMENT, false),
+        4,
+    );
+    assert_eq!(scales, fixtures.raw("int8_trt.scale"), "scale");
+    assert_eq!(codes, fixtures.raw("int8_trt.codes"), "codes");
+    assert_bits_equal("int8_trt", &values, &fixtures.f32s("int8_trt.values"));
+}
+
+#[test]
 fn e2m1_values_are_the_ocp_mx_specs() {
     // OCP Microscaling Formats v1.0, table 5 (FP4 E2M1): codes 0..7 and their negatives.
     let spec = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0];

@@ -24,6 +24,8 @@ them, with no LZ4 stage.
   (`-min`), both in the model's dtype (`model_dtype`: f16, bf16 or f32),
   then the codes at 4 or 2 bits. Values: `scale * q - shift`, each op
   rounded to the model's dtype.
+- TensorRT-LLM `int8-trt`: the f32 scale of every group, then one int8 byte
+  per value. Values: `int8(q) * scale`.
 - SGLang `fp4-mx16` (`fp4_mx_block16`): blocks of 16; the E8M0 byte of every
   block's power-of-two scale, then 4-bit e2m1 codes. Values: `e2m1(q) * scale`.
 """
@@ -36,11 +38,13 @@ LLAMA_GRIDS = {"q8_0": 8, "q4_0": 4, "q4_1": 4, "q5_0": 5, "q5_1": 5, "iq4_nl": 
 # ggml's kvalues_iq4nl.
 IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
 FP8_GRIDS = {"fp8-e4m3": (3, 7, False), "fp8-e5m2": (2, 15, True)}
+# TensorRT-LLM's int8 cache: one f32 scale per group, like the fp8 grids.
+INT8_GRIDS = {"int8-trt"}
 # transformers' quanto cache grids and their bits.
 QUANTO_GRIDS = {"quanto-int4": 4, "quanto-int2": 2}
 # The fp4 grids and their block-scale dtype.
 FP4_GRIDS = {"nvfp4": "e4m3", "fp4-mx16": "e8m0"}
-ENGINE_GRIDS = set(LLAMA_GRIDS) | set(FP8_GRIDS) | set(FP4_GRIDS) | set(QUANTO_GRIDS)
+ENGINE_GRIDS = set(LLAMA_GRIDS) | set(FP8_GRIDS) | set(FP4_GRIDS) | set(QUANTO_GRIDS) | INT8_GRIDS
 # The OCP MX spec's e2m1 values by code (bit 3 the sign).
 E2M1_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
@@ -159,6 +163,9 @@ def decode(payload, shape, params, layout, view, unpack_codes, require, walsh_ha
         values = (E2M1_VALUES[codes & 0x0F] * d) * inverse_g
     elif grid == "fp4-mx16":
         values = E2M1_VALUES[codes & 0x0F] * d
+    elif grid in INT8_GRIDS:
+        require(bool(np.all(scales >= np.finfo(np.float32).tiny)), "an int8 scale is not a positive normal f32")
+        values = codes.view(np.int8).astype(np.float32) * d
     else:
         require(bool(np.all(scales >= np.finfo(np.float32).tiny)), "an fp8 scale is not a positive normal f32")
         values = float8_table(*FP8_GRIDS[grid])[codes] * d

@@ -80,6 +80,10 @@ pub enum Grid {
     /// The same with `nbits=2`.
     #[serde(rename = "quanto-int2")]
     QuantoInt2,
+    /// TensorRT-LLM's INT8 cache (`int8.rs`): `x / scale` rounded to even
+    /// and saturated to int8; one f32 scale per tensor.
+    #[serde(rename = "int8-trt")]
+    Int8Trt,
 }
 
 /// An engine that ships a grid as a KV-cache type, and how it is asked for.
@@ -146,7 +150,7 @@ pub struct GridSpec {
 }
 
 /// Every grid, in the order of [`Grid`]'s variants.
-pub const GRIDS: [GridSpec; 17] = [
+pub const GRIDS: [GridSpec; 18] = [
     GridSpec {
         grid: Grid::Symmetric,
         flag: "sym",
@@ -510,6 +514,30 @@ pub const GRIDS: [GridSpec; 17] = [
             method: "hf-quanto-int2",
             cache_type: "quantized (quanto, nbits=2)",
             flat_group: Some(super::quanto::GROUP),
+            block: None,
+            llama_rotation: false,
+            unit_scale: false,
+        }),
+    },
+    GridSpec {
+        grid: Grid::Int8Trt,
+        flag: "int8-trt",
+        bits: &[8],
+        scales: true,
+        offsets: false,
+        exact_zero: true,
+        entropy_coded: false,
+        sparsity: false,
+        outliers: false,
+        rate: false,
+        fused_fast_path: false,
+        any_finite_scales: false,
+        scale_dtypes: &[ScaleDtype::F32],
+        engine: Some(EngineFormat {
+            engine: "TensorRT-LLM",
+            method: "trtllm-int8",
+            cache_type: "int8",
+            flat_group: None,
             block: None,
             llama_rotation: false,
             unit_scale: false,

@@ -8,7 +8,7 @@ use super::codebook::{self, Codebook};
 use super::groups::{GroupGeometry, Plan};
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
-use super::{bitpack, ecsq, fp4, fp8, ggml, quanto, CodecError, CodecParams, Grid};
+use super::{bitpack, ecsq, fp4, fp8, ggml, int8, quanto, CodecError, CodecParams, Grid};
 use crate::dtype::CacheDtype;
 
 /// NVFP4's levels section: its f32 `k_scale`, little-endian.
@@ -45,6 +45,8 @@ impl GroupMapping for EngineMapping<'_> {
         let scale = self.params.scales[group];
         if self.grid.is_fp8() {
             fp8::codes(self.grid, values, scale, codes);
+        } else if self.grid == Grid::Int8Trt {
+            int8::codes(values, scale, codes);
         } else if self.grid.is_fp4() {
             fp4::codes(self.grid, values, scale, self.tensor_scale, codes);
         } else if self.grid.is_quanto() {
@@ -60,6 +62,8 @@ impl GroupMapping for EngineMapping<'_> {
         let scale = self.params.scales[group];
         if self.grid.is_fp8() {
             fp8::values(self.grid, codes, scale, out);
+        } else if self.grid == Grid::Int8Trt {
+            int8::values(codes, scale, out);
         } else if self.grid.is_fp4() {
             fp4::values(self.grid, codes, scale, self.tensor_scale, out);
         } else if self.grid.is_quanto() {
@@ -150,6 +154,8 @@ impl GroupQuantizer {
                 let (group_params, tensor_scale) = if grid.is_fp8() {
                     let unit = params.unit_scale;
                     (fp8::group_params(grid, grouped, geometry, unit), 1.0)
+                } else if grid == Grid::Int8Trt {
+                    (int8::group_params(grouped, geometry), 1.0)
                 } else if grid.is_fp4() {
                     fp4::group_params(grid, grouped, geometry, params.unit_scale)
                 } else if grid.is_quanto() {

@@ -34,6 +34,7 @@ mod ggml;
 mod grid;
 mod group_quantizer;
 mod groups;
+mod int8;
 mod kept_tokens;
 mod layout;
 mod outliers;
