@@ -221,9 +221,10 @@ pub struct Cli {
     #[arg(long)]
     pub sweep: bool,
     /// The matrix --sweep runs: default (kv-compress's methods and bit
-    /// widths) or engines (every KV-cache format vLLM, SGLang and llama.cpp
-    /// ship, bit-exact, beside the best research methods at similar bits;
-    /// the report grouped by engine, with the engine flags to deploy).
+    /// widths) or engines (every KV-cache format vLLM, SGLang, llama.cpp,
+    /// TensorRT-LLM and transformers' QuantizedCache ship, bit-exact, beside
+    /// the best research methods at similar bits; the report grouped by
+    /// engine, with the engine flags to deploy).
     #[arg(long, value_enum, default_value_t = Matrix::Default, requires = "sweep")]
     pub matrix: Matrix,
     /// A sweep variant, LABEL=FLAGS (kv-compress flags, space-separated;

@@ -10,7 +10,7 @@ use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::Staged;
-use crate::codec::{self, CodecParams, Layout};
+use crate::codec::{self, CodecParams, Layout, ScaleDtype};
 use crate::dtype::CacheDtype;
 use crate::error::{Error, Result, TensorProblem};
 use crate::input::try_resize_for_overwrite;
@@ -114,7 +114,11 @@ fn pack(
     let quanto_params;
     let params = if params.grid.is_quanto() && params.model_dtype.is_none() {
         quanto_params = CodecParams {
-            model_dtype: Some(dtype),
+            model_dtype: Some(match dtype {
+                CacheDtype::F32 => ScaleDtype::F32,
+                CacheDtype::F16 => ScaleDtype::F16,
+                CacheDtype::BF16 => ScaleDtype::Bf16,
+            }),
             ..params.clone()
         };
         &quanto_params

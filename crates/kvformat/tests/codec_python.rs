@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use kvformat::codec::{decode, encode, Axis, CodecParams, Fit, Grid, LlamaRotation};
+use kvformat::codec::{decode, encode, Axis, CodecParams, Fit, Grid, LlamaRotation, ScaleDtype};
 use kvformat::CacheDtype;
 
 /// `x` as a tensor of `dtype` holds it (what kv-compress reads from such a cache).
@@ -476,7 +476,7 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 grid: Grid::QuantoInt4,
                 axis: Axis::Flat,
                 unit_scale: false,
-                model_dtype: Some(CacheDtype::BF16),
+                model_dtype: Some(ScaleDtype::Bf16),
                 ..CodecParams::adr002(64)
             },
             sample_values(640, 54)
@@ -492,7 +492,7 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 grid: Grid::QuantoInt2,
                 axis: Axis::Flat,
                 unit_scale: false,
-                model_dtype: Some(CacheDtype::F16),
+                model_dtype: Some(ScaleDtype::F16),
                 ..CodecParams::adr002(64)
             },
             sample_values(640, 55)
@@ -508,7 +508,7 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 grid: Grid::QuantoInt4,
                 axis: Axis::Flat,
                 unit_scale: false,
-                model_dtype: Some(CacheDtype::F32),
+                model_dtype: Some(ScaleDtype::F32),
                 ..CodecParams::adr002(64)
             },
             sample_values(640, 56)

@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 
 use kvformat::codec::{
-    decode, e2m1_value, encode, unpack_codes, Axis, CodecParams, Grid, LlamaRotation, E4M3, E5M2,
+    decode, e2m1_value, encode, unpack_codes, Axis, CodecParams, Grid, LlamaRotation, ScaleDtype,
+    E4M3, E5M2,
 };
 use kvformat::dtype::CacheDtype;
 use kvformat::preset::WHOLE_SEGMENT;
@@ -240,16 +241,16 @@ fn floats(bytes: &[u8], dtype: CacheDtype) -> Vec<f32> {
 fn transformers_quanto_cache_matches_optimum_quanto_bit_for_bit() {
     let fixtures = Fixtures::load();
     for (grid, bits) in [(Grid::QuantoInt4, 4), (Grid::QuantoInt2, 2)] {
-        for (dtype, name) in [
-            (CacheDtype::F32, "f32"),
-            (CacheDtype::F16, "f16"),
-            (CacheDtype::BF16, "bf16"),
+        for (dtype, stored, name) in [
+            (CacheDtype::F32, ScaleDtype::F32, "f32"),
+            (CacheDtype::F16, ScaleDtype::F16, "f16"),
+            (CacheDtype::BF16, ScaleDtype::Bf16, "bf16"),
         ] {
             let case = format!("quanto_int{bits}.{name}");
             // The input as the model holds it (cast to its dtype by torch).
             let input = fixtures.f32s(&format!("{case}.input"));
             let params = CodecParams {
-                model_dtype: Some(dtype),
+                model_dtype: Some(stored),
                 ..params(grid, Axis::Flat, 64, false)
             };
             let encoded = encode(&input, &SHAPE, &params).expect("encodes");

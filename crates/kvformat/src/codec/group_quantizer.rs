@@ -8,8 +8,8 @@ use super::codebook::{self, Codebook};
 use super::groups::{GroupGeometry, Plan};
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
+use super::scales::ScaleDtype;
 use super::{bitpack, ecsq, fp4, fp8, ggml, int8, quanto, CodecError, CodecParams, Grid};
-use crate::dtype::CacheDtype;
 
 /// NVFP4's levels section: its f32 `k_scale`, little-endian.
 const TENSOR_SCALE_LEN: usize = 4;
@@ -36,7 +36,7 @@ struct EngineMapping<'a> {
     /// NVFP4's per-tensor `k_scale` (1 for the others).
     tensor_scale: f32,
     /// The quanto grids' arithmetic dtype (the model's).
-    model_dtype: CacheDtype,
+    model_dtype: ScaleDtype,
     params: &'a GroupParams,
 }
 
@@ -95,7 +95,7 @@ pub(crate) enum GroupQuantizer {
     Engine {
         grid: Grid,
         tensor_scale: f32,
-        model_dtype: CacheDtype,
+        model_dtype: ScaleDtype,
     },
 }
 
@@ -150,7 +150,7 @@ impl GroupQuantizer {
                 (choice.params, quantizer)
             }
             grid => {
-                let model_dtype = params.model_dtype.unwrap_or(CacheDtype::F32);
+                let model_dtype = params.model_dtype.unwrap_or(ScaleDtype::F32);
                 let (group_params, tensor_scale) = if grid.is_fp8() {
                     let unit = params.unit_scale;
                     (fp8::group_params(grid, grouped, geometry, unit), 1.0)
@@ -195,7 +195,7 @@ impl GroupQuantizer {
                 } else {
                     1.0
                 },
-                model_dtype: params.model_dtype.unwrap_or(CacheDtype::F32),
+                model_dtype: params.model_dtype.unwrap_or(ScaleDtype::F32),
             },
         })
     }

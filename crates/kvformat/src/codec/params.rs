@@ -6,7 +6,6 @@ use serde::{Deserialize, Serialize};
 use super::grid::{spoken_list, Grid, SUPPORTED_BITS};
 use super::groups;
 use super::scales::ScaleDtype;
-use crate::dtype::CacheDtype;
 
 /// The bits per value an `ecsq` step may aim at (`CodecParams::rate`).
 pub const RATE_RANGE: std::ops::RangeInclusive<f64> = 0.5..=16.0;
@@ -83,10 +82,11 @@ pub struct CodecParams {
     /// rotates back (the rotation is its own inverse). Absent: unrotated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub llama_rotation: Option<LlamaRotation>,
-    /// quanto grids only: the model's dtype, in which transformers computes
-    /// and stores scales, shifts and values (the input tensor's; absent: f32).
+    /// quanto grids only: the model's dtype (`f16`, `bf16` or `f32`; the
+    /// input tensor's), in which transformers computes and stores scales,
+    /// shifts and values; absent: f32.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model_dtype: Option<CacheDtype>,
+    pub model_dtype: Option<ScaleDtype>,
 }
 
 /// llama.cpp's attention rotation of quantized caches (PR #21038,
@@ -290,7 +290,10 @@ impl CodecParams {
         if self.unit_scale && !grid.engine.as_ref().is_some_and(|e| e.unit_scale) {
             return Err(CodecError::UnitScale { grid: self.grid });
         }
-        if self.model_dtype.is_some() && !self.grid.is_quanto() {
+        let model_dtype_fits = self.model_dtype.is_none_or(|dtype| {
+            self.grid.is_quanto() && super::quanto::MODEL_DTYPES.contains(&dtype)
+        });
+        if !model_dtype_fits {
             return Err(CodecError::GridWith {
                 grid: self.grid,
                 feature: "a model dtype",

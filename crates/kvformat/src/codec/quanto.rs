@@ -21,26 +21,19 @@ use rayon::prelude::*;
 
 use super::groups::GroupGeometry;
 use super::scales::{GroupParams, ScaleDtype};
-use crate::dtype::CacheDtype;
 
 /// Values per group, transformers' default `q_group_size`.
 pub const GROUP: usize = 64;
 
-/// `x` rounded to `dtype`, as a torch op's f32 result is stored.
-fn rounded(x: f32, dtype: CacheDtype) -> f32 {
-    match dtype {
-        CacheDtype::F32 => x,
-        CacheDtype::F16 => f16::from_f32(x).to_f32(),
-        CacheDtype::BF16 => bf16::from_f32(x).to_f32(),
-    }
-}
+/// The model dtypes quanto computes in (and stores its scales in).
+pub const MODEL_DTYPES: [ScaleDtype; 3] = [ScaleDtype::F16, ScaleDtype::Bf16, ScaleDtype::F32];
 
-/// The storage dtype of scales and shifts: the model's.
-pub fn scale_dtype(dtype: CacheDtype) -> ScaleDtype {
+/// `x` rounded to `dtype`, as a torch op's f32 result is stored.
+fn rounded(x: f32, dtype: ScaleDtype) -> f32 {
     match dtype {
-        CacheDtype::F32 => ScaleDtype::F32,
-        CacheDtype::F16 => ScaleDtype::F16,
-        CacheDtype::BF16 => ScaleDtype::Bf16,
+        ScaleDtype::F16 => f16::from_f32(x).to_f32(),
+        ScaleDtype::Bf16 => bf16::from_f32(x).to_f32(),
+        _ => x,
     }
 }
 
@@ -53,7 +46,7 @@ pub(super) fn group_params(
     bits: u8,
     grouped: &[f32],
     geometry: &GroupGeometry,
-    dtype: CacheDtype,
+    dtype: ScaleDtype,
 ) -> GroupParams {
     let (scales, shifts) = (0..geometry.group_count())
         .into_par_iter()
@@ -66,7 +59,7 @@ pub(super) fn group_params(
         })
         .unzip();
     GroupParams {
-        dtype: scale_dtype(dtype),
+        dtype,
         scales,
         offsets: shifts,
     }
@@ -78,7 +71,7 @@ pub(super) fn codes(
     values: &[f32],
     scale: f32,
     shift: f32,
-    dtype: CacheDtype,
+    dtype: ScaleDtype,
     codes: &mut [u8],
 ) {
     for (code, &x) in codes.iter_mut().zip(values) {
@@ -89,7 +82,7 @@ pub(super) fn codes(
 }
 
 /// One group's values.
-pub(super) fn values(codes: &[u8], scale: f32, shift: f32, dtype: CacheDtype, out: &mut [f32]) {
+pub(super) fn values(codes: &[u8], scale: f32, shift: f32, dtype: ScaleDtype, out: &mut [f32]) {
     for (x, &code) in out.iter_mut().zip(codes) {
         *x = rounded(rounded(scale * f32::from(code), dtype) - shift, dtype);
     }
@@ -104,16 +97,16 @@ mod tests {
         // min -1, max 2: scale 3/15 = 0.2 (f32), shift 1; x = 0 -> 1/0.2 = 5.
         let mut got = [0u8; 3];
         let scale = 3.0f32 / 15.0;
-        codes(4, &[-1.0, 0.0, 2.0], scale, 1.0, CacheDtype::F32, &mut got);
+        codes(4, &[-1.0, 0.0, 2.0], scale, 1.0, ScaleDtype::F32, &mut got);
         assert_eq!(got, [0, 5, 15]);
         // A constant group: scale 0, every code 0, decoded exactly.
-        codes(4, &[7.0, 7.0], 0.0, -7.0, CacheDtype::F32, &mut got[..2]);
+        codes(4, &[7.0, 7.0], 0.0, -7.0, ScaleDtype::F32, &mut got[..2]);
         assert_eq!(&got[..2], &[0, 0]);
         let mut back = [0f32; 2];
-        values(&got[..2], 0.0, -7.0, CacheDtype::F32, &mut back);
+        values(&got[..2], 0.0, -7.0, ScaleDtype::F32, &mut back);
         assert_eq!(back, [7.0, 7.0]);
         // Ties round to even: (x + shift) / scale = 2.5 -> 2.
-        codes(2, &[2.5], 1.0, 0.0, CacheDtype::F32, &mut got[..1]);
+        codes(2, &[2.5], 1.0, 0.0, ScaleDtype::F32, &mut got[..1]);
         assert_eq!(got[0], 2);
     }
 }
