@@ -62,7 +62,7 @@ pub(super) enum Extremes {
 
 fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
     match (grid, kept) {
-        (Grid::Symmetric, None) => Extremes::MaxAbs(max_abs(values)),
+        (Grid::Symmetric, None) => Extremes::MaxAbs(max_abs_dispatched(values)),
         (Grid::Symmetric, Some(kept)) => {
             let kept_values = values.iter().zip(kept).filter(|(_, &keep)| keep);
             Extremes::MaxAbs(kept_values.fold(0.0, |max, (&x, _)| larger(max, x.abs())))
@@ -70,7 +70,7 @@ fn extremes(values: &[f32], kept: Option<&[bool]>, grid: Grid) -> Extremes {
         // Asymmetric (codebook grids never reach the uniform quantizer).
         (_, kept) => {
             let (min, max) = match kept {
-                None => min_max(values),
+                None => min_max_dispatched(values),
                 Some(kept) => values
                     .iter()
                     .zip(kept)
@@ -98,7 +98,11 @@ fn smaller(a: f32, b: f32) -> f32 {
     }
 }
 
+crate::simd::multiversion!(fn min_max_dispatched / min_max_at(values: &[f32]) -> (f32, f32) => min_max);
+crate::simd::multiversion!(fn max_abs_dispatched / max_abs_at(values: &[f32]) -> f32 => max_abs);
+
 /// Minimum and maximum (`(inf, -inf)` when empty), in eight lanes like [`max_abs`].
+#[inline(always)]
 fn min_max(values: &[f32]) -> (f32, f32) {
     const LANES: usize = 8;
     let mut min = [f32::INFINITY; LANES];
@@ -331,11 +335,21 @@ fn asymmetric_code(x: f32, scale: f32, offset: f32, qmax: i64) -> u8 {
 }
 
 /// Asymmetric codes of a whole run; invariants by value so the loop vectorizes.
+#[inline(always)]
 fn asymmetric_codes(values: &[f32], scale: f32, offset: f32, qmax: i64, codes: &mut [u8]) {
     for (code, &x) in codes.iter_mut().zip(values) {
         *code = asymmetric_code(x, scale, offset, qmax);
     }
 }
+
+crate::simd::multiversion!(fn symmetric_codes_dispatched / symmetric_codes_at(
+    values: &[f32], scale: f32, qmin: i32, qmax: i32, codes: &mut [u8]) => symmetric_codes);
+crate::simd::multiversion!(fn asymmetric_codes_dispatched / asymmetric_codes_at(
+    values: &[f32], scale: f32, offset: f32, qmax: i64, codes: &mut [u8]) => asymmetric_codes);
+crate::simd::multiversion!(fn symmetric_values_dispatched / symmetric_values_at(
+    codes: &[u8], scale: f32, bias: i32, out: &mut [f32]) => symmetric_values);
+crate::simd::multiversion!(fn asymmetric_values_dispatched / asymmetric_values_at(
+    codes: &[u8], scale: f32, offset: f32, out: &mut [f32]) => asymmetric_values);
 
 /// Codes of one group's kept values, in order, into `codes`.
 fn quantize_group(
@@ -349,7 +363,7 @@ fn quantize_group(
     match (range.grid, kept) {
         (Grid::Symmetric, None) => {
             let (qmin, qmax) = range.symmetric_codes();
-            symmetric_codes(values, scale, qmin, qmax, codes);
+            symmetric_codes_dispatched(values, scale, qmin, qmax, codes);
         }
         (Grid::Symmetric, Some(kept)) => {
             let (qmin, qmax) = range.symmetric_codes();
@@ -358,7 +372,9 @@ fn quantize_group(
                 *code = symmetric_code(x, scale, qmin, qmax);
             }
         }
-        (_, None) => asymmetric_codes(values, scale, offset, range.asymmetric_max() as i64, codes),
+        (_, None) => {
+            asymmetric_codes_dispatched(values, scale, offset, range.asymmetric_max() as i64, codes)
+        }
         (_, Some(kept)) => {
             let qmax = range.asymmetric_max() as i64;
             let kept_values = values.iter().zip(kept).filter(|(_, &k)| k).map(|(x, _)| x);
@@ -379,7 +395,10 @@ fn dequantize_group(
     out: &mut [f32],
 ) {
     match (range.grid, kept) {
-        (Grid::Symmetric, None) => symmetric_values(codes, scale, range.symmetric_bias(), out),
+        (Grid::Symmetric, None) => {
+            symmetric_values_dispatched(codes, scale, range.symmetric_bias(), out)
+        }
+        (_, None) => asymmetric_values_dispatched(codes, scale, offset, out),
         (grid, kept) => {
             let mut codes = codes.iter();
             for (i, x) in out.iter_mut().enumerate() {
@@ -399,7 +418,16 @@ fn dequantize_group(
     }
 }
 
+/// `q * scale + offset` for a run of codes; invariants by value so it vectorizes.
+#[inline(always)]
+fn asymmetric_values(codes: &[u8], scale: f32, offset: f32, out: &mut [f32]) {
+    for (x, &code) in out.iter_mut().zip(codes) {
+        *x = asymmetric_value(code, scale, offset);
+    }
+}
+
 /// `q * scale + offset` in f64, clamped to the finite f32 range.
+#[inline(always)]
 fn asymmetric_value(code: u8, scale: f32, offset: f32) -> f32 {
     let value = f64::from(code) * f64::from(scale) + f64::from(offset);
     value.clamp(-f64::from(f32::MAX), f64::from(f32::MAX)) as f32
@@ -596,6 +624,52 @@ mod tests {
             for t in [t, t.next_up(), t.next_down()] {
                 assert_eq!(round_half_away_f32(t) as f32, t.round(), "round({t})");
             }
+        }
+    }
+
+    #[test]
+    fn every_simd_level_gives_the_scalar_codes_values_and_extremes() {
+        use crate::simd::Level;
+        // Halves (ties), values beyond the grid, zeros and a ragged tail.
+        let mut state = 7u64;
+        let values: Vec<f32> = (0..1003)
+            .map(|i| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                match i % 5 {
+                    0 => (i % 37) as f32 * 0.25 - 4.0,
+                    1 => 0.0,
+                    _ => ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 40.0,
+                }
+            })
+            .collect();
+        let (scale, offset) = (0.5f32, -3.75f32);
+        let mut expected = vec![0u8; values.len()];
+        let mut got = expected.clone();
+        let mut expected_values = vec![0f32; values.len()];
+        let mut got_values = expected_values.clone();
+        for level in Level::available() {
+            symmetric_codes(&values, scale, -8, 7, &mut expected);
+            symmetric_codes_at(level, &values, scale, -8, 7, &mut got);
+            assert_eq!(got, expected, "symmetric codes at {level:?}");
+            symmetric_values(&expected, scale, 8, &mut expected_values);
+            symmetric_values_at(level, &expected, scale, 8, &mut got_values);
+            assert_eq!(got_values, expected_values, "symmetric values at {level:?}");
+            asymmetric_codes(&values, scale, offset, 15, &mut expected);
+            asymmetric_codes_at(level, &values, scale, offset, 15, &mut got);
+            assert_eq!(got, expected, "asymmetric codes at {level:?}");
+            asymmetric_values(&expected, scale, offset, &mut expected_values);
+            asymmetric_values_at(level, &expected, scale, offset, &mut got_values);
+            assert_eq!(
+                got_values, expected_values,
+                "asymmetric values at {level:?}"
+            );
+            assert_eq!(min_max_at(level, &values), min_max(&values));
+            assert_eq!(max_abs_at(level, &values), max_abs(&values));
+        }
+        // The scalar codes are the definition's.
+        for (&x, &code) in values.iter().zip(&expected) {
+            let q = ((f64::from(x) - f64::from(offset)) / f64::from(scale)).round();
+            assert_eq!(f64::from(code), q.clamp(0.0, 15.0), "{x}");
         }
     }
 

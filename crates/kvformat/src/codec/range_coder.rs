@@ -15,6 +15,22 @@ const TOP: u32 = 1 << 24;
 /// following a drifting source and its counts fit 16 bits.
 const COUNT_LIMIT: u32 = 1024;
 
+/// `ceil(2^40 / (2 seen + 2))` for every count a model can hold (`seen <
+/// COUNT_LIMIT`). With numerators below 2^23 and divisors at most 2^11,
+/// `(n * r) >> 40` is exactly `n / d`: the rounding up adds less than
+/// `n / 2^40 < 1 / d` to `n / d`, which cannot reach the next integer.
+static RECIPROCALS: [u64; COUNT_LIMIT as usize] = {
+    let mut table = [0u64; COUNT_LIMIT as usize];
+    let mut seen = 0;
+    while seen < table.len() {
+        let divisor = 2 * seen as u64 + 2;
+        table[seen] = (1u64 << RECIPROCAL_SHIFT).div_ceil(divisor);
+        seen += 1;
+    }
+    table
+};
+const RECIPROCAL_SHIFT: u32 = 40;
+
 /// One binary decision's adaptive model: counts of zeros and ones seen, and
 /// the Krichevsky-Trofimov estimate `P(0) = (zeros + 1/2) / (seen + 1)`,
 /// the minimax estimate for a memoryless source.
@@ -25,13 +41,19 @@ pub(crate) struct BitModel {
 }
 
 impl BitModel {
-    /// `P(0)` in units of 2^-12, in `[1, 4095]`.
+    /// `P(0)` in units of 2^-12, in `[1, 4095]`:
+    /// `((2 zeros + 1) << 12) / (2 seen + 2)`, the division done as a
+    /// multiplication by [`RECIPROCALS`] (a division per decision was most
+    /// of the coder's time; the quotient is the same, see the tests).
+    #[inline(always)]
     fn p_zero(self) -> u32 {
-        let zeros = u32::from(self.zeros);
-        let seen = zeros + u32::from(self.ones);
-        (((2 * zeros + 1) << PROB_BITS) / (2 * seen + 2)).clamp(1, (1 << PROB_BITS) - 1)
+        let zeros = u64::from(self.zeros);
+        let seen = usize::from(self.zeros) + usize::from(self.ones);
+        let quotient = (((2 * zeros + 1) << PROB_BITS) * RECIPROCALS[seen]) >> RECIPROCAL_SHIFT;
+        (quotient as u32).clamp(1, (1 << PROB_BITS) - 1)
     }
 
+    #[inline(always)]
     fn update(&mut self, bit: bool) {
         if bit {
             self.ones += 1;
@@ -70,6 +92,7 @@ impl Encoder {
         }
     }
 
+    #[inline]
     pub fn encode(&mut self, model: &mut BitModel, bit: bool) {
         let bound = (self.range >> PROB_BITS) * model.p_zero();
         if bit {
@@ -142,6 +165,7 @@ impl<'a> Decoder<'a> {
         })
     }
 
+    #[inline]
     pub fn decode(&mut self, model: &mut BitModel) -> Result<bool, CodecError> {
         let bound = (self.range >> PROB_BITS) * model.p_zero();
         let bit = self.code >= bound;
@@ -278,6 +302,21 @@ mod tests {
         }
         decoder.finish().unwrap();
         bytes.len()
+    }
+
+    #[test]
+    fn the_reciprocal_gives_the_quotient_of_every_reachable_count() {
+        for seen in 0..COUNT_LIMIT {
+            for zeros in 0..=seen {
+                let model = BitModel {
+                    zeros: zeros as u16,
+                    ones: (seen - zeros) as u16,
+                };
+                let divided = (((2 * zeros + 1) << PROB_BITS) / (2 * seen + 2))
+                    .clamp(1, (1 << PROB_BITS) - 1);
+                assert_eq!(model.p_zero(), divided, "zeros {zeros}, seen {seen}");
+            }
+        }
     }
 
     #[test]

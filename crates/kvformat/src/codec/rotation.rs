@@ -54,6 +54,7 @@ fn normalizer(dim: usize) -> f32 {
 /// In-place unnormalized fast Walsh–Hadamard transform (Sylvester order):
 /// stages h = 1, 2, 4, ..., each replacing `(a, b)` = `(v[j], v[j+h])` by
 /// `(a + b, a - b)` for every `j` whose bit `h` is clear.
+#[inline(always)]
 fn walsh_hadamard(vector: &mut [f32]) {
     let dim = vector.len();
     let mut half = 1;
@@ -91,7 +92,18 @@ pub fn unrotate(values: &mut [f32], seed: u64, dim: usize) {
 /// Rotates every `signs.len()`-long vector of `values` in place.
 fn rotate_with(values: &mut [f32], signs: &[f32]) {
     let scale = normalizer(signs.len());
-    for_each_vector(values, signs.len(), |vector| {
+    for_each_task(values, signs.len(), |task| {
+        rotate_vectors(task, signs, scale)
+    });
+}
+
+crate::simd::multiversion!(fn rotate_vectors / rotate_vectors_at(
+    task: &mut [f32], signs: &[f32], scale: f32) => rotate_vectors_generic);
+
+/// [`rotate_with`] of one task's vectors.
+#[inline(always)]
+fn rotate_vectors_generic(task: &mut [f32], signs: &[f32], scale: f32) {
+    for vector in task.chunks_exact_mut(signs.len()) {
         for (x, sign) in vector.iter_mut().zip(signs) {
             *x *= sign;
         }
@@ -99,7 +111,7 @@ fn rotate_with(values: &mut [f32], signs: &[f32]) {
         for x in vector.iter_mut() {
             *x *= scale;
         }
-    });
+    }
 }
 
 /// Undoes [`rotate_with`] (up to float rounding). Decoded values are finite:
@@ -108,9 +120,20 @@ fn rotate_with(values: &mut [f32], signs: &[f32]) {
 /// transformed in f64 and saturated to the finite f32 range instead.
 fn unrotate_with(values: &mut [f32], signs: &[f32]) {
     let scale = normalizer(signs.len());
+    for_each_task(values, signs.len(), |task| {
+        unrotate_vectors(task, signs, scale)
+    });
+}
+
+crate::simd::multiversion!(fn unrotate_vectors / unrotate_vectors_at(
+    task: &mut [f32], signs: &[f32], scale: f32) => unrotate_vectors_generic);
+
+/// [`unrotate_with`] of one task's vectors.
+#[inline(always)]
+fn unrotate_vectors_generic(task: &mut [f32], signs: &[f32], scale: f32) {
     let safe = f32::MAX / signs.len().max(1) as f32;
-    for_each_vector(values, signs.len(), |vector| {
-        if vector.iter().all(|x| x.abs() <= safe) {
+    for vector in task.chunks_exact_mut(signs.len()) {
+        if vector.iter().fold(0.0f32, |max, x| max.max(x.abs())) <= safe {
             walsh_hadamard(vector);
             for (x, sign) in vector.iter_mut().zip(signs) {
                 *x = *x * scale * sign;
@@ -118,7 +141,7 @@ fn unrotate_with(values: &mut [f32], signs: &[f32]) {
         } else {
             unrotate_saturating(vector, signs, scale);
         }
-    });
+    }
 }
 
 /// [`unrotate`] of one vector in f64, saturated to finite f32.
@@ -148,21 +171,31 @@ fn unrotate_saturating(vector: &mut [f32], signs: &[f32], scale: f32) {
 /// engine's bit for bit. The transform is its own inverse.
 pub fn llama_hadamard(values: &mut [f32], block: usize) {
     let scale = 1.0 / (block as f32).sqrt();
-    for_each_vector(values, block, |vector| {
+    for_each_task(values, block, |task| llama_vectors(task, block, scale));
+}
+
+crate::simd::multiversion!(fn llama_vectors / llama_vectors_at(
+    task: &mut [f32], block: usize, scale: f32) => llama_vectors_generic);
+
+/// [`llama_hadamard`] of one task's blocks.
+#[inline(always)]
+fn llama_vectors_generic(task: &mut [f32], block: usize, scale: f32) {
+    for vector in task.chunks_exact_mut(block) {
         for x in vector.iter_mut() {
             *x *= scale;
         }
         walsh_hadamard(vector);
-    });
+    }
 }
 
-fn for_each_vector(values: &mut [f32], dim: usize, transform: impl Fn(&mut [f32]) + Sync) {
+/// Hands `transform` runs of whole `dim`-long vectors of `values`, in parallel.
+fn for_each_task(values: &mut [f32], dim: usize, transform: impl Fn(&mut [f32]) + Sync) {
     if dim == 0 {
         return;
     }
     values
         .par_chunks_mut(dim * VECTORS_PER_TASK)
-        .for_each(|task| task.chunks_exact_mut(dim).for_each(&transform));
+        .for_each(|task| transform(task));
 }
 
 #[cfg(test)]
@@ -207,6 +240,32 @@ mod tests {
         unrotate_with(&mut values, &signs);
         for (x, y) in original.iter().zip(&values) {
             assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn every_simd_level_rotates_as_the_scalar_code() {
+        use crate::simd::Level;
+        let signs = signs(3, 64);
+        let original: Vec<f32> = (0..64 * 9)
+            .map(|i| ((i * 53 % 211) as f32 - 105.0) * 0.031)
+            .collect();
+        let scale = normalizer(64);
+        let mut expected = original.clone();
+        rotate_vectors_generic(&mut expected, &signs, scale);
+        let mut expected_back = expected.clone();
+        unrotate_vectors_generic(&mut expected_back, &signs, scale);
+        let mut expected_llama = original.clone();
+        llama_vectors_generic(&mut expected_llama, 64, 0.125);
+        for level in Level::available() {
+            let mut got = original.clone();
+            rotate_vectors_at(level, &mut got, &signs, scale);
+            assert_eq!(got, expected, "rotate at {level:?}");
+            unrotate_vectors_at(level, &mut got, &signs, scale);
+            assert_eq!(got, expected_back, "unrotate at {level:?}");
+            let mut got = original.clone();
+            llama_vectors_at(level, &mut got, 64, 0.125);
+            assert_eq!(got, expected_llama, "llama at {level:?}");
         }
     }
 
