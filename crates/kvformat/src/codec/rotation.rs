@@ -195,7 +195,7 @@ fn for_each_task(values: &mut [f32], dim: usize, transform: impl Fn(&mut [f32]) 
     }
     values
         .par_chunks_mut(dim * VECTORS_PER_TASK)
-        .for_each(|task| transform(task));
+        .for_each(&transform);
 }
 
 #[cfg(test)]
