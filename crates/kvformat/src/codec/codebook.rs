@@ -105,6 +105,10 @@ pub(crate) struct Scaled<'a> {
 impl GroupMapping for Scaled<'_> {
     fn codes(&self, group: usize, values: &[f32], kept: Option<&[bool]>, codes: &mut [u8]) {
         let scale = self.scales[group];
+        if kept.is_none() {
+            nearest_levels(values, scale, &self.codebook.boundaries, codes);
+            return;
+        }
         for (code, &x) in codes.iter_mut().zip(kept_values(values, kept)) {
             *code = self.codebook.code(x / scale);
         }
@@ -120,6 +124,32 @@ impl GroupMapping for Scaled<'_> {
                     .next()
                     .map_or(0.0, |&code| self.codebook.value(code, scale)),
             };
+        }
+    }
+}
+
+crate::simd::multiversion!(fn nearest_levels / nearest_levels_at(
+    values: &[f32], scale: f32, boundaries: &[f32], codes: &mut [u8]) => nearest_levels_generic);
+
+/// [`Codebook::code`] of `x / scale` for a run of values, boundary by
+/// boundary so that each pass over the run vectorizes.
+#[inline(always)]
+fn nearest_levels_generic(values: &[f32], scale: f32, boundaries: &[f32], codes: &mut [u8]) {
+    const BLOCK: usize = 64;
+    let mut scaled = [0f32; BLOCK];
+    for (codes, values) in codes[..values.len()]
+        .chunks_mut(BLOCK)
+        .zip(values.chunks(BLOCK))
+    {
+        let scaled = &mut scaled[..values.len()];
+        for (t, &x) in scaled.iter_mut().zip(values) {
+            *t = x / scale;
+        }
+        codes.fill(0);
+        for &boundary in boundaries {
+            for (code, &t) in codes.iter_mut().zip(scaled.iter()) {
+                *code += u8::from(t > boundary);
+            }
         }
     }
 }
@@ -157,19 +187,23 @@ pub(crate) fn fit_codebook(
             .map(|(chunk, chunk_values)| {
                 let mut sums = vec![(0.0f64, 0.0f64); k];
                 let (start, end) = (chunk * SUM_CHUNK, chunk * SUM_CHUNK + chunk_values.len());
+                let mut codes = vec![0u8; chunk_values.len()];
                 // Group by group, in index order: the scale is looked up
-                // once per group, not once per value.
+                // once per group, not once per value, and the group's codes
+                // come from one vectorized pass before the (serial) sums.
                 let mut i = start;
                 while i < end {
                     let group = group_of(i);
                     let stop = geometry.range(group).end.min(end);
                     let scale = scales[group];
                     let s = f64::from(scale);
-                    for i in i..stop {
+                    let codes = &mut codes[i - start..stop - start];
+                    nearest_levels(&values[i..stop], scale, &codebook.boundaries, codes);
+                    for (i, &code) in (i..stop).zip(codes.iter()) {
                         if kept.is_some_and(|kept| !kept[i]) {
                             continue;
                         }
-                        let code = usize::from(codebook.code(values[i] / scale));
+                        let code = usize::from(code);
                         sums[code].0 += s * f64::from(values[i]);
                         sums[code].1 += s * s;
                     }
@@ -447,6 +481,21 @@ mod tests {
                 (mse - known_mse).abs() < 5e-5,
                 "{bits} bits: MSE {mse}, expected {known_mse}"
             );
+        }
+    }
+
+    #[test]
+    fn every_simd_level_finds_the_nearest_level_as_the_codebook_does() {
+        let codebook = Codebook::new(gaussian_levels(3));
+        // Values on the boundaries (ties go to the lower level), between and beyond.
+        let mut values: Vec<f32> = codebook.boundaries.iter().map(|b| b * 0.7).collect();
+        values.extend((0..501).map(|i| (i as f32 - 250.0) * 0.0173));
+        let scale = 0.7;
+        let expected: Vec<u8> = values.iter().map(|&x| codebook.code(x / scale)).collect();
+        for level in crate::simd::Level::available() {
+            let mut codes = vec![9u8; values.len()];
+            nearest_levels_at(level, &values, scale, &codebook.boundaries, &mut codes);
+            assert_eq!(codes, expected, "{level:?}");
         }
     }
 
