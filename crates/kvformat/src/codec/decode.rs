@@ -106,19 +106,32 @@ fn decode_checked(
     }
     let mut grouped = vec![0f32; plan.quantized_count()];
     dequantize_grouped(&stored, plan, sections, params, layout, &mut grouped)?;
+    restore_row_major(grouped, &kept_values, plan, params, out);
+    Ok(())
+}
+
+/// The tensor's values from its dequantized values in group order and its
+/// kept tokens as stored: back to row-major order, unrotated, and joined.
+/// The encoder's reconstruction (`encode_observed`) ends the same way.
+pub(crate) fn restore_row_major(
+    grouped: Vec<f32>,
+    kept_values: &[f32],
+    plan: &Plan,
+    params: &CodecParams,
+    out: &mut [f32],
+) {
     let mut quantized = plan.in_row_major_order(grouped);
     if let Some(seed) = params.rotation_seed {
         rotation::unrotate(&mut quantized, seed, plan.head_dim);
     }
-    if let Some(block) = llama_block {
+    if let Some(block) = params.llama_rotation_block(plan.head_dim) {
         rotation::llama_hadamard(&mut quantized, block);
     }
     if plan.keeps_no_tokens() {
         out.copy_from_slice(&quantized);
     } else {
-        plan.join(&kept_values, &quantized, out);
+        plan.join(kept_values, &quantized, out);
     }
-    Ok(())
 }
 
 /// The payload sections the quantizer reads.

@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::bitpack::packed;
+use super::decode::restore_row_major;
 use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
@@ -64,8 +65,9 @@ pub fn encode_observed(
             return Ok(encoded);
         }
     }
-    let encoded = encode_in_form(values, &plan, params, smaller_form(&plan, params))?;
-    let reconstruction = super::decode(&encoded.payload, shape, params, &encoded.layout)?;
+    let (encoded, reconstruction) =
+        encode_reconstructed(values, &plan, params, smaller_form(&plan, params), true)?;
+    let reconstruction = reconstruction.expect("asked for");
     observe(values, &reconstruction);
     Ok(encoded)
 }
@@ -132,6 +134,25 @@ pub(crate) fn encode_in_form(
     params: &CodecParams,
     form: SparseForm,
 ) -> Result<Encoded, CodecError> {
+    encode_reconstructed(values, plan, params, form, false).map(|(encoded, _)| encoded)
+}
+
+/// An encoding, and (when asked for) the values `decode` makes of it: the
+/// tensor's, or the dequantized ones in group order inside the encoder.
+type Reconstructed = (Encoded, Option<Vec<f32>>);
+
+/// [`encode_in_form`], and with `reconstruct` what `decode` will make of
+/// the payload, bit for bit: each group is dequantized from its codes as
+/// they are made, and the rest of decoding (row-major order, unrotation,
+/// kept tokens as stored) is decode's own [`restore_row_major`], so the
+/// payload is never parsed, unpacked or range-decoded again.
+fn encode_reconstructed(
+    values: &[f32],
+    plan: &Plan,
+    params: &CodecParams,
+    form: SparseForm,
+    reconstruct: bool,
+) -> Result<Reconstructed, CodecError> {
     check_values(values, plan)?;
 
     let (kept_values, mut quantized) = if plan.keeps_no_tokens() {
@@ -149,7 +170,7 @@ pub(crate) fn encode_in_form(
         if let Some(block) = llama_block {
             rotation::llama_hadamard(quantized, block);
         }
-        if quantized.par_iter().any(|x| !x.is_finite()) {
+        if first_non_finite(quantized).is_some() {
             return Err(CodecError::RotationOverflow);
         }
     }
@@ -176,14 +197,30 @@ pub(crate) fn encode_in_form(
     let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
 
     if fused_path(params, grouped_mask.is_some(), true) {
-        if let Some(encoded) = encode_fused(&grouped, &kept_values, plan, params, form)? {
-            return Ok(encoded);
+        if let Some((encoded, restored)) =
+            encode_fused(&grouped, &kept_values, plan, params, form, reconstruct)?
+        {
+            let reconstruction = restored
+                .map(|restored| reconstruction(restored, &encoded, plan, params))
+                .transpose()?;
+            return Ok((encoded, reconstruction));
         }
     }
     let geometry = &plan.geometry;
     let mask = grouped_mask.as_deref();
     let (group_params, mut quantizer) = GroupQuantizer::choose(params, &grouped, mask, plan);
-    let codes = quantizer.code_section(&group_params, &grouped, mask, geometry);
+    // The outliers are chosen against the reconstruction, so it is made for them too.
+    let mut restored = (reconstruct || params.outliers > 0.0).then(|| vec![0f32; grouped.len()]);
+    let codes = match restored.as_deref_mut() {
+        Some(restored) => quantizer.code_section_reconstructed(
+            &group_params,
+            &grouped,
+            mask,
+            geometry,
+            restored,
+        )?,
+        None => quantizer.code_section(&group_params, &grouped, mask, geometry),
+    };
 
     let layout = Layout {
         scale_dtype: group_params.dtype,
@@ -205,19 +242,40 @@ pub(crate) fn encode_in_form(
     payload.extend_from_slice(&codes);
     if params.outliers > 0.0 {
         // validate() refuses outliers with sparsity: every value has a code.
-        let mut restored = vec![0f32; grouped.len()];
-        quantizer.dequantize_section(
-            &group_params,
-            &codes,
-            grouped.len(),
-            None,
-            geometry,
-            &mut restored,
-        )?;
-        payload.extend(outliers::encode(&grouped, &restored, params.outliers)?);
+        let restored = restored.as_deref_mut().expect("made for the outliers");
+        let outlier_bytes = outliers::encode(&grouped, restored, params.outliers)?;
+        if reconstruct {
+            outliers::apply(&outlier_bytes, params.outliers, restored)?;
+        }
+        payload.extend(outlier_bytes);
     }
     debug_assert_eq!(Some(payload.len()), sections.total());
-    Ok(Encoded { payload, layout })
+    let encoded = Encoded { payload, layout };
+    let reconstruction = restored
+        .filter(|_| reconstruct)
+        .map(|restored| reconstruction(restored, &encoded, plan, params))
+        .transpose()?;
+    Ok((encoded, reconstruction))
+}
+
+/// The row-major reconstruction from the dequantized values in group order
+/// (outliers applied) and the kept tokens as the payload stores them.
+fn reconstruction(
+    restored: Vec<f32>,
+    encoded: &Encoded,
+    plan: &Plan,
+    params: &CodecParams,
+) -> Result<Vec<f32>, CodecError> {
+    let kept_values = if plan.keeps_no_tokens() {
+        Vec::new()
+    } else {
+        let sections = Sections::new(plan, params, &encoded.layout)?;
+        let start = sections.scales + sections.offsets + sections.levels;
+        kept_tokens::read(&encoded.payload[start..start + sections.kept_tokens])?
+    };
+    let mut out = vec![0f32; plan.total_count()];
+    restore_row_major(restored, &kept_values, plan, params, &mut out);
+    Ok(out)
 }
 
 /// The fused symmetric pass (see [`fused_path`]): scales, codes and packed
@@ -229,7 +287,8 @@ fn encode_fused(
     plan: &Plan,
     params: &CodecParams,
     form: SparseForm,
-) -> Result<Option<Encoded>, CodecError> {
+    reconstruct: bool,
+) -> Result<Option<Reconstructed>, CodecError> {
     let layout = Layout {
         scale_dtype: ScaleDtype::F16,
         sparse_form: form,
@@ -252,21 +311,25 @@ fn encode_fused(
     write_scales(&group_params.scales, ScaleDtype::F16, &mut head);
     kept_tokens::write(kept_values, &mut head)?;
     payload[..codes_start].copy_from_slice(&head);
-    if params.outliers > 0.0 {
-        let mut restored = vec![0f32; grouped.len()];
+    let mut restored = None;
+    if reconstruct || params.outliers > 0.0 {
+        let restored = restored.insert(vec![0f32; grouped.len()]);
         let unpacked = fused::dequantize_symmetric_packed(
             &payload[codes_start..codes_end],
             &plan.geometry,
             range,
             &group_params.scales,
-            &mut restored,
+            restored,
         );
         debug_assert!(unpacked, "the encoder's tasks are the decoder's");
-        payload[codes_end..].copy_from_slice(&outliers::encode(
-            grouped,
-            &restored,
-            params.outliers,
-        )?);
+        if params.outliers > 0.0 {
+            let outlier_bytes = outliers::encode(grouped, restored, params.outliers)?;
+            outliers::apply(&outlier_bytes, params.outliers, restored)?;
+            payload[codes_end..].copy_from_slice(&outlier_bytes);
+        }
     }
-    Ok(Some(Encoded { payload, layout }))
+    Ok(Some((
+        Encoded { payload, layout },
+        restored.filter(|_| reconstruct),
+    )))
 }

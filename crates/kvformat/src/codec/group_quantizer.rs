@@ -257,6 +257,28 @@ impl GroupQuantizer {
         }
     }
 
+    /// [`GroupQuantizer::code_section`], with every value's reconstruction
+    /// in group order written into `out` (dropped values 0), as
+    /// [`GroupQuantizer::dequantize_section`] makes it from the section.
+    pub fn code_section_reconstructed(
+        &mut self,
+        group_params: &GroupParams,
+        grouped: &[f32],
+        kept: Option<&[bool]>,
+        geometry: &GroupGeometry,
+        out: &mut [f32],
+    ) -> Result<Vec<u8>, CodecError> {
+        if let GroupQuantizer::Ecsq { .. } = self {
+            let coded = self.code_section(group_params, grouped, kept, geometry);
+            self.dequantize_section(group_params, &coded, grouped.len(), kept, geometry, out)?;
+            return Ok(coded);
+        }
+        Ok(self.with_mapping(group_params, |mapping| {
+            let codes = quantizer::quantize_reconstructed(grouped, kept, geometry, mapping, out);
+            bitpack::packed(&codes, self.code_bits())
+        }))
+    }
+
     /// Reconstructs all values in group order from the codes section, which
     /// holds `code_count` codes.
     pub fn dequantize_section(

@@ -561,6 +561,49 @@ pub(crate) fn quantize(
     codes
 }
 
+/// [`quantize`], each group's reconstruction (as [`dequantize`] makes it
+/// from the codes) written into `out`, in group order, while the group is
+/// at hand.
+pub(crate) fn quantize_reconstructed(
+    values: &[f32],
+    kept: Option<&[bool]>,
+    geometry: &GroupGeometry,
+    mapping: &(impl GroupMapping + ?Sized),
+    out: &mut [f32],
+) -> Vec<u8> {
+    let offsets = code_offsets(kept, geometry);
+    let value_offsets: Vec<usize> = (0..=geometry.group_count())
+        .map(|group| geometry.range_start(group))
+        .collect();
+    let mut codes = vec![0u8; offsets[offsets.len() - 1]];
+    split_at_bounds(&mut codes, &task_bounds(&offsets, GROUPS_PER_TASK))
+        .into_par_iter()
+        .zip(split_at_bounds(
+            out,
+            &task_bounds(&value_offsets, GROUPS_PER_TASK),
+        ))
+        .enumerate()
+        .for_each(|(task, (task_codes, task_out))| {
+            let first = task * GROUPS_PER_TASK;
+            let last = (first + GROUPS_PER_TASK).min(geometry.group_count());
+            let base = geometry.range_start(first);
+            for group in first..last {
+                let span = geometry.range(group);
+                let codes = &mut task_codes
+                    [offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
+                let kept = kept.map(|kept| &kept[span.clone()]);
+                mapping.codes(group, &values[span.clone()], kept, codes);
+                mapping.values(
+                    group,
+                    codes,
+                    kept,
+                    &mut task_out[span.start - base..span.end - base],
+                );
+            }
+        });
+    codes
+}
+
 /// Reconstructs all values in group order; `codes` holds exactly one code per kept value.
 pub(crate) fn dequantize(
     codes: &[u8],

@@ -466,7 +466,124 @@ fn encode_observed_is_encode_and_observes_decode_in_order_once() {
         ),
         (vec![0], CodecParams::adr002(64), 4.0),
     ];
+    // The general path's reconstruction beside the codes: every quantizer,
+    // rotations, kept tokens, axes, masks and outliers.
+    let kivi = |bits| CodecParams {
+        bits,
+        grid: Grid::Asymmetric,
+        axis: Axis::Channel,
+        ..CodecParams::adr002(32)
+    };
+    let engine = |grid: Grid| {
+        let spec = grid.spec();
+        let (axis, group_size) = match (grid.engine_block(), grid.engine_flat_group()) {
+            (Some(block), _) => (Axis::Token, block),
+            (None, Some(group)) => (Axis::Flat, group),
+            (None, None) => (Axis::Token, 64),
+        };
+        CodecParams {
+            bits: spec.bits[0],
+            grid,
+            axis,
+            group_size,
+            ..CodecParams::adr002(64)
+        }
+    };
+    let mut cases = cases;
+    cases.extend([
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                rotation_seed: Some(5),
+                sink_tokens: 3,
+                recent_tokens: 2,
+                ..kivi(4)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                grid: Grid::Symmetric,
+                rotation_seed: Some(9),
+                sink_tokens: 4,
+                axis: Axis::Token,
+                ..kivi(3)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                fit: Fit::Mse,
+                axis: Axis::Flat,
+                group_size: 48,
+                ..kivi(2)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                grid: Grid::Lloyd,
+                rotation_seed: Some(1),
+                sink_tokens: 1,
+                ..kivi(3)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                grid: Grid::Kmeans,
+                axis: Axis::Token,
+                ..kivi(2)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                grid: Grid::Ecsq,
+                rate: Some(3.0),
+                sink_tokens: 1,
+                ..kivi(4)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                sparsity: 0.4,
+                ..kivi(4)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                outliers: 0.02,
+                rotation_seed: Some(3),
+                ..kivi(2)
+            },
+            4.0,
+        ),
+        (
+            vec![1, 2, 40, 64],
+            CodecParams {
+                llama_rotation: Some(super::LlamaRotation::Key),
+                ..engine(Grid::Q4_0)
+            },
+            4.0,
+        ),
+        (vec![1, 2, 40, 64], engine(Grid::Iq4Nl), 4.0),
+        (vec![1, 2, 40, 64], engine(Grid::Fp8E4m3), 4.0),
+        (vec![1, 2, 40, 64], engine(Grid::Nvfp4), 4.0),
+        (vec![1, 2, 40, 64], engine(Grid::QuantoInt2), 4.0),
+        (vec![1, 2, 40, 64], engine(Grid::Int8Trt), 4.0),
+    ]);
     for (shape, params, magnitude) in cases {
+        params.validate(&shape).expect("a valid case");
         let count = shape.iter().product();
         let values = spread_values(count, count as u64, magnitude);
         let mut seen_original = Vec::new();
