@@ -121,8 +121,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "| input | command | wall min / median / max (ms) | MB/s | peak RSS (MB) | RSS / input file |{go_columns}"
     )?;
     writeln!(report, "|---|---|---:|---:|---:|---:|{go_rule}")?;
-    let mut families = String::new();
-    for dtype in ["F32", "F16"] {
+    let mut family_inputs = Vec::new();
+    for dtype in ["F32", "F16", "BF16"] {
         let input = scratch.join(format!("cache_{}.safetensors", dtype.to_lowercase()));
         generate_in_child(&input, dtype)?;
         let input_bytes = tensor_bytes(dtype);
@@ -187,17 +187,15 @@ pub fn run(args: &[String]) -> Result<()> {
                 rss_mb / file_mb
             )?;
         }
-        if dtype == "F32" {
-            families = method_family_rows(
-                &kv_compress,
-                options.go.as_deref(),
-                &input,
-                &scratch,
-                repetitions,
-            )?;
-        }
+        family_inputs.push((dtype, input));
     }
-    report.push_str(&families);
+    report.push_str(&method_family_rows(
+        &kv_compress,
+        options.go.as_deref(),
+        &family_inputs,
+        &scratch,
+        repetitions,
+    )?);
 
     writeln!(
         report,
@@ -257,24 +255,24 @@ fn matrix_flags(variant: &str) -> Result<Vec<&'static str>> {
         .with_context(|| format!("the default sweep matrix has no variant `{variant}`"))
 }
 
-/// The method-family table: compress and decompress of the F32 cache with
-/// each family's flags; the Go original (ADR-002 only) beside the default.
+/// The method-family table: compress and decompress of each cache (`inputs`:
+/// its dtype and file) with each family's flags; the Go original (ADR-002 on
+/// F32 only) beside the default.
 fn method_family_rows(
     kv_compress: &Path,
     go: Option<&Path>,
-    input: &Path,
+    inputs: &[(&str, PathBuf)],
     scratch: &Path,
     repetitions: usize,
 ) -> Result<String> {
-    let input_bytes = tensor_bytes("F32");
     let mut rows = String::new();
     writeln!(
         rows,
-        "\nMethod families of the default sweep matrix (`kv-validate --sweep`), F32 cache ({:.0} MB), \
-         the matrix's flags, {repetitions} runs each, whole process; MB/s of the median. Goal (issue 23): \
-         every family at 1,000 MB/s or more both ways, decompress never slower than compress.{}\n",
-        input_bytes as f64 / 1e6,
-        if go.is_some() { " The Go original has ADR-002 only: it runs beside that row." } else { "" }
+        "\nMethod families of the default sweep matrix (`kv-validate --sweep`) on the same caches, \
+         the matrix's flags, {repetitions} runs each, whole process; MB/s of the median, M values/s beside it. \
+         Goal (issue 23): every family at 1,000 MB/s or more both ways on F32 (250 M values/s), F16 and BF16 \
+         at the same values/s, decompress never slower than compress.{}\n",
+        if go.is_some() { " The Go original has ADR-002 on F32 only: it runs beside that row." } else { "" }
     )?;
     let (go_columns, go_rule) = match go {
         Some(_) => (" Go compress / decompress median (ms) |", "---:|"),
@@ -282,58 +280,70 @@ fn method_family_rows(
     };
     writeln!(
         rows,
-        "| method family | matrix variant | compress min / median / max (ms) | MB/s | decompress min / median / max (ms) | MB/s | decompress / compress |{go_columns}"
+        "| method family | matrix variant | cache | compress min / median / max (ms) | MB/s | M values/s | decompress min / median / max (ms) | MB/s | M values/s | decompress / compress |{go_columns}"
     )?;
-    writeln!(rows, "|---|---|---:|---:|---:|---:|---:|{go_rule}")?;
+    writeln!(
+        rows,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|{go_rule}"
+    )?;
     let packed = scratch.join("family_packed.safetensors");
     let restored = scratch.join("family_restored.safetensors");
     let go_packed = scratch.join("family_go_packed.safetensors");
     let go_restored = scratch.join("family_go_restored.safetensors");
     for (family, variant) in METHOD_FAMILIES {
         let flags = matrix_flags(variant)?;
-        let go = go.filter(|_| flags.is_empty());
-        let mut compress = vec!["-input", "", "-output", ""];
-        compress.extend(&flags);
-        let decompress = ["-decompress", "-input", "", "-output", ""];
-        let side_by_side = |template: &[&str], ours: [&Path; 2], theirs: [&Path; 2]| {
-            measure_side_by_side(
-                &(kv_compress, fill_paths(template, &ours)),
-                go.map(|go| (go, fill_paths(template, &theirs))).as_ref(),
-                repetitions,
-            )
-        };
-        let (c, go_c) = side_by_side(&compress, [input, &packed], [input, &go_packed])?;
-        let (d, go_d) = side_by_side(
-            &decompress,
-            [&packed, &restored],
-            [&go_packed, &go_restored],
-        )?;
-        let mb_s = |m: &Measurement| input_bytes as f64 / 1e6 / m.wall.as_secs_f64();
-        eprintln!(
-            "bench: {family}: compress {:.1} ms ({:.0} MB/s), decompress {:.1} ms ({:.0} MB/s)",
-            ms(c.wall),
-            mb_s(&c),
-            ms(d.wall),
-            mb_s(&d)
-        );
-        let go_cells = match (go_c, go_d) {
-            (Some(go_c), Some(go_d)) => format!(" {:.1} / {:.1} |", ms(go_c.wall), ms(go_d.wall)),
-            _ if go_columns.is_empty() => String::new(),
-            _ => " — |".to_string(),
-        };
-        writeln!(
-            rows,
-            "| {family} | `{variant}` | {:.1} / {:.1} / {:.1} | {:.0} | {:.1} / {:.1} / {:.1} | {:.0} | {:.2}x |{go_cells}",
-            ms(c.min),
-            ms(c.wall),
-            ms(c.max),
-            mb_s(&c),
-            ms(d.min),
-            ms(d.wall),
-            ms(d.max),
-            mb_s(&d),
-            d.wall.as_secs_f64() / c.wall.as_secs_f64()
-        )?;
+        for (dtype, input) in inputs {
+            let input_bytes = tensor_bytes(dtype);
+            let values = input_bytes / if *dtype == "F32" { 4 } else { 2 };
+            let go = go.filter(|_| flags.is_empty() && *dtype == "F32");
+            let mut compress = vec!["-input", "", "-output", ""];
+            compress.extend(&flags);
+            let decompress = ["-decompress", "-input", "", "-output", ""];
+            let side_by_side = |template: &[&str], ours: [&Path; 2], theirs: [&Path; 2]| {
+                measure_side_by_side(
+                    &(kv_compress, fill_paths(template, &ours)),
+                    go.map(|go| (go, fill_paths(template, &theirs))).as_ref(),
+                    repetitions,
+                )
+            };
+            let (c, go_c) = side_by_side(&compress, [input, &packed], [input, &go_packed])?;
+            let (d, go_d) = side_by_side(
+                &decompress,
+                [&packed, &restored],
+                [&go_packed, &go_restored],
+            )?;
+            let mb_s = |m: &Measurement| input_bytes as f64 / 1e6 / m.wall.as_secs_f64();
+            let mvalues_s = |m: &Measurement| values as f64 / 1e6 / m.wall.as_secs_f64();
+            eprintln!(
+                "bench: {family} ({dtype}): compress {:.1} ms ({:.0} MB/s), decompress {:.1} ms ({:.0} MB/s)",
+                ms(c.wall),
+                mb_s(&c),
+                ms(d.wall),
+                mb_s(&d)
+            );
+            let go_cells = match (go_c, go_d) {
+                (Some(go_c), Some(go_d)) => {
+                    format!(" {:.1} / {:.1} |", ms(go_c.wall), ms(go_d.wall))
+                }
+                _ if go_columns.is_empty() => String::new(),
+                _ => " — |".to_string(),
+            };
+            writeln!(
+                rows,
+                "| {family} | `{variant}` | {dtype} | {:.1} / {:.1} / {:.1} | {:.0} | {:.0} | {:.1} / {:.1} / {:.1} | {:.0} | {:.0} | {:.2}x |{go_cells}",
+                ms(c.min),
+                ms(c.wall),
+                ms(c.max),
+                mb_s(&c),
+                mvalues_s(&c),
+                ms(d.min),
+                ms(d.wall),
+                ms(d.max),
+                mb_s(&d),
+                mvalues_s(&d),
+                d.wall.as_secs_f64() / c.wall.as_secs_f64()
+            )?;
+        }
     }
     Ok(rows)
 }
@@ -466,15 +476,15 @@ fn generate_in_child(path: &Path, dtype: &str) -> Result<()> {
     Ok(())
 }
 
-/// The hidden task `generate_in_child` runs: `__bench-cache F32|F16 PATH`.
+/// The hidden task `generate_in_child` runs: `__bench-cache F32|F16|BF16 PATH`.
 pub const GENERATE_TASK: &str = "__bench-cache";
 
 pub fn generate_task(args: &[String]) -> Result<()> {
     match args {
-        [dtype, path] if dtype == "F32" || dtype == "F16" => {
+        [dtype, path] if ["F32", "F16", "BF16"].contains(&dtype.as_str()) => {
             write_synthetic_cache(Path::new(path), dtype)
         }
-        _ => bail!("usage: {GENERATE_TASK} F32|F16 PATH"),
+        _ => bail!("usage: {GENERATE_TASK} F32|F16|BF16 PATH"),
     }
 }
 
@@ -677,6 +687,7 @@ fn machine_description() -> String {
 fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
     let dtype = match dtype {
         "F32" => kvformat::CacheDtype::F32,
+        "BF16" => kvformat::CacheDtype::BF16,
         _ => kvformat::CacheDtype::F16,
     };
     let shape = [1, KV_HEADS, SEQ_LEN, HEAD_DIM];
