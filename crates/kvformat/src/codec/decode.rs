@@ -106,20 +106,23 @@ fn decode_checked(
     }
     let mut grouped = vec![0f32; plan.quantized_count()];
     dequantize_grouped(&stored, plan, sections, params, layout, &mut grouped)?;
-    restore_row_major(grouped, &kept_values, plan, params, out);
+    let quantized = row_major_unrotated(grouped, plan, params);
+    if plan.keeps_no_tokens() {
+        out.copy_from_slice(&quantized);
+    } else {
+        plan.join(&kept_values, &quantized, out);
+    }
     Ok(())
 }
 
-/// The tensor's values from its dequantized values in group order and its
-/// kept tokens as stored: back to row-major order, unrotated, and joined.
-/// The encoder's reconstruction (`encode_observed`) ends the same way.
-pub(crate) fn restore_row_major(
+/// The quantized values, row-major and unrotated, from their dequantized
+/// values in group order. The encoder's reconstruction (`encode_observed`)
+/// ends the same way.
+pub(crate) fn row_major_unrotated(
     grouped: Vec<f32>,
-    kept_values: &[f32],
     plan: &Plan,
     params: &CodecParams,
-    out: &mut [f32],
-) {
+) -> Vec<f32> {
     let mut quantized = plan.in_row_major_order(grouped);
     if let Some(seed) = params.rotation_seed {
         rotation::unrotate(&mut quantized, seed, plan.head_dim);
@@ -127,11 +130,7 @@ pub(crate) fn restore_row_major(
     if let Some(block) = params.llama_rotation_block(plan.head_dim) {
         rotation::llama_hadamard(&mut quantized, block);
     }
-    if plan.keeps_no_tokens() {
-        out.copy_from_slice(&quantized);
-    } else {
-        plan.join(kept_values, &quantized, out);
-    }
+    quantized
 }
 
 /// The payload sections the quantizer reads.

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use super::bitpack::packed;
-use super::decode::restore_row_major;
+use super::decode::row_major_unrotated;
 use super::fused;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
@@ -144,7 +144,7 @@ type Reconstructed = (Encoded, Option<Vec<f32>>);
 /// [`encode_in_form`], and with `reconstruct` what `decode` will make of
 /// the payload, bit for bit: each group is dequantized from its codes as
 /// they are made, and the rest of decoding (row-major order, unrotation,
-/// kept tokens as stored) is decode's own [`restore_row_major`], so the
+/// kept tokens as stored) is decode's own [`row_major_unrotated`] and join, so the
 /// payload is never parsed, unpacked or range-decoded again.
 fn encode_reconstructed(
     values: &[f32],
@@ -266,15 +266,15 @@ fn reconstruction(
     plan: &Plan,
     params: &CodecParams,
 ) -> Result<Vec<f32>, CodecError> {
-    let kept_values = if plan.keeps_no_tokens() {
-        Vec::new()
-    } else {
-        let sections = Sections::new(plan, params, &encoded.layout)?;
-        let start = sections.scales + sections.offsets + sections.levels;
-        kept_tokens::read(&encoded.payload[start..start + sections.kept_tokens])?
-    };
+    let quantized = row_major_unrotated(restored, plan, params);
+    if plan.keeps_no_tokens() {
+        return Ok(quantized);
+    }
+    let sections = Sections::new(plan, params, &encoded.layout)?;
+    let start = sections.scales + sections.offsets + sections.levels;
+    let kept_values = kept_tokens::read(&encoded.payload[start..start + sections.kept_tokens])?;
     let mut out = vec![0f32; plan.total_count()];
-    restore_row_major(restored, &kept_values, plan, params, &mut out);
+    plan.join(&kept_values, &quantized, &mut out);
     Ok(out)
 }
 
