@@ -55,11 +55,8 @@ impl BitModel {
 
     #[inline(always)]
     fn update(&mut self, bit: bool) {
-        if bit {
-            self.ones += 1;
-        } else {
-            self.zeros += 1;
-        }
+        self.ones += u16::from(bit);
+        self.zeros += u16::from(!bit);
         if u32::from(self.zeros) + u32::from(self.ones) >= COUNT_LIMIT {
             self.zeros = self.zeros.div_ceil(2);
             self.ones = self.ones.div_ceil(2);
@@ -95,12 +92,12 @@ impl Encoder {
     #[inline]
     pub fn encode(&mut self, model: &mut BitModel, bit: bool) {
         let bound = (self.range >> PROB_BITS) * model.p_zero();
-        if bit {
-            self.low += u64::from(bound);
-            self.range -= bound;
-        } else {
-            self.range = bound;
-        }
+        // Selects, not branches: the bits of a source worth coding are
+        // unpredictable, and a mispredicted branch per decision was the
+        // coder's largest cost.
+        let taken = u32::from(bit).wrapping_neg();
+        self.low += u64::from(bound & taken);
+        self.range = (self.range.wrapping_sub(bound) & taken) | (bound & !taken);
         model.update(bit);
         while self.range < TOP {
             self.range <<= 8;
