@@ -182,12 +182,8 @@ pub(crate) fn encode_codes(
         let values = &grouped[geometry.range(group)];
         codes.resize(values.len(), 0);
         nearest_codes(values, f64::from(offset), f64::from(step), &mut codes);
-        for mut q in codes.iter().copied() {
-            // Next to f32's limits the nearest level can lie beyond them;
-            // the one before it is within 1.5 steps of `x`.
-            if !level(offset, q, step).is_finite() {
-                q -= q.signum();
-            }
+        finite_level_codes(offset, step, &mut codes);
+        for &q in &codes {
             model.encode(&mut coder, q);
         }
     }
@@ -207,8 +203,24 @@ fn nearest_codes_generic(values: &[f32], offset: f64, step: f64, codes: &mut [i3
     }
 }
 
+crate::simd::multiversion!(fn finite_level_codes / finite_level_codes_at(
+    offset: f32, step: f32, codes: &mut [i32]) => finite_level_codes_generic);
+
+/// Next to f32's limits a value's nearest level can lie beyond them: its
+/// code moves one step towards 0 (that level is within 1.5 steps of the
+/// value). A vectorized pass of selects over the run of codes.
+#[inline(always)]
+fn finite_level_codes_generic(offset: f32, step: f32, codes: &mut [i32]) {
+    for q in codes.iter_mut() {
+        if !level(offset, *q, step).is_finite() {
+            *q -= q.signum();
+        }
+    }
+}
+
 /// The value of code `q`: `offset + q * step` in f64, rounded to f32 (so
 /// that a group spanning f32's whole range has no overflow on the way).
+#[inline(always)]
 fn level(offset: f32, q: i32, step: f32) -> f32 {
     (f64::from(offset) + f64::from(q) * f64::from(step)) as f32
 }
@@ -402,6 +414,30 @@ mod tests {
                 nearest_codes_at(level, &values, offset, step, &mut codes);
                 assert_eq!(codes, expected, "offset {offset}, step {step}, {level:?}");
             }
+        }
+    }
+
+    #[test]
+    fn codes_of_levels_past_f32_move_one_step_in_at_every_simd_level() {
+        use super::{finite_level_codes_at, level};
+        // A step of 2^127: code ±2 is ±2^128, past f32::MAX; ±1 is not.
+        let step = 2f32.powi(127);
+        let codes: Vec<i32> = (-5..=5).chain([i32::MAX / 2, -(i32::MAX / 2)]).collect();
+        let expected: Vec<i32> = codes
+            .iter()
+            .map(|&q| {
+                if level(0.0, q, step).is_finite() {
+                    q
+                } else {
+                    q - q.signum()
+                }
+            })
+            .collect();
+        assert_eq!(&expected[..11], [-4, -3, -2, -1, -1, 0, 1, 1, 2, 3, 4]);
+        for simd in crate::simd::Level::available() {
+            let mut got = codes.clone();
+            finite_level_codes_at(simd, 0.0, step, &mut got);
+            assert_eq!(got, expected, "{simd:?}");
         }
     }
 
