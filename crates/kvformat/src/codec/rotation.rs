@@ -53,11 +53,19 @@ fn normalizer(dim: usize) -> f32 {
 
 /// In-place unnormalized fast Walsh–Hadamard transform (Sylvester order):
 /// stages h = 1, 2, 4, ..., each replacing `(a, b)` = `(v[j], v[j+h])` by
-/// `(a + b, a - b)` for every `j` whose bit `h` is clear.
+/// `(a + b, a - b)` for every `j` whose bit `h` is clear. The stages below
+/// 16 run within each run of 16 values ([`butterflies_within_16`]), the
+/// rest between whole runs: both in SIMD registers, in the same order.
 #[inline(always)]
 fn walsh_hadamard(vector: &mut [f32]) {
     let dim = vector.len();
     let mut half = 1;
+    if dim % 16 == 0 {
+        for run in vector.chunks_exact_mut(16) {
+            butterflies_within_16(run.try_into().expect("runs of 16"));
+        }
+        half = 16;
+    }
     while half < dim {
         for block in vector.chunks_exact_mut(2 * half) {
             let (low, high) = block.split_at_mut(half);
@@ -68,6 +76,26 @@ fn walsh_hadamard(vector: &mut [f32]) {
             }
         }
         half *= 2;
+    }
+}
+
+/// The stages h = 1, 2, 4, 8 of [`walsh_hadamard`] on 16 values: each value
+/// meets its partner `i ^ h`, the lower of the two being `a` and the upper
+/// `b`, and becomes `a + b` (lower) or `a - b` (upper). Written per value
+/// with constant partners, so that the compiler makes each stage a shuffle,
+/// an add, a subtract and a blend instead of 16 scalar butterflies.
+#[inline(always)]
+fn butterflies_within_16(run: &mut [f32; 16]) {
+    for half in [1, 2, 4, 8] {
+        let before = *run;
+        for (i, x) in run.iter_mut().enumerate() {
+            let partner = before[i ^ half];
+            *x = if i & half == 0 {
+                before[i] + partner
+            } else {
+                partner - before[i]
+            };
+        }
     }
 }
 
@@ -103,70 +131,13 @@ crate::simd::multiversion!(fn rotate_vectors / rotate_vectors_at(
 /// [`rotate_with`] of one task's vectors: `H (s ∘ x)`, then the scale.
 #[inline(always)]
 fn rotate_vectors_generic(task: &mut [f32], signs: &[f32], scale: f32) {
-    let dim = signs.len();
-    let mut columns = Vec::new();
-    let mut batches = task.chunks_exact_mut(dim * BATCH);
-    for batch in &mut batches {
-        hadamard_batch(
-            batch,
-            dim,
-            &mut columns,
-            |j, x| x * signs[j],
-            |_, x| x * scale,
-        );
-    }
-    for vector in batches.into_remainder().chunks_exact_mut(dim) {
+    for vector in task.chunks_exact_mut(signs.len()) {
         for (x, sign) in vector.iter_mut().zip(signs) {
             *x *= sign;
         }
         walsh_hadamard(vector);
         for x in vector.iter_mut() {
             *x *= scale;
-        }
-    }
-}
-
-/// Vectors transformed together by [`hadamard_batch`]: one SIMD register
-/// of f32 lanes at AVX-512.
-const BATCH: usize = 16;
-
-/// [`walsh_hadamard`] of the `BATCH` vectors of `batch` at once, each value
-/// mapped by `before(channel, x)` first and `after(channel, x)` last. The
-/// vectors are transposed into `columns` so that each butterfly works on
-/// `BATCH` contiguous lanes (the butterflies within a SIMD register, h < 16,
-/// do not vectorize on one vector); every value goes through the same
-/// operations in the same order as in the one-vector transform, so the bits
-/// are the same.
-#[inline(always)]
-fn hadamard_batch(
-    batch: &mut [f32],
-    dim: usize,
-    columns: &mut Vec<f32>,
-    before: impl Fn(usize, f32) -> f32,
-    after: impl Fn(usize, f32) -> f32,
-) {
-    columns.resize(dim * BATCH, 0.0);
-    // Loads gathered, stores contiguous (a core stores half as fast as it loads).
-    for (channel, column) in columns.chunks_exact_mut(BATCH).enumerate() {
-        for (vector_index, x) in column.iter_mut().enumerate() {
-            *x = before(channel, batch[vector_index * dim + channel]);
-        }
-    }
-    let mut half = 1;
-    while half < dim {
-        for block in columns.chunks_exact_mut(2 * half * BATCH) {
-            let (low, high) = block.split_at_mut(half * BATCH);
-            for (a, b) in low.iter_mut().zip(high.iter_mut()) {
-                let (sum, difference) = (*a + *b, *a - *b);
-                *a = sum;
-                *b = difference;
-            }
-        }
-        half *= 2;
-    }
-    for (vector_index, vector) in batch.chunks_exact_mut(dim).enumerate() {
-        for (channel, x) in vector.iter_mut().enumerate() {
-            *x = after(channel, columns[channel * BATCH + vector_index]);
         }
     }
 }
@@ -188,9 +159,8 @@ crate::simd::multiversion!(fn unrotate_vectors / unrotate_vectors_at(
 /// [`unrotate_with`] of one task's vectors: `H y`, then the scale and the signs.
 #[inline(always)]
 fn unrotate_vectors_generic(task: &mut [f32], signs: &[f32], scale: f32) {
-    let dim = signs.len();
-    let safe = f32::MAX / dim.max(1) as f32;
-    let unrotate_one = |vector: &mut [f32]| {
+    let safe = f32::MAX / signs.len().max(1) as f32;
+    for vector in task.chunks_exact_mut(signs.len()) {
         if vector.iter().fold(0.0f32, |max, x| max.max(x.abs())) <= safe {
             walsh_hadamard(vector);
             for (x, sign) in vector.iter_mut().zip(signs) {
@@ -199,28 +169,7 @@ fn unrotate_vectors_generic(task: &mut [f32], signs: &[f32], scale: f32) {
         } else {
             unrotate_saturating(vector, signs, scale);
         }
-    };
-    let mut columns = Vec::new();
-    let mut batches = task.chunks_exact_mut(dim * BATCH);
-    for batch in &mut batches {
-        // One vector past the safe bound sends the batch to the one-vector
-        // path, where each vector decides for itself, as it always does.
-        if batch.iter().fold(0.0f32, |max, x| max.max(x.abs())) <= safe {
-            hadamard_batch(
-                batch,
-                dim,
-                &mut columns,
-                |_, x| x,
-                |j, x| x * scale * signs[j],
-            );
-        } else {
-            batch.chunks_exact_mut(dim).for_each(unrotate_one);
-        }
     }
-    batches
-        .into_remainder()
-        .chunks_exact_mut(dim)
-        .for_each(unrotate_one);
 }
 
 /// [`unrotate`] of one vector in f64, saturated to finite f32.
@@ -259,12 +208,7 @@ crate::simd::multiversion!(fn llama_vectors / llama_vectors_at(
 /// [`llama_hadamard`] of one task's blocks: the scale, then the butterflies.
 #[inline(always)]
 fn llama_vectors_generic(task: &mut [f32], block: usize, scale: f32) {
-    let mut columns = Vec::new();
-    let mut batches = task.chunks_exact_mut(block * BATCH);
-    for batch in &mut batches {
-        hadamard_batch(batch, block, &mut columns, |_, x| x * scale, |_, x| x);
-    }
-    for vector in batches.into_remainder().chunks_exact_mut(block) {
+    for vector in task.chunks_exact_mut(block) {
         for x in vector.iter_mut() {
             *x *= scale;
         }
@@ -327,12 +271,40 @@ mod tests {
         }
     }
 
+    /// The transform as its doc defines it, stage by stage from h = 1.
+    fn butterflies_by_definition(vector: &mut [f32]) {
+        let mut half = 1;
+        while half < vector.len() {
+            for j in 0..vector.len() {
+                if j & half == 0 {
+                    let (a, b) = (vector[j], vector[j + half]);
+                    vector[j] = a + b;
+                    vector[j + half] = a - b;
+                }
+            }
+            half *= 2;
+        }
+    }
+
+    #[test]
+    fn the_runs_of_16_are_the_butterflies_bit_for_bit() {
+        for dim in [4, 16, 32, 64, 128, 256] {
+            let original: Vec<f32> = (0..dim)
+                .map(|i| ((i * 7919 % 101) as f32 - 50.3) * 0.37)
+                .collect();
+            let mut expected = original.clone();
+            butterflies_by_definition(&mut expected);
+            let mut got = original;
+            walsh_hadamard(&mut got);
+            assert_eq!(got, expected, "dim {dim}");
+        }
+    }
+
     #[test]
     fn every_simd_level_rotates_as_the_scalar_code() {
         use crate::simd::Level;
         let signs = signs(3, 64);
-        // Two batches and a remainder of vectors.
-        let original: Vec<f32> = (0..64 * (2 * BATCH + 5))
+        let original: Vec<f32> = (0..64 * 37)
             .map(|i| ((i * 53 % 211) as f32 - 105.0) * 0.031)
             .collect();
         let scale = normalizer(64);
@@ -342,7 +314,7 @@ mod tests {
         unrotate_vectors_generic(&mut expected_back, &signs, scale);
         let mut expected_llama = original.clone();
         llama_vectors_generic(&mut expected_llama, 64, 0.125);
-        // The batches give the one-vector definition's bits.
+        // The runs of 16 give the butterflies' definition's bits.
         let one_by_one = |values: &[f32],
                           before: &dyn Fn(usize, f32) -> f32,
                           after: &dyn Fn(usize, f32) -> f32| {
@@ -351,7 +323,7 @@ mod tests {
                 for (j, x) in vector.iter_mut().enumerate() {
                     *x = before(j, *x);
                 }
-                walsh_hadamard(vector);
+                butterflies_by_definition(vector);
                 for (j, x) in vector.iter_mut().enumerate() {
                     *x = after(j, *x);
                 }
