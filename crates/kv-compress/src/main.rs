@@ -14,6 +14,7 @@ fn main() -> ExitCode {
         eprintln!("Error: cannot install the signal handler: {error}");
         return ExitCode::FAILURE;
     }
+    kvformat::heap::keep_freed_buffers();
     // OS strings: `std::env::args()` panics on an argument that is not UTF-8.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let options = match flags::parse(&args) {

@@ -27,6 +27,7 @@ pub mod cache;
 pub mod codec;
 pub mod dtype;
 pub mod error;
+pub mod heap;
 pub mod input;
 pub mod metrics;
 pub mod packed;
