@@ -542,23 +542,7 @@ pub(crate) fn quantize(
     geometry: &GroupGeometry,
     mapping: &(impl GroupMapping + ?Sized),
 ) -> Vec<u8> {
-    let offsets = code_offsets(kept, geometry);
-    let mut codes = vec![0u8; offsets[offsets.len() - 1]];
-    split_at_bounds(&mut codes, &task_bounds(&offsets, GROUPS_PER_TASK))
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(task, task_codes)| {
-            let first = task * GROUPS_PER_TASK;
-            let last = (first + GROUPS_PER_TASK).min(geometry.group_count());
-            for group in first..last {
-                let span = geometry.range(group);
-                let codes = &mut task_codes
-                    [offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
-                let kept = kept.map(|kept| &kept[span.clone()]);
-                mapping.codes(group, &values[span], kept, codes);
-            }
-        });
-    codes
+    quantize_groups(values, kept, geometry, mapping, None)
 }
 
 /// [`quantize`], each group's reconstruction (as [`dequantize`] makes it
@@ -571,19 +555,38 @@ pub(crate) fn quantize_reconstructed(
     mapping: &(impl GroupMapping + ?Sized),
     out: &mut [f32],
 ) -> Vec<u8> {
+    quantize_groups(values, kept, geometry, mapping, Some(out))
+}
+
+/// The driver of [`quantize`] and [`quantize_reconstructed`]: tasks of
+/// [`GROUPS_PER_TASK`] groups, each with its part of the codes (and of `out`).
+fn quantize_groups(
+    values: &[f32],
+    kept: Option<&[bool]>,
+    geometry: &GroupGeometry,
+    mapping: &(impl GroupMapping + ?Sized),
+    out: Option<&mut [f32]>,
+) -> Vec<u8> {
     let offsets = code_offsets(kept, geometry);
-    let value_offsets: Vec<usize> = (0..=geometry.group_count())
-        .map(|group| geometry.range_start(group))
-        .collect();
+    let code_bounds = task_bounds(&offsets, GROUPS_PER_TASK);
+    let task_outs: Vec<Option<&mut [f32]>> = match out {
+        Some(out) => {
+            let value_offsets: Vec<usize> = (0..=geometry.group_count())
+                .map(|group| geometry.range_start(group))
+                .collect();
+            split_at_bounds(out, &task_bounds(&value_offsets, GROUPS_PER_TASK))
+                .into_iter()
+                .map(Some)
+                .collect()
+        }
+        None => code_bounds.windows(2).map(|_| None).collect(),
+    };
     let mut codes = vec![0u8; offsets[offsets.len() - 1]];
-    split_at_bounds(&mut codes, &task_bounds(&offsets, GROUPS_PER_TASK))
+    split_at_bounds(&mut codes, &code_bounds)
         .into_par_iter()
-        .zip(split_at_bounds(
-            out,
-            &task_bounds(&value_offsets, GROUPS_PER_TASK),
-        ))
+        .zip(task_outs)
         .enumerate()
-        .for_each(|(task, (task_codes, task_out))| {
+        .for_each(|(task, (task_codes, mut task_out))| {
             let first = task * GROUPS_PER_TASK;
             let last = (first + GROUPS_PER_TASK).min(geometry.group_count());
             let base = geometry.range_start(first);
@@ -593,12 +596,10 @@ pub(crate) fn quantize_reconstructed(
                     [offsets[group] - offsets[first]..offsets[group + 1] - offsets[first]];
                 let kept = kept.map(|kept| &kept[span.clone()]);
                 mapping.codes(group, &values[span.clone()], kept, codes);
-                mapping.values(
-                    group,
-                    codes,
-                    kept,
-                    &mut task_out[span.start - base..span.end - base],
-                );
+                if let Some(task_out) = task_out.as_deref_mut() {
+                    let out = &mut task_out[span.start - base..span.end - base];
+                    mapping.values(group, codes, kept, out);
+                }
             }
         });
     codes
