@@ -179,15 +179,45 @@ pub(crate) fn encode_codes(
     for group in 0..geometry.group_count() {
         let offset = params.offsets[group];
         let mut model = IntegerModel::default();
-        let values = &grouped[geometry.range(group)];
-        codes.resize(values.len(), 0);
-        nearest_codes(values, f64::from(offset), f64::from(step), &mut codes);
-        finite_level_codes(offset, step, &mut codes);
+        group_codes(offset, step, &grouped[geometry.range(group)], &mut codes);
         for &q in &codes {
             model.encode(&mut coder, q);
         }
     }
     coder.finish()
+}
+
+/// What [`decode_codes`] makes of [`encode_codes`]'s section, from the
+/// values themselves: the same codes' levels, without range coding them
+/// back (the encoder's reconstruction).
+pub(crate) fn reconstruct(
+    params: &GroupParams,
+    step: f32,
+    grouped: &[f32],
+    geometry: &GroupGeometry,
+    out: &mut [f32],
+) -> Result<(), CodecError> {
+    let mut codes = Vec::new();
+    for group in 0..geometry.group_count() {
+        let offset = params.offsets[group];
+        let span = geometry.range(group);
+        group_codes(offset, step, &grouped[span.clone()], &mut codes);
+        for (value, &q) in out[span].iter_mut().zip(&codes) {
+            *value = level(offset, q, step);
+            if !value.is_finite() {
+                return Err(CodecError::CorruptPayload("an ecsq value overflows f32"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One group's codes as the section holds them: the nearest, stepped back
+/// where that level is past f32's range.
+fn group_codes(offset: f32, step: f32, values: &[f32], codes: &mut Vec<i32>) {
+    codes.resize(values.len(), 0);
+    nearest_codes(values, f64::from(offset), f64::from(step), codes);
+    finite_level_codes(offset, step, codes);
 }
 
 crate::simd::multiversion!(fn nearest_codes / nearest_codes_at(

@@ -144,8 +144,8 @@ type Reconstructed = (Encoded, Option<Vec<f32>>);
 /// [`encode_in_form`], and with `reconstruct` what `decode` will make of
 /// the payload, bit for bit: each group is dequantized from its codes as
 /// they are made, and the rest of decoding (row-major order, unrotation,
-/// kept tokens as stored) is decode's own [`row_major_unrotated`] and join, so the
-/// payload is never parsed, unpacked or range-decoded again.
+/// kept tokens as stored) is decode's own [`row_major_unrotated`] and
+/// join, so the payload is never parsed, unpacked or range-decoded again.
 fn encode_reconstructed(
     values: &[f32],
     plan: &Plan,
@@ -324,7 +324,9 @@ fn encode_fused(
         debug_assert!(unpacked, "the encoder's tasks are the decoder's");
         if params.outliers > 0.0 {
             let outlier_bytes = outliers::encode(grouped, restored, params.outliers)?;
-            outliers::apply(&outlier_bytes, params.outliers, restored)?;
+            if reconstruct {
+                outliers::apply(&outlier_bytes, params.outliers, restored)?;
+            }
             payload[codes_end..].copy_from_slice(&outlier_bytes);
         }
     }

@@ -268,9 +268,9 @@ impl GroupQuantizer {
         geometry: &GroupGeometry,
         out: &mut [f32],
     ) -> Result<Vec<u8>, CodecError> {
-        if let GroupQuantizer::Ecsq { .. } = self {
+        if let GroupQuantizer::Ecsq { step, .. } = *self {
             let coded = self.code_section(group_params, grouped, kept, geometry);
-            self.dequantize_section(group_params, &coded, grouped.len(), kept, geometry, out)?;
+            ecsq::reconstruct(group_params, step, grouped, geometry, out)?;
             return Ok(coded);
         }
         Ok(self.with_mapping(group_params, |mapping| {
