@@ -24,8 +24,14 @@ pub fn pack(codes: &[u8], bits: u8, out: &mut [u8]) {
     let bytes_per_chunk = CODES_PER_CHUNK / 8 * usize::from(bits);
     out.par_chunks_mut(bytes_per_chunk)
         .zip(codes.par_chunks(CODES_PER_CHUNK))
-        .for_each(|(out, codes)| pack_serial(codes, bits, out));
+        .for_each(|(out, codes)| pack_chunk(codes, bits, out));
 }
+
+crate::simd::multiversion!(fn pack_chunk / pack_chunk_at(
+    codes: &[u8], bits: u8, out: &mut [u8]) => pack_serial);
+
+crate::simd::multiversion!(fn unpack_chunk / unpack_chunk_at(
+    packed: &[u8], bits: u8, out: &mut [u8]) => unpack_serial);
 
 /// Unpacks `out.len()` codes from `packed`, which must be exactly
 /// `packed_len(out.len(), bits)` bytes.
@@ -34,7 +40,7 @@ pub fn unpack(packed: &[u8], bits: u8, out: &mut [u8]) {
     let bytes_per_chunk = CODES_PER_CHUNK / 8 * usize::from(bits);
     out.par_chunks_mut(CODES_PER_CHUNK)
         .zip(packed.par_chunks(bytes_per_chunk))
-        .for_each(|(out, packed)| unpack_serial(packed, bits, out));
+        .for_each(|(out, packed)| unpack_chunk(packed, bits, out));
 }
 
 /// [`pack`] on the calling thread, for callers that parallelize themselves.
@@ -112,6 +118,7 @@ fn unpack_nibbles(packed: &[u8], out: &mut [u8]) {
 }
 
 /// Any width up to 8 bits through a little-endian bit accumulator.
+#[inline(always)]
 fn pack_bitwise(codes: &[u8], bits: u8, out: &mut [u8]) {
     let mut accumulator: u32 = 0;
     let mut pending_bits = 0u32;
@@ -131,6 +138,7 @@ fn pack_bitwise(codes: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
+#[inline(always)]
 fn unpack_bitwise(packed: &[u8], bits: u8, out: &mut [u8]) {
     let mask = (1u32 << bits) - 1;
     let mut accumulator: u32 = 0;
@@ -215,6 +223,28 @@ mod tests {
     #[test]
     fn eight_bit_codes_are_stored_as_is() {
         assert_eq!(round_trip(&[0, 255, 128], 8), [0, 255, 128]);
+    }
+
+    #[test]
+    fn every_simd_level_packs_as_the_bit_accumulator() {
+        for bits in 1u8..=8 {
+            for count in [0, 1, 31, 32, 33, 1000] {
+                let codes: Vec<u8> = (0..count)
+                    .map(|i| ((i * 2654435761usize) >> 9) as u8 & ((1u16 << bits) - 1) as u8)
+                    .collect();
+                let len = packed_len(count, bits).unwrap();
+                let mut expected = vec![0u8; len];
+                pack_bitwise(&codes, bits, &mut expected);
+                for level in crate::simd::Level::available() {
+                    let mut packed = vec![0u8; len];
+                    pack_chunk_at(level, &codes, bits, &mut packed);
+                    assert_eq!(packed, expected, "{bits} bits, {count} codes at {level:?}");
+                    let mut unpacked = vec![0u8; count];
+                    unpack_chunk_at(level, &packed, bits, &mut unpacked);
+                    assert_eq!(unpacked, codes, "{bits} bits, {count} codes at {level:?}");
+                }
+            }
+        }
     }
 
     #[test]
