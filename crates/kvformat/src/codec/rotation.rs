@@ -287,7 +287,7 @@ fn llama_vectors_generic(task: &mut [f32], block: usize, scale: f32) {
 /// its end is left as it is.
 #[inline(always)]
 fn whole_vectors(task: &mut [f32], dim: usize) -> &mut [f32] {
-    let whole = if dim == 0 { 0 } else { task.len() / dim * dim };
+    let whole = task.len().checked_div(dim).unwrap_or(0) * dim;
     &mut task[..whole]
 }
 
