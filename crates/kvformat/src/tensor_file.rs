@@ -416,14 +416,20 @@ where
 const SCRATCH_WRITE_CHUNK_BYTES: usize = 8 << 20;
 
 /// Writes a safetensors file (the same bytes as [`write_tensor_file`]) for a
-/// process of ours to read at once, not for a user: created in place, no
+/// process of ours to read at once, not for a user: written in place, no
 /// temp file, no rename, no fsync. A scratch file is throwaway (its
 /// directory is removed at the end, or by the signal handler), so durability
 /// across a crash buys nothing, while an fsync per window costs the disk's
 /// latency; the child that reads it starts after this returns, and sees every
-/// byte through the page cache. The data is written with several threads,
-/// in [`SCRATCH_WRITE_CHUNK_BYTES`] pieces at their offsets: on tmpfs the
-/// cost is first-touch page allocation, which scales with cores.
+/// byte through the page cache.
+///
+/// A file already at `path` is overwritten, not truncated first, then cut or
+/// extended to the new length: the validator rewrites each slot's cache
+/// window after window at the same size, and on tmpfs (/dev/shm) the pages
+/// it keeps are reused instead of being freed and allocated again, zeroed
+/// (a 1.07 GB overwrite took 0.53 s against 0.74-0.93 s into a new file, `dd`
+/// on a 2-core AMD EPYC). The data goes in [`SCRATCH_WRITE_CHUNK_BYTES`]
+/// pieces at their offsets, from several threads.
 /// User-facing outputs go through [`write_tensor_file`] instead.
 pub fn write_scratch_tensor_file(
     path: &Path,
@@ -443,7 +449,12 @@ pub fn write_scratch_tensor_file(
         .collect();
     let header = header_bytes_for(path, &specs, metadata)?;
     let write_error = crate::atomic::write_error(path);
-    let file = File::create(path).map_err(|e| Error::io(path, "create", e))?;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, "create", e))?;
     let mut pieces: Vec<(u64, &[u8])> = vec![(0, &header)];
     let mut at = header.len() as u64;
     for tensor in &sorted {
@@ -712,10 +723,16 @@ mod tests {
         let metadata = BTreeMap::from([("k".to_string(), "v".to_string())]);
         let (atomic, scratch) = (dir.path().join("a"), dir.path().join("s"));
         write_tensor_file(&atomic, &tensors, &metadata).unwrap();
-        // A longer file there before is cut to the new length.
-        std::fs::write(&scratch, vec![9u8; big.len() + 4096]).unwrap();
-        write_scratch_tensor_file(&scratch, &tensors, &metadata).unwrap();
-        assert!(std::fs::read(&atomic).unwrap() == std::fs::read(&scratch).unwrap());
+        // What was there before, longer or shorter, is overwritten whole.
+        let expected = std::fs::read(&atomic).unwrap();
+        for before in [expected.len() + 4096, expected.len(), expected.len() / 2] {
+            std::fs::write(&scratch, vec![9u8; before]).unwrap();
+            write_scratch_tensor_file(&scratch, &tensors, &metadata).unwrap();
+            assert!(
+                std::fs::read(&scratch).unwrap() == expected,
+                "{before} bytes before"
+            );
+        }
         let file = TensorFile::open(&scratch).unwrap();
         assert_eq!(file.read(&file.tensors()[1]).unwrap(), big);
     }
