@@ -1,6 +1,8 @@
 //! The three element types a KV cache may hold, and their conversion to and
-//! from the `f32` every codec works on (through `half`'s vectorised slice
-//! conversions, never a per-value loop).
+//! from the `f32` every codec works on, a slice at a time: F16 through
+//! `half`'s slice conversions (F16C where the CPU has it), BF16 through
+//! kernels of our own at the SIMD level (`half` converts BF16 one value at a
+//! time at the build's baseline), with `half`'s bits.
 
 use std::borrow::Cow;
 
@@ -146,28 +148,78 @@ impl CacheDtype {
     }
 }
 
-fn halves_to_f32<H>(bytes: &[u8]) -> Vec<f32>
-where
-    H: bytemuck::Pod,
-    [H]: HalfFloatSliceExt,
-{
+fn halves_to_f32<H: Half>(bytes: &[u8]) -> Vec<f32> {
     let mut out = vec![0f32; bytes.len() / 2];
     halves_into_f32::<H>(bytes, &mut out);
     out
 }
 
-fn halves_into_f32<H>(bytes: &[u8], out: &mut [f32])
-where
-    H: bytemuck::Pod,
-    [H]: HalfFloatSliceExt,
-{
+fn halves_into_f32<H: Half>(bytes: &[u8], out: &mut [f32]) {
     match bytemuck::try_cast_slice::<u8, H>(bytes) {
-        Ok(halves) => halves.convert_to_f32_slice(out),
+        Ok(halves) => H::to_f32s(halves, out),
         Err(_) => {
             let mut halves: Vec<H> = vec![H::zeroed(); bytes.len() / 2];
             bytemuck::cast_slice_mut::<H, u8>(&mut halves).copy_from_slice(bytes);
-            halves.convert_to_f32_slice(out);
+            H::to_f32s(&halves, out);
         }
+    }
+}
+
+/// A 16-bit float type's slice conversions, with `half`'s bits.
+trait Half: bytemuck::Pod {
+    fn to_f32s(halves: &[Self], out: &mut [f32]);
+    fn from_f32s(values: &[f32], out: &mut [Self]);
+}
+
+impl Half for f16 {
+    fn to_f32s(halves: &[Self], out: &mut [f32]) {
+        halves.convert_to_f32_slice(out);
+    }
+
+    fn from_f32s(values: &[f32], out: &mut [Self]) {
+        out.convert_from_f32_slice(values);
+    }
+}
+
+impl Half for bf16 {
+    fn to_f32s(halves: &[Self], out: &mut [f32]) {
+        bf16_to_f32s(bytemuck::cast_slice(halves), out);
+    }
+
+    fn from_f32s(values: &[f32], out: &mut [Self]) {
+        bf16_from_f32s(values, bytemuck::cast_slice_mut(out));
+    }
+}
+
+crate::simd::multiversion!(fn bf16_to_f32s / bf16_to_f32s_at(
+    halves: &[u16], out: &mut [f32]) => bf16_to_f32s_generic);
+
+/// `bf16::to_f32` of each value: the bits shifted up, a NaN made quiet.
+#[inline(always)]
+fn bf16_to_f32s_generic(halves: &[u16], out: &mut [f32]) {
+    assert_eq!(halves.len(), out.len(), "a value per half");
+    for (out, &half) in out.iter_mut().zip(halves) {
+        let quiet = if half & 0x7FFF > 0x7F80 { 0x0040 } else { 0 };
+        *out = f32::from_bits(u32::from(half | quiet) << 16);
+    }
+}
+
+crate::simd::multiversion!(fn bf16_from_f32s / bf16_from_f32s_at(
+    values: &[f32], out: &mut [u16]) => bf16_from_f32s_generic);
+
+/// `bf16::from_f32` of each value: round to nearest even (up when the
+/// dropped half is above a tie, or a tie above an odd value), a NaN kept
+/// and made quiet. Written as selects so that every level vectorizes it.
+#[inline(always)]
+fn bf16_from_f32s_generic(values: &[f32], out: &mut [u16]) {
+    assert_eq!(values.len(), out.len(), "a half per value");
+    for (out, &value) in out.iter_mut().zip(values) {
+        let bits = value.to_bits();
+        let high = (bits >> 16) as u16;
+        let is_nan = bits & 0x7FFF_FFFF > 0x7F80_0000;
+        let round_up = bits & 0x8000 != 0 && bits & 0x17FFF != 0;
+        let rounded = high.wrapping_add(u16::from(round_up));
+        *out = if is_nan { high | 0x0040 } else { rounded };
     }
 }
 
@@ -175,11 +227,7 @@ where
 /// (magnitude bits == `infinity_bits`) with ±`max_bits`. Works a chunk at a
 /// time through a stack buffer, with a branch-free count per chunk so the
 /// common case (nothing to fix) stays vectorized.
-fn f32_to_halves<H>(values: &[f32], out: &mut [u8], infinity_bits: u16, max_bits: u16)
-where
-    H: bytemuck::Pod,
-    [H]: HalfFloatSliceExt,
-{
+fn f32_to_halves<H: Half>(values: &[f32], out: &mut [u8], infinity_bits: u16, max_bits: u16) {
     const CHUNK: usize = 4096;
     // Straight into `out` when it is aligned for halves (it comes from the
     // allocator, so it is), else through a stack buffer.
@@ -198,14 +246,10 @@ where
 }
 
 /// One chunk of [`f32_to_halves`]: convert, then replace any ±infinity.
-fn halves_saturated<H>(values: &[f32], halves: &mut [H], infinity_bits: u16, max_bits: u16)
-where
-    H: bytemuck::Pod,
-    [H]: HalfFloatSliceExt,
-{
+fn halves_saturated<H: Half>(values: &[f32], halves: &mut [H], infinity_bits: u16, max_bits: u16) {
     const MAGNITUDE_MASK: u16 = 0x7FFF;
     const SIGN: u16 = 0x8000;
-    halves.convert_from_f32_slice(values);
+    H::from_f32s(values, halves);
     let bits: &mut [u16] = bytemuck::cast_slice_mut(halves);
     let infinities: u32 = bits
         .iter()
@@ -304,6 +348,42 @@ mod tests {
                 Some(8191),
                 "{dtype:?}"
             );
+        }
+    }
+
+    #[test]
+    fn bf16_kernels_give_halfs_bits_at_every_simd_level() {
+        // Every bf16, NaNs and infinities among them.
+        let halves: Vec<u16> = (0..=u16::MAX).collect();
+        let expected: Vec<u32> = halves
+            .iter()
+            .map(|&h| bf16::from_bits(h).to_f32().to_bits())
+            .collect();
+        // f32s around every rounding case: ties, just above and below, odd
+        // and even kept halves, NaN payloads, both signs, infinities.
+        let mut values: Vec<u32> = (0..u32::MAX / 65_537)
+            .map(|i| i.wrapping_mul(65_537 * 3 + 2))
+            .collect();
+        for high in [
+            0u32, 1, 2, 0x3F80, 0x3F81, 0x7F7F, 0x7F80, 0x7F81, 0x7FC0, 0xFF80, 0xFFFF,
+        ] {
+            for low in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF] {
+                values.push(high << 16 | low);
+            }
+        }
+        let values: Vec<f32> = values.into_iter().map(f32::from_bits).collect();
+        let expected_halves: Vec<u16> = values
+            .iter()
+            .map(|&v| bf16::from_f32(v).to_bits())
+            .collect();
+        for level in crate::simd::Level::available() {
+            let mut got = vec![0f32; halves.len()];
+            bf16_to_f32s_at(level, &halves, &mut got);
+            let got: Vec<u32> = got.iter().map(|v| v.to_bits()).collect();
+            assert!(got == expected, "bf16 to f32 at {level:?}");
+            let mut got = vec![0u16; values.len()];
+            bf16_from_f32s_at(level, &values, &mut got);
+            assert!(got == expected_halves, "f32 to bf16 at {level:?}");
         }
     }
 
