@@ -16,10 +16,50 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const LAYERS: usize = 22;
-const KV_HEADS: usize = 4;
-const SEQ_LEN: usize = 2048;
-const HEAD_DIM: usize = 64;
+/// A synthetic cache's shape: `layers` x key/value, each `[1, kv_heads, seq_len, head_dim]`.
+#[derive(Clone, Copy)]
+struct CacheShape {
+    name: &'static str,
+    layers: usize,
+    kv_heads: usize,
+    seq_len: usize,
+    head_dim: usize,
+}
+
+impl CacheShape {
+    fn values(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.seq_len * self.head_dim
+    }
+
+    fn bytes(&self, dtype: &str) -> usize {
+        self.values() * if dtype == "F32" { 4 } else { 2 }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} layers x key/value, [1, {}, {}, {}]",
+            self.layers, self.kv_heads, self.seq_len, self.head_dim
+        )
+    }
+}
+
+/// The benchmark cache: one TinyLlama-1.1B window.
+const TINYLLAMA: CacheShape = CacheShape {
+    name: "tinyllama",
+    layers: 22,
+    kv_heads: 4,
+    seq_len: 2048,
+    head_dim: 64,
+};
+
+/// One Llama-2-7B window (MHA): the validator's largest exchange, 1.07 GB in BF16.
+const LLAMA2_7B: CacheShape = CacheShape {
+    name: "llama-2-7b",
+    layers: 32,
+    kv_heads: 32,
+    seq_len: 2048,
+    head_dim: 128,
+};
 
 struct Options {
     /// Fewer repetitions and no model benchmarks: a smoke run of the harness.
@@ -96,9 +136,10 @@ pub fn run(args: &[String]) -> Result<()> {
     writeln!(report, "## kv-compress\n")?;
     writeln!(
         report,
-        "TinyLlama-shaped cache: {LAYERS} layers x key/value, [1, {KV_HEADS}, {SEQ_LEN}, {HEAD_DIM}], random normal values. \
+        "TinyLlama-shaped cache: {}, random normal values. \
          {repetitions} runs each; MB/s is uncompressed cache bytes (10^6) per second of the median wall time, whole process \
          (start-up, reading, writing, fsync) included; peak RSS is the child's own maximum resident set.{}\n",
+        TINYLLAMA.describe(),
         if options.go.is_some() {
             " The Go original ran on the same files with the same flags, interleaved run by run with ours \
              (its decompress reads its own packed file); \"Go x\" is its median wall time over ours."
@@ -124,8 +165,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut family_inputs = Vec::new();
     for dtype in ["F32", "F16", "BF16"] {
         let input = scratch.join(format!("cache_{}.safetensors", dtype.to_lowercase()));
-        generate_in_child(&input, dtype)?;
-        let input_bytes = tensor_bytes(dtype);
+        generate_in_child(&input, dtype, TINYLLAMA)?;
+        let input_bytes = TINYLLAMA.bytes(dtype);
         let packed = scratch.join("packed.safetensors");
         let restored = scratch.join("restored.safetensors");
         let go_packed = scratch.join("go_packed.safetensors");
@@ -196,6 +237,7 @@ pub fn run(args: &[String]) -> Result<()> {
         &scratch,
         repetitions,
     )?);
+    report.push_str(&exchange_rows(&kv_compress, repetitions)?);
 
     writeln!(
         report,
@@ -255,6 +297,97 @@ fn matrix_flags(variant: &str) -> Result<Vec<&'static str>> {
         .with_context(|| format!("the default sweep matrix has no variant `{variant}`"))
 }
 
+/// kv-compress's step of the validator's exchange at 7B scale: one
+/// Llama-2-7B window of BF16 cache, compressed and decompressed with the
+/// flags kv-validate passes by default, in /dev/shm as kv-validate does
+/// where it can (the system's temp directory elsewhere).
+fn exchange_rows(kv_compress: &Path, repetitions: usize) -> Result<String> {
+    let parent = Path::new("/dev/shm");
+    let parent = if parent.is_dir() {
+        parent.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = parent.join(format!("kv-bench-exchange-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = (|| {
+        let (cache, packed, decoded) = (
+            dir.join("context.safetensors"),
+            dir.join("packed.safetensors"),
+            dir.join("decoded.safetensors"),
+        );
+        generate_in_child(&cache, "BF16", LLAMA2_7B)?;
+        let bytes = LLAMA2_7B.bytes("BF16");
+        let mut rows = String::new();
+        writeln!(
+            rows,
+            "\nThe validator's exchange at 7B scale (issue 23): kv-compress on one Llama-2-7B window of BF16 cache \
+             ({}; {:.2} GB) in {}, with the flags kv-validate passes by default \
+             (`-group-size 64 -sparsity 0.0`, then `-decompress`), {repetitions} runs each, whole process.\n",
+            LLAMA2_7B.describe(),
+            bytes as f64 / 1e9,
+            parent.display()
+        )?;
+        writeln!(
+            rows,
+            "| step | wall min / median / max (ms) | GB/s of cache | peak RSS (MB) |"
+        )?;
+        writeln!(rows, "|---|---:|---:|---:|")?;
+        let steps: [(&str, Vec<&str>, [&Path; 2]); 2] = [
+            (
+                "compress",
+                vec![
+                    "-input",
+                    "",
+                    "-output",
+                    "",
+                    "-group-size",
+                    "64",
+                    "-sparsity",
+                    "0.0",
+                ],
+                [&cache, &packed],
+            ),
+            (
+                "decompress",
+                vec!["-decompress", "-input", "", "-output", ""],
+                [&packed, &decoded],
+            ),
+        ];
+        let mut round_trip = Duration::ZERO;
+        for (name, template, paths) in steps {
+            let (m, _) = measure_side_by_side(
+                &(kv_compress, fill_paths(&template, &paths)),
+                None,
+                repetitions,
+            )?;
+            round_trip += m.wall;
+            let gb_s = bytes as f64 / 1e9 / m.wall.as_secs_f64();
+            eprintln!(
+                "bench: 7B exchange {name}: {:.1} ms, {gb_s:.2} GB/s",
+                ms(m.wall)
+            );
+            writeln!(
+                rows,
+                "| {name} | {:.1} / {:.1} / {:.1} | {gb_s:.2} | {:.1} |",
+                ms(m.min),
+                ms(m.wall),
+                ms(m.max),
+                m.peak_rss_bytes as f64 / 1e6
+            )?;
+        }
+        writeln!(
+            rows,
+            "| round trip (sum of medians) | {:.1} | {:.2} | |",
+            ms(round_trip),
+            bytes as f64 / 1e9 / round_trip.as_secs_f64()
+        )?;
+        Ok(rows)
+    })();
+    std::fs::remove_dir_all(&dir).ok();
+    result
+}
+
 /// The method-family table: compress and decompress of each cache (`inputs`:
 /// its dtype and file) with each family's flags; the Go original (ADR-002 on
 /// F32 only) beside the default.
@@ -293,8 +426,8 @@ fn method_family_rows(
     for (family, variant) in METHOD_FAMILIES {
         let flags = matrix_flags(variant)?;
         for (dtype, input) in inputs {
-            let input_bytes = tensor_bytes(dtype);
-            let values = input_bytes / if *dtype == "F32" { 4 } else { 2 };
+            let input_bytes = TINYLLAMA.bytes(dtype);
+            let values = TINYLLAMA.values();
             let go = go.filter(|_| flags.is_empty() && *dtype == "F32");
             let mut compress = vec!["-input", "", "-output", ""];
             compress.extend(&flags);
@@ -464,10 +597,11 @@ fn model_benchmarks(
 /// Writes the synthetic cache from a child process: Linux carries a parent's
 /// peak RSS across fork+exec into the child's `ru_maxrss`, so the measuring
 /// process must never hold the generated tensors itself.
-fn generate_in_child(path: &Path, dtype: &str) -> Result<()> {
+fn generate_in_child(path: &Path, dtype: &str, shape: CacheShape) -> Result<()> {
     let status = Command::new(std::env::current_exe()?)
         .args([GENERATE_TASK, dtype])
         .arg(path)
+        .arg(shape.name)
         .status()
         .context("starting the cache generator")?;
     if !status.success() {
@@ -476,16 +610,28 @@ fn generate_in_child(path: &Path, dtype: &str) -> Result<()> {
     Ok(())
 }
 
-/// The hidden task `generate_in_child` runs: `__bench-cache F32|F16|BF16 PATH`.
+/// The hidden task `generate_in_child` runs:
+/// `__bench-cache F32|F16|BF16 PATH [tinyllama|llama-2-7b]`.
 pub const GENERATE_TASK: &str = "__bench-cache";
 
 pub fn generate_task(args: &[String]) -> Result<()> {
-    match args {
-        [dtype, path] if ["F32", "F16", "BF16"].contains(&dtype.as_str()) => {
-            write_synthetic_cache(Path::new(path), dtype)
-        }
-        _ => bail!("usage: {GENERATE_TASK} F32|F16|BF16 PATH"),
+    let usage = || format!("usage: {GENERATE_TASK} F32|F16|BF16 PATH [tinyllama|llama-2-7b]");
+    let (dtype, path, shape) = match args {
+        [dtype, path] => (dtype, path, TINYLLAMA),
+        [dtype, path, shape] => (
+            dtype,
+            path,
+            [TINYLLAMA, LLAMA2_7B]
+                .into_iter()
+                .find(|s| s.name == shape)
+                .with_context(usage)?,
+        ),
+        _ => bail!(usage()),
+    };
+    if !["F32", "F16", "BF16"].contains(&dtype.as_str()) {
+        bail!(usage());
     }
+    write_synthetic_cache(Path::new(path), dtype, shape)
 }
 
 /// Times PyTorch eager on the same model with `xtask/python/torch_forward_bench.py`.
@@ -606,11 +752,6 @@ fn fill_paths(template: &[&str], paths: &[&Path]) -> Vec<String> {
         .collect()
 }
 
-fn tensor_bytes(dtype: &str) -> usize {
-    let per_value = if dtype == "F32" { 4 } else { 2 };
-    2 * LAYERS * KV_HEADS * SEQ_LEN * HEAD_DIM * per_value
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -681,25 +822,25 @@ fn machine_description() -> String {
     )
 }
 
-/// Writes a TinyLlama-shaped cache of seeded random values through kvformat:
+/// Writes a cache of `shape` with seeded random values through kvformat:
 /// values standard normal, keys with a few 6x outlier channels as real
 /// post-RoPE keys have, so the quantizer sees realistic group maxima.
-fn write_synthetic_cache(path: &Path, dtype: &str) -> Result<()> {
+fn write_synthetic_cache(path: &Path, dtype: &str, cache: CacheShape) -> Result<()> {
     let dtype = match dtype {
         "F32" => kvformat::CacheDtype::F32,
         "BF16" => kvformat::CacheDtype::BF16,
         _ => kvformat::CacheDtype::F16,
     };
-    let shape = [1, KV_HEADS, SEQ_LEN, HEAD_DIM];
-    let per_tensor = KV_HEADS * SEQ_LEN * HEAD_DIM;
+    let shape = [1, cache.kv_heads, cache.seq_len, cache.head_dim];
+    let per_tensor = cache.kv_heads * cache.seq_len * cache.head_dim;
     let mut rng = SplitMix64(0x6b76_2d62_656e_6368);
     let mut names = Vec::new();
     let mut data = Vec::new();
-    for layer in 0..LAYERS {
+    for layer in 0..cache.layers {
         for kind in TensorKind::BOTH {
             let values: Vec<f32> = (0..per_tensor)
                 .map(|i| {
-                    let outlier = kind == TensorKind::Key && (i % HEAD_DIM) % 16 == 3;
+                    let outlier = kind == TensorKind::Key && (i % cache.head_dim) % 16 == 3;
                     normal(&mut rng) * if outlier { 6.0 } else { 1.0 }
                 })
                 .collect();
