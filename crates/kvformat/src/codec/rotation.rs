@@ -105,9 +105,8 @@ const STAGE_BLOCK: usize = 2048;
 /// The stages h = 1, 2, 4, 8 of [`walsh_hadamard`] on `values`, whose
 /// length is a multiple of 16 (runs of 16 are independent at these
 /// stages), with `other` (as long) to write to. Each stage reads one buffer
-/// and writes the other: value `i`
-/// becomes `v[i] + v[i + h]` if bit `h` of `i` is clear, else
-/// `v[i - h] - v[i]`. Both sides are contiguous loads at fixed offsets, so
+/// and writes the other: value `i` becomes `v[i] + v[i + h]` if bit `h` of
+/// `i` is clear, else `v[i - h] - v[i]`. Both sides are contiguous loads at fixed offsets, so
 /// every level vectorizes the stage as loads, an add, a subtract and a
 /// blend; written per run of 16, the compiler gathered and scattered across
 /// runs instead (a third of a rotated compress on an AMD EPYC).
