@@ -243,11 +243,12 @@ fn encode_reconstructed(
     if params.outliers > 0.0 {
         // validate() refuses outliers with sparsity: every value has a code.
         let restored = restored.as_deref_mut().expect("made for the outliers");
-        let outlier_bytes = outliers::encode(&grouped, restored, params.outliers)?;
-        if reconstruct {
-            outliers::apply(&outlier_bytes, params.outliers, restored)?;
-        }
-        payload.extend(outlier_bytes);
+        payload.extend(outlier_section(
+            &grouped,
+            restored,
+            params.outliers,
+            reconstruct,
+        )?);
     }
     debug_assert_eq!(Some(payload.len()), sections.total());
     let encoded = Encoded { payload, layout };
@@ -256,6 +257,22 @@ fn encode_reconstructed(
         .map(|restored| reconstruction(restored, &encoded, plan, params))
         .transpose()?;
     Ok((encoded, reconstruction))
+}
+
+/// The outliers section of `grouped` against its dequantized values
+/// `restored`; with `reconstruct`, also applied to `restored` as decode
+/// applies it.
+fn outlier_section(
+    grouped: &[f32],
+    restored: &mut [f32],
+    fraction: f64,
+    reconstruct: bool,
+) -> Result<Vec<u8>, CodecError> {
+    let bytes = outliers::encode(grouped, restored, fraction)?;
+    if reconstruct {
+        outliers::apply(&bytes, fraction, restored)?;
+    }
+    Ok(bytes)
 }
 
 /// The row-major reconstruction from the dequantized values in group order
@@ -323,11 +340,12 @@ fn encode_fused(
         );
         debug_assert!(unpacked, "the encoder's tasks are the decoder's");
         if params.outliers > 0.0 {
-            let outlier_bytes = outliers::encode(grouped, restored, params.outliers)?;
-            if reconstruct {
-                outliers::apply(&outlier_bytes, params.outliers, restored)?;
-            }
-            payload[codes_end..].copy_from_slice(&outlier_bytes);
+            payload[codes_end..].copy_from_slice(&outlier_section(
+                grouped,
+                restored,
+                params.outliers,
+                reconstruct,
+            )?);
         }
     }
     Ok(Some((
