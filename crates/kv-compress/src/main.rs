@@ -8,13 +8,14 @@ use std::process::ExitCode;
 use kv_compress::flags::{self, usage, Command};
 
 fn main() -> ExitCode {
-    // First, before any thread exists: SIGINT/SIGTERM/SIGHUP then remove
-    // this run's temp files instead of leaving an output-sized one behind.
+    // Before any thread exists (the signal handler below starts one).
+    kvformat::heap::keep_freed_buffers();
+    // SIGINT/SIGTERM/SIGHUP then remove this run's temp files instead of
+    // leaving an output-sized one behind.
     if let Err(error) = kvformat::atomic::remove_temp_files_on_termination() {
         eprintln!("Error: cannot install the signal handler: {error}");
         return ExitCode::FAILURE;
     }
-    kvformat::heap::keep_freed_buffers();
     // OS strings: `std::env::args()` panics on an argument that is not UTF-8.
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let options = match flags::parse(&args) {
