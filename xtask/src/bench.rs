@@ -122,7 +122,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let options = Options::parse(args)?;
     let bin_dir = build_release_binaries()?;
     let kv_compress = bin_dir.join("kv-compress");
-    let scratch = tempdir()?;
+    let scratch = tempdir_in(&std::env::temp_dir(), "kv-bench")?;
     let repetitions = if options.quick { 1 } else { 5 };
 
     let mut report = String::new();
@@ -299,17 +299,18 @@ fn matrix_flags(variant: &str) -> Result<Vec<&'static str>> {
 
 /// kv-compress's step of the validator's exchange at 7B scale: one
 /// Llama-2-7B window of BF16 cache, compressed and decompressed with the
-/// flags kv-validate passes by default, in /dev/shm as kv-validate does
-/// where it can (the system's temp directory elsewhere).
+/// flags kv-validate passes by default (its `CompressSettings::default()`),
+/// where kv-validate puts its scratch files by default (its
+/// `default_scratch_parent`: /dev/shm where there is one; xtask does not
+/// link kv-validate, so the rule is restated here).
 fn exchange_rows(kv_compress: &Path, repetitions: usize) -> Result<String> {
-    let parent = Path::new("/dev/shm");
-    let parent = if parent.is_dir() {
-        parent.to_path_buf()
+    let shm = Path::new("/dev/shm");
+    let parent = if shm.is_dir() {
+        shm.to_path_buf()
     } else {
         std::env::temp_dir()
     };
-    let dir = parent.join(format!("kv-bench-exchange-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = tempdir_in(&parent, "kv-bench-exchange")?;
     let result = (|| {
         let (cache, packed, decoded) = (
             dir.join("context.safetensors"),
@@ -756,8 +757,9 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn tempdir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("kv-bench-{}", std::process::id()));
+/// `parent/name-PID`, created.
+fn tempdir_in(parent: &Path, name: &str) -> Result<PathBuf> {
+    let dir = parent.join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
