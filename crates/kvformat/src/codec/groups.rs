@@ -80,8 +80,11 @@ impl Plan {
     /// Assumes `params.validate(shape)` passed.
     pub fn new(shape: &[usize], params: &CodecParams) -> Result<Self, CodecError> {
         let count = element_count(shape)?;
+        // With a zero-length axis the size bounds nothing: a product of the
+        // other axes may overflow.
+        let product = |a: usize, b: usize| a.checked_mul(b).ok_or(CodecError::ShapeOverflow);
         let (heads, seq, head_dim) = match *shape {
-            [batch, kv_heads, seq, head_dim] => (batch * kv_heads, seq, head_dim),
+            [batch, kv_heads, seq, head_dim] => (product(batch, kv_heads)?, seq, head_dim),
             _ => (1, 1, count),
         };
         let (mid_start, mid_len) = if params.sink_tokens.saturating_add(params.recent_tokens) >= seq
@@ -94,11 +97,11 @@ impl Plan {
                 seq - params.sink_tokens - params.recent_tokens,
             )
         };
-        let quantized = heads * mid_len * head_dim;
+        let quantized = product(product(heads, mid_len)?, head_dim)?;
         let (segment_len, segment_count) = match params.axis {
             Axis::Flat => (quantized, usize::from(quantized > 0)),
-            Axis::Token => (head_dim, heads * mid_len),
-            Axis::Channel => (mid_len, heads * head_dim),
+            Axis::Token => (head_dim, product(heads, mid_len)?),
+            Axis::Channel => (mid_len, product(heads, head_dim)?),
         };
         let geometry = GroupGeometry {
             segment_len,
@@ -116,11 +119,15 @@ impl Plan {
         })
     }
 
+    /// Values of the tensor: a product that overflows only before a factor 0.
     pub fn total_count(&self) -> usize {
-        self.heads * self.seq * self.head_dim
+        self.heads
+            .checked_mul(self.seq)
+            .map_or(0, |values| values * self.head_dim)
     }
 
     pub fn quantized_count(&self) -> usize {
+        // Checked when the plan was made.
         self.heads * self.mid_len * self.head_dim
     }
 
@@ -290,6 +297,29 @@ mod tests {
             }
         );
         assert_eq!(plan.in_row_major_order(grouped), row_major);
+    }
+
+    #[test]
+    fn empty_tensors_with_huge_other_axes_are_planned_or_refused_not_overflowed() {
+        let huge = 1usize << 33;
+        for axis in [Axis::Flat, Axis::Token, Axis::Channel] {
+            let params = CodecParams {
+                axis,
+                sink_tokens: 1,
+                ..CodecParams::adr002(64)
+            };
+            for shape in [
+                [huge, huge, 0, 1],
+                [1, huge, huge, 0],
+                [huge, 1, huge, 0],
+                [0, huge, huge, huge],
+            ] {
+                if let Ok(plan) = Plan::new(&shape, &params) {
+                    assert_eq!(plan.total_count(), 0, "{shape:?}");
+                    assert_eq!(plan.quantized_count(), 0, "{shape:?}");
+                }
+            }
+        }
     }
 
     #[test]
