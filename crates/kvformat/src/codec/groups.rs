@@ -220,18 +220,26 @@ fn transpose_heads<T: Copy + Default + Send + Sync>(
         .for_each(|(source, target)| {
             // Tile by tile, so that both the rows read and the rows written stay
             // in cache (a column walk of a 2048-row head misses on every value).
+            // Each tile is read a row at a time and written a column at a time
+            // through a local copy, whose transposing stores stay in L1: the
+            // strided loads of the direct walk were the transpose's cost.
             for row_start in (0..rows).step_by(TRANSPOSE_TILE) {
-                let row_end = (row_start + TRANSPOSE_TILE).min(rows);
-                let source_rows = &source[row_start * cols..row_end * cols];
+                let height = (rows - row_start).min(TRANSPOSE_TILE);
                 for col_start in (0..cols).step_by(TRANSPOSE_TILE) {
-                    let col_end = (col_start + TRANSPOSE_TILE).min(cols);
-                    for col in col_start..col_end {
-                        let target_run = &mut target[col * rows + row_start..col * rows + row_end];
-                        for (x, source_row) in
-                            target_run.iter_mut().zip(source_rows.chunks_exact(cols))
-                        {
-                            *x = source_row[col];
+                    let width = (cols - col_start).min(TRANSPOSE_TILE);
+                    let mut tile = [[T::default(); TRANSPOSE_TILE]; TRANSPOSE_TILE];
+                    for (r, source_row) in source[row_start * cols + col_start..]
+                        .chunks(cols)
+                        .take(height)
+                        .enumerate()
+                    {
+                        for (column, &x) in tile.iter_mut().zip(&source_row[..width]) {
+                            column[r] = x;
                         }
+                    }
+                    for (c, column) in tile.iter().take(width).enumerate() {
+                        let start = (col_start + c) * rows + row_start;
+                        target[start..start + height].copy_from_slice(&column[..height]);
                     }
                 }
             }
