@@ -47,7 +47,10 @@ METHODS = {
     "sink_recent": ["-sink-tokens", "4", "-recent-tokens", "8"],
     "sparsity_dense": ["-sparsity", "0.1"],
     "sparsity_bitmap": ["-sparsity", "0.6"],
+    "ecsq3_channel": ["-method", "kivi", "-grid", "ecsq", "-bits", "3", "-key-group-size", "32", "-value-axis", "channel", "-value-group-size", "32"],
+    "ecsq_rate_token": ["-grid", "ecsq", "-rate", "7.5", "-key-axis", "token", "-value-axis", "token", "-group-size", "64", "-sink-tokens", "2"],
 }
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "testdata", "golden")
 DTYPES = ("F32", "F16", "BF16")
 
 
@@ -146,6 +149,23 @@ def test_reader_matches_decompress_for_every_method_and_dtype():
                 print(f"ok   {method} {dtype}")
     assert lz4_seen, "no method produced an LZ4-compressed payload: the LZ4 decoder went untested"
     print(f"ok   LZ4 payloads decoded for {len(lz4_seen)} methods")
+
+
+def test_format_1_files_still_read():
+    """The range-coded ecsq files of format 1 (testdata/golden/format1_*):
+    the reader's tensors equal kv-compress -decompress's."""
+    names = [line.split()[0] for line in open(os.path.join(GOLDEN, "format1_cases.txt")) if line.strip() and not line.startswith("#")]
+    assert len(names) == 2, names
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            packed = os.path.join(GOLDEN, f"{name}.safetensors")
+            restored = os.path.join(tmp, f"{name}.restored.safetensors")
+            run("-decompress", "-input", packed, "-output", restored)
+            got = kvformat.load_packed(packed)
+            for tensor, (_, shape, bits) in read_as_f32_bits(restored).items():
+                assert got[tensor].shape == shape, (name, tensor)
+                assert np.array_equal(widened_bits(got[tensor]), bits), f"{name} {tensor}: differs from -decompress"
+            print(f"ok   {name} (format 1)")
 
 
 def test_corruption_is_an_error_naming_the_file():

@@ -16,7 +16,11 @@ fn golden_dir() -> PathBuf {
 }
 
 fn cases() -> Vec<(String, Vec<String>)> {
-    let text = std::fs::read_to_string(golden_dir().join("cases.txt")).unwrap();
+    cases_of("cases.txt")
+}
+
+fn cases_of(list: &str) -> Vec<(String, Vec<String>)> {
+    let text = std::fs::read_to_string(golden_dir().join(list)).unwrap();
     text.lines()
         .filter(|line| !line.starts_with('#') && !line.trim().is_empty())
         .map(|line| {
@@ -64,6 +68,47 @@ fn every_old_method_packs_to_the_bytes_main_wrote() {
             std::fs::read(&restored).unwrap() == std::fs::read(&reconstructed).unwrap(),
             "{name}: main's packed file does not restore to today's reconstruction"
         );
+    }
+}
+
+/// Format 1's range-coded ecsq files, written before rANS replaced that
+/// coder, still decompress: to today's reconstruction where the step does
+/// not depend on the coder (no `-rate`), and to finite values within the
+/// file's own measured RMSE of the input otherwise.
+#[test]
+fn format_1_files_still_decompress() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = golden_dir().join("kv_cache.safetensors");
+    let cases = cases_of("format1_cases.txt");
+    assert_eq!(cases.len(), 2, "format1_cases.txt lost its cases");
+    for (name, flags) in cases {
+        let golden = golden_dir().join(format!("{name}.safetensors"));
+        let header = std::fs::read(&golden).unwrap();
+        assert!(
+            String::from_utf8_lossy(&header[..2000.min(header.len())])
+                .contains(r#""kvformat.format_version":"1""#),
+            "{name} is not a format-1 file"
+        );
+        let restored = dir.path().join(format!("{name}.restored.safetensors"));
+        let report = run_json(&["-decompress", "-input", s(&golden), "-output", s(&restored)]);
+        if flags.iter().any(|flag| flag == "-rate") {
+            let rmse = report["rmse"].as_f64().unwrap();
+            assert!(rmse > 0.0 && rmse < 0.2, "{name}: rmse {rmse}");
+            continue;
+        }
+        let reconstructed = dir.path().join(format!("{name}.reconstructed.safetensors"));
+        let mut reconstruct_flags = flags.clone();
+        reconstruct_flags.push("-reconstruct".into());
+        run_with(&input, &reconstructed, &reconstruct_flags);
+        assert!(
+            std::fs::read(&restored).unwrap() == std::fs::read(&reconstructed).unwrap(),
+            "{name}: the format-1 file does not restore to today's reconstruction"
+        );
+        // Today's packed file of the same flags is format 2.
+        let packed = dir.path().join(format!("{name}.format2.safetensors"));
+        run_with(&input, &packed, &flags);
+        let bytes = std::fs::read(&packed).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains(r#""kvformat.format_version":"2""#));
     }
 }
 

@@ -164,6 +164,7 @@ impl Method {
             scale_dtype: ScaleDtype::F16,
             sparse_form: SparseForm::Dense,
             coded_bytes: None,
+            coder: None,
         };
         let shape = [1, 1, CODEC_GROUP_SIZE, CODEC_GROUP_SIZE];
         let values = (CODEC_GROUP_SIZE * CODEC_GROUP_SIZE) as f64;
@@ -215,6 +216,7 @@ impl Method {
                     scale_dtype: grid.spec().scale_dtypes[0],
                     sparse_form: SparseForm::Dense,
                     coded_bytes: None,
+                    coder: None,
                 };
                 let bytes = payload_len(&shape, &params, &layout).expect("a valid engine format");
                 Method {

@@ -17,9 +17,12 @@ use crate::input::try_resize_for_overwrite;
 use crate::metrics::{Accumulator, TensorMetrics, SNR_CAP_DB};
 use crate::tensor_file::{stage_tensor_file, OutputTensor, TensorFile, MAX_HEADER_BYTES};
 
-/// `__metadata__` key of the container version this code writes and reads.
+/// `__metadata__` key of the container version.
 pub const FORMAT_VERSION_KEY: &str = "kvformat.format_version";
-pub const FORMAT_VERSION: &str = "1";
+/// The versions this code reads. A file is written with the lowest that
+/// describes it ([`Manifest::format_version`]): 2 only when a tensor's codes
+/// are rANS coded, so every other file stays readable by format-1 readers.
+pub const FORMAT_VERSIONS: [&str; 2] = ["1", "2"];
 /// `__metadata__` key of the manifest JSON string.
 pub const MANIFEST_KEY: &str = "kvformat.manifest";
 /// `__metadata__` key of the manifest's CRC-32 (8 lowercase hex digits).
@@ -61,6 +64,20 @@ pub struct ManifestTensor {
 pub struct Manifest {
     pub tensors: BTreeMap<String, ManifestTensor>,
     pub input_metadata: BTreeMap<String, String>,
+}
+
+impl Manifest {
+    /// The lowest format version that describes these tensors: `"2"` if
+    /// any codes section is rANS coded, else `"1"`. A reader compares the
+    /// file's `__metadata__` with the one rebuilt from the manifest, so a
+    /// file may not claim another.
+    pub fn format_version(&self) -> &'static str {
+        let rans = self
+            .tensors
+            .values()
+            .any(|t| t.layout.coder == Some(codec::EntropyCoder::Rans));
+        FORMAT_VERSIONS[usize::from(rans)]
+    }
 }
 
 /// One tensor compressed: its manifest entry and stored bytes.
@@ -224,7 +241,7 @@ fn container_metadata(manifest: &Manifest, manifest_json: &str) -> BTreeMap<Stri
         metadata.insert("group_size".into(), first.codec.group_size.to_string());
         metadata.insert("original_dtype".into(), first.dtype.torch_name().into());
     }
-    metadata.insert(FORMAT_VERSION_KEY.into(), FORMAT_VERSION.into());
+    metadata.insert(FORMAT_VERSION_KEY.into(), manifest.format_version().into());
     metadata.insert(MANIFEST_KEY.into(), manifest_json.into());
     metadata.insert(
         MANIFEST_CRC_KEY.into(),
@@ -321,10 +338,11 @@ impl PackedFile {
             return Err(Error::NotPacked { path: path.into() });
         };
         match metadata.get(FORMAT_VERSION_KEY) {
-            Some(version) if version == FORMAT_VERSION => {}
+            Some(version) if FORMAT_VERSIONS.contains(&version.as_str()) => {}
             other => {
                 return Err(manifest_error(format!(
-                    "unsupported {FORMAT_VERSION_KEY} {other:?} (this reads \"{FORMAT_VERSION}\")"
+                    "unsupported {FORMAT_VERSION_KEY} {other:?} (this reads {})",
+                    FORMAT_VERSIONS.map(|v| format!("\"{v}\"")).join(" and ")
                 )))
             }
         }

@@ -10,8 +10,8 @@
 
 use half::f16;
 use kvformat::codec::{
-    decode, decode_into, encode, payload_len, Axis, CodecError, CodecParams, Fit, Grid, Layout,
-    ScaleDtype, SparseForm,
+    decode, decode_into, encode, payload_len, Axis, CodecError, CodecParams, EntropyCoder, Fit,
+    Grid, Layout, ScaleDtype, SparseForm,
 };
 use proptest::prelude::*;
 
@@ -652,6 +652,7 @@ proptest! {
             scale_dtype: if f32_scales { ScaleDtype::F32 } else { ScaleDtype::F16 },
             sparse_form: if dense { SparseForm::Dense } else { SparseForm::Bitmap },
             coded_bytes: None,
+            coder: None,
         };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
@@ -671,6 +672,7 @@ proptest! {
             scale_dtype: ScaleDtype::F16,
             sparse_form: SparseForm::Bitmap,
             coded_bytes: None,
+            coder: None,
         };
         if let Ok(values) = decode(&payload, &shape, &params, &layout) {
             prop_assert_eq!(values.len(), shape.iter().product::<usize>());
@@ -724,6 +726,7 @@ fn decode_rejects_shapes_whose_size_overflows_before_allocating() {
         scale_dtype: ScaleDtype::F16,
         sparse_form: SparseForm::Dense,
         coded_bytes: None,
+        coder: None,
     };
     for shape in [vec![usize::MAX, 2], vec![1 << 40, 1 << 30], vec![1 << 62]] {
         assert_eq!(
@@ -1152,11 +1155,13 @@ mod ecsq {
             payload in prop::collection::vec(any::<u8>(), 0..400),
             coded in 0usize..400,
             f32_offsets in any::<bool>(),
+            rans in any::<bool>(),
         ) {
             let layout = Layout {
                 scale_dtype: if f32_offsets { ScaleDtype::F32 } else { ScaleDtype::F16 },
                 sparse_form: SparseForm::Dense,
                 coded_bytes: Some(coded),
+                coder: rans.then_some(EntropyCoder::Rans),
             };
             if let Ok(values) = decode(&payload, &shape, &params, &layout) {
                 prop_assert_eq!(values.len(), shape.iter().product::<usize>());

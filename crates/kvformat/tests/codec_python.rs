@@ -335,6 +335,23 @@ fn cases() -> Vec<(&'static str, Vec<usize>, CodecParams, Vec<f32>)> {
                 .collect(),
         ),
         (
+            // Channels of spreads 2^-4..2^11 at 8 bits: several rANS tables,
+            // and codes past the direct tokens (extra bits).
+            "ecsq_rate8_channel_spreads",
+            vec![1, 2, 256, 16],
+            CodecParams {
+                grid: Grid::Ecsq,
+                axis: Axis::Channel,
+                rate: Some(8.0),
+                ..CodecParams::adr002(256)
+            },
+            sample_values(8192, 24)
+                .iter()
+                .enumerate()
+                .map(|(i, x)| x * ((i % 16) as f32 - 4.0).exp2())
+                .collect(),
+        ),
+        (
             "llama_q8_0",
             vec![1, 2, 5, 64],
             CodecParams {

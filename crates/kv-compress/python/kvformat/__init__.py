@@ -23,7 +23,8 @@ from .safetensors_file import SafetensorsError
 
 __all__ = ["load_packed", "manifest", "decode", "PackedFileError"]
 
-FORMAT_VERSION = "1"
+# The versions this reads; a file has "2" only if a tensor is rANS coded.
+FORMAT_VERSIONS = ("1", "2")
 MANIFEST_KEY = "kvformat.manifest"
 FORMAT_VERSION_KEY = "kvformat.format_version"
 MANIFEST_CRC_KEY = "kvformat.manifest_crc32"
@@ -47,8 +48,8 @@ def _open(path):
     text = metadata.get(MANIFEST_KEY)
     if text is None:
         raise PackedFileError(f"{path}: not a kv-compress packed file (no {MANIFEST_KEY} in __metadata__)")
-    if metadata.get(FORMAT_VERSION_KEY) != FORMAT_VERSION:
-        raise PackedFileError(f"{path}: unsupported {FORMAT_VERSION_KEY} {metadata.get(FORMAT_VERSION_KEY)!r} (this reads {FORMAT_VERSION!r})")
+    if metadata.get(FORMAT_VERSION_KEY) not in FORMAT_VERSIONS:
+        raise PackedFileError(f"{path}: unsupported {FORMAT_VERSION_KEY} {metadata.get(FORMAT_VERSION_KEY)!r} (this reads {' and '.join(map(repr, FORMAT_VERSIONS))})")
     crc = "%08x" % zlib.crc32(text.encode("utf-8"))
     if metadata.get(MANIFEST_CRC_KEY) != crc:
         raise PackedFileError(f"{path}: manifest checksum mismatch (stored {metadata.get(MANIFEST_CRC_KEY)!r}, manifest has {crc}): the file is corrupted")
@@ -65,7 +66,8 @@ def _open(path):
             group_size=str(first["codec"]["group_size"]),
             original_dtype=TORCH_NAMES.get(first["dtype"], first["dtype"]),
         )
-    expected.update({FORMAT_VERSION_KEY: FORMAT_VERSION, MANIFEST_KEY: text, MANIFEST_CRC_KEY: crc})
+    rans = any(entry.get("layout", {}).get("coder") == "rans" for entry in entries.values() if isinstance(entry, dict))
+    expected.update({FORMAT_VERSION_KEY: FORMAT_VERSIONS[rans], MANIFEST_KEY: text, MANIFEST_CRC_KEY: crc})
     if expected != metadata:
         raise PackedFileError(f"{path}: __metadata__ does not match the manifest (a carried key was altered): the file is corrupted")
     if sorted(tensors) != sorted(entries):

@@ -76,7 +76,7 @@ def unpack_codes(data, count, bits):
 
 
 class RangeDecoder:
-    """docs/format.md, "Entropy-coded codes": LZMA's binary range decoder
+    """docs/format.md, "Range-coded codes" (format 1): LZMA's binary range decoder
     without its first byte, over models with Krichevsky-Trofimov counts."""
 
     def __init__(self, data):
@@ -127,17 +127,87 @@ class RangeDecoder:
         return -magnitude if negative else magnitude
 
 
-def decode_ecsq(data, step, offsets, groups):
-    """Values in group order: offset + q * step in float64, rounded to
-    float32; one model per group."""
+def range_coded_codes(data, groups):
+    """Format 1's codes: one adaptive model per group."""
     decoder = RangeDecoder(data)
     models = {}
-    codes = np.array([decoder.integer(models.setdefault(int(group), {})) for group in groups], dtype=np.float64)
-    wide = offsets[groups].astype(np.float64) + codes * np.float64(step)
+    codes = [decoder.integer(models.setdefault(int(group), {})) for group in groups]
+    _require(decoder.position == len(data), "entropy-coded codes have trailing bytes")
+    return codes
+
+
+RANS_LANES, RANS_STATE_LOW, RANS_TOKENS = 8, 1 << 16, 64 + 4 * 25
+
+
+def rans_coded_codes(data, groups, n_groups):
+    """docs/format.md, "rANS-coded codes": the tables, the interleaved
+    rANS stream of tokens, and the extra bits of the large codes."""
+    at = 0
+
+    def take(n):
+        nonlocal at
+        _require(at + n <= len(data), "rANS-coded codes end early")
+        at += n
+        return data[at - n : at]
+
+    count = take(1)[0]
+    _require(1 <= count <= 32, "an rANS section has 0 or over 32 tables")
+    contexts = list(take(n_groups)) if count > 1 else [0] * n_groups
+    _require(all(context < count for context in contexts), "a group's rANS table does not exist")
+    tables = []
+    for _ in range(count):
+        length = take(1)[0]
+        _require(1 <= length <= RANS_TOKENS, "an rANS table has 0 or over 164 tokens")
+        freq = [int(f) for f in np.frombuffer(take(2 * length), dtype="<u2")]
+        _require(sum(freq) == 4096, "an rANS table's frequencies do not sum to 4096")
+        cum = [sum(freq[:token]) for token in range(length)]
+        slot_token = [token for token in range(length) for _ in range(freq[token])]
+        tables.append((freq, cum, slot_token))
+    stream = take(int.from_bytes(take(4), "little"))
+    _require(len(stream) >= 4 * RANS_LANES and len(stream) % 2 == 0, "an rANS stream is not 8 states and whole 16-bit words")
+    states = [int.from_bytes(stream[4 * lane : 4 * lane + 4], "little") for lane in range(RANS_LANES)]
+    _require(min(states) >= RANS_STATE_LOW, "an rANS state is below 2^16")
+    words, word = stream[4 * RANS_LANES :], 0
+    extra, bit = data[at:], 0
+    codes = []
+    for i, group in enumerate(groups):
+        freq, cum, slot_token = tables[contexts[group]]
+        x = states[i % RANS_LANES]
+        slot = x & 4095
+        token = slot_token[slot]
+        x = freq[token] * (x >> 12) + slot - cum[token]
+        if x < RANS_STATE_LOW:
+            _require(word + 2 <= len(words), "rANS-coded codes end early")
+            x = (x << 16) | words[word] | words[word + 1] << 8
+            word += 2
+        states[i % RANS_LANES] = x
+        if token < 64:
+            z = token
+        else:
+            length = (token - 64) // 4 + 4
+            _require(bit + length <= 8 * len(extra), "the extra bits of ecsq codes end early")
+            window = int.from_bytes(extra[bit // 8 : bit // 8 + 5], "little")
+            z = ((4 | token & 3) << length) | (window >> bit % 8) & ((1 << length) - 1)
+            bit += length
+        codes.append((z >> 1) ^ -(z & 1))
+    _require(word == len(words), "rANS-coded codes have trailing bytes")
+    _require(all(state == RANS_STATE_LOW for state in states), "rANS-coded codes do not end in their initial states")
+    used = (bit + 7) // 8
+    _require(used == len(extra) and (bit % 8 == 0 or extra[used - 1] >> bit % 8 == 0), "the extra bits of ecsq codes have trailing bits")
+    return codes
+
+
+def decode_ecsq(data, step, offsets, groups, n_groups, coder):
+    """Values in group order: offset + q * step in float64, rounded to
+    float32; the codes range coded (format 1) or rANS coded (format 2)."""
+    if coder == "rans":
+        codes = rans_coded_codes(data, groups, n_groups)
+    else:
+        codes = range_coded_codes(data, groups)
+    wide = offsets[groups].astype(np.float64) + np.array(codes, dtype=np.float64) * np.float64(step)
     with np.errstate(over="ignore"):
         decoded = wide.astype(np.float32)
     _require(bool(np.all(np.isfinite(decoded))), "an ecsq value overflows f32")
-    _require(decoder.position == len(data), "entropy-coded codes have trailing bytes")
     return decoded
 
 
@@ -215,6 +285,8 @@ def decode(payload, shape, params, layout):
     _require(not ecsq or (params["sparsity"] == 0 and fraction == 0), "ecsq with sparsity or outliers")
     coded_bytes = layout.get("coded_bytes")
     _require((coded_bytes is not None) == ecsq, "coded_bytes is for the ecsq grid, and only it")
+    coder = layout.get("coder", "range" if ecsq else None)
+    _require(coder in (("range", "rans") if ecsq else (None,)), f"coder {coder!r} is not one of the ecsq grid's")
     sizes = [
         0 if ecsq else n_groups * width,
         n_groups * width if asymmetric or ecsq else 0,
@@ -262,7 +334,7 @@ def decode(payload, shape, params, layout):
     groups = group_of_position[stored_positions]
     limit = np.finfo(np.float32).max
     if ecsq:
-        decoded = decode_ecsq(sections[4], step, offsets, groups)
+        decoded = decode_ecsq(sections[4], step, offsets, groups, n_groups, coder)
     elif codebook:
         with np.errstate(over="ignore"):
             decoded = np.clip(levels[codes] * scales[groups], -limit, limit)

@@ -174,7 +174,7 @@ fn dequantize_grouped(
             .transpose()?;
         let grouped_mask = kept_mask.as_ref().map(|mask| plan.in_group_order(mask));
         let mask = grouped_mask.as_deref();
-        GroupQuantizer::read(params, stored.level_bytes)?.dequantize_section(
+        GroupQuantizer::read(params, stored.level_bytes, layout.coder)?.dequantize_section(
             &stored.group_params,
             stored.code_bytes,
             sections.code_count,

@@ -84,6 +84,7 @@ fn encode_fused_observed(
         scale_dtype: ScaleDtype::F16,
         sparse_form: smaller_form(plan, params),
         coded_bytes: None,
+        coder: None,
     };
     let sections = Sections::new(plan, params, &layout)?;
     let total = sections.total().ok_or(CodecError::ShapeOverflow)?;
@@ -226,6 +227,7 @@ fn encode_reconstructed(
         scale_dtype: group_params.dtype,
         sparse_form: form,
         coded_bytes: quantizer.is_entropy_coded().then_some(codes.len()),
+        coder: quantizer.entropy_coder(),
     };
     let sections = Sections::new(plan, params, &layout)?;
     let mut payload = Vec::with_capacity(sections.total().ok_or(CodecError::ShapeOverflow)?);
@@ -310,6 +312,7 @@ fn encode_fused(
         scale_dtype: ScaleDtype::F16,
         sparse_form: form,
         coded_bytes: None,
+        coder: None,
     };
     let sections = Sections::new(plan, params, &layout)?;
     let mut payload = vec![0u8; sections.total().ok_or(CodecError::ShapeOverflow)?];

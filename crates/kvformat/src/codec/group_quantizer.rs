@@ -9,6 +9,7 @@ use super::groups::{GroupGeometry, Plan};
 use super::quantizer::{self, CodeRange, GroupMapping};
 use super::scales::GroupParams;
 use super::scales::ScaleDtype;
+use super::EntropyCoder;
 use super::{bitpack, ecsq, fp4, fp8, ggml, int8, quanto, CodecError, CodecParams, Grid};
 
 /// NVFP4's levels section: its f32 `k_scale`, little-endian.
@@ -88,7 +89,11 @@ pub(crate) enum GroupQuantizer {
     },
     /// Entropy-coded uniform codes (`ecsq`): one step, an offset per group,
     /// and (when chosen, not read) the codes section the choice coded.
-    Ecsq { step: f32, coded: Option<Vec<u8>> },
+    Ecsq {
+        step: f32,
+        coded: Option<ecsq::Coded>,
+        coder: EntropyCoder,
+    },
     /// An inference engine's cache type (`ggml`, `fp8`, `fp4`): its own
     /// scales and codes, and NVFP4's per-tensor `k_scale` (1 for the others;
     /// NVFP4 stores it as the levels section).
@@ -146,6 +151,7 @@ impl GroupQuantizer {
                 let quantizer = GroupQuantizer::Ecsq {
                     step: choice.step,
                     coded: Some(choice.coded),
+                    coder: EntropyCoder::Rans,
                 };
                 (choice.params, quantizer)
             }
@@ -175,8 +181,13 @@ impl GroupQuantizer {
         }
     }
 
-    /// The quantizer a payload was written with, from its levels section.
-    pub fn read(params: &CodecParams, level_bytes: &[u8]) -> Result<Self, CodecError> {
+    /// The quantizer a payload was written with, from its levels section
+    /// and its layout's entropy coder.
+    pub fn read(
+        params: &CodecParams,
+        level_bytes: &[u8],
+        coder: Option<EntropyCoder>,
+    ) -> Result<Self, CodecError> {
         Ok(match params.grid {
             Grid::Symmetric | Grid::Asymmetric => GroupQuantizer::Uniform(CodeRange::of(params)),
             Grid::Lloyd | Grid::Kmeans => GroupQuantizer::Codebook {
@@ -187,6 +198,7 @@ impl GroupQuantizer {
             Grid::Ecsq => GroupQuantizer::Ecsq {
                 step: ecsq::read_levels(level_bytes)?,
                 coded: None,
+                coder: coder.unwrap_or_default(),
             },
             grid => GroupQuantizer::Engine {
                 grid,
@@ -232,7 +244,15 @@ impl GroupQuantizer {
     /// Whether the codes section's length depends on the values (and is
     /// stored in the layout) rather than on the shape alone.
     pub fn is_entropy_coded(&self) -> bool {
-        matches!(self, GroupQuantizer::Ecsq { .. })
+        self.entropy_coder().is_some()
+    }
+
+    /// The coder of an entropy-coded codes section.
+    pub fn entropy_coder(&self) -> Option<EntropyCoder> {
+        match self {
+            GroupQuantizer::Ecsq { coder, .. } => Some(*coder),
+            _ => None,
+        }
     }
 
     /// The codes section of all kept values, group by group: packed
@@ -245,11 +265,7 @@ impl GroupQuantizer {
         geometry: &GroupGeometry,
     ) -> Vec<u8> {
         match self {
-            // The codes the step search made, moved out once.
-            GroupQuantizer::Ecsq { step, coded } => match coded.take() {
-                Some(coded) => coded,
-                None => ecsq::encode_codes(group_params, *step, grouped, geometry),
-            },
+            GroupQuantizer::Ecsq { .. } => self.ecsq_coded(group_params, grouped, geometry).section,
             _ => self.with_mapping(group_params, |mapping| {
                 let codes = quantizer::quantize(grouped, kept, geometry, mapping);
                 bitpack::packed(&codes, self.code_bits())
@@ -269,14 +285,30 @@ impl GroupQuantizer {
         out: &mut [f32],
     ) -> Result<Vec<u8>, CodecError> {
         if let GroupQuantizer::Ecsq { step, .. } = *self {
-            let coded = self.code_section(group_params, grouped, kept, geometry);
-            ecsq::reconstruct(group_params, step, grouped, geometry, out)?;
-            return Ok(coded);
+            let coded = self.ecsq_coded(group_params, grouped, geometry);
+            ecsq::reconstruct(group_params, step, &coded.codes, geometry, out)?;
+            return Ok(coded.section);
         }
         Ok(self.with_mapping(group_params, |mapping| {
             let codes = quantizer::quantize_reconstructed(grouped, kept, geometry, mapping, out);
             bitpack::packed(&codes, self.code_bits())
         }))
+    }
+
+    /// The codes and section the step search made, moved out once (coded
+    /// afresh for a quantizer that was not chosen).
+    fn ecsq_coded(
+        &mut self,
+        group_params: &GroupParams,
+        grouped: &[f32],
+        geometry: &GroupGeometry,
+    ) -> ecsq::Coded {
+        let GroupQuantizer::Ecsq { step, coded, .. } = self else {
+            unreachable!("ecsq_coded of an ecsq quantizer only")
+        };
+        coded
+            .take()
+            .unwrap_or_else(|| ecsq::encode_codes(group_params, *step, grouped, geometry))
     }
 
     /// Reconstructs all values in group order from the codes section, which
@@ -290,8 +322,8 @@ impl GroupQuantizer {
         geometry: &GroupGeometry,
         out: &mut [f32],
     ) -> Result<(), CodecError> {
-        if let GroupQuantizer::Ecsq { step, .. } = self {
-            return ecsq::decode_codes(group_params, *step, code_bytes, geometry, out);
+        if let GroupQuantizer::Ecsq { step, coder, .. } = self {
+            return ecsq::decode_codes(*coder, group_params, *step, code_bytes, geometry, out);
         }
         let mut codes = vec![0u8; code_count];
         bitpack::unpack(code_bytes, self.code_bits(), &mut codes);

@@ -6,6 +6,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use serde::{Deserialize, Serialize};
 
+use super::ecsq::EntropyCoder;
 use super::fp8::E4M3;
 use super::group_quantizer::GroupQuantizer;
 use super::groups::Plan;
@@ -27,6 +28,10 @@ pub struct Layout {
     /// (`ecsq`), which the shape alone does not give; absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coded_bytes: Option<usize>,
+    /// The coder of an entropy-coded codes section: absent in format 1,
+    /// whose one coder was `range`; `rans` makes the file format 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coder: Option<EntropyCoder>,
 }
 
 impl Layout {
@@ -95,6 +100,7 @@ impl Sections {
             (true, Some(coded)) => coded,
             (true, None) => return Err(CodecError::CodedBytes("missing")),
             (false, Some(_)) => return Err(CodecError::CodedBytes("given")),
+            (false, None) if layout.coder.is_some() => return Err(CodecError::CoderGiven),
             (false, None) => bitpack::packed_len(code_count_of(plan, params, layout), params.bits)
                 .ok_or_else(overflow)?,
         };

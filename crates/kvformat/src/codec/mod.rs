@@ -17,7 +17,7 @@
 //!   least-squares parameters for it; `fused` is ADR-002's one-pass fast
 //!   path over it) and `codebook` (non-uniform levels),
 //!   both behind `quantizer::GroupMapping`, and `ecsq` (entropy-coded
-//!   uniform codes, through `range_coder`); and the formats inference
+//!   uniform codes, through `rans`, and `range_coder` for format-1 files); and the formats inference
 //!   engines ship (`ggml`: llama.cpp's q8_0/q4_0/q4_1/q5_0/q5_1, `fp8`:
 //!   vLLM's and SGLang's float8 caches), bit-exact to the engines' rounding.
 
@@ -42,6 +42,7 @@ mod params;
 mod quantizer;
 mod quanto;
 mod range_coder;
+mod rans;
 mod rotation;
 mod scales;
 mod sparsity;
@@ -49,6 +50,7 @@ mod sparsity;
 pub use bitpack::unpack as unpack_codes;
 pub use codebook::{gaussian_levels, GAUSSIAN_LEVELS};
 pub use decode::{decode, decode_into};
+pub use ecsq::EntropyCoder;
 pub use encode::{encode, encode_observed};
 pub use fp4::{e2m1_value, E2M1};
 pub use fp8::{Fp8Format, E4M3, E5M2};

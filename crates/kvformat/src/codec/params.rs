@@ -172,6 +172,8 @@ pub enum CodecError {
     GridWith { grid: Grid, feature: &'static str },
     #[error("the layout's coded_bytes is {0}: the ecsq grid needs it, no other grid has it")]
     CodedBytes(&'static str),
+    #[error("the layout names an entropy coder: only the ecsq grid has one")]
+    CoderGiven,
     #[error("outliers cannot be combined with sparsity")]
     OutliersWithSparsity,
     #[error(

@@ -3,7 +3,8 @@
 //! 12-bit probabilities) and the binarization of a signed integer into
 //! modelled decisions. Every operation is integer arithmetic, so the numpy
 //! reference (`python/kvformat/codec.py`) reproduces it bit for bit; the
-//! format is in docs/format.md ("Entropy-coded codes").
+//! format is in docs/format.md ("Range-coded codes"). Format 1 wrote it;
+//! format 2 writes `rans`, and this is kept to read format-1 files.
 
 use super::CodecError;
 
@@ -64,8 +65,10 @@ impl BitModel {
     }
 }
 
-/// The encoder: `low` keeps a carry bit above its 32 bits until the byte it
+/// The encoder (format 1's; format 2 writes rANS, so only the tests that
+/// make format-1 sections use it): `low` keeps a carry bit above its 32 bits until the byte it
 /// would change (`cache`, followed by `pending` 0xFF bytes) is final.
+#[cfg(test)]
 pub(crate) struct Encoder {
     low: u64,
     range: u32,
@@ -77,6 +80,7 @@ pub(crate) struct Encoder {
     first: bool,
 }
 
+#[cfg(test)]
 impl Encoder {
     pub fn new() -> Self {
         Encoder {
@@ -216,6 +220,7 @@ pub(crate) struct IntegerModel {
 
 impl IntegerModel {
     /// Codes `q`, `|q| < 2^30`.
+    #[cfg(test)]
     pub fn encode(&mut self, coder: &mut Encoder, q: i32) {
         coder.encode(&mut self.nonzero, q != 0);
         if q == 0 {

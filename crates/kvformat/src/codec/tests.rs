@@ -18,6 +18,7 @@ fn adr002_hand_computed_groups_zero_group_and_ragged_tail() {
             scale_dtype: ScaleDtype::F16,
             sparse_form: SparseForm::Dense,
             coded_bytes: None,
+            coder: None,
         }
     );
     // Scales: 3.5/7 = 0.5 (f16 0x3800); zero group 2^-14 (0x0400);
