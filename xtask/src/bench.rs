@@ -285,7 +285,7 @@ const METHOD_FAMILIES: [(&str, &str); 8] = [
     ),
     ("Lloyd-Max codebook", "lloyd4-rot-kch-sink4"),
     ("k-means codebook", "kmeans3-rot-kch-sink4"),
-    ("ecsq (range coded)", "ecsq-r4.35-sink1"),
+    ("ecsq (rANS coded)", "ecsq-r4.35-sink1"),
 ];
 
 /// The flags of `variant` in kv-validate's default sweep matrix.
