@@ -119,7 +119,7 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
     } else {
         (ScaleDtype::F32, means.iter().map(|&m| m as f32).collect())
     };
-    let squares: f64 = (0..geometry.group_count())
+    let group_squares: Vec<f64> = (0..geometry.group_count())
         .map(|group| {
             let offset = f64::from(offsets[group]);
             grouped[geometry.range(group)]
@@ -127,7 +127,8 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
                 .map(|&x| (f64::from(x) - offset).powi(2))
                 .sum::<f64>()
         })
-        .sum();
+        .collect();
+    let squares: f64 = group_squares.iter().sum();
     let params = GroupParams {
         dtype,
         scales: Vec::new(),
@@ -165,14 +166,22 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
     let target_bits =
         budget - fixed_bits - 8.0 * (params.offsets.len() * dtype.size_bytes() + LEVELS_LEN) as f64;
     let search = |target_bits: f64| -> Priced {
-        let mut aim = target_bits / count;
+        // High-rate theory per group: a group of deviation s costs about
+        // log2(s sqrt(2 pi e) / step) bits a value, so the tensor's rate
+        // follows the groups' geometric mean deviation, not their pooled
+        // RMS (which unequal channels pull up): the first pass aims there.
+        // Each pass aims at the middle of the sizes that end the search
+        // (within 0.002 bits a value under the target), so that a pass a
+        // hair over it is rare.
+        let goal = target_bits - 0.001 * count;
+        let mut aim = goal / count + log2_rms_over_geometric_mean(&group_squares, geometry);
         let mut best: Option<Priced> = None;
         let mut smallest: Option<Priced> = None;
         let mut spare = Vec::new();
         for _ in 0..RATE_PASSES {
             let priced = price(gaussian_step(aim), std::mem::take(&mut spare));
             let bits = priced.model.bits;
-            aim -= (bits - target_bits) / count;
+            aim -= (bits - goal) / count;
             let under = bits <= target_bits;
             let slot = if under { &mut best } else { &mut smallest };
             let better = match slot {
@@ -215,6 +224,32 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
         step,
         coded,
     }
+}
+
+/// `log2(rms / g)` where `g` is the values' geometric mean of their groups'
+/// RMS, each group's mean square floored at 2^-20 of the tensor's (groups
+/// far below the step cost about nothing, not negative bits).
+fn log2_rms_over_geometric_mean(group_squares: &[f64], geometry: &GroupGeometry) -> f64 {
+    let count: usize = (0..geometry.group_count())
+        .map(|g| geometry.range(g).len())
+        .sum();
+    let mean_square = group_squares.iter().sum::<f64>() / count.max(1) as f64;
+    if mean_square == 0.0 || !mean_square.is_finite() {
+        return 0.0;
+    }
+    let floor = mean_square * (-20f64).exp2();
+    let weighted_log: f64 = group_squares
+        .iter()
+        .enumerate()
+        .map(|(group, &squares)| {
+            let len = geometry.range(group).len();
+            if len == 0 {
+                return 0.0;
+            }
+            len as f64 * (squares / len as f64).max(floor).log2()
+        })
+        .sum();
+    0.5 * (mean_square.log2() - weighted_log / count as f64)
 }
 
 pub(crate) fn write_levels(step: f32, payload: &mut Vec<u8>) {
