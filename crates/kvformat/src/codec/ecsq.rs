@@ -351,11 +351,13 @@ pub(crate) fn reconstruct(
     out: &mut [f32],
 ) -> Result<(), CodecError> {
     for group in 0..geometry.group_count() {
-        let offset = params.offsets[group];
         let span = geometry.range(group);
-        for (value, &q) in out[span.clone()].iter_mut().zip(&codes[span]) {
-            *value = finite_level(offset, q, step)?;
-        }
+        group_levels(
+            params.offsets[group],
+            step,
+            &codes[span.clone()],
+            &mut out[span],
+        )?;
     }
     Ok(())
 }
@@ -452,14 +454,27 @@ pub(crate) fn decode_codes(
     }
 }
 
-/// A decoded value, which must be a finite f32.
-fn finite_level(offset: f32, q: i32, step: f32) -> Result<f32, CodecError> {
-    let value = level(offset, q, step);
-    if value.is_finite() {
-        Ok(value)
+/// A group's values from its codes, every one of which must be a finite f32.
+fn group_levels(offset: f32, step: f32, codes: &[i32], out: &mut [f32]) -> Result<(), CodecError> {
+    if levels(offset, step, codes, out) {
+        Ok(())
     } else {
         Err(CodecError::CorruptPayload("an ecsq value overflows f32"))
     }
+}
+
+crate::simd::multiversion!(fn levels / levels_at(
+    offset: f32, step: f32, codes: &[i32], out: &mut [f32]) -> bool => levels_generic);
+
+/// Every code's [`level`], and whether all are finite.
+#[inline(always)]
+fn levels_generic(offset: f32, step: f32, codes: &[i32], out: &mut [f32]) -> bool {
+    let mut finite = true;
+    for (value, &q) in out.iter_mut().zip(codes) {
+        *value = level(offset, q, step);
+        finite &= value.is_finite();
+    }
+    finite
 }
 
 fn decode_range_coded(
@@ -470,12 +485,15 @@ fn decode_range_coded(
     out: &mut [f32],
 ) -> Result<(), CodecError> {
     let mut coder = Decoder::new(bytes)?;
+    let mut codes = Vec::new();
     for group in 0..geometry.group_count() {
-        let offset = params.offsets[group];
+        let span = geometry.range(group);
         let mut model = IntegerModel::default();
-        for value in &mut out[geometry.range(group)] {
-            *value = finite_level(offset, model.decode(&mut coder)?, step)?;
+        codes.clear();
+        for _ in span.clone() {
+            codes.push(model.decode(&mut coder)?);
         }
+        group_levels(params.offsets[group], step, &codes, &mut out[span])?;
     }
     coder.finish()
 }
@@ -493,20 +511,33 @@ fn decode_rans_coded(
     let stream_len = u32::from_le_bytes(reader.take(4)?.try_into().expect("4 bytes")) as usize;
     let mut coder = rans::Decoder::new(reader.take(stream_len)?)?;
     let mut extra = BitReader::new(reader.0);
-    let mut i = 0;
+    // A group's codes first (integer work only), then its levels in one
+    // vectorized pass.
+    let (mut tokens, mut codes) = (Vec::new(), Vec::new());
     for group in 0..geometry.group_count() {
-        let offset = params.offsets[group];
+        let span = geometry.range(group);
         let slots = &slots[contexts.get(group).map_or(0, |&c| usize::from(c))];
-        for value in &mut out[geometry.range(group)] {
-            let token = coder.decode(i, slots);
-            i += 1;
-            if usize::from(token) >= TOKENS {
-                return Err(CodecError::CorruptPayload("an rANS token is out of range"));
+        tokens.resize(span.len(), 0);
+        coder.decode_run(span.start, slots, &mut tokens);
+        // Direct tokens are their zigzag codes: one vectorized pass, then
+        // the (rare) larger ones in order, with their extra bits.
+        codes.clear();
+        codes.extend(tokens.iter().map(|&token| unzigzag(u32::from(token))));
+        if tokens
+            .iter()
+            .any(|&token| u32::from(token) >= DIRECT_TOKENS)
+        {
+            for (code, &token) in codes.iter_mut().zip(&tokens) {
+                if u32::from(token) >= DIRECT_TOKENS {
+                    // A table holds at most TOKENS tokens: a guard, not a check.
+                    if usize::from(token) >= TOKENS {
+                        return Err(CodecError::CorruptPayload("an rANS token is out of range"));
+                    }
+                    *code = unzigzag(zigzag_of(token, extra.read(extra_len(token))?));
+                }
             }
-            let len = extra_len(token);
-            let z = zigzag_of(token, extra.read(len)?);
-            *value = finite_level(offset, unzigzag(z), step)?;
         }
+        group_levels(params.offsets[group], step, &codes, &mut out[span])?;
     }
     coder.finish()?;
     extra.finish()
@@ -991,7 +1022,7 @@ mod tests {
             codes.extend([-power - power / 2]);
         }
         codes.extend([MAX_CODE as i32, -(MAX_CODE as i32)]);
-        let mut seen = vec![false; TOKENS];
+        let mut seen = [false; TOKENS];
         for q in codes {
             let z = zigzag(q);
             assert_eq!(unzigzag(z), q);

@@ -239,6 +239,23 @@ impl SlotTable {
     }
 }
 
+/// One token off `state`; the next word is read either way (0 past the
+/// end) and kept only if the state needs it.
+#[inline(always)]
+fn decode_one(state: &mut u32, slots: &SlotTable, words: &[u8], position: &mut usize) -> u8 {
+    let entry = slots.0[(*state & (PROB_SCALE - 1)) as usize];
+    let f = ((entry >> 12) & 0xFFF) + 1;
+    let x = f * (*state >> PROB_BITS) + (entry & 0xFFF);
+    let word = match words.get(*position..*position + 2) {
+        Some(word) => u32::from(u16::from_le_bytes([word[0], word[1]])),
+        None => 0,
+    };
+    let read = x < STATE_LOW;
+    *position += 2 * usize::from(read);
+    *state = if read { (x << 16) | word } else { x };
+    (entry >> 24) as u8
+}
+
 /// The decoder over one rANS stream (states, then words).
 pub(crate) struct Decoder<'a> {
     words: &'a [u8],
@@ -276,18 +293,38 @@ impl<'a> Decoder<'a> {
     /// [`Decoder::finish`].
     #[inline(always)]
     pub fn decode(&mut self, i: usize, slots: &SlotTable) -> u8 {
-        let state = &mut self.states[i % LANES];
-        let entry = slots.0[(*state & (PROB_SCALE - 1)) as usize];
-        let f = ((entry >> 12) & 0xFFF) + 1;
-        let x = f * (*state >> PROB_BITS) + (entry & 0xFFF);
-        let word = match self.words.get(self.position..self.position + 2) {
-            Some(word) => u32::from(u16::from_le_bytes([word[0], word[1]])),
-            None => 0,
-        };
-        let read = x < STATE_LOW;
-        self.position += 2 * usize::from(read);
-        *state = if read { (x << 16) | word } else { x };
-        (entry >> 24) as u8
+        decode_one(
+            &mut self.states[i % LANES],
+            slots,
+            self.words,
+            &mut self.position,
+        )
+    }
+
+    /// Tokens `first..first + tokens.len()`, all with `slots`: whole runs
+    /// of [`LANES`] with the states in registers, so their eight
+    /// dependency chains overlap.
+    pub fn decode_run(&mut self, first: usize, slots: &SlotTable, tokens: &mut [u8]) {
+        let lead = ((LANES - first % LANES) % LANES).min(tokens.len());
+        let (head, rest) = tokens.split_at_mut(lead);
+        for (k, token) in head.iter_mut().enumerate() {
+            *token = self.decode(first + k, slots);
+        }
+        let whole = rest.len() / LANES * LANES;
+        let (runs, tail) = rest.split_at_mut(whole);
+        let mut states = self.states;
+        let mut position = self.position;
+        for run in runs.chunks_exact_mut(LANES) {
+            for (token, state) in run.iter_mut().zip(states.iter_mut()) {
+                *token = decode_one(state, slots, self.words, &mut position);
+            }
+        }
+        self.states = states;
+        self.position = position;
+        let tail_first = first + lead + whole;
+        for (k, token) in tail.iter_mut().enumerate() {
+            *token = self.decode(tail_first + k, slots);
+        }
     }
 
     /// Every word read and every state back at its start: the stream
@@ -383,6 +420,23 @@ mod tests {
             })
             .collect();
         round_trip(&tokens, &tables, context_of);
+        // Runs from any position decode what one token at a time does.
+        let table = std::slice::from_ref(&tables[1]);
+        let single: Vec<u8> = tokens.iter().map(|&t| t % 164).collect();
+        let symbols: Vec<u16> = single.iter().map(|&t| u16::from(t)).collect();
+        let stream = encode(&symbols, table);
+        let slots = SlotTable::new(&tables[1]);
+        let mut decoder = Decoder::new(&stream).unwrap();
+        let (mut at, mut k) = (0, 0);
+        while at < single.len() {
+            let len = ((k * 7) % 29).min(single.len() - at);
+            k += 1;
+            let mut run = vec![0; len];
+            decoder.decode_run(at, &slots, &mut run);
+            assert_eq!(run, single[at..at + len], "run at {at}");
+            at += len;
+        }
+        decoder.finish().unwrap();
         for n in 0..20 {
             round_trip(&tokens[..n], &tables, context_of);
         }
