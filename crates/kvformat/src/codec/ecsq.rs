@@ -301,10 +301,17 @@ fn encode_section(codes: &[i32], geometry: &GroupGeometry, model: &Model) -> Vec
     let mut extra = BitWriter::default();
     for group in 0..geometry.group_count() {
         let context = (model.context(group) as u16) << 8;
-        for &q in &codes[geometry.range(group)] {
-            let (token, len, bits) = token_of(zigzag(q));
-            symbols.push(context | u16::from(token));
-            extra.write(bits, len);
+        let codes = &codes[geometry.range(group)];
+        // Small codes are their own tokens: one vectorized pass, then the
+        // (rare) larger ones in order, with their extra bits.
+        let start = symbols.len();
+        symbols.extend(codes.iter().map(|&q| context | (zigzag(q) as u16 & 0xFF)));
+        if codes.iter().any(|&q| zigzag(q) >= DIRECT_TOKENS) {
+            for (symbol, &q) in symbols[start..].iter_mut().zip(codes) {
+                let (token, len, bits) = token_of(zigzag(q));
+                *symbol = context | u16::from(token);
+                extra.write(bits, len);
+            }
         }
     }
     let stream = rans::encode(&symbols, &model.tables);
