@@ -30,6 +30,19 @@ fn cases_of(list: &str) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// The bytes `-reconstruct` writes today for the golden input and `flags`.
+fn reconstruction(dir: &Path, name: &str, flags: &[String]) -> Vec<u8> {
+    let reconstructed = dir.join(format!("{name}.reconstructed.safetensors"));
+    let mut reconstruct_flags = flags.to_vec();
+    reconstruct_flags.push("-reconstruct".into());
+    run_with(
+        &golden_dir().join("kv_cache.safetensors"),
+        &reconstructed,
+        &reconstruct_flags,
+    );
+    std::fs::read(&reconstructed).unwrap()
+}
+
 fn run_with(input: &Path, output: &Path, flags: &[String]) {
     let mut args = vec!["-input", s(input), "-output", s(output)];
     args.extend(flags.iter().map(String::as_str));
@@ -60,12 +73,8 @@ fn every_old_method_packs_to_the_bytes_main_wrote() {
             "-output",
             s(&restored),
         ]);
-        let reconstructed = dir.path().join(format!("{name}.reconstructed.safetensors"));
-        let mut reconstruct_flags = flags.clone();
-        reconstruct_flags.push("-reconstruct".into());
-        run_with(&input, &reconstructed, &reconstruct_flags);
         assert!(
-            std::fs::read(&restored).unwrap() == std::fs::read(&reconstructed).unwrap(),
+            std::fs::read(&restored).unwrap() == reconstruction(dir.path(), &name, &flags),
             "{name}: main's packed file does not restore to today's reconstruction"
         );
     }
@@ -96,12 +105,8 @@ fn format_1_files_still_decompress() {
             assert!(rmse > 0.0 && rmse < 0.2, "{name}: rmse {rmse}");
             continue;
         }
-        let reconstructed = dir.path().join(format!("{name}.reconstructed.safetensors"));
-        let mut reconstruct_flags = flags.clone();
-        reconstruct_flags.push("-reconstruct".into());
-        run_with(&input, &reconstructed, &reconstruct_flags);
         assert!(
-            std::fs::read(&restored).unwrap() == std::fs::read(&reconstructed).unwrap(),
+            std::fs::read(&restored).unwrap() == reconstruction(dir.path(), &name, &flags),
             "{name}: the format-1 file does not restore to today's reconstruction"
         );
         // Today's packed file of the same flags is format 2.
