@@ -163,7 +163,7 @@ def rans_coded_codes(data, groups, n_groups):
         cum = [sum(freq[:token]) for token in range(length)]
         slot_token = [token for token in range(length) for _ in range(freq[token])]
         tables.append((freq, cum, slot_token))
-    stream = take(int.from_bytes(take(4), "little"))
+    stream = take(int.from_bytes(take(8), "little"))
     _require(len(stream) >= 4 * RANS_LANES and len(stream) % 2 == 0, "an rANS stream is not 8 states and whole 16-bit words")
     states = [int.from_bytes(stream[4 * lane : 4 * lane + 4], "little") for lane in range(RANS_LANES)]
     _require(min(states) >= RANS_STATE_LOW, "an rANS state is below 2^16")

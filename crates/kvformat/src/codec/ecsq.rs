@@ -316,7 +316,7 @@ fn encode_section(codes: &[i32], geometry: &GroupGeometry, model: &Model) -> Vec
     }
     let stream = rans::encode(&symbols, &model.tables);
     let mut section = model.header();
-    section.extend_from_slice(&(stream.len() as u32).to_le_bytes());
+    section.extend_from_slice(&(stream.len() as u64).to_le_bytes());
     section.extend_from_slice(&stream);
     section.extend_from_slice(&extra.finish());
     section
@@ -515,7 +515,9 @@ fn decode_rans_coded(
     let mut reader = SectionReader(bytes);
     let (contexts, tables) = Model::read(&mut reader, geometry.group_count())?;
     let slots: Vec<SlotTable> = tables.iter().map(SlotTable::new).collect();
-    let stream_len = u32::from_le_bytes(reader.take(4)?.try_into().expect("4 bytes")) as usize;
+    let stream_len = u64::from_le_bytes(reader.take(8)?.try_into().expect("8 bytes"));
+    let stream_len = usize::try_from(stream_len)
+        .map_err(|_| CodecError::CorruptPayload("rANS-coded codes end early"))?;
     let mut coder = rans::Decoder::new(reader.take(stream_len)?)?;
     let mut extra = BitReader::new(reader.0);
     // A group's codes first (integer work only), then its levels in one
@@ -679,7 +681,7 @@ impl Model {
     fn of(stats: &Statistics) -> Self {
         let table_bits = |table: &Table| 8.0 + 16.0 * table.len() as f64;
         // The stream's length, its states and the extra bits.
-        let fixed = 8.0 * (1 + 4 + 4 * rans::LANES) as f64 + stats.extra_bits as f64;
+        let fixed = 8.0 * (1 + 8 + 4 * rans::LANES) as f64 + stats.extra_bits as f64;
         let mut merged = [0u32; TOKENS];
         for counts in &stats.counts {
             for (total, &count) in merged.iter_mut().zip(counts) {
