@@ -15,7 +15,7 @@
 //! it bit for bit; docs/format.md ("rANS-coded codes") is the specification.
 //! Crates were considered (`constriction`'s ANS coder): its streams are its
 //! own, not interleaved, and the Python reader would have to follow its
-//! internals; the coder here is eighty lines that the format spells out.
+//! internals; the coder here is short, and the format spells it out.
 
 use super::CodecError;
 
