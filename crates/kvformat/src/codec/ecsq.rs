@@ -135,7 +135,8 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
         offsets,
     };
     let count = grouped.len().max(1) as f64;
-    let rms = (squares / count).sqrt();
+    let mean_square = squares / count;
+    let rms = mean_square.sqrt();
     let gaussian_step = |rate: f64| -> f32 {
         // A zero tensor still needs a positive step; a huge one a finite step.
         if rms == 0.0 {
@@ -174,7 +175,8 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
         // (within 0.002 bits a value under the target), so that a pass a
         // hair over it is rare.
         let goal = target_bits - 0.001 * count;
-        let mut aim = goal / count + log2_rms_over_geometric_mean(&group_squares, geometry);
+        let mut aim =
+            goal / count + log2_rms_over_geometric_mean(&group_squares, mean_square, geometry);
         let mut best: Option<Priced> = None;
         let mut smallest: Option<Priced> = None;
         let mut spare = Vec::new();
@@ -226,30 +228,28 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
     }
 }
 
-/// `log2(rms / g)` where `g` is the values' geometric mean of their groups'
-/// RMS, each group's mean square floored at 2^-20 of the tensor's (groups
-/// far below the step cost about nothing, not negative bits).
-fn log2_rms_over_geometric_mean(group_squares: &[f64], geometry: &GroupGeometry) -> f64 {
-    let count: usize = (0..geometry.group_count())
-        .map(|g| geometry.range(g).len())
-        .sum();
-    let mean_square = group_squares.iter().sum::<f64>() / count.max(1) as f64;
+/// `log2(rms / g)`: the tensor's RMS (`mean_square`'s root) over the
+/// values' geometric mean of their groups' RMS, each group's mean square
+/// floored at 2^-20 of the tensor's (groups far below the step cost about
+/// nothing, not negative bits).
+fn log2_rms_over_geometric_mean(
+    group_squares: &[f64],
+    mean_square: f64,
+    geometry: &GroupGeometry,
+) -> f64 {
     if mean_square == 0.0 || !mean_square.is_finite() {
         return 0.0;
     }
     let floor = mean_square * (-20f64).exp2();
-    let weighted_log: f64 = group_squares
-        .iter()
-        .enumerate()
-        .map(|(group, &squares)| {
-            let len = geometry.range(group).len();
-            if len == 0 {
-                return 0.0;
-            }
-            len as f64 * (squares / len as f64).max(floor).log2()
-        })
-        .sum();
-    0.5 * (mean_square.log2() - weighted_log / count as f64)
+    let (mut count, mut weighted_log) = (0usize, 0.0f64);
+    for (group, &squares) in group_squares.iter().enumerate() {
+        let len = geometry.range(group).len();
+        if len > 0 {
+            count += len;
+            weighted_log += len as f64 * (squares / len as f64).max(floor).log2();
+        }
+    }
+    0.5 * (mean_square.log2() - weighted_log / count.max(1) as f64)
 }
 
 pub(crate) fn write_levels(step: f32, payload: &mut Vec<u8>) {

@@ -226,7 +226,7 @@ fn encode_reconstructed(
     let layout = Layout {
         scale_dtype: group_params.dtype,
         sparse_form: form,
-        coded_bytes: quantizer.is_entropy_coded().then_some(codes.len()),
+        coded_bytes: quantizer.entropy_coder().map(|_| codes.len()),
         coder: quantizer.entropy_coder(),
     };
     let sections = Sections::new(plan, params, &layout)?;

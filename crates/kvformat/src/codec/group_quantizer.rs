@@ -241,13 +241,9 @@ impl GroupQuantizer {
         }
     }
 
-    /// Whether the codes section's length depends on the values (and is
-    /// stored in the layout) rather than on the shape alone.
-    pub fn is_entropy_coded(&self) -> bool {
-        self.entropy_coder().is_some()
-    }
-
-    /// The coder of an entropy-coded codes section.
+    /// The coder of an entropy-coded codes section, whose length depends
+    /// on the values (and is stored in the layout) rather than on the shape
+    /// alone; `None` for fixed-width codes.
     pub fn entropy_coder(&self) -> Option<EntropyCoder> {
         match self {
             GroupQuantizer::Ecsq { coder, .. } => Some(*coder),

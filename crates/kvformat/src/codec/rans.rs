@@ -20,8 +20,8 @@
 use super::CodecError;
 
 /// Precision of a token's probability: frequencies sum to `2^PROB_BITS`.
-pub(crate) const PROB_BITS: u32 = 12;
-pub(crate) const PROB_SCALE: u32 = 1 << PROB_BITS;
+const PROB_BITS: u32 = 12;
+const PROB_SCALE: u32 = 1 << PROB_BITS;
 /// Lower bound of a state; states live in `[STATE_LOW, 2^32)`, and a state
 /// below it after decoding reads one 16-bit word.
 const STATE_LOW: u32 = 1 << 16;
