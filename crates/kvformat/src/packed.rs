@@ -341,7 +341,7 @@ impl PackedFile {
             Some(version) if FORMAT_VERSIONS.contains(&version.as_str()) => {}
             other => {
                 return Err(manifest_error(format!(
-                    "unsupported {FORMAT_VERSION_KEY} {other:?} (this reads {})",
+                    "unsupported {FORMAT_VERSION_KEY} {other:?} (this reads {}): a newer kv-compress wrote it; read it with that version",
                     FORMAT_VERSIONS.map(|v| format!("\"{v}\"")).join(" and ")
                 )))
             }

@@ -49,7 +49,7 @@ def _open(path):
     if text is None:
         raise PackedFileError(f"{path}: not a kv-compress packed file (no {MANIFEST_KEY} in __metadata__)")
     if metadata.get(FORMAT_VERSION_KEY) not in FORMAT_VERSIONS:
-        raise PackedFileError(f"{path}: unsupported {FORMAT_VERSION_KEY} {metadata.get(FORMAT_VERSION_KEY)!r} (this reads {' and '.join(map(repr, FORMAT_VERSIONS))})")
+        raise PackedFileError(f"{path}: unsupported {FORMAT_VERSION_KEY} {metadata.get(FORMAT_VERSION_KEY)!r} (this reads {' and '.join(map(repr, FORMAT_VERSIONS))}): a newer kv-compress wrote it; read it with the kvformat of that version")
     crc = "%08x" % zlib.crc32(text.encode("utf-8"))
     if metadata.get(MANIFEST_CRC_KEY) != crc:
         raise PackedFileError(f"{path}: manifest checksum mismatch (stored {metadata.get(MANIFEST_CRC_KEY)!r}, manifest has {crc}): the file is corrupted")
