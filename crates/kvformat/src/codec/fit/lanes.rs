@@ -1,153 +1,290 @@
-//! The fit's two passes over a group, every candidate in a SIMD lane: the
-//! sums that solve each candidate's least-squares line, and each candidate's
-//! squared error. Per lane, the same f64 operations in the same value order
-//! as `reference` (no reassociation, no FMA), so the same bits at every
-//! [`crate::simd::Level`]; the lane loops are fixed-length so that the
-//! compiler keeps them in registers (4 of AVX-512, 8 of AVX2, per array).
+//! The fit's two passes over a group, candidates in SIMD lanes: the sums
+//! that solve and rank each candidate's least-squares line, and the squared
+//! error of the shortlisted ones. Codes and errors are f32 (the decoder's
+//! own arithmetic, and twice the lanes of f64), summed per [`BLOCK`] of
+//! values and then in f64. Per lane, the same operations in the same value
+//! order as `reference` (no reassociation, no FMA), so the same bits at
+//! every [`crate::simd::Level`]; the lane loops are fixed-length so that the
+//! compiler keeps them in registers.
 
 // Lane loops index several lane arrays at once by the lane number: that is
 // the shape the compiler turns into whole-register operations.
 #![allow(clippy::needless_range_loop)]
 
-use crate::simd::{clamp, multiversion, round};
+use crate::simd::{clamp, multiversion};
 
 // The fit passes its level (the tests run each one), so only the `_at`
 // forms are called.
 
-/// Lanes per pass: the fit's 25 searched scales and the start, padded to a
-/// whole number of AVX-512 registers of f64.
+/// Lanes of the search pass: the fit's 25 searched scales, padded to a whole
+/// number of AVX-512 registers of f32.
 pub(super) const LANES: usize = 32;
 
-pub(super) type Lanes = [f64; LANES];
+pub(super) type Lanes = [f32; LANES];
+
+/// Lanes of the error pass: the shortlist and the start, one AVX-512
+/// register of f32.
+pub(super) const CHECKED: usize = 16;
+
+pub(super) type Checked = [f32; CHECKED];
+
+/// The code of `t`: `t` clamped to `[lo, hi]` and rounded to the nearest
+/// integer, ties to even (adding and taking away 1.5·2^23 leaves no fraction
+/// bits for codes below 2^22), three operations fewer than rounding half
+/// away from zero as the encoder does. Only a tie can round the other way,
+/// and either code of a tie reconstructs equally far from the value: the
+/// errors the search compares are the encoder's.
+#[inline(always)]
+pub(super) fn nearest_code(t: f32, lo: f32, hi: f32) -> f32 {
+    const ROUNDER: f32 = 12_582_912.0;
+    (clamp(t, lo, hi) + ROUNDER) - ROUNDER
+}
+
+/// Values per block: within one the lanes sum in f32, where codes and their
+/// squares stay exact integers (256·255² < 2^24) and rounding stays ~2^-24
+/// relative; each block's sums then join f64 totals.
+pub(super) const BLOCK: usize = 256;
+
+/// The error pass's lanes: each checked candidate's stored scale and
+/// offset, and the scale's f32 reciprocal that finds its codes.
+pub(super) struct CheckedLanes {
+    pub scales: Checked,
+    pub offsets: Checked,
+    pub inverse_scales: Checked,
+}
 
 /// Sums for fitting `x ≈ scale·code + offset` per lane: the count and the
-/// sum of `x` are the same in every lane.
+/// sums of `x` and `x²` are the same in every lane.
+#[derive(Default)]
 pub(super) struct LaneSums {
     pub n: f64,
     pub x: f64,
-    pub code: Lanes,
-    pub code_code: Lanes,
-    pub x_code: Lanes,
+    pub x_x: f64,
+    pub code: [f64; LANES],
+    pub code_code: [f64; LANES],
+    pub x_code: [f64; LANES],
 }
 
 impl LaneSums {
-    /// Lane `lane`'s `(scale, offset)`, or `None` when its codes are all the same.
-    pub(super) fn least_squares_line(&self, lane: usize) -> Option<(f64, f64)> {
-        let (n, x) = (self.n, self.x);
-        let (code, code_code, x_code) = (self.code[lane], self.code_code[lane], self.x_code[lane]);
-        let determinant = n * code_code - code * code;
-        if determinant <= 0.0 {
-            return None;
+    /// Sums with the lane-independent ones of `values` and no codes yet.
+    #[inline(always)]
+    fn of(values: &[f32]) -> Self {
+        let (n, x, x_x) = value_sums_generic(values);
+        LaneSums {
+            n,
+            x,
+            x_x,
+            ..LaneSums::default()
         }
-        let scale = (n * x_code - code * x) / determinant;
-        let offset = (code_code * x - code * x_code) / determinant;
-        Some((scale, offset))
+    }
+
+    /// Adds one block's per-lane sums.
+    #[inline(always)]
+    fn add_block(&mut self, code: &Lanes, code_code: &Lanes, x_code: &Lanes) {
+        add_block(&mut self.code, code);
+        add_block(&mut self.code_code, code_code);
+        add_block(&mut self.x_code, x_code);
+    }
+
+    /// Lane `lane`'s sums.
+    pub(super) fn lane(&self, lane: usize) -> LineSums {
+        LineSums {
+            n: self.n,
+            x: self.x,
+            x_x: self.x_x,
+            code: self.code[lane],
+            code_code: self.code_code[lane],
+            x_code: self.x_code[lane],
+        }
     }
 }
 
+/// One candidate's sums for fitting `x ≈ scale·code + offset`.
+#[derive(Default, Clone, Copy)]
+pub(super) struct LineSums {
+    pub n: f64,
+    pub x: f64,
+    pub x_x: f64,
+    pub code: f64,
+    pub code_code: f64,
+    pub x_code: f64,
+}
+
+impl LineSums {
+    /// The least-squares `(scale, offset)`, or `None` when every code is the same.
+    pub(super) fn least_squares_line(&self) -> Option<(f64, f64)> {
+        let determinant = self.n * self.code_code - self.code * self.code;
+        if determinant <= 0.0 {
+            return None;
+        }
+        let scale = (self.n * self.x_code - self.code * self.x) / determinant;
+        let offset = (self.code_code * self.x - self.code * self.x_code) / determinant;
+        Some((scale, offset))
+    }
+
+    /// The least-squares scale of a line through 0, or `None` when every code is 0.
+    pub(super) fn least_squares_scale(&self) -> Option<f64> {
+        (self.code_code != 0.0).then(|| self.x_code / self.code_code)
+    }
+
+    /// `Σ (scale·code + offset - x)²` over these codes, expanded into the sums.
+    pub(super) fn asymmetric_bound(&self, (scale, offset): (f64, f64)) -> f64 {
+        self.x_x - 2.0 * scale * self.x_code - 2.0 * offset * self.x
+            + scale * scale * self.code_code
+            + 2.0 * scale * offset * self.code
+            + self.n * offset * offset
+    }
+
+    /// `Σ (scale·code - x)²` over these codes.
+    pub(super) fn symmetric_bound(&self, scale: f64) -> f64 {
+        self.x_x - 2.0 * scale * self.x_code + scale * scale * self.code_code
+    }
+}
+
+multiversion!(#[allow(dead_code)] pub(super) fn value_sums / value_sums_at(values: &[f32]) -> (f64, f64, f64)
+    => value_sums_generic);
+
+/// `(n, Σx, Σx²)` in f64, in [`VALUE_LANES`] interleaved partial sums (so
+/// that they vectorize) added in lane order at the end.
+#[inline(always)]
+fn value_sums_generic(values: &[f32]) -> (f64, f64, f64) {
+    let (mut x, mut x_x) = ([0.0f64; VALUE_LANES], [0.0f64; VALUE_LANES]);
+    let chunks = values.chunks_exact(VALUE_LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..VALUE_LANES {
+            let value = f64::from(chunk[lane]);
+            x[lane] += value;
+            x_x[lane] += value * value;
+        }
+    }
+    for (lane, &value) in tail.iter().enumerate() {
+        let value = f64::from(value);
+        x[lane] += value;
+        x_x[lane] += value * value;
+    }
+    let total = |partials: [f64; VALUE_LANES]| partials.iter().fold(0.0, |sum, &p| sum + p);
+    (values.len() as f64, total(x), total(x_x))
+}
+
+/// Partial sums of [`value_sums`]: two AVX-512 registers of f64.
+const VALUE_LANES: usize = 16;
+
 multiversion!(#[allow(dead_code)] pub(super) fn asymmetric_sums / asymmetric_sums_at(
-    values: &[f32], min: f64, inverse_scales: &Lanes, qmax: f64) -> LaneSums
+    values: &[f32], min: f32, inverse_scales: &Lanes, qmax: f32) -> LaneSums
     => asymmetric_sums_generic);
 
 /// Codes `clamp(round((x - min)·inverse_scale), 0, qmax)` per lane, summed.
 #[inline(always)]
 fn asymmetric_sums_generic(
     values: &[f32],
-    min: f64,
+    min: f32,
     inverse_scales: &Lanes,
-    qmax: f64,
+    qmax: f32,
 ) -> LaneSums {
-    let mut sums = LaneSums {
-        n: 0.0,
-        x: 0.0,
-        code: [0.0; LANES],
-        code_code: [0.0; LANES],
-        x_code: [0.0; LANES],
-    };
-    for &x in values {
-        let x = f64::from(x);
-        let shifted = x - min;
-        sums.n += 1.0;
-        sums.x += x;
-        for lane in 0..LANES {
-            let code = clamp(round(shifted * inverse_scales[lane]), 0.0, qmax);
-            sums.code[lane] += code;
-            sums.code_code[lane] += code * code;
-            sums.x_code[lane] += x * code;
+    let mut sums = LaneSums::of(values);
+    for block in values.chunks(BLOCK) {
+        let (mut code, mut code_code, mut x_code) = ([0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        for &x in block {
+            let shifted = x - min;
+            for lane in 0..LANES {
+                let q = nearest_code(shifted * inverse_scales[lane], 0.0, qmax);
+                code[lane] += q;
+                code_code[lane] += q * q;
+                x_code[lane] += x * q;
+            }
         }
+        sums.add_block(&code, &code_code, &x_code);
     }
     sums
 }
 
 multiversion!(#[allow(dead_code)] pub(super) fn asymmetric_errors / asymmetric_errors_at(
-    values: &[f32], scales: &Lanes, offsets: &Lanes, qmax: f64) -> Lanes
+    values: &[f32], checked: &CheckedLanes, qmax: f32) -> [f64; CHECKED]
     => asymmetric_errors_generic);
 
 /// Squared error per lane of the nearest-code reconstruction with the
-/// lane's stored scale and offset, clamped to the finite f32 range as the
-/// decoder does.
+/// lane's stored scale and offset, in the decoder's f32 arithmetic, clamped
+/// to the finite f32 range as the decoder does.
 #[inline(always)]
-fn asymmetric_errors_generic(values: &[f32], scales: &Lanes, offsets: &Lanes, qmax: f64) -> Lanes {
-    let limit = f64::from(f32::MAX);
-    let mut errors = [0.0; LANES];
-    for &x in values {
-        let x = f64::from(x);
-        for lane in 0..LANES {
-            let code = clamp(round((x - offsets[lane]) / scales[lane]), 0.0, qmax);
-            let restored = clamp(code * scales[lane] + offsets[lane], -limit, limit);
-            let error = restored - x;
-            errors[lane] += error * error;
+fn asymmetric_errors_generic(values: &[f32], checked: &CheckedLanes, qmax: f32) -> [f64; CHECKED] {
+    let mut errors = [0.0; CHECKED];
+    for block in values.chunks(BLOCK) {
+        let mut block_errors = [0f32; CHECKED];
+        for &x in block {
+            for lane in 0..CHECKED {
+                let (scale, offset) = (checked.scales[lane], checked.offsets[lane]);
+                let q = nearest_code((x - offset) * checked.inverse_scales[lane], 0.0, qmax);
+                let restored = clamp(q * scale + offset, -f32::MAX, f32::MAX);
+                let error = restored - x;
+                block_errors[lane] += error * error;
+            }
         }
+        add_block(&mut errors, &block_errors);
     }
     errors
 }
 
 multiversion!(#[allow(dead_code)] pub(super) fn symmetric_sums / symmetric_sums_at(
-    values: &[f32], inverse_scales: &Lanes, qmin: f64, qmax: f64) -> LaneSums
+    values: &[f32], inverse_scales: &Lanes, qmin: f32, qmax: f32) -> LaneSums
     => symmetric_sums_generic);
 
 /// Codes `clamp(round(x·inverse_scale), qmin, qmax)` per lane, summed (only
-/// `code_code` and `x_code` are used: the line goes through 0).
+/// `x_x`, `code_code` and `x_code` are used: the line goes through 0).
 #[inline(always)]
 fn symmetric_sums_generic(
     values: &[f32],
     inverse_scales: &Lanes,
-    qmin: f64,
-    qmax: f64,
+    qmin: f32,
+    qmax: f32,
 ) -> LaneSums {
-    let mut sums = LaneSums {
-        n: 0.0,
-        x: 0.0,
-        code: [0.0; LANES],
-        code_code: [0.0; LANES],
-        x_code: [0.0; LANES],
-    };
-    for &x in values {
-        let x = f64::from(x);
-        for lane in 0..LANES {
-            let code = clamp(round(x * inverse_scales[lane]), qmin, qmax);
-            sums.x_code[lane] += x * code;
-            sums.code_code[lane] += code * code;
+    let mut sums = LaneSums::of(values);
+    for block in values.chunks(BLOCK) {
+        let (mut code_code, mut x_code) = ([0f32; LANES], [0f32; LANES]);
+        for &x in block {
+            for lane in 0..LANES {
+                let q = nearest_code(x * inverse_scales[lane], qmin, qmax);
+                code_code[lane] += q * q;
+                x_code[lane] += x * q;
+            }
         }
+        sums.add_block(&[0.0; LANES], &code_code, &x_code);
     }
     sums
 }
 
 multiversion!(#[allow(dead_code)] pub(super) fn symmetric_errors / symmetric_errors_at(
-    values: &[f32], scales: &Lanes, qmin: f64, qmax: f64) -> Lanes
+    values: &[f32], checked: &CheckedLanes, qmin: f32, qmax: f32) -> [f64; CHECKED]
     => symmetric_errors_generic);
 
-/// Squared error per lane of the nearest-code reconstruction with the lane's stored scale.
+/// Squared error per lane of the nearest-code reconstruction with the lane's
+/// stored scale, in the decoder's f32 arithmetic.
 #[inline(always)]
-fn symmetric_errors_generic(values: &[f32], scales: &Lanes, qmin: f64, qmax: f64) -> Lanes {
-    let mut errors = [0.0; LANES];
-    for &x in values {
-        let x = f64::from(x);
-        for lane in 0..LANES {
-            let code = clamp(round(x / scales[lane]), qmin, qmax);
-            let error = code * scales[lane] - x;
-            errors[lane] += error * error;
+fn symmetric_errors_generic(
+    values: &[f32],
+    checked: &CheckedLanes,
+    qmin: f32,
+    qmax: f32,
+) -> [f64; CHECKED] {
+    let mut errors = [0.0; CHECKED];
+    for block in values.chunks(BLOCK) {
+        let mut block_errors = [0f32; CHECKED];
+        for &x in block {
+            for lane in 0..CHECKED {
+                let q = nearest_code(x * checked.inverse_scales[lane], qmin, qmax);
+                let error = q * checked.scales[lane] - x;
+                block_errors[lane] += error * error;
+            }
         }
+        add_block(&mut errors, &block_errors);
     }
     errors
+}
+
+/// `totals[lane] += block[lane]` in f64.
+#[inline(always)]
+fn add_block<const N: usize>(totals: &mut [f64; N], block: &[f32; N]) {
+    for lane in 0..N {
+        totals[lane] += f64::from(block[lane]);
+    }
 }

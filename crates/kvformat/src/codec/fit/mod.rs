@@ -7,17 +7,21 @@
 //! the best 4-level uniform grid, which clips the tails. The search here is
 //! llama.cpp's `make_qkx2_quants` idea: try a range of inverse scales, round
 //! the values to codes with each, solve for the scale (and offset) that best
-//! fit those codes, and keep whichever fit reconstructs with the least error
-//! under the codes the encoder will actually emit. The min/max parameters are
-//! one of the candidates, and every candidate is judged with its scale and
-//! offset rounded as they will be stored, so a fit never does worse than
-//! min/max.
+//! fit those codes, and keep whichever fit reconstructs with the least error.
+//!
+//! Each candidate's error under its own codes is a quadratic in its stored
+//! scale and offset whose coefficients are the sums the solve already has,
+//! so ranking the candidates costs no second look at the values. That error
+//! bounds the one the encoder will see (it re-rounds every value to the
+//! nearest code, which can only be closer), so one more pass measures the
+//! true error of the [`SHORTLIST`] best-ranked candidates and of the min/max
+//! parameters, all with their scale and offset rounded as they will be
+//! stored, and keeps the least: a fit never does worse than min/max.
 //!
 //! Only the encoder searches: the payload is the same `q·scale + offset`
 //! format, so decoding neither knows nor cares how the parameters were found.
 //!
-//! Every candidate sees every value twice (its codes' sums, then its error),
-//! so the search is the encoder's hot loop: `lanes` runs all candidates at
+//! Both passes are the encoder's hot loop: `lanes` runs the candidates at
 //! once, one SIMD lane each, in the same IEEE operations and order as the
 //! one-at-a-time search (`reference`, kept for the tests), so the parameters,
 //! and the packed bytes, are the same bits.
@@ -28,23 +32,29 @@ mod reference;
 
 use super::scales::{ExactParams, ScaleDtype};
 use crate::simd::{level, Level};
-use lanes::{Lanes, LANES};
+use lanes::{CheckedLanes, Lanes, CHECKED, LANES};
 
 /// Candidate inverse scales per group, spread evenly over
 /// `[(qmax - 1) / spread, (qmax + 1) / spread]` (plus the min/max one).
 const CANDIDATES: usize = 24;
 
-/// The lane of the min/max start in the error pass (after the searched
-/// `0..=CANDIDATES`); lanes past it repeat it and are ignored.
-const START_LANE: usize = CANDIDATES + 1;
-const _: () = assert!(START_LANE < LANES);
+const _: () = assert!(CANDIDATES < LANES);
+
+/// Candidates, best-ranked by their error bound, whose true error the second
+/// pass measures beside the min/max start's (lane [`START_LANE`]). At 2 bits
+/// the bound's best is the true best in only some groups: checking 15 loses
+/// almost nothing to checking every candidate, 1 or 3 lose up to 1% RMSE.
+const SHORTLIST: usize = CHECKED - 1;
+
+/// The lane of the min/max start in the error pass.
+const START_LANE: usize = SHORTLIST;
 
 /// The searched inverse scales `(qmax - 1 + 2·step/CANDIDATES) / spread`,
 /// one lane per step (the lanes past them are never read).
 fn inverse_scales(qmax: f64, spread: f64) -> Lanes {
     let mut lanes = [0.0; LANES];
     for (step, lane) in lanes.iter_mut().enumerate().take(CANDIDATES + 1) {
-        *lane = (qmax - 1.0 + 2.0 * step as f64 / CANDIDATES as f64) / spread;
+        *lane = ((qmax - 1.0 + 2.0 * step as f64 / CANDIDATES as f64) / spread) as f32;
     }
     lanes
 }
@@ -74,12 +84,13 @@ pub(crate) fn asymmetric_at(
     if start.scale == 0.0 || values.is_empty() {
         return start;
     }
-    let min = f64::from(start.offset);
     let spread = f64::from(start.scale) * qmax;
-    let sums = lanes::asymmetric_sums_at(level, values, min, &inverse_scales(qmax, spread), qmax);
-    let mut candidates = [None; CANDIDATES + 1];
-    for (lane, slot) in candidates.iter_mut().enumerate() {
-        let Some((scale, offset)) = sums.least_squares_line(lane) else {
+    let inverse_scales = inverse_scales(qmax, spread);
+    let sums = lanes::asymmetric_sums_at(level, values, start.offset, &inverse_scales, qmax as f32);
+    let mut ranked = Ranked::default();
+    for lane in 0..=CANDIDATES {
+        let line = sums.lane(lane);
+        let Some((scale, offset)) = line.least_squares_line() else {
             continue;
         };
         let candidate = ExactParams {
@@ -87,12 +98,14 @@ pub(crate) fn asymmetric_at(
             offset: offset as f32,
         };
         if candidate.scale > 0.0 && candidate.scale.is_finite() && candidate.offset.is_finite() {
-            *slot = Some(candidate);
+            let stored = as_stored(candidate, storage);
+            ranked.push(lane, candidate, stored, line.asymmetric_bound(stored));
         }
     }
-    let (scales, offsets) = stored_lanes(start, &candidates, storage);
-    let errors = lanes::asymmetric_errors_at(level, values, &scales, &offsets, qmax);
-    best_of(start, &candidates, &errors)
+    let shortlist = ranked.shortlist();
+    let checked = checked_lanes(start, &shortlist, storage);
+    let errors = lanes::asymmetric_errors_at(level, values, &checked, qmax as f32);
+    best_of(start, &shortlist, &errors)
 }
 
 /// The least-squares symmetric scale of a group whose max|x| scale is `start`.
@@ -120,53 +133,122 @@ pub(crate) fn symmetric_at(
         return start;
     }
     let max_abs = f64::from(start.scale) * qmax;
-    let sums = lanes::symmetric_sums_at(level, values, &inverse_scales(qmax, max_abs), qmin, qmax);
-    let mut candidates = [None; CANDIDATES + 1];
-    for (lane, slot) in candidates.iter_mut().enumerate() {
-        if sums.code_code[lane] == 0.0 {
+    let inverse_scales = inverse_scales(qmax, max_abs);
+    let sums = lanes::symmetric_sums_at(level, values, &inverse_scales, qmin as f32, qmax as f32);
+    let mut ranked = Ranked::default();
+    for lane in 0..=CANDIDATES {
+        let line = sums.lane(lane);
+        let Some(scale) = line.least_squares_scale() else {
             continue;
-        }
-        let scale = (sums.x_code[lane] / sums.code_code[lane]) as f32;
+        };
+        let scale = scale as f32;
         // The decoder computes code·scale in f32: the most negative code must
         // not overflow it (min/max cannot: its codes stop at -qmax).
         if scale > 0.0 && f64::from(scale) * -qmin <= f64::from(f32::MAX) {
-            *slot = Some(ExactParams { scale, offset: 0.0 });
+            let candidate = ExactParams { scale, offset: 0.0 };
+            let stored = as_stored(candidate, storage);
+            ranked.push(lane, candidate, stored, line.symmetric_bound(stored.0));
         }
     }
-    let (scales, _) = stored_lanes(start, &candidates, storage);
-    let errors = lanes::symmetric_errors_at(level, values, &scales, qmin, qmax);
-    best_of(start, &candidates, &errors)
+    let shortlist = ranked.shortlist();
+    let checked = checked_lanes(start, &shortlist, storage);
+    let errors = lanes::symmetric_errors_at(level, values, &checked, qmin as f32, qmax as f32);
+    best_of(start, &shortlist, &errors)
 }
 
-/// Each candidate's scale and offset as stored, one lane each, the start in
-/// [`START_LANE`] and in every lane with no candidate (computed, never read).
-fn stored_lanes(
-    start: ExactParams,
-    candidates: &[Option<ExactParams>; CANDIDATES + 1],
-    storage: ScaleDtype,
-) -> (Lanes, Lanes) {
-    let start = as_stored(start, storage);
-    let (mut scales, mut offsets) = ([start.0; LANES], [start.1; LANES]);
-    for (lane, candidate) in candidates.iter().enumerate() {
-        if let Some(candidate) = candidate {
-            (scales[lane], offsets[lane]) = as_stored(*candidate, storage);
-        }
+/// A searched candidate: its parameters and the same as stored.
+#[derive(Clone, Copy)]
+pub(super) struct Candidate {
+    pub params: ExactParams,
+    pub stored: (f64, f64),
+}
+
+/// The valid candidates of a search, in step order, with their error bounds.
+#[derive(Default)]
+pub(super) struct Ranked {
+    candidates: [Option<Candidate>; CANDIDATES + 1],
+    /// Per candidate, its rank key: the bound in `f64::total_cmp`'s order
+    /// with the step in its last 5 bits (bounds within 2^-47 of each other
+    /// tie, and the earlier step wins).
+    keys: [u64; CANDIDATES + 1],
+    len: usize,
+}
+
+impl Ranked {
+    /// Adds the candidate of `step`; steps come in increasing order.
+    pub(super) fn push(
+        &mut self,
+        step: usize,
+        params: ExactParams,
+        stored: (f64, f64),
+        bound: f64,
+    ) {
+        const STEP_BITS: u32 = 5;
+        const _: () = assert!(CANDIDATES < 1 << STEP_BITS);
+        // f64::total_cmp's order, as an unsigned integer.
+        let bits = bound.to_bits() as i64;
+        let ordered = (bits ^ ((((bits >> 63) as u64) >> 1) as i64)) as u64 ^ (1 << 63);
+        self.keys[self.len] = (ordered >> STEP_BITS << STEP_BITS) | step as u64;
+        self.candidates[self.len] = Some(Candidate { params, stored });
+        self.len += 1;
     }
-    (scales, offsets)
-}
 
-/// The start unless a candidate, taken in step order, has a smaller error.
-fn best_of(
-    start: ExactParams,
-    candidates: &[Option<ExactParams>; CANDIDATES + 1],
-    errors: &Lanes,
-) -> ExactParams {
-    let mut best = (errors[START_LANE], start);
-    for (candidate, &error) in candidates.iter().zip(errors) {
-        if let Some(candidate) = candidate {
-            if error < best.0 {
-                best = (error, *candidate);
+    /// The [`SHORTLIST`] smallest bounds (ties to the earlier step; a NaN
+    /// bound ranks last), in step order.
+    pub(super) fn shortlist(self) -> Shortlist {
+        let mut shortlist = Shortlist::default();
+        let threshold = if self.len > SHORTLIST {
+            let mut keys = self.keys;
+            *keys[..self.len].select_nth_unstable(SHORTLIST - 1).1
+        } else {
+            u64::MAX
+        };
+        for (key, candidate) in self.keys.iter().zip(&self.candidates).take(self.len) {
+            if *key <= threshold {
+                shortlist.candidates[shortlist.len] = *candidate;
+                shortlist.len += 1;
             }
+        }
+        shortlist
+    }
+}
+
+/// The candidates whose true error is measured, in step order.
+#[derive(Default)]
+pub(super) struct Shortlist {
+    candidates: [Option<Candidate>; SHORTLIST],
+    len: usize,
+}
+
+impl Shortlist {
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Candidate> {
+        self.candidates[..self.len].iter().flatten()
+    }
+}
+
+/// The shortlisted candidates' stored scales and offsets, one lane each, the
+/// start in [`START_LANE`] and in every lane with no candidate (computed,
+/// never read).
+fn checked_lanes(start: ExactParams, shortlist: &Shortlist, storage: ScaleDtype) -> CheckedLanes {
+    let start = as_stored(start, storage);
+    let (mut scales, mut offsets) = ([start.0 as f32; CHECKED], [start.1 as f32; CHECKED]);
+    for (lane, candidate) in shortlist.iter().enumerate() {
+        (scales[lane], offsets[lane]) = (candidate.stored.0 as f32, candidate.stored.1 as f32);
+    }
+    CheckedLanes {
+        scales,
+        offsets,
+        inverse_scales: scales.map(|scale| 1.0 / scale),
+    }
+}
+
+/// The start unless a shortlisted candidate, taken in step order, has a
+/// smaller error.
+fn best_of(start: ExactParams, shortlist: &Shortlist, errors: &[f64; CHECKED]) -> ExactParams {
+    let mut best = (errors[START_LANE], start);
+    for (candidate, &error) in shortlist.iter().zip(errors) {
+        if error < best.0 {
+            best = (error, candidate.params);
         }
     }
     best.1

@@ -1,8 +1,9 @@
-//! The one-candidate-at-a-time search as it was first written: the
-//! reference the lane kernels must reproduce bit for bit (`super::tests`).
+//! The one-candidate-at-a-time search: the reference the lane kernels must
+//! reproduce bit for bit (`super::tests`).
 
 use super::super::scales::{ExactParams, ScaleDtype};
-use super::{as_stored, CANDIDATES};
+use super::lanes::{nearest_code, value_sums, LineSums, BLOCK};
+use super::{as_stored, Ranked, Shortlist, CANDIDATES};
 
 /// The least-squares asymmetric parameters of a group whose min/max
 /// parameters are `start` (`offset = min`, `scale = spread / qmax`).
@@ -15,14 +16,12 @@ pub(crate) fn asymmetric(
     if start.scale == 0.0 || values.is_empty() {
         return start;
     }
-    let min = f64::from(start.offset);
     let spread = f64::from(start.scale) * qmax;
-    let mut best = (asymmetric_error(values, start, qmax, storage), start);
+    let mut ranked = Ranked::default();
     for step in 0..=CANDIDATES {
-        let inverse_scale = (qmax - 1.0 + 2.0 * step as f64 / CANDIDATES as f64) / spread;
-        let sums = values.iter().fold(Sums::default(), |sums, &x| {
-            let x = f64::from(x);
-            sums.add(((x - min) * inverse_scale).round().clamp(0.0, qmax), x)
+        let inverse_scale = ((qmax - 1.0 + 2.0 * step as f64 / CANDIDATES as f64) / spread) as f32;
+        let sums = line_sums(values, |x| {
+            nearest_code((x - start.offset) * inverse_scale, 0.0, qmax as f32)
         });
         let Some((scale, offset)) = sums.least_squares_line() else {
             continue;
@@ -34,12 +33,16 @@ pub(crate) fn asymmetric(
         if !(candidate.scale > 0.0 && candidate.scale.is_finite() && candidate.offset.is_finite()) {
             continue;
         }
-        let error = asymmetric_error(values, candidate, qmax, storage);
-        if error < best.0 {
-            best = (error, candidate);
-        }
+        let stored = as_stored(candidate, storage);
+        ranked.push(step, candidate, stored, sums.asymmetric_bound(stored));
     }
-    best.1
+    least_error(start, &ranked.shortlist(), |params| {
+        let (scale, offset) = as_stored_f32(params, storage);
+        f32_squared_error(values, |x| {
+            let code = nearest_code((x - offset) * (1.0 / scale), 0.0, qmax as f32);
+            (code * scale + offset).clamp(-f32::MAX, f32::MAX)
+        })
+    })
 }
 
 /// The least-squares symmetric scale of a group whose max|x| scale is `start`.
@@ -53,63 +56,92 @@ pub(crate) fn symmetric(
         return start;
     }
     let max_abs = f64::from(start.scale) * qmax;
-    let mut best = (symmetric_error(values, start, (qmin, qmax), storage), start);
+    let mut ranked = Ranked::default();
     for step in 0..=CANDIDATES {
-        let inverse_scale = (qmax - 1.0 + 2.0 * step as f64 / CANDIDATES as f64) / max_abs;
-        let (x_code, code_code) = values.iter().fold((0.0, 0.0), |(xq, qq), &x| {
-            let x = f64::from(x);
-            let code = (x * inverse_scale).round().clamp(qmin, qmax);
-            (xq + x * code, qq + code * code)
+        let inverse_scale = ((qmax - 1.0 + 2.0 * step as f64 / CANDIDATES as f64) / max_abs) as f32;
+        let sums = line_sums(values, |x| {
+            nearest_code(x * inverse_scale, qmin as f32, qmax as f32)
         });
-        if code_code == 0.0 {
+        let Some(scale) = sums.least_squares_scale() else {
             continue;
-        }
-        let scale = (x_code / code_code) as f32;
+        };
+        let scale = scale as f32;
         // The decoder computes code·scale in f32: the most negative code must
         // not overflow it (min/max cannot: its codes stop at -qmax).
         if !(scale > 0.0 && f64::from(scale) * -qmin <= f64::from(f32::MAX)) {
             continue;
         }
         let candidate = ExactParams { scale, offset: 0.0 };
-        let error = symmetric_error(values, candidate, (qmin, qmax), storage);
-        if error < best.0 {
-            best = (error, candidate);
+        let stored = as_stored(candidate, storage);
+        ranked.push(step, candidate, stored, sums.symmetric_bound(stored.0));
+    }
+    least_error(start, &ranked.shortlist(), |params| {
+        let (scale, _) = as_stored_f32(params, storage);
+        f32_squared_error(values, |x| {
+            nearest_code(x * (1.0 / scale), qmin as f32, qmax as f32) * scale
+        })
+    })
+}
+
+/// One candidate's sums: codes in f32, summed value by value in f32 per
+/// block and the blocks in f64.
+fn line_sums(values: &[f32], code_of: impl Fn(f32) -> f32) -> LineSums {
+    let (n, x, x_x) = value_sums(values);
+    let mut sums = LineSums {
+        n,
+        x,
+        x_x,
+        ..LineSums::default()
+    };
+    for block in values.chunks(BLOCK) {
+        let (mut code, mut code_code, mut x_code) = (0f32, 0f32, 0f32);
+        for &x in block {
+            let q = code_of(x);
+            code += q;
+            code_code += q * q;
+            x_code += x * q;
+        }
+        sums.code += f64::from(code);
+        sums.code_code += f64::from(code_code);
+        sums.x_code += f64::from(x_code);
+    }
+    sums
+}
+
+/// `Σ (restored(x) - x)²` in f32 per block, the blocks in f64.
+fn f32_squared_error(values: &[f32], restored: impl Fn(f32) -> f32) -> f64 {
+    values
+        .chunks(BLOCK)
+        .map(|block| {
+            let error = block.iter().fold(0f32, |sum, &x| {
+                let error = restored(x) - x;
+                sum + error * error
+            });
+            f64::from(error)
+        })
+        .sum()
+}
+
+/// The parameters as stored, in f32 (both storages are f32-representable).
+fn as_stored_f32(params: ExactParams, storage: ScaleDtype) -> (f32, f32) {
+    let (scale, offset) = as_stored(params, storage);
+    (scale as f32, offset as f32)
+}
+
+/// The start unless a shortlisted candidate, in step order, has a smaller error.
+fn least_error(
+    start: ExactParams,
+    shortlist: &Shortlist,
+    error: impl Fn(ExactParams) -> f64,
+) -> ExactParams {
+    let mut best = (error(start), start);
+    for candidate in shortlist.iter() {
+        let candidate_error = error(candidate.params);
+        if candidate_error < best.0 {
+            best = (candidate_error, candidate.params);
         }
     }
     best.1
-}
-
-/// Running sums for fitting `x ≈ scale·code + offset` by least squares.
-#[derive(Default, Clone, Copy)]
-struct Sums {
-    n: f64,
-    code: f64,
-    code_code: f64,
-    x: f64,
-    x_code: f64,
-}
-
-impl Sums {
-    fn add(self, code: f64, x: f64) -> Self {
-        Sums {
-            n: self.n + 1.0,
-            code: self.code + code,
-            code_code: self.code_code + code * code,
-            x: self.x + x,
-            x_code: self.x_code + x * code,
-        }
-    }
-
-    /// `(scale, offset)`, or `None` when every code is the same.
-    fn least_squares_line(&self) -> Option<(f64, f64)> {
-        let determinant = self.n * self.code_code - self.code * self.code;
-        if determinant <= 0.0 {
-            return None;
-        }
-        let scale = (self.n * self.x_code - self.code * self.x) / determinant;
-        let offset = (self.code_code * self.x - self.code * self.x_code) / determinant;
-        Some((scale, offset))
-    }
 }
 
 /// Squared error of the nearest-code reconstruction on an asymmetric grid.
