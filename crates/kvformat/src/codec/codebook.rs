@@ -11,7 +11,8 @@
 //!   table's provenance is the test that rederives it by Lloyd's algorithm);
 //! - `kmeans`: the levels are fitted to the tensor (Lloyd's algorithm on its
 //!   values divided by their group's scale, weighted by scale², so it
-//!   minimizes the tensor's squared error; started from the Gaussian levels)
+//!   minimizes the tensor's squared error; started from the Gaussian levels;
+//!   run on a fine histogram of those values, one pass over the tensor)
 //!   and stored as 2^b FP16 values in the payload, so non-Gaussian tensors
 //!   (no rotation, outlier channels) get levels of their own.
 //!
@@ -43,9 +44,15 @@ pub const GAUSSIAN_LEVELS: [&[f32]; 3] = [
 /// encoder's work is bounded; every iteration lowers (or keeps) the error.
 const KMEANS_ITERATIONS: usize = 16;
 
-/// Values per partial sum of the k-means update: fixed chunks, so the sums
-/// (and the levels) do not depend on the thread count.
-const SUM_CHUNK: usize = 1 << 14;
+/// Groups per partial histogram: fixed chunks, so the sums (and the levels)
+/// do not depend on the thread count.
+const GROUP_CHUNK: usize = 4096;
+
+/// Bins of the k-means histogram of `t = x / s`, evenly over
+/// `[-HISTOGRAM_RANGE, HISTOGRAM_RANGE)` (values beyond it join the end
+/// bins): 2^-11 wide, half an FP16 level's spacing at 1.
+const HISTOGRAM_BINS: usize = 1 << 15;
+const HISTOGRAM_RANGE: f64 = 8.0;
 
 /// All 2^bits Gaussian levels, ascending.
 pub fn gaussian_levels(bits: u8) -> Vec<f32> {
@@ -176,46 +183,21 @@ pub(crate) fn fit_codebook(
     if grid != Grid::Kmeans {
         return Codebook::new(levels);
     }
-    let group_of = group_index(geometry);
+    let bins = histogram(values, kept, geometry, scales);
     for _ in 0..KMEANS_ITERATIONS {
         let codebook = Codebook::new(levels.clone());
-        let k = levels.len();
-        // Per level: Σ s²·t = Σ s·x and Σ s², over kept values.
-        let partial: Vec<Vec<(f64, f64)>> = values
-            .par_chunks(SUM_CHUNK)
-            .enumerate()
-            .map(|(chunk, chunk_values)| {
-                let mut sums = vec![(0.0f64, 0.0f64); k];
-                let (start, end) = (chunk * SUM_CHUNK, chunk * SUM_CHUNK + chunk_values.len());
-                let mut codes = vec![0u8; chunk_values.len()];
-                // Group by group, in index order: the scale is looked up
-                // once per group, not once per value, and the group's codes
-                // come from one vectorized pass before the (serial) sums.
-                let mut i = start;
-                while i < end {
-                    let group = group_of(i);
-                    let stop = geometry.range(group).end.min(end);
-                    let scale = scales[group];
-                    let s = f64::from(scale);
-                    let codes = &mut codes[i - start..stop - start];
-                    nearest_levels(&values[i..stop], scale, &codebook.boundaries, codes);
-                    for (i, &code) in (i..stop).zip(codes.iter()) {
-                        if kept.is_some_and(|kept| !kept[i]) {
-                            continue;
-                        }
-                        let code = usize::from(code);
-                        sums[code].0 += s * f64::from(values[i]);
-                        sums[code].1 += s * s;
-                    }
-                    i = stop;
-                }
-                sums
-            })
-            .collect();
-        for (j, level) in levels.iter_mut().enumerate() {
-            let (sx, ss) = partial
-                .iter()
-                .fold((0.0, 0.0), |(a, b), sums| (a + sums[j].0, b + sums[j].1));
+        // Per level: Σ s²·t = Σ s·x and Σ s², over the bins its codes take.
+        // The bins' means ascend, so their codes do: one sweep.
+        let mut sums = vec![(0.0f64, 0.0f64); levels.len()];
+        let mut code = 0;
+        for bin in &bins {
+            while code < codebook.boundaries.len() && bin.mean > codebook.boundaries[code] {
+                code += 1;
+            }
+            sums[code].0 += bin.scaled_sum;
+            sums[code].1 += bin.weight;
+        }
+        for (level, &(sx, ss)) in levels.iter_mut().zip(&sums) {
             if ss > 0.0 {
                 *level = (sx / ss) as f32;
             }
@@ -224,17 +206,64 @@ pub(crate) fn fit_codebook(
     Codebook::new(levels.iter().map(|&l| f16::from_f32(l).to_f32()).collect())
 }
 
-/// Maps a grouped index to its group (groups of a segment are contiguous).
-fn group_index(geometry: &GroupGeometry) -> impl Fn(usize) -> usize + Sync + '_ {
-    let per_segment = geometry
-        .segment_len
-        .div_ceil(geometry.group_size.max(1))
-        .max(1);
-    move |i| {
-        let segment = i / geometry.segment_len.max(1);
-        let within = i % geometry.segment_len.max(1);
-        segment * per_segment + within / geometry.group_size
-    }
+/// One bin of the k-means histogram: `Σ s·x`, `Σ s²` and their ratio, the
+/// weighted mean of its `t`, which stands for the bin when codes are chosen.
+struct Bin {
+    scaled_sum: f64,
+    weight: f64,
+    mean: f32,
+}
+
+/// The weighted histogram of the kept values' `t = x / s` (weight `s²`, so
+/// that Lloyd's algorithm on it minimizes the tensor's squared error), its
+/// non-empty bins in order. One pass over the values: the k-means
+/// iterations then run on at most [`HISTOGRAM_BINS`] bins, each assigned by
+/// its mean (a level moves by at most about a bin's width).
+fn histogram(
+    values: &[f32],
+    kept: Option<&[bool]>,
+    geometry: &GroupGeometry,
+    scales: &[f32],
+) -> Vec<Bin> {
+    let groups = geometry.group_count();
+    let per_bin = HISTOGRAM_BINS as f64 / (2.0 * HISTOGRAM_RANGE);
+    let partial: Vec<Vec<(f64, f64)>> = (0..groups.div_ceil(GROUP_CHUNK))
+        .into_par_iter()
+        .map(|chunk| {
+            let mut bins = vec![(0.0f64, 0.0f64); HISTOGRAM_BINS];
+            let first = chunk * GROUP_CHUNK;
+            let chunk_scales = &scales[first..(first + GROUP_CHUNK).min(groups)];
+            for (group, &scale) in (first..).zip(chunk_scales) {
+                let s = f64::from(scale);
+                if s == 0.0 {
+                    continue; // Adds s·x = 0 and s² = 0 to whichever code.
+                }
+                let span = geometry.range(group);
+                let kept = kept.map(|kept| &kept[span.clone()]);
+                for &x in kept_values(&values[span], kept) {
+                    let x = f64::from(x);
+                    let position = (x / s + HISTOGRAM_RANGE) * per_bin;
+                    // `as` saturates (and takes NaN to 0).
+                    let bin = (position as usize).min(HISTOGRAM_BINS - 1);
+                    bins[bin].0 += s * x;
+                    bins[bin].1 += s * s;
+                }
+            }
+            bins
+        })
+        .collect();
+    (0..HISTOGRAM_BINS)
+        .filter_map(|bin| {
+            let (scaled_sum, weight) = partial.iter().fold((0.0, 0.0), |(a, b), bins| {
+                (a + bins[bin].0, b + bins[bin].1)
+            });
+            (weight > 0.0).then(|| Bin {
+                scaled_sum,
+                weight,
+                mean: (scaled_sum / weight) as f32,
+            })
+        })
+        .collect()
 }
 
 /// Every group's RMS over its kept values (0 when none), the codebook scale
@@ -510,5 +539,76 @@ mod tests {
         assert_eq!(codebook.code(0.5 * l0 + 0.5 * l1), 2);
         assert_eq!(codebook.code(1.0e9), 3);
         assert_eq!(codebook.value(3, 2.0), 2.0 * l1);
+    }
+
+    /// Lloyd's algorithm value by value, every sum in f64: the definition
+    /// the histogram's fit approximates.
+    fn exact_kmeans(
+        bits: u8,
+        values: &[f32],
+        geometry: &GroupGeometry,
+        scales: &[f32],
+    ) -> Vec<f32> {
+        let mut levels = gaussian_levels(bits);
+        for _ in 0..KMEANS_ITERATIONS {
+            let codebook = Codebook::new(levels.clone());
+            let mut sums = vec![(0.0f64, 0.0f64); levels.len()];
+            for (group, &scale) in scales.iter().enumerate() {
+                for &x in &values[geometry.range(group)] {
+                    let s = f64::from(scale);
+                    let sum = &mut sums[usize::from(codebook.code(x / scale))];
+                    sum.0 += s * f64::from(x);
+                    sum.1 += s * s;
+                }
+            }
+            for (level, &(sx, ss)) in levels.iter_mut().zip(&sums) {
+                if ss > 0.0 {
+                    *level = (sx / ss) as f32;
+                }
+            }
+        }
+        levels
+    }
+
+    #[test]
+    fn histogram_kmeans_levels_are_lloyds_to_within_fp16_rounding() {
+        // Skewed groups of differing scales: levels well away from Gaussian.
+        let mut rng = crate::codec::SplitMix64(11);
+        let mut uniform = || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        let geometry = GroupGeometry {
+            segment_len: 96,
+            segment_count: 300,
+            group_size: 32,
+        };
+        let mut values = Vec::new();
+        for group in 0..geometry.group_count() {
+            let spread = 0.1 + (group % 7) as f64;
+            for _ in 0..geometry.group_size {
+                let u = uniform();
+                values.push((spread * (u * u * 3.0 - 0.8)) as f32);
+            }
+        }
+        let scales: Vec<f32> = rms_params(&values, None, &geometry)
+            .iter()
+            .map(|p| p.scale)
+            .collect();
+        for bits in [2u8, 3, 4] {
+            let fitted = fit_codebook(Grid::Kmeans, bits, &values, None, &geometry, &scales);
+            let exact = exact_kmeans(bits, &values, &geometry, &scales);
+            assert!(exact
+                .iter()
+                .zip(&gaussian_levels(bits))
+                .any(|(a, b)| (a - b).abs() > 0.05));
+            for (&ours, &reference) in fitted.levels.iter().zip(&exact) {
+                // Within a bin's width of the exact level, plus its FP16 rounding.
+                let bin_width = (2.0 * HISTOGRAM_RANGE / HISTOGRAM_BINS as f64) as f32;
+                let tolerance = bin_width + reference.abs() * 2f32.powi(-11);
+                assert!(
+                    (ours - reference).abs() <= tolerance,
+                    "{bits} bits: {ours} vs {reference} ({:?} vs {exact:?})",
+                    fitted.levels
+                );
+            }
+        }
     }
 }
