@@ -181,3 +181,33 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+multiversion!(pub(crate) fn moments / moments_at(values: &[f32], center: f64) -> (f64, f64)
+    => moments_generic);
+
+/// `(Σ (x - center), Σ (x - center)²)` in f64, in [`MOMENT_LANES`]
+/// interleaved partial sums (so that they vectorize) added in lane order at
+/// the end: the same bits at every level.
+#[inline(always)]
+pub(crate) fn moments_generic(values: &[f32], center: f64) -> (f64, f64) {
+    let (mut sums, mut squares) = ([0.0f64; MOMENT_LANES], [0.0f64; MOMENT_LANES]);
+    let chunks = values.chunks_exact(MOMENT_LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..MOMENT_LANES {
+            let deviation = f64::from(chunk[lane]) - center;
+            sums[lane] += deviation;
+            squares[lane] += deviation * deviation;
+        }
+    }
+    for (lane, &x) in tail.iter().enumerate() {
+        let deviation = f64::from(x) - center;
+        sums[lane] += deviation;
+        squares[lane] += deviation * deviation;
+    }
+    let total = |partials: [f64; MOMENT_LANES]| partials.iter().fold(0.0, |sum, &p| sum + p);
+    (total(sums), total(squares))
+}
+
+/// Partial sums of [`moments`]: two AVX-512 registers of f64.
+const MOMENT_LANES: usize = 16;

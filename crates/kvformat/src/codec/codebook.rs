@@ -123,6 +123,21 @@ impl GroupMapping for Scaled<'_> {
 
     fn values(&self, group: usize, codes: &[u8], kept: Option<&[bool]>, out: &mut [f32]) {
         let scale = self.scales[group];
+        if kept.is_none() {
+            // Every code's value once, then a lookup per value (a codebook
+            // has at most 16 levels, so a code masked to 4 bits is itself).
+            let mut table = [0f32; 16];
+            for (code, value) in table
+                .iter_mut()
+                .enumerate()
+                .take(self.codebook.levels.len())
+            {
+                *value = self.codebook.value(code as u8, scale);
+            }
+            look_up(codes, &table, &mut out[..codes.len()]);
+            out[codes.len()..].fill(0.0);
+            return;
+        }
         let mut codes = codes.iter();
         for (i, x) in out.iter_mut().enumerate() {
             *x = match kept {
@@ -132,6 +147,17 @@ impl GroupMapping for Scaled<'_> {
                     .map_or(0.0, |&code| self.codebook.value(code, scale)),
             };
         }
+    }
+}
+
+crate::simd::multiversion!(fn look_up / look_up_at(
+    codes: &[u8], table: &[f32; 16], out: &mut [f32]) => look_up_generic);
+
+/// `out[i] = table[codes[i]]` for codes below 16.
+#[inline(always)]
+fn look_up_generic(codes: &[u8], table: &[f32; 16], out: &mut [f32]) {
+    for (x, &code) in out.iter_mut().zip(codes) {
+        *x = table[usize::from(code & 15)];
     }
 }
 

@@ -24,6 +24,7 @@ use super::range_coder::{Decoder, IntegerModel, MAX_BUCKET};
 use super::rans::{self, SlotTable, Table};
 use super::scales::{GroupParams, ScaleDtype, ZERO_GROUP_SCALE};
 use super::CodecError;
+use crate::simd::moments;
 
 /// The levels section: the step, little-endian f32.
 pub(crate) const LEVELS_LEN: usize = 4;
@@ -80,8 +81,8 @@ impl Priced {
         geometry: &GroupGeometry,
         reuse: Vec<i32>,
     ) -> Self {
-        let codes = tensor_codes(params, step, grouped, geometry, reuse);
-        let model = Model::of(&Statistics::of(&codes, geometry));
+        let (codes, statistics) = tensor_codes(params, step, grouped, geometry, reuse);
+        let model = Model::of(&statistics);
         Priced { step, codes, model }
     }
 
@@ -102,13 +103,11 @@ impl Priced {
 pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) -> Choice {
     let means: Vec<f64> = (0..geometry.group_count())
         .map(|group| {
-            let span = geometry.range(group);
-            let len = span.len();
-            let sum: f64 = grouped[span].iter().map(|&x| f64::from(x)).sum();
-            if len == 0 {
+            let values = &grouped[geometry.range(group)];
+            if values.is_empty() {
                 0.0
             } else {
-                sum / len as f64
+                moments(values, 0.0).0 / values.len() as f64
             }
         })
         .collect();
@@ -120,13 +119,7 @@ pub(crate) fn choose(target: Target, grouped: &[f32], geometry: &GroupGeometry) 
         (ScaleDtype::F32, means.iter().map(|&m| m as f32).collect())
     };
     let group_squares: Vec<f64> = (0..geometry.group_count())
-        .map(|group| {
-            let offset = f64::from(offsets[group]);
-            grouped[geometry.range(group)]
-                .iter()
-                .map(|&x| (f64::from(x) - offset).powi(2))
-                .sum::<f64>()
-        })
+        .map(|group| moments(&grouped[geometry.range(group)], f64::from(offsets[group])).1)
         .collect();
     let squares: f64 = group_squares.iter().sum();
     let params = GroupParams {
@@ -271,26 +264,29 @@ pub(crate) fn read_levels(bytes: &[u8]) -> Result<f32, CodecError> {
 }
 
 /// Every value's code at `step` (see [`group_codes`]), in group order, in
-/// `reuse`'s allocation.
+/// `reuse`'s allocation, and their token counts, group by group while the
+/// group's codes are in cache.
 pub(crate) fn tensor_codes(
     params: &GroupParams,
     step: f32,
     grouped: &[f32],
     geometry: &GroupGeometry,
     mut reuse: Vec<i32>,
-) -> Vec<i32> {
-    reuse.clear();
-    reuse.resize(grouped.len(), 0);
+) -> (Vec<i32>, Statistics) {
+    // The groups cover every value, so a buffer of the right length is
+    // overwritten whole: zeroing it first would be a pass for nothing.
+    if reuse.len() != grouped.len() {
+        reuse.clear();
+        reuse.resize(grouped.len(), 0);
+    }
+    let mut statistics = Statistics::new(geometry.group_count());
     for group in 0..geometry.group_count() {
         let span = geometry.range(group);
-        group_codes(
-            params.offsets[group],
-            step,
-            &grouped[span.clone()],
-            &mut reuse[span],
-        );
+        let codes = &mut reuse[span.clone()];
+        group_codes(params.offsets[group], step, &grouped[span], codes);
+        statistics.add_group(codes);
     }
-    reuse
+    (reuse, statistics)
 }
 
 /// The codes section of `codes` (format 2, docs/format.md "rANS-coded
@@ -628,42 +624,79 @@ fn spread_class(zigzag_sum: u64, len: usize) -> usize {
     ((2.0 * (1.0 + mean).log2()) as usize).min(MAX_CONTEXTS - 1)
 }
 
+crate::simd::multiversion!(fn zigzag_sum_and_max / zigzag_sum_and_max_at(codes: &[i32]) -> (u64, u32)
+    => zigzag_sum_and_max_generic);
+
+/// The sum and the largest of the codes' zigzag values, in lanes (so that it
+/// vectorizes; an integer sum is the same in any order).
+#[inline(always)]
+fn zigzag_sum_and_max_generic(codes: &[i32]) -> (u64, u32) {
+    const LANES: usize = 16;
+    let (mut sums, mut largest) = ([0u64; LANES], [0u32; LANES]);
+    let chunks = codes.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for lane in 0..LANES {
+            let z = zigzag(chunk[lane]);
+            sums[lane] += u64::from(z);
+            largest[lane] = largest[lane].max(z);
+        }
+    }
+    for (lane, &q) in tail.iter().enumerate() {
+        let z = zigzag(q);
+        sums[lane] += u64::from(z);
+        largest[lane] = largest[lane].max(z);
+    }
+    (
+        sums.iter().sum(),
+        largest.iter().copied().max().unwrap_or(0),
+    )
+}
+
 /// A tensor's token counts at one step: per spread class, and each group's class.
-struct Statistics {
+pub(crate) struct Statistics {
     classes: Vec<u8>,
     counts: Vec<[u32; TOKENS]>,
     extra_bits: u64,
+    /// One group's counts in four histograms, used in turn so that a run of
+    /// one token does not wait on its own count's last increment; all zero
+    /// between groups.
+    group_counts: [[u32; TOKENS]; 4],
 }
 
 impl Statistics {
-    fn of(codes: &[i32], geometry: &GroupGeometry) -> Self {
-        let mut stats = Statistics {
-            classes: Vec::with_capacity(geometry.group_count()),
+    fn new(groups: usize) -> Self {
+        Statistics {
+            classes: Vec::with_capacity(groups),
             counts: vec![[0; TOKENS]; MAX_CONTEXTS],
             extra_bits: 0,
-        };
-        // Four histograms in turn, so that a run of one token does not
-        // wait on its own count's last increment.
-        let mut group_counts = [[0u32; TOKENS]; 4];
-        for group in 0..geometry.group_count() {
-            let codes = &codes[geometry.range(group)];
-            let mut sum = 0u64;
+            group_counts: [[0; TOKENS]; 4],
+        }
+    }
+
+    /// Counts the next group's tokens.
+    fn add_group(&mut self, codes: &[i32]) {
+        let (sum, largest) = zigzag_sum_and_max(codes);
+        let group_counts = &mut self.group_counts;
+        if largest < DIRECT_TOKENS {
+            // Every code its own token, with no extra bits.
             for (k, &q) in codes.iter().enumerate() {
-                let z = zigzag(q);
-                sum += u64::from(z);
-                let (token, len, _) = token_of(z);
-                group_counts[k % 4][usize::from(token)] += 1;
-                stats.extra_bits += u64::from(len);
+                group_counts[k % 4][zigzag(q) as usize & 0xFF] += 1;
             }
-            let class = spread_class(sum, codes.len());
-            stats.classes.push(class as u8);
-            for counts in &mut group_counts {
-                for (total, count) in stats.counts[class].iter_mut().zip(counts.iter_mut()) {
-                    *total += std::mem::take(count);
-                }
+        } else {
+            for (k, &q) in codes.iter().enumerate() {
+                let (token, len, _) = token_of(zigzag(q));
+                group_counts[k % 4][usize::from(token)] += 1;
+                self.extra_bits += u64::from(len);
             }
         }
-        stats
+        let class = spread_class(sum, codes.len());
+        self.classes.push(class as u8);
+        for counts in group_counts {
+            for (total, count) in self.counts[class].iter_mut().zip(counts.iter_mut()) {
+                *total += std::mem::take(count);
+            }
+        }
     }
 }
 
@@ -1110,7 +1143,7 @@ mod tests {
 
     #[test]
     fn groups_of_different_spreads_get_their_own_tables_when_that_is_smaller() {
-        use super::{encode_codes, tensor_codes, Model, Statistics};
+        use super::{encode_codes, tensor_codes, Model};
         // Per-channel groups whose deviations span 2^-3..2^4 of one step.
         let values: Vec<f32> = gaussian_cache(4, 1024, 9)
             .iter()
@@ -1118,12 +1151,8 @@ mod tests {
             .map(|(i, &x)| x * (((i / 4096) % 8) as f32 - 3.0).exp2())
             .collect();
         let (params, geometry) = flat_groups(&values, 4096);
-        let model_at = |params, values| {
-            Model::of(&Statistics::of(
-                &tensor_codes(params, 0.1, values, &geometry, Vec::new()),
-                &geometry,
-            ))
-        };
+        let model_at =
+            |params, values| Model::of(&tensor_codes(params, 0.1, values, &geometry, Vec::new()).1);
         let model = model_at(&params, &values);
         assert!(model.tables.len() > 4, "{} tables", model.tables.len());
         let one_spread = gaussian_cache(4, 1024, 9);

@@ -11,7 +11,7 @@
 // the shape the compiler turns into whole-register operations.
 #![allow(clippy::needless_range_loop)]
 
-use crate::simd::{clamp, multiversion};
+use crate::simd::{clamp, moments_generic, multiversion};
 
 // The fit passes its level (the tests run each one), so only the `_at`
 // forms are called.
@@ -69,9 +69,9 @@ impl LaneSums {
     /// Sums with the lane-independent ones of `values` and no codes yet.
     #[inline(always)]
     fn of(values: &[f32]) -> Self {
-        let (n, x, x_x) = value_sums_generic(values);
+        let (x, x_x) = moments_generic(values, 0.0);
         LaneSums {
-            n,
+            n: values.len() as f64,
             x,
             x_x,
             ..LaneSums::default()
@@ -140,35 +140,6 @@ impl LineSums {
         self.x_x - 2.0 * scale * self.x_code + scale * scale * self.code_code
     }
 }
-
-multiversion!(#[allow(dead_code)] pub(super) fn value_sums / value_sums_at(values: &[f32]) -> (f64, f64, f64)
-    => value_sums_generic);
-
-/// `(n, Σx, Σx²)` in f64, in [`VALUE_LANES`] interleaved partial sums (so
-/// that they vectorize) added in lane order at the end.
-#[inline(always)]
-fn value_sums_generic(values: &[f32]) -> (f64, f64, f64) {
-    let (mut x, mut x_x) = ([0.0f64; VALUE_LANES], [0.0f64; VALUE_LANES]);
-    let chunks = values.chunks_exact(VALUE_LANES);
-    let tail = chunks.remainder();
-    for chunk in chunks {
-        for lane in 0..VALUE_LANES {
-            let value = f64::from(chunk[lane]);
-            x[lane] += value;
-            x_x[lane] += value * value;
-        }
-    }
-    for (lane, &value) in tail.iter().enumerate() {
-        let value = f64::from(value);
-        x[lane] += value;
-        x_x[lane] += value * value;
-    }
-    let total = |partials: [f64; VALUE_LANES]| partials.iter().fold(0.0, |sum, &p| sum + p);
-    (values.len() as f64, total(x), total(x_x))
-}
-
-/// Partial sums of [`value_sums`]: two AVX-512 registers of f64.
-const VALUE_LANES: usize = 16;
 
 multiversion!(#[allow(dead_code)] pub(super) fn asymmetric_sums / asymmetric_sums_at(
     values: &[f32], min: f32, inverse_scales: &Lanes, qmax: f32) -> LaneSums

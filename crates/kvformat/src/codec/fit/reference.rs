@@ -2,8 +2,9 @@
 //! reproduce bit for bit (`super::tests`).
 
 use super::super::scales::{ExactParams, ScaleDtype};
-use super::lanes::{nearest_code, value_sums, LineSums, BLOCK};
+use super::lanes::{nearest_code, LineSums, BLOCK};
 use super::{as_stored, Ranked, Shortlist, CANDIDATES};
+use crate::simd::moments;
 
 /// The least-squares asymmetric parameters of a group whose min/max
 /// parameters are `start` (`offset = min`, `scale = spread / qmax`).
@@ -86,9 +87,9 @@ pub(crate) fn symmetric(
 /// One candidate's sums: codes in f32, summed value by value in f32 per
 /// block and the blocks in f64.
 fn line_sums(values: &[f32], code_of: impl Fn(f32) -> f32) -> LineSums {
-    let (n, x, x_x) = value_sums(values);
+    let (x, x_x) = moments(values, 0.0);
     let mut sums = LineSums {
-        n,
+        n: values.len() as f64,
         x,
         x_x,
         ..LineSums::default()
