@@ -211,3 +211,50 @@ pub(crate) fn moments_generic(values: &[f32], center: f64) -> (f64, f64) {
 
 /// Partial sums of [`moments`]: two AVX-512 registers of f64.
 const MOMENT_LANES: usize = 16;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn moments_are_the_same_bits_at_every_level_and_the_exact_sums_to_rounding() {
+        // Lengths that leave every remainder of the lanes, values whose
+        // squares span many magnitudes.
+        let mut generator = crate::codec::SplitMix64(5);
+        for len in [0usize, 1, 7, 15, 16, 17, 33, 1000, 1023] {
+            let values: Vec<f32> = (0..len)
+                .map(|_| {
+                    let u = (generator.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+                    (u - 0.3) * (1 << (generator.next_u64() % 12)) as f32
+                })
+                .collect();
+            let center = 0.75;
+            let exact = values.iter().fold((0.0f64, 0.0f64), |(sum, squares), &x| {
+                let d = f64::from(x) - center;
+                (sum + d, squares + d * d)
+            });
+            let at_best = moments_at(*Level::available().last().unwrap(), &values, center);
+            for level in Level::available() {
+                let (sum, squares) = moments_at(level, &values, center);
+                assert_eq!(
+                    (sum.to_bits(), squares.to_bits()),
+                    (at_best.0.to_bits(), at_best.1.to_bits()),
+                    "{level:?}, {len}"
+                );
+            }
+            let scale = values
+                .iter()
+                .map(|&x| (f64::from(x) - center).abs())
+                .sum::<f64>()
+                .max(1.0);
+            assert!(
+                (at_best.0 - exact.0).abs() <= scale * 1e-12,
+                "{len}: {at_best:?} vs {exact:?}"
+            );
+            assert!(
+                (at_best.1 - exact.1).abs() <= exact.1 * 1e-12,
+                "{len}: {at_best:?} vs {exact:?}"
+            );
+        }
+    }
+}
