@@ -31,18 +31,21 @@ pub(super) type Checked = [f32; CHECKED];
 /// The code of `t`: `t` clamped to `[lo, hi]` and rounded to the nearest
 /// integer, ties to even (adding and taking away 1.5·2^23 leaves no fraction
 /// bits for codes below 2^22), three operations fewer than rounding half
-/// away from zero as the encoder does. Only a tie can round the other way,
-/// and either code of a tie reconstructs equally far from the value: the
-/// errors the search compares are the encoder's.
+/// away from zero as the encoder does. Only a tie rounds the other way, and
+/// either code of a tie reconstructs equally far from the value. (The error
+/// pass takes `t` as a product with the stored scale's f32 reciprocal where
+/// the encoder divides, so a value within an ulp or so of a half may take
+/// the other neighbour; its error then differs by about as little.)
 #[inline(always)]
 pub(super) fn nearest_code(t: f32, lo: f32, hi: f32) -> f32 {
     const ROUNDER: f32 = 12_582_912.0;
     (clamp(t, lo, hi) + ROUNDER) - ROUNDER
 }
 
-/// Values per block: within one the lanes sum in f32, where codes and their
-/// squares stay exact integers (256·255² < 2^24) and rounding stays ~2^-24
-/// relative; each block's sums then join f64 totals.
+/// Values per block: within one the lanes sum in f32, where the sums of
+/// codes and of their squares stay exact integers (256·255² < 2^24) and the
+/// others round by about 2^-24 per addition; each block's sums then join
+/// f64 totals.
 pub(super) const BLOCK: usize = 256;
 
 /// The error pass's lanes: each checked candidate's stored scale and
