@@ -232,6 +232,27 @@ pub(crate) fn fit_codebook(
     Codebook::new(levels.iter().map(|&l| f16::from_f32(l).to_f32()).collect())
 }
 
+/// Values per run of [`bin_indices`].
+const BIN_RUN: usize = 256;
+
+const _: () = assert!(HISTOGRAM_BINS <= 1 << 16, "bins index as u16");
+
+crate::simd::multiversion!(fn bin_indices / bin_indices_at(
+    values: &[f32], per_bin_over_scale: f64, bias: f64, bins: &mut [u16]) => bin_indices_generic);
+
+/// Each value's histogram bin, `x · per_bin / s + bias` truncated and
+/// clamped to the bins (NaN to bin 0).
+#[inline(always)]
+fn bin_indices_generic(values: &[f32], per_bin_over_scale: f64, bias: f64, bins: &mut [u16]) {
+    let last = (HISTOGRAM_BINS - 1) as f64;
+    for (bin, &x) in bins.iter_mut().zip(values) {
+        let position = crate::simd::clamp(f64::from(x) * per_bin_over_scale + bias, 0.0, last);
+        let position = if position.is_nan() { 0.0 } else { position };
+        // SAFETY: position is finite and within [0, HISTOGRAM_BINS - 1].
+        *bin = unsafe { position.to_int_unchecked::<u32>() } as u16;
+    }
+}
+
 /// One bin of the k-means histogram: `Σ s·x`, `Σ s²` and their ratio, the
 /// weighted mean of its `t`, which stands for the bin when codes are chosen.
 struct Bin {
@@ -265,14 +286,21 @@ fn histogram(
                     continue; // Adds s·x = 0 and s² = 0 to whichever code.
                 }
                 let span = geometry.range(group);
-                let kept = kept.map(|kept| &kept[span.clone()]);
-                for &x in kept_values(&values[span], kept) {
-                    let x = f64::from(x);
-                    let position = (x / s + HISTOGRAM_RANGE) * per_bin;
-                    // `as` saturates (and takes NaN to 0).
-                    let bin = (position as usize).min(HISTOGRAM_BINS - 1);
-                    bins[bin].0 += s * x;
-                    bins[bin].1 += s * s;
+                let (values, kept) = (&values[span.clone()], kept.map(|kept| &kept[span]));
+                // A group's bins in one vectorized pass (a product with
+                // per_bin / s: a bin is an approximation, its edges need
+                // no exact division), then the (serial) sums.
+                for (start, run) in (0..).step_by(BIN_RUN).zip(values.chunks(BIN_RUN)) {
+                    let mut bin_of = [0u16; BIN_RUN];
+                    bin_indices(run, per_bin / s, HISTOGRAM_RANGE * per_bin, &mut bin_of);
+                    for (i, (&x, &bin)) in (start..).zip(run.iter().zip(&bin_of)) {
+                        if kept.is_some_and(|kept| !kept[i]) {
+                            continue;
+                        }
+                        let bin = &mut bins[usize::from(bin)];
+                        bin.0 += s * f64::from(x);
+                        bin.1 += s * s;
+                    }
                 }
             }
             bins
