@@ -86,45 +86,17 @@ pub(crate) fn capped(level: Level) -> Level {
     level.min(detected())
 }
 
-/// The floating-point types the lane helpers below take.
-pub(crate) trait Real:
-    Copy + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
-{
-    const HALF: Self;
-    const ONE: Self;
-    fn trunc(self) -> Self;
-}
-
-impl Real for f64 {
-    const HALF: Self = 0.5;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn trunc(self) -> Self {
-        f64::trunc(self)
-    }
-}
-
-impl Real for f32 {
-    const HALF: Self = 0.5;
-    const ONE: Self = 1.0;
-    #[inline(always)]
-    fn trunc(self) -> Self {
-        f32::trunc(self)
-    }
-}
-
 /// `x.round()` (half away from zero) in operations every level vectorizes
 /// (`round` itself is a libm call in a loop): `x - trunc(x)` is exact, so
-/// comparing it with ±0.5 decides exactly; the same bits as `f64::round`
-/// (`f32::round`).
+/// comparing it with ±0.5 decides exactly; the same bits as `f64::round`.
 #[inline(always)]
-pub(crate) fn round<T: Real>(x: T) -> T {
+pub(crate) fn round(x: f64) -> f64 {
     let t = x.trunc();
     let fraction = x - t;
-    if fraction >= T::HALF {
-        t + T::ONE
-    } else if fraction <= T::HALF - T::ONE {
-        t - T::ONE
+    if fraction >= 0.5 {
+        t + 1.0
+    } else if fraction <= -0.5 {
+        t - 1.0
     } else {
         t
     }
@@ -132,7 +104,7 @@ pub(crate) fn round<T: Real>(x: T) -> T {
 
 /// `x.clamp(lo, hi)` for `lo <= hi` as selects (NaN passes through, as in `clamp`).
 #[inline(always)]
-pub(crate) fn clamp<T: Real>(x: T, lo: T, hi: T) -> T {
+pub(crate) fn clamp<T: PartialOrd + Copy>(x: T, lo: T, hi: T) -> T {
     let x = if x < lo { lo } else { x };
     if x > hi {
         hi

@@ -127,6 +127,7 @@ impl GroupMapping for Scaled<'_> {
             // Every code's value once, then a lookup per value (a codebook
             // has at most 16 levels, so a code masked to 4 bits is itself).
             let mut table = [0f32; 16];
+            debug_assert!(self.codebook.levels.len() <= table.len());
             for (code, value) in table
                 .iter_mut()
                 .enumerate()

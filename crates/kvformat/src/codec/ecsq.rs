@@ -266,7 +266,7 @@ pub(crate) fn read_levels(bytes: &[u8]) -> Result<f32, CodecError> {
 /// Every value's code at `step` (see [`group_codes`]), in group order, in
 /// `reuse`'s allocation, and their token counts, group by group while the
 /// group's codes are in cache.
-pub(crate) fn tensor_codes(
+fn tensor_codes(
     params: &GroupParams,
     step: f32,
     grouped: &[f32],
@@ -654,7 +654,7 @@ fn zigzag_sum_and_max_generic(codes: &[i32]) -> (u64, u32) {
 }
 
 /// A tensor's token counts at one step: per spread class, and each group's class.
-pub(crate) struct Statistics {
+struct Statistics {
     classes: Vec<u8>,
     counts: Vec<[u32; TOKENS]>,
     extra_bits: u64,

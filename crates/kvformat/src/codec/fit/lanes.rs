@@ -1,8 +1,7 @@
 //! The fit's two passes over a group, candidates in SIMD lanes: the sums
 //! that solve and rank each candidate's least-squares line, and the squared
-//! error of the shortlisted ones. Codes and errors are f32 (the decoder's
-//! own arithmetic, and twice the lanes of f64), summed per [`BLOCK`] of
-//! values and then in f64. Per lane, the same operations in the same value
+//! error of the shortlisted ones. Codes and errors are f32 (twice the lanes
+//! of f64), summed per [`BLOCK`] of values and then in f64. Per lane, the same operations in the same value
 //! order as `reference` (no reassociation, no FMA), so the same bits at
 //! every [`crate::simd::Level`]; the lane loops are fixed-length so that the
 //! compiler keeps them in registers.
@@ -178,8 +177,10 @@ multiversion!(#[allow(dead_code)] pub(super) fn asymmetric_errors / asymmetric_e
     => asymmetric_errors_generic);
 
 /// Squared error per lane of the nearest-code reconstruction with the
-/// lane's stored scale and offset, in the decoder's f32 arithmetic, clamped
-/// to the finite f32 range as the decoder does.
+/// lane's stored scale and offset, clamped to the finite f32 range as the
+/// decoder does. In f32, where the decoder takes `q·scale + offset` in f64
+/// and rounds once: a restored value may differ by an ulp, far below any
+/// difference between candidates.
 #[inline(always)]
 fn asymmetric_errors_generic(values: &[f32], checked: &CheckedLanes, qmax: f32) -> [f64; CHECKED] {
     let mut errors = [0.0; CHECKED];
